@@ -1,0 +1,119 @@
+//! LayerNorm with a backward pass.
+
+use candle_core::{Module, Result, Tensor, D};
+use candle_nn::{Init, VarBuilder};
+use serde::{Deserialize, Serialize};
+
+/// LayerNorm options (PyTorch defaults).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LayerNormConfig {
+    /// Added to the variance before the square root.
+    pub eps: f64,
+    /// Learnable per-feature scale `weight` (init 1) and shift `bias` (init 0).
+    pub affine: bool,
+}
+
+impl Default for LayerNormConfig {
+    fn default() -> Self {
+        Self { eps: 1e-5, affine: true }
+    }
+}
+
+/// `y = (x − mean(x)) / sqrt(var(x) + eps) · weight + bias` over the last dimension, with the
+/// biased (population) variance, as `torch.nn.LayerNorm`.
+///
+/// Written with differentiable candle primitives: candle's fused `ops::layer_norm` (behind
+/// `candle_nn::LayerNorm`) records no backward pass, so every parameter before it would silently get
+/// no gradient. Two passes (centre, then square) keep the variance accurate for inputs with a large
+/// mean. Parameters: `weight` `[dim]`, `bias` `[dim]`.
+///
+/// ```
+/// # use candle_core::{Device, DType, Module, Tensor};
+/// # use rankstack_nn::{LayerNorm, LayerNormConfig, SeededVarMap};
+/// let params = SeededVarMap::new(0);
+/// let ln = LayerNorm::new(4, LayerNormConfig::default(), params.var_builder(DType::F32, &Device::Cpu).pp("norm"))?;
+/// let y = ln.forward(&Tensor::new(&[[1f32, 2., 3., 4.]], &Device::Cpu)?)?;
+/// assert_eq!(y.dims(), &[1, 4]);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    weight: Option<Tensor>,
+    bias: Option<Tensor>,
+    eps: f64,
+}
+
+impl LayerNorm {
+    /// A LayerNorm over `dim` features.
+    pub fn new(dim: usize, config: LayerNormConfig, vb: VarBuilder) -> crate::Result<Self> {
+        if !(config.eps.is_finite() && config.eps > 0.0) {
+            return Err(crate::Error::config(
+                "LayerNorm",
+                "eps",
+                format!("must be finite and > 0, got {}", config.eps),
+            ));
+        }
+        let (weight, bias) = if config.affine {
+            (
+                Some(vb.get_with_hints(dim, "weight", Init::Const(1.0))?),
+                Some(vb.get_with_hints(dim, "bias", Init::Const(0.0))?),
+            )
+        } else {
+            (None, None)
+        };
+        Ok(Self { weight, bias, eps: config.eps })
+    }
+}
+
+impl Module for LayerNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let centred = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
+        let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
+        let mut y = centred.broadcast_div(&(var + self.eps)?.sqrt()?)?;
+        if let Some(w) = &self.weight {
+            y = y.broadcast_mul(w)?;
+        }
+        if let Some(b) = &self.bias {
+            y = y.broadcast_add(b)?;
+        }
+        Ok(y)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::SeededVarMap;
+    use candle_core::{DType, Device, Var};
+
+    #[test]
+    fn normalises_by_hand() {
+        // Row [1, 3]: mean 2, variance 1, so with eps = 0+ the output is [-1, 1] (up to eps).
+        let m = SeededVarMap::new(0);
+        let ln =
+            LayerNorm::new(2, LayerNormConfig { eps: 1e-12, affine: true }, m.var_builder(DType::F64, &Device::Cpu))
+                .unwrap();
+        let y: Vec<Vec<f64>> =
+            ln.forward(&Tensor::new(&[[1f64, 3.0]], &Device::Cpu).unwrap()).unwrap().to_vec2().unwrap();
+        assert!((y[0][0] + 1.0).abs() < 1e-10 && (y[0][1] - 1.0).abs() < 1e-10);
+    }
+
+    #[test]
+    fn gradient_reaches_the_input_and_parameters() {
+        let m = SeededVarMap::new(0);
+        let ln = LayerNorm::new(3, LayerNormConfig::default(), m.var_builder(DType::F32, &Device::Cpu)).unwrap();
+        let x = Var::new(&[[1f32, 2.0, 4.0]], &Device::Cpu).unwrap();
+        let w = Tensor::new(&[[1f32, -2.0, 0.5]], &Device::Cpu).unwrap();
+        let loss = (ln.forward(x.as_tensor()).unwrap() * w).unwrap().sum_all().unwrap();
+        let g = loss.backward().unwrap();
+        let gx: Vec<Vec<f32>> = g.get(x.as_tensor()).unwrap().to_vec2().unwrap();
+        assert!(gx[0].iter().all(|v| v.is_finite()) && gx[0].iter().any(|v| *v != 0.0));
+        // The gradient of a LayerNorm output with respect to its input sums to zero.
+        assert!(gx[0].iter().sum::<f32>().abs() < 1e-5);
+        for (_, v) in m.named_vars() {
+            let gv = g.get(v.as_tensor()).unwrap().abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(gv > 0.0);
+        }
+    }
+}

@@ -1,0 +1,46 @@
+//! Shared building blocks for the rankstack layer crates.
+//!
+//! Every piece here exists exactly once in the workspace and is used by several layer crates:
+//!
+//! - [`BatchNorm`]: BatchNorm with running statistics kept as buffers outside the parameter store.
+//! - [`LayerNorm`]: LayerNorm written with differentiable primitives (candle's fused
+//!   `ops::layer_norm` records no backward pass).
+//! - [`softmax`]: a max-shifted softmax with a backward pass (candle's `softmax_last_dim` has none).
+//! - [`loss`]: numerically stable binary cross-entropy with logits.
+//! - [`Activation`]: the activation choices shared by all configs.
+//! - [`init`]: Xavier/Glorot helpers and [`SeededVarMap`], a parameter store whose initial values are
+//!   a pure function of a seed and each parameter's name (candle's CPU RNG cannot be seeded).
+//! - [`Dropout`]: seeded, reproducible dropout.
+//! - [`Mlp`]: a stack of linear layers with activation, optional normalisation and dropout.
+//! - [`shape`]: input-shape checks that produce errors naming the layer.
+//! - [`checkpoint`]: loading named tensors into a parameter store, reporting every mismatch at once.
+//! - [`testing`]: fixture loading and closeness checks for the PyTorch reference tests.
+//!
+//! Every layer constructor in the workspace takes a config and a [`candle_nn::VarBuilder`], returns
+//! [`Result`] (invalid configs fail there), and implements [`candle_core::Module`] (or
+//! [`candle_core::ModuleT`] when it behaves differently in training).
+
+pub mod activation;
+pub mod batch_norm;
+pub mod checkpoint;
+pub mod dropout;
+pub mod error;
+pub mod init;
+pub mod layer_norm;
+pub mod linear;
+pub mod loss;
+pub mod mlp;
+pub mod rng;
+pub mod shape;
+pub mod softmax;
+pub mod testing;
+
+pub use activation::Activation;
+pub use batch_norm::{BatchNorm, BatchNormConfig};
+pub use dropout::Dropout;
+pub use error::{Error, Result};
+pub use init::SeededVarMap;
+pub use layer_norm::{LayerNorm, LayerNormConfig};
+pub use linear::{linear_xavier, Linear};
+pub use mlp::{Mlp, MlpConfig, Normalization};
+pub use softmax::softmax;

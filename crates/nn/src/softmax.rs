@@ -1,0 +1,45 @@
+//! Softmax with a backward pass.
+
+use candle_core::{Result, Tensor, D};
+
+/// `softmax(x)_i = exp(x_i - m) / Σ_j exp(x_j - m)` along `dim`, with `m = max_j x_j`.
+///
+/// Built from differentiable primitives because candle's `ops::softmax_last_dim` records no
+/// backward pass. The shift by the (detached) maximum keeps `exp` finite for large logits and does
+/// not change the value or the gradient, since softmax is invariant to a per-row constant.
+pub fn softmax<Dm: candle_core::shape::Dim + Copy>(x: &Tensor, dim: Dm) -> Result<Tensor> {
+    let max = x.max_keepdim(dim)?.detach();
+    let e = x.broadcast_sub(&max)?.exp()?;
+    let sum = e.sum_keepdim(dim)?;
+    e.broadcast_div(&sum)
+}
+
+/// [`softmax`] over the last dimension.
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    softmax(x, D::Minus1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    #[test]
+    fn matches_closed_form_and_survives_large_logits() {
+        let x = Tensor::new(&[[0f64, 0f64.ln_1p()], [1000.0, 1000.0 + 2f64.ln()]], &Device::Cpu).unwrap();
+        let y: Vec<Vec<f64>> = softmax_last_dim(&x).unwrap().to_vec2().unwrap();
+        // exp(0) : exp(ln 2) = 1 : 2 ... first row is 1 : 1 since ln(1+0) = 0.
+        assert_eq!(y[0], vec![0.5, 0.5]);
+        assert!((y[1][0] - 1.0 / 3.0).abs() < 1e-12 && (y[1][1] - 2.0 / 3.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn has_a_gradient() {
+        // d/dx0 of softmax(x)_0 at x = [0, 0] is p0 (1 - p0) = 1/4, and d/dx1 is -p0 p1 = -1/4.
+        let x = Var::new(&[0f32, 0.0], &Device::Cpu).unwrap();
+        let p0 = softmax_last_dim(x.as_tensor()).unwrap().get(0).unwrap();
+        let g = p0.backward().unwrap();
+        let gx: Vec<f32> = g.get(x.as_tensor()).unwrap().to_vec1().unwrap();
+        assert_eq!(gx, vec![0.25, -0.25]);
+    }
+}

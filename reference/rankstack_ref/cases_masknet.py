@@ -1,0 +1,65 @@
+"""Fixture cases for the masknet crate (group "masknet")."""
+
+import torch
+
+from .fixture import init_params, randn, write_fixture
+from .masknet import MaskBlock, ParallelMaskNet, SerialMaskNet
+
+
+def block(q, **kw):
+    b = {"output_dim": q}
+    b.update(kw)
+    return b
+
+
+# (case, batch, m, z, block config, input scale)
+BLOCK_CASES = [
+    ("block_b4_m6_q5", 4, 6, 6, block(5), 1.0),
+    ("block_b3_m6_z4_agg7_bias_inln_identity", 3, 6, 4,
+     block(5, aggregation_dim=7, hidden_bias=True, input_layer_norm=True, activation="identity"), 1.0),
+    ("block_b1_m1_z1_q3", 1, 1, 1, block(3), 1.0),
+    ("block_b2_m5_ratio1.5_q4", 2, 5, 5, block(4, projection_ratio=1.5), 1.0),
+    ("block_large_b4_m8_q6", 4, 8, 8, block(6), 1e3),
+]
+
+# (case, batch, m, config)
+PARALLEL_CASES = [
+    ("parallel_u3_b3_m10_q8", 3, 10, {"num_blocks": 3, "block": block(8, projection_ratio=2.0), "top_mlp": None}),
+    ("parallel_u2_b4_m6_q4_top_mlp", 4, 6, {"num_blocks": 2, "block": block(4),
+     "top_mlp": {"dims": [5, 3], "activation": "relu", "activate_last": False, "normalization": "layer_norm", "dropout": 0.0}}),
+    ("parallel_u1_b1_m1_q2", 1, 1, {"num_blocks": 1, "block": block(2), "top_mlp": None}),
+]
+
+SERIAL_CASES = [
+    ("serial_3_b4_m8", 4, 8, {"blocks": [block(6), block(5, hidden_bias=True), block(4, activation="identity")]}),
+    ("serial_2_b2_m4_inln", 2, 4, {"blocks": [block(4, input_layer_norm=True), block(3, input_layer_norm=True)]}),
+]
+
+
+def generate(out_dir):
+    for seed, (case, b, m, z, cfg, x_scale) in enumerate(BLOCK_CASES):
+        gen = torch.Generator().manual_seed(3000 + seed)
+        module = MaskBlock(m, z, cfg)
+        init_params(module, gen)
+        v = randn(gen, b, m, scale=x_scale)
+        h = randn(gen, b, z, scale=x_scale)
+        write_fixture(out_dir, "masknet", case, layer="MaskBlock", config=cfg, module=module,
+                      inputs={"mask_input": v, "hidden_input": h},
+                      forward=lambda mod, i: mod(i["mask_input"], i["hidden_input"]), seed=3000 + seed,
+                      extra_meta={"mask_input_dim": m, "hidden_input_dim": z})
+    for seed, (case, b, m, cfg) in enumerate(PARALLEL_CASES):
+        gen = torch.Generator().manual_seed(4000 + seed)
+        module = ParallelMaskNet(m, cfg)
+        init_params(module, gen)
+        v = randn(gen, b, m)
+        write_fixture(out_dir, "masknet", case, layer="ParallelMaskNet", config=cfg, module=module,
+                      inputs={"x": v}, forward=lambda mod, i: mod(i["x"]), seed=4000 + seed,
+                      extra_meta={"input_dim": m})
+    for seed, (case, b, m, cfg) in enumerate(SERIAL_CASES):
+        gen = torch.Generator().manual_seed(5000 + seed)
+        module = SerialMaskNet(m, cfg)
+        init_params(module, gen)
+        v = randn(gen, b, m)
+        write_fixture(out_dir, "masknet", case, layer="SerialMaskNet", config=cfg, module=module,
+                      inputs={"x": v}, forward=lambda mod, i: mod(i["x"]), seed=5000 + seed,
+                      extra_meta={"input_dim": m})

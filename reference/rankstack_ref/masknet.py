@@ -1,0 +1,82 @@
+"""MaskNet (Wang et al. 2021), written from the formulas.
+
+MaskBlock(v_emb of width m, h of width z):
+  mask = W2 relu(W1 v_emb + b1) + b2          W1: t x m (aggregation), W2: z x t (projection)
+  t    = round(projection_ratio * m), or aggregation_dim when given
+  h'   = LN_in(h) if input_layer_norm else h
+  out  = act(LN(W_h (mask * h')))              W_h: q x z, bias optional (off by default)
+ParallelMaskNet: u blocks on (v_emb, v_emb), outputs concatenated (u*q), optional top MLP.
+SerialMaskNet: block 1 on (v_emb, v_emb); block k on (v_emb, out_{k-1}).
+"""
+
+import math
+
+import torch
+from torch import nn
+
+from .common import ACTIVATIONS, Mlp
+
+
+def aggregation_dim(m, block):
+    if block.get("aggregation_dim") is not None:
+        return block["aggregation_dim"]
+    return int(math.floor(block.get("projection_ratio", 2.0) * m + 0.5))
+
+
+class InstanceMask(nn.Module):
+    def __init__(self, m, t, z):
+        super().__init__()
+        self.aggregation = nn.Linear(m, t)
+        self.projection = nn.Linear(t, z)
+
+    def forward(self, v):
+        return self.projection(torch.relu(self.aggregation(v)))
+
+
+class MaskBlock(nn.Module):
+    def __init__(self, m, z, block):
+        super().__init__()
+        q = block["output_dim"]
+        eps = block.get("layer_norm_eps", 1e-5)
+        self.mask = InstanceMask(m, aggregation_dim(m, block), z)
+        self.input_norm = nn.LayerNorm(z, eps=eps) if block.get("input_layer_norm", False) else None
+        self.hidden = nn.Linear(z, q, bias=block.get("hidden_bias", False))
+        self.output_norm = nn.LayerNorm(q, eps=eps)
+        self.act = ACTIVATIONS[block.get("activation", "relu")]
+
+    def forward(self, v, h):
+        if self.input_norm is not None:
+            h = self.input_norm(h)
+        return self.act(self.output_norm(self.hidden(self.mask(v) * h)))
+
+
+class ParallelMaskNet(nn.Module):
+    """config: {"num_blocks": u, "block": {...}, "top_mlp": Mlp config or null}"""
+
+    def __init__(self, m, config):
+        super().__init__()
+        self.blocks = nn.ModuleList([MaskBlock(m, m, config["block"]) for _ in range(config["num_blocks"])])
+        top = config.get("top_mlp")
+        self.top_mlp = Mlp(config["num_blocks"] * config["block"]["output_dim"], top) if top else None
+
+    def forward(self, v):
+        y = torch.cat([b(v, v) for b in self.blocks], dim=1)
+        return self.top_mlp(y) if self.top_mlp is not None else y
+
+
+class SerialMaskNet(nn.Module):
+    """config: {"blocks": [block, ...]}"""
+
+    def __init__(self, m, config):
+        super().__init__()
+        blocks, z = [], m
+        for block in config["blocks"]:
+            blocks.append(MaskBlock(m, z, block))
+            z = block["output_dim"]
+        self.blocks = nn.ModuleList(blocks)
+
+    def forward(self, v):
+        h = v
+        for b in self.blocks:
+            h = b(v, h)
+        return h
