@@ -10,7 +10,8 @@ A fixture is one safetensors file holding, in float64:
                      the same computation done by PyTorch in float32 (stored as float32): how far
                      PyTorch's own float32 result is from the float64 truth calibrates the bound
                      for the Rust float32 run,
-and metadata: layer, case, config (the Rust config as JSON) plus any extra string fields.
+and metadata key "fixture": a JSON object with layer, case, config (the Rust config) and any extra
+string fields.
 
 Inputs and parameters are rounded to float32 first, so the Rust float32 run sees exactly the values
 the float64 reference used; the reference computation itself runs in float64.
@@ -46,8 +47,12 @@ def init_params(module: torch.nn.Module, gen: torch.Generator, scale: float = 1.
                 p.copy_(randn(gen, *p.shape, scale=0.1))
 
 
-def write_fixture(out_dir, group, case, *, layer, config, module, inputs, forward, seed, extra_meta=None):
-    """Runs `forward(module, inputs)` in float64, backpropagates L = sum(output * R) and saves it all."""
+def write_fixture(out_dir, group, case, *, layer, config, module, inputs, forward, seed, extra_meta=None,
+                  extra_tensors=None):
+    """Runs `forward(module, inputs)` in float64, backpropagates L = sum(output * R) and saves it all.
+
+    `extra_tensors` (optional) are saved under their own names, as is (floating ones in float64): e.g.
+    buffer values from before the forward pass, or data a layer is fitted on."""
     module = module.double()
     module32 = copy.deepcopy(module).float()
     inputs = {k: round_to_f32(v).clone().requires_grad_(v.is_floating_point()) for k, v in inputs.items()}
@@ -78,11 +83,17 @@ def write_fixture(out_dir, group, case, *, layer, config, module, inputs, forwar
     for name, p in module32.named_parameters():
         tensors[f"f32.grad.param.{name}"] = (p.grad if p.grad is not None else torch.zeros_like(p)).contiguous()
     tensors["f32.output"] = out32.detach().contiguous()
+    for name, t in (extra_tensors or {}).items():
+        t = t.detach()
+        tensors[name] = (t.to(torch.float64) if t.is_floating_point() else t).contiguous()
     tensors["output"] = out.detach().contiguous()
     tensors["loss_weight"] = loss_weight.contiguous()
 
-    meta = {"layer": layer, "case": case, "config": json.dumps(config, sort_keys=True)}
-    meta.update({k: str(v) for k, v in (extra_meta or {}).items()})
+    # One metadata key holding sorted JSON: safetensors writes its metadata map in arbitrary order,
+    # and a single key keeps the file bytes (and so the manifest hashes) reproducible.
+    fields = {"layer": layer, "case": case, "config": config}
+    fields.update({k: str(v) for k, v in (extra_meta or {}).items()})
+    meta = {"fixture": json.dumps(fields, sort_keys=True)}
     path = os.path.join(out_dir, group)
     os.makedirs(path, exist_ok=True)
     save_file(tensors, os.path.join(path, f"{case}.safetensors"), metadata=meta)

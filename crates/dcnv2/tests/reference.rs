@@ -8,7 +8,7 @@ use rankstack_nn::testing::{check_reference, fixture_paths, Fixture};
 
 fn check(fixture: &Fixture, dtype: DType, rtol: f64) {
     let d: usize = fixture.meta("input_dim").expect("input_dim").parse().expect("usize");
-    match fixture.meta("layer") {
+    match fixture.meta("layer").as_deref() {
         Some("CrossNet") => {
             let config: CrossNetConfig = fixture.config();
             check_reference(fixture, dtype, rtol, |vb| CrossNet::new(d, &config, vb), |m, i| m.forward(&i["x"]));

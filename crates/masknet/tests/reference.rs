@@ -11,7 +11,7 @@ fn dim(fixture: &Fixture, key: &str) -> usize {
 }
 
 fn check(fixture: &Fixture, dtype: DType, rtol: f64) {
-    match fixture.meta("layer") {
+    match fixture.meta("layer").as_deref() {
         Some("MaskBlock") => {
             let config: MaskBlockConfig = fixture.config();
             let (m, z) = (dim(fixture, "mask_input_dim"), dim(fixture, "hidden_input_dim"));

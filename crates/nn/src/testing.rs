@@ -2,7 +2,8 @@
 //!
 //! A fixture is a safetensors file written by `reference/` (see `docs/ARCHITECTURE.md`) holding:
 //!
-//! - metadata `config`: the layer's config as JSON (the Rust config's serde form), `layer`, `case`;
+//! - metadata `fixture`: a JSON object with `config` (the layer's config in the Rust config's serde
+//!   form), `layer`, `case` and layer-specific string fields such as `input_dim`;
 //! - `input.<name>`: the inputs; `param.<name>`: every parameter under its Rust name;
 //! - `output`: the forward output; `loss_weight`: `R` in the scalar loss `L = Σ output ⊙ R`;
 //! - `grad.input.<name>` and `grad.param.<name>`: `∂L/∂input` and `∂L/∂param`.
@@ -67,9 +68,14 @@ impl Fixture {
         self.path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default()
     }
 
-    /// A metadata value.
-    pub fn meta(&self, key: &str) -> Option<&str> {
-        self.file.metadata.get(key).map(String::as_str)
+    fn fields(&self) -> serde_json::Value {
+        let raw = self.file.metadata.get("fixture").unwrap_or_else(|| panic!("{}: no `fixture` metadata", self.name()));
+        serde_json::from_str(raw).unwrap_or_else(|e| panic!("{}: `fixture` metadata is not JSON: {e}", self.name()))
+    }
+
+    /// A string field of the fixture's metadata (`layer`, `case`, `input_dim`, ...).
+    pub fn meta(&self, key: &str) -> Option<String> {
+        self.fields().get(key).and_then(|v| v.as_str().map(str::to_string))
     }
 
     /// The layer config stored in the `config` metadata.
@@ -77,8 +83,10 @@ impl Fixture {
     /// # Panics
     /// If it is absent or does not parse into `T`.
     pub fn config<T: DeserializeOwned>(&self) -> T {
-        let raw = self.meta("config").unwrap_or_else(|| panic!("{}: no `config` metadata", self.name()));
-        serde_json::from_str(raw).unwrap_or_else(|e| panic!("{}: config does not parse: {e}\n{raw}", self.name()))
+        let raw =
+            self.fields().get("config").cloned().unwrap_or_else(|| panic!("{}: no `config` metadata", self.name()));
+        serde_json::from_value(raw.clone())
+            .unwrap_or_else(|e| panic!("{}: config does not parse: {e}\n{raw}", self.name()))
     }
 
     /// A tensor by its full name.

@@ -1,0 +1,76 @@
+//! Project automation: `cargo xtask <command>`.
+//!
+//! - `verify`: everything CI checks — formatting, clippy with warnings denied, all tests, the doc
+//!   build, the fixture manifest's freshness, and (when the reference venv exists) a regeneration of
+//!   every fixture into a temporary directory compared with the committed ones.
+//! - `fixtures`: creates the reference venv (`reference/.venv`, pinned `reference/requirements.txt`)
+//!   if needed, regenerates `fixtures/` and rewrites `fixtures/MANIFEST.json`.
+//! - `manifest`: rewrites `fixtures/MANIFEST.json` from the current files (after a deliberate change).
+
+mod fixtures;
+mod manifest;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+
+type Result<T> = std::result::Result<T, String>;
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("verify") => verify(),
+        Some("fixtures") => fixtures::regenerate(),
+        Some("manifest") => manifest::write(&root()),
+        _ => {
+            eprintln!("usage: cargo xtask <verify|fixtures|manifest>");
+            return ExitCode::from(2);
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The workspace root.
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_path_buf()
+}
+
+/// Runs a command in the workspace root, failing with its description if it fails.
+pub fn run(what: &str, cmd: &mut Command) -> Result<()> {
+    eprintln!("==> {what}");
+    let status = cmd.current_dir(root()).status().map_err(|e| format!("{what}: cannot start: {e}"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("{what} failed ({status})"))
+    }
+}
+
+fn cargo() -> Command {
+    Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string()))
+}
+
+fn verify() -> Result<()> {
+    run("cargo fmt --check", cargo().args(["fmt", "--all", "--", "--check"]))?;
+    run(
+        "cargo clippy (warnings denied)",
+        cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]),
+    )?;
+    run("cargo test", cargo().args(["test", "--workspace"]))?;
+    run("cargo doc", cargo().args(["doc", "--workspace", "--no-deps"]).env("RUSTDOCFLAGS", "-D warnings"))?;
+    eprintln!("==> fixture manifest");
+    manifest::check(&root())?;
+    eprintln!("fixture manifest is fresh");
+    if fixtures::venv_python().exists() {
+        fixtures::compare_regenerated()?;
+    } else {
+        eprintln!("==> skipping fixture regeneration: no reference venv (create it with `cargo xtask fixtures`)");
+    }
+    eprintln!("verify: all checks passed");
+    Ok(())
+}
