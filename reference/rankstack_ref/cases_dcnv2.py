@@ -3,7 +3,7 @@
 import torch
 
 from .dcnv2 import CrossNet, ParallelCrossNet
-from .fixture import init_params, randn, write_fixture
+from .fixture import emit_case, randn
 
 FULL = {"type": "full_rank"}
 
@@ -46,19 +46,12 @@ PARALLEL_CASES = [
 
 
 def generate(out_dir):
+    def one(case, seed, layer, module, b, d, config, x_scale=1.0, w_scale=1.0):
+        emit_case(out_dir, "dcnv2", case, seed, layer=layer, config=config, module=module,
+                  make_inputs=lambda gen: {"x": randn(gen, b, d, scale=x_scale)},
+                  forward=lambda m, i: m(i["x"]), weight_scale=w_scale, extra_meta={"input_dim": d})
+
     for seed, (case, b, d, config, x_scale, w_scale) in enumerate(CROSS_CASES):
-        gen = torch.Generator().manual_seed(1000 + seed)
-        module = CrossNet(d, config)
-        init_params(module, gen, scale=w_scale)
-        x = randn(gen, b, d, scale=x_scale)
-        write_fixture(out_dir, "dcnv2", case, layer="CrossNet", config=config, module=module,
-                      inputs={"x": x}, forward=lambda m, i: m(i["x"]), seed=1000 + seed,
-                      extra_meta={"input_dim": d})
+        one(case, 1000 + seed, "CrossNet", CrossNet(d, config), b, d, config, x_scale, w_scale)
     for seed, (case, b, d, config) in enumerate(PARALLEL_CASES):
-        gen = torch.Generator().manual_seed(2000 + seed)
-        module = ParallelCrossNet(d, config)
-        init_params(module, gen)
-        x = randn(gen, b, d)
-        write_fixture(out_dir, "dcnv2", case, layer="ParallelCrossNet", config=config, module=module,
-                      inputs={"x": x}, forward=lambda m, i: m(i["x"]), seed=2000 + seed,
-                      extra_meta={"input_dim": d})
+        one(case, 2000 + seed, "ParallelCrossNet", ParallelCrossNet(d, config), b, d, config)

@@ -2,7 +2,7 @@
 
 import torch
 
-from .fixture import init_params, randn, write_fixture
+from .fixture import emit_case, randn
 from .masknet import MaskBlock, ParallelMaskNet, SerialMaskNet
 
 
@@ -38,28 +38,15 @@ SERIAL_CASES = [
 
 def generate(out_dir):
     for seed, (case, b, m, z, cfg, x_scale) in enumerate(BLOCK_CASES):
-        gen = torch.Generator().manual_seed(3000 + seed)
-        module = MaskBlock(m, z, cfg)
-        init_params(module, gen)
-        v = randn(gen, b, m, scale=x_scale)
-        h = randn(gen, b, z, scale=x_scale)
-        write_fixture(out_dir, "masknet", case, layer="MaskBlock", config=cfg, module=module,
-                      inputs={"mask_input": v, "hidden_input": h},
-                      forward=lambda mod, i: mod(i["mask_input"], i["hidden_input"]), seed=3000 + seed,
-                      extra_meta={"mask_input_dim": m, "hidden_input_dim": z})
-    for seed, (case, b, m, cfg) in enumerate(PARALLEL_CASES):
-        gen = torch.Generator().manual_seed(4000 + seed)
-        module = ParallelMaskNet(m, cfg)
-        init_params(module, gen)
-        v = randn(gen, b, m)
-        write_fixture(out_dir, "masknet", case, layer="ParallelMaskNet", config=cfg, module=module,
-                      inputs={"x": v}, forward=lambda mod, i: mod(i["x"]), seed=4000 + seed,
-                      extra_meta={"input_dim": m})
-    for seed, (case, b, m, cfg) in enumerate(SERIAL_CASES):
-        gen = torch.Generator().manual_seed(5000 + seed)
-        module = SerialMaskNet(m, cfg)
-        init_params(module, gen)
-        v = randn(gen, b, m)
-        write_fixture(out_dir, "masknet", case, layer="SerialMaskNet", config=cfg, module=module,
-                      inputs={"x": v}, forward=lambda mod, i: mod(i["x"]), seed=5000 + seed,
+        emit_case(out_dir, "masknet", case, 3000 + seed, layer="MaskBlock", config=cfg, module=MaskBlock(m, z, cfg),
+                  make_inputs=lambda gen: {"mask_input": randn(gen, b, m, scale=x_scale),
+                                           "hidden_input": randn(gen, b, z, scale=x_scale)},
+                  forward=lambda mod, i: mod(i["mask_input"], i["hidden_input"]),
+                  extra_meta={"mask_input_dim": m, "hidden_input_dim": z})
+    networks = [(3000 + 1000, "ParallelMaskNet", ParallelMaskNet, PARALLEL_CASES),
+                (3000 + 2000, "SerialMaskNet", SerialMaskNet, SERIAL_CASES)]
+    for base_seed, layer, cls, cases in networks:
+        for seed, (case, b, m, cfg) in enumerate(cases):
+            emit_case(out_dir, "masknet", case, base_seed + seed, layer=layer, config=cfg, module=cls(m, cfg),
+                      make_inputs=lambda gen: {"x": randn(gen, b, m)}, forward=lambda mod, i: mod(i["x"]),
                       extra_meta={"input_dim": m})

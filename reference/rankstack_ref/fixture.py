@@ -97,3 +97,13 @@ def write_fixture(out_dir, group, case, *, layer, config, module, inputs, forwar
     path = os.path.join(out_dir, group)
     os.makedirs(path, exist_ok=True)
     save_file(tensors, os.path.join(path, f"{case}.safetensors"), metadata=meta)
+
+
+def emit_case(out_dir, group, case, seed, *, layer, config, module, make_inputs, forward, weight_scale=1.0,
+              extra_meta=None):
+    """The common case recipe: seed a generator, give `module` random parameters, draw the inputs with
+    `make_inputs(gen)` and write the fixture."""
+    gen = torch.Generator().manual_seed(seed)
+    init_params(module, gen, scale=weight_scale)
+    write_fixture(out_dir, group, case, layer=layer, config=config, module=module, inputs=make_inputs(gen),
+                  forward=forward, seed=seed, extra_meta=extra_meta)

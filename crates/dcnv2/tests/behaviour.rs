@@ -3,16 +3,13 @@
 
 use candle_core::{DType, Device, Module, Tensor};
 use dcnv2::{Combine, CrossLayerKind, CrossNet, CrossNetConfig, ParallelCrossNet, ParallelCrossNetConfig};
-use rankstack_nn::testing::{assert_all_params_get_gradients, seeded_randn};
+use rankstack_nn::testing::{assert_all_params_get_gradients, parameter_bits, seeded_randn, set_parameter};
 use rankstack_nn::{Activation, SeededVarMap};
 
 const DEV: Device = Device::Cpu;
 
 fn set(store: &SeededVarMap, name: &str, rows: &[&[f64]]) {
-    let vars = store.named_vars();
-    let (_, var) = vars.iter().find(|(n, _)| n == name).unwrap_or_else(|| panic!("no parameter {name}"));
-    let flat: Vec<f64> = rows.iter().flat_map(|r| r.iter().copied()).collect();
-    var.set(&Tensor::from_vec(flat, var.shape(), &DEV).unwrap()).unwrap();
+    set_parameter(store, name, &rows.concat());
 }
 
 fn run(net: &impl Module, x: &[f64]) -> Vec<f64> {
@@ -210,23 +207,7 @@ fn same_seed_gives_bit_identical_weights() {
     let weights = |seed| {
         let store = SeededVarMap::new(seed);
         CrossNet::new(5, &CrossNetConfig::mixture(2, 2, 3), store.var_builder(DType::F32, &DEV)).unwrap();
-        store
-            .named_vars()
-            .into_iter()
-            .map(|(n, v)| {
-                (
-                    n,
-                    v.as_tensor()
-                        .flatten_all()
-                        .unwrap()
-                        .to_vec1::<f32>()
-                        .unwrap()
-                        .iter()
-                        .map(|f| f.to_bits())
-                        .collect::<Vec<_>>(),
-                )
-            })
-            .collect::<Vec<_>>()
+        parameter_bits(&store)
     };
     assert_eq!(weights(3), weights(3));
     assert_ne!(weights(3), weights(4));

@@ -39,7 +39,8 @@ fn matches_pytorch_in_f64() {
 
 /// In float32 each layer adds a few ulps (2^-24 ≈ 6e-8) of relative error; after 20 stacked layers
 /// and products with x0 that compounds to ~1e-6, so 1e-5 holds across all fixtures, including
-/// inputs of magnitude 1e3 (the error is relative to the tensor's largest entry).
+/// inputs of magnitude 1e3 (the error is relative to the tensor's largest entry). Where PyTorch's
+/// own float32 result is further off than that, `check_reference` allows 4x PyTorch's error.
 #[test]
 fn matches_pytorch_in_f32() {
     for path in fixture_paths("dcnv2") {

@@ -3,16 +3,10 @@
 
 use candle_core::{DType, Device, ModuleT, Tensor};
 use masknet::{MaskBlock, MaskBlockConfig, ParallelMaskNet, ParallelMaskNetConfig, SerialMaskNet, SerialMaskNetConfig};
-use rankstack_nn::testing::{assert_all_params_get_gradients, seeded_randn};
+use rankstack_nn::testing::{assert_all_params_get_gradients, parameter_bits, seeded_randn, set_parameter};
 use rankstack_nn::{Activation, MlpConfig, SeededVarMap};
 
 const DEV: Device = Device::Cpu;
-
-fn set(store: &SeededVarMap, name: &str, values: &[f64]) {
-    let vars = store.named_vars();
-    let (_, var) = vars.iter().find(|(n, _)| n == name).unwrap_or_else(|| panic!("no parameter {name}"));
-    var.set(&Tensor::from_vec(values.to_vec(), var.shape(), &DEV).unwrap()).unwrap();
-}
 
 /// m = z = q = 2, t = 1: W1 = [1 1], b1 = 0, W2 = [1 1]ᵀ, b2 = [0, 1], W_h = I, LN weight 1, bias 0.
 fn hand_block(activation: Activation) -> (SeededVarMap, MaskBlock) {
@@ -20,11 +14,11 @@ fn hand_block(activation: Activation) -> (SeededVarMap, MaskBlock) {
     let config =
         MaskBlockConfig { aggregation_dim: Some(1), activation, layer_norm_eps: 1e-12, ..MaskBlockConfig::new(2) };
     let block = MaskBlock::new(2, 2, &config, store.var_builder(DType::F64, &DEV)).unwrap();
-    set(&store, "mask.aggregation.weight", &[1.0, 1.0]);
-    set(&store, "mask.aggregation.bias", &[0.0]);
-    set(&store, "mask.projection.weight", &[1.0, 1.0]);
-    set(&store, "mask.projection.bias", &[0.0, 1.0]);
-    set(&store, "hidden.weight", &[1.0, 0.0, 0.0, 1.0]);
+    set_parameter(&store, "mask.aggregation.weight", &[1.0, 1.0]);
+    set_parameter(&store, "mask.aggregation.bias", &[0.0]);
+    set_parameter(&store, "mask.projection.weight", &[1.0, 1.0]);
+    set_parameter(&store, "mask.projection.bias", &[0.0, 1.0]);
+    set_parameter(&store, "hidden.weight", &[1.0, 0.0, 0.0, 1.0]);
     (store, block)
 }
 
@@ -194,29 +188,9 @@ fn every_parameter_gets_a_finite_nonzero_gradient() {
 fn same_seed_gives_bit_identical_weights() {
     let bits = |seed| {
         let store = SeededVarMap::new(seed);
-        ParallelMaskNet::new(
-            6,
-            &ParallelMaskNetConfig { num_blocks: 2, block: MaskBlockConfig::new(4), top_mlp: None },
-            store.var_builder(DType::F32, &DEV),
-        )
-        .unwrap();
-        store
-            .named_vars()
-            .into_iter()
-            .map(|(n, v)| {
-                (
-                    n,
-                    v.as_tensor()
-                        .flatten_all()
-                        .unwrap()
-                        .to_vec1::<f32>()
-                        .unwrap()
-                        .iter()
-                        .map(|f| f.to_bits())
-                        .collect::<Vec<_>>(),
-                )
-            })
-            .collect::<Vec<_>>()
+        let config = ParallelMaskNetConfig { num_blocks: 2, block: MaskBlockConfig::new(4), top_mlp: None };
+        ParallelMaskNet::new(6, &config, store.var_builder(DType::F32, &DEV)).unwrap();
+        parameter_bits(&store)
     };
     assert_eq!(bits(9), bits(9));
     assert_ne!(bits(9), bits(10));

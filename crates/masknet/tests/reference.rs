@@ -45,8 +45,10 @@ fn matches_pytorch_in_f64() {
     }
 }
 
-/// float32: a few ulps per op; LayerNorm divides by the row's standard deviation, which amplifies
-/// the rounding of the centred values by at most |x|/std, bounded in these fixtures. 1e-5 holds.
+/// float32: a few ulps per op; 1e-5 holds for outputs and parameter gradients. Input gradients
+/// through LayerNorm are sums whose terms cancel (they sum to zero by construction), so for small
+/// rows their float32 error relative to their own size is larger — PyTorch's too; there
+/// `check_reference` allows 4x PyTorch's own float32 error instead (see rankstack_nn::testing).
 #[test]
 fn matches_pytorch_in_f32() {
     for path in fixture_paths("masknet") {

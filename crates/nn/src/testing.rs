@@ -248,3 +248,38 @@ pub fn seeded_randn(seed: u64, dims: &[usize], dtype: DType) -> Tensor {
     let values: Vec<f64> = (0..n).map(|_| rng.normal()).collect();
     Tensor::from_vec(values, dims, &Device::Cpu).and_then(|t| t.to_dtype(dtype)).expect("tensor")
 }
+
+/// Every parameter's values as raw bits, sorted by name: for bit-identity (reproducibility) checks.
+pub fn parameter_bits(store: &SeededVarMap) -> Vec<(String, Vec<u64>)> {
+    store
+        .named_vars()
+        .into_iter()
+        .map(|(name, var)| {
+            let t = var.as_tensor().flatten_all().expect("flatten");
+            let bits = match t.dtype() {
+                DType::F64 => t.to_vec1::<f64>().expect("read").into_iter().map(f64::to_bits).collect(),
+                _ => t
+                    .to_dtype(DType::F32)
+                    .and_then(|t| t.to_vec1::<f32>())
+                    .expect("read")
+                    .into_iter()
+                    .map(|v| u64::from(v.to_bits()))
+                    .collect(),
+            };
+            (name, bits)
+        })
+        .collect()
+}
+
+/// Sets the parameter `name` to `values` (row-major, converted to the parameter's dtype).
+///
+/// # Panics
+/// If there is no such parameter or the number of values does not match its shape.
+pub fn set_parameter(store: &SeededVarMap, name: &str, values: &[f64]) {
+    let vars = store.named_vars();
+    let (_, var) = vars.iter().find(|(n, _)| n == name).unwrap_or_else(|| panic!("no parameter {name}"));
+    let t = Tensor::from_vec(values.to_vec(), var.shape(), &Device::Cpu)
+        .and_then(|t| t.to_dtype(var.dtype()))
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
+    var.set(&t).expect("set");
+}
