@@ -12,8 +12,8 @@ def low(r):
     return {"type": "low_rank", "rank": r}
 
 
-def mix(r, e, act="relu"):
-    return {"type": "mixture", "rank": r, "num_experts": e, "activation": act}
+def mix(r, e, act="relu", shared_gates=False):
+    return {"type": "mixture", "rank": r, "num_experts": e, "activation": act, "shared_gates": shared_gates}
 
 
 # (case, batch, d, config, input scale, weight scale)
@@ -34,6 +34,7 @@ CROSS_CASES = [
     ("mixture_e4_r3_relu_b4_d8_l2", 4, 8, {"num_layers": 2, "layer": mix(3, 4)}, 1.0, 1.0),
     ("mixture_e4_r2_tanh_b3_d6_l3_diag", 3, 6, {"num_layers": 3, "layer": mix(2, 4, "tanh"), "diag_scale": 0.3}, 1.0, 1.0),
     ("mixture_e1_r1_tanh_b1_d1_l2", 1, 1, {"num_layers": 2, "layer": mix(1, 1, "tanh")}, 1.0, 1.0),
+    ("mixture_e3_r2_relu_shared_gates_b4_d6_l3", 4, 6, {"num_layers": 3, "layer": mix(2, 3, shared_gates=True)}, 1.0, 1.0),
     # Large inputs saturate the gate softmax: the max-shifted softmax must stay finite.
     ("mixture_e4_r2_relu_large_b4_d8_l1", 4, 8, {"num_layers": 1, "layer": mix(2, 4)}, 1e3, 1.0),
 ]

@@ -4,7 +4,8 @@ x0: input of the first cross layer, x: input of layer l, * element-wise.
   full rank:  x_{l+1} = x0 * (W x + b + s x) + x                      W: d x d
   low rank:   x_{l+1} = x0 * (U (V x) + b + s x) + x                  V: r x d, U: d x r
   mixture:    x_{l+1} = sum_i g_i(x) * x0 * (U_i f(C_i f(V_i x)) + b + s x) + x
-              g = softmax_i(G_i x) over experts (G_i: d -> 1, no bias); one expert: g = 1
+              g = softmax_i(G_i x) over experts (G_i: d -> 1, no bias); one expert: g = 1;
+              G_i per layer, or one set for the whole stack with shared_gates (torchrec)
 s is diag_scale (0 by default). Parameter names follow the Rust crate.
 """
 
@@ -46,10 +47,12 @@ class Expert(nn.Module):
 
 
 class MixtureCross(nn.Module):
-    def __init__(self, d, rank, num_experts, activation, diag_scale):
+    def __init__(self, d, rank, num_experts, activation, diag_scale, shared_gates=None):
         super().__init__()
         self.experts = nn.ModuleList([Expert(d, rank) for _ in range(num_experts)])
-        if num_experts > 1:
+        if shared_gates is not None:
+            self._shared = [shared_gates]  # a plain list: not registered under this layer's name
+        elif num_experts > 1:
             self.gates = nn.ModuleList([nn.Linear(d, 1, bias=False) for _ in range(num_experts)])
         self.bias = nn.Parameter(torch.zeros(d))
         self.act = ACTIVATIONS[activation]
@@ -62,12 +65,13 @@ class MixtureCross(nn.Module):
             outs.append(x0 * (inner + self.bias + self.diag_scale * x))
         if len(outs) == 1:
             return outs[0] + x
-        g = torch.softmax(torch.cat([gate(x) for gate in self.gates], dim=1), dim=1)  # [B, E]
+        gates = self._shared[0] if hasattr(self, "_shared") else self.gates
+        g = torch.softmax(torch.cat([gate(x) for gate in gates], dim=1), dim=1)  # [B, E]
         mix = sum(g[:, i : i + 1] * outs[i] for i in range(len(outs)))
         return mix + x
 
 
-def make_layer(d, config):
+def make_layer(d, config, shared_gates=None):
     kind = config["layer"]
     s = config.get("diag_scale", 0.0)
     if kind["type"] == "full_rank":
@@ -75,7 +79,7 @@ def make_layer(d, config):
     if kind["type"] == "low_rank":
         return LowRankCross(d, kind["rank"], s)
     if kind["type"] == "mixture":
-        return MixtureCross(d, kind["rank"], kind["num_experts"], kind.get("activation", "relu"), s)
+        return MixtureCross(d, kind["rank"], kind["num_experts"], kind.get("activation", "relu"), s, shared_gates)
     raise ValueError(kind)
 
 
@@ -84,7 +88,12 @@ class CrossNet(nn.Module):
 
     def __init__(self, d, config):
         super().__init__()
-        self.layers = nn.ModuleList([make_layer(d, config) for _ in range(config["num_layers"])])
+        kind = config["layer"]
+        shared = None
+        if kind["type"] == "mixture" and kind.get("shared_gates", False) and kind["num_experts"] > 1:
+            # torchrec's LowRankMixtureCrossNet: one set of gates for the whole stack.
+            self.gates = shared = nn.ModuleList([nn.Linear(d, 1, bias=False) for _ in range(kind["num_experts"])])
+        self.layers = nn.ModuleList([make_layer(d, config, shared) for _ in range(config["num_layers"])])
 
     def forward(self, x0):
         x = x0

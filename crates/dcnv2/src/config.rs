@@ -25,6 +25,10 @@ pub enum CrossLayerKind {
         /// `φ`; ReLU by default (torchrec), tanh as in FuxiCTR.
         #[serde(default)]
         activation: Activation,
+        /// One set of gates `gates.{i}.weight` for the whole stack (torchrec's
+        /// `LowRankMixtureCrossNet`) instead of one set per layer (`layers.{l}.gates.{i}.weight`).
+        #[serde(default)]
+        shared_gates: bool,
     },
 }
 
@@ -56,7 +60,7 @@ impl CrossNetConfig {
     pub fn mixture(num_layers: usize, rank: usize, num_experts: usize) -> Self {
         Self {
             num_layers,
-            layer: CrossLayerKind::Mixture { rank, num_experts, activation: Activation::Relu },
+            layer: CrossLayerKind::Mixture { rank, num_experts, activation: Activation::Relu, shared_gates: false },
             diag_scale: 0.0,
         }
     }

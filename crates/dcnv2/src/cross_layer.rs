@@ -45,6 +45,14 @@ enum Interaction {
     Mixture { experts: Vec<LowRankMap>, gates: Vec<Tensor>, activation: Activation },
 }
 
+/// The `[1, dim]` gate rows `gates.{i}.weight` under `vb` (none for a single expert, whose gate is 1).
+pub(crate) fn gate_rows(dim: usize, num_experts: usize, vb: &VarBuilder) -> Result<Vec<Tensor>> {
+    if num_experts < 2 {
+        return Ok(Vec::new());
+    }
+    (0..num_experts).map(|i| vb.pp("gates").pp(i).get_with_hints((1, dim), "weight", xavier_normal(dim, 1))).collect()
+}
+
 /// One cross layer, `x' = x0 ⊙ (f(x) + b + s·x) + x`, where `f` is the full-rank, low-rank or
 /// mixture map of [`CrossLayerKind`] (see the crate docs for the formulas and parameter names).
 ///
@@ -61,22 +69,26 @@ pub struct CrossLayer {
 
 impl CrossLayer {
     /// A layer on `dim` features. `kind` must already be validated (see [`crate::CrossNetConfig`]).
-    pub(crate) fn new(dim: usize, kind: CrossLayerKind, diag_scale: f64, vb: VarBuilder) -> Result<Self> {
+    /// `shared_gates` holds the stack-wide gate rows when the mixture shares them across layers.
+    pub(crate) fn new(
+        dim: usize,
+        kind: CrossLayerKind,
+        diag_scale: f64,
+        vb: VarBuilder,
+        shared_gates: Option<&[Tensor]>,
+    ) -> Result<Self> {
         let interaction = match kind {
             CrossLayerKind::FullRank => Interaction::FullRank {
                 weight: Linear::new(vb.get_with_hints((dim, dim), "weight", xavier_normal(dim, dim))?, None),
             },
             CrossLayerKind::LowRank { rank } => Interaction::LowRank(LowRankMap::new(dim, rank, false, &vb)?),
-            CrossLayerKind::Mixture { rank, num_experts, activation } => {
+            CrossLayerKind::Mixture { rank, num_experts, activation, .. } => {
                 let experts = (0..num_experts)
                     .map(|i| LowRankMap::new(dim, rank, true, &vb.pp("experts").pp(i)))
                     .collect::<Result<Vec<_>>>()?;
-                let gates = if num_experts > 1 {
-                    (0..num_experts)
-                        .map(|i| vb.pp("gates").pp(i).get_with_hints((1, dim), "weight", xavier_normal(dim, 1)))
-                        .collect::<Result<Vec<_>>>()?
-                } else {
-                    Vec::new()
+                let gates = match shared_gates {
+                    Some(shared) => shared.to_vec(),
+                    None => gate_rows(dim, num_experts, &vb)?,
                 };
                 Interaction::Mixture { experts, gates, activation }
             }

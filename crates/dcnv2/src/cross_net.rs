@@ -4,7 +4,7 @@ use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 use rankstack_nn::shape::expect_matrix;
 
-use crate::{CrossLayer, CrossNetConfig};
+use crate::{CrossLayer, CrossLayerKind, CrossNetConfig};
 
 /// `L` stacked cross layers: `x₁ = c₀(x0, x0)`, `x_{l+1} = c_l(x0, x_l)`, output `x_L`, each layer
 /// with its own weights under `layers.{l}.` (see the crate docs for the per-layer formulas).
@@ -41,8 +41,22 @@ impl CrossNet {
         prefix: &str,
     ) -> rankstack_nn::Result<Self> {
         config.validate(layer, prefix, input_dim)?;
+        let shared_gates = match config.layer {
+            CrossLayerKind::Mixture { num_experts, shared_gates: true, .. } => {
+                Some(crate::cross_layer::gate_rows(input_dim, num_experts, &vb)?)
+            }
+            _ => None,
+        };
         let layers = (0..config.num_layers)
-            .map(|l| CrossLayer::new(input_dim, config.layer, config.diag_scale, vb.pp("layers").pp(l)))
+            .map(|l| {
+                CrossLayer::new(
+                    input_dim,
+                    config.layer,
+                    config.diag_scale,
+                    vb.pp("layers").pp(l),
+                    shared_gates.as_deref(),
+                )
+            })
             .collect::<Result<Vec<_>>>()?;
         Ok(Self { layers, dim: input_dim })
     }

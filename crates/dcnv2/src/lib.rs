@@ -7,7 +7,10 @@
 //! |---|---|---|
 //! | full rank | `x' = x0 ⊙ (W x + b + s·x) + x` | `weight` `[d, d]`, `bias` `[d]` |
 //! | low rank | `x' = x0 ⊙ (U (V x) + b + s·x) + x` | `v.weight` `[r, d]`, `u.weight` `[d, r]`, `bias` |
-//! | mixture | `x' = Σᵢ gᵢ(x) · x0 ⊙ (Uᵢ φ(Cᵢ φ(Vᵢ x)) + b + s·x) + x`, `g = softmax(Gᵢ x)` | `experts.{i}.{v,c,u}.weight`, `gates.{i}.weight` `[1, d]`, `bias` |
+//! | mixture | `x' = Σᵢ gᵢ(x) · x0 ⊙ (Uᵢ φ(Cᵢ φ(Vᵢ x)) + b + s·x) + x`, `g = softmax(Gᵢ x)` | `experts.{i}.{v,c,u}.weight` (`[r, d]`, `[r, r]`, `[d, r]`), `gates.{i}.weight` `[1, d]`, `bias` |
+//!
+//! Mixture gates are per layer (`layers.{l}.gates.{i}.weight`) by default, or shared by the whole
+//! stack (`gates.{i}.weight`, torchrec's `LowRankMixtureCrossNet`) with `shared_gates`.
 //!
 //! Weights use PyTorch's `Linear` layout (`[out, in]`), so a PyTorch state dict with the same names
 //! loads directly. [`CrossNet`] stacks layers (`layers.{l}.…`); [`ParallelCrossNet`] runs several

@@ -57,7 +57,7 @@ fn two_expert_net(activation: Activation) -> (SeededVarMap, CrossNet) {
     let store = SeededVarMap::new(0);
     let config = CrossNetConfig {
         num_layers: 1,
-        layer: CrossLayerKind::Mixture { rank: 1, num_experts: 2, activation },
+        layer: CrossLayerKind::Mixture { rank: 1, num_experts: 2, activation, shared_gates: false },
         diag_scale: 0.0,
     };
     let net = CrossNet::new(2, &config, store.var_builder(DType::F64, &DEV)).unwrap();
@@ -95,6 +95,16 @@ fn single_expert_mixture_skips_the_gate() {
     CrossNet::new(4, &CrossNetConfig::mixture(2, 2, 1), store.var_builder(DType::F32, &DEV)).unwrap();
     assert!(store.named_vars().iter().all(|(n, _)| !n.contains("gates")));
     assert_eq!(store.named_vars().len(), 2 * 4); // v, c, u, bias per layer
+}
+
+#[test]
+fn shared_gates_are_one_set_for_the_stack() {
+    let store = SeededVarMap::new(0);
+    let layer = CrossLayerKind::Mixture { rank: 2, num_experts: 3, activation: Activation::Relu, shared_gates: true };
+    CrossNet::new(4, &CrossNetConfig { num_layers: 2, layer, diag_scale: 0.0 }, store.var_builder(DType::F32, &DEV))
+        .unwrap();
+    let gates: Vec<String> = store.named_vars().into_iter().map(|(n, _)| n).filter(|n| n.contains("gates")).collect();
+    assert_eq!(gates, vec!["gates.0.weight", "gates.1.weight", "gates.2.weight"]);
 }
 
 #[test]
@@ -173,7 +183,12 @@ fn all_variants() -> Vec<CrossNetConfig> {
         CrossNetConfig { diag_scale: 0.5, ..CrossNetConfig::low_rank(3, 2) },
         CrossNetConfig::mixture(2, 3, 4),
         CrossNetConfig {
-            layer: CrossLayerKind::Mixture { rank: 2, num_experts: 3, activation: Activation::Tanh },
+            layer: CrossLayerKind::Mixture {
+                rank: 2,
+                num_experts: 3,
+                activation: Activation::Tanh,
+                shared_gates: true,
+            },
             ..CrossNetConfig::mixture(2, 2, 3)
         },
         // A ReLU expert of rank 2 can be dead at init (C maps the non-negative φ(Vx) to ≤ 0 for every
@@ -239,7 +254,10 @@ fn xavier_normal_kernels_and_zero_biases() {
 fn config_serde_round_trip_and_unknown_keys_rejected() {
     let json = r#"{"num_layers": 4, "layer": {"type": "mixture", "rank": 64, "num_experts": 4, "activation": "tanh"}, "diag_scale": 0.1}"#;
     let config: CrossNetConfig = serde_json::from_str(json).unwrap();
-    assert_eq!(config.layer, CrossLayerKind::Mixture { rank: 64, num_experts: 4, activation: Activation::Tanh });
+    assert_eq!(
+        config.layer,
+        CrossLayerKind::Mixture { rank: 64, num_experts: 4, activation: Activation::Tanh, shared_gates: false }
+    );
     let back: CrossNetConfig = serde_json::from_str(&serde_json::to_string(&config).unwrap()).unwrap();
     assert_eq!(back, config);
     let err =
