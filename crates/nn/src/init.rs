@@ -35,6 +35,13 @@ pub struct SeededVarMap {
     seed: u64,
 }
 
+impl std::fmt::Debug for SeededVarMap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let vars = self.vars.data().lock().map(|d| d.len()).unwrap_or(0);
+        f.debug_struct("SeededVarMap").field("seed", &self.seed).field("variables", &vars).finish()
+    }
+}
+
 impl SeededVarMap {
     /// An empty store for `seed`.
     pub fn new(seed: u64) -> Self {

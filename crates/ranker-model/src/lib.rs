@@ -1,7 +1,35 @@
-//! The assembled Homefeed ranker: feature encoders, the TransAct sequence encoder, an interaction
-//! backbone of MaskNet and DCNv2 stages, a shared MLP and multi-task heads, with presets, PyTorch
-//! parity and a cost planner.
+//! The assembled Homefeed ranker (Pinterest, arXiv 2412.01985): feature encoders, the TransAct
+//! sequence encoder, an interaction backbone of MaskNet and DCNv2 stages, a shared MLP and
+//! multi-task heads; named presets, checkpoints (config + safetensors) and a cost planner.
 //!
-//! Not built yet: this crate is the subject of the `ranker-model` issue. The layers it will combine
-//! are usable today from the `feature-encoders`, `sequence-transformer`, `masknet` and `dcnv2`
-//! crates.
+//! ```
+//! use candle_core::{DType, Device};
+//! use ranker_model::{presets, Ranker};
+//! use rankstack_nn::SeededVarMap;
+//!
+//! let config = presets::preset("mlp")?;
+//! let params = SeededVarMap::new(0);
+//! let ranker = Ranker::new(&config, params.var_builder(DType::F32, &Device::Cpu))?;
+//! assert_eq!(ranker.task_names(), ["save", "click", "closeup", "hide"]);
+//! let cost = ranker.cost(512);
+//! assert!(cost.total().params > 0);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+pub mod checkpoint;
+mod config;
+mod cost;
+mod heads;
+mod loss;
+mod model;
+pub mod presets;
+mod random_batch;
+mod stage;
+
+pub use config::{RankerConfig, StageConfig, TaskConfig, SEQUENCE_BLOCK};
+pub use cost::{CostReport, ModuleCost};
+pub use heads::TaskHeads;
+pub use loss::{calibrated_probability, multitask_loss};
+pub use model::{Ranker, RankerBatch};
+pub use random_batch::{random_batch, random_labels};
+pub use stage::Stage;

@@ -1,0 +1,124 @@
+//! Checkpoints: a directory holding `config.json` (the [`RankerConfig`]) and `model.safetensors`
+//! (every parameter and buffer under its model name). PyTorch models exported by
+//! `reference/rankstack_ref` write the same layout, so "train in PyTorch, serve in Rust" is a load.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor, Var};
+use rankstack_nn::checkpoint::{load_into, read_safetensors};
+use rankstack_nn::{Error, Result, SeededVarMap};
+
+use crate::{Ranker, RankerConfig};
+
+/// The config file inside a checkpoint directory.
+pub const CONFIG_FILE: &str = "config.json";
+/// The tensor file inside a checkpoint directory.
+pub const WEIGHTS_FILE: &str = "model.safetensors";
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
+    move |source| Error::Io { path: path.display().to_string(), source }
+}
+
+/// Writes `bytes` to `path` atomically: a temporary file in the same directory, fsync, rename. A
+/// crash at any moment leaves either the old file or the new one, never a torn one.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension(format!("{}.tmp", path.extension().and_then(|e| e.to_str()).unwrap_or("")));
+    let mut file = std::fs::File::create(&tmp).map_err(io(&tmp))?;
+    file.write_all(bytes).map_err(io(&tmp))?;
+    file.sync_all().map_err(io(&tmp))?;
+    drop(file);
+    std::fs::rename(&tmp, path).map_err(io(path))?;
+    if let Some(dir) = path.parent() {
+        // Persist the rename itself; failure to open a directory (some platforms) is not fatal.
+        if let Ok(d) = std::fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
+    }
+    Ok(())
+}
+
+/// Every tensor a checkpoint holds for this model: parameters (from `store`) and buffers.
+pub fn state(ranker: &Ranker, store: &SeededVarMap) -> Vec<(String, Var)> {
+    let mut all = store.named_vars();
+    all.extend(ranker.buffers());
+    all.sort_by(|a, b| a.0.cmp(&b.0));
+    all
+}
+
+/// Saves the config and all tensors into `dir` (created if needed).
+pub fn save(dir: impl AsRef<Path>, ranker: &Ranker, store: &SeededVarMap) -> Result<()> {
+    let dir = dir.as_ref();
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    let tensors: HashMap<String, Tensor> = state(ranker, store).into_iter().map(|(n, v)| (n, v.as_tensor().clone())).collect();
+    let mut names: Vec<&String> = tensors.keys().collect();
+    names.sort();
+    let views: Vec<(&str, &Tensor)> = names.iter().map(|n| (n.as_str(), &tensors[*n])).collect();
+    let bytes = safetensors::serialize(views.iter().map(|(n, t)| (*n, TensorRef(t))), None)
+        .map_err(|e| Error::Corrupt { path: dir.join(WEIGHTS_FILE).display().to_string(), reason: e.to_string() })?;
+    write_atomically(&dir.join(WEIGHTS_FILE), &bytes)?;
+    let config = serde_json::to_string_pretty(ranker.config()).expect("a RankerConfig always serialises");
+    write_atomically(&dir.join(CONFIG_FILE), config.as_bytes())
+}
+
+/// Loads a checkpoint directory into a new model on `device` in `dtype`. Every mismatch between
+/// the file and the config (missing, unexpected, wrong shape or dtype) is reported at once.
+pub fn load(dir: impl AsRef<Path>, dtype: DType, device: &Device) -> Result<(Ranker, SeededVarMap)> {
+    let dir = dir.as_ref();
+    let config = RankerConfig::from_file(dir.join(CONFIG_FILE))?;
+    let store = SeededVarMap::new(0);
+    let ranker = Ranker::new(&config, store.var_builder(dtype, device))?;
+    let mut file = read_safetensors(dir.join(WEIGHTS_FILE))?;
+    // Buffers keep their stored dtype in the model (e.g. num_batches_tracked is i64); parameters
+    // are converted to the requested dtype only when the file is float.
+    let buffers: std::collections::HashSet<String> = ranker.buffers().into_iter().map(|(n, _)| n).collect();
+    for (name, t) in file.tensors.iter_mut() {
+        if !buffers.contains(name) && t.dtype().is_float() && t.dtype() != dtype {
+            *t = t.to_dtype(dtype)?;
+        }
+    }
+    load_into(&state(&ranker, &store), &file.tensors)?;
+    Ok((ranker, store))
+}
+
+/// Adapts a candle tensor to safetensors' `View` (CPU copy of the data).
+struct TensorRef<'a>(&'a Tensor);
+
+impl safetensors::View for TensorRef<'_> {
+    fn dtype(&self) -> safetensors::Dtype {
+        match self.0.dtype() {
+            DType::F64 => safetensors::Dtype::F64,
+            DType::F32 => safetensors::Dtype::F32,
+            DType::F16 => safetensors::Dtype::F16,
+            DType::BF16 => safetensors::Dtype::BF16,
+            DType::I64 => safetensors::Dtype::I64,
+            DType::U32 => safetensors::Dtype::U32,
+            DType::U8 => safetensors::Dtype::U8,
+            other => panic!("unsupported dtype {other:?} in a checkpoint"),
+        }
+    }
+
+    fn shape(&self) -> &[usize] {
+        self.0.dims()
+    }
+
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        let t = self.0.flatten_all().and_then(|t| t.to_device(&Device::Cpu)).expect("readable tensor");
+        let bytes: Vec<u8> = match t.dtype() {
+            DType::F64 => t.to_vec1::<f64>().expect("f64").iter().flat_map(|v| v.to_le_bytes()).collect(),
+            DType::F32 => t.to_vec1::<f32>().expect("f32").iter().flat_map(|v| v.to_le_bytes()).collect(),
+            DType::F16 => t.to_vec1::<half::f16>().expect("f16").iter().flat_map(|v| v.to_le_bytes()).collect(),
+            DType::BF16 => t.to_vec1::<half::bf16>().expect("bf16").iter().flat_map(|v| v.to_le_bytes()).collect(),
+            DType::I64 => t.to_vec1::<i64>().expect("i64").iter().flat_map(|v| v.to_le_bytes()).collect(),
+            DType::U32 => t.to_vec1::<u32>().expect("u32").iter().flat_map(|v| v.to_le_bytes()).collect(),
+            DType::U8 => t.to_vec1::<u8>().expect("u8"),
+            other => panic!("unsupported dtype {other:?} in a checkpoint"),
+        };
+        std::borrow::Cow::Owned(bytes)
+    }
+
+    fn data_len(&self) -> usize {
+        self.0.elem_count() * self.0.dtype().size_in_bytes()
+    }
+}

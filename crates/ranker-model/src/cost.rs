@@ -1,0 +1,289 @@
+//! The cost planner: parameters, FLOPs and memory of a ranker, computed from its shapes.
+//!
+//! The paper's constraints were "no latency regression" and "the same batch size within the GPU
+//! memory budget". This module makes both visible before training: per module, the parameter count,
+//! the FLOPs per candidate of the forward pass, and the activation memory per candidate.
+//!
+//! Conventions (all derived from shapes, never measured):
+//! - FLOPs count `2 · m · n · k` per matrix product (multiply + add) and the attention products;
+//!   element-wise work (norms, activations, masks) is excluded: it is memory-bound, and a few
+//!   percent of the total for these models.
+//! - Activation floats per candidate count every intermediate tensor the forward pass creates
+//!   (what autograd keeps for the backward pass): linear outputs, norm intermediates, activations,
+//!   products. Inference keeps only the largest module's intermediates alive at once.
+//! - Memory is float32: parameters `4P` bytes; training adds gradients (`4P`) and AdamW's two
+//!   moments (`8P`), plus `4 · B · Σ activations`.
+
+use std::fmt;
+
+use dcnv2::{Combine, CrossLayerKind, CrossNetConfig};
+use masknet::MaskBlockConfig;
+use rankstack_nn::{MlpConfig, Normalization};
+use sequence_transformer::{Fusion, PositionalEncoding, SequenceTransformerConfig};
+
+use crate::{Ranker, StageConfig};
+
+/// The cost of one module.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModuleCost {
+    /// Module name (`features`, `sequence`, `backbone[0] parallel_masknet`, `mlp`, `heads`).
+    pub name: String,
+    /// Trainable parameters.
+    pub params: usize,
+    /// Forward FLOPs per candidate.
+    pub flops_per_candidate: usize,
+    /// Floats of intermediate tensors per candidate in the forward pass.
+    pub activations_per_candidate: usize,
+}
+
+/// The cost of a whole ranker at one batch size.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CostReport {
+    /// The batch size the memory figures are for.
+    pub batch_size: usize,
+    /// Per-module costs, in forward order.
+    pub modules: Vec<ModuleCost>,
+}
+
+const F32: usize = 4;
+
+impl CostReport {
+    /// Sums over all modules (named `total`).
+    pub fn total(&self) -> ModuleCost {
+        ModuleCost {
+            name: "total".into(),
+            params: self.modules.iter().map(|m| m.params).sum(),
+            flops_per_candidate: self.modules.iter().map(|m| m.flops_per_candidate).sum(),
+            activations_per_candidate: self.modules.iter().map(|m| m.activations_per_candidate).sum(),
+        }
+    }
+
+    /// Bytes of the float32 parameters.
+    pub fn parameter_bytes(&self) -> usize {
+        F32 * self.total().params
+    }
+
+    /// Peak bytes for inference at this batch size: parameters plus the largest module's
+    /// intermediates.
+    pub fn inference_bytes(&self) -> usize {
+        let peak = self.modules.iter().map(|m| m.activations_per_candidate).max().unwrap_or(0);
+        self.parameter_bytes() + F32 * self.batch_size * peak
+    }
+
+    /// Bytes for one AdamW training step: parameters, gradients, two moments, all activations.
+    pub fn training_bytes(&self) -> usize {
+        4 * self.parameter_bytes() + F32 * self.batch_size * self.total().activations_per_candidate
+    }
+
+    /// Whether training at this batch size fits within `fraction` (e.g. 0.6) of `device_bytes`.
+    pub fn training_fits(&self, device_bytes: usize, fraction: f64) -> bool {
+        (self.training_bytes() as f64) <= fraction * device_bytes as f64
+    }
+
+    /// The largest batch size whose training step fits within `fraction` of `device_bytes`
+    /// (0 if not even the parameters and optimiser state fit).
+    pub fn max_training_batch(&self, device_bytes: usize, fraction: f64) -> usize {
+        let budget = fraction * device_bytes as f64 - (4 * self.parameter_bytes()) as f64;
+        let per_candidate = (F32 * self.total().activations_per_candidate).max(1) as f64;
+        if budget <= 0.0 {
+            0
+        } else {
+            (budget / per_candidate).floor() as usize
+        }
+    }
+}
+
+fn gib(bytes: usize) -> f64 {
+    bytes as f64 / (1u64 << 30) as f64
+}
+
+impl fmt::Display for CostReport {
+    /// A Markdown table plus the memory summary.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "| module | parameters | MFLOP / candidate | activations / candidate |")?;
+        writeln!(f, "|---|---:|---:|---:|")?;
+        for m in self.modules.iter().chain(std::iter::once(&self.total())) {
+            writeln!(
+                f,
+                "| {} | {} | {:.3} | {} |",
+                m.name,
+                m.params,
+                m.flops_per_candidate as f64 / 1e6,
+                m.activations_per_candidate
+            )?;
+        }
+        writeln!(f)?;
+        writeln!(f, "batch size {}: parameters {:.3} GiB; inference {:.3} GiB; training step (AdamW) {:.3} GiB", self.batch_size, gib(self.parameter_bytes()), gib(self.inference_bytes()), gib(self.training_bytes()))
+    }
+}
+
+fn linear(inp: usize, out: usize, bias: bool) -> (usize, usize) {
+    (inp * out + if bias { out } else { 0 }, 2 * inp * out)
+}
+
+/// Parameters, FLOPs and activations of an [`rankstack_nn::Mlp`].
+fn mlp_cost(input: usize, cfg: &MlpConfig) -> (usize, usize, usize, usize) {
+    let (mut params, mut flops, mut acts, mut width) = (0, 0, 0, input);
+    for (i, &out) in cfg.dims.iter().enumerate() {
+        let activated = i + 1 < cfg.dims.len() || cfg.activate_last;
+        let (p, f) = linear(width, out, true);
+        params += p;
+        flops += f;
+        acts += out;
+        if activated {
+            match cfg.normalization {
+                Normalization::None => {}
+                // centred, normalised, affine
+                _ => {
+                    params += 2 * out;
+                    acts += 3 * out;
+                }
+            }
+            acts += out * if cfg.dropout > 0.0 { 2 } else { 1 };
+        }
+        width = out;
+    }
+    (params, flops, acts, width)
+}
+
+fn mask_block_cost(m: usize, z: usize, cfg: &MaskBlockConfig) -> (usize, usize, usize) {
+    let t = cfg.aggregation_dim.unwrap_or_else(|| (cfg.projection_ratio * m as f64).round() as usize);
+    let q = cfg.output_dim;
+    let (p1, f1) = linear(m, t, true);
+    let (p2, f2) = linear(t, z, true);
+    let (p3, f3) = linear(z, q, cfg.hidden_bias);
+    let input_ln = if cfg.input_layer_norm { 2 * z } else { 0 };
+    let params = p1 + p2 + p3 + 2 * q + input_ln;
+    // aggregation, ReLU, mask, (input LN), mask ⊙ h, hidden, LN (3), activation
+    let acts = 2 * t + 2 * z + if cfg.input_layer_norm { 3 * z } else { 0 } + 5 * q;
+    (params, f1 + f2 + f3, acts)
+}
+
+fn crossnet_cost(d: usize, cfg: &CrossNetConfig) -> (usize, usize, usize) {
+    let l = cfg.num_layers;
+    let diag = if cfg.diag_scale != 0.0 { 2 * d } else { 0 };
+    match cfg.layer {
+        CrossLayerKind::FullRank => (l * (d * d + d), l * 2 * d * d, l * (4 * d + diag)),
+        CrossLayerKind::LowRank { rank: r } => (l * (2 * r * d + d), l * 4 * r * d, l * (r + 4 * d + diag)),
+        CrossLayerKind::Mixture { rank: r, num_experts: e, shared_gates, .. } => {
+            let gates = if e > 1 { e * d } else { 0 };
+            let per_layer_gates = if shared_gates { 0 } else { gates };
+            let params = l * (e * (2 * r * d + r * r) + per_layer_gates + d) + if shared_gates { gates } else { 0 };
+            let flops = l * (e * (4 * r * d + 2 * r * r) + if e > 1 { 2 * d * e } else { 0 });
+            // per expert: V x, φ, C, φ, U, weighted; gates, softmax; then the 4 cross ops
+            let acts = l * (e * (4 * r + 2 * d) + if e > 1 { 4 * e } else { 0 } + 4 * d + diag);
+            (params, flops, acts)
+        }
+    }
+}
+
+fn sequence_cost(cfg: &SequenceTransformerConfig) -> (usize, usize, usize) {
+    let d = cfg.model_dim();
+    let n = cfg.num_tokens();
+    let (h, ff) = (cfg.num_heads, cfg.ff_dim);
+    let mut params = cfg.num_action_types * cfg.action_dim;
+    params += cfg.num_layers * ((3 * d * d + 3 * d) + (d * d + d) + (ff * d + ff) + (d * ff + d) + 4 * d);
+    params += d * d + d; // pool projection
+    if cfg.positional == PositionalEncoding::Learned {
+        params += n * d;
+    }
+    if cfg.fusion == Fusion::Append {
+        params += cfg.action_dim;
+    }
+    let per_layer_flops = 2 * n * 3 * d * d + 2 * 2 * n * n * d + 2 * n * d * d + 2 * 2 * n * d * ff;
+    let flops = cfg.num_layers * per_layer_flops + 2 * d * d;
+    // tokens; per layer: qkv, scores, softmax (exp, sum-normalised), attention output, out proj,
+    // residual + LN (4), ff hidden + activation, ff out, residual + LN (4); then pool + output.
+    let per_layer_acts = 3 * n * d + 3 * h * n * n + n * d + n * d + 4 * n * d + 2 * n * ff + n * d + 4 * n * d;
+    let acts = n * d + cfg.num_layers * per_layer_acts + 2 * d + cfg.output_dim();
+    (params, flops, acts)
+}
+
+impl Ranker {
+    /// The cost report of this model at `batch_size` (see the module docs for the conventions).
+    pub fn cost(&self, batch_size: usize) -> CostReport {
+        let config = self.config();
+        let mut modules = Vec::new();
+
+        // Features: embedding tables, dense BatchNorm, embedding projections.
+        let schema = &config.features;
+        let mut params: usize = schema.sparse.iter().map(|s| s.num_rows() * s.embedding_dim()).sum();
+        let mut flops = 0;
+        if !schema.dense.is_empty() && schema.dense_pipeline.batch_norm {
+            params += 2 * schema.dense.len();
+        }
+        for e in &schema.embedding {
+            if let Some(out) = e.projection {
+                let (p, f) = linear(e.dim, out, e.projection_bias);
+                params += p;
+                flops += f;
+            }
+        }
+        let encoded = self.encoder().output_dim();
+        // Per feature: lookup/transform, normalisation (2), and the concatenated output.
+        modules.push(ModuleCost { name: "features".into(), params, flops_per_candidate: flops, activations_per_candidate: 3 * encoded });
+
+        if let Some(seq) = &config.sequence {
+            let (params, flops, acts) = sequence_cost(seq);
+            modules.push(ModuleCost { name: "sequence".into(), params, flops_per_candidate: flops, activations_per_candidate: acts });
+        }
+
+        let mut width = encoded;
+        for (i, (stage, built)) in config.backbone.iter().zip(self.stages()).enumerate() {
+            let (params, flops, acts) = match stage {
+                StageConfig::ParallelMasknet { config: c, .. } => {
+                    let (p, f, a) = mask_block_cost(width, width, &c.block);
+                    let (mut p, mut f, mut a) = (c.num_blocks * p, c.num_blocks * f, c.num_blocks * a + c.num_blocks * c.block.output_dim);
+                    if let Some(top) = &c.top_mlp {
+                        let (tp, tf, ta, _) = mlp_cost(c.num_blocks * c.block.output_dim, top);
+                        (p, f, a) = (p + tp, f + tf, a + ta);
+                    }
+                    (p, f, a)
+                }
+                StageConfig::SerialMasknet { config: c, .. } => {
+                    let (mut p, mut f, mut a, mut z) = (0, 0, 0, width);
+                    for block in &c.blocks {
+                        let (bp, bf, ba) = mask_block_cost(width, z, block);
+                        (p, f, a, z) = (p + bp, f + bf, a + ba, block.output_dim);
+                    }
+                    (p, f, a)
+                }
+                StageConfig::Crossnet { config: c, .. } => crossnet_cost(width, c),
+                StageConfig::ParallelCrossnet { config: c, .. } => {
+                    let (p, f, a) = crossnet_cost(width, &c.tower);
+                    let combine = match c.combine {
+                        Combine::Concat => c.num_towers * width,
+                        Combine::Mean => 2 * width,
+                    };
+                    (c.num_towers * p, c.num_towers * f, c.num_towers * a + combine)
+                }
+            };
+            modules.push(ModuleCost {
+                name: format!("backbone[{i}] {}", stage.type_name()),
+                params,
+                flops_per_candidate: flops,
+                activations_per_candidate: acts,
+            });
+            width = built.output_dim();
+        }
+        let mlp_input = if config.input_skip { width + encoded } else { width };
+        let (params, flops, mut acts, out) = mlp_cost(mlp_input, &config.mlp);
+        if config.input_skip {
+            acts += mlp_input;
+        }
+        modules.push(ModuleCost { name: "mlp".into(), params, flops_per_candidate: flops, activations_per_candidate: acts });
+
+        let (mut params, mut flops, mut acts) = (0, 0, 0);
+        for task in &config.tasks {
+            let mut w = out;
+            if let Some(tower) = &task.tower {
+                let (tp, tf, ta, tw) = mlp_cost(out, tower);
+                (params, flops, acts, w) = (params + tp, flops + tf, acts + ta, tw);
+            }
+            let (p, f) = linear(w, 1, true);
+            (params, flops, acts) = (params + p, flops + f, acts + 1);
+        }
+        modules.push(ModuleCost { name: "heads".into(), params, flops_per_candidate: flops, activations_per_candidate: acts + config.tasks.len() });
+        CostReport { batch_size, modules }
+    }
+}

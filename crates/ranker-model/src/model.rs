@@ -1,0 +1,180 @@
+//! The assembled ranker.
+
+use candle_core::{ModuleT, Result, Tensor, Var};
+use candle_nn::VarBuilder;
+use feature_encoders::{ExtraFeature, FeatureBatch, FeatureEncoder};
+use rankstack_nn::{Error, Mlp};
+use sequence_transformer::{SequenceBatch, SequenceTransformer};
+
+use crate::loss::{calibrated_probability, multitask_loss};
+use crate::{RankerConfig, Stage, TaskHeads, SEQUENCE_BLOCK};
+
+/// One batch of ranker inputs.
+#[derive(Debug, Clone)]
+pub struct RankerBatch {
+    /// Raw features in schema order (without the sequence block, which the model computes).
+    pub features: FeatureBatch,
+    /// The user sequences; required iff the config has a sequence encoder.
+    pub sequence: Option<SequenceBatch>,
+}
+
+/// The Homefeed ranker:
+///
+/// ```text
+/// e = FeatureEncoder(features ‖ TransAct(sequence))          [B, D]
+/// z = stage_n(… stage_1(e))                                  backbone (MaskNet / DCNv2 stages)
+/// h = MLP(z)            or MLP([z ‖ e]) with input_skip
+/// logits = [head_t(h)]_t                                     [B, tasks]
+/// ```
+///
+/// Parameter prefixes: `features.`, `sequence.`, `backbone.{i}.`, `mlp.`, `heads.<task>.`. Widths
+/// are inferred stage by stage from the encoder's output, so configs name only the layers.
+#[derive(Debug)]
+pub struct Ranker {
+    config: RankerConfig,
+    encoder: FeatureEncoder,
+    sequence: Option<SequenceTransformer>,
+    stages: Vec<Stage>,
+    mlp: Mlp,
+    heads: TaskHeads,
+}
+
+impl Ranker {
+    /// Builds the ranker, validating the config. Errors name the offending config field.
+    pub fn new(config: &RankerConfig, vb: VarBuilder) -> rankstack_nn::Result<Self> {
+        config.validate()?;
+        let sequence = match &config.sequence {
+            Some(cfg) => Some(SequenceTransformer::new(cfg, vb.pp("sequence")).map_err(|e| prefix_field(e, "sequence"))?),
+            None => None,
+        };
+        let mut schema = config.features.clone();
+        if let Some(seq) = &sequence {
+            schema.extra.push(ExtraFeature { name: SEQUENCE_BLOCK.to_string(), dim: seq.output_dim() });
+        }
+        let encoder = FeatureEncoder::new(&schema, vb.pp("features")).map_err(|e| prefix_field(e, "features"))?;
+        let encoded = encoder.output_dim();
+        if encoded == 0 {
+            return Err(Error::config("Ranker", "features", "the features produce no columns"));
+        }
+        let mut width = encoded;
+        let mut stages = Vec::with_capacity(config.backbone.len());
+        for (i, stage) in config.backbone.iter().enumerate() {
+            let built = Stage::new(i, width, stage, vb.pp("backbone").pp(i))?;
+            width = built.output_dim();
+            stages.push(built);
+        }
+        let mlp_input = if config.input_skip { width + encoded } else { width };
+        let mlp = Mlp::new(mlp_input, &config.mlp, vb.pp("mlp")).map_err(|e| prefix_field(e, "mlp"))?;
+        let heads = TaskHeads::new(mlp.output_dim(), &config.tasks, vb.pp("heads"))?;
+        Ok(Self { config: config.clone(), encoder, sequence, stages, mlp, heads })
+    }
+
+    /// The config the model was built from.
+    pub fn config(&self) -> &RankerConfig {
+        &self.config
+    }
+
+    /// Task names, in the order of the logit columns.
+    pub fn task_names(&self) -> &[String] {
+        self.heads.names()
+    }
+
+    /// The feature encoder.
+    pub fn encoder(&self) -> &FeatureEncoder {
+        &self.encoder
+    }
+
+    /// The sequence encoder, if configured.
+    pub fn sequence_encoder(&self) -> Option<&SequenceTransformer> {
+        self.sequence.as_ref()
+    }
+
+    /// The backbone stages.
+    pub fn stages(&self) -> &[Stage] {
+        &self.stages
+    }
+
+    /// The shared MLP.
+    pub fn mlp(&self) -> &Mlp {
+        &self.mlp
+    }
+
+    /// Non-trainable state (BatchNorm running statistics, fitted standardisation) by full name. Save
+    /// it with the parameters; [`crate::checkpoint`] does.
+    pub fn buffers(&self) -> Vec<(String, Var)> {
+        let mut out: Vec<(String, Var)> = self.encoder.buffers();
+        out.extend(self.mlp.buffers());
+        out.extend(self.heads.buffers());
+        out
+    }
+
+    /// The encoder output `[batch, D]` (the sequence block included).
+    pub fn encode(&self, batch: &RankerBatch, train: bool) -> Result<Tensor> {
+        let mut features = batch.features.clone();
+        match (&self.sequence, &batch.sequence) {
+            (Some(seq), Some(s)) => features.extra.push(seq.forward_t(s, train)?),
+            (Some(_), None) => {
+                return Err(Error::input("Ranker", "sequence", "the model has a sequence encoder but the batch has no sequences").into())
+            }
+            (None, Some(_)) => {
+                return Err(Error::input("Ranker", "sequence", "the batch has sequences but the model has no sequence encoder").into())
+            }
+            (None, None) => {}
+        }
+        self.encoder.forward_t(&features, train)
+    }
+
+    /// Logits `[batch, tasks]`; `train` enables dropout, BatchNorm batch statistics and the
+    /// sequence encoder's random time window.
+    pub fn forward_t(&self, batch: &RankerBatch, train: bool) -> Result<Tensor> {
+        let encoded = self.encode(batch, train)?;
+        let mut z = encoded.clone();
+        for stage in &self.stages {
+            z = stage.forward_t(&z, train)?;
+        }
+        if self.config.input_skip {
+            z = Tensor::cat(&[&z, &encoded], 1)?;
+        }
+        let h = self.mlp.forward_t(&z, train)?;
+        self.heads.forward_t(&h, train)
+    }
+
+    /// Evaluation-mode logits.
+    pub fn forward(&self, batch: &RankerBatch) -> Result<Tensor> {
+        self.forward_t(batch, false)
+    }
+
+    /// Evaluation-mode probabilities `[batch, tasks]`, calibrated per task for negative
+    /// down-sampling where the task config sets a rate.
+    pub fn predict(&self, batch: &RankerBatch) -> Result<Tensor> {
+        self.probabilities(&self.forward(batch)?)
+    }
+
+    /// Calibrated probabilities from logits.
+    pub fn probabilities(&self, logits: &Tensor) -> Result<Tensor> {
+        let columns = self
+            .config
+            .tasks
+            .iter()
+            .enumerate()
+            .map(|(t, task)| {
+                let logit = logits.narrow(1, t, 1)?;
+                calibrated_probability(&logit, task.negative_sampling_rate.unwrap_or(1.0))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Tensor::cat(&columns, 1)
+    }
+
+    /// The weighted multi-task loss of [`crate::multitask_loss`] with this config's task weights.
+    pub fn loss(&self, logits: &Tensor, labels: &Tensor, example_weights: Option<&Tensor>) -> Result<Tensor> {
+        let weights: Vec<f64> = self.config.tasks.iter().map(|t| t.weight).collect();
+        multitask_loss(logits, labels, &weights, example_weights)
+    }
+}
+
+fn prefix_field(err: Error, prefix: &str) -> Error {
+    match err {
+        Error::Config { layer, field, reason } => Error::config("Ranker", format!("{prefix}.{field}"), format!("{reason} ({layer})")),
+        other => other,
+    }
+}

@@ -1,0 +1,68 @@
+//! Random inputs of the right shapes for a config: for tests, benchmarks and smoke runs.
+
+use candle_core::{DType, Device, Result, Tensor};
+use feature_encoders::{FeatureBatch, SparseInput};
+use rankstack_nn::rng::Rng;
+
+use crate::{RankerBatch, RankerConfig};
+
+fn normal(rng: &mut Rng, dims: &[usize], scale: f64) -> Result<Tensor> {
+    let n: usize = dims.iter().product();
+    let values: Vec<f32> = (0..n).map(|_| (scale * rng.normal()) as f32).collect();
+    Tensor::from_vec(values, dims, &Device::Cpu)
+}
+
+/// A batch of `batch_size` random examples for `config`, reproducible from `seed`.
+///
+/// Dense values are `N(0, 3²)`; sparse ids uniform over each vocabulary (one id per example);
+/// embeddings and extra blocks `N(0, 1)`; sequences have uniformly random lengths in `1..=S`
+/// (about half of the positions are padding), action types uniform over the non-padding types, one
+/// action a minute before a fixed request time, newest first.
+pub fn random_batch(config: &RankerConfig, batch_size: usize, seed: u64) -> Result<RankerBatch> {
+    let mut rng = Rng::new(seed);
+    let schema = &config.features;
+    let b = batch_size;
+    let dense = if schema.dense.is_empty() { None } else { Some(normal(&mut rng, &[b, schema.dense.len()], 3.0)?) };
+    let sparse = schema
+        .sparse
+        .iter()
+        .map(|f| {
+            let ids: Vec<i64> = (0..b).map(|_| rng.below(f.cardinality as u64) as i64).collect();
+            SparseInput::single(&ids)
+        })
+        .collect();
+    let embedding = schema.embedding.iter().map(|f| normal(&mut rng, &[b, f.dim], 1.0)).collect::<Result<Vec<_>>>()?;
+    let extra = schema.extra.iter().map(|f| normal(&mut rng, &[b, f.dim], 1.0)).collect::<Result<Vec<_>>>()?;
+    let sequence = match &config.sequence {
+        None => None,
+        Some(seq) => {
+            let s = seq.max_len;
+            let request_ms: i64 = 1_700_000_000_000;
+            let mut types = vec![0u32; b * s];
+            let mut stamps = vec![0i64; b * s];
+            for row in 0..b {
+                let len = 1 + rng.below(s as u64) as usize;
+                for j in 0..len {
+                    types[row * s + j] = 1 + rng.below(seq.num_action_types as u64 - 1) as u32;
+                    stamps[row * s + j] = request_ms - 60_000 * (j as i64 + 1);
+                }
+            }
+            Some(sequence_transformer::SequenceBatch {
+                action_types: Tensor::from_vec(types, (b, s), &Device::Cpu)?,
+                item_embeddings: normal(&mut rng, &[b, s, seq.item_dim], 1.0)?,
+                timestamps: Tensor::from_vec(stamps, (b, s), &Device::Cpu)?,
+                request_time: Tensor::from_vec(vec![request_ms; b], b, &Device::Cpu)?,
+                candidate: normal(&mut rng, &[b, seq.item_dim], 1.0)?,
+            })
+        }
+    };
+    Ok(RankerBatch { features: FeatureBatch { dense, sparse, embedding, extra }, sequence })
+}
+
+/// Random 0/1 labels `[batch_size, tasks]` (rate 1/2), reproducible from `seed`.
+pub fn random_labels(config: &RankerConfig, batch_size: usize, seed: u64) -> Result<Tensor> {
+    let mut rng = Rng::new(seed);
+    let n = batch_size * config.tasks.len();
+    let values: Vec<f32> = (0..n).map(|_| if rng.uniform() < 0.5 { 1.0 } else { 0.0 }).collect();
+    Tensor::from_vec(values, (batch_size, config.tasks.len()), &Device::Cpu)?.to_dtype(DType::F32)
+}

@@ -1,0 +1,74 @@
+//! The whole ranker against the PyTorch reference (`reference/rankstack_ref/ranker.py`), built
+//! from the same config document: per-task logits and the gradients of every parameter and float
+//! input, in training mode (BatchNorm batch statistics) with dropout off. Plus the "train in
+//! PyTorch, serve in Rust" path: a checkpoint exported by the reference loads and scores identically.
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Tensor};
+use feature_encoders::{FeatureBatch, SparseInput};
+use ranker_model::{checkpoint, Ranker, RankerBatch, RankerConfig};
+use rankstack_nn::testing::{assert_close, check_reference, fixture_paths, fixtures_root, Fixture};
+use sequence_transformer::SequenceBatch;
+
+/// The fixture's inputs as a [`RankerBatch`] (keys as in `reference/rankstack_ref/ranker.py`).
+fn batch(config: &RankerConfig, i: &HashMap<String, Tensor>) -> candle_core::Result<RankerBatch> {
+    let ints = |k: &str| -> candle_core::Result<Vec<i64>> { i[k].to_dtype(DType::I64)?.to_vec1::<i64>() };
+    let sparse = config
+        .features
+        .sparse
+        .iter()
+        .map(|f| {
+            let ids = ints(&format!("sparse.{}.ids", f.name))?;
+            let offsets = ints(&format!("sparse.{}.offsets", f.name))?.into_iter().map(|o| o as usize).collect();
+            Ok(SparseInput::new(ids, offsets)?)
+        })
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let embedding = config.features.embedding.iter().map(|f| i[&format!("embedding.{}", f.name)].clone()).collect();
+    let sequence = config.sequence.as_ref().map(|_| SequenceBatch {
+        action_types: i["seq.action_types"].clone(),
+        item_embeddings: i["seq.item_embeddings"].clone(),
+        timestamps: i["seq.timestamps"].clone(),
+        request_time: i["seq.request_time"].clone(),
+        candidate: i["seq.candidate"].clone(),
+    });
+    Ok(RankerBatch { features: FeatureBatch { dense: i.get("dense").cloned(), sparse, embedding, extra: vec![] }, sequence })
+}
+
+fn check(fixture: &Fixture, dtype: DType, rtol: f64) {
+    let config: RankerConfig = fixture.config();
+    check_reference(fixture, dtype, rtol, |vb| Ranker::new(&config, vb), |m, i| m.forward_t(&batch(&config, i)?, true));
+}
+
+/// float64: ~1e-13 in practice; the bound leaves room for the depth (encoder, transformer, MaskNet,
+/// four cross layers, MLP, heads).
+#[test]
+fn whole_model_matches_pytorch_in_f64() {
+    for path in fixture_paths("ranker") {
+        check(&Fixture::load(&path).unwrap(), DType::F64, 1e-9);
+    }
+}
+
+/// float32: 1e-5 relative to each tensor's largest entry, or 4x PyTorch's own float32 error where
+/// that is larger (input gradients through LayerNorm/BatchNorm cancel; see rankstack_nn::testing).
+#[test]
+fn whole_model_matches_pytorch_in_f32() {
+    for path in fixture_paths("ranker") {
+        check(&Fixture::load(&path).unwrap(), DType::F32, 1e-5);
+    }
+}
+
+#[test]
+fn a_pytorch_export_loads_and_scores_identically() {
+    let dir = fixtures_root().join("ranker/exported_homefeed_small");
+    let (ranker, _) = checkpoint::load(&dir, DType::F32, &Device::Cpu).unwrap();
+    let expected = rankstack_nn::checkpoint::read_safetensors(dir.join("expected.safetensors")).unwrap();
+    let inputs: HashMap<String, Tensor> = expected
+        .tensors
+        .iter()
+        .filter_map(|(k, v)| k.strip_prefix("input.").map(|k| (k.to_string(), v.clone())))
+        .collect();
+    let probabilities = ranker.predict(&batch(ranker.config(), &inputs).unwrap()).unwrap();
+    // Same float32 weights and inputs, eval mode (BatchNorm running statistics from the export).
+    assert_close("exported model probabilities", &probabilities, &expected.tensors["probabilities"], 1e-5);
+}
