@@ -37,6 +37,10 @@ pub struct RankerConfig {
     /// The user-sequence encoder (TransAct), if any.
     #[serde(default)]
     pub sequence: Option<SequenceTransformerConfig>,
+    /// A learned item table for sequences given as item ids (no pretrained item vectors, e.g.
+    /// MovieLens); its width is the sequence's `item_dim`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub item_embedding: Option<ItemEmbeddingConfig>,
     /// Interaction stages applied in order to the encoder output (empty: none).
     #[serde(default)]
     pub backbone: Vec<StageConfig>,
@@ -48,6 +52,14 @@ pub struct RankerConfig {
     pub mlp: MlpConfig,
     /// One head per task, in output order.
     pub tasks: Vec<TaskConfig>,
+}
+
+/// The learned item table of [`RankerConfig::item_embedding`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ItemEmbeddingConfig {
+    /// Number of item ids; ids at or above it share one reserved out-of-vocabulary row.
+    pub cardinality: usize,
 }
 
 /// Name of the feature block holding the sequence encoder's output.

@@ -224,7 +224,10 @@ impl Ranker {
         modules.push(ModuleCost { name: "features".into(), params, flops_per_candidate: flops, activations_per_candidate: 3 * encoded });
 
         if let Some(seq) = &config.sequence {
-            let (params, flops, acts) = sequence_cost(seq);
+            let (mut params, flops, acts) = sequence_cost(seq);
+            if let Some(items) = &config.item_embedding {
+                params += (items.cardinality + 1) * seq.item_dim;
+            }
             modules.push(ModuleCost { name: "sequence".into(), params, flops_per_candidate: flops, activations_per_candidate: acts });
         }
 

@@ -7,7 +7,7 @@ use rankstack_nn::{Error, Mlp};
 use sequence_transformer::{SequenceBatch, SequenceTransformer};
 
 use crate::loss::{calibrated_probability, multitask_loss};
-use crate::{RankerConfig, Stage, TaskHeads, SEQUENCE_BLOCK};
+use crate::{ItemTable, RankerConfig, Stage, TaskHeads, SEQUENCE_BLOCK};
 
 /// One batch of ranker inputs.
 #[derive(Debug, Clone)]
@@ -15,7 +15,31 @@ pub struct RankerBatch {
     /// Raw features in schema order (without the sequence block, which the model computes).
     pub features: FeatureBatch,
     /// The user sequences; required iff the config has a sequence encoder.
-    pub sequence: Option<SequenceBatch>,
+    pub sequence: Option<UserSequence>,
+}
+
+/// The user-action sequences of a batch, newest action first (see
+/// [`sequence_transformer::SequenceBatch`] for the shapes and masking rules).
+#[derive(Debug, Clone)]
+pub struct UserSequence {
+    /// `[B, S]` integer action types, 0 = padding.
+    pub action_types: Tensor,
+    /// `[B, S]` integer timestamps (ms).
+    pub timestamps: Tensor,
+    /// `[B]` integer request times (ms).
+    pub request_time: Tensor,
+    /// The items acted on and the candidate item.
+    pub items: SequenceItems,
+}
+
+/// How a batch describes the sequence's items and the candidate.
+#[derive(Debug, Clone)]
+pub enum SequenceItems {
+    /// Pretrained vectors: `sequence` `[B, S, E]`, `candidate` `[B, E]`.
+    Embeddings { sequence: Tensor, candidate: Tensor },
+    /// Item ids, embedded by the model's learned `item_embedding` table (see
+    /// [`crate::ItemEmbeddingConfig`]): `sequence` `[B, S]`, `candidate` `[B]`.
+    Ids { sequence: Tensor, candidate: Tensor },
 }
 
 /// The Homefeed ranker:
@@ -37,6 +61,7 @@ pub struct Ranker {
     stages: Vec<Stage>,
     mlp: Mlp,
     heads: TaskHeads,
+    item_table: Option<ItemTable>,
 }
 
 impl Ranker {
@@ -46,6 +71,13 @@ impl Ranker {
         let sequence = match &config.sequence {
             Some(cfg) => Some(SequenceTransformer::new(cfg, vb.pp("sequence")).map_err(|e| prefix_field(e, "sequence"))?),
             None => None,
+        };
+        let item_table = match (&config.item_embedding, &config.sequence) {
+            (Some(items), Some(seq)) => Some(ItemTable::new(items, seq.item_dim, vb.pp("item_embedding"))?),
+            (Some(_), None) => {
+                return Err(Error::config("Ranker", "item_embedding", "needs a `sequence` encoder to feed"));
+            }
+            (None, _) => None,
         };
         let mut schema = config.features.clone();
         if let Some(seq) = &sequence {
@@ -66,7 +98,7 @@ impl Ranker {
         let mlp_input = if config.input_skip { width + encoded } else { width };
         let mlp = Mlp::new(mlp_input, &config.mlp, vb.pp("mlp")).map_err(|e| prefix_field(e, "mlp"))?;
         let heads = TaskHeads::new(mlp.output_dim(), &config.tasks, vb.pp("heads"))?;
-        Ok(Self { config: config.clone(), encoder, sequence, stages, mlp, heads })
+        Ok(Self { config: config.clone(), encoder, sequence, stages, mlp, heads, item_table })
     }
 
     /// The config the model was built from.
@@ -112,7 +144,7 @@ impl Ranker {
     pub fn encode(&self, batch: &RankerBatch, train: bool) -> Result<Tensor> {
         let mut features = batch.features.clone();
         match (&self.sequence, &batch.sequence) {
-            (Some(seq), Some(s)) => features.extra.push(seq.forward_t(s, train)?),
+            (Some(seq), Some(s)) => features.extra.push(seq.forward_t(&self.sequence_batch(s)?, train)?),
             (Some(_), None) => {
                 return Err(Error::input("Ranker", "sequence", "the model has a sequence encoder but the batch has no sequences").into())
             }
@@ -122,6 +154,26 @@ impl Ranker {
             (None, None) => {}
         }
         self.encoder.forward_t(&features, train)
+    }
+
+    fn sequence_batch(&self, s: &UserSequence) -> Result<SequenceBatch> {
+        let (item_embeddings, candidate) = match (&s.items, &self.item_table) {
+            (SequenceItems::Embeddings { sequence, candidate }, None) => (sequence.clone(), candidate.clone()),
+            (SequenceItems::Ids { sequence, candidate }, Some(table)) => (table.lookup(sequence)?, table.lookup(candidate)?),
+            (SequenceItems::Ids { .. }, None) => {
+                return Err(Error::input("Ranker", "sequence.items", "item ids given, but the model has no `item_embedding` table").into())
+            }
+            (SequenceItems::Embeddings { .. }, Some(_)) => {
+                return Err(Error::input("Ranker", "sequence.items", "item embeddings given, but the model embeds item ids").into())
+            }
+        };
+        Ok(SequenceBatch {
+            action_types: s.action_types.clone(),
+            item_embeddings,
+            timestamps: s.timestamps.clone(),
+            request_time: s.request_time.clone(),
+            candidate,
+        })
     }
 
     /// Logits `[batch, tasks]`; `train` enables dropout, BatchNorm batch statistics and the

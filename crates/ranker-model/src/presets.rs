@@ -62,6 +62,7 @@ fn config(backbone: Vec<StageConfig>, input_skip: bool, mlp: &[usize]) -> Ranker
     RankerConfig {
         features: homefeed_features(),
         sequence: Some(homefeed_sequence()),
+        item_embedding: None,
         backbone,
         input_skip,
         mlp: MlpConfig::relu(mlp.to_vec()),

@@ -4,7 +4,7 @@ use candle_core::{DType, Device, Result, Tensor};
 use feature_encoders::{FeatureBatch, SparseInput};
 use rankstack_nn::rng::Rng;
 
-use crate::{RankerBatch, RankerConfig};
+use crate::{RankerBatch, RankerConfig, SequenceItems, UserSequence};
 
 fn normal(rng: &mut Rng, dims: &[usize], scale: f64) -> Result<Tensor> {
     let n: usize = dims.iter().product();
@@ -47,12 +47,24 @@ pub fn random_batch(config: &RankerConfig, batch_size: usize, seed: u64) -> Resu
                     stamps[row * s + j] = request_ms - 60_000 * (j as i64 + 1);
                 }
             }
-            Some(sequence_transformer::SequenceBatch {
+            let items = match &config.item_embedding {
+                Some(table) => {
+                    let mut id = |n: usize| -> Result<Tensor> {
+                        let ids: Vec<i64> = (0..n).map(|_| rng.below(table.cardinality as u64) as i64).collect();
+                        Tensor::from_vec(ids, n, &Device::Cpu)
+                    };
+                    SequenceItems::Ids { sequence: id(b * s)?.reshape((b, s))?, candidate: id(b)? }
+                }
+                None => SequenceItems::Embeddings {
+                    sequence: normal(&mut rng, &[b, s, seq.item_dim], 1.0)?,
+                    candidate: normal(&mut rng, &[b, seq.item_dim], 1.0)?,
+                },
+            };
+            Some(UserSequence {
                 action_types: Tensor::from_vec(types, (b, s), &Device::Cpu)?,
-                item_embeddings: normal(&mut rng, &[b, s, seq.item_dim], 1.0)?,
                 timestamps: Tensor::from_vec(stamps, (b, s), &Device::Cpu)?,
                 request_time: Tensor::from_vec(vec![request_ms; b], b, &Device::Cpu)?,
-                candidate: normal(&mut rng, &[b, seq.item_dim], 1.0)?,
+                items,
             })
         }
     };

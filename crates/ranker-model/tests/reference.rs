@@ -7,9 +7,8 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};
 use feature_encoders::{FeatureBatch, SparseInput};
-use ranker_model::{checkpoint, Ranker, RankerBatch, RankerConfig};
+use ranker_model::{checkpoint, Ranker, RankerBatch, RankerConfig, SequenceItems, UserSequence};
 use rankstack_nn::testing::{assert_close, check_reference, fixture_paths, fixtures_root, Fixture};
-use sequence_transformer::SequenceBatch;
 
 /// The fixture's inputs as a [`RankerBatch`] (keys as in `reference/rankstack_ref/ranker.py`).
 fn batch(config: &RankerConfig, i: &HashMap<String, Tensor>) -> candle_core::Result<RankerBatch> {
@@ -25,12 +24,14 @@ fn batch(config: &RankerConfig, i: &HashMap<String, Tensor>) -> candle_core::Res
         })
         .collect::<candle_core::Result<Vec<_>>>()?;
     let embedding = config.features.embedding.iter().map(|f| i[&format!("embedding.{}", f.name)].clone()).collect();
-    let sequence = config.sequence.as_ref().map(|_| SequenceBatch {
+    let sequence = config.sequence.as_ref().map(|_| UserSequence {
         action_types: i["seq.action_types"].clone(),
-        item_embeddings: i["seq.item_embeddings"].clone(),
         timestamps: i["seq.timestamps"].clone(),
         request_time: i["seq.request_time"].clone(),
-        candidate: i["seq.candidate"].clone(),
+        items: SequenceItems::Embeddings {
+            sequence: i["seq.item_embeddings"].clone(),
+            candidate: i["seq.candidate"].clone(),
+        },
     });
     Ok(RankerBatch { features: FeatureBatch { dense: i.get("dense").cloned(), sparse, embedding, extra: vec![] }, sequence })
 }
