@@ -10,6 +10,7 @@
 //! | [`feature_encoders`] | `feature-encoders` | dense, sparse and embedding feature encoders |
 //! | [`sequence_transformer`] | `sequence-transformer` | TransAct user-sequence encoder |
 //! | [`ranker_model`] | `ranker-model` | the whole ranker (in progress) |
+//! | [`data`] | (this crate) | training data: Parquet I/O, the synthetic data set, MovieLens-100k |
 //!
 //! Each layer crate can also be used alone. See `docs/ARCHITECTURE.md` for where things live.
 //!
@@ -28,6 +29,10 @@
 //! assert_eq!(y.dims(), &[2, 1536]);
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
+
+pub mod commands;
+pub mod data;
+pub mod train;
 
 pub use dcnv2;
 pub use feature_encoders;

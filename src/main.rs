@@ -1,17 +1,244 @@
-//! The `rankstack` command line. Training, scoring and inspection subcommands arrive with the
-//! trainer; for now it reports its version and the layers it was built with.
+//! The `rankstack` command line: train a ranker, evaluate and score with it, inspect its cost,
+//! make data. Every error is one readable line on stderr and a non-zero exit code.
 
-use clap::Parser;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use rankstack::commands;
+use rankstack::train::{AdamWConfig, TrainOptions};
 
 /// Feed-ranking models (Pinterest Homefeed architecture) in Rust, on candle.
 #[derive(Debug, Parser)]
 #[command(name = "rankstack", version, about, long_about = None)]
-struct Cli {}
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
 
-fn main() {
-    let _cli = Cli::parse();
-    println!(
-        "rankstack {}: layers dcnv2, masknet, feature-encoders, sequence-transformer. Run `rankstack --help`.",
-        env!("CARGO_PKG_VERSION")
-    );
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// List the model presets.
+    Presets {
+        /// Print this preset's full config as TOML instead.
+        #[arg(long)]
+        show: Option<String>,
+    },
+    /// Train a model (on the built-in synthetic data unless --data is given).
+    Train(TrainCmd),
+    /// Evaluate a checkpoint on a labelled Parquet file.
+    Eval {
+        /// Checkpoint directory, or a training run directory (its latest checkpoint).
+        #[arg(long)]
+        checkpoint: PathBuf,
+        /// Parquet file.
+        #[arg(long)]
+        data: PathBuf,
+        /// Rows per batch.
+        #[arg(long, default_value_t = 1024)]
+        batch_size: usize,
+    },
+    /// Write per-task probabilities for every row of a Parquet file.
+    Score {
+        /// Checkpoint directory, or a training run directory.
+        #[arg(long)]
+        checkpoint: PathBuf,
+        /// Parquet file (label columns optional).
+        #[arg(long)]
+        data: PathBuf,
+        /// Output file: .parquet or .csv.
+        #[arg(long)]
+        out: PathBuf,
+        /// Rows per batch.
+        #[arg(long, default_value_t = 1024)]
+        batch_size: usize,
+    },
+    /// Print the cost planner's table: parameters, FLOPs and memory per module.
+    Inspect {
+        /// Preset name.
+        #[arg(long, default_value = "pinterest-homefeed")]
+        preset: String,
+        /// Config file (overrides --preset).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Batch size for the memory figures.
+        #[arg(long, default_value_t = 512)]
+        batch_size: usize,
+        /// Device memory in GiB: also answer "does training fit?".
+        #[arg(long)]
+        device_memory_gib: Option<f64>,
+        /// Fraction of the device memory that may be used.
+        #[arg(long, default_value_t = 0.6)]
+        fraction: f64,
+    },
+    /// Make training data.
+    #[command(subcommand)]
+    Data(DataCmd),
+}
+
+#[derive(Debug, Subcommand)]
+enum DataCmd {
+    /// The built-in synthetic Homefeed-like data (hidden teacher with planted interactions).
+    Synthetic {
+        /// Rows to write.
+        #[arg(long, default_value_t = 20_000)]
+        rows: usize,
+        /// Seed of the world and the teacher.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Row stream (same world, different rows: use 1 for a held-out set).
+        #[arg(long, default_value_t = 0)]
+        stream: u64,
+        /// Output Parquet file.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Convert MovieLens-100k (fetch it with scripts/fetch-movielens.sh) to train/test Parquet.
+    Movielens {
+        /// Directory holding ml-100k.inter, ml-100k.user, ml-100k.item.
+        #[arg(long, default_value = "data/ml-100k")]
+        input: PathBuf,
+        /// Output directory (train.parquet, test.parquet).
+        #[arg(long)]
+        out_dir: PathBuf,
+    },
+}
+
+#[derive(Debug, Args)]
+struct TrainCmd {
+    /// Architecture preset (see `rankstack presets`).
+    #[arg(long, default_value = "pinterest-homefeed")]
+    preset: String,
+    /// Architecture config file (TOML or JSON; overrides --preset). Features and tasks come from the data.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Training Parquet file; without it, synthetic data is generated into OUT/data.
+    #[arg(long, requires = "eval")]
+    data: Option<PathBuf>,
+    /// Evaluation Parquet file.
+    #[arg(long)]
+    eval: Option<PathBuf>,
+    /// Run directory (checkpoints, metrics.jsonl, training_curves.svg).
+    #[arg(long)]
+    out: PathBuf,
+    /// Continue the run in --out from its latest checkpoint.
+    #[arg(long)]
+    resume: bool,
+    /// Epochs.
+    #[arg(long, default_value_t = 3)]
+    epochs: usize,
+    /// Stop after this many steps in total.
+    #[arg(long)]
+    max_steps: Option<u64>,
+    /// Examples per step.
+    #[arg(long, default_value_t = 256)]
+    batch_size: usize,
+    /// Peak learning rate.
+    #[arg(long, default_value_t = 2e-3)]
+    lr: f64,
+    /// AdamW weight decay.
+    #[arg(long, default_value_t = 0.01)]
+    weight_decay: f64,
+    /// Warm-up steps.
+    #[arg(long, default_value_t = 50)]
+    warmup_steps: u64,
+    /// Gradient-norm clipping (0 disables).
+    #[arg(long, default_value_t = 1.0)]
+    grad_clip: f64,
+    /// Seed of initialisation, data order and dropout.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Rows of synthetic training data (without --data).
+    #[arg(long, default_value_t = 20_000)]
+    synthetic_rows: usize,
+    /// Checkpoint every N steps as well as at each epoch end.
+    #[arg(long)]
+    checkpoint_every: Option<u64>,
+    /// Stop with a checkpoint after this step (resume later with --resume).
+    #[arg(long)]
+    stop_after: Option<u64>,
+    /// No progress bar.
+    #[arg(long)]
+    quiet: bool,
+}
+
+impl TrainCmd {
+    fn into_args(self) -> commands::TrainArgs {
+        let options = TrainOptions {
+            epochs: self.epochs,
+            max_steps: self.max_steps,
+            batch_size: self.batch_size,
+            optimizer: AdamWConfig { lr: self.lr, weight_decay: self.weight_decay, ..AdamWConfig::default() },
+            warmup_steps: self.warmup_steps,
+            grad_clip_norm: (self.grad_clip > 0.0).then_some(self.grad_clip),
+            seed: self.seed,
+            checkpoint_every: self.checkpoint_every,
+            stop_after: self.stop_after,
+            quiet: self.quiet,
+            ..TrainOptions::default()
+        };
+        commands::TrainArgs {
+            preset: self.preset,
+            config: self.config,
+            data: self.data,
+            eval: self.eval,
+            out: self.out,
+            resume: self.resume,
+            synthetic_rows: self.synthetic_rows,
+            options,
+        }
+    }
+}
+
+fn run(cli: Cli) -> rankstack::nn::Result<String> {
+    match cli.command {
+        Command::Presets { show: None } => Ok(commands::presets_listing()),
+        Command::Presets { show: Some(name) } => Ok(rankstack::ranker_model::presets::preset(&name)?.to_toml_string()),
+        Command::Train(t) => commands::train(&t.into_args()),
+        Command::Eval { checkpoint, data, batch_size } => commands::eval(&checkpoint, &data, batch_size),
+        Command::Score { checkpoint, data, out, batch_size } => commands::score(&checkpoint, &data, &out, batch_size),
+        Command::Inspect { preset, config, batch_size, device_memory_gib, fraction } => {
+            commands::inspect(&preset, config.as_deref(), batch_size, device_memory_gib, fraction)
+        }
+        Command::Data(DataCmd::Synthetic { rows, seed, stream, out }) => commands::data_synthetic(rows, seed, stream, &out),
+        Command::Data(DataCmd::Movielens { input, out_dir }) => commands::data_movielens(&input, &out_dir),
+    }
+}
+
+fn main() -> ExitCode {
+    // A bug must still read as one line, not a Rust panic report.
+    std::panic::set_hook(Box::new(|info| {
+        let what = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown".into());
+        eprintln!("rankstack: internal error: {}", what.lines().next().unwrap_or(""));
+    }));
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if matches!(e.kind(), clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion) => {
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            // clap's report is several lines (usage, hints); keep the first, which says what is wrong.
+            let text = e.to_string();
+            let first = text.lines().next().unwrap_or("invalid arguments").trim_start_matches("error: ");
+            eprintln!("rankstack: error: {first} (see `rankstack --help`)");
+            return ExitCode::from(2);
+        }
+    };
+    match run(cli) {
+        Ok(text) => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            let msg = e.to_string().replace('\n', "; ");
+            eprintln!("rankstack: error: {msg}");
+            ExitCode::FAILURE
+        }
+    }
 }

@@ -15,7 +15,7 @@ ACTIVATIONS = {
 class Mlp(nn.Module):
     """(dropout . act . norm . linear)^n, parameters layers.{i}.weight/bias and norms.{i}.weight/bias.
 
-    config: {"dims": [...], "activation": str, "activate_last": bool, "normalization": "none"|"layer_norm",
+    config: {"dims": [...], "activation": str, "activate_last": bool, "normalization": "none"|"layer_norm"|"batch_norm",
     "dropout": float}
     """
 
@@ -31,6 +31,10 @@ class Mlp(nn.Module):
         n_act = len(dims) if self.activate_last else len(dims) - 1
         if config.get("normalization", "none") == "layer_norm":
             self.norms = nn.ModuleList([nn.LayerNorm(d) for d in dims[:n_act]])
+        elif config.get("normalization", "none") == "batch_norm":
+            # Running statistics are buffers norms.{i}.running_mean / running_var / num_batches_tracked,
+            # the names rankstack_nn::Mlp::buffers uses.
+            self.norms = nn.ModuleList([nn.BatchNorm1d(d) for d in dims[:n_act]])
         else:
             self.norms = None
         self.dropout = nn.Dropout(config.get("dropout", 0.0))

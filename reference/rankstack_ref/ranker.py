@@ -55,7 +55,8 @@ def make_stage(stage, width):
 
 class Ranker(nn.Module):
     """inputs: the FeatureEncoder's keys plus, with a sequence encoder, "seq.<name>" for the
-    SequenceTransformer's inputs."""
+    SequenceTransformer's inputs (with an item table: "seq.item_ids" [B, S] and "seq.candidate_id" [B]
+    instead of "seq.item_embeddings" and "seq.candidate")."""
 
     def __init__(self, config):
         super().__init__()
@@ -69,6 +70,11 @@ class Ranker(nn.Module):
         else:
             self.sequence = None
         self.features = FeatureEncoder(features)
+        items = config.get("item_embedding")
+        if items is not None:
+            # Learned item table for id sequences: row `id`, or the last row for ids >= cardinality.
+            self.item_cardinality = items["cardinality"]
+            self.item_embedding = nn.Embedding(items["cardinality"] + 1, config["sequence"]["item_dim"])
         width = self.encoded_width(features)
         encoded = width
         stages = []
@@ -94,6 +100,9 @@ class Ranker(nn.Module):
         inputs = dict(inputs)
         if self.sequence is not None:
             seq = {k[len("seq."):]: v for k, v in inputs.items() if k.startswith("seq.")}
+            if "item_ids" in seq:
+                seq["item_embeddings"] = self.item_embedding(seq.pop("item_ids").clamp(max=self.item_cardinality))
+                seq["candidate"] = self.item_embedding(seq.pop("candidate_id").clamp(max=self.item_cardinality))
             inputs[f"extra.{SEQUENCE_BLOCK}"] = self.sequence(seq)
         e = self.features(inputs)
         z = e

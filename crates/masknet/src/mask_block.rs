@@ -3,7 +3,7 @@
 use candle_core::{Module, ModuleT, Result, Tensor};
 use candle_nn::VarBuilder;
 use rankstack_nn::shape::{expect_matrix, expect_same_batch};
-use rankstack_nn::{linear_xavier, Activation, Dropout, LayerNorm, LayerNormConfig, Linear};
+use rankstack_nn::{linear_xavier, Activation, Dropout, LayerNorm, LayerNormConfig, Linear, Reseed};
 
 use crate::MaskBlockConfig;
 
@@ -84,6 +84,11 @@ impl MaskBlock {
         })
     }
 
+    /// The dropout on the block output.
+    pub fn dropout(&self) -> &Dropout {
+        &self.dropout
+    }
+
     /// Width `m` of the mask input.
     pub fn mask_input_dim(&self) -> usize {
         self.mask_input_dim
@@ -130,5 +135,11 @@ impl MaskBlock {
         let masked = self.mask(mask_input)?.mul(&h)?;
         let out = self.activation.apply(&self.output_norm.forward(&self.hidden.forward(&masked)?)?)?;
         self.dropout.forward_t(&out, train)
+    }
+}
+
+impl Reseed for MaskBlock {
+    fn reseed(&self, seed: u64) {
+        self.dropout.reseed(seed);
     }
 }

@@ -2,7 +2,8 @@
 
 use candle_core::{ModuleT, Result, Tensor};
 use candle_nn::VarBuilder;
-use rankstack_nn::{shape::expect_matrix, Error, Mlp};
+use rankstack_nn::reseed::child_seed;
+use rankstack_nn::{shape::expect_matrix, Error, Mlp, Reseed};
 
 use crate::{MaskBlock, ParallelMaskNetConfig};
 
@@ -79,6 +80,17 @@ impl ModuleT for ParallelMaskNet {
         match &self.top_mlp {
             Some(mlp) => mlp.forward_t(&y, train),
             None => Ok(y),
+        }
+    }
+}
+
+impl Reseed for ParallelMaskNet {
+    fn reseed(&self, seed: u64) {
+        for (i, block) in self.blocks.iter().enumerate() {
+            block.reseed(child_seed(seed, &format!("blocks.{i}")));
+        }
+        if let Some(mlp) = &self.top_mlp {
+            mlp.reseed(child_seed(seed, "top_mlp"));
         }
     }
 }

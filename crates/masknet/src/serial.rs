@@ -2,7 +2,8 @@
 
 use candle_core::{ModuleT, Result, Tensor};
 use candle_nn::VarBuilder;
-use rankstack_nn::{shape::expect_matrix, Error};
+use rankstack_nn::reseed::child_seed;
+use rankstack_nn::{shape::expect_matrix, Error, Reseed};
 
 use crate::{MaskBlock, SerialMaskNetConfig};
 
@@ -78,5 +79,13 @@ impl ModuleT for SerialMaskNet {
             h = block.forward_unchecked(x, &h, train)?;
         }
         Ok(h)
+    }
+}
+
+impl Reseed for SerialMaskNet {
+    fn reseed(&self, seed: u64) {
+        for (i, block) in self.blocks.iter().enumerate() {
+            block.reseed(child_seed(seed, &format!("blocks.{i}")));
+        }
     }
 }

@@ -5,12 +5,14 @@
 //! - [`BatchNorm`]: BatchNorm with running statistics kept as buffers outside the parameter store.
 //! - [`LayerNorm`]: LayerNorm written with differentiable primitives (candle's fused
 //!   `ops::layer_norm` records no backward pass).
-//! - [`softmax`]: a max-shifted softmax with a backward pass (candle's `softmax_last_dim` has none).
+//! - [`softmax()`]: a max-shifted softmax with a backward pass (candle's `softmax_last_dim` has none).
+//! - [`softmax_last_dim_fused`]: a fused CPU softmax with a backward pass, for attention.
 //! - [`loss`]: numerically stable binary cross-entropy with logits.
 //! - [`Activation`]: the activation choices shared by all configs.
 //! - [`init`]: Xavier/Glorot helpers and [`SeededVarMap`], a parameter store whose initial values are
 //!   a pure function of a seed and each parameter's name (candle's CPU RNG cannot be seeded).
-//! - [`Dropout`]: seeded, reproducible dropout.
+//! - [`Dropout`]: seeded, reproducible dropout; [`Reseed`]: per-step reseeding of every random
+//!   stream of a model, which makes training reproducible and resumable without saving RNG state.
 //! - [`Mlp`]: a stack of linear layers with activation, optional normalisation and dropout.
 //! - [`shape`]: input-shape checks that produce errors naming the layer.
 //! - [`checkpoint`]: loading named tensors into a parameter store, reporting every mismatch at once.
@@ -25,11 +27,14 @@ pub mod batch_norm;
 pub mod checkpoint;
 pub mod dropout;
 pub mod error;
+pub mod fused_layer_norm;
+pub mod fused_softmax;
 pub mod init;
 pub mod layer_norm;
 pub mod linear;
 pub mod loss;
 pub mod mlp;
+pub mod reseed;
 pub mod rng;
 pub mod shape;
 pub mod softmax;
@@ -39,8 +44,10 @@ pub use activation::Activation;
 pub use batch_norm::{BatchNorm, BatchNormConfig};
 pub use dropout::Dropout;
 pub use error::{Error, Result};
+pub use fused_softmax::softmax_last_dim_fused;
 pub use init::SeededVarMap;
 pub use layer_norm::{LayerNorm, LayerNormConfig};
 pub use linear::{linear_xavier, Linear};
 pub use mlp::{Mlp, MlpConfig, Normalization};
+pub use reseed::Reseed;
 pub use softmax::softmax;

@@ -132,6 +132,11 @@ impl Mlp {
         Ok(Self { layers, activation: config.activation, dropout, input_dim })
     }
 
+    /// The dropout applied after each activation.
+    pub fn dropout(&self) -> &Dropout {
+        &self.dropout
+    }
+
     /// Input width.
     pub fn input_dim(&self) -> usize {
         self.input_dim

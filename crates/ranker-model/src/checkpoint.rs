@@ -47,17 +47,21 @@ pub fn state(ranker: &Ranker, store: &SeededVarMap) -> Vec<(String, Var)> {
     all
 }
 
+/// Writes named tensors (and optional string metadata) to a safetensors file, atomically.
+pub fn write_safetensors(path: &Path, tensors: &[(String, Tensor)], metadata: Option<HashMap<String, String>>) -> Result<()> {
+    let mut sorted: Vec<&(String, Tensor)> = tensors.iter().collect();
+    sorted.sort_by(|a, b| a.0.cmp(&b.0));
+    let bytes = safetensors::serialize(sorted.iter().map(|(n, t)| (n.as_str(), TensorRef(t))), metadata)
+        .map_err(|e| Error::Corrupt { path: path.display().to_string(), reason: e.to_string() })?;
+    write_atomically(path, &bytes)
+}
+
 /// Saves the config and all tensors into `dir` (created if needed).
 pub fn save(dir: impl AsRef<Path>, ranker: &Ranker, store: &SeededVarMap) -> Result<()> {
     let dir = dir.as_ref();
     std::fs::create_dir_all(dir).map_err(io(dir))?;
-    let tensors: HashMap<String, Tensor> = state(ranker, store).into_iter().map(|(n, v)| (n, v.as_tensor().clone())).collect();
-    let mut names: Vec<&String> = tensors.keys().collect();
-    names.sort();
-    let views: Vec<(&str, &Tensor)> = names.iter().map(|n| (n.as_str(), &tensors[*n])).collect();
-    let bytes = safetensors::serialize(views.iter().map(|(n, t)| (*n, TensorRef(t))), None)
-        .map_err(|e| Error::Corrupt { path: dir.join(WEIGHTS_FILE).display().to_string(), reason: e.to_string() })?;
-    write_atomically(&dir.join(WEIGHTS_FILE), &bytes)?;
+    let tensors: Vec<(String, Tensor)> = state(ranker, store).into_iter().map(|(n, v)| (n, v.as_tensor().clone())).collect();
+    write_safetensors(&dir.join(WEIGHTS_FILE), &tensors, None)?;
     let config = serde_json::to_string_pretty(ranker.config()).expect("a RankerConfig always serialises");
     write_atomically(&dir.join(CONFIG_FILE), config.as_bytes())
 }

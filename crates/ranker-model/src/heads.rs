@@ -2,7 +2,7 @@
 
 use candle_core::{Module, ModuleT, Result, Tensor};
 use candle_nn::VarBuilder;
-use rankstack_nn::{linear_xavier, Error, Linear, Mlp};
+use rankstack_nn::{linear_xavier, Error, Linear, Mlp, Reseed};
 
 use crate::TaskConfig;
 
@@ -55,5 +55,15 @@ impl ModuleT for TaskHeads {
             })
             .collect::<Result<Vec<_>>>()?;
         Tensor::cat(&logits, 1)
+    }
+}
+
+impl Reseed for TaskHeads {
+    fn reseed(&self, seed: u64) {
+        for ((tower, _), name) in self.heads.iter().zip(&self.names) {
+            if let Some(t) = tower {
+                t.reseed(rankstack_nn::reseed::child_seed(seed, name));
+            }
+        }
     }
 }

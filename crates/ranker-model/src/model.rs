@@ -3,7 +3,8 @@
 use candle_core::{ModuleT, Result, Tensor, Var};
 use candle_nn::VarBuilder;
 use feature_encoders::{ExtraFeature, FeatureBatch, FeatureEncoder};
-use rankstack_nn::{Error, Mlp};
+use rankstack_nn::reseed::child_seed;
+use rankstack_nn::{Error, Mlp, Reseed};
 use sequence_transformer::{SequenceBatch, SequenceTransformer};
 
 use crate::loss::{calibrated_probability, multitask_loss};
@@ -228,5 +229,25 @@ fn prefix_field(err: Error, prefix: &str) -> Error {
     match err {
         Error::Config { layer, field, reason } => Error::config("Ranker", format!("{prefix}.{field}"), format!("{reason} ({layer})")),
         other => other,
+    }
+}
+
+impl Reseed for Ranker {
+    /// Reseeds the sequence encoder, every backbone stage, the MLP and the task towers.
+    fn reseed(&self, seed: u64) {
+        if let Some(seq) = &self.sequence {
+            seq.reseed(child_seed(seed, "sequence"));
+        }
+        for (i, stage) in self.stages.iter().enumerate() {
+            let s = child_seed(seed, &format!("backbone.{i}"));
+            match stage {
+                Stage::ParallelMaskNet(m) => m.reseed(s),
+                Stage::SerialMaskNet(m) => m.reseed(s),
+                // Cross layers draw no random numbers.
+                Stage::CrossNet(_) | Stage::ParallelCrossNet(_) => {}
+            }
+        }
+        self.mlp.reseed(child_seed(seed, "mlp"));
+        self.heads.reseed(child_seed(seed, "heads"));
     }
 }

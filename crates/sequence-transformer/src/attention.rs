@@ -1,0 +1,86 @@
+//! Multi-head self-attention with PyTorch's packed in-projection.
+
+use candle_core::{Module, ModuleT, Result, Tensor};
+use candle_nn::{Init, VarBuilder};
+
+use rankstack_nn::fused_softmax::masked_softmax_last_dim_fused;
+use rankstack_nn::{init::xavier_uniform, linear_xavier, softmax_last_dim_fused, Dropout, Error, Linear};
+
+const LAYER: &str = "MultiHeadAttention";
+
+/// `MHA(x) = concat_h(softmax(Q_h K_hᵀ / √d_h + M) V_h) W_oᵀ + b_o` with
+/// `[Q ‖ K ‖ V] = x W_inᵀ + b_in`, as `torch.nn.MultiheadAttention` (self-attention, `batch_first`).
+///
+/// `M` is an additive key mask (`0` keep, `−∞` drop) broadcast over heads and queries; dropout is
+/// applied to the attention weights in training. Parameters, under PyTorch's names:
+/// `in_proj_weight` `[3d, d]` (Xavier uniform), `in_proj_bias` `[3d]` (0), `out_proj.weight`
+/// `[d, d]` (Xavier normal), `out_proj.bias` `[d]` (0).
+///
+/// ```
+/// # use candle_core::{Device, DType, Tensor};
+/// # use rankstack_nn::SeededVarMap;
+/// # use sequence_transformer::MultiHeadAttention;
+/// let params = SeededVarMap::new(0);
+/// let mha = MultiHeadAttention::new(8, 2, 0.0, 0, params.var_builder(DType::F32, &Device::Cpu).pp("self_attn"))?;
+/// let y = mha.forward_t(&Tensor::zeros((3, 5, 8), DType::F32, &Device::Cpu)?, None, false)?;
+/// assert_eq!(y.dims(), &[3, 5, 8]);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Debug)]
+pub struct MultiHeadAttention {
+    in_proj_weight: Tensor,
+    in_proj_bias: Tensor,
+    out_proj: Linear,
+    dropout: Dropout,
+    dim: usize,
+    num_heads: usize,
+}
+
+impl MultiHeadAttention {
+    /// Self-attention over width `dim` with `num_heads` heads (`dim % num_heads == 0`).
+    pub fn new(dim: usize, num_heads: usize, dropout: f64, seed: u64, vb: VarBuilder) -> rankstack_nn::Result<Self> {
+        if dim == 0 || num_heads == 0 || dim % num_heads != 0 {
+            return Err(Error::config(LAYER, "num_heads", format!("{num_heads} heads do not divide the width {dim}")));
+        }
+        let dropout = Dropout::new(dropout, seed ^ rankstack_nn::rng::hash_name(&format!("{}.dropout", vb.prefix())))
+            .map_err(|_| Error::config(LAYER, "dropout", format!("must be in [0, 1), got {dropout}")))?;
+        Ok(Self {
+            in_proj_weight: vb.get_with_hints((3 * dim, dim), "in_proj_weight", xavier_uniform(dim, 3 * dim))?,
+            in_proj_bias: vb.get_with_hints(3 * dim, "in_proj_bias", Init::Const(0.0))?,
+            out_proj: linear_xavier(dim, dim, true, vb.pp("out_proj"))?,
+            dropout,
+            dim,
+            num_heads,
+        })
+    }
+
+    /// Attends `x` `[B, S, d]` to itself. `key_mask` is an additive `[B, S]` mask (0 or −∞).
+    pub fn forward_t(&self, x: &Tensor, key_mask: Option<&Tensor>, train: bool) -> Result<Tensor> {
+        rankstack_nn::shape::expect_dims(LAYER, "input", x, &[None, None, Some(self.dim)])?;
+        let (b, s, d) = x.dims3()?;
+        let (h, dh) = (self.num_heads, self.dim / self.num_heads);
+        let qkv = x.reshape((b * s, d))?.matmul(&self.in_proj_weight.t()?)?.broadcast_add(&self.in_proj_bias)?;
+        let heads = |i: usize| -> Result<Tensor> {
+            qkv.narrow(1, i * d, d)?.reshape((b, s, h, dh))?.transpose(1, 2)?.contiguous()
+        };
+        // Scaling q (not the [B, H, S, S] scores) saves a pass over the largest tensor.
+        let q = (heads(0)? * (1.0 / (dh as f64).sqrt()))?;
+        let (k, v) = (heads(1)?, heads(2)?);
+        let scores = q.matmul(&k.t()?.contiguous()?)?; // [B, H, S, S]
+        let weights = match key_mask {
+            Some(m) => {
+                rankstack_nn::shape::expect_dims(LAYER, "key mask", m, &[Some(b), Some(s)])?;
+                masked_softmax_last_dim_fused(&scores, &m.to_dtype(scores.dtype())?)?
+            }
+            None => softmax_last_dim_fused(&scores)?,
+        };
+        let weights = self.dropout.forward_t(&weights, train)?;
+        let ctx = weights.matmul(&v)?.transpose(1, 2)?.reshape((b * s, d))?;
+        self.out_proj.forward(&ctx)?.reshape((b, s, d))
+    }
+
+    /// The attention-weight dropout's generator state (for checkpointing).
+    pub fn dropout(&self) -> &Dropout {
+        &self.dropout
+    }
+}

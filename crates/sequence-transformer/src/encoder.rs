@@ -1,0 +1,173 @@
+//! Transformer encoder layers with PyTorch `nn.TransformerEncoderLayer` semantics.
+
+use candle_core::{Module, ModuleT, Result, Tensor};
+use candle_nn::{Init, VarBuilder};
+
+use rankstack_nn::{Dropout, Error, LayerNorm, LayerNormConfig, Linear};
+
+use crate::MultiHeadAttention;
+
+const LAYER: &str = "TransformerEncoderLayer";
+
+/// Options of one encoder layer (`d_model` is given separately).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct EncoderLayerConfig {
+    /// Attention heads.
+    pub num_heads: usize,
+    /// Feed-forward width.
+    pub ff_dim: usize,
+    /// Dropout probability (attention weights, feed-forward, residual branches).
+    pub dropout: f64,
+    /// Pre-norm instead of post-norm.
+    pub norm_first: bool,
+    /// LayerNorm epsilon.
+    pub layer_norm_eps: f64,
+    /// Seed of the dropout streams (mixed with each parameter path).
+    pub seed: u64,
+}
+
+/// One `torch.nn.TransformerEncoderLayer` (ReLU feed-forward, `batch_first`):
+///
+/// - post-norm (default): `x ← norm1(x + drop1(MHA(x)))`, `x ← norm2(x + drop2(FF(x)))`;
+/// - pre-norm: `x ← x + drop1(MHA(norm1(x)))`, `x ← x + drop2(FF(norm2(x)))`;
+///
+/// with `FF(x) = linear2(drop(relu(linear1(x))))`. Parameters under PyTorch's names:
+/// `self_attn.*` ([`MultiHeadAttention`]), `linear1.{weight,bias}` `[ff, d]`, `linear2.{weight,bias}`
+/// `[d, ff]` (PyTorch's default `U(±1/√fan_in)` init), `norm1.*`, `norm2.*`.
+///
+/// ```
+/// # use candle_core::{Device, DType, Tensor};
+/// # use rankstack_nn::SeededVarMap;
+/// # use sequence_transformer::{EncoderLayerConfig, TransformerEncoderLayer};
+/// let params = SeededVarMap::new(0);
+/// let cfg = EncoderLayerConfig { num_heads: 2, ff_dim: 16, dropout: 0.1, norm_first: false, layer_norm_eps: 1e-5, seed: 0 };
+/// let layer = TransformerEncoderLayer::new(8, &cfg, params.var_builder(DType::F32, &Device::Cpu))?;
+/// assert_eq!(layer.forward_t(&Tensor::zeros((2, 4, 8), DType::F32, &Device::Cpu)?, None, true)?.dims(), &[2, 4, 8]);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Debug)]
+pub struct TransformerEncoderLayer {
+    self_attn: MultiHeadAttention,
+    linear1: Linear,
+    linear2: Linear,
+    norm1: LayerNorm,
+    norm2: LayerNorm,
+    dropout: Dropout,
+    dropout1: Dropout,
+    dropout2: Dropout,
+    norm_first: bool,
+    dim: usize,
+}
+
+fn torch_linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
+    let a = 1.0 / (in_dim as f64).sqrt();
+    let init = Init::Uniform { lo: -a, up: a };
+    Ok(Linear::new(
+        vb.get_with_hints((out_dim, in_dim), "weight", init)?,
+        Some(vb.get_with_hints(out_dim, "bias", init)?),
+    ))
+}
+
+impl TransformerEncoderLayer {
+    /// A layer over width `dim`.
+    pub fn new(dim: usize, config: &EncoderLayerConfig, vb: VarBuilder) -> rankstack_nn::Result<Self> {
+        if config.ff_dim == 0 {
+            return Err(Error::config(LAYER, "ff_dim", "must be > 0"));
+        }
+        let ln = LayerNormConfig { eps: config.layer_norm_eps, affine: true };
+        let drop = |name: &str| {
+            Dropout::new(config.dropout, config.seed ^ rankstack_nn::rng::hash_name(&format!("{}.{name}", vb.prefix())))
+                .map_err(|_| Error::config(LAYER, "dropout", format!("must be in [0, 1), got {}", config.dropout)))
+        };
+        Ok(Self {
+            self_attn: MultiHeadAttention::new(dim, config.num_heads, config.dropout, config.seed, vb.pp("self_attn"))?,
+            linear1: torch_linear(dim, config.ff_dim, vb.pp("linear1"))?,
+            linear2: torch_linear(config.ff_dim, dim, vb.pp("linear2"))?,
+            norm1: LayerNorm::new(dim, ln, vb.pp("norm1"))?,
+            norm2: LayerNorm::new(dim, ln, vb.pp("norm2"))?,
+            dropout: drop("dropout")?,
+            dropout1: drop("dropout1")?,
+            dropout2: drop("dropout2")?,
+            norm_first: config.norm_first,
+            dim,
+        })
+    }
+
+    fn feed_forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let (b, s, d) = x.dims3()?;
+        let h = self.linear1.forward(&x.reshape((b * s, d))?)?.relu()?;
+        let h = self.linear2.forward(&self.dropout.forward_t(&h, train)?)?;
+        h.reshape((b, s, d))
+    }
+
+    /// Encodes `x` `[B, S, d]`; `key_mask` is an additive `[B, S]` mask (0 keep, −∞ masked key).
+    pub fn forward_t(&self, x: &Tensor, key_mask: Option<&Tensor>, train: bool) -> Result<Tensor> {
+        rankstack_nn::shape::expect_dims(LAYER, "input", x, &[None, None, Some(self.dim)])?;
+        if self.norm_first {
+            let x = (x + self
+                .dropout1
+                .forward_t(&self.self_attn.forward_t(&self.norm1.forward(x)?, key_mask, train)?, train)?)?;
+            &x + self.dropout2.forward_t(&self.feed_forward(&self.norm2.forward(&x)?, train)?, train)?
+        } else {
+            let x = self
+                .norm1
+                .forward(&(x + self.dropout1.forward_t(&self.self_attn.forward_t(x, key_mask, train)?, train)?)?)?;
+            self.norm2.forward(&(&x + self.dropout2.forward_t(&self.feed_forward(&x, train)?, train)?)?)
+        }
+    }
+
+    /// The dropout layers (attention, feed-forward, residual 1, residual 2), for RNG checkpointing.
+    pub fn dropouts(&self) -> [&Dropout; 4] {
+        [self.self_attn.dropout(), &self.dropout, &self.dropout1, &self.dropout2]
+    }
+}
+
+/// `x ↦ layer_{N−1}(… layer_0(x))`: a stack of [`TransformerEncoderLayer`]s with parameters
+/// `layers.{i}.*`, as `torch.nn.TransformerEncoder` without a final norm, so a PyTorch encoder's
+/// `state_dict` loads directly (every layer shares one additive key mask).
+///
+/// ```
+/// # use candle_core::{Device, DType, Tensor};
+/// # use rankstack_nn::SeededVarMap;
+/// # use sequence_transformer::{EncoderLayerConfig, TransformerEncoder};
+/// let params = SeededVarMap::new(0);
+/// let cfg = EncoderLayerConfig { num_heads: 2, ff_dim: 32, dropout: 0.1, norm_first: false, layer_norm_eps: 1e-5, seed: 0 };
+/// let enc = TransformerEncoder::new(96, 2, &cfg, params.var_builder(DType::F32, &Device::Cpu).pp("encoder"))?;
+/// // Key mask: 0 keeps a position, −∞ hides it from attention (here: the last of 3 positions).
+/// let mask = Tensor::new(&[[0f32, 0., f32::NEG_INFINITY]], &Device::Cpu)?;
+/// let h = enc.forward_t(&Tensor::ones((1, 3, 96), DType::F32, &Device::Cpu)?, Some(&mask), false)?;
+/// assert_eq!(h.dims(), &[1, 3, 96]);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Debug)]
+pub struct TransformerEncoder {
+    layers: Vec<TransformerEncoderLayer>,
+}
+
+impl TransformerEncoder {
+    /// `num_layers` layers over width `dim`.
+    pub fn new(
+        dim: usize,
+        num_layers: usize,
+        config: &EncoderLayerConfig,
+        vb: VarBuilder,
+    ) -> rankstack_nn::Result<Self> {
+        if num_layers == 0 {
+            return Err(Error::config("TransformerEncoder", "num_layers", "must be > 0"));
+        }
+        let layers = (0..num_layers)
+            .map(|i| TransformerEncoderLayer::new(dim, config, vb.pp("layers").pp(i)))
+            .collect::<rankstack_nn::Result<_>>()?;
+        Ok(Self { layers })
+    }
+
+    /// Runs every layer; see [`TransformerEncoderLayer::forward_t`].
+    pub fn forward_t(&self, x: &Tensor, key_mask: Option<&Tensor>, train: bool) -> Result<Tensor> {
+        self.layers.iter().try_fold(x.clone(), |h, l| l.forward_t(&h, key_mask, train))
+    }
+
+    /// The layers.
+    pub fn layers(&self) -> &[TransformerEncoderLayer] {
+        &self.layers
+    }
+}

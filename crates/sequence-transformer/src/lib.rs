@@ -1,0 +1,23 @@
+//! A TransAct-style user-action sequence encoder (Pinterest Homefeed) on candle.
+//!
+//! - [`SequenceTransformer`]: action-type embedding, early fusion with the candidate
+//!   ([`Fusion`]), masking ([`key_mask`], [`TimeWindowSampler`]), a [`TransformerEncoder`] and the
+//!   `[max-pool ‖ first K]` output compression.
+//! - [`TransformerEncoder`] / [`TransformerEncoderLayer`] / [`MultiHeadAttention`]: PyTorch
+//!   `nn.TransformerEncoder(Layer)` / `nn.MultiheadAttention` semantics and parameter names.
+//!
+//! Numerics are checked against `torch.nn.TransformerEncoder` itself on its autograd ("slow")
+//! path, the path every training step takes; the inference fast path differs only in zeroing the
+//! outputs at masked positions.
+
+pub mod attention;
+pub mod config;
+pub mod encoder;
+pub mod mask;
+pub mod transformer;
+
+pub use attention::MultiHeadAttention;
+pub use config::{Fusion, PositionalEncoding, SequenceTransformerConfig};
+pub use encoder::{EncoderLayerConfig, TransformerEncoder, TransformerEncoderLayer};
+pub use mask::{key_mask, TimeWindowSampler};
+pub use transformer::{SequenceBatch, SequenceTransformer};

@@ -1,0 +1,328 @@
+//! TransAct: the user-action sequence encoder of Pinterest's Homefeed ranker.
+
+use candle_core::{DType, Module, Result, Tensor};
+use candle_nn::{Init, VarBuilder};
+
+use rankstack_nn::{linear_xavier, Error, Linear};
+
+use crate::{
+    key_mask, EncoderLayerConfig, Fusion, PositionalEncoding, SequenceTransformerConfig, TimeWindowSampler,
+    TransformerEncoder,
+};
+
+const LAYER: &str = "SequenceTransformer";
+
+/// One batch of user-action sequences, newest action first.
+#[derive(Debug, Clone)]
+pub struct SequenceBatch {
+    /// `[B, S_in]` integer action types; 0 is padding.
+    pub action_types: Tensor,
+    /// `[B, S_in, E]` item embeddings.
+    pub item_embeddings: Tensor,
+    /// `[B, S_in]` integer action timestamps in ms.
+    pub timestamps: Tensor,
+    /// `[B]` integer request times in ms.
+    pub request_time: Tensor,
+    /// `[B, E]` embedding of the candidate item being ranked.
+    pub candidate: Tensor,
+}
+
+/// TransAct (Xia et al., 2023):
+///
+/// ```text
+/// tokens_j = [A(type_j) ‖ item_j ‖ candidate]            (concat fusion; append: see Fusion)
+///        H = Encoder(tokens (+ P), key mask)               [B, S, d]
+///      out = [Linear(max_{j unmasked} H_j) ‖ H_0 ‖ … ‖ H_{K−1}]   [B, (K + 1)·d]
+/// ```
+///
+/// Inputs longer than `S` keep the newest `S` actions; shorter ones are padded with type 0. The key
+/// mask ([`key_mask`]) hides padding, actions at or after the request time and, in training only, a
+/// random recent window `T ~ U[0, time_window_ms]` per example (drawn by a seeded
+/// [`TimeWindowSampler`]); position 0 is never masked. Masked positions still produce encoder
+/// outputs (as PyTorch's autograd "slow path" does; the inference fast path would zero them), and
+/// those of the first `K` appear in the output as computed.
+///
+/// Parameters, under the names of the PyTorch reference (`reference/rankstack_ref/sequence_transformer.py`):
+/// `action_emb.weight` `[num_action_types, action_dim]` (row 0 = padding: initialised to zero,
+/// never read, no gradient), `encoder.layers.{i}.*` ([`TransformerEncoder`], the state dict of a
+/// `torch.nn.TransformerEncoder`), `pool_proj.{weight,bias}` `[d, d]`, and optionally
+/// `pos_emb.weight` `[tokens, d]` and `candidate_token` `[action_dim]`.
+///
+/// ```
+/// # use candle_core::{Device, DType, Tensor};
+/// # use rankstack_nn::SeededVarMap;
+/// # use sequence_transformer::{SequenceBatch, SequenceTransformer, SequenceTransformerConfig};
+/// let config = SequenceTransformerConfig { max_len: 8, num_output_positions: 2, ..Default::default() };
+/// let params = SeededVarMap::new(0);
+/// let model = SequenceTransformer::new(&config, params.var_builder(DType::F32, &Device::Cpu))?;
+/// let dev = Device::Cpu;
+/// let batch = SequenceBatch {
+///     action_types: Tensor::new(&[[1u32, 2, 0], [3, 0, 0]], &dev)?,
+///     item_embeddings: Tensor::ones((2, 3, 32), DType::F32, &dev)?,
+///     timestamps: Tensor::new(&[[900i64, 500, 0], [990, 0, 0]], &dev)?,
+///     request_time: Tensor::new(&[1000i64, 1000], &dev)?,
+///     candidate: Tensor::ones((2, 32), DType::F32, &dev)?,
+/// };
+/// let y = model.forward_t(&batch, true)?;
+/// assert_eq!(y.dims(), &[2, 3 * 96]);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Debug)]
+pub struct SequenceTransformer {
+    config: SequenceTransformerConfig,
+    action_emb: Tensor,
+    pos_emb: Option<Tensor>,
+    candidate_token: Option<Tensor>,
+    encoder: TransformerEncoder,
+    pool_proj: Linear,
+    window: TimeWindowSampler,
+}
+
+struct Prepared {
+    types: Vec<i64>,
+    timestamps: Vec<i64>,
+    request: Vec<i64>,
+    items: Tensor,
+    batch: usize,
+}
+
+impl SequenceTransformer {
+    /// Validates `config` and creates the parameters.
+    pub fn new(config: &SequenceTransformerConfig, vb: VarBuilder) -> rankstack_nn::Result<Self> {
+        config.validate()?;
+        let d = config.model_dim();
+        let action_emb = vb.get_with_hints(
+            (config.num_action_types, config.action_dim),
+            "action_emb.weight",
+            Init::Randn { mean: 0.0, stdev: 1.0 / (config.action_dim as f64).sqrt() },
+        )?;
+        action_emb.slice_set(&Tensor::zeros((1, config.action_dim), action_emb.dtype(), action_emb.device())?, 0, 0)?;
+        let pos_emb = match config.positional {
+            PositionalEncoding::None => None,
+            PositionalEncoding::Learned => Some(vb.get_with_hints(
+                (config.num_tokens(), d),
+                "pos_emb.weight",
+                Init::Randn { mean: 0.0, stdev: 0.02 },
+            )?),
+        };
+        let candidate_token = match config.fusion {
+            Fusion::Concat => None,
+            Fusion::Append => Some(vb.get_with_hints(
+                config.action_dim,
+                "candidate_token",
+                Init::Randn { mean: 0.0, stdev: 1.0 / (config.action_dim as f64).sqrt() },
+            )?),
+        };
+        let layer = EncoderLayerConfig {
+            num_heads: config.num_heads,
+            ff_dim: config.ff_dim,
+            dropout: config.dropout,
+            norm_first: config.norm_first,
+            layer_norm_eps: config.layer_norm_eps,
+            seed: config.seed,
+        };
+        let encoder = TransformerEncoder::new(d, config.num_layers, &layer, vb.pp("encoder"))?;
+        let pool_proj = linear_xavier(d, d, true, vb.pp("pool_proj"))?;
+        let window_seed = config.seed ^ rankstack_nn::rng::hash_name(&format!("{}.time_window", vb.prefix()));
+        Ok(Self {
+            config: config.clone(),
+            action_emb,
+            pos_emb,
+            candidate_token,
+            encoder,
+            pool_proj,
+            window: TimeWindowSampler::new(config.time_window_ms, window_seed),
+        })
+    }
+
+    /// The config.
+    pub fn config(&self) -> &SequenceTransformerConfig {
+        &self.config
+    }
+
+    /// Model width `d`.
+    pub fn model_dim(&self) -> usize {
+        self.config.model_dim()
+    }
+
+    /// Output width `(K + 1) · d`.
+    pub fn output_dim(&self) -> usize {
+        self.config.output_dim()
+    }
+
+    /// The encoder.
+    pub fn encoder(&self) -> &TransformerEncoder {
+        &self.encoder
+    }
+
+    /// The training time-window sampler (its RNG state is part of a training checkpoint).
+    pub fn time_window_sampler(&self) -> &TimeWindowSampler {
+        &self.window
+    }
+
+    /// Validates shapes and ids, truncates to the newest `S` or pads to `S`.
+    fn prepare(&self, batch: &SequenceBatch) -> Result<Prepared> {
+        use rankstack_nn::shape::{expect_dims, expect_same_batch};
+        let c = &self.config;
+        let e = c.item_dim;
+        expect_dims(LAYER, "action_types", &batch.action_types, &[None, None])?;
+        let (b, s_in) = batch.action_types.dims2()?;
+        if s_in == 0 {
+            return Err(Error::input(
+                LAYER,
+                "action_types",
+                "sequence length S is 0; pad empty histories with type 0 instead",
+            )
+            .into());
+        }
+        expect_dims(LAYER, "item_embeddings", &batch.item_embeddings, &[None, Some(s_in), Some(e)])?;
+        expect_dims(LAYER, "timestamps", &batch.timestamps, &[None, Some(s_in)])?;
+        expect_dims(LAYER, "request_time", &batch.request_time, &[None])?;
+        expect_dims(LAYER, "candidate", &batch.candidate, &[None, Some(e)])?;
+        for (name, t) in [
+            ("item_embeddings", &batch.item_embeddings),
+            ("timestamps", &batch.timestamps),
+            ("request_time", &batch.request_time),
+            ("candidate", &batch.candidate),
+        ] {
+            expect_same_batch(LAYER, ("action_types", &batch.action_types), (name, t))?;
+        }
+        let s = c.max_len;
+        let keep = s_in.min(s);
+        let host = |t: &Tensor| -> Result<Vec<i64>> {
+            let t = t.narrow(1, 0, keep)?.to_dtype(DType::I64)?;
+            let t = if keep < s { t.pad_with_zeros(1, 0, s - keep)? } else { t };
+            t.flatten_all()?.to_vec1::<i64>()
+        };
+        let types = host(&batch.action_types)?;
+        if let Some((i, &t)) = types.iter().enumerate().find(|(_, &t)| t < 0 || t as usize >= c.num_action_types) {
+            return Err(Error::input(
+                LAYER,
+                "action_types",
+                format!("type {t} at [{}, {}] is outside 0..{}", i / s, i % s, c.num_action_types),
+            )
+            .into());
+        }
+        let timestamps = host(&batch.timestamps)?;
+        let request = batch.request_time.to_dtype(DType::I64)?.to_vec1::<i64>()?;
+        let items = batch.item_embeddings.narrow(1, 0, keep)?;
+        let items = if keep < s { items.pad_with_zeros(1, 0, s - keep)? } else { items };
+        Ok(Prepared { types, timestamps, request, items, batch: b })
+    }
+
+    /// The key mask `[B, tokens]` (u8, 1 = masked) the encoder would use for `batch`, with the
+    /// given training windows (`None`: no window masking). See [`key_mask`].
+    pub fn mask(&self, batch: &SequenceBatch, window: Option<&[f64]>) -> Result<Tensor> {
+        let p = self.prepare(batch)?;
+        let m = self.mask_of(&p, window)?;
+        Tensor::from_vec(
+            m.into_iter().map(u8::from).collect::<Vec<_>>(),
+            (p.batch, self.config.num_tokens()),
+            batch.candidate.device(),
+        )
+    }
+
+    fn mask_of(&self, p: &Prepared, window: Option<&[f64]>) -> Result<Vec<bool>> {
+        let s = self.config.max_len;
+        if let Some(w) = window {
+            if w.len() != p.batch {
+                return Err(
+                    Error::input(LAYER, "window", format!("{} windows for a batch of {}", w.len(), p.batch)).into()
+                );
+            }
+        }
+        let m = key_mask(&p.types, &p.timestamps, &p.request, s, window);
+        Ok(match self.config.fusion {
+            Fusion::Concat => m,
+            // The appended candidate token (index S) is never masked.
+            Fusion::Append => m.chunks(s).flat_map(|row| row.iter().copied().chain([false])).collect(),
+        })
+    }
+
+    /// Forward pass with explicit training windows (`None`: no window masking, as in evaluation);
+    /// `train` switches dropout. [`SequenceTransformer::forward_t`] draws the windows itself.
+    pub fn forward_with_window(&self, batch: &SequenceBatch, window: Option<&[f64]>, train: bool) -> Result<Tensor> {
+        let c = &self.config;
+        let p = self.prepare(batch)?;
+        let masked = self.mask_of(&p, window)?;
+        let (b, s, n, d) = (p.batch, c.max_len, c.num_tokens(), c.model_dim());
+        let (dtype, dev) = (self.action_emb.dtype(), self.action_emb.device());
+
+        // Action embeddings; padding (type 0) is zeroed by a mask so row 0 never gets a gradient.
+        let ids = Tensor::from_vec(p.types.iter().map(|&t| t as u32).collect::<Vec<_>>(), b * s, dev)?;
+        let not_pad = Tensor::from_vec(
+            p.types.iter().map(|&t| if t == 0 { 0.0 } else { 1.0 }).collect::<Vec<f64>>(),
+            (b * s, 1),
+            dev,
+        )?
+        .to_dtype(dtype)?;
+        let actions = self.action_emb.embedding(&ids)?.broadcast_mul(&not_pad)?.reshape((b, s, c.action_dim))?;
+        let candidate = batch.candidate.unsqueeze(1)?;
+        let mut x = match (&self.candidate_token, c.fusion) {
+            (_, Fusion::Concat) => {
+                let cand = candidate.broadcast_as((b, s, c.item_dim))?.contiguous()?;
+                Tensor::cat(&[&actions, &p.items, &cand], 2)?
+            }
+            (Some(token), Fusion::Append) => {
+                let tokens = Tensor::cat(&[&actions, &p.items], 2)?;
+                let token = token.reshape((1, 1, c.action_dim))?.broadcast_as((b, 1, c.action_dim))?.contiguous()?;
+                let cand = Tensor::cat(&[&token, &candidate], 2)?;
+                Tensor::cat(&[&tokens, &cand], 1)?
+            }
+            (None, Fusion::Append) => unreachable!("append fusion always has a candidate token"),
+        };
+        if let Some(pos) = &self.pos_emb {
+            x = x.broadcast_add(&pos.unsqueeze(0)?)?;
+        }
+
+        let additive: Vec<f64> = masked.iter().map(|&m| if m { f64::NEG_INFINITY } else { 0.0 }).collect();
+        let additive = Tensor::from_vec(additive, (b, n), dev)?.to_dtype(dtype)?;
+        let h = self.encoder.forward_t(&x, Some(&additive), train)?; // [B, n, d]
+
+        // Max-pool over unmasked positions (position 0 is never masked, so the max is finite).
+        let mask3 = Tensor::from_vec(masked.iter().map(|&m| u8::from(m)).collect::<Vec<_>>(), (b, n, 1), dev)?
+            .broadcast_as((b, n, d))?
+            .contiguous()?;
+        let neg_inf = Tensor::full(f64::NEG_INFINITY, (b, n, d), dev)?.to_dtype(dtype)?;
+        let pooled = self.pool_proj.forward(&mask3.where_cond(&neg_inf, &h)?.max(1)?)?;
+        let k = c.num_output_positions;
+        if k == 0 {
+            return Ok(pooled);
+        }
+        let first = h.narrow(1, 0, k)?.reshape((b, k * d))?;
+        Tensor::cat(&[&pooled, &first], 1)
+    }
+
+    /// Forward pass; in training (`train = true`) each example gets a random time window (if
+    /// `time_window_ms > 0`) and dropout is active.
+    pub fn forward_t(&self, batch: &SequenceBatch, train: bool) -> Result<Tensor> {
+        if train && self.config.time_window_ms > 0.0 {
+            let b = batch.action_types.dims().first().copied().unwrap_or(0);
+            let window = self.window.sample(b);
+            self.forward_with_window(batch, Some(&window), true)
+        } else {
+            self.forward_with_window(batch, None, train)
+        }
+    }
+
+    /// Evaluation-mode forward pass.
+    pub fn forward(&self, batch: &SequenceBatch) -> Result<Tensor> {
+        self.forward_t(batch, false)
+    }
+}
+
+impl rankstack_nn::Reseed for SequenceTransformer {
+    /// Resets every random stream from `seed`: dropout `j` of layer `i` (attention weights,
+    /// feed-forward, residual 1, residual 2, in [`crate::TransformerEncoderLayer::dropouts`] order)
+    /// from `child_seed(seed, "encoder.layers.{i}.dropout{j}")`, and the time-window sampler from
+    /// `child_seed(seed, "time_window")`.
+    fn reseed(&self, seed: u64) {
+        use rankstack_nn::reseed::child_seed;
+        for (i, layer) in self.encoder.layers().iter().enumerate() {
+            for (j, dropout) in layer.dropouts().iter().enumerate() {
+                dropout.reseed(child_seed(seed, &format!("encoder.layers.{i}.dropout{j}")));
+            }
+        }
+        self.window.set_rng_state(rankstack_nn::rng::Rng::new(child_seed(seed, "time_window")).state());
+    }
+}

@@ -1,0 +1,86 @@
+"""TransAct sequence encoder on top of torch.nn.TransformerEncoder itself.
+
+Fixtures run with autograd enabled (they backpropagate), so nn.TransformerEncoderLayer takes its
+"slow path" in both train and eval mode: masked positions still get outputs (the no-grad inference
+fast path would zero them). The Rust crate implements this path.
+
+  tokens_j = [action_emb(type_j) || item_j || candidate]        (concat; append: extra token)
+  mask_j   = type_j == 0 or t_j >= request or (window given and request - t_j < window), mask_0 = False
+  H        = TransformerEncoder(tokens (+ pos_emb), src_key_padding_mask=mask)
+  out      = [pool_proj(max over unmasked H) || H_0 || ... || H_{K-1}]
+"""
+
+import torch
+from torch import nn
+
+DEFAULTS = {
+    "max_len": 100,
+    "num_action_types": 16,
+    "action_dim": 32,
+    "item_dim": 32,
+    "fusion": "concat",
+    "num_layers": 2,
+    "num_heads": 2,
+    "ff_dim": 32,
+    "dropout": 0.1,
+    "norm_first": False,
+    "layer_norm_eps": 1e-5,
+    "positional": "none",
+    "num_output_positions": 10,
+    "time_window_ms": 3600000.0,
+    "seed": 0,
+}
+
+
+def model_dim(c):
+    return c["action_dim"] + (2 if c["fusion"] == "concat" else 1) * c["item_dim"]
+
+
+class SequenceTransformer(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        c = {**DEFAULTS, **config}
+        self.c = c
+        d = model_dim(c)
+        tokens = c["max_len"] + (1 if c["fusion"] == "append" else 0)
+        self.action_emb = nn.Embedding(c["num_action_types"], c["action_dim"], padding_idx=0)
+        if c["positional"] == "learned":
+            self.pos_emb = nn.Embedding(tokens, d)
+        if c["fusion"] == "append":
+            self.candidate_token = nn.Parameter(torch.zeros(c["action_dim"]))
+        layer = nn.TransformerEncoderLayer(d, c["num_heads"], dim_feedforward=c["ff_dim"], dropout=c["dropout"],
+                                           activation="relu", layer_norm_eps=c["layer_norm_eps"], batch_first=True,
+                                           norm_first=c["norm_first"])
+        self.encoder = nn.TransformerEncoder(layer, c["num_layers"], enable_nested_tensor=False)
+        self.pool_proj = nn.Linear(d, d)
+
+    def forward(self, inputs):
+        c = self.c
+        s = c["max_len"]
+        types, items, ts = inputs["action_types"], inputs["item_embeddings"], inputs["timestamps"]
+        req, cand = inputs["request_time"], inputs["candidate"]
+        b, s_in = types.shape
+        if s_in >= s:
+            types, items, ts = types[:, :s], items[:, :s], ts[:, :s]
+        else:
+            pad = s - s_in
+            types = torch.cat([types, torch.zeros(b, pad, dtype=types.dtype)], 1)
+            ts = torch.cat([ts, torch.zeros(b, pad, dtype=ts.dtype)], 1)
+            items = torch.cat([items, torch.zeros(b, pad, items.shape[2], dtype=items.dtype)], 1)
+        mask = (types == 0) | (ts >= req[:, None])
+        if "window_ms" in inputs:
+            mask = mask | ((req[:, None] - ts) < inputs["window_ms"][:, None])
+        mask[:, 0] = False
+        a = self.action_emb(types)
+        if c["fusion"] == "concat":
+            x = torch.cat([a, items, cand[:, None, :].expand(b, s, cand.shape[1])], 2)
+        else:
+            tok = torch.cat([self.candidate_token.expand(b, 1, -1), cand[:, None, :]], 2)
+            x = torch.cat([torch.cat([a, items], 2), tok], 1)
+            mask = torch.cat([mask, torch.zeros(b, 1, dtype=torch.bool)], 1)
+        if c["positional"] == "learned":
+            x = x + self.pos_emb.weight[None]
+        h = self.encoder(x, src_key_padding_mask=mask)
+        pooled = self.pool_proj(h.masked_fill(mask[:, :, None], float("-inf")).amax(1))
+        k = c["num_output_positions"]
+        return torch.cat([pooled, h[:, :k].reshape(b, -1)], 1)

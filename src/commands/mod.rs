@@ -1,0 +1,64 @@
+//! The `rankstack` command line's subcommands, as library functions (the binary only parses
+//! arguments and prints errors): train, eval, score, inspect, presets, data.
+
+mod data;
+mod predict;
+mod train;
+
+pub use data::{data_movielens, data_synthetic};
+pub use predict::{eval, score};
+pub use train::{train, TrainArgs};
+
+use ranker_model::{presets, Ranker, RankerConfig};
+use rankstack_nn::{Result, SeededVarMap};
+
+/// `rankstack presets`: one line per preset.
+pub fn presets_listing() -> String {
+    let describe = |name: &str| match name {
+        "pinterest-homefeed" => "the paper's final model: parallel MaskNet 3x512 (ratio 2.0), then 4 full-rank DCNv2; MLP 512-256",
+        "pinterest-baseline" => "the paper's baseline: 4 full-rank DCNv2 with the input skip; MLP 1024-512-256",
+        "dcnv2" => "4 full-rank DCNv2 layers; MLP 512-256",
+        "masknet-parallel" => "parallel MaskNet 3x512 (ratio 2.0); MLP 512-256",
+        "masknet-serial" => "serial MaskNet 3x512 (ratio 2.0); MLP 512-256",
+        "mlp" => "no interaction layers; MLP 1024-512-256",
+        _ => "",
+    };
+    presets::NAMES.iter().map(|n| format!("{n:<20} {}\n", describe(n))).collect()
+}
+
+/// The architecture to train: a preset, or a config file (which wins).
+pub fn architecture(preset: &str, config: Option<&std::path::Path>) -> Result<RankerConfig> {
+    match config {
+        Some(path) => RankerConfig::from_file(path),
+        None => presets::preset(preset),
+    }
+}
+
+/// `rankstack inspect`: the cost planner's table for a preset or config at a batch size, and
+/// whether one training step fits in `fraction` of `device_memory_gib`.
+pub fn inspect(preset: &str, config: Option<&std::path::Path>, batch_size: usize, device_memory_gib: Option<f64>, fraction: f64) -> Result<String> {
+    if batch_size == 0 {
+        return Err(rankstack_nn::Error::config("inspect", "batch-size", "must be > 0"));
+    }
+    if !(fraction > 0.0 && fraction <= 1.0) {
+        return Err(rankstack_nn::Error::config("inspect", "fraction", "must be in (0, 1]"));
+    }
+    let config = architecture(preset, config)?;
+    let store = SeededVarMap::new(0);
+    let ranker = Ranker::new(&config, store.var_builder(candle_core::DType::F32, &candle_core::Device::Cpu))?;
+    let report = ranker.cost(batch_size);
+    let mut out = format!("{report}");
+    if let Some(gib) = device_memory_gib {
+        if !(gib.is_finite() && gib > 0.0) {
+            return Err(rankstack_nn::Error::config("inspect", "device-memory-gib", "must be > 0"));
+        }
+        let bytes = (gib * (1u64 << 30) as f64) as usize;
+        let verdict = if report.training_fits(bytes, fraction) { "fits" } else { "does NOT fit" };
+        out.push_str(&format!(
+            "training at batch {batch_size} {verdict} in {:.0}% of {gib} GiB; the largest batch that fits is {}\n",
+            fraction * 100.0,
+            report.max_training_batch(bytes, fraction)
+        ));
+    }
+    Ok(out)
+}

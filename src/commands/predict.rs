@@ -1,0 +1,102 @@
+//! `rankstack eval` and `rankstack score`.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use candle_core::{DType, Device};
+use ranker_model::checkpoint;
+use rankstack_nn::{Error, Result};
+
+use crate::data::ParquetDataset;
+use crate::train::{evaluate, resolve_checkpoint, BatchSource, TaskMetrics};
+
+/// A plain-text table of per-task metrics.
+pub fn metrics_table(tasks: &[(String, TaskMetrics)]) -> String {
+    let mut s = format!("{:<12} {:>8} {:>8} {:>9} {:>8} {:>11}\n", "task", "rows", "AUC", "log loss", "NE", "calibration");
+    for (name, m) in tasks {
+        s.push_str(&format!(
+            "{name:<12} {:>8} {:>8.4} {:>9.4} {:>8.4} {:>11.4}\n",
+            m.count, m.auc, m.log_loss, m.normalized_entropy, m.calibration
+        ));
+    }
+    s
+}
+
+fn load_model(checkpoint_path: &Path) -> Result<ranker_model::Ranker> {
+    let dir = resolve_checkpoint(checkpoint_path)?;
+    Ok(checkpoint::load(&dir, DType::F32, &Device::Cpu)?.0)
+}
+
+/// `rankstack eval`: metrics of a checkpoint on a labelled file.
+pub fn eval(checkpoint_path: &Path, data: &Path, batch_size: usize) -> Result<String> {
+    let ranker = load_model(checkpoint_path)?;
+    let data = ParquetDataset::open(data)?;
+    check_tasks(&ranker, &data)?;
+    let report = evaluate(&ranker, &data, batch_size, 0, 0)?;
+    Ok(format!("loss {:.4}\n{}", report.loss, metrics_table(&report.tasks)))
+}
+
+fn check_tasks(ranker: &ranker_model::Ranker, data: &ParquetDataset) -> Result<()> {
+    if data.schema().tasks != ranker.task_names() {
+        return Err(Error::input(
+            "eval",
+            "data",
+            format!("the file's tasks {:?} differ from the model's {:?}", data.schema().tasks, ranker.task_names()),
+        ));
+    }
+    Ok(())
+}
+
+/// `rankstack score`: per-task probabilities for every row of `data`, written to `out` as CSV or
+/// Parquet (by extension), one column per task plus the row index.
+pub fn score(checkpoint_path: &Path, data: &Path, out: &Path, batch_size: usize) -> Result<String> {
+    let ranker = load_model(checkpoint_path)?;
+    let data = ParquetDataset::open_unlabeled(data, None)?;
+    let tasks = ranker.task_names().to_vec();
+    let mut columns: Vec<Vec<f32>> = vec![Vec::new(); tasks.len()];
+    for item in BatchSource::batches(&data, batch_size, None)? {
+        let b = item?;
+        let p: Vec<Vec<f32>> = ranker.predict(&b.batch)?.to_dtype(DType::F32)?.to_vec2()?;
+        for row in p {
+            for (t, v) in row.into_iter().enumerate() {
+                columns[t].push(v);
+            }
+        }
+    }
+    let rows = columns.first().map_or(0, Vec::len);
+    let ext = out.extension().and_then(|e| e.to_str()).unwrap_or("");
+    let bytes = match ext {
+        "csv" => {
+            let mut s = format!("row,{}\n", tasks.iter().map(|t| format!("p_{t}")).collect::<Vec<_>>().join(","));
+            for r in 0..rows {
+                let vals: Vec<String> = columns.iter().map(|c| format!("{}", c[r])).collect();
+                s.push_str(&format!("{r},{}\n", vals.join(",")));
+            }
+            s.into_bytes()
+        }
+        "parquet" => parquet_bytes(&tasks, &columns)?,
+        _ => return Err(Error::input("score", "out", format!("{}: use a .csv or .parquet file name", out.display()))),
+    };
+    ranker_model::checkpoint::write_atomically(out, &bytes)?;
+    Ok(format!("scored {rows} rows into {}\n", out.display()))
+}
+
+fn parquet_bytes(tasks: &[String], columns: &[Vec<f32>]) -> Result<Vec<u8>> {
+    use arrow_array::{ArrayRef, Float32Array, RecordBatch, UInt64Array};
+    use arrow_schema::{DataType, Field, Schema};
+    let rows = columns.first().map_or(0, Vec::len);
+    let mut fields = vec![Field::new("row", DataType::UInt64, false)];
+    let mut arrays: Vec<ArrayRef> = vec![Arc::new(UInt64Array::from_iter_values(0..rows as u64))];
+    for (t, c) in tasks.iter().zip(columns) {
+        fields.push(Field::new(format!("p_{t}"), DataType::Float32, false));
+        arrays.push(Arc::new(Float32Array::from(c.clone())));
+    }
+    let schema = Arc::new(Schema::new(fields));
+    let err = |e: String| Error::input("score", "out", e);
+    let batch = RecordBatch::try_new(schema.clone(), arrays).map_err(|e| err(e.to_string()))?;
+    let mut buf = Vec::new();
+    let mut writer = parquet::arrow::ArrowWriter::try_new(&mut buf, schema, None).map_err(|e| err(e.to_string()))?;
+    writer.write(&batch).map_err(|e| err(e.to_string()))?;
+    writer.close().map_err(|e| err(e.to_string()))?;
+    Ok(buf)
+}

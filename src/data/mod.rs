@@ -1,0 +1,311 @@
+//! Training data: the data schema, Parquet input/output, the built-in synthetic Homefeed-like data
+//! set and the MovieLens-100k converter.
+//!
+//! | file | what |
+//! |---|---|
+//! | `mod.rs` | [`DataSchema`] (what a data file holds) and [`LabeledBatch`] (what the trainer eats) |
+//! | `example.rs` | [`Example`], one row in memory, and [`collate`] (rows → tensors) |
+//! | `parquet.rs` | the column convention and [`ParquetDataset`] (streaming, checked reader) |
+//! | `writer.rs` | [`ParquetWriter`] (writes rows with the schema in the file's metadata) |
+//! | `shuffle.rs` | [`Shuffle`]: the seeded shuffle buffer |
+//! | `synthetic.rs` | [`synthetic`]: the seeded hidden-teacher generator |
+//! | `movielens.rs` | [`movielens`]: MovieLens-100k (recbole atomic files) → Parquet, split by time |
+//!
+//! A data file is self-describing: the [`DataSchema`] is stored as JSON in the Parquet key-value
+//! metadata under [`SCHEMA_METADATA_KEY`]. [`DataSchema::apply`] turns an architecture preset into a
+//! model that fits the data:
+//!
+//! ```no_run
+//! use rankstack::data::{ParquetDataset, Shuffle};
+//! let data = ParquetDataset::open("train.parquet")?;
+//! let mut config = ranker_model::presets::preset("pinterest-homefeed")?;
+//! data.schema().apply(&mut config)?;
+//! for batch in data.batches(512, Some(Shuffle { seed: 0, buffer_rows: 65_536 }))? {
+//!     let batch = batch?; // LabeledBatch: model inputs, [B, T] labels (NaN = missing)
+//! }
+//! # Ok::<(), rankstack::nn::Error>(())
+//! ```
+
+use candle_core::{Device, Tensor};
+use ranker_model::{ItemEmbeddingConfig, RankerBatch, RankerConfig, SequenceItems, TaskConfig, UserSequence};
+use rankstack_nn::{Error, Result};
+use serde::{Deserialize, Serialize};
+
+use feature_encoders::FeatureSchema;
+
+mod example;
+pub mod movielens;
+mod parquet;
+mod shuffle;
+pub mod synthetic;
+mod writer;
+
+pub use example::{collate, Example, ExampleItems, ExampleSequence};
+pub use parquet::{columns, ParquetDataset, RowBatches};
+pub use shuffle::{Shuffle, ShuffleBuffer};
+pub use writer::{ParquetWriter, WriterOptions};
+
+/// The Parquet key-value metadata key holding the [`DataSchema`] as JSON.
+pub const SCHEMA_METADATA_KEY: &str = "rankstack.schema";
+
+const LAYER: &str = "DataSchema";
+
+/// What a data file holds: the features, the optional user sequence and the tasks (label columns).
+/// Serialised as JSON into the Parquet file's metadata; column names follow [`columns`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataSchema {
+    /// Dense, sparse and embedding features (their encoder settings travel with them and become the
+    /// model's `features` under [`DataSchema::apply`]). `extra` must be empty: extra blocks are
+    /// computed by the model, not read from files.
+    pub features: FeatureSchema,
+    /// The user-action sequence, if the data has one.
+    #[serde(default)]
+    pub sequence: Option<SequenceSpec>,
+    /// Task names, in label-column order (`label_<task>`).
+    pub tasks: Vec<String>,
+}
+
+/// The user-action sequence of a data set.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SequenceSpec {
+    /// `S`: batches hold the newest `S` actions (longer sequences are cut, shorter ones padded).
+    pub max_len: usize,
+    /// Rows of the action-type table including the padding type 0: valid action types in the data
+    /// are `1..num_action_types`.
+    pub num_action_types: usize,
+    /// How the items of the sequence and the candidate are given.
+    pub items: SequenceItemSpec,
+}
+
+/// How a sequence's items and the candidate are described.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum SequenceItemSpec {
+    /// Pretrained item vectors of width `dim` (`seq_item_embeddings`, `candidate_item_embedding`).
+    Embeddings {
+        /// Vector width `E`.
+        dim: usize,
+    },
+    /// Item ids in `0..cardinality` (`seq_item_ids`, `candidate_item_id`), embedded by a learned
+    /// table of width `dim`.
+    Ids {
+        /// Number of item ids.
+        cardinality: usize,
+        /// Width of the learned item embedding.
+        dim: usize,
+    },
+}
+
+impl SequenceItemSpec {
+    /// The item embedding width `E` the sequence encoder sees.
+    pub fn dim(&self) -> usize {
+        match self {
+            Self::Embeddings { dim } | Self::Ids { dim, .. } => *dim,
+        }
+    }
+}
+
+impl DataSchema {
+    /// Checks the schema: features valid and without `extra` blocks, at least one task, unique task
+    /// names without '.', sequence sizes positive and at least 2 action types.
+    pub fn validate(&self) -> Result<()> {
+        if !self.features.extra.is_empty() {
+            return Err(Error::config(
+                LAYER,
+                "features.extra",
+                "data files cannot hold extra blocks (the model computes them)",
+            ));
+        }
+        self.features.validate()?;
+        if self.tasks.is_empty() {
+            return Err(Error::config(LAYER, "tasks", "needs at least one task"));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (i, task) in self.tasks.iter().enumerate() {
+            if task.is_empty() || task.contains('.') || task.chars().any(char::is_whitespace) {
+                return Err(Error::config(
+                    LAYER,
+                    format!("tasks[{i}]"),
+                    format!("`{task}` must be non-empty, without '.' or whitespace"),
+                ));
+            }
+            if !seen.insert(task.as_str()) {
+                return Err(Error::config(LAYER, format!("tasks[{i}]"), format!("duplicate task `{task}`")));
+            }
+        }
+        if let Some(seq) = &self.sequence {
+            if seq.max_len == 0 {
+                return Err(Error::config(LAYER, "sequence.max_len", "must be > 0"));
+            }
+            if seq.num_action_types < 2 {
+                return Err(Error::config(LAYER, "sequence.num_action_types", "must be ≥ 2 (type 0 is padding)"));
+            }
+            match seq.items {
+                SequenceItemSpec::Embeddings { dim } | SequenceItemSpec::Ids { dim, .. } if dim == 0 => {
+                    return Err(Error::config(LAYER, "sequence.items.dim", "must be > 0"));
+                }
+                SequenceItemSpec::Ids { cardinality: 0, .. } => {
+                    return Err(Error::config(LAYER, "sequence.items.cardinality", "must be > 0"));
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// The schema as compact JSON (the form stored in Parquet metadata).
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("a DataSchema always serialises")
+    }
+
+    /// Parses and validates a JSON schema.
+    pub fn from_json(text: &str) -> Result<Self> {
+        let schema: Self = serde_json::from_str(text).map_err(|e| Error::config(LAYER, "json", e.to_string()))?;
+        schema.validate()?;
+        Ok(schema)
+    }
+
+    /// Makes an architecture preset fit this data:
+    ///
+    /// - `features` ← the data's features;
+    /// - `tasks` ← the data's tasks, in data order; a task whose name the config already has keeps
+    ///   its settings (weight, tower, calibration), a new one gets weight 1 and no tower;
+    /// - with a sequence: `max_len`, `num_action_types` and `item_dim` come from the data, the
+    ///   other TransAct settings from the config (its defaults if the config had no sequence
+    ///   encoder); `num_output_positions` is capped at `max_len`; `item_embedding` is set to the
+    ///   item cardinality for id sequences and removed for embedding sequences;
+    /// - without a sequence: the sequence encoder and the item table are removed.
+    ///
+    /// The result is validated ([`RankerConfig::validate`]).
+    pub fn apply(&self, config: &mut RankerConfig) -> Result<()> {
+        self.validate()?;
+        config.features = self.features.clone();
+        config.tasks = self
+            .tasks
+            .iter()
+            .map(|name| config.tasks.iter().find(|t| &t.name == name).cloned().unwrap_or_else(|| TaskConfig::new(name)))
+            .collect();
+        match &self.sequence {
+            None => {
+                config.sequence = None;
+                config.item_embedding = None;
+            }
+            Some(seq) => {
+                let mut cfg = config.sequence.take().unwrap_or_default();
+                cfg.max_len = seq.max_len;
+                cfg.num_action_types = seq.num_action_types;
+                cfg.item_dim = seq.items.dim();
+                cfg.num_output_positions = cfg.num_output_positions.min(seq.max_len);
+                config.sequence = Some(cfg);
+                config.item_embedding = match seq.items {
+                    SequenceItemSpec::Ids { cardinality, .. } => Some(ItemEmbeddingConfig { cardinality }),
+                    SequenceItemSpec::Embeddings { .. } => None,
+                };
+            }
+        }
+        config.validate()
+    }
+}
+
+/// One batch of training or evaluation data.
+#[derive(Debug, Clone)]
+pub struct LabeledBatch {
+    /// The model inputs.
+    pub batch: RankerBatch,
+    /// `[B, T]` f32 labels in [`DataSchema::tasks`] order; NaN marks a missing label (mask it out of
+    /// the loss and the metrics).
+    pub labels: Tensor,
+    /// `[B]` f32 per-example loss weights, when the file has an `example_weight` column.
+    pub example_weights: Option<Tensor>,
+    /// `B`, the number of rows.
+    pub rows: usize,
+    /// The global (0-based, file-order) row index of each row, e.g. to write scores back in order.
+    pub row_index: Vec<u64>,
+}
+
+impl LabeledBatch {
+    /// The same batch with every tensor on `device` (sparse ids stay host-side, as the encoder
+    /// expects).
+    pub fn to_device(&self, device: &Device) -> Result<Self> {
+        let mv = |t: &Tensor| t.to_device(device);
+        let f = &self.batch.features;
+        let features = feature_encoders::FeatureBatch {
+            dense: f.dense.as_ref().map(mv).transpose()?,
+            sparse: f.sparse.clone(),
+            embedding: f.embedding.iter().map(mv).collect::<candle_core::Result<_>>()?,
+            extra: f.extra.iter().map(mv).collect::<candle_core::Result<_>>()?,
+        };
+        let sequence = match &self.batch.sequence {
+            None => None,
+            Some(s) => Some(UserSequence {
+                action_types: mv(&s.action_types)?,
+                timestamps: mv(&s.timestamps)?,
+                request_time: mv(&s.request_time)?,
+                items: match &s.items {
+                    SequenceItems::Embeddings { sequence, candidate } => {
+                        SequenceItems::Embeddings { sequence: mv(sequence)?, candidate: mv(candidate)? }
+                    }
+                    SequenceItems::Ids { sequence, candidate } => {
+                        SequenceItems::Ids { sequence: mv(sequence)?, candidate: mv(candidate)? }
+                    }
+                },
+            }),
+        };
+        Ok(Self {
+            batch: RankerBatch { features, sequence },
+            labels: mv(&self.labels)?,
+            example_weights: self.example_weights.as_ref().map(mv).transpose()?,
+            rows: self.rows,
+            row_index: self.row_index.clone(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ranker_model::presets;
+
+    fn schema(items: SequenceItemSpec) -> DataSchema {
+        DataSchema {
+            features: FeatureSchema {
+                dense: vec![feature_encoders::DenseFeature { name: "d".into(), missing_indicator: false }],
+                sparse: vec![feature_encoders::SparseFeature::new("s", 10)],
+                ..FeatureSchema::default()
+            },
+            sequence: Some(SequenceSpec { max_len: 5, num_action_types: 4, items }),
+            tasks: vec!["save".into(), "like".into()],
+        }
+    }
+
+    #[test]
+    fn apply_fits_a_preset_to_the_data() {
+        let mut config = presets::preset("pinterest-homefeed").unwrap();
+        config.tasks[0].weight = 3.0;
+        let data = schema(SequenceItemSpec::Ids { cardinality: 100, dim: 8 });
+        data.apply(&mut config).unwrap();
+        assert_eq!(config.features, data.features);
+        assert_eq!(config.tasks.iter().map(|t| t.name.as_str()).collect::<Vec<_>>(), ["save", "like"]);
+        assert_eq!((config.tasks[0].weight, config.tasks[1].weight), (3.0, 1.0));
+        let seq = config.sequence.as_ref().unwrap();
+        assert_eq!((seq.max_len, seq.num_action_types, seq.item_dim, seq.num_output_positions), (5, 4, 8, 5));
+        assert_eq!(seq.num_layers, presets::homefeed_sequence().num_layers);
+        assert_eq!(config.item_embedding, Some(ItemEmbeddingConfig { cardinality: 100 }));
+
+        let data = DataSchema { sequence: None, ..data };
+        data.apply(&mut config).unwrap();
+        assert!(config.sequence.is_none() && config.item_embedding.is_none());
+    }
+
+    #[test]
+    fn schema_json_round_trips_and_rejects_bad_values() {
+        let data = schema(SequenceItemSpec::Embeddings { dim: 4 });
+        assert_eq!(DataSchema::from_json(&data.to_json()).unwrap(), data);
+        let bad = DataSchema { tasks: vec!["a".into(), "a".into()], ..data.clone() };
+        assert!(bad.validate().unwrap_err().to_string().contains("duplicate task"));
+        let err = DataSchema::from_json(r#"{"features": {}, "tasks": ["x"], "bogus": 1}"#).unwrap_err();
+        assert!(err.to_string().contains("bogus"), "{err}");
+    }
+}
