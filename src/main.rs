@@ -200,7 +200,9 @@ fn run(cli: Cli) -> rankstack::nn::Result<String> {
         Command::Inspect { preset, config, batch_size, device_memory_gib, fraction } => {
             commands::inspect(&preset, config.as_deref(), batch_size, device_memory_gib, fraction)
         }
-        Command::Data(DataCmd::Synthetic { rows, seed, stream, out }) => commands::data_synthetic(rows, seed, stream, &out),
+        Command::Data(DataCmd::Synthetic { rows, seed, stream, out }) => {
+            commands::data_synthetic(rows, seed, stream, &out)
+        }
         Command::Data(DataCmd::Movielens { input, out_dir }) => commands::data_movielens(&input, &out_dir),
     }
 }

@@ -6,7 +6,11 @@ mod support;
 use std::process::{Command, Output};
 
 fn rankstack(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_rankstack")).args(args).env("RAYON_NUM_THREADS", "1").output().expect("run rankstack")
+    Command::new(env!("CARGO_BIN_EXE_rankstack"))
+        .args(args)
+        .env("RAYON_NUM_THREADS", "1")
+        .output()
+        .expect("run rankstack")
 }
 
 fn stdout(o: &Output) -> String {
@@ -65,8 +69,20 @@ fn data_train_eval_score_end_to_end() {
     assert!(out.contains("wrote 600 rows"), "{out}");
     ok(&["data", "synthetic", "--rows", "200", "--stream", "1", "--out", &d("eval.parquet")]);
     let summary = ok(&[
-        "train", "--preset", "dcnv2", "--data", &d("train.parquet"), "--eval", &d("eval.parquet"), "--out", &d("run"),
-        "--epochs", "1", "--batch-size", "128", "--quiet",
+        "train",
+        "--preset",
+        "dcnv2",
+        "--data",
+        &d("train.parquet"),
+        "--eval",
+        &d("eval.parquet"),
+        "--out",
+        &d("run"),
+        "--epochs",
+        "1",
+        "--batch-size",
+        "128",
+        "--quiet",
     ]);
     assert!(summary.contains("finished after 5 steps") && summary.contains("save"), "{summary}");
     assert!(dir.join("run/metrics.jsonl").exists() && dir.join("run/training_curves.svg").exists());
@@ -81,9 +97,21 @@ fn data_train_eval_score_end_to_end() {
 
     // Errors: one line each, non-zero exit, no panic output.
     assert!(fails(&["eval", "--checkpoint", &d("nowhere"), "--data", &d("eval.parquet")]).contains("nowhere"));
-    assert!(fails(&["score", "--checkpoint", &d("run"), "--data", &d("eval.parquet"), "--out", &d("s.txt")]).contains(".csv or .parquet"));
+    assert!(fails(&["score", "--checkpoint", &d("run"), "--data", &d("eval.parquet"), "--out", &d("s.txt")])
+        .contains(".csv or .parquet"));
     assert!(fails(&["train", "--preset", "nope", "--out", &d("x")]).contains("unknown preset"));
-    assert!(fails(&["train", "--preset", "mlp", "--data", &d("train.parquet"), "--eval", &d("eval.parquet"), "--out", &d("run")]).contains("already holds a training run"));
+    assert!(fails(&[
+        "train",
+        "--preset",
+        "mlp",
+        "--data",
+        &d("train.parquet"),
+        "--eval",
+        &d("eval.parquet"),
+        "--out",
+        &d("run")
+    ])
+    .contains("already holds a training run"));
     std::fs::write(dir.join("broken.parquet"), b"not parquet").unwrap();
     assert!(fails(&["eval", "--checkpoint", &d("run"), "--data", &d("broken.parquet")]).contains("broken.parquet"));
     assert!(fails(&["--bogus"]).contains("--bogus"));

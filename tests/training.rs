@@ -40,7 +40,10 @@ fn same_seed_and_data_give_bit_identical_checkpoints_and_resume_is_exact() {
 
     // The log reads as one run: 16 steps logged every 10 (and at the end), one eval per epoch.
     let log = std::fs::read_to_string(dir.join("r/metrics.jsonl")).unwrap();
-    let kinds: Vec<String> = log.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["kind"].as_str().unwrap().to_string()).collect();
+    let kinds: Vec<String> = log
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["kind"].as_str().unwrap().to_string())
+        .collect();
     assert_eq!(kinds.iter().filter(|k| *k == "eval").count(), 2, "{log}");
     let svg = std::fs::read_to_string(dir.join("r/training_curves.svg")).unwrap();
     assert!(svg.starts_with("<svg") && svg.contains("evaluation AUC"));
@@ -78,7 +81,8 @@ fn a_new_run_refuses_a_directory_that_holds_one_and_bad_options_are_errors() {
     t.fit(&train, None).unwrap();
     let e = Trainer::new(&config, options(), dir.join("run")).err().unwrap().to_string();
     assert!(e.contains("already holds a training run"), "{e}");
-    let e = Trainer::new(&config, TrainOptions { batch_size: 0, ..options() }, dir.join("x")).err().unwrap().to_string();
+    let e =
+        Trainer::new(&config, TrainOptions { batch_size: 0, ..options() }, dir.join("x")).err().unwrap().to_string();
     assert!(e.contains("batch_size"), "{e}");
     let e = Trainer::resume(dir.join("nothing"), options()).err().unwrap().to_string();
     assert!(e.contains("no checkpoint"), "{e}");

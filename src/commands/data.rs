@@ -10,8 +10,10 @@ use crate::data::{movielens, synthetic};
 pub fn data_synthetic(rows: usize, seed: u64, stream: u64, out: &Path) -> Result<String> {
     let spec = synthetic::SyntheticSpec { rows, seed, stream, ..Default::default() };
     let summary = synthetic::generate(&spec, out)?;
-    let rates: Vec<String> = synthetic::TASKS.iter().zip(&summary.label_rates).map(|(t, r)| format!("{t} {r:.3}")).collect();
-    let aucs: Vec<String> = synthetic::TASKS.iter().zip(&summary.teacher_auc).map(|(t, a)| format!("{t} {a:.3}")).collect();
+    let rates: Vec<String> =
+        synthetic::TASKS.iter().zip(&summary.label_rates).map(|(t, r)| format!("{t} {r:.3}")).collect();
+    let aucs: Vec<String> =
+        synthetic::TASKS.iter().zip(&summary.teacher_auc).map(|(t, a)| format!("{t} {a:.3}")).collect();
     Ok(format!(
         "wrote {} rows to {}\nlabel rates: {}\nteacher AUC (the ceiling): {}\n",
         summary.rows,
@@ -23,7 +25,8 @@ pub fn data_synthetic(rows: usize, seed: u64, stream: u64, out: &Path) -> Result
 
 /// Converts MovieLens-100k (recbole atomic files in `input`) into `out_dir/{train,test}.parquet`.
 pub fn data_movielens(input: &Path, out_dir: &Path) -> Result<String> {
-    std::fs::create_dir_all(out_dir).map_err(|source| rankstack_nn::Error::Io { path: out_dir.display().to_string(), source })?;
+    std::fs::create_dir_all(out_dir)
+        .map_err(|source| rankstack_nn::Error::Io { path: out_dir.display().to_string(), source })?;
     let (train, test) = (out_dir.join("train.parquet"), out_dir.join("test.parquet"));
     let (_, counts) = movielens::convert(input, &train, &test)?;
     Ok(format!(

@@ -15,7 +15,9 @@ use rankstack_nn::{Result, SeededVarMap};
 /// `rankstack presets`: one line per preset.
 pub fn presets_listing() -> String {
     let describe = |name: &str| match name {
-        "pinterest-homefeed" => "the paper's final model: parallel MaskNet 3x512 (ratio 2.0), then 4 full-rank DCNv2; MLP 512-256",
+        "pinterest-homefeed" => {
+            "the paper's final model: parallel MaskNet 3x512 (ratio 2.0), then 4 full-rank DCNv2; MLP 512-256"
+        }
         "pinterest-baseline" => "the paper's baseline: 4 full-rank DCNv2 with the input skip; MLP 1024-512-256",
         "dcnv2" => "4 full-rank DCNv2 layers; MLP 512-256",
         "masknet-parallel" => "parallel MaskNet 3x512 (ratio 2.0); MLP 512-256",
@@ -36,7 +38,13 @@ pub fn architecture(preset: &str, config: Option<&std::path::Path>) -> Result<Ra
 
 /// `rankstack inspect`: the cost planner's table for a preset or config at a batch size, and
 /// whether one training step fits in `fraction` of `device_memory_gib`.
-pub fn inspect(preset: &str, config: Option<&std::path::Path>, batch_size: usize, device_memory_gib: Option<f64>, fraction: f64) -> Result<String> {
+pub fn inspect(
+    preset: &str,
+    config: Option<&std::path::Path>,
+    batch_size: usize,
+    device_memory_gib: Option<f64>,
+    fraction: f64,
+) -> Result<String> {
     if batch_size == 0 {
         return Err(rankstack_nn::Error::config("inspect", "batch-size", "must be > 0"));
     }

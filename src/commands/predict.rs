@@ -12,7 +12,8 @@ use crate::train::{evaluate, resolve_checkpoint, BatchSource, TaskMetrics};
 
 /// A plain-text table of per-task metrics.
 pub fn metrics_table(tasks: &[(String, TaskMetrics)]) -> String {
-    let mut s = format!("{:<12} {:>8} {:>8} {:>9} {:>8} {:>11}\n", "task", "rows", "AUC", "log loss", "NE", "calibration");
+    let mut s =
+        format!("{:<12} {:>8} {:>8} {:>9} {:>8} {:>11}\n", "task", "rows", "AUC", "log loss", "NE", "calibration");
     for (name, m) in tasks {
         s.push_str(&format!(
             "{name:<12} {:>8} {:>8.4} {:>9.4} {:>8.4} {:>11.4}\n",

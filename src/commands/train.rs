@@ -35,12 +35,20 @@ pub fn train(args: &TrainArgs) -> Result<String> {
         None => {
             // The embedded default: synthetic training data and a held-out stream of the same world.
             let dir = args.out.join("data");
-            std::fs::create_dir_all(&dir).map_err(|source| rankstack_nn::Error::Io { path: dir.display().to_string(), source })?;
+            std::fs::create_dir_all(&dir)
+                .map_err(|source| rankstack_nn::Error::Io { path: dir.display().to_string(), source })?;
             let (tp, ep) = (dir.join("train.parquet"), dir.join("eval.parquet"));
             if !tp.exists() || !ep.exists() {
-                let spec = synthetic::SyntheticSpec { rows: args.synthetic_rows, seed: args.options.seed, ..Default::default() };
+                let spec = synthetic::SyntheticSpec {
+                    rows: args.synthetic_rows,
+                    seed: args.options.seed,
+                    ..Default::default()
+                };
                 synthetic::generate(&spec, &tp)?;
-                synthetic::generate(&synthetic::SyntheticSpec { rows: (args.synthetic_rows / 4).max(1), stream: 1, ..spec }, &ep)?;
+                synthetic::generate(
+                    &synthetic::SyntheticSpec { rows: (args.synthetic_rows / 4).max(1), stream: 1, ..spec },
+                    &ep,
+                )?;
             }
             (tp, Some(ep))
         }
@@ -49,7 +57,11 @@ pub fn train(args: &TrainArgs) -> Result<String> {
     let eval = eval_path.as_deref().map(ParquetDataset::open).transpose()?;
     if let Some(e) = &eval {
         if e.schema() != train.schema() {
-            return Err(rankstack_nn::Error::input("train", "eval", "the evaluation file's schema differs from the training file's"));
+            return Err(rankstack_nn::Error::input(
+                "train",
+                "eval",
+                "the evaluation file's schema differs from the training file's",
+            ));
         }
     }
     let mut trainer = if args.resume {
@@ -76,6 +88,10 @@ fn summary(report: &TrainReport, out: &Path) -> String {
         s.push_str(&format!("evaluation after epoch {} (loss {:.4}):\n", last.epoch, last.loss));
         s.push_str(&crate::commands::predict::metrics_table(&last.tasks));
     }
-    s.push_str(&format!("metrics: {}\ncurves:  {}\n", out.join("metrics.jsonl").display(), out.join("training_curves.svg").display()));
+    s.push_str(&format!(
+        "metrics: {}\ncurves:  {}\n",
+        out.join("metrics.jsonl").display(),
+        out.join("training_curves.svg").display()
+    ));
     s
 }

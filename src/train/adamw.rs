@@ -128,7 +128,9 @@ impl AdamW {
             }
             let (slot, name) = key.split_once('.').unwrap_or(("", key));
             if !known.contains(name) || !(slot == "m" || slot == "v") {
-                return Err(rankstack_nn::Error::Checkpoint(vec![rankstack_nn::error::TensorMismatch::Unexpected { name: key.clone() }]));
+                return Err(rankstack_nn::Error::Checkpoint(vec![rankstack_nn::error::TensorMismatch::Unexpected {
+                    name: key.clone(),
+                }]));
             }
             let map = if slot == "m" { &mut self.m } else { &mut self.v };
             map.insert(name.to_string(), t.clone());

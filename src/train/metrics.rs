@@ -22,7 +22,8 @@ pub struct TaskMetrics {
 /// `(Σ ranks of positives − P(P+1)/2) / (P·N)`, for labels in `[0, 1]` (soft labels count as
 /// weights: a label `y` contributes `y` positives and `1 − y` negatives). NaN labels are skipped.
 pub fn auc(scores: &[f64], labels: &[f64]) -> f64 {
-    let mut pairs: Vec<(f64, f64)> = scores.iter().zip(labels).filter(|(_, y)| !y.is_nan()).map(|(s, y)| (*s, *y)).collect();
+    let mut pairs: Vec<(f64, f64)> =
+        scores.iter().zip(labels).filter(|(_, y)| !y.is_nan()).map(|(s, y)| (*s, *y)).collect();
     pairs.sort_by(|a, b| a.0.total_cmp(&b.0));
     let (mut pos, mut neg) = (0.0, 0.0);
     let mut rank_sum = 0.0; // Σ over positives of the weighted count of negatives ranked below (+½ ties)
@@ -84,7 +85,7 @@ mod tests {
         assert_eq!(auc(&[0.1, 0.4, 0.35, 0.8], &[0.0, 0.0, 1.0, 1.0]), 0.75);
         assert_eq!(auc(&[0.1, 0.2, 0.3], &[0.0, 1.0, 1.0]), 1.0);
         assert_eq!(auc(&[0.5, 0.5, 0.5, 0.5], &[0.0, 1.0, 0.0, 1.0]), 0.5); // all tied
-        // One positive tied with one of two negatives, above the other: (1 + ½) / 2.
+                                                                            // One positive tied with one of two negatives, above the other: (1 + ½) / 2.
         assert_eq!(auc(&[0.2, 0.7, 0.7], &[0.0, 0.0, 1.0]), 0.75);
         assert!(auc(&[0.1, 0.2], &[1.0, 1.0]).is_nan());
         assert_eq!(auc(&[0.1, 0.9, 0.5], &[0.0, 1.0, f64::NAN]), 1.0);
@@ -100,7 +101,13 @@ mod tests {
             for j in 0..300 {
                 if labels[i] == 1.0 && labels[j] == 0.0 {
                     pairs += 1.0;
-                    wins += if scores[i] > scores[j] { 1.0 } else if scores[i] == scores[j] { 0.5 } else { 0.0 };
+                    wins += if scores[i] > scores[j] {
+                        1.0
+                    } else if scores[i] == scores[j] {
+                        0.5
+                    } else {
+                        0.0
+                    };
                 }
             }
         }

@@ -33,25 +33,53 @@ fn panel(svg: &mut String, x0: f64, title: &str, x_label: &str, series: &[Series
     let sx = |x: f64| x0 + pad + (x - xmin) / (xmax - xmin) * (w - 2.0 * pad);
     let sy = |y: f64| 30.0 + (h - pad) - (y - ymin) / (ymax - ymin) * (h - pad - 10.0);
     let _ = write!(svg, r#"<text x="{:.1}" y="20" font-size="14" text-anchor="middle">{title}</text>"#, x0 + w / 2.0);
-    let _ = write!(svg, r##"<rect x="{:.1}" y="30" width="{:.1}" height="{:.1}" fill="none" stroke="#999"/>"##, x0 + pad, w - 2.0 * pad, h - pad - 10.0 + 10.0);
+    let _ = write!(
+        svg,
+        r##"<rect x="{:.1}" y="30" width="{:.1}" height="{:.1}" fill="none" stroke="#999"/>"##,
+        x0 + pad,
+        w - 2.0 * pad,
+        h - pad - 10.0 + 10.0
+    );
     for i in 0..=4 {
         let y = ymin + (ymax - ymin) * i as f64 / 4.0;
-        let _ = write!(svg, r#"<text x="{:.1}" y="{:.1}" font-size="10" text-anchor="end">{y:.4}</text>"#, x0 + pad - 4.0, sy(y) + 3.0);
+        let _ = write!(
+            svg,
+            r#"<text x="{:.1}" y="{:.1}" font-size="10" text-anchor="end">{y:.4}</text>"#,
+            x0 + pad - 4.0,
+            sy(y) + 3.0
+        );
         let x = xmin + (xmax - xmin) * i as f64 / 4.0;
-        let _ = write!(svg, r#"<text x="{:.1}" y="{:.1}" font-size="10" text-anchor="middle">{x:.0}</text>"#, sx(x), 30.0 + h - pad + 14.0);
+        let _ = write!(
+            svg,
+            r#"<text x="{:.1}" y="{:.1}" font-size="10" text-anchor="middle">{x:.0}</text>"#,
+            sx(x),
+            30.0 + h - pad + 14.0
+        );
     }
-    let _ = write!(svg, r#"<text x="{:.1}" y="{:.1}" font-size="11" text-anchor="middle">{x_label}</text>"#, x0 + w / 2.0, 30.0 + h - pad + 30.0);
+    let _ = write!(
+        svg,
+        r#"<text x="{:.1}" y="{:.1}" font-size="11" text-anchor="middle">{x_label}</text>"#,
+        x0 + w / 2.0,
+        30.0 + h - pad + 30.0
+    );
     for (i, s) in series.iter().enumerate() {
         let color = COLORS[i % COLORS.len()];
-        let path: Vec<String> = s.points.iter().filter(|p| p.1.is_finite()).map(|&(x, y)| format!("{:.1},{:.1}", sx(x), sy(y))).collect();
-        let _ = write!(svg, r#"<polyline fill="none" stroke="{color}" stroke-width="1.5" points="{}"/>"#, path.join(" "));
+        let path: Vec<String> =
+            s.points.iter().filter(|p| p.1.is_finite()).map(|&(x, y)| format!("{:.1},{:.1}", sx(x), sy(y))).collect();
+        let _ =
+            write!(svg, r#"<polyline fill="none" stroke="{color}" stroke-width="1.5" points="{}"/>"#, path.join(" "));
         if s.points.len() < 30 {
             for &(x, y) in s.points.iter().filter(|p| p.1.is_finite()) {
                 let _ = write!(svg, r#"<circle cx="{:.1}" cy="{:.1}" r="2.5" fill="{color}"/>"#, sx(x), sy(y));
             }
         }
         let ly = 44.0 + 14.0 * i as f64;
-        let _ = write!(svg, r#"<text x="{:.1}" y="{ly:.1}" font-size="10" fill="{color}">{}</text>"#, x0 + w - pad - 90.0, xml_escape(&s.name));
+        let _ = write!(
+            svg,
+            r#"<text x="{:.1}" y="{ly:.1}" font-size="10" fill="{color}">{}</text>"#,
+            x0 + w - pad - 90.0,
+            xml_escape(&s.name)
+        );
     }
 }
 
@@ -75,7 +103,8 @@ pub fn smooth(points: &[(f64, f64)], alpha: f64) -> Vec<(f64, f64)> {
 
 /// The two-panel SVG document.
 pub fn training_curves(loss: &[(f64, f64)], auc: &[Series]) -> String {
-    let mut svg = String::from(r#"<svg xmlns="http://www.w3.org/2000/svg" width="860" height="330" font-family="sans-serif">"#);
+    let mut svg =
+        String::from(r#"<svg xmlns="http://www.w3.org/2000/svg" width="860" height="330" font-family="sans-serif">"#);
     svg.push_str(r#"<rect width="860" height="330" fill="white"/>"#);
     let loss_series = [
         Series { name: "loss".into(), points: loss.to_vec() },
@@ -95,7 +124,10 @@ mod tests {
     fn smoothing_is_bias_corrected_and_svg_is_well_formed() {
         let s = smooth(&[(0.0, 2.0), (1.0, 2.0)], 0.1);
         assert!((s[0].1 - 2.0).abs() < 1e-12 && (s[1].1 - 2.0).abs() < 1e-12);
-        let svg = training_curves(&[(0.0, 0.7), (1.0, 0.6)], &[Series { name: "save <AUC>".into(), points: vec![(1.0, 0.7)] }]);
+        let svg = training_curves(
+            &[(0.0, 0.7), (1.0, 0.6)],
+            &[Series { name: "save <AUC>".into(), points: vec![(1.0, 0.7)] }],
+        );
         assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
         assert!(svg.contains("save &lt;AUC&gt;") && svg.matches("<polyline").count() == 3);
     }

@@ -169,7 +169,11 @@ impl Trainer {
         check_options(&options)?;
         let run_dir = run_dir.as_ref().to_path_buf();
         if latest_checkpoint(&run_dir)?.is_some() {
-            return Err(Error::input("train", "out", format!("{} already holds a training run; resume it or choose another directory", run_dir.display())));
+            return Err(Error::input(
+                "train",
+                "out",
+                format!("{} already holds a training run; resume it or choose another directory", run_dir.display()),
+            ));
         }
         std::fs::create_dir_all(&run_dir).map_err(io(&run_dir))?;
         let store = SeededVarMap::new(options.seed);
@@ -194,7 +198,8 @@ impl Trainer {
         let state = read_safetensors(dir.join("trainer_state.safetensors"))?;
         optimizer.load_state(&state.tensors)?;
         let step = optimizer.step_count();
-        let mut trainer = Self { ranker, store, optimizer, options, run_dir, step, loss_curve: Vec::new(), auc_curves: Vec::new() };
+        let mut trainer =
+            Self { ranker, store, optimizer, options, run_dir, step, loss_curve: Vec::new(), auc_curves: Vec::new() };
         trainer.reload_curves();
         Ok(trainer)
     }
@@ -266,7 +271,8 @@ impl Trainer {
         let dir = self.run_dir.join("checkpoints").join(format!("step-{:09}", self.step));
         checkpoint::save(&dir, &self.ranker, &self.store)?;
         let state: Vec<(String, Tensor)> = self.optimizer.state()?.into_iter().collect();
-        let meta = HashMap::from([("options".to_string(), serde_json::to_string(&self.options).expect("options serialise"))]);
+        let meta =
+            HashMap::from([("options".to_string(), serde_json::to_string(&self.options).expect("options serialise"))]);
         write_safetensors(&dir.join("trainer_state.safetensors"), &state, Some(meta))?;
         publish(&self.run_dir, &dir)?;
         let svg = super::training_curves(&self.loss_curve, &self.auc_curves);
@@ -287,7 +293,12 @@ impl Trainer {
         if let Some(max) = o.max_steps {
             total = if o.epochs == 0 { max } else { total.min(max) };
         }
-        let schedule = WarmupCosine { peak: o.optimizer.lr, warmup: o.warmup_steps.min(total / 2).max(1), total, min_ratio: o.min_lr_ratio };
+        let schedule = WarmupCosine {
+            peak: o.optimizer.lr,
+            warmup: o.warmup_steps.min(total / 2).max(1),
+            total,
+            min_ratio: o.min_lr_ratio,
+        };
         let params = self.store.named_vars();
         let progress = if o.quiet { indicatif::ProgressBar::hidden() } else { indicatif::ProgressBar::new(total) };
         progress.set_style(
@@ -358,8 +369,14 @@ impl Trainer {
                         self.record_curves(&line);
                         self.log(&line)?;
                         if !o.quiet {
-                            let summary: Vec<String> = report.tasks.iter().map(|(n, m)| format!("{n} AUC {:.4}", m.auc)).collect();
-                            progress.println(format!("epoch {}: eval loss {:.4}; {}", epoch + 1, report.loss, summary.join(", ")));
+                            let summary: Vec<String> =
+                                report.tasks.iter().map(|(n, m)| format!("{n} AUC {:.4}", m.auc)).collect();
+                            progress.println(format!(
+                                "epoch {}: eval loss {:.4}; {}",
+                                epoch + 1,
+                                report.loss,
+                                summary.join(", ")
+                            ));
                         }
                         evaluations.push(report);
                     }
@@ -401,7 +418,13 @@ impl Trainer {
 
 /// Evaluates `ranker` on every row of `data` (file order): the weighted loss and per-task AUC, log
 /// loss, normalised entropy and calibration of the (calibrated) probabilities.
-pub fn evaluate(ranker: &Ranker, data: &dyn BatchSource, batch_size: usize, epoch: usize, step: u64) -> Result<EvalReport> {
+pub fn evaluate(
+    ranker: &Ranker,
+    data: &dyn BatchSource,
+    batch_size: usize,
+    epoch: usize,
+    step: u64,
+) -> Result<EvalReport> {
     let tasks = ranker.task_names().to_vec();
     let mut probs: Vec<Vec<f64>> = vec![Vec::new(); tasks.len()];
     let mut labels: Vec<Vec<f64>> = vec![Vec::new(); tasks.len()];
@@ -409,7 +432,9 @@ pub fn evaluate(ranker: &Ranker, data: &dyn BatchSource, batch_size: usize, epoc
     for item in data.batches(batch_size, None)? {
         let b = item?;
         let logits = ranker.forward(&b.batch)?;
-        loss_sum += ranker.loss(&logits, &b.labels, b.example_weights.as_ref())?.to_dtype(DType::F64)?.to_scalar::<f64>()? * b.rows as f64;
+        loss_sum +=
+            ranker.loss(&logits, &b.labels, b.example_weights.as_ref())?.to_dtype(DType::F64)?.to_scalar::<f64>()?
+                * b.rows as f64;
         rows += b.rows;
         let p: Vec<Vec<f64>> = ranker.probabilities(&logits)?.to_dtype(DType::F64)?.to_vec2()?;
         let y: Vec<Vec<f64>> = b.labels.to_dtype(DType::F64)?.to_vec2()?;

@@ -16,10 +16,10 @@ pub fn tmpdir(tag: &str) -> PathBuf {
     d
 }
 
-/// A small synthetic world (200 users in 10 segments, 200 items in 10 categories): its planted
+/// The default synthetic world (200 users in 10 segments, 200 items in 10 categories), whose planted
 /// interactions are learnable from a few thousand rows.
 pub fn small_world(rows: usize, stream: u64) -> SyntheticSpec {
-    SyntheticSpec { rows, stream, num_users: 200, num_segments: 10, num_items: 200, num_categories: 10, ..SyntheticSpec::default() }
+    SyntheticSpec { rows, stream, ..SyntheticSpec::default() }
 }
 
 /// Writes training (stream 0) and evaluation (stream 1) files into `dir`.

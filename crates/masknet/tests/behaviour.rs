@@ -207,7 +207,11 @@ fn config_serde_defaults_and_unknown_keys() {
 #[test]
 fn reseeding_makes_dropout_a_function_of_the_seed() {
     use rankstack_nn::Reseed;
-    let config = ParallelMaskNetConfig { num_blocks: 2, block: MaskBlockConfig { dropout: 0.5, ..MaskBlockConfig::new(8) }, top_mlp: None };
+    let config = ParallelMaskNetConfig {
+        num_blocks: 2,
+        block: MaskBlockConfig { dropout: 0.5, ..MaskBlockConfig::new(8) },
+        top_mlp: None,
+    };
     let store = SeededVarMap::new(1);
     let net = ParallelMaskNet::new(8, &config, store.var_builder(DType::F32, &DEV)).unwrap();
     let x = seeded_randn(3, &[4, 8], DType::F32);

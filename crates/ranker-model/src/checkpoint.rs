@@ -48,7 +48,11 @@ pub fn state(ranker: &Ranker, store: &SeededVarMap) -> Vec<(String, Var)> {
 }
 
 /// Writes named tensors (and optional string metadata) to a safetensors file, atomically.
-pub fn write_safetensors(path: &Path, tensors: &[(String, Tensor)], metadata: Option<HashMap<String, String>>) -> Result<()> {
+pub fn write_safetensors(
+    path: &Path,
+    tensors: &[(String, Tensor)],
+    metadata: Option<HashMap<String, String>>,
+) -> Result<()> {
     let mut sorted: Vec<&(String, Tensor)> = tensors.iter().collect();
     sorted.sort_by(|a, b| a.0.cmp(&b.0));
     let bytes = safetensors::serialize(sorted.iter().map(|(n, t)| (n.as_str(), TensorRef(t))), metadata)
@@ -60,7 +64,8 @@ pub fn write_safetensors(path: &Path, tensors: &[(String, Tensor)], metadata: Op
 pub fn save(dir: impl AsRef<Path>, ranker: &Ranker, store: &SeededVarMap) -> Result<()> {
     let dir = dir.as_ref();
     std::fs::create_dir_all(dir).map_err(io(dir))?;
-    let tensors: Vec<(String, Tensor)> = state(ranker, store).into_iter().map(|(n, v)| (n, v.as_tensor().clone())).collect();
+    let tensors: Vec<(String, Tensor)> =
+        state(ranker, store).into_iter().map(|(n, v)| (n, v.as_tensor().clone())).collect();
     write_safetensors(&dir.join(WEIGHTS_FILE), &tensors, None)?;
     let config = serde_json::to_string_pretty(ranker.config()).expect("a RankerConfig always serialises");
     write_atomically(&dir.join(CONFIG_FILE), config.as_bytes())

@@ -173,15 +173,17 @@ impl RankerConfig {
     /// Reads a `.toml` or `.json` file (by extension).
     pub fn from_file(path: impl AsRef<std::path::Path>) -> Result<Self> {
         let path = path.as_ref();
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| Error::Io { path: path.display().to_string(), source })?;
+        let text =
+            std::fs::read_to_string(path).map_err(|source| Error::Io { path: path.display().to_string(), source })?;
         let parsed = if path.extension().is_some_and(|e| e == "json") {
             Self::from_json_str(&text)
         } else {
             Self::from_toml_str(&text)
         };
         parsed.map_err(|e| match e {
-            Error::Config { layer, field, reason } => Error::Config { layer: format!("{}: {layer}", path.display()), field, reason },
+            Error::Config { layer, field, reason } => {
+                Error::Config { layer: format!("{}: {layer}", path.display()), field, reason }
+            }
             other => other,
         })
     }
@@ -200,22 +202,42 @@ impl RankerConfig {
         let mut seen = HashSet::new();
         for (i, task) in self.tasks.iter().enumerate() {
             if task.name.is_empty() || task.name.contains('.') {
-                return Err(Error::config(LAYER, format!("tasks[{i}].name"), format!("`{}` must be non-empty and contain no '.'", task.name)));
+                return Err(Error::config(
+                    LAYER,
+                    format!("tasks[{i}].name"),
+                    format!("`{}` must be non-empty and contain no '.'", task.name),
+                ));
             }
             if !seen.insert(task.name.as_str()) {
-                return Err(Error::config(LAYER, format!("tasks[{i}].name"), format!("duplicate task name `{}`", task.name)));
+                return Err(Error::config(
+                    LAYER,
+                    format!("tasks[{i}].name"),
+                    format!("duplicate task name `{}`", task.name),
+                ));
             }
             if !(task.weight.is_finite() && task.weight >= 0.0) {
-                return Err(Error::config(LAYER, format!("tasks[{i}].weight"), format!("must be finite and >= 0, got {}", task.weight)));
+                return Err(Error::config(
+                    LAYER,
+                    format!("tasks[{i}].weight"),
+                    format!("must be finite and >= 0, got {}", task.weight),
+                ));
             }
             if let Some(r) = task.negative_sampling_rate {
                 if !(r > 0.0 && r <= 1.0) {
-                    return Err(Error::config(LAYER, format!("tasks[{i}].negative_sampling_rate"), format!("must be in (0, 1], got {r}")));
+                    return Err(Error::config(
+                        LAYER,
+                        format!("tasks[{i}].negative_sampling_rate"),
+                        format!("must be in (0, 1], got {r}"),
+                    ));
                 }
             }
         }
         if self.features.extra.iter().any(|e| e.name == SEQUENCE_BLOCK) {
-            return Err(Error::config(LAYER, "features.extra", format!("`{SEQUENCE_BLOCK}` is reserved for the sequence encoder's output")));
+            return Err(Error::config(
+                LAYER,
+                "features.extra",
+                format!("`{SEQUENCE_BLOCK}` is reserved for the sequence encoder's output"),
+            ));
         }
         Ok(())
     }

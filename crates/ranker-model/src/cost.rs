@@ -113,7 +113,14 @@ impl fmt::Display for CostReport {
             )?;
         }
         writeln!(f)?;
-        writeln!(f, "batch size {}: parameters {:.3} GiB; inference {:.3} GiB; training step (AdamW) {:.3} GiB", self.batch_size, gib(self.parameter_bytes()), gib(self.inference_bytes()), gib(self.training_bytes()))
+        writeln!(
+            f,
+            "batch size {}: parameters {:.3} GiB; inference {:.3} GiB; training step (AdamW) {:.3} GiB",
+            self.batch_size,
+            gib(self.parameter_bytes()),
+            gib(self.inference_bytes()),
+            gib(self.training_bytes())
+        )
     }
 }
 
@@ -221,14 +228,24 @@ impl Ranker {
         }
         let encoded = self.encoder().output_dim();
         // Per feature: lookup/transform, normalisation (2), and the concatenated output.
-        modules.push(ModuleCost { name: "features".into(), params, flops_per_candidate: flops, activations_per_candidate: 3 * encoded });
+        modules.push(ModuleCost {
+            name: "features".into(),
+            params,
+            flops_per_candidate: flops,
+            activations_per_candidate: 3 * encoded,
+        });
 
         if let Some(seq) = &config.sequence {
             let (mut params, flops, acts) = sequence_cost(seq);
             if let Some(items) = &config.item_embedding {
                 params += (items.cardinality + 1) * seq.item_dim;
             }
-            modules.push(ModuleCost { name: "sequence".into(), params, flops_per_candidate: flops, activations_per_candidate: acts });
+            modules.push(ModuleCost {
+                name: "sequence".into(),
+                params,
+                flops_per_candidate: flops,
+                activations_per_candidate: acts,
+            });
         }
 
         let mut width = encoded;
@@ -236,7 +253,8 @@ impl Ranker {
             let (params, flops, acts) = match stage {
                 StageConfig::ParallelMasknet { config: c, .. } => {
                     let (p, f, a) = mask_block_cost(width, width, &c.block);
-                    let (mut p, mut f, mut a) = (c.num_blocks * p, c.num_blocks * f, c.num_blocks * a + c.num_blocks * c.block.output_dim);
+                    let (mut p, mut f, mut a) =
+                        (c.num_blocks * p, c.num_blocks * f, c.num_blocks * a + c.num_blocks * c.block.output_dim);
                     if let Some(top) = &c.top_mlp {
                         let (tp, tf, ta, _) = mlp_cost(c.num_blocks * c.block.output_dim, top);
                         (p, f, a) = (p + tp, f + tf, a + ta);
@@ -274,7 +292,12 @@ impl Ranker {
         if config.input_skip {
             acts += mlp_input;
         }
-        modules.push(ModuleCost { name: "mlp".into(), params, flops_per_candidate: flops, activations_per_candidate: acts });
+        modules.push(ModuleCost {
+            name: "mlp".into(),
+            params,
+            flops_per_candidate: flops,
+            activations_per_candidate: acts,
+        });
 
         let (mut params, mut flops, mut acts) = (0, 0, 0);
         for task in &config.tasks {
@@ -286,7 +309,12 @@ impl Ranker {
             let (p, f) = linear(w, 1, true);
             (params, flops, acts) = (params + p, flops + f, acts + 1);
         }
-        modules.push(ModuleCost { name: "heads".into(), params, flops_per_candidate: flops, activations_per_candidate: acts + config.tasks.len() });
+        modules.push(ModuleCost {
+            name: "heads".into(),
+            params,
+            flops_per_candidate: flops,
+            activations_per_candidate: acts + config.tasks.len(),
+        });
         CostReport { batch_size, modules }
     }
 }

@@ -22,7 +22,9 @@ impl TaskHeads {
             let vb = vb.pp(&task.name);
             let tower = match &task.tower {
                 Some(cfg) => Some(Mlp::new(input_dim, cfg, vb.pp("tower")).map_err(|e| match e {
-                    Error::Config { field, reason, .. } => Error::config("Ranker", format!("tasks[{i}].tower.{field}"), reason),
+                    Error::Config { field, reason, .. } => {
+                        Error::config("Ranker", format!("tasks[{i}].tower.{field}"), reason)
+                    }
                     other => other,
                 })?),
                 None => None,

@@ -21,7 +21,10 @@ impl ItemTable {
             return Err(Error::config("Ranker", "item_embedding.cardinality", "must be > 0"));
         }
         let rows = config.cardinality + 1;
-        Ok(Self { weight: vb.get_with_hints((rows, dim), "weight", xavier_normal(dim, rows))?, cardinality: config.cardinality })
+        Ok(Self {
+            weight: vb.get_with_hints((rows, dim), "weight", xavier_normal(dim, rows))?,
+            cardinality: config.cardinality,
+        })
     }
 
     /// Embeds integer ids of any shape `[...]` into `[..., dim]`.

@@ -15,15 +15,27 @@ const LAYER: &str = "multitask_loss";
 /// Errors: shapes (`logits`, `labels` `[batch, tasks]`, `example_weights` `[batch]`), labels outside
 /// `[0, 1]`, negative or non-finite example weights, a task-weight count that differs from the
 /// number of tasks.
-pub fn multitask_loss(logits: &Tensor, labels: &Tensor, task_weights: &[f64], example_weights: Option<&Tensor>) -> Result<Tensor> {
+pub fn multitask_loss(
+    logits: &Tensor,
+    labels: &Tensor,
+    task_weights: &[f64],
+    example_weights: Option<&Tensor>,
+) -> Result<Tensor> {
     let (batch, tasks) = logits.dims2()?;
     expect_dims(LAYER, "labels", labels, &[Some(batch), Some(tasks)])?;
     if task_weights.len() != tasks {
-        return Err(Error::input(LAYER, "task_weights", format!("{} weights for {tasks} tasks", task_weights.len())).into());
+        return Err(
+            Error::input(LAYER, "task_weights", format!("{} weights for {tasks} tasks", task_weights.len())).into()
+        );
     }
     let values: Vec<f64> = labels.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?;
     if let Some(i) = values.iter().position(|v| !v.is_nan() && !(0.0..=1.0).contains(v)) {
-        return Err(Error::input(LAYER, "labels", format!("label {} at row {}, task {} is outside [0, 1]", values[i], i / tasks, i % tasks)).into());
+        return Err(Error::input(
+            LAYER,
+            "labels",
+            format!("label {} at row {}, task {} is outside [0, 1]", values[i], i / tasks, i % tasks),
+        )
+        .into());
     }
     let dtype = logits.dtype();
     let labels = labels.to_dtype(dtype)?;
@@ -36,7 +48,12 @@ pub fn multitask_loss(logits: &Tensor, labels: &Tensor, task_weights: &[f64], ex
         expect_dims(LAYER, "example_weights", w, &[Some(batch)])?;
         let wv: Vec<f64> = w.to_dtype(DType::F64)?.to_vec1()?;
         if let Some(i) = wv.iter().position(|v| !(v.is_finite() && *v >= 0.0)) {
-            return Err(Error::input(LAYER, "example_weights", format!("weight {} at row {i} must be finite and >= 0", wv[i])).into());
+            return Err(Error::input(
+                LAYER,
+                "example_weights",
+                format!("weight {} at row {i} must be finite and >= 0", wv[i]),
+            )
+            .into());
         }
         let w = w.to_dtype(dtype)?.unsqueeze(1)?;
         per = per.broadcast_mul(&w)?;

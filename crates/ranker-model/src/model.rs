@@ -70,7 +70,9 @@ impl Ranker {
     pub fn new(config: &RankerConfig, vb: VarBuilder) -> rankstack_nn::Result<Self> {
         config.validate()?;
         let sequence = match &config.sequence {
-            Some(cfg) => Some(SequenceTransformer::new(cfg, vb.pp("sequence")).map_err(|e| prefix_field(e, "sequence"))?),
+            Some(cfg) => {
+                Some(SequenceTransformer::new(cfg, vb.pp("sequence")).map_err(|e| prefix_field(e, "sequence"))?)
+            }
             None => None,
         };
         let item_table = match (&config.item_embedding, &config.sequence) {
@@ -147,10 +149,20 @@ impl Ranker {
         match (&self.sequence, &batch.sequence) {
             (Some(seq), Some(s)) => features.extra.push(seq.forward_t(&self.sequence_batch(s)?, train)?),
             (Some(_), None) => {
-                return Err(Error::input("Ranker", "sequence", "the model has a sequence encoder but the batch has no sequences").into())
+                return Err(Error::input(
+                    "Ranker",
+                    "sequence",
+                    "the model has a sequence encoder but the batch has no sequences",
+                )
+                .into())
             }
             (None, Some(_)) => {
-                return Err(Error::input("Ranker", "sequence", "the batch has sequences but the model has no sequence encoder").into())
+                return Err(Error::input(
+                    "Ranker",
+                    "sequence",
+                    "the batch has sequences but the model has no sequence encoder",
+                )
+                .into())
             }
             (None, None) => {}
         }
@@ -160,12 +172,24 @@ impl Ranker {
     fn sequence_batch(&self, s: &UserSequence) -> Result<SequenceBatch> {
         let (item_embeddings, candidate) = match (&s.items, &self.item_table) {
             (SequenceItems::Embeddings { sequence, candidate }, None) => (sequence.clone(), candidate.clone()),
-            (SequenceItems::Ids { sequence, candidate }, Some(table)) => (table.lookup(sequence)?, table.lookup(candidate)?),
+            (SequenceItems::Ids { sequence, candidate }, Some(table)) => {
+                (table.lookup(sequence)?, table.lookup(candidate)?)
+            }
             (SequenceItems::Ids { .. }, None) => {
-                return Err(Error::input("Ranker", "sequence.items", "item ids given, but the model has no `item_embedding` table").into())
+                return Err(Error::input(
+                    "Ranker",
+                    "sequence.items",
+                    "item ids given, but the model has no `item_embedding` table",
+                )
+                .into())
             }
             (SequenceItems::Embeddings { .. }, Some(_)) => {
-                return Err(Error::input("Ranker", "sequence.items", "item embeddings given, but the model embeds item ids").into())
+                return Err(Error::input(
+                    "Ranker",
+                    "sequence.items",
+                    "item embeddings given, but the model embeds item ids",
+                )
+                .into())
             }
         };
         Ok(SequenceBatch {
@@ -227,7 +251,9 @@ impl Ranker {
 
 fn prefix_field(err: Error, prefix: &str) -> Error {
     match err {
-        Error::Config { layer, field, reason } => Error::config("Ranker", format!("{prefix}.{field}"), format!("{reason} ({layer})")),
+        Error::Config { layer, field, reason } => {
+            Error::config("Ranker", format!("{prefix}.{field}"), format!("{reason} ({layer})"))
+        }
         other => other,
     }
 }

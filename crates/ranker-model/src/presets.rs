@@ -27,7 +27,8 @@ use sequence_transformer::SequenceTransformerConfig;
 use crate::{RankerConfig, StageConfig, TaskConfig};
 
 /// Preset names, in the order `rankstack presets` lists them.
-pub const NAMES: [&str; 6] = ["pinterest-homefeed", "pinterest-baseline", "dcnv2", "masknet-parallel", "masknet-serial", "mlp"];
+pub const NAMES: [&str; 6] =
+    ["pinterest-homefeed", "pinterest-baseline", "dcnv2", "masknet-parallel", "masknet-serial", "mlp"];
 
 /// The task heads of every preset.
 pub const TASKS: [&str; 4] = ["save", "click", "closeup", "hide"];
@@ -36,10 +37,18 @@ pub const TASKS: [&str; 4] = ["save", "click", "closeup", "hide"];
 pub fn homefeed_features() -> FeatureSchema {
     FeatureSchema {
         dense: (0..64).map(|i| DenseFeature { name: format!("dense_{i:02}"), missing_indicator: false }).collect(),
-        sparse: (0..16).map(|i| SparseFeature { dim: Some(32), ..SparseFeature::new(format!("sparse_{i:02}"), 100_000) }).collect(),
+        sparse: (0..16)
+            .map(|i| SparseFeature { dim: Some(32), ..SparseFeature::new(format!("sparse_{i:02}"), 100_000) })
+            .collect(),
         embedding: ["pin_embedding", "user_embedding"]
             .iter()
-            .map(|n| EmbeddingFeature { name: n.to_string(), dim: 256, projection: None, projection_bias: true, normalize: true })
+            .map(|n| EmbeddingFeature {
+                name: n.to_string(),
+                dim: 256,
+                projection: None,
+                projection_bias: true,
+                normalize: true,
+            })
             .collect(),
         ..FeatureSchema::default()
     }
@@ -86,7 +95,13 @@ pub fn preset(name: &str) -> Result<RankerConfig> {
             &[512, 256],
         ),
         "mlp" => config(vec![], false, &[1024, 512, 256]),
-        other => return Err(Error::config("presets", "name", format!("unknown preset `{other}`; known: {}", NAMES.join(", ")))),
+        other => {
+            return Err(Error::config(
+                "presets",
+                "name",
+                format!("unknown preset `{other}`; known: {}", NAMES.join(", ")),
+            ))
+        }
     })
 }
 
@@ -108,7 +123,8 @@ pub fn cost_document(batch_size: usize, device_gib: f64, fraction: f64) -> Resul
     for name in NAMES {
         let config = preset(name)?;
         let store = rankstack_nn::SeededVarMap::new(0);
-        let ranker = crate::Ranker::new(&config, store.var_builder(candle_core::DType::F32, &candle_core::Device::Cpu))?;
+        let ranker =
+            crate::Ranker::new(&config, store.var_builder(candle_core::DType::F32, &candle_core::Device::Cpu))?;
         let report = ranker.cost(batch_size);
         let _ = writeln!(doc, "## `{name}`\n\n{report}");
         let verdict = if report.training_fits(device_bytes, fraction) { "fits" } else { "does not fit" };

@@ -35,10 +35,16 @@ impl Stage {
             }
         }
         let built = match config {
-            StageConfig::ParallelMasknet { config, .. } => ParallelMaskNet::new(input_dim, config, vb).map(Self::ParallelMaskNet),
-            StageConfig::SerialMasknet { config, .. } => SerialMaskNet::new(input_dim, config, vb).map(Self::SerialMaskNet),
+            StageConfig::ParallelMasknet { config, .. } => {
+                ParallelMaskNet::new(input_dim, config, vb).map(Self::ParallelMaskNet)
+            }
+            StageConfig::SerialMasknet { config, .. } => {
+                SerialMaskNet::new(input_dim, config, vb).map(Self::SerialMaskNet)
+            }
             StageConfig::Crossnet { config, .. } => CrossNet::new(input_dim, config, vb).map(Self::CrossNet),
-            StageConfig::ParallelCrossnet { config, .. } => ParallelCrossNet::new(input_dim, config, vb).map(Self::ParallelCrossNet),
+            StageConfig::ParallelCrossnet { config, .. } => {
+                ParallelCrossNet::new(input_dim, config, vb).map(Self::ParallelCrossNet)
+            }
         };
         // Re-address the layer's own config errors to the ranker config's field path.
         built.map_err(|e| match e {

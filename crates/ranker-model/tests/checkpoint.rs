@@ -39,9 +39,17 @@ fn a_checkpoint_of_another_model_lists_every_mismatch() {
     checkpoint::save(&dir, &ranker, &store).unwrap();
     // Same file, different config: MLP width 8 → 9 and the "hide" task renamed "close".
     let other = common::SMALL.replace("dims = [8]", "dims = [9]").replace("name = \"hide\"", "name = \"close\"");
-    std::fs::write(dir.join(checkpoint::CONFIG_FILE), serde_json::to_string(&ranker_model::RankerConfig::from_toml_str(&other).unwrap()).unwrap()).unwrap();
+    std::fs::write(
+        dir.join(checkpoint::CONFIG_FILE),
+        serde_json::to_string(&ranker_model::RankerConfig::from_toml_str(&other).unwrap()).unwrap(),
+    )
+    .unwrap();
     let e = checkpoint::load(&dir, DType::F32, &Device::Cpu).unwrap_err().to_string();
-    for needle in ["`mlp.layers.0.weight` has shape", "missing tensor `heads.close.logit.weight`", "unexpected tensor `heads.hide.logit.weight`"] {
+    for needle in [
+        "`mlp.layers.0.weight` has shape",
+        "missing tensor `heads.close.logit.weight`",
+        "unexpected tensor `heads.hide.logit.weight`",
+    ] {
         assert!(e.contains(needle), "{needle}\n{e}");
     }
     std::fs::remove_dir_all(&dir).ok();

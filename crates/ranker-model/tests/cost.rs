@@ -104,6 +104,9 @@ name = "t"
 "#;
     let (ranker, real) = build(toml);
     let cost = ranker.cost(1);
-    assert_eq!((cost.modules[1].name.as_str(), cost.modules[1].params, cost.modules[1].flops_per_candidate), ("sequence", 1060, 7200));
+    assert_eq!(
+        (cost.modules[1].name.as_str(), cost.modules[1].params, cost.modules[1].flops_per_candidate),
+        ("sequence", 1060, 7200)
+    );
     assert_eq!(cost.total().params, real);
 }

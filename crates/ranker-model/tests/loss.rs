@@ -64,7 +64,10 @@ fn bad_inputs_are_errors() {
     assert!(e.contains("labels") && e.contains("[1, 1]"), "{e}");
     assert!(multitask_loss(&logits, &t(&[&[0.0, 1.0]]), &[1.0], None).is_err());
     let w = Tensor::new(&[-1.0f64], &Device::Cpu).unwrap();
-    assert!(multitask_loss(&logits, &t(&[&[0.0, 1.0]]), &[1.0, 1.0], Some(&w)).unwrap_err().to_string().contains("example_weights"));
+    assert!(multitask_loss(&logits, &t(&[&[0.0, 1.0]]), &[1.0, 1.0], Some(&w))
+        .unwrap_err()
+        .to_string()
+        .contains("example_weights"));
 }
 
 #[test]

@@ -35,7 +35,10 @@ fn the_cost_document_is_up_to_date() {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/cost-planner.md");
     let want = presets::cost_document(512, 80.0, 0.6).unwrap();
     let have = std::fs::read_to_string(path).unwrap_or_default();
-    assert!(have == want, "docs/cost-planner.md is stale: run `cargo run --example cost_report > docs/cost-planner.md`");
+    assert!(
+        have == want,
+        "docs/cost-planner.md is stale: run `cargo run --example cost_report > docs/cost-planner.md`"
+    );
 }
 
 #[test]

@@ -33,7 +33,10 @@ fn batch(config: &RankerConfig, i: &HashMap<String, Tensor>) -> candle_core::Res
             candidate: i["seq.candidate"].clone(),
         },
     });
-    Ok(RankerBatch { features: FeatureBatch { dense: i.get("dense").cloned(), sparse, embedding, extra: vec![] }, sequence })
+    Ok(RankerBatch {
+        features: FeatureBatch { dense: i.get("dense").cloned(), sparse, embedding, extra: vec![] },
+        sequence,
+    })
 }
 
 fn check(fixture: &Fixture, dtype: DType, rtol: f64) {
