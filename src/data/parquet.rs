@@ -7,13 +7,13 @@
 //! | column | Arrow type | null |
 //! |---|---|---|
 //! | dense feature `<name>` | Float32 or Float64 (Int32/Int64 accepted) | → NaN (missing) |
-//! | sparse feature `<name>` | Int64 or Int32 (one id), or List<Int64 or Int32> (a bag, may be empty) | → empty bag |
-//! | embedding feature `<name>` | FixedSizeList<Float32, dim> (Float64 or a List of length dim accepted) | error |
-//! | `seq_action_types` | List<Int64> (Int32 accepted), newest action first, values in `1..num_action_types` | → empty |
-//! | `seq_timestamps` | List<Int64> (ms), same length as `seq_action_types` | → empty |
-//! | `seq_item_ids` | List<Int64>, ids `≥ 0`, same length (item-id sequences) | → empty |
-//! | `seq_item_embeddings` | List<FixedSizeList<Float32, E>>, same length (item-vector sequences) | → empty |
-//! | `candidate_item_id` / `candidate_item_embedding` | Int64 / FixedSizeList<Float32, E> | error |
+//! | sparse feature `<name>` | Int64 or Int32 (one id), or `List<Int64 or Int32>` (a bag, may be empty) | → empty bag |
+//! | embedding feature `<name>` | `FixedSizeList<Float32, dim>` (Float64 or a List of length dim accepted) | error |
+//! | `seq_action_types` | `List<Int64>` (Int32 accepted), newest action first, values in `1..num_action_types` | → empty |
+//! | `seq_timestamps` | `List<Int64>` (ms), same length as `seq_action_types` | → empty |
+//! | `seq_item_ids` | `List<Int64>`, ids `≥ 0`, same length (item-id sequences) | → empty |
+//! | `seq_item_embeddings` | `List<FixedSizeList<Float32, E>>`, same length (item-vector sequences) | → empty |
+//! | `candidate_item_id` / `candidate_item_embedding` | Int64 / `FixedSizeList<Float32, E>` | error |
 //! | `request_time` | Int64 (ms) | error |
 //! | `label_<task>` | Float32 or Float64 in `[0, 1]` (Boolean, Int32/Int64 accepted) | → NaN (missing label) |
 //! | `example_weight` (optional) | Float32 (Float64, Int accepted), finite and `≥ 0` | error |
@@ -107,7 +107,7 @@ fn is_int_list(dt: &DataType) -> bool {
     matches!(dt, DataType::List(f) if is_int(f.data_type()))
 }
 
-/// FixedSizeList<float, dim> or List<float>.
+/// `FixedSizeList<float, dim>` or `List<float>`.
 fn is_float_vec(dt: &DataType, dim: usize) -> bool {
     match dt {
         DataType::FixedSizeList(f, n) => is_float(f.data_type()) && *n as usize == dim,
@@ -254,7 +254,7 @@ impl<'a> Int<'a> {
     }
 }
 
-/// A List<int> column.
+/// A `List<int>` column.
 struct IntList<'a> {
     list: &'a ListArray,
     values: Int<'a>,
@@ -278,7 +278,7 @@ impl<'a> IntList<'a> {
     }
 }
 
-/// Float vectors: FixedSizeList<float, n> or List<float>, over a float values array.
+/// Float vectors: `FixedSizeList<float, n>` or `List<float>`, over a float values array.
 struct FloatVecs<'a> {
     nulls: &'a dyn Array,
     /// Value range of vector `i`.

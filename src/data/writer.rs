@@ -5,8 +5,8 @@
 //! `seq_action_types`, `seq_timestamps`, `seq_item_ids` / `seq_item_embeddings`,
 //! `candidate_item_id` / `candidate_item_embedding`, `request_time`, then `label_<task>` per task
 //! and, if enabled, `example_weight`. Types: dense and labels Float32 (NaN written as null),
-//! sparse Int64 (or List<Int64> for the features named in [`WriterOptions::sparse_lists`]),
-//! vectors FixedSizeList<Float32, dim>, id and timestamp lists List<Int64>. Snappy compression.
+//! sparse Int64 (or `List<Int64>` for the features named in [`WriterOptions::sparse_lists`]),
+//! vectors `FixedSizeList<Float32, dim>`, id and timestamp lists `List<Int64>`. Snappy compression.
 //! The output is a deterministic function of the rows, the schema and the options (no timestamps
 //! are written). The file is written to `<path>.tmp` and renamed into place by
 //! [`ParquetWriter::finish`], so a failed or interrupted write never leaves a partial file at
@@ -32,7 +32,7 @@ const LAYER: &str = "ParquetWriter";
 /// Options of [`ParquetWriter`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WriterOptions {
-    /// Sparse features written as List<Int64> bags; the others are written as one Int64 id per row
+    /// Sparse features written as `List<Int64>` bags; the others are written as one Int64 id per row
     /// (a row whose bag does not hold exactly one id is then an error).
     pub sparse_lists: Vec<String>,
     /// Write an `example_weight` column (every row must then have a weight).
