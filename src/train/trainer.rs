@@ -138,10 +138,6 @@ pub struct Trainer {
     auc_curves: Vec<Series>,
 }
 
-fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
-    move |source| Error::Io { path: path.display().to_string(), source }
-}
-
 fn check_options(o: &TrainOptions) -> Result<()> {
     let bad = |field: &str, reason: &str| Err(Error::config("train", field, reason));
     if o.batch_size == 0 {
@@ -175,7 +171,7 @@ impl Trainer {
                 format!("{} already holds a training run; resume it or choose another directory", run_dir.display()),
             ));
         }
-        std::fs::create_dir_all(&run_dir).map_err(io(&run_dir))?;
+        std::fs::create_dir_all(&run_dir).map_err(Error::io_at(&run_dir))?;
         let store = SeededVarMap::new(options.seed);
         let ranker = Ranker::new(config, store.var_builder(DType::F32, &Device::Cpu))?;
         let optimizer = AdamW::new(store.named_vars(), options.optimizer)?;
@@ -221,9 +217,9 @@ impl Trainer {
 
     fn log(&self, line: &impl Serialize) -> Result<()> {
         let path = self.run_dir.join("metrics.jsonl");
-        let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&path).map_err(io(&path))?;
+        let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&path).map_err(Error::io_at(&path))?;
         let text = serde_json::to_string(line).expect("metrics serialise");
-        writeln!(f, "{text}").map_err(io(&path))
+        writeln!(f, "{text}").map_err(Error::io_at(&path))
     }
 
     /// Rebuilds the curves from `metrics.jsonl` after a resume (lines past the resumed step are

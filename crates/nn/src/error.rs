@@ -64,6 +64,11 @@ impl fmt::Display for TensorMismatch {
 pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
+    /// A closure turning an I/O error on `path` into [`Error::Io`], for `map_err`.
+    pub fn io_at(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> Self + '_ {
+        move |source| Self::Io { path: path.display().to_string(), source }
+    }
+
     /// A configuration error for `layer`'s `field`.
     pub fn config(layer: impl Into<String>, field: impl Into<String>, reason: impl Into<String>) -> Self {
         Self::Config { layer: layer.into(), field: field.into(), reason: reason.into() }

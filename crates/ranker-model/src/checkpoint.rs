@@ -17,19 +17,15 @@ pub const CONFIG_FILE: &str = "config.json";
 /// The tensor file inside a checkpoint directory.
 pub const WEIGHTS_FILE: &str = "model.safetensors";
 
-fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
-    move |source| Error::Io { path: path.display().to_string(), source }
-}
-
 /// Writes `bytes` to `path` atomically: a temporary file in the same directory, fsync, rename. A
 /// crash at any moment leaves either the old file or the new one, never a torn one.
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = path.with_extension(format!("{}.tmp", path.extension().and_then(|e| e.to_str()).unwrap_or("")));
-    let mut file = std::fs::File::create(&tmp).map_err(io(&tmp))?;
-    file.write_all(bytes).map_err(io(&tmp))?;
-    file.sync_all().map_err(io(&tmp))?;
+    let mut file = std::fs::File::create(&tmp).map_err(Error::io_at(&tmp))?;
+    file.write_all(bytes).map_err(Error::io_at(&tmp))?;
+    file.sync_all().map_err(Error::io_at(&tmp))?;
     drop(file);
-    std::fs::rename(&tmp, path).map_err(io(path))?;
+    std::fs::rename(&tmp, path).map_err(Error::io_at(path))?;
     if let Some(dir) = path.parent() {
         // Persist the rename itself; failure to open a directory (some platforms) is not fatal.
         if let Ok(d) = std::fs::File::open(dir) {
@@ -63,7 +59,7 @@ pub fn write_safetensors(
 /// Saves the config and all tensors into `dir` (created if needed).
 pub fn save(dir: impl AsRef<Path>, ranker: &Ranker, store: &SeededVarMap) -> Result<()> {
     let dir = dir.as_ref();
-    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    std::fs::create_dir_all(dir).map_err(Error::io_at(dir))?;
     let tensors: Vec<(String, Tensor)> =
         state(ranker, store).into_iter().map(|(n, v)| (n, v.as_tensor().clone())).collect();
     write_safetensors(&dir.join(WEIGHTS_FILE), &tensors, None)?;
