@@ -77,6 +77,7 @@ fn loss(y: &Tensor) -> Tensor {
 }
 
 fn bench_feature_encoder(c: &mut Criterion) {
+    rankstack::nn::memory::retain_freed_memory();
     let params = SeededVarMap::new(0);
     let enc = FeatureEncoder::new(&schema(), params.var_builder(DType::F32, &candle_core::Device::Cpu)).expect("build");
     let mut group = c.benchmark_group(format!("feature_encoder_d{}", enc.output_dim()));

@@ -38,6 +38,7 @@ fn bench_layer<M>(
 }
 
 fn bench_crossnet(c: &mut Criterion) {
+    rankstack::nn::memory::retain_freed_memory();
     let params = SeededVarMap::new(0);
     let net = CrossNet::new(1536, &CrossNetConfig::full_rank(4), params.var_builder(DType::F32, &Device::Cpu))
         .expect("build");
@@ -45,6 +46,7 @@ fn bench_crossnet(c: &mut Criterion) {
 }
 
 fn bench_masknet(c: &mut Criterion) {
+    rankstack::nn::memory::retain_freed_memory();
     let params = SeededVarMap::new(0);
     let net = ParallelMaskNet::new(2144, &ParallelMaskNetConfig::paper(), params.var_builder(DType::F32, &Device::Cpu))
         .expect("build");

@@ -1,44 +1,55 @@
-//! Criterion benchmarks of the whole `pinterest-homefeed` preset: scoring (eval-mode forward) at
-//! batch 1, 64, 512 and 2048, and one AdamW training step (forward, backward, update) at batch 512.
-//! `cargo bench --bench ranker`.
+//! Criterion benchmarks of the whole `homefeed-bench` model: scoring (a serving model: plain
+//! tensors, no backward graph) at batch 1, 64, 512 and 2048, and one training step (forward,
+//! backward, the trainer's AdamW with row-sparse embedding updates) at batch 512.
+//! `cargo bench --bench ranker`. For the side-by-side comparison with PyTorch, see
+//! `cargo xtask bench-compare` and `docs/performance.md`.
 
 use std::time::Duration;
 
 use candle_core::{DType, Device};
-use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use rankstack::nn::checkpoint::FrozenTensors;
 use rankstack::nn::SeededVarMap;
 use rankstack::ranker_model::{presets, random_batch, random_labels, Ranker};
+use rankstack::train::{AdamW, AdamWConfig};
 
 fn bench_ranker(c: &mut Criterion) {
-    let config = presets::preset("pinterest-homefeed").expect("preset");
+    rankstack::nn::memory::retain_freed_memory();
+    let config = presets::preset("homefeed-bench").expect("preset");
     let store = SeededVarMap::new(0);
     let ranker = Ranker::new(&config, store.var_builder(DType::F32, &Device::Cpu)).expect("build");
 
-    let mut scoring = c.benchmark_group("pinterest_homefeed_scoring");
+    // The serving model: the same weights as plain tensors (what checkpoint::load_for_serving builds).
+    let weights = store.named_vars().into_iter().map(|(n, v)| (n, v.as_tensor().detach())).collect();
+    let frozen = FrozenTensors::new(weights);
+    let serving = Ranker::new(&config, frozen.var_builder(DType::F32, &Device::Cpu)).expect("serving model");
+    let mut scoring = c.benchmark_group("homefeed_bench_scoring");
     scoring.sample_size(10).measurement_time(Duration::from_secs(5)).warm_up_time(Duration::from_secs(1));
     for batch in [1usize, 64, 512, 2048] {
         let inputs = random_batch(&config, batch, batch as u64).expect("batch");
         scoring.throughput(Throughput::Elements(batch as u64));
         scoring.bench_with_input(BenchmarkId::from_parameter(batch), &inputs, |b, inputs| {
-            b.iter(|| ranker.predict(inputs).expect("predict"))
+            b.iter(|| serving.predict(inputs).expect("predict"))
         });
     }
     scoring.finish();
 
-    let mut training = c.benchmark_group("pinterest_homefeed_training_step");
+    let mut training = c.benchmark_group("homefeed_bench_training_step");
     training.sample_size(10).measurement_time(Duration::from_secs(10)).warm_up_time(Duration::from_secs(1));
     let batch = 512;
     let inputs = random_batch(&config, batch, 7).expect("batch");
     let labels = random_labels(&config, batch, 8).expect("labels");
-    let vars = store.named_vars().into_iter().map(|(_, v)| v).collect();
-    let mut optimizer = AdamW::new(vars, ParamsAdamW { lr: 1e-4, ..ParamsAdamW::default() }).expect("optimizer");
+    ranker.set_row_sparse_gradients(true);
+    let mut optimizer =
+        AdamW::new(store.named_vars(), AdamWConfig { lr: 1e-4, ..AdamWConfig::default() }).expect("optimizer");
     training.throughput(Throughput::Elements(batch as u64));
     training.bench_function(BenchmarkId::from_parameter(batch), |b| {
         b.iter(|| {
             let logits = ranker.forward_t(&inputs, true).expect("forward");
             let loss = ranker.loss(&logits, &labels, None).expect("loss");
-            optimizer.backward_step(&loss).expect("step");
+            let grads = loss.backward().expect("backward");
+            let rows = ranker.take_row_gradients(&grads).expect("row gradients");
+            optimizer.step(&grads, &rows, 1e-4).expect("step");
         })
     });
     training.finish();

@@ -44,6 +44,7 @@ fn batch(b: usize, config: &SequenceTransformerConfig) -> SequenceBatch {
 }
 
 fn bench_sequence_encoder(c: &mut Criterion) {
+    rankstack::nn::memory::retain_freed_memory();
     let config = SequenceTransformerConfig::default();
     let params = SeededVarMap::new(0);
     let model = SequenceTransformer::new(&config, params.var_builder(DType::F32, &Device::Cpu)).expect("build");

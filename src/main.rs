@@ -160,6 +160,10 @@ struct TrainCmd {
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
+    /// Dense embedding-table gradients and updates (every row, every step, as PyTorch's
+    /// nn.Embedding with AdamW) instead of the default row-sparse, lazy updates.
+    #[arg(long)]
+    dense_embedding_gradients: bool,
 }
 
 impl TrainCmd {
@@ -175,6 +179,7 @@ impl TrainCmd {
             checkpoint_every: self.checkpoint_every,
             stop_after: self.stop_after,
             quiet: self.quiet,
+            row_sparse_embeddings: !self.dense_embedding_gradients,
             ..TrainOptions::default()
         };
         commands::TrainArgs {
@@ -218,6 +223,8 @@ fn main() -> ExitCode {
             .unwrap_or_else(|| "unknown".into());
         eprintln!("rankstack: internal error: {}", what.lines().next().unwrap_or(""));
     }));
+    // Tensor intermediates are large and short-lived: keep freed memory for reuse (see the docs).
+    rankstack::nn::memory::retain_freed_memory();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) if matches!(e.kind(), clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion) => {

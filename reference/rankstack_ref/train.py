@@ -3,9 +3,11 @@ and the same resolved config as `rankstack train`, with the same recipe (AdamW, 
 cosine decay, gradient-norm clipping), and reports per-task test AUC / log loss and throughput.
 
     python -m rankstack_ref.train --config RUN/checkpoint/config.json --train train.parquet \
-        --test test.parquet --epochs 2 --batch-size 256 --lr 1e-3 --seed 0 [--threads 2]
+        --test test.parquet --epochs 1 --batch-size 256 --lr 2e-3 --seed 0 [--threads 2] \
+        [--max-steps N] [--no-eval]
 
-Prints one JSON line. The column convention is that of rankstack's `data` module.
+Prints one JSON line: examples/s of the training loop (data already in memory; evaluation excluded)
+and, unless --no-eval, per-task test AUC and log loss. The column convention is that of rankstack's `data` module.
 """
 
 import argparse
@@ -111,9 +113,11 @@ def main():
     ap.add_argument("--config", required=True)
     ap.add_argument("--train", required=True)
     ap.add_argument("--test", required=True)
-    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--max-steps", type=int, default=None)
+    ap.add_argument("--no-eval", action="store_true")
     ap.add_argument("--batch-size", type=int, default=256)
-    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--weight-decay", type=float, default=0.01)
     ap.add_argument("--warmup", type=int, default=50)
     ap.add_argument("--min-lr-ratio", type=float, default=0.1)
@@ -122,6 +126,7 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
+    torch.set_num_interop_threads(1)
     torch.manual_seed(a.seed)
     config = json.load(open(a.config))
     model = Ranker(config)
@@ -135,6 +140,8 @@ def main():
     xt, yt, nt = load(a.test, config)
     steps_per_epoch = math.ceil(n / a.batch_size)
     total = steps_per_epoch * a.epochs
+    if a.max_steps is not None:
+        total = min(total, a.max_steps)
     warmup = max(1, min(a.warmup, total // 2))
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=a.weight_decay)
 
@@ -144,12 +151,14 @@ def main():
         prog = min(1.0, (t - warmup) / max(1, total - warmup))
         return a.lr * (a.min_lr_ratio + (1 - a.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * prog)))
 
-    step, start = 0, time.perf_counter()
+    step, examples, start = 0, 0, time.perf_counter()
     gen = torch.Generator().manual_seed(a.seed)
     for _ in range(a.epochs):
         model.train()
         perm = torch.randperm(n, generator=gen)
         for b in range(steps_per_epoch):
+            if step >= total:
+                break
             idx = perm[b * a.batch_size:(b + 1) * a.batch_size]
             for g in opt.param_groups:
                 g["lr"] = lr_at(step)
@@ -159,11 +168,17 @@ def main():
             torch.nn.utils.clip_grad_norm_(model.parameters(), a.clip)
             opt.step()
             step += 1
+            examples += len(idx)
     elapsed = time.perf_counter() - start
+    result = {"framework": "pytorch", "torch": torch.__version__, "threads": a.threads, "seed": a.seed,
+              "steps": step, "batch_size": a.batch_size, "examples_per_second": examples / elapsed,
+              "tasks": {}}
+    if a.no_eval:
+        print(json.dumps(result))
+        return
     model.eval()
     with torch.no_grad():
         probs = torch.cat([torch.sigmoid(model(take(xt, torch.arange(i, min(i + 1024, nt))))) for i in range(0, nt, 1024)])
-    result = {"examples_per_second": step * a.batch_size / elapsed, "tasks": {}}
     for t, task in enumerate(config["tasks"]):
         p, l = probs[:, t].tolist(), yt[:, t].tolist()
         keep = [(pi, li) for pi, li in zip(p, l) if not math.isnan(li)]

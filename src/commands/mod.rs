@@ -23,6 +23,7 @@ pub fn presets_listing() -> String {
         "masknet-parallel" => "parallel MaskNet 3x512 (ratio 2.0); MLP 512-256",
         "masknet-serial" => "serial MaskNet 3x512 (ratio 2.0); MLP 512-256",
         "mlp" => "no interaction layers; MLP 1024-512-256",
+        "homefeed-bench" => "pinterest-homefeed under the name that `cargo xtask bench-compare` times",
         _ => "",
     };
     presets::NAMES.iter().map(|n| format!("{n:<20} {}\n", describe(n))).collect()

@@ -25,7 +25,7 @@ pub fn metrics_table(tasks: &[(String, TaskMetrics)]) -> String {
 
 fn load_model(checkpoint_path: &Path) -> Result<ranker_model::Ranker> {
     let dir = resolve_checkpoint(checkpoint_path)?;
-    Ok(checkpoint::load(&dir, DType::F32, &Device::Cpu)?.0)
+    checkpoint::load_for_serving(&dir, DType::F32, &Device::Cpu)
 }
 
 /// `rankstack eval`: metrics of a checkpoint on a labelled file.

@@ -1,8 +1,11 @@
 //! AdamW with state that can be saved and restored (for resumable training).
 
 use std::collections::HashMap;
+use std::sync::Mutex;
 
-use candle_core::{backprop::GradStore, DType, Result, Tensor, Var};
+use candle_core::{backprop::GradStore, CpuStorage, DType, InplaceOp2, Layout, Result, Tensor, TensorId, Var};
+use rankstack_nn::RowGradient;
+use rayon::prelude::*;
 
 /// AdamW hyper-parameters (PyTorch defaults except the learning rate).
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -26,7 +29,7 @@ impl Default for AdamWConfig {
     }
 }
 
-/// AdamW (Loshchilov & Hutter), exactly PyTorch's `torch.optim.AdamW` update for step `t ≥ 1`:
+/// AdamW (Loshchilov & Hutter), PyTorch's `torch.optim.AdamW` update for step `t ≥ 1`:
 ///
 /// ```text
 /// θ ← θ − lr·λ·θ
@@ -36,13 +39,123 @@ impl Default for AdamWConfig {
 ///
 /// Parameters without a gradient in a step are left untouched (their moments too). The moments
 /// are kept per parameter name so that [`AdamW::state`] / [`AdamW::load_state`] can checkpoint them.
+///
+/// **Row-sparse updates** ([`RowGradient`], from tables in row-sparse mode): only the rows in the
+/// gradient are updated — weight decay, moments and step — with the formula above and the global
+/// step `t`. Rows a step does not touch keep their weights and moments ("lazy" AdamW, as
+/// torchrec's fused row-wise optimizers). For the touched rows one step gives exactly the dense
+/// update of a zero-elsewhere gradient; untouched rows differ from a dense update, which would
+/// decay them and move them by their old momentum.
+///
+/// On the CPU with `f32` parameters the update is one fused pass over parameter, gradient and
+/// moments, in place (no temporaries: the dense version allocated seven tensors per parameter per
+/// step); its arithmetic is the tensor version's, operation for operation, so results are the
+/// same bits. Other devices and dtypes use the tensor version.
 #[derive(Debug)]
 pub struct AdamW {
     params: Vec<(String, Var)>,
-    m: HashMap<String, Tensor>,
-    v: HashMap<String, Tensor>,
+    by_id: HashMap<TensorId, usize>,
+    moments: HashMap<String, Moments>,
     step: u64,
     config: AdamWConfig,
+    /// Use the fused kernel where it applies (off only in tests, to compare with the tensor path).
+    fused: bool,
+}
+
+/// First and second moments of one parameter.
+#[derive(Debug)]
+enum Moments {
+    /// CPU `f32` parameters: flat buffers updated in place by the fused kernel.
+    Host { m: Vec<f32>, v: Vec<f32>, dims: Vec<usize> },
+    /// Anything else: tensors on the parameter's device.
+    Tensors { m: Tensor, v: Tensor },
+}
+
+/// The per-step constants of the update, as the `f32` values the tensor version multiplies by.
+#[derive(Debug, Clone, Copy)]
+struct Coefficients {
+    beta1: f32,
+    one_minus_beta1: f32,
+    beta2: f32,
+    one_minus_beta2: f32,
+    inv_bc1: f32,
+    inv_bc2: f32,
+    eps: f32,
+    decay: f32,
+    lr: f32,
+}
+
+impl Coefficients {
+    /// One element: `(θ, m, v)` after the update with gradient `g`. Each line is one tensor op of
+    /// the tensor version (candle's `affine` computes `x · mul + add` in the tensor's dtype).
+    #[inline(always)]
+    fn update(&self, theta: f32, m: f32, v: f32, g: f32) -> (f32, f32, f32) {
+        let m = (m * self.beta1 + 0.0) + (g * self.one_minus_beta1 + 0.0);
+        let v = (v * self.beta2 + 0.0) + ((g * g) * self.one_minus_beta2 + 0.0);
+        let update = (m * self.inv_bc1 + 0.0) / ((v * self.inv_bc2 + 0.0).sqrt() * 1.0 + self.eps);
+        let theta = (theta * self.decay + 0.0) - (update * self.lr + 0.0);
+        (theta, m, v)
+    }
+}
+
+/// The fused in-place update of a CPU `f32` parameter (dense, or the rows of a row gradient).
+struct FusedUpdate<'a> {
+    coefficients: Coefficients,
+    m: Mutex<&'a mut [f32]>,
+    v: Mutex<&'a mut [f32]>,
+    /// `Some((rows, dim))`: the gradient holds these rows of the parameter, in order.
+    rows: Option<(&'a [u32], usize)>,
+}
+
+impl InplaceOp2 for FusedUpdate<'_> {
+    fn name(&self) -> &'static str {
+        "adamw-fused-update"
+    }
+
+    fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<()> {
+        let (CpuStorage::F32(theta), CpuStorage::F32(grad)) = (s1, s2) else {
+            candle_core::bail!("adamw-fused-update: f32 only");
+        };
+        let (Some((t0, t1)), Some((g0, g1))) = (l1.contiguous_offsets(), l2.contiguous_offsets()) else {
+            candle_core::bail!("adamw-fused-update: contiguous tensors only");
+        };
+        let (theta, grad) = (&mut theta[t0..t1], &grad[g0..g1]);
+        let mut m = self.m.lock().expect("lock poisoned");
+        let mut v = self.v.lock().expect("lock poisoned");
+        let c = self.coefficients;
+        let apply = |theta: &mut [f32], m: &mut [f32], v: &mut [f32], grad: &[f32]| {
+            for (((t, m), v), &g) in theta.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).zip(grad) {
+                (*t, *m, *v) = c.update(*t, *m, *v, g);
+            }
+        };
+        match self.rows {
+            None => {
+                if theta.len() != grad.len() || m.len() != grad.len() {
+                    candle_core::bail!("adamw-fused-update: sizes differ");
+                }
+                const CHUNK: usize = 1 << 16;
+                theta
+                    .par_chunks_mut(CHUNK)
+                    .zip(m.par_chunks_mut(CHUNK))
+                    .zip(v.par_chunks_mut(CHUNK))
+                    .zip(grad.par_chunks(CHUNK))
+                    .for_each(|(((t, m), v), g)| apply(t, m, v, g));
+            }
+            Some((rows, dim)) => {
+                if grad.len() != rows.len() * dim {
+                    candle_core::bail!("adamw-fused-update: row gradient size differs");
+                }
+                for (k, &r) in rows.iter().enumerate() {
+                    let at = r as usize * dim..(r as usize + 1) * dim;
+                    if at.end > theta.len() {
+                        candle_core::bail!("adamw-fused-update: row {r} is out of range");
+                    }
+                    apply(&mut theta[at.clone()], &mut m[at.clone()], &mut v[at], &grad[k * dim..(k + 1) * dim]);
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 impl AdamW {
@@ -64,7 +177,8 @@ impl AdamW {
         if !(config.weight_decay.is_finite() && config.weight_decay >= 0.0) {
             return Err(bad("weight_decay", config.weight_decay));
         }
-        Ok(Self { params, m: HashMap::new(), v: HashMap::new(), step: 0, config })
+        let by_id = params.iter().enumerate().map(|(i, (_, v))| (v.as_tensor().id(), i)).collect();
+        Ok(Self { params, by_id, moments: HashMap::new(), step: 0, config, fused: true })
     }
 
     /// Steps taken so far.
@@ -77,75 +191,193 @@ impl AdamW {
         &self.config
     }
 
-    /// One update with learning rate `lr` (the schedule's value for this step).
-    pub fn step(&mut self, grads: &GradStore, lr: f64) -> Result<()> {
+    /// One update with learning rate `lr` (the schedule's value for this step), from the dense
+    /// gradients in `grads` and the row gradients `rows` (of tables in row-sparse mode; their
+    /// tables must be parameters of this optimizer).
+    pub fn step(&mut self, grads: &GradStore, rows: &[RowGradient], lr: f64) -> Result<()> {
         self.step += 1;
+        for r in rows {
+            if !self.by_id.contains_key(&r.table.id()) {
+                candle_core::bail!("AdamW: a row gradient's table is not one of the optimizer's parameters");
+            }
+        }
+        for i in 0..self.params.len() {
+            let (name, var) = self.params[i].clone();
+            if let Some(g) = grads.get(var.as_tensor()) {
+                self.update(&name, &var, g, None, lr)?;
+            }
+            for r in rows.iter().filter(|r| r.table.id() == var.as_tensor().id()) {
+                self.update(&name, &var, &r.grad, Some(&r.rows), lr)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn coefficients(&self, lr: f64) -> Coefficients {
         let c = self.config;
         let t = self.step as i32;
         let (bc1, bc2) = (1.0 - c.beta1.powi(t), 1.0 - c.beta2.powi(t));
-        for (name, var) in &self.params {
-            let Some(g) = grads.get(var.as_tensor()) else { continue };
-            let g = g.to_dtype(var.dtype())?;
-            let m = match self.m.get(name) {
-                Some(m) => ((m * c.beta1)? + (&g * (1.0 - c.beta1))?)?,
-                None => (&g * (1.0 - c.beta1))?,
-            };
-            let v = match self.v.get(name) {
-                Some(v) => ((v * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?,
-                None => (g.sqr()? * (1.0 - c.beta2))?,
-            };
-            let update = ((&m / bc1)? / ((&v / bc2)?.sqrt()? + c.eps)?)?;
-            let decayed = (var.as_tensor() * (1.0 - lr * c.weight_decay))?;
-            var.set(&(decayed - (update * lr)?)?)?;
-            self.m.insert(name.clone(), m);
-            self.v.insert(name.clone(), v);
+        Coefficients {
+            beta1: c.beta1 as f32,
+            one_minus_beta1: (1.0 - c.beta1) as f32,
+            beta2: c.beta2 as f32,
+            one_minus_beta2: (1.0 - c.beta2) as f32,
+            inv_bc1: (1.0 / bc1) as f32,
+            inv_bc2: (1.0 / bc2) as f32,
+            eps: c.eps as f32,
+            decay: (1.0 - lr * c.weight_decay) as f32,
+            lr: lr as f32,
         }
-        Ok(())
+    }
+
+    /// Updates `var` (all of it, or the rows `rows` of `g`).
+    fn update(&mut self, name: &str, var: &Var, g: &Tensor, rows: Option<&[u32]>, lr: f64) -> Result<()> {
+        let g = g.to_dtype(var.dtype())?;
+        let fused = self.fused && var.device().is_cpu() && var.dtype() == DType::F32;
+        if !self.moments.contains_key(name) {
+            let moments = if fused {
+                let n = var.elem_count();
+                Moments::Host { m: vec![0.0; n], v: vec![0.0; n], dims: var.dims().to_vec() }
+            } else {
+                Moments::Tensors { m: var.zeros_like()?, v: var.zeros_like()? }
+            };
+            self.moments.insert(name.to_string(), moments);
+        }
+        let coefficients = self.coefficients(lr);
+        let c = self.config;
+        let t = self.step as i32;
+        let (bc1, bc2) = (1.0 - c.beta1.powi(t), 1.0 - c.beta2.powi(t));
+        match self.moments.get_mut(name).expect("inserted above") {
+            Moments::Host { m, v, .. } => {
+                let g = g.contiguous()?;
+                let dim = if var.rank() >= 2 { var.elem_count() / var.dim(0)? } else { 1 };
+                let op = FusedUpdate {
+                    coefficients,
+                    m: Mutex::new(m.as_mut_slice()),
+                    v: Mutex::new(v.as_mut_slice()),
+                    rows: rows.map(|r| (r, dim)),
+                };
+                var.as_tensor().inplace_op2(&g, &op)
+            }
+            Moments::Tensors { m, v } => {
+                let (theta, mm, vv, g) = match rows {
+                    None => (var.as_tensor().clone(), m.clone(), v.clone(), g),
+                    Some(r) => {
+                        let index = Tensor::from_slice(r, r.len(), var.device())?;
+                        (var.index_select(&index, 0)?, m.index_select(&index, 0)?, v.index_select(&index, 0)?, g)
+                    }
+                };
+                let new_m = ((mm * c.beta1)? + (&g * (1.0 - c.beta1))?)?;
+                let new_v = ((vv * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
+                let update = ((&new_m / bc1)? / ((&new_v / bc2)?.sqrt()? + c.eps)?)?;
+                let new_theta = ((theta * (1.0 - lr * c.weight_decay))? - (update * lr)?)?;
+                match rows {
+                    None => {
+                        var.set(&new_theta)?;
+                        *m = new_m;
+                        *v = new_v;
+                    }
+                    Some(r) => {
+                        // Write the rows back (index_add onto the rows with their old values removed).
+                        let index = Tensor::from_slice(r, r.len(), var.device())?;
+                        let put = |whole: &Tensor, new: &Tensor| -> Result<Tensor> {
+                            let old = whole.index_select(&index, 0)?;
+                            whole.index_add(&index, &(new - old)?, 0)
+                        };
+                        var.set(&put(var.as_tensor(), &new_theta)?)?;
+                        *m = put(m, &new_m)?;
+                        *v = put(v, &new_v)?;
+                    }
+                }
+                Ok(())
+            }
+        }
     }
 
     /// The optimizer state as named tensors (`m.<param>`, `v.<param>`, `step`).
     pub fn state(&self) -> Result<HashMap<String, Tensor>> {
         let mut out = HashMap::new();
-        for (k, t) in &self.m {
-            out.insert(format!("m.{k}"), t.clone());
-        }
-        for (k, t) in &self.v {
-            out.insert(format!("v.{k}"), t.clone());
+        for (k, moments) in &self.moments {
+            let (m, v) = match moments {
+                Moments::Host { m, v, dims } => (
+                    Tensor::from_slice(m, dims.as_slice(), &candle_core::Device::Cpu)?,
+                    Tensor::from_slice(v, dims.as_slice(), &candle_core::Device::Cpu)?,
+                ),
+                Moments::Tensors { m, v } => (m.clone(), v.clone()),
+            };
+            out.insert(format!("m.{k}"), m);
+            out.insert(format!("v.{k}"), v);
         }
         out.insert("step".to_string(), Tensor::new(&[self.step as i64], &candle_core::Device::Cpu)?);
         Ok(out)
     }
 
-    /// Restores a state from [`AdamW::state`]; tensors for unknown parameters are an error.
+    /// Restores a state from [`AdamW::state`]; tensors for unknown parameters, a moment without
+    /// its partner, or a shape that differs from the parameter's are errors.
     pub fn load_state(&mut self, state: &HashMap<String, Tensor>) -> rankstack_nn::Result<()> {
-        let known: std::collections::HashSet<&str> = self.params.iter().map(|(n, _)| n.as_str()).collect();
-        self.m.clear();
-        self.v.clear();
+        let unexpected = |key: &str| {
+            rankstack_nn::Error::Checkpoint(vec![rankstack_nn::error::TensorMismatch::Unexpected {
+                name: key.to_string(),
+            }])
+        };
+        let mut moments = HashMap::new();
+        let mut step = 0;
         for (key, t) in state {
             if key == "step" {
-                self.step = t.to_dtype(DType::I64)?.to_vec1::<i64>()?.first().copied().unwrap_or(0) as u64;
+                step = t.to_dtype(DType::I64)?.to_vec1::<i64>()?.first().copied().unwrap_or(0) as u64;
                 continue;
             }
             let (slot, name) = key.split_once('.').unwrap_or(("", key));
-            if !known.contains(name) || !(slot == "m" || slot == "v") {
-                return Err(rankstack_nn::Error::Checkpoint(vec![rankstack_nn::error::TensorMismatch::Unexpected {
+            let Some((_, var)) = self.params.iter().find(|(n, _)| n == name) else { return Err(unexpected(key)) };
+            if !(slot == "m" || slot == "v") {
+                return Err(unexpected(key));
+            }
+            if t.dims() != var.dims() {
+                return Err(rankstack_nn::Error::Checkpoint(vec![rankstack_nn::error::TensorMismatch::Shape {
                     name: key.clone(),
+                    expected: var.dims().to_vec(),
+                    actual: t.dims().to_vec(),
                 }]));
             }
-            let map = if slot == "m" { &mut self.m } else { &mut self.v };
-            map.insert(name.to_string(), t.clone());
+            if slot == "m" {
+                let Some(v) = state.get(&format!("v.{name}")) else { return Err(unexpected(key)) };
+                let fused = self.fused && var.device().is_cpu() && var.dtype() == DType::F32;
+                let entry = if fused {
+                    let flat = |t: &Tensor| t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>();
+                    Moments::Host { m: flat(t)?, v: flat(v)?, dims: var.dims().to_vec() }
+                } else {
+                    let to = |t: &Tensor| t.to_dtype(var.dtype())?.to_device(var.device());
+                    Moments::Tensors { m: to(t)?, v: to(v)? }
+                };
+                moments.insert(name.to_string(), entry);
+            } else if !state.contains_key(&format!("m.{name}")) {
+                return Err(unexpected(key));
+            }
         }
+        self.moments = moments;
+        self.step = step;
         Ok(())
     }
 }
 
-/// Scales all gradients so that their global L2 norm is at most `max_norm`; returns the norm before
-/// clipping (PyTorch's `clip_grad_norm_`, with its `1e-6` in the divisor).
-pub fn clip_grad_norm(params: &[(String, Var)], grads: &mut GradStore, max_norm: f64) -> Result<f64> {
+/// Scales all gradients — dense ones in `grads` and the row gradients `rows` — so that their
+/// global L2 norm is at most `max_norm`; returns the norm before clipping (PyTorch's
+/// `clip_grad_norm_`, with its `1e-6` in the divisor). A row gradient counts as the dense gradient
+/// that is zero outside its rows.
+pub fn clip_grad_norm(
+    params: &[(String, Var)],
+    grads: &mut GradStore,
+    rows: &mut [RowGradient],
+    max_norm: f64,
+) -> Result<f64> {
+    let square_sum = |g: &Tensor| -> Result<f64> { g.to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>() };
     let mut total = 0.0f64;
     for (_, var) in params {
         if let Some(g) = grads.get(var.as_tensor()) {
-            total += g.to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()?;
+            total += square_sum(g)?;
+        }
+        for r in rows.iter().filter(|r| r.table.id() == var.as_tensor().id()) {
+            total += square_sum(&r.grad)?;
         }
     }
     let norm = total.sqrt();
@@ -156,6 +388,152 @@ pub fn clip_grad_norm(params: &[(String, Var)], grads: &mut GradStore, max_norm:
                 grads.insert(var.as_tensor(), (g * scale)?);
             }
         }
+        for r in rows.iter_mut() {
+            r.grad = (&r.grad * scale)?;
+        }
     }
     Ok(norm)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn var(values: &[f32], dims: (usize, usize)) -> Var {
+        Var::from_tensor(&Tensor::from_slice(values, dims, &Device::Cpu).unwrap()).unwrap()
+    }
+
+    fn values(n: usize, seed: u64) -> Vec<f32> {
+        let mut rng = rankstack_nn::rng::Rng::new(seed);
+        (0..n).map(|_| rng.normal() as f32).collect()
+    }
+
+    /// Gradients of `0.5·Σ (w ⊙ c)²` for a fixed `c`: a deterministic function of the weights.
+    fn grads_of(w: &Var) -> GradStore {
+        let c = Tensor::from_slice(&values(w.elem_count(), 99), w.dims(), &Device::Cpu).unwrap();
+        (w.as_tensor() * &c).unwrap().sqr().unwrap().sum_all().unwrap().affine(0.5, 0.0).unwrap().backward().unwrap()
+    }
+
+    fn bits(v: &Var) -> Vec<u32> {
+        v.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|x| x.to_bits()).collect()
+    }
+
+    #[test]
+    fn fused_kernel_gives_the_tensor_version_bit_for_bit() {
+        let init = values(4 * 70_000, 1); // several parallel chunks
+        let (a, b) = (var(&init, (4, 70_000)), var(&init, (4, 70_000)));
+        let config = AdamWConfig { lr: 1e-2, weight_decay: 0.1, ..AdamWConfig::default() };
+        let mut fused = AdamW::new(vec![("w".into(), a.clone())], config).unwrap();
+        let mut plain = AdamW::new(vec![("w".into(), b.clone())], config).unwrap();
+        plain.fused = false;
+        for step in 0..3 {
+            fused.step(&grads_of(&a), &[], 1e-2 / (step + 1) as f64).unwrap();
+            plain.step(&grads_of(&b), &[], 1e-2 / (step + 1) as f64).unwrap();
+            assert_eq!(bits(&a), bits(&b), "step {step}");
+        }
+        let (sf, sp) = (fused.state().unwrap(), plain.state().unwrap());
+        for k in ["m.w", "v.w"] {
+            assert_eq!(sf[k].to_vec2::<f32>().unwrap(), sp[k].to_vec2::<f32>().unwrap(), "{k}");
+        }
+    }
+
+    #[test]
+    fn matches_the_adamw_formula_in_f64() {
+        let init = [0.5f32, -1.5, 2.0, 0.0, 3.0, -0.25];
+        let w = var(&init, (2, 3));
+        let config = AdamWConfig { lr: 0.1, beta1: 0.8, beta2: 0.9, eps: 1e-6, weight_decay: 0.05 };
+        let mut opt = AdamW::new(vec![("w".into(), w.clone())], config).unwrap();
+        let grads_seq =
+            [[1.0f64, -2.0, 0.5, 0.0, 4.0, -0.1], [0.3, 0.3, -1.0, 2.0, -4.0, 0.2], [-1.0, 0.0, 0.0, 1.0, 1.0, 1.0]];
+        let (mut theta, mut m, mut v) = (init.map(f64::from), [0.0f64; 6], [0.0f64; 6]);
+        for (t, g) in grads_seq.iter().enumerate() {
+            let lr = 0.1 * (t + 1) as f64;
+            let gt = Tensor::from_vec(g.iter().map(|&x| x as f32).collect::<Vec<_>>(), (2, 3), &Device::Cpu).unwrap();
+            // A GradStore holding exactly `gt` for `w`: the gradient of Σ w ⊙ gt.
+            let grads = (w.as_tensor() * &gt).unwrap().sum_all().unwrap().backward().unwrap();
+            opt.step(&grads, &[], lr).unwrap();
+            let n = (t + 1) as i32;
+            for i in 0..6 {
+                theta[i] *= 1.0 - lr * config.weight_decay;
+                m[i] = config.beta1 * m[i] + (1.0 - config.beta1) * g[i];
+                v[i] = config.beta2 * v[i] + (1.0 - config.beta2) * g[i] * g[i];
+                let mh = m[i] / (1.0 - config.beta1.powi(n));
+                let vh = v[i] / (1.0 - config.beta2.powi(n));
+                theta[i] -= lr * mh / (vh.sqrt() + config.eps);
+            }
+            let got = w.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            for i in 0..6 {
+                assert!((f64::from(got[i]) - theta[i]).abs() <= 1e-6 * (1.0 + theta[i].abs()), "step {t}, {i}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_row_sparse_step_is_the_dense_step_on_the_touched_rows_and_leaves_the_others() {
+        let init = values(6 * 3, 7);
+        let rows = vec![1u32, 4];
+        let g_rows = values(2 * 3, 8);
+        let mut g_dense = vec![0f32; 18];
+        for (k, &r) in rows.iter().enumerate() {
+            g_dense[r as usize * 3..r as usize * 3 + 3].copy_from_slice(&g_rows[k * 3..k * 3 + 3]);
+        }
+        let config = AdamWConfig { lr: 0.1, weight_decay: 0.1, ..AdamWConfig::default() };
+        for fused in [true, false] {
+            let (dense_w, sparse_w) = (var(&init, (6, 3)), var(&init, (6, 3)));
+            let mut dense = AdamW::new(vec![("t".into(), dense_w.clone())], config).unwrap();
+            let mut sparse = AdamW::new(vec![("t".into(), sparse_w.clone())], config).unwrap();
+            (dense.fused, sparse.fused) = (fused, fused);
+            let gt = Tensor::from_slice(&g_dense, (6, 3), &Device::Cpu).unwrap();
+            let grads = (dense_w.as_tensor() * &gt).unwrap().sum_all().unwrap().backward().unwrap();
+            dense.step(&grads, &[], 0.1).unwrap();
+            let row_grad = RowGradient {
+                table: sparse_w.as_tensor().clone(),
+                rows: rows.clone(),
+                grad: Tensor::from_slice(&g_rows, (2, 3), &Device::Cpu).unwrap(),
+            };
+            let no_dense = Tensor::zeros(1, DType::F32, &Device::Cpu).unwrap().sum_all().unwrap().backward().unwrap();
+            sparse.step(&no_dense, &[row_grad], 0.1).unwrap();
+            let (d, s) = (bits(&dense_w), bits(&sparse_w));
+            let before: Vec<u32> = init.iter().map(|x| x.to_bits()).collect();
+            for r in 0..6 {
+                let at = r * 3..r * 3 + 3;
+                if rows.contains(&(r as u32)) {
+                    assert_eq!(d[at.clone()], s[at], "fused {fused}: touched row {r}");
+                } else {
+                    assert_eq!(s[at.clone()], before[at.clone()], "fused {fused}: untouched row {r} kept");
+                    assert_ne!(d[at.clone()], before[at], "fused {fused}: the dense step decays row {r}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_row_gradient_of_an_unknown_table_is_an_error() {
+        let w = var(&[1.0, 2.0], (1, 2));
+        let other = var(&[1.0, 2.0], (1, 2));
+        let mut opt = AdamW::new(vec![("w".into(), w)], AdamWConfig::default()).unwrap();
+        let r = RowGradient { table: other.as_tensor().clone(), rows: vec![0], grad: other.as_tensor().clone() };
+        let none = Tensor::zeros(1, DType::F32, &Device::Cpu).unwrap().sum_all().unwrap().backward().unwrap();
+        assert!(opt.step(&none, &[r], 0.1).unwrap_err().to_string().contains("not one of the optimizer's parameters"));
+    }
+
+    #[test]
+    fn clipping_counts_row_gradients_as_their_dense_equivalent() {
+        let w = var(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0], (3, 2));
+        let b = var(&[0.5, 0.5], (1, 2));
+        let params = vec![("w".to_string(), w.clone()), ("b".to_string(), b.clone())];
+        // Dense gradient of b: [3, 0]; row gradient of w: row 1 = [0, 4]. Global norm 5.
+        let gb = Tensor::from_slice(&[3.0f32, 0.0], (1, 2), &Device::Cpu).unwrap();
+        let mut grads = (b.as_tensor() * &gb).unwrap().sum_all().unwrap().backward().unwrap();
+        let grad = Tensor::from_slice(&[0.0f32, 4.0], (1, 2), &Device::Cpu).unwrap();
+        let mut rows = vec![RowGradient { table: w.as_tensor().clone(), rows: vec![1], grad }];
+        let norm = clip_grad_norm(&params, &mut grads, &mut rows, 1.0).unwrap();
+        assert!((norm - 5.0).abs() < 1e-12);
+        let scale = 1.0 / (5.0 + 1e-6);
+        let gb = grads.get(b.as_tensor()).unwrap().to_vec2::<f32>().unwrap();
+        assert!((f64::from(gb[0][0]) - 3.0 * scale).abs() < 1e-7);
+        let gw = rows[0].grad.to_vec2::<f32>().unwrap();
+        assert!((f64::from(gw[0][1]) - 4.0 * scale).abs() < 1e-7 && gw[0][0] == 0.0);
+    }
 }

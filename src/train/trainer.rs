@@ -75,6 +75,11 @@ pub struct TrainOptions {
     pub stop_after: Option<u64>,
     /// No progress bar.
     pub quiet: bool,
+    /// Row-sparse embedding updates: each step updates only the table rows its batch touched, with
+    /// lazy AdamW semantics (see [`AdamW`]); `false` gives every table a dense gradient and update,
+    /// as PyTorch's `nn.Embedding` with `torch.optim.AdamW`. A resumed run must use the same choice
+    /// to reproduce an uninterrupted one.
+    pub row_sparse_embeddings: bool,
 }
 
 impl Default for TrainOptions {
@@ -92,6 +97,7 @@ impl Default for TrainOptions {
             checkpoint_every: None,
             stop_after: None,
             quiet: false,
+            row_sparse_embeddings: true,
         }
     }
 }
@@ -122,7 +128,7 @@ pub struct TrainReport {
     pub evaluations: Vec<EvalReport>,
     /// The checkpoint written last.
     pub checkpoint: PathBuf,
-    /// Training throughput of this session, examples per second.
+    /// Training throughput of this session, examples per second (evaluation and checkpoint time excluded).
     pub examples_per_second: f64,
 }
 
@@ -174,6 +180,7 @@ impl Trainer {
         std::fs::create_dir_all(&run_dir).map_err(Error::io_at(&run_dir))?;
         let store = SeededVarMap::new(options.seed);
         let ranker = Ranker::new(config, store.var_builder(DType::F32, &Device::Cpu))?;
+        ranker.set_row_sparse_gradients(options.row_sparse_embeddings);
         let optimizer = AdamW::new(store.named_vars(), options.optimizer)?;
         // A fresh run starts a fresh log.
         let _ = std::fs::remove_file(run_dir.join("metrics.jsonl"));
@@ -190,6 +197,7 @@ impl Trainer {
             return Err(Error::input("train", "out", format!("{} holds no checkpoint to resume", run_dir.display())));
         };
         let (ranker, store) = checkpoint::load(&dir, DType::F32, &Device::Cpu)?;
+        ranker.set_row_sparse_gradients(options.row_sparse_embeddings);
         let mut optimizer = AdamW::new(store.named_vars(), options.optimizer)?;
         let state = read_safetensors(dir.join("trainer_state.safetensors"))?;
         optimizer.load_state(&state.tensors)?;
@@ -303,7 +311,12 @@ impl Trainer {
         );
         progress.set_position(self.step);
 
+        // Throughput counts the training loop (data reading included), not evaluation or checkpoints.
         let started = Instant::now();
+        let mut paused = std::time::Duration::ZERO;
+        let train_rate = |examples: usize, paused: std::time::Duration| {
+            examples as f64 / started.elapsed().saturating_sub(paused).as_secs_f64().max(1e-9)
+        };
         let start_step = self.step;
         let mut examples = 0usize;
         let (mut window_loss, mut window_steps) = (0.0, 0u64);
@@ -338,16 +351,17 @@ impl Trainer {
                     ));
                 }
                 let mut grads = loss.backward()?;
+                let mut rows = self.ranker.take_row_gradients(&grads)?;
                 if let Some(max) = o.grad_clip_norm {
-                    clip_grad_norm(&params, &mut grads, max)?;
+                    clip_grad_norm(&params, &mut grads, &mut rows, max)?;
                 }
                 let lr = schedule.lr(self.step);
-                self.optimizer.step(&grads, lr)?;
+                self.optimizer.step(&grads, &rows, lr)?;
                 self.step += 1;
                 examples += b.rows;
                 window_loss += value;
                 window_steps += 1;
-                let rate = examples as f64 / started.elapsed().as_secs_f64().max(1e-9);
+                let rate = train_rate(examples, paused);
                 progress.set_position(self.step);
                 progress.set_message(format!("loss {value:.4}  {rate:.0} ex/s"));
                 if self.step % o.log_every == 0 || self.step == total {
@@ -358,6 +372,7 @@ impl Trainer {
                     (window_loss, window_steps) = (0.0, 0);
                 }
                 let epoch_done = self.step % steps_per_epoch == 0 || self.step == total;
+                let pause_started = Instant::now();
                 if epoch_done {
                     if let Some(eval) = eval {
                         let report = evaluate(&self.ranker, eval, o.batch_size, (epoch + 1) as usize, self.step)?;
@@ -381,6 +396,7 @@ impl Trainer {
                 if epoch_done || interrupted || o.checkpoint_every.is_some_and(|k| self.step % k == 0) {
                     last_checkpoint = self.save_checkpoint()?;
                 }
+                paused += pause_started.elapsed();
                 if interrupted {
                     progress.abandon();
                     return Ok(TrainReport {
@@ -389,7 +405,7 @@ impl Trainer {
                         last_loss,
                         evaluations,
                         checkpoint: last_checkpoint,
-                        examples_per_second: examples as f64 / started.elapsed().as_secs_f64().max(1e-9),
+                        examples_per_second: train_rate(examples, paused),
                     });
                 }
                 if epoch_done {
@@ -407,7 +423,7 @@ impl Trainer {
             last_loss,
             evaluations,
             checkpoint: last_checkpoint,
-            examples_per_second: examples as f64 / started.elapsed().as_secs_f64().max(1e-9),
+            examples_per_second: train_rate(examples, paused),
         })
     }
 }

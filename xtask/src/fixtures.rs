@@ -14,7 +14,8 @@ pub fn venv_python() -> PathBuf {
     root().join("reference/.venv/bin/python")
 }
 
-fn ensure_venv() -> Result<()> {
+/// Creates `reference/.venv` if missing and installs the pinned requirements into it.
+pub fn ensure_venv() -> Result<()> {
     let python = venv_python();
     if !python.exists() {
         let system = std::env::var("PYTHON").unwrap_or_else(|_| "python3".to_string());

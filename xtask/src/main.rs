@@ -5,8 +5,12 @@
 //!   every fixture into a temporary directory compared with the committed ones.
 //! - `fixtures`: creates the reference venv (`reference/.venv`, pinned `reference/requirements.txt`)
 //!   if needed, regenerates `fixtures/` and rewrites `fixtures/MANIFEST.json`.
+//! - `venv`: only creates (or updates) the reference venv, for scripts that run the PyTorch reference.
+//! - `bench-compare [--rounds N] [--threads T]`: the `homefeed-bench` model in rankstack and in
+//!   PyTorch, outputs checked to agree, then timed side by side (see `docs/performance.md`).
 //! - `manifest`: rewrites `fixtures/MANIFEST.json` from the current files (after a deliberate change).
 
+mod bench_compare;
 mod fixtures;
 mod manifest;
 
@@ -20,9 +24,11 @@ fn main() -> ExitCode {
     let result = match args.first().map(String::as_str) {
         Some("verify") => verify(),
         Some("fixtures") => fixtures::regenerate(),
+        Some("venv") => fixtures::ensure_venv(),
+        Some("bench-compare") => bench_compare::bench_compare(&args[1..]),
         Some("manifest") => manifest::write(&root()),
         _ => {
-            eprintln!("usage: cargo xtask <verify|fixtures|manifest>");
+            eprintln!("usage: cargo xtask <verify|fixtures|venv|bench-compare|manifest>");
             return ExitCode::from(2);
         }
     };

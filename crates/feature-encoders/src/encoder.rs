@@ -2,10 +2,11 @@
 
 use std::ops::Range;
 
+use candle_core::backprop::GradStore;
 use candle_core::{ModuleT, Result, Tensor, Var};
 use candle_nn::VarBuilder;
 
-use rankstack_nn::Error;
+use rankstack_nn::{Error, RowGradient};
 
 use crate::{l2_normalize, DenseEncoder, EmbeddingProjection, FeatureSchema, SparseEmbedding, SparseInput};
 
@@ -218,7 +219,7 @@ impl FeatureEncoder {
             blocks.push(enc.forward_t(x, train)?);
         }
         for (table, input) in self.sparse.iter().zip(&batch.sparse) {
-            let y = table.forward(input)?;
+            let y = table.forward_t(input, train)?;
             blocks.push(if table.feature().normalize { l2_normalize(&y, L2_EPS)? } else { y });
         }
         for ((p, f), x) in self.embedding.iter().zip(&self.schema.embedding).zip(&batch.embedding) {
@@ -237,5 +238,22 @@ impl FeatureEncoder {
     /// Evaluation-mode forward pass.
     pub fn forward(&self, batch: &FeatureBatch) -> Result<Tensor> {
         self.forward_t(batch, false)
+    }
+
+    /// Row-sparse gradients for every sparse table (see [`SparseEmbedding`]); off by default.
+    pub fn set_row_sparse_gradients(&self, on: bool) {
+        self.sparse.iter().for_each(|t| t.set_row_sparse_gradients(on));
+    }
+
+    /// The row gradients of every sparse table touched by training lookups since the last call.
+    pub fn take_row_gradients(&self, grads: &GradStore) -> Result<Vec<RowGradient>> {
+        Ok(self
+            .sparse
+            .iter()
+            .map(|t| t.take_row_gradients(grads))
+            .collect::<Result<Vec<_>>>()?
+            .into_iter()
+            .flatten()
+            .collect())
     }
 }

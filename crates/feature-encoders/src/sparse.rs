@@ -1,10 +1,11 @@
 //! Embedding tables for categorical features, with multi-valued (bag) pooling and an OOV policy.
 
+use candle_core::backprop::GradStore;
 use candle_core::{DType, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 use serde::{Deserialize, Serialize};
 
-use rankstack_nn::Error;
+use rankstack_nn::{Error, RowGather, RowGradient};
 
 use crate::schema::SparseFeature;
 
@@ -133,11 +134,17 @@ impl SparseInput {
 /// assert_eq!(y.dims(), &[3, 24]);
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
+///
+/// With [`SparseEmbedding::set_row_sparse_gradients`] on, training lookups
+/// ([`SparseEmbedding::forward_t`] with `train`) go through [`RowGather`]: the table gets no
+/// dense gradient, and [`SparseEmbedding::take_row_gradients`] returns the gradient of the rows
+/// the batch touched, for a row-sparse optimizer update.
 #[derive(Debug, Clone)]
 pub struct SparseEmbedding {
     weight: Tensor,
     feature: SparseFeature,
     dim: usize,
+    gather: RowGather,
 }
 
 impl SparseEmbedding {
@@ -151,7 +158,18 @@ impl SparseEmbedding {
             // Zero the padding row in place (the tensor shares its storage with the parameter).
             weight.slice_set(&Tensor::zeros((1, dim), weight.dtype(), weight.device())?, 0, p)?;
         }
-        Ok(Self { weight, feature: feature.clone(), dim })
+        Ok(Self { weight, feature: feature.clone(), dim, gather: RowGather::default() })
+    }
+
+    /// Row-sparse gradient mode for training lookups (see the type's docs); off by default.
+    pub fn set_row_sparse_gradients(&self, on: bool) {
+        self.gather.set_enabled(on);
+    }
+
+    /// The gradient of the rows that the training lookups since the last call touched (row-sparse
+    /// mode), or `None`.
+    pub fn take_row_gradients(&self, grads: &GradStore) -> Result<Option<RowGradient>> {
+        self.gather.take(&self.weight, grads)
     }
 
     /// Output width.
@@ -195,6 +213,11 @@ impl SparseEmbedding {
 
     /// Pooled embeddings `[B, dim]` for a batch of bags.
     pub fn forward(&self, input: &SparseInput) -> Result<Tensor> {
+        self.forward_t(input, false)
+    }
+
+    /// [`SparseEmbedding::forward`]; `train` lookups are recorded in row-sparse mode.
+    pub fn forward_t(&self, input: &SparseInput, train: bool) -> Result<Tensor> {
         let b = input.batch_size();
         let lmax = (0..b).map(|i| input.bag(i).len()).max().unwrap_or(0);
         let (dtype, dev) = (self.weight.dtype(), self.weight.device());
@@ -217,8 +240,7 @@ impl SparseEmbedding {
                 weights[i * lmax..(i + 1) * lmax].iter_mut().for_each(|w| *w /= n as f64);
             }
         }
-        let rows = Tensor::from_vec(rows, b * lmax, dev)?;
         let weights = Tensor::from_vec(weights, (b, lmax, 1), dev)?.to_dtype(dtype)?;
-        self.weight.embedding(&rows)?.reshape((b, lmax, self.dim))?.broadcast_mul(&weights)?.sum(1)
+        self.gather.lookup(&self.weight, &rows, train)?.reshape((b, lmax, self.dim))?.broadcast_mul(&weights)?.sum(1)
     }
 }

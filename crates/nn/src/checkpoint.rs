@@ -3,7 +3,11 @@
 use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
 
-use candle_core::{Device, Tensor, Var};
+use std::sync::{Arc, Mutex};
+
+use candle_core::{DType, Device, Shape, Tensor, Var};
+use candle_nn::var_builder::SimpleBackend;
+use candle_nn::VarBuilder;
 
 use crate::error::{Error, Result, TensorMismatch};
 
@@ -68,6 +72,108 @@ pub fn load_into(vars: &[(String, Var)], tensors: &HashMap<String, Tensor>) -> R
     Ok(())
 }
 
+/// A [`VarBuilder`] backend that hands out a file's tensors as plain (non-variable) tensors, for
+/// building a model to serve: no random initialisation, no [`Var`]s, so candle records no backward
+/// graph and every intermediate tensor is freed as soon as the forward pass moves on.
+///
+/// Construction never fails on a mismatch: a missing or wrongly shaped tensor is recorded (and a
+/// zero placeholder returned) so that [`FrozenTensors::finish`] can report every problem at once,
+/// together with the file's tensors that nothing asked for.
+///
+/// ```
+/// # use std::collections::HashMap;
+/// # use candle_core::{DType, Device, Tensor};
+/// use rankstack_nn::checkpoint::FrozenTensors;
+/// let file = HashMap::from([("w".to_string(), Tensor::ones((2, 3), DType::F32, &Device::Cpu)?)]);
+/// let tensors = FrozenTensors::new(file);
+/// let vb = tensors.var_builder(DType::F32, &Device::Cpu);
+/// let w = vb.get((2, 3), "w")?;
+/// assert!(!w.is_variable());
+/// tensors.finish(&[])?; // every tensor used, none missing
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Clone, Debug)]
+pub struct FrozenTensors {
+    inner: Arc<FrozenInner>,
+}
+
+#[derive(Debug)]
+struct FrozenInner {
+    tensors: HashMap<String, Tensor>,
+    requested: Mutex<BTreeSet<String>>,
+    problems: Mutex<Vec<TensorMismatch>>,
+}
+
+impl FrozenTensors {
+    /// Serves `tensors` (by name).
+    pub fn new(tensors: HashMap<String, Tensor>) -> Self {
+        Self {
+            inner: Arc::new(FrozenInner {
+                tensors,
+                requested: Mutex::new(BTreeSet::new()),
+                problems: Mutex::new(Vec::new()),
+            }),
+        }
+    }
+
+    /// A [`VarBuilder`] over these tensors; float tensors are converted to `dtype`.
+    pub fn var_builder(&self, dtype: DType, device: &Device) -> VarBuilder<'static> {
+        VarBuilder::from_backend(Box::new(self.clone()), dtype, device.clone())
+    }
+
+    /// The tensor called `name`, if the file has it (for buffers that a model keeps outside its
+    /// parameters).
+    pub fn tensor(&self, name: &str) -> Option<&Tensor> {
+        self.inner.tensors.get(name)
+    }
+
+    /// Every problem met while building, plus the tensors that neither the model asked for nor
+    /// `also_used` names (e.g. buffers loaded separately), as one [`Error::Checkpoint`].
+    pub fn finish(&self, also_used: &[String]) -> Result<()> {
+        let requested = self.inner.requested.lock().expect("lock poisoned");
+        let mut problems = self.inner.problems.lock().expect("lock poisoned").clone();
+        let mut unexpected: Vec<&String> =
+            self.inner.tensors.keys().filter(|k| !requested.contains(k.as_str()) && !also_used.contains(k)).collect();
+        unexpected.sort();
+        problems.extend(unexpected.into_iter().map(|name| TensorMismatch::Unexpected { name: name.clone() }));
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(Error::Checkpoint(problems))
+        }
+    }
+}
+
+impl SimpleBackend for FrozenTensors {
+    fn get(&self, s: Shape, name: &str, _: candle_nn::Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        self.inner.requested.lock().expect("lock poisoned").insert(name.to_string());
+        let problem = match self.inner.tensors.get(name) {
+            Some(t) if t.shape() == &s => {
+                let t = if t.dtype().is_float() { t.to_dtype(dtype)? } else { t.clone() };
+                return t.to_device(dev);
+            }
+            Some(t) => {
+                TensorMismatch::Shape { name: name.to_string(), expected: s.dims().to_vec(), actual: t.dims().to_vec() }
+            }
+            None => TensorMismatch::Missing { name: name.to_string() },
+        };
+        self.inner.problems.lock().expect("lock poisoned").push(problem);
+        Tensor::zeros(s, dtype, dev)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        self.inner.requested.lock().expect("lock poisoned").insert(name.to_string());
+        match self.inner.tensors.get(name) {
+            Some(t) => t.to_dtype(dtype)?.to_device(dev),
+            None => candle_core::bail!("no tensor named `{name}`"),
+        }
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.inner.tensors.contains_key(name)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -115,5 +221,27 @@ mod tests {
         assert!(err.contains("nope.safetensors"), "{err}");
         assert_eq!(read_safetensors(&good).unwrap().tensors["w"].dims(), &[4, 4]);
         std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn frozen_tensors_are_plain_and_every_problem_is_reported() {
+        let dev = Device::Cpu;
+        let file = HashMap::from([
+            ("a".to_string(), Tensor::ones((2, 3), DType::F64, &dev).unwrap()),
+            ("b".to_string(), Tensor::ones(4, DType::F32, &dev).unwrap()),
+            ("buffer".to_string(), Tensor::new(3i64, &dev).unwrap()),
+            ("stray".to_string(), Tensor::ones(1, DType::F32, &dev).unwrap()),
+        ]);
+        let frozen = FrozenTensors::new(file);
+        let vb = frozen.var_builder(DType::F32, &dev);
+        let a = vb.get((2, 3), "a").unwrap();
+        assert!(!a.is_variable() && a.dtype() == DType::F32);
+        assert_eq!(vb.get(5, "b").unwrap().dims(), [5]); // placeholder; reported below
+        vb.get(2, "c").unwrap();
+        let e = frozen.finish(&["buffer".to_string()]).unwrap_err().to_string();
+        for needle in ["`b`", "missing tensor `c`", "unexpected tensor `stray`"] {
+            assert!(e.contains(needle), "{needle}: {e}");
+        }
+        assert!(!e.contains("buffer") && !e.contains("`a`"), "{e}");
     }
 }

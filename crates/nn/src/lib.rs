@@ -16,6 +16,8 @@
 //! - [`Mlp`]: a stack of linear layers with activation, optional normalisation and dropout.
 //! - [`shape`]: input-shape checks that produce errors naming the layer.
 //! - [`checkpoint`]: loading named tensors into a parameter store, reporting every mismatch at once.
+//! - [`row_sparse`]: row-sparse gradients for embedding tables ([`RowGather`], [`RowGradient`]).
+//! - [`memory`]: the allocator setting that keeps freed tensor memory for reuse (no page faults).
 //! - [`testing`]: fixture loading and closeness checks for the PyTorch reference tests.
 //!
 //! Every layer constructor in the workspace takes a config and a [`candle_nn::VarBuilder`], returns
@@ -33,9 +35,11 @@ pub mod init;
 pub mod layer_norm;
 pub mod linear;
 pub mod loss;
+pub mod memory;
 pub mod mlp;
 pub mod reseed;
 pub mod rng;
+pub mod row_sparse;
 pub mod shape;
 pub mod softmax;
 pub mod testing;
@@ -50,4 +54,5 @@ pub use layer_norm::{LayerNorm, LayerNormConfig};
 pub use linear::{linear_xavier, Linear};
 pub use mlp::{Mlp, MlpConfig, Normalization};
 pub use reseed::Reseed;
+pub use row_sparse::{RowGather, RowGradient};
 pub use softmax::softmax;

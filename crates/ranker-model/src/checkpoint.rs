@@ -51,6 +51,13 @@ pub fn write_safetensors(
 ) -> Result<()> {
     let mut sorted: Vec<&(String, Tensor)> = tensors.iter().collect();
     sorted.sort_by(|a, b| a.0.cmp(&b.0));
+    // safetensors panics on a repeated name; report it instead.
+    if let Some(pair) = sorted.windows(2).find(|w| w[0].0 == w[1].0) {
+        return Err(Error::Corrupt {
+            path: path.display().to_string(),
+            reason: format!("tensor name `{}` appears twice", pair[0].0),
+        });
+    }
     let bytes = safetensors::serialize(sorted.iter().map(|(n, t)| (n.as_str(), TensorRef(t))), metadata)
         .map_err(|e| Error::Corrupt { path: path.display().to_string(), reason: e.to_string() })?;
     write_atomically(path, &bytes)
@@ -85,6 +92,41 @@ pub fn load(dir: impl AsRef<Path>, dtype: DType, device: &Device) -> Result<(Ran
     }
     load_into(&state(&ranker, &store), &file.tensors)?;
     Ok((ranker, store))
+}
+
+/// Loads a checkpoint directory for serving: the parameters are plain tensors straight from the
+/// file (no random initialisation first, no [`candle_core::Var`]s), so candle records no backward
+/// graph and frees each intermediate as soon as it is used. Scoring the `homefeed-bench` model at
+/// batch 2048 peaked at 6.3 GB of RSS with [`load`] and far less with this. Use [`load`] to train
+/// or fine-tune. Every mismatch between file and config is reported at once, as with [`load`].
+pub fn load_for_serving(dir: impl AsRef<Path>, dtype: DType, device: &Device) -> Result<Ranker> {
+    let dir = dir.as_ref();
+    let config = RankerConfig::from_file(dir.join(CONFIG_FILE))?;
+    let file = read_safetensors(dir.join(WEIGHTS_FILE))?;
+    let frozen = rankstack_nn::checkpoint::FrozenTensors::new(file.tensors);
+    let ranker = Ranker::new(&config, frozen.var_builder(dtype, device))?;
+    // Buffers (BatchNorm running statistics) live outside the parameters; they keep their stored
+    // dtype and are read in evaluation mode through detached copies.
+    let buffers = ranker.buffers();
+    let names: Vec<String> = buffers.iter().map(|(n, _)| n.clone()).collect();
+    let mut problems = match frozen.finish(&names) {
+        Ok(()) => Vec::new(),
+        Err(Error::Checkpoint(p)) => p,
+        Err(other) => return Err(other),
+    };
+    let mut stored = HashMap::new();
+    for (name, var) in &buffers {
+        if let Some(t) = frozen.tensor(name) {
+            let same_kind = t.dtype().is_float() == var.dtype().is_float();
+            stored.insert(name.clone(), if same_kind { t.to_dtype(var.dtype())? } else { t.clone() });
+        }
+    }
+    problems.extend(rankstack_nn::checkpoint::mismatches(&buffers, &stored));
+    if !problems.is_empty() {
+        return Err(Error::Checkpoint(problems));
+    }
+    load_into(&buffers, &stored)?;
+    Ok(ranker)
 }
 
 /// Adapts a candle tensor to safetensors' `View` (CPU copy of the data).

@@ -1,10 +1,11 @@
 //! The assembled ranker.
 
+use candle_core::backprop::GradStore;
 use candle_core::{ModuleT, Result, Tensor, Var};
 use candle_nn::VarBuilder;
 use feature_encoders::{ExtraFeature, FeatureBatch, FeatureEncoder};
 use rankstack_nn::reseed::child_seed;
-use rankstack_nn::{Error, Mlp, Reseed};
+use rankstack_nn::{Error, Mlp, Reseed, RowGradient};
 use sequence_transformer::{SequenceBatch, SequenceTransformer};
 
 use crate::loss::{calibrated_probability, multitask_loss};
@@ -143,11 +144,32 @@ impl Ranker {
         out
     }
 
+    /// Row-sparse gradients for every embedding table (the feature tables and the item table):
+    /// training passes then leave the tables out of the graph, and
+    /// [`Ranker::take_row_gradients`] returns the gradients of the rows they touched, for a
+    /// row-sparse optimizer update (see [`rankstack_nn::row_sparse`]). Off by default, so that the
+    /// tables get ordinary dense gradients.
+    pub fn set_row_sparse_gradients(&self, on: bool) {
+        self.encoder.set_row_sparse_gradients(on);
+        if let Some(t) = &self.item_table {
+            t.set_row_sparse_gradients(on);
+        }
+    }
+
+    /// The row gradients of every table touched by training passes since the last call.
+    pub fn take_row_gradients(&self, grads: &GradStore) -> Result<Vec<RowGradient>> {
+        let mut out = self.encoder.take_row_gradients(grads)?;
+        if let Some(t) = &self.item_table {
+            out.extend(t.take_row_gradients(grads)?);
+        }
+        Ok(out)
+    }
+
     /// The encoder output `[batch, D]` (the sequence block included).
     pub fn encode(&self, batch: &RankerBatch, train: bool) -> Result<Tensor> {
         let mut features = batch.features.clone();
         match (&self.sequence, &batch.sequence) {
-            (Some(seq), Some(s)) => features.extra.push(seq.forward_t(&self.sequence_batch(s)?, train)?),
+            (Some(seq), Some(s)) => features.extra.push(seq.forward_t(&self.sequence_batch(s, train)?, train)?),
             (Some(_), None) => {
                 return Err(Error::input(
                     "Ranker",
@@ -169,11 +191,11 @@ impl Ranker {
         self.encoder.forward_t(&features, train)
     }
 
-    fn sequence_batch(&self, s: &UserSequence) -> Result<SequenceBatch> {
+    fn sequence_batch(&self, s: &UserSequence, train: bool) -> Result<SequenceBatch> {
         let (item_embeddings, candidate) = match (&s.items, &self.item_table) {
             (SequenceItems::Embeddings { sequence, candidate }, None) => (sequence.clone(), candidate.clone()),
             (SequenceItems::Ids { sequence, candidate }, Some(table)) => {
-                (table.lookup(sequence)?, table.lookup(candidate)?)
+                (table.lookup(sequence, train)?, table.lookup(candidate, train)?)
             }
             (SequenceItems::Ids { .. }, None) => {
                 return Err(Error::input(

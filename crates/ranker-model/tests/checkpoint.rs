@@ -74,3 +74,60 @@ fn corrupt_or_missing_files_are_clear_errors() {
     assert!(e.contains("nowhere"), "{e}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn a_repeated_tensor_name_is_an_error_not_a_panic() {
+    let dir = tmpdir("repeated");
+    std::fs::create_dir_all(&dir).unwrap();
+    let t = candle_core::Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap();
+    let e =
+        checkpoint::write_safetensors(&dir.join("x.safetensors"), &[("a".into(), t.clone()), ("a".into(), t)], None)
+            .unwrap_err()
+            .to_string();
+    assert!(e.contains("`a` appears twice"), "{e}");
+    assert!(!dir.join("x.safetensors").exists());
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn serving_load_scores_identically_without_a_backward_graph() {
+    let config = common::small();
+    let store = SeededVarMap::new(5);
+    let ranker = Ranker::new(&config, store.var_builder(DType::F32, &Device::Cpu)).unwrap();
+    ranker.forward_t(&random_batch(&config, 16, 1).unwrap(), true).unwrap(); // move the BatchNorm buffers
+    let dir = tmpdir("serving");
+    checkpoint::save(&dir, &ranker, &store).unwrap();
+    let served = checkpoint::load_for_serving(&dir, DType::F32, &Device::Cpu).unwrap();
+    let batch = random_batch(&config, 7, 3).unwrap();
+    let trained = ranker.predict(&batch).unwrap();
+    let frozen = served.predict(&batch).unwrap();
+    assert_eq!(trained.to_vec2::<f32>().unwrap(), frozen.to_vec2::<f32>().unwrap());
+    // The trainable model records the graph (it holds every intermediate); the served one does not.
+    assert!(trained.track_op());
+    assert!(!frozen.track_op());
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn serving_load_lists_every_mismatch() {
+    let config = common::small();
+    let store = SeededVarMap::new(0);
+    let ranker = Ranker::new(&config, store.var_builder(DType::F32, &Device::Cpu)).unwrap();
+    let dir = tmpdir("serving-mismatch");
+    checkpoint::save(&dir, &ranker, &store).unwrap();
+    let other = common::SMALL.replace("dims = [8]", "dims = [9]").replace("name = \"hide\"", "name = \"close\"");
+    std::fs::write(
+        dir.join(checkpoint::CONFIG_FILE),
+        serde_json::to_string(&ranker_model::RankerConfig::from_toml_str(&other).unwrap()).unwrap(),
+    )
+    .unwrap();
+    let e = checkpoint::load_for_serving(&dir, DType::F32, &Device::Cpu).unwrap_err().to_string();
+    for needle in [
+        "`mlp.layers.0.weight` has shape",
+        "missing tensor `heads.close.logit.weight`",
+        "unexpected tensor `heads.hide.logit.weight`",
+    ] {
+        assert!(e.contains(needle), "{needle}\n{e}");
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -1,0 +1,238 @@
+//! The rankstack side of `cargo xtask bench-compare` (see `docs/performance.md`): the
+//! `homefeed-bench` model, timed the same way as `reference/rankstack_ref/bench_compare.py` times
+//! PyTorch. Run through the xtask, which builds it in release mode and alternates the two.
+//!
+//! ```text
+//! bench_compare prepare DIR   writes DIR/checkpoint (config.json, model.safetensors), the inputs
+//!                             DIR/inputs-B.safetensors for every batch size (PyTorch key layout)
+//!                             and DIR/expected.safetensors (rankstack's probabilities)
+//! bench_compare infer DIR     scoring: median ms per batch at each batch size → one JSON line
+//! bench_compare train DIR     one training step (forward, backward, AdamW) at batch 512 → JSON
+//! bench_compare gemm          the f32 GEMM rate (2048³) on this machine → JSON
+//! ```
+//!
+//! Each command reports the process's peak resident memory (`VmHWM`), so inference and training
+//! run as separate processes. Threads: `RAYON_NUM_THREADS` (the xtask sets 2).
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use candle_core::{DType, Device, Tensor};
+use rankstack::nn::SeededVarMap;
+use rankstack::ranker_model::{checkpoint, presets, random_batch, random_labels, Ranker, RankerBatch, SequenceItems};
+use rankstack::train::{AdamW, AdamWConfig};
+use serde_json::json;
+
+/// Scoring batch sizes of the comparison.
+const INFER_BATCHES: [usize; 4] = [1, 64, 512, 2048];
+/// Training batch size.
+const TRAIN_BATCH: usize = 512;
+/// Seed of the model's initialisation.
+const MODEL_SEED: u64 = 2024;
+
+type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
+
+fn main() {
+    // Ablation switches for docs/performance.md (each undoes one optimisation):
+    // BENCH_MMAP=1 keeps glibc's default mmap behaviour; BENCH_TRAINABLE_LOAD=1 scores with the
+    // trainable (variable) model instead of the serving one; BENCH_DENSE_EMBEDDINGS=1 trains with
+    // dense embedding gradients.
+    if !flag("BENCH_MMAP") {
+        rankstack::nn::memory::retain_freed_memory();
+    }
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match (args.first().map(String::as_str), args.get(1)) {
+        (Some("prepare"), Some(dir)) => prepare(Path::new(dir)),
+        (Some("infer"), Some(dir)) => infer(Path::new(dir)),
+        (Some("train"), Some(dir)) => train(Path::new(dir)),
+        (Some("gemm"), _) => gemm(),
+        _ => Err("usage: bench_compare <prepare DIR|infer DIR|train DIR|gemm>".into()),
+    };
+    if let Err(e) = result {
+        eprintln!("bench_compare: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn flag(name: &str) -> bool {
+    std::env::var(name).is_ok_and(|v| v == "1")
+}
+
+fn checkpoint_dir(dir: &Path) -> PathBuf {
+    dir.join("checkpoint")
+}
+
+/// The inputs of batch size `b`: the same for every command (seeded by `b`).
+fn inputs(ranker: &Ranker, b: usize) -> Result<RankerBatch> {
+    Ok(random_batch(ranker.config(), b, b as u64)?)
+}
+
+fn prepare(dir: &Path) -> Result<()> {
+    let config = presets::preset("homefeed-bench")?;
+    let store = SeededVarMap::new(MODEL_SEED);
+    let ranker = Ranker::new(&config, store.var_builder(DType::F32, &Device::Cpu))?;
+    checkpoint::save(checkpoint_dir(dir), &ranker, &store)?;
+    let mut expected = Vec::new();
+    let mut batches = INFER_BATCHES.to_vec();
+    if !batches.contains(&TRAIN_BATCH) {
+        batches.push(TRAIN_BATCH);
+    }
+    for b in batches {
+        let batch = inputs(&ranker, b)?;
+        let mut tensors = pytorch_inputs(&ranker, &batch)?;
+        if b == TRAIN_BATCH {
+            tensors.push(("labels".into(), random_labels(ranker.config(), b, 1)?));
+        }
+        checkpoint::write_safetensors(&dir.join(format!("inputs-{b}.safetensors")), &tensors, None)?;
+        if INFER_BATCHES.contains(&b) {
+            expected.push((format!("probabilities.{b}"), ranker.predict(&batch)?));
+        }
+    }
+    checkpoint::write_safetensors(&dir.join("expected.safetensors"), &expected, None)?;
+    let cost = ranker.cost(1).total();
+    println!(
+        "{}",
+        json!({"parameters": cost.params, "flops_per_candidate": cost.flops_per_candidate, "dir": dir.display().to_string()})
+    );
+    Ok(())
+}
+
+/// The batch in the reference's key layout (`rankstack_ref.ranker.Ranker` inputs).
+fn pytorch_inputs(ranker: &Ranker, batch: &RankerBatch) -> Result<Vec<(String, Tensor)>> {
+    let schema = &ranker.config().features;
+    let f = &batch.features;
+    let mut out = Vec::new();
+    if let Some(dense) = &f.dense {
+        out.push(("dense".to_string(), dense.clone()));
+    }
+    for (feature, input) in schema.sparse.iter().zip(&f.sparse) {
+        let (mut ids, mut offsets) = (Vec::new(), Vec::new());
+        for b in 0..input.batch_size() {
+            offsets.push(ids.len() as i64);
+            ids.extend_from_slice(input.bag(b));
+        }
+        let (n, b) = (ids.len(), offsets.len());
+        out.push((format!("sparse.{}.ids", feature.name), Tensor::from_vec(ids, n, &Device::Cpu)?));
+        out.push((format!("sparse.{}.offsets", feature.name), Tensor::from_vec(offsets, b, &Device::Cpu)?));
+    }
+    for (feature, x) in schema.embedding.iter().zip(&f.embedding) {
+        out.push((format!("embedding.{}", feature.name), x.clone()));
+    }
+    if let Some(seq) = &batch.sequence {
+        out.push(("seq.action_types".into(), seq.action_types.to_dtype(DType::I64)?));
+        out.push(("seq.timestamps".into(), seq.timestamps.clone()));
+        out.push(("seq.request_time".into(), seq.request_time.clone()));
+        match &seq.items {
+            SequenceItems::Embeddings { sequence, candidate } => {
+                out.push(("seq.item_embeddings".into(), sequence.clone()));
+                out.push(("seq.candidate".into(), candidate.clone()));
+            }
+            SequenceItems::Ids { sequence, candidate } => {
+                out.push(("seq.item_ids".into(), sequence.clone()));
+                out.push(("seq.candidate_id".into(), candidate.clone()));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Median seconds of `f` after one warm-up call, over at least 3 calls and about `budget`.
+fn median_seconds(budget: Duration, mut f: impl FnMut() -> Result<()>) -> Result<(f64, usize)> {
+    f()?;
+    let mut times = Vec::new();
+    let started = Instant::now();
+    while times.len() < 3 || (started.elapsed() < budget && times.len() < 200) {
+        let t = Instant::now();
+        f()?;
+        times.push(t.elapsed().as_secs_f64());
+    }
+    times.sort_by(f64::total_cmp);
+    Ok((times[times.len() / 2], times.len()))
+}
+
+/// Peak resident set size of this process in bytes (Linux `VmHWM`; 0 where unavailable).
+fn peak_rss_bytes() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
+
+fn threads() -> usize {
+    candle_core::utils::get_num_threads()
+}
+
+fn infer(dir: &Path) -> Result<()> {
+    let ranker = if flag("BENCH_TRAINABLE_LOAD") {
+        checkpoint::load(checkpoint_dir(dir), DType::F32, &Device::Cpu)?.0
+    } else {
+        checkpoint::load_for_serving(checkpoint_dir(dir), DType::F32, &Device::Cpu)?
+    };
+    let mut rows = Vec::new();
+    for b in INFER_BATCHES {
+        let batch = inputs(&ranker, b)?;
+        let (median, runs) = median_seconds(Duration::from_secs(5), || {
+            ranker.predict(&batch)?;
+            Ok(())
+        })?;
+        rows.push(json!({"batch": b, "median_ms": median * 1e3, "runs": runs}));
+    }
+    println!(
+        "{}",
+        json!({"framework": "rankstack", "mode": "infer", "dtype": "f32", "threads": threads(), "rows": rows, "peak_rss_bytes": peak_rss_bytes()})
+    );
+    Ok(())
+}
+
+fn train(dir: &Path) -> Result<()> {
+    let (ranker, store) = checkpoint::load(checkpoint_dir(dir), DType::F32, &Device::Cpu)?;
+    // The trainer's default: row-sparse embedding updates (BENCH_DENSE_EMBEDDINGS=1: dense, as PyTorch).
+    let row_sparse = !flag("BENCH_DENSE_EMBEDDINGS");
+    ranker.set_row_sparse_gradients(row_sparse);
+    let batch = inputs(&ranker, TRAIN_BATCH)?;
+    let labels = random_labels(ranker.config(), TRAIN_BATCH, 1)?;
+    let mut optimizer = AdamW::new(store.named_vars(), AdamWConfig { lr: 1e-4, ..AdamWConfig::default() })?;
+    // BENCH_PHASES=1 prints each step's phases (forward, backward, update) to stderr.
+    let phases = flag("BENCH_PHASES");
+    let (median, runs) = median_seconds(Duration::from_secs(10), || {
+        let t0 = Instant::now();
+        let logits = ranker.forward_t(&batch, true)?;
+        let loss = ranker.loss(&logits, &labels, None)?;
+        let t1 = Instant::now();
+        let grads = loss.backward()?;
+        let t2 = Instant::now();
+        let rows = ranker.take_row_gradients(&grads)?;
+        optimizer.step(&grads, &rows, 1e-4)?;
+        drop(grads);
+        if phases {
+            let ms = |a: Instant, b: Instant| (b - a).as_secs_f64() * 1e3;
+            let t3 = Instant::now();
+            eprintln!("forward {:.0} ms, backward {:.0} ms, update {:.0} ms", ms(t0, t1), ms(t1, t2), ms(t2, t3));
+        }
+        Ok(())
+    })?;
+    println!(
+        "{}",
+        json!({"framework": "rankstack", "mode": "train", "dtype": "f32", "threads": threads(), "row_sparse_embeddings": row_sparse,
+               "rows": [{"batch": TRAIN_BATCH, "median_ms": median * 1e3, "runs": runs}], "peak_rss_bytes": peak_rss_bytes()})
+    );
+    Ok(())
+}
+
+fn gemm() -> Result<()> {
+    let n = 2048;
+    let a = Tensor::randn(0f32, 1.0, (n, n), &Device::Cpu)?;
+    let b = Tensor::randn(0f32, 1.0, (n, n), &Device::Cpu)?;
+    let (median, runs) = median_seconds(Duration::from_secs(3), || {
+        a.matmul(&b)?;
+        Ok(())
+    })?;
+    let gflops = 2.0 * (n as f64).powi(3) / median / 1e9;
+    println!(
+        "{}",
+        json!({"framework": "rankstack", "mode": "gemm", "n": n, "gflops": gflops, "runs": runs, "threads": threads()})
+    );
+    Ok(())
+}

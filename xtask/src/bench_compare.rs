@@ -1,0 +1,180 @@
+//! `cargo xtask bench-compare [--rounds N] [--threads T]`: the `homefeed-bench` model in rankstack
+//! (`examples/bench_compare.rs`) and in the PyTorch reference (`rankstack_ref.bench_compare`), from
+//! the same checkpoint and inputs. It checks that their probabilities agree, then times both,
+//! alternating process by process for N rounds (default 2) with T threads each (default 2):
+//! scoring at batch 1, 64, 512 and 2048 (PyTorch with and without the transformer fast path, the
+//! faster reported, and under bf16 autocast), a training step at batch 512, the f32 GEMM rate, and
+//! each process's peak RSS. Prints a Markdown table (also written to
+//! `target/bench-compare/table.md`) with the ratio rankstack / PyTorch per row.
+
+use std::collections::BTreeMap;
+use std::process::Command;
+
+use serde_json::Value;
+
+use crate::fixtures::{ensure_venv, venv_python};
+use crate::{cargo, root, run, Result};
+
+/// One timed process's report.
+struct Report(Value);
+
+impl Report {
+    fn ms(&self, batch: u64) -> Option<f64> {
+        self.0["rows"].as_array()?.iter().find(|r| r["batch"].as_u64() == Some(batch))?["median_ms"].as_f64()
+    }
+    fn rss(&self) -> f64 {
+        self.0["peak_rss_bytes"].as_f64().unwrap_or(f64::NAN)
+    }
+}
+
+fn capture(what: &str, cmd: &mut Command) -> Result<Value> {
+    eprintln!("==> {what}");
+    let out = cmd.current_dir(root()).output().map_err(|e| format!("{what}: cannot start: {e}"))?;
+    if !out.status.success() {
+        return Err(format!("{what} failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr).trim()));
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line =
+        stdout.lines().rev().find(|l| l.trim_start().starts_with('{')).ok_or(format!("{what}: no JSON output"))?;
+    serde_json::from_str(line).map_err(|e| format!("{what}: bad JSON ({e}): {line}"))
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.retain(|x| x.is_finite());
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// `cargo xtask bench-compare`.
+pub fn bench_compare(args: &[String]) -> Result<()> {
+    let mut rounds = 2usize;
+    let mut threads = 2usize;
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let mut value = |name: &str| -> Result<usize> {
+            it.next().and_then(|v| v.parse().ok()).filter(|&v| v > 0).ok_or(format!("{name} needs a positive integer"))
+        };
+        match a.as_str() {
+            "--rounds" => rounds = value("--rounds")?,
+            "--threads" => threads = value("--threads")?,
+            other => return Err(format!("bench-compare: unknown argument `{other}` (use --rounds N, --threads T)")),
+        }
+    }
+    run("build examples/bench_compare (release)", cargo().args(["build", "--release", "--example", "bench_compare"]))?;
+    ensure_venv()?;
+    let dir = root().join("target/bench-compare");
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let bin = root().join("target/release/examples/bench_compare");
+    let rust = |what: &str, mode: &str| -> Result<Value> {
+        let mut cmd = Command::new(&bin);
+        cmd.arg(mode).arg(&dir).env("RAYON_NUM_THREADS", threads.to_string());
+        capture(what, &mut cmd)
+    };
+    let torch = |what: &str, mode: &str, flags: &[&str]| -> Result<Value> {
+        let mut cmd = Command::new(venv_python());
+        cmd.args(["-m", "rankstack_ref.bench_compare", mode])
+            .arg(&dir)
+            .args(flags)
+            .args(["--threads", &threads.to_string()])
+            .env("PYTHONPATH", root().join("reference"))
+            .env("OMP_NUM_THREADS", threads.to_string());
+        capture(what, &mut cmd)
+    };
+
+    let model = rust("rankstack: write checkpoint and inputs", "prepare")?;
+    let check = torch("PyTorch: check the outputs agree", "check", &[])?;
+    let gemm_rust = rust("rankstack: f32 GEMM rate", "gemm")?;
+    let gemm_torch = torch("PyTorch: f32 GEMM rate", "gemm", &[])?;
+
+    let mut reports: BTreeMap<&str, Vec<Report>> = BTreeMap::new();
+    for round in 1..=rounds {
+        let r = format!("round {round}/{rounds}");
+        reports.entry("rs_infer").or_default().push(Report(rust(&format!("{r}: rankstack scoring"), "infer")?));
+        let slow = torch(&format!("{r}: PyTorch scoring"), "infer", &[])?;
+        reports.entry("pt_infer_slow").or_default().push(Report(slow));
+        let fast = torch(&format!("{r}: PyTorch scoring, fast path"), "infer", &["--fastpath"])?;
+        reports.entry("pt_infer_fast").or_default().push(Report(fast));
+        let bf16 = torch(&format!("{r}: PyTorch scoring, bf16 autocast"), "infer", &["--fastpath", "--bf16"])?;
+        reports.entry("pt_infer_bf16").or_default().push(Report(bf16));
+        reports.entry("rs_train").or_default().push(Report(rust(&format!("{r}: rankstack training step"), "train")?));
+        reports.entry("pt_train").or_default().push(Report(torch(
+            &format!("{r}: PyTorch training step"),
+            "train",
+            &[],
+        )?));
+    }
+    let ms = |key: &str, batch: u64| median(reports[key].iter().filter_map(|r| r.ms(batch)).collect());
+    let rss = |key: &str| median(reports[key].iter().map(Report::rss).collect());
+
+    let flops = model["flops_per_candidate"].as_f64().unwrap_or(f64::NAN);
+    let gemm_rs = gemm_rust["gflops"].as_f64().unwrap_or(f64::NAN);
+    let gemm_pt = gemm_torch["gflops"].as_f64().unwrap_or(f64::NAN);
+    let machine_gemm = gemm_rs.max(gemm_pt);
+    let mut t = String::new();
+    t.push_str(&format!(
+        "Model `homefeed-bench`: {:.1}M parameters, {:.1} MFLOP per candidate (forward). {threads} threads each, \
+         median over {rounds} alternating rounds. f32 GEMM 2048³: rankstack {gemm_rs:.1} GFLOP/s, PyTorch \
+         {gemm_pt:.1} GFLOP/s (machine rate = the higher). Outputs agree: max |Δp| = {:.2e}.\n\n",
+        model["parameters"].as_f64().unwrap_or(f64::NAN) / 1e6,
+        flops / 1e6,
+        check["max_abs_probability_difference"].as_f64().unwrap_or(f64::NAN),
+    ));
+    t.push_str(
+        "| row | rankstack ms | PyTorch ms | rankstack cand/s | PyTorch cand/s | rankstack GFLOP/s (% of GEMM) | rankstack / PyTorch |\n",
+    );
+    t.push_str("|---|---|---|---|---|---|---|\n");
+    for b in [1u64, 64, 512, 2048] {
+        let rs = ms("rs_infer", b);
+        let (slow, fast) = (ms("pt_infer_slow", b), ms("pt_infer_fast", b));
+        let (pt, which) = if fast < slow { (fast, "fast path") } else { (slow, "no fast path") };
+        let gflops = b as f64 * flops / (rs / 1e3) / 1e9;
+        t.push_str(&format!(
+            "| scoring f32, batch {b} (PyTorch: {which}) | {rs:.2} | {pt:.2} | {:.0} | {:.0} | {gflops:.1} ({:.0}%) | {:.2} |\n",
+            b as f64 / rs * 1e3,
+            b as f64 / pt * 1e3,
+            100.0 * gflops / machine_gemm,
+            pt / rs
+        ));
+    }
+    for b in [512u64, 2048] {
+        let pt = ms("pt_infer_bf16", b);
+        t.push_str(&format!(
+            "| scoring bf16, batch {b} (PyTorch: autocast) | no bf16 path yet | {pt:.2} | – | {:.0} | – | – |\n",
+            b as f64 / pt * 1e3
+        ));
+    }
+    let (rs, pt) = (ms("rs_train", 512), ms("pt_train", 512));
+    t.push_str(&format!(
+        "| training step f32, batch 512 (forward, backward, AdamW) | {rs:.1} | {pt:.1} | {:.0} | {:.0} | {:.1} (fwd+bwd ≈ 3× fwd) | {:.2} |\n",
+        512.0 / rs * 1e3,
+        512.0 / pt * 1e3,
+        3.0 * 512.0 * flops / (rs / 1e3) / 1e9,
+        pt / rs
+    ));
+    let gib = |b: f64| b / (1u64 << 30) as f64;
+    let best_pt_infer = rss("pt_infer_slow").min(rss("pt_infer_fast"));
+    t.push_str(&format!(
+        "| peak RSS, scoring (GiB) | {:.2} | {:.2} | | | | {:.2} |\n",
+        gib(rss("rs_infer")),
+        gib(best_pt_infer),
+        rss("rs_infer") / best_pt_infer
+    ));
+    t.push_str(&format!(
+        "| peak RSS, training (GiB) | {:.2} | {:.2} | | | | {:.2} |\n",
+        gib(rss("rs_train")),
+        gib(rss("pt_train")),
+        rss("rs_train") / rss("pt_train")
+    ));
+    t.push_str(
+        "\nTime ratios are PyTorch ms / rankstack ms (above 1: rankstack is faster); memory ratios are \
+         rankstack / PyTorch (below 1: rankstack uses less).\n",
+    );
+    let raw: Vec<String> = reports.iter().flat_map(|(k, v)| v.iter().map(move |r| format!("{k}\t{}", r.0))).collect();
+    std::fs::write(dir.join("raw.tsv"), raw.join("\n") + "\n").map_err(|e| format!("raw.tsv: {e}"))?;
+    std::fs::write(dir.join("table.md"), &t).map_err(|e| format!("table.md: {e}"))?;
+    println!("{t}");
+    Ok(())
+}
