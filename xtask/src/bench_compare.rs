@@ -1,7 +1,7 @@
 //! `cargo xtask bench-compare [--rounds N] [--threads T]`: the `homefeed-bench` model in rankstack
 //! (`examples/bench_compare.rs`) and in the PyTorch reference (`rankstack_ref.bench_compare`), from
 //! the same checkpoint and inputs. It checks that their probabilities agree, then times both,
-//! alternating process by process for N rounds (default 2) with T threads each (default 2):
+//! alternating process by process for N rounds (default 3) with T threads each (default 2):
 //! scoring at batch 1, 64, 512 and 2048 (PyTorch with and without the transformer fast path, the
 //! faster reported, and under bf16 autocast), a training step at batch 512, the f32 GEMM rate, and
 //! each process's peak RSS. Prints a Markdown table (also written to
@@ -45,12 +45,17 @@ fn median(mut v: Vec<f64>) -> f64 {
         return f64::NAN;
     }
     v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
+    let mid = v.len() / 2;
+    if mid * 2 == v.len() {
+        (v[mid - 1] + v[mid]) / 2.0
+    } else {
+        v[mid]
+    }
 }
 
 /// `cargo xtask bench-compare`.
 pub fn bench_compare(args: &[String]) -> Result<()> {
-    let mut rounds = 2usize;
+    let mut rounds = 3usize;
     let mut threads = 2usize;
     let mut it = args.iter();
     while let Some(a) = it.next() {

@@ -16,6 +16,7 @@
 //! - [`Mlp`]: a stack of linear layers with activation, optional normalisation and dropout.
 //! - [`shape`]: input-shape checks that produce errors naming the layer.
 //! - [`checkpoint`]: loading named tensors into a parameter store, reporting every mismatch at once.
+//! - [`batched_matmul()`]: many small matrix products in parallel (attention), with a backward pass.
 //! - [`row_sparse`]: row-sparse gradients for embedding tables ([`RowGather`], [`RowGradient`]).
 //! - [`memory`]: the allocator setting that keeps freed tensor memory for reuse (no page faults).
 //! - [`testing`]: fixture loading and closeness checks for the PyTorch reference tests.
@@ -26,6 +27,7 @@
 
 pub mod activation;
 pub mod batch_norm;
+pub mod batched_matmul;
 pub mod checkpoint;
 pub mod dropout;
 pub mod error;
@@ -46,6 +48,7 @@ pub mod testing;
 
 pub use activation::Activation;
 pub use batch_norm::{BatchNorm, BatchNormConfig};
+pub use batched_matmul::batched_matmul;
 pub use dropout::Dropout;
 pub use error::{Error, Result};
 pub use fused_softmax::softmax_last_dim_fused;

@@ -4,7 +4,9 @@ use candle_core::{Module, ModuleT, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 
 use rankstack_nn::fused_softmax::masked_softmax_last_dim_fused;
-use rankstack_nn::{init::xavier_uniform, linear_xavier, softmax_last_dim_fused, Dropout, Error, Linear};
+use rankstack_nn::{
+    batched_matmul, init::xavier_uniform, linear_xavier, softmax_last_dim_fused, Dropout, Error, Linear,
+};
 
 const LAYER: &str = "MultiHeadAttention";
 
@@ -66,7 +68,7 @@ impl MultiHeadAttention {
         // Scaling q (not the [B, H, S, S] scores) saves a pass over the largest tensor.
         let q = (heads(0)? * (1.0 / (dh as f64).sqrt()))?;
         let (k, v) = (heads(1)?, heads(2)?);
-        let scores = q.matmul(&k.t()?.contiguous()?)?; // [B, H, S, S]
+        let scores = batched_matmul(&q, &k.t()?)?; // [B, H, S, S]
         let weights = match key_mask {
             Some(m) => {
                 rankstack_nn::shape::expect_dims(LAYER, "key mask", m, &[Some(b), Some(s)])?;
@@ -75,7 +77,7 @@ impl MultiHeadAttention {
             None => softmax_last_dim_fused(&scores)?,
         };
         let weights = self.dropout.forward_t(&weights, train)?;
-        let ctx = weights.matmul(&v)?.transpose(1, 2)?.reshape((b * s, d))?;
+        let ctx = batched_matmul(&weights, &v)?.transpose(1, 2)?.reshape((b * s, d))?;
         self.out_proj.forward(&ctx)?.reshape((b, s, d))
     }
 
