@@ -30,21 +30,24 @@ fn round_trip_scores_identically_including_buffers() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
-#[test]
-fn a_checkpoint_of_another_model_lists_every_mismatch() {
+/// A checkpoint directory whose weights do not fit its config: MLP width 8 → 9 and the "hide"
+/// task renamed "close". Both loaders must list all three problems at once.
+fn mismatched_checkpoint(tag: &str) -> std::path::PathBuf {
     let config = common::small();
     let store = SeededVarMap::new(0);
     let ranker = Ranker::new(&config, store.var_builder(DType::F32, &Device::Cpu)).unwrap();
-    let dir = tmpdir("mismatch");
+    let dir = tmpdir(tag);
     checkpoint::save(&dir, &ranker, &store).unwrap();
-    // Same file, different config: MLP width 8 → 9 and the "hide" task renamed "close".
     let other = common::SMALL.replace("dims = [8]", "dims = [9]").replace("name = \"hide\"", "name = \"close\"");
     std::fs::write(
         dir.join(checkpoint::CONFIG_FILE),
         serde_json::to_string(&ranker_model::RankerConfig::from_toml_str(&other).unwrap()).unwrap(),
     )
     .unwrap();
-    let e = checkpoint::load(&dir, DType::F32, &Device::Cpu).unwrap_err().to_string();
+    dir
+}
+
+fn assert_lists_every_mismatch(e: &str) {
     for needle in [
         "`mlp.layers.0.weight` has shape",
         "missing tensor `heads.close.logit.weight`",
@@ -52,6 +55,12 @@ fn a_checkpoint_of_another_model_lists_every_mismatch() {
     ] {
         assert!(e.contains(needle), "{needle}\n{e}");
     }
+}
+
+#[test]
+fn a_checkpoint_of_another_model_lists_every_mismatch() {
+    let dir = mismatched_checkpoint("mismatch");
+    assert_lists_every_mismatch(&checkpoint::load(&dir, DType::F32, &Device::Cpu).unwrap_err().to_string());
     std::fs::remove_dir_all(&dir).ok();
 }
 
@@ -110,24 +119,7 @@ fn serving_load_scores_identically_without_a_backward_graph() {
 
 #[test]
 fn serving_load_lists_every_mismatch() {
-    let config = common::small();
-    let store = SeededVarMap::new(0);
-    let ranker = Ranker::new(&config, store.var_builder(DType::F32, &Device::Cpu)).unwrap();
-    let dir = tmpdir("serving-mismatch");
-    checkpoint::save(&dir, &ranker, &store).unwrap();
-    let other = common::SMALL.replace("dims = [8]", "dims = [9]").replace("name = \"hide\"", "name = \"close\"");
-    std::fs::write(
-        dir.join(checkpoint::CONFIG_FILE),
-        serde_json::to_string(&ranker_model::RankerConfig::from_toml_str(&other).unwrap()).unwrap(),
-    )
-    .unwrap();
-    let e = checkpoint::load_for_serving(&dir, DType::F32, &Device::Cpu).unwrap_err().to_string();
-    for needle in [
-        "`mlp.layers.0.weight` has shape",
-        "missing tensor `heads.close.logit.weight`",
-        "unexpected tensor `heads.hide.logit.weight`",
-    ] {
-        assert!(e.contains(needle), "{needle}\n{e}");
-    }
+    let dir = mismatched_checkpoint("serving-mismatch");
+    assert_lists_every_mismatch(&checkpoint::load_for_serving(&dir, DType::F32, &Device::Cpu).unwrap_err().to_string());
     std::fs::remove_dir_all(&dir).ok();
 }
