@@ -48,7 +48,7 @@ impl Default for AdamWConfig {
 /// decay them and move them by their old momentum.
 ///
 /// On the CPU with `f32` parameters the update is one fused pass over parameter, gradient and
-/// moments, in place (no temporaries: the tensor version allocates about fifteen temporaries per parameter per
+/// moments, in place (the tensor version allocates about fifteen temporaries per parameter per
 /// step); its arithmetic is the tensor version's, operation for operation, so results are the
 /// same bits. Other devices and dtypes use the tensor version.
 #[derive(Debug)]
