@@ -56,6 +56,10 @@ prepare() {
     done
 }
 
+with_field() { # KEY VALUE: copies the JSON line on stdin with KEY set to the string VALUE
+    "$python" -c 'import json, sys; r = json.loads(sys.stdin.read()); r[sys.argv[1]] = sys.argv[2]; print(json.dumps(r))' "$1" "$2"
+}
+
 rust_run() { # preset seed threads [extra args...]
     local p="$1" seed="$2" threads="$3"
     shift 3
@@ -83,7 +87,7 @@ torch_run() { # preset seed threads [extra args...]
     PYTHONPATH="$root/reference" "$python" -m rankstack_ref.train --config "$out/configs/$p.json" \
         --train "$data/train.parquet" --test "$data/test.parquet" --epochs "$epochs" \
         --batch-size "$batch" --lr "$lr" --seed "$seed" --threads "$threads" "$@" |
-        "$python" -c 'import json, sys; r = json.loads(sys.stdin.read()); r["preset"] = sys.argv[1]; print(json.dumps(r))' "$p"
+        with_field preset "$p"
 }
 
 accuracy() {
@@ -110,11 +114,9 @@ throughput() {
     mkdir -p "$out/runs"
     for p in "${presets[@]}"; do
         RUN_TAG=-dense rust_run "$p" 0 2 --max-steps "$throughput_steps" --dense-embedding-gradients |
-            "$python" -c 'import json, sys; r = json.loads(sys.stdin.read()); r["embedding_updates"] = "dense"; print(json.dumps(r))' \
-            >>"$out/throughput.jsonl"
+            with_field embedding_updates dense >>"$out/throughput.jsonl"
         RUN_TAG=-sparse rust_run "$p" 0 2 --max-steps "$throughput_steps" |
-            "$python" -c 'import json, sys; r = json.loads(sys.stdin.read()); r["embedding_updates"] = "row-sparse"; print(json.dumps(r))' \
-            >>"$out/throughput.jsonl"
+            with_field embedding_updates row-sparse >>"$out/throughput.jsonl"
         torch_run "$p" 0 2 --max-steps "$throughput_steps" --no-eval >>"$out/throughput.jsonl"
         echo "throughput $p done" >&2
     done

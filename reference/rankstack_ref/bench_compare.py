@@ -25,23 +25,17 @@ import time
 import torch
 from safetensors.torch import load_file
 
-from .ranker import Ranker
+from . import ranker
 
 INFER_BATCHES = [1, 64, 512, 2048]
 TRAIN_BATCH = 512
 
 
 def load_model(d):
-    ckpt = os.path.join(d, "checkpoint")
-    with open(os.path.join(ckpt, "config.json")) as f:
-        config = json.load(f)
-    model = Ranker(config)
-    state = load_file(os.path.join(ckpt, "model.safetensors"))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.endswith("num_batches_tracked")]
-    if missing or unexpected:
-        raise SystemExit(f"checkpoint mismatch: missing {missing}, unexpected {unexpected}")
-    return model
+    try:
+        return ranker.load(os.path.join(d, "checkpoint"))
+    except ValueError as e:
+        raise SystemExit(str(e))
 
 
 def load_inputs(d, b):

@@ -11,7 +11,7 @@ import json
 import os
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .common import Mlp
@@ -123,3 +123,18 @@ def export(model, out_dir):
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(model.config, f, indent=2, sort_keys=True)
         f.write("\n")
+
+
+def load(ckpt_dir):
+    """Reads a rankstack checkpoint (the layout `export` writes and `rankstack` saves) into a
+    Ranker. A missing or unexpected parameter is an error; BatchNorm's `num_batches_tracked` may be
+    absent."""
+    with open(os.path.join(ckpt_dir, "config.json")) as f:
+        config = json.load(f)
+    model = Ranker(config)
+    state = load_file(os.path.join(ckpt_dir, "model.safetensors"))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith("num_batches_tracked")]
+    if missing or unexpected:
+        raise ValueError(f"checkpoint mismatch: missing {missing}, unexpected {unexpected}")
+    return model

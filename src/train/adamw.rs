@@ -1,6 +1,6 @@
 //! AdamW with state that can be saved and restored (for resumable training).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 
 use candle_core::{backprop::GradStore, CpuStorage, DType, InplaceOp2, Layout, Result, Tensor, TensorId, Var};
@@ -54,7 +54,8 @@ impl Default for AdamWConfig {
 #[derive(Debug)]
 pub struct AdamW {
     params: Vec<(String, Var)>,
-    by_id: HashMap<TensorId, usize>,
+    /// The parameters' tensor ids, to check that row gradients belong to them.
+    ids: HashSet<TensorId>,
     moments: HashMap<String, Moments>,
     step: u64,
     config: AdamWConfig,
@@ -71,9 +72,14 @@ enum Moments {
     Tensors { m: Tensor, v: Tensor },
 }
 
-/// The per-step constants of the update, as the `f32` values the tensor version multiplies by.
+/// The per-step constants of the update: the bias corrections `1 − βᵗ` (for the tensor version)
+/// and the `f32` values the tensor version multiplies by (for the fused kernel).
 #[derive(Debug, Clone, Copy)]
 struct Coefficients {
+    bc1: f64,
+    bc2: f64,
+    /// The step's learning rate, unrounded (the tensor version scales by it in f64).
+    step_lr: f64,
     beta1: f32,
     one_minus_beta1: f32,
     beta2: f32,
@@ -177,8 +183,8 @@ impl AdamW {
         if !(config.weight_decay.is_finite() && config.weight_decay >= 0.0) {
             return Err(bad("weight_decay", config.weight_decay));
         }
-        let by_id = params.iter().enumerate().map(|(i, (_, v))| (v.as_tensor().id(), i)).collect();
-        Ok(Self { params, by_id, moments: HashMap::new(), step: 0, config, fused: true })
+        let ids = params.iter().map(|(_, v)| v.as_tensor().id()).collect();
+        Ok(Self { params, ids, moments: HashMap::new(), step: 0, config, fused: true })
     }
 
     /// Steps taken so far.
@@ -197,27 +203,32 @@ impl AdamW {
     pub fn step(&mut self, grads: &GradStore, rows: &[RowGradient], lr: f64) -> Result<()> {
         self.step += 1;
         for r in rows {
-            if !self.by_id.contains_key(&r.table.id()) {
+            if !self.ids.contains(&r.table.id()) {
                 candle_core::bail!("AdamW: a row gradient's table is not one of the optimizer's parameters");
             }
         }
+        let k = self.coefficients(lr);
         for i in 0..self.params.len() {
             let (name, var) = self.params[i].clone();
             if let Some(g) = grads.get(var.as_tensor()) {
-                self.update(&name, &var, g, None, lr)?;
+                self.update(&name, &var, g, None, &k)?;
             }
             for r in rows.iter().filter(|r| r.table.id() == var.as_tensor().id()) {
-                self.update(&name, &var, &r.grad, Some(&r.rows), lr)?;
+                self.update(&name, &var, &r.grad, Some(&r.rows), &k)?;
             }
         }
         Ok(())
     }
 
+    /// The constants of the current step (`self.step` is already the new step `t`).
     fn coefficients(&self, lr: f64) -> Coefficients {
         let c = self.config;
         let t = self.step as i32;
         let (bc1, bc2) = (1.0 - c.beta1.powi(t), 1.0 - c.beta2.powi(t));
         Coefficients {
+            bc1,
+            bc2,
+            step_lr: lr,
             beta1: c.beta1 as f32,
             one_minus_beta1: (1.0 - c.beta1) as f32,
             beta2: c.beta2 as f32,
@@ -230,8 +241,8 @@ impl AdamW {
         }
     }
 
-    /// Updates `var` (all of it, or the rows `rows` of `g`).
-    fn update(&mut self, name: &str, var: &Var, g: &Tensor, rows: Option<&[u32]>, lr: f64) -> Result<()> {
+    /// Updates `var` (all of it, or the rows `rows` of `g`) with the step's constants `k`.
+    fn update(&mut self, name: &str, var: &Var, g: &Tensor, rows: Option<&[u32]>, k: &Coefficients) -> Result<()> {
         let g = g.to_dtype(var.dtype())?;
         let fused = self.fused && var.device().is_cpu() && var.dtype() == DType::F32;
         if !self.moments.contains_key(name) {
@@ -243,16 +254,14 @@ impl AdamW {
             };
             self.moments.insert(name.to_string(), moments);
         }
-        let coefficients = self.coefficients(lr);
         let c = self.config;
-        let t = self.step as i32;
-        let (bc1, bc2) = (1.0 - c.beta1.powi(t), 1.0 - c.beta2.powi(t));
+        let (bc1, bc2, lr) = (k.bc1, k.bc2, k.step_lr);
         match self.moments.get_mut(name).expect("inserted above") {
             Moments::Host { m, v, .. } => {
                 let g = g.contiguous()?;
                 let dim = if var.rank() >= 2 { var.elem_count() / var.dim(0)? } else { 1 };
                 let op = FusedUpdate {
-                    coefficients,
+                    coefficients: *k,
                     m: Mutex::new(m.as_mut_slice()),
                     v: Mutex::new(v.as_mut_slice()),
                     rows: rows.map(|r| (r, dim)),

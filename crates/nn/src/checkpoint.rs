@@ -128,14 +128,20 @@ impl FrozenTensors {
     }
 
     /// Every problem met while building, plus the tensors that neither the model asked for nor
-    /// `also_used` names (e.g. buffers loaded separately), as one [`Error::Checkpoint`].
-    pub fn finish(&self, also_used: &[String]) -> Result<()> {
+    /// `also_used` names (e.g. buffers loaded separately).
+    pub fn problems(&self, also_used: &[String]) -> Vec<TensorMismatch> {
         let requested = self.inner.requested.lock().expect("lock poisoned");
         let mut problems = self.inner.problems.lock().expect("lock poisoned").clone();
         let mut unexpected: Vec<&String> =
             self.inner.tensors.keys().filter(|k| !requested.contains(k.as_str()) && !also_used.contains(k)).collect();
         unexpected.sort();
         problems.extend(unexpected.into_iter().map(|name| TensorMismatch::Unexpected { name: name.clone() }));
+        problems
+    }
+
+    /// [`FrozenTensors::problems`] as one [`Error::Checkpoint`], if there are any.
+    pub fn finish(&self, also_used: &[String]) -> Result<()> {
+        let problems = self.problems(also_used);
         if problems.is_empty() {
             Ok(())
         } else {
