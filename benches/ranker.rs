@@ -1,5 +1,6 @@
 //! Criterion benchmarks of the whole `homefeed-bench` model: scoring (a serving model: plain
-//! tensors, no backward graph) at batch 1, 64, 512 and 2048, and one training step (forward,
+//! tensors, no backward graph; linear weights unpacked, packed f32 and packed bf16) at batch 1,
+//! 64, 512 and 2048, and one training step (forward,
 //! backward, the trainer's AdamW with row-sparse embedding updates) at batch 512.
 //! `cargo bench --bench ranker`. For the side-by-side comparison with PyTorch, see
 //! `cargo xtask bench-compare` and `docs/performance.md`.
@@ -9,7 +10,8 @@ use std::time::Duration;
 use candle_core::{DType, Device};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use rankstack::nn::checkpoint::FrozenTensors;
-use rankstack::nn::SeededVarMap;
+use rankstack::nn::packed_matmul::WeightPrecision;
+use rankstack::nn::{pack_linear_layers, SeededVarMap};
 use rankstack::ranker_model::{presets, random_batch, random_labels, Ranker};
 use rankstack::train::{AdamW, AdamWConfig};
 
@@ -22,15 +24,27 @@ fn bench_ranker(c: &mut Criterion) {
     // The serving model: the same weights as plain tensors (what checkpoint::load_for_serving builds).
     let weights = store.named_vars().into_iter().map(|(n, v)| (n, v.as_tensor().detach())).collect();
     let frozen = FrozenTensors::new(weights);
-    let serving = Ranker::new(&config, frozen.var_builder(DType::F32, &Device::Cpu)).expect("serving model");
+    let unpacked = Ranker::new(&config, frozen.var_builder(DType::F32, &Device::Cpu)).expect("serving model");
+    // What checkpoint::load_packed_for_serving builds: linear weights packed in f32 or bf16.
+    let mut packed = Vec::new();
+    for precision in [WeightPrecision::F32, WeightPrecision::Bf16] {
+        let mut model = Ranker::new(&config, frozen.var_builder(DType::F32, &Device::Cpu)).expect("serving model");
+        pack_linear_layers(&mut model, precision).expect("pack");
+        packed.push((format!("packed_{precision:?}").to_lowercase(), model));
+    }
     let mut scoring = c.benchmark_group("homefeed_bench_scoring");
     scoring.sample_size(10).measurement_time(Duration::from_secs(5)).warm_up_time(Duration::from_secs(1));
     for batch in [1usize, 64, 512, 2048] {
         let inputs = random_batch(&config, batch, batch as u64).expect("batch");
         scoring.throughput(Throughput::Elements(batch as u64));
-        scoring.bench_with_input(BenchmarkId::from_parameter(batch), &inputs, |b, inputs| {
-            b.iter(|| serving.predict(inputs).expect("predict"))
+        scoring.bench_with_input(BenchmarkId::new("unpacked", batch), &inputs, |b, inputs| {
+            b.iter(|| unpacked.predict(inputs).expect("predict"))
         });
+        for (name, model) in &packed {
+            scoring.bench_with_input(BenchmarkId::new(name.as_str(), batch), &inputs, |b, inputs| {
+                b.iter(|| model.predict(inputs).expect("predict"))
+            });
+        }
     }
     scoring.finish();
 

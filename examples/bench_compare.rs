@@ -7,6 +7,9 @@
 //!                             DIR/inputs-B.safetensors for every batch size (PyTorch key layout)
 //!                             and DIR/expected.safetensors (rankstack's probabilities)
 //! bench_compare infer DIR     scoring: median ms per batch at each batch size → one JSON line
+//!                             (the serving model with packed f32 weights)
+//! bench_compare infer-bf16 DIR  the same with packed bf16 weights, plus the largest probability
+//!                             difference from the f32 model (DIR/expected.safetensors)
 //! bench_compare train DIR     one training step (forward, backward, AdamW) at batch 512 → JSON
 //! bench_compare gemm          the f32 GEMM rate (2048³) on this machine → JSON
 //! ```
@@ -18,6 +21,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor};
+use rankstack::nn::packed_matmul::WeightPrecision;
 use rankstack::nn::SeededVarMap;
 use rankstack::ranker_model::{checkpoint, presets, random_batch, random_labels, Ranker, RankerBatch, SequenceItems};
 use rankstack::train::{AdamW, AdamWConfig};
@@ -36,17 +40,18 @@ fn main() {
     // Ablation switches for docs/performance.md (each undoes one optimisation):
     // BENCH_MMAP=1 keeps glibc's default mmap behaviour; BENCH_TRAINABLE_LOAD=1 scores with the
     // trainable (variable) model instead of the serving one; BENCH_DENSE_EMBEDDINGS=1 trains with
-    // dense embedding gradients.
+    // dense embedding gradients; BENCH_UNPACKED=1 scores without packing the linear weights.
     if !flag("BENCH_MMAP") {
         rankstack::nn::memory::retain_freed_memory();
     }
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match (args.first().map(String::as_str), args.get(1)) {
         (Some("prepare"), Some(dir)) => prepare(Path::new(dir)),
-        (Some("infer"), Some(dir)) => infer(Path::new(dir)),
+        (Some("infer"), Some(dir)) => infer(Path::new(dir), WeightPrecision::F32),
+        (Some("infer-bf16"), Some(dir)) => infer(Path::new(dir), WeightPrecision::Bf16),
         (Some("train"), Some(dir)) => train(Path::new(dir)),
         (Some("gemm"), _) => gemm(),
-        _ => Err("usage: bench_compare <prepare DIR|infer DIR|train DIR|gemm>".into()),
+        _ => Err("usage: bench_compare <prepare DIR|infer DIR|infer-bf16 DIR|train DIR|gemm>".into()),
     };
     if let Err(e) = result {
         eprintln!("bench_compare: {e}");
@@ -164,24 +169,37 @@ fn threads() -> usize {
     candle_core::utils::get_num_threads()
 }
 
-fn infer(dir: &Path) -> Result<()> {
+fn infer(dir: &Path, precision: WeightPrecision) -> Result<()> {
     let ranker = if flag("BENCH_TRAINABLE_LOAD") {
         checkpoint::load(checkpoint_dir(dir), DType::F32, &Device::Cpu)?.0
-    } else {
+    } else if flag("BENCH_UNPACKED") && precision == WeightPrecision::F32 {
         checkpoint::load_for_serving(checkpoint_dir(dir), DType::F32, &Device::Cpu)?
+    } else {
+        checkpoint::load_packed_for_serving(checkpoint_dir(dir), precision)?
     };
+    let expected = rankstack::nn::checkpoint::read_safetensors(dir.join("expected.safetensors"))?.tensors;
     let mut rows = Vec::new();
+    let mut max_diff = 0f32;
     for b in INFER_BATCHES {
         let batch = inputs(&ranker, b)?;
+        let p = ranker.predict(&batch)?;
+        if let Some(want) = expected.get(&format!("probabilities.{b}")) {
+            max_diff = max_diff.max((p - want)?.abs()?.max_all()?.to_scalar::<f32>()?);
+        }
         let (median, runs) = median_seconds(Duration::from_secs(5), || {
             ranker.predict(&batch)?;
             Ok(())
         })?;
         rows.push(json!({"batch": b, "median_ms": median * 1e3, "runs": runs}));
     }
+    let dtype = match precision {
+        WeightPrecision::F32 => "f32",
+        WeightPrecision::Bf16 => "bf16",
+    };
     println!(
         "{}",
-        json!({"framework": "rankstack", "mode": "infer", "dtype": "f32", "threads": threads(), "rows": rows, "peak_rss_bytes": peak_rss_bytes()})
+        json!({"framework": "rankstack", "mode": "infer", "dtype": dtype, "threads": threads(), "rows": rows,
+               "max_abs_probability_difference_from_f32": max_diff, "peak_rss_bytes": peak_rss_bytes()})
     );
     Ok(())
 }

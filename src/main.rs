@@ -16,6 +16,22 @@ struct Cli {
     command: Command,
 }
 
+/// `--weights` of `eval` and `score`.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum Weights {
+    F32,
+    Bf16,
+}
+
+impl From<Weights> for rankstack::nn::packed_matmul::WeightPrecision {
+    fn from(w: Weights) -> Self {
+        match w {
+            Weights::F32 => Self::F32,
+            Weights::Bf16 => Self::Bf16,
+        }
+    }
+}
+
 #[derive(Debug, Subcommand)]
 enum Command {
     /// List the model presets.
@@ -37,6 +53,11 @@ enum Command {
         /// Rows per batch.
         #[arg(long, default_value_t = 1024)]
         batch_size: usize,
+        /// How linear weights are packed for scoring: f32 (same scores as training up to f32
+        /// summation order) or bf16 (faster on CPUs with AVX512-BF16, probabilities within about
+        /// 1e-2; see docs/performance.md).
+        #[arg(long, value_enum, default_value_t = Weights::F32)]
+        weights: Weights,
     },
     /// Write per-task probabilities for every row of a Parquet file.
     Score {
@@ -52,6 +73,11 @@ enum Command {
         /// Rows per batch.
         #[arg(long, default_value_t = 1024)]
         batch_size: usize,
+        /// How linear weights are packed for scoring: f32 (same scores as training up to f32
+        /// summation order) or bf16 (faster on CPUs with AVX512-BF16, probabilities within about
+        /// 1e-2; see docs/performance.md).
+        #[arg(long, value_enum, default_value_t = Weights::F32)]
+        weights: Weights,
     },
     /// Print the cost planner's table: parameters, FLOPs and memory per module.
     Inspect {
@@ -200,8 +226,12 @@ fn run(cli: Cli) -> rankstack::nn::Result<String> {
         Command::Presets { show: None } => Ok(commands::presets_listing()),
         Command::Presets { show: Some(name) } => Ok(rankstack::ranker_model::presets::preset(&name)?.to_toml_string()),
         Command::Train(t) => commands::train(&t.into_args()),
-        Command::Eval { checkpoint, data, batch_size } => commands::eval(&checkpoint, &data, batch_size),
-        Command::Score { checkpoint, data, out, batch_size } => commands::score(&checkpoint, &data, &out, batch_size),
+        Command::Eval { checkpoint, data, batch_size, weights } => {
+            commands::eval(&checkpoint, &data, batch_size, weights.into())
+        }
+        Command::Score { checkpoint, data, out, batch_size, weights } => {
+            commands::score(&checkpoint, &data, &out, batch_size, weights.into())
+        }
         Command::Inspect { preset, config, batch_size, device_memory_gib, fraction } => {
             commands::inspect(&preset, config.as_deref(), batch_size, device_memory_gib, fraction)
         }

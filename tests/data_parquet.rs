@@ -63,7 +63,7 @@ fn example(i: usize, embeddings: bool, weights: bool) -> Example {
         ExampleItems::Ids { sequence: (0..n).map(|j| (i * 10 + j) as i64).collect(), candidate: 1000 + i as i64 }
     };
     Example {
-        dense: vec![if i % 3 == 0 { f32::NAN } else { i as f32 * 0.5 }, -(i as f32)],
+        dense: vec![if i.is_multiple_of(3) { f32::NAN } else { i as f32 * 0.5 }, -(i as f32)],
         sparse: vec![vec![(i % 50) as i64], (0..(i % 4) as i64).map(|k| k + i as i64 % 5).collect()],
         embedding: vec![vec![i as f32, 1.0, -2.0]],
         sequence: Some(ExampleSequence {

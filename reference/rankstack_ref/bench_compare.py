@@ -77,9 +77,14 @@ def check(d):
 def infer(d, fastpath, bf16):
     torch.backends.mha.set_fastpath_enabled(fastpath)
     model = load_model(d).eval()
+    expected = load_file(os.path.join(d, "expected.safetensors"))
     rows = []
+    worst = 0.0
     for b in INFER_BATCHES:
         x, _ = load_inputs(d, b)
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            p = torch.sigmoid(model(x)).float()
+        worst = max(worst, (p - expected[f"probabilities.{b}"]).abs().max().item())
 
         def run():
             with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
@@ -89,6 +94,7 @@ def infer(d, fastpath, bf16):
         rows.append({"batch": b, "median_ms": median * 1e3, "runs": runs})
     print(json.dumps({"framework": "pytorch", "mode": "infer", "dtype": "bf16-autocast" if bf16 else "f32",
                       "fastpath": fastpath, "threads": torch.get_num_threads(), "rows": rows,
+                      "max_abs_probability_difference_from_f32": worst,
                       "peak_rss_bytes": peak_rss_bytes(), "torch": torch.__version__}))
 
 

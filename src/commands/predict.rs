@@ -3,8 +3,9 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use candle_core::{DType, Device};
+use candle_core::DType;
 use ranker_model::checkpoint;
+use rankstack_nn::packed_matmul::WeightPrecision;
 use rankstack_nn::{Error, Result};
 
 use crate::data::ParquetDataset;
@@ -23,14 +24,15 @@ pub fn metrics_table(tasks: &[(String, TaskMetrics)]) -> String {
     s
 }
 
-fn load_model(checkpoint_path: &Path) -> Result<ranker_model::Ranker> {
+/// The serving model (CPU, f32 activations) with its linear weights packed in `weights`.
+fn load_model(checkpoint_path: &Path, weights: WeightPrecision) -> Result<ranker_model::Ranker> {
     let dir = resolve_checkpoint(checkpoint_path)?;
-    checkpoint::load_for_serving(&dir, DType::F32, &Device::Cpu)
+    checkpoint::load_packed_for_serving(&dir, weights)
 }
 
 /// `rankstack eval`: metrics of a checkpoint on a labelled file.
-pub fn eval(checkpoint_path: &Path, data: &Path, batch_size: usize) -> Result<String> {
-    let ranker = load_model(checkpoint_path)?;
+pub fn eval(checkpoint_path: &Path, data: &Path, batch_size: usize, weights: WeightPrecision) -> Result<String> {
+    let ranker = load_model(checkpoint_path, weights)?;
     let data = ParquetDataset::open(data)?;
     check_tasks(&ranker, &data)?;
     let report = evaluate(&ranker, &data, batch_size, 0, 0)?;
@@ -50,8 +52,14 @@ fn check_tasks(ranker: &ranker_model::Ranker, data: &ParquetDataset) -> Result<(
 
 /// `rankstack score`: per-task probabilities for every row of `data`, written to `out` as CSV or
 /// Parquet (by extension), one column per task plus the row index.
-pub fn score(checkpoint_path: &Path, data: &Path, out: &Path, batch_size: usize) -> Result<String> {
-    let ranker = load_model(checkpoint_path)?;
+pub fn score(
+    checkpoint_path: &Path,
+    data: &Path,
+    out: &Path,
+    batch_size: usize,
+    weights: WeightPrecision,
+) -> Result<String> {
+    let ranker = load_model(checkpoint_path, weights)?;
     let data = ParquetDataset::open_unlabeled(data, None)?;
     let tasks = ranker.task_names().to_vec();
     let mut columns: Vec<Vec<f32>> = vec![Vec::new(); tasks.len()];

@@ -364,14 +364,14 @@ impl Trainer {
                 let rate = train_rate(examples, paused);
                 progress.set_position(self.step);
                 progress.set_message(format!("loss {value:.4}  {rate:.0} ex/s"));
-                if self.step % o.log_every == 0 || self.step == total {
+                if self.step.is_multiple_of(o.log_every) || self.step == total {
                     last_loss = window_loss / window_steps as f64;
                     let line = serde_json::json!({"kind": "train", "step": self.step, "epoch": epoch + 1, "loss": last_loss, "lr": lr, "examples_per_second": rate});
                     self.record_curves(&line);
                     self.log(&line)?;
                     (window_loss, window_steps) = (0.0, 0);
                 }
-                let epoch_done = self.step % steps_per_epoch == 0 || self.step == total;
+                let epoch_done = self.step.is_multiple_of(steps_per_epoch) || self.step == total;
                 let pause_started = Instant::now();
                 if epoch_done {
                     if let Some(eval) = eval {
@@ -393,7 +393,7 @@ impl Trainer {
                     }
                 }
                 let interrupted = o.stop_after == Some(self.step);
-                if epoch_done || interrupted || o.checkpoint_every.is_some_and(|k| self.step % k == 0) {
+                if epoch_done || interrupted || o.checkpoint_every.is_some_and(|k| self.step.is_multiple_of(k)) {
                     last_checkpoint = self.save_checkpoint()?;
                 }
                 paused += pause_started.elapsed();

@@ -98,6 +98,8 @@ pub fn bench_compare(args: &[String]) -> Result<()> {
     for round in 1..=rounds {
         let r = format!("round {round}/{rounds}");
         reports.entry("rs_infer").or_default().push(Report(rust(&format!("{r}: rankstack scoring"), "infer")?));
+        let bf16 = rust(&format!("{r}: rankstack scoring, bf16 weights"), "infer-bf16")?;
+        reports.entry("rs_infer_bf16").or_default().push(Report(bf16));
         let slow = torch(&format!("{r}: PyTorch scoring"), "infer", &[])?;
         reports.entry("pt_infer_slow").or_default().push(Report(slow));
         let fast = torch(&format!("{r}: PyTorch scoring, fast path"), "infer", &["--fastpath"])?;
@@ -144,11 +146,17 @@ pub fn bench_compare(args: &[String]) -> Result<()> {
             pt / rs
         ));
     }
-    for b in [512u64, 2048] {
-        let pt = ms("pt_infer_bf16", b);
+    let worst = |key: &str| {
+        reports[key].iter().filter_map(|r| r.0["max_abs_probability_difference_from_f32"].as_f64()).fold(0f64, f64::max)
+    };
+    for b in [1u64, 64, 512, 2048] {
+        let (rs, pt) = (ms("rs_infer_bf16", b), ms("pt_infer_bf16", b));
         t.push_str(&format!(
-            "| scoring bf16, batch {b} (PyTorch: autocast) | no bf16 path yet | {pt:.2} | – | {:.0} | – | – |\n",
-            b as f64 / pt * 1e3
+            "| scoring bf16, batch {b} (PyTorch: autocast) | {rs:.2} | {pt:.2} | {:.0} | {:.0} | {:.1} | {:.2} |\n",
+            b as f64 / rs * 1e3,
+            b as f64 / pt * 1e3,
+            b as f64 * flops / (rs / 1e3) / 1e9,
+            pt / rs
         ));
     }
     let (rs, pt) = (ms("rs_train", 512), ms("pt_train", 512));
@@ -172,6 +180,13 @@ pub fn bench_compare(args: &[String]) -> Result<()> {
         gib(rss("rs_train")),
         gib(rss("pt_train")),
         rss("rs_train") / rss("pt_train")
+    ));
+    t.push_str(&format!(
+        "\nbf16 against f32, largest probability difference over all batches: rankstack (bf16 weights, f32 \
+         accumulation) {:.2e}, PyTorch autocast {:.2e}. bf16 rows show GFLOP/s without a percentage (the f32 \
+         GEMM rate is not their ceiling).\n",
+        worst("rs_infer_bf16"),
+        worst("pt_infer_bf16")
     ));
     t.push_str(
         "\nTime ratios are PyTorch ms / rankstack ms (above 1: rankstack is faster); memory ratios are \

@@ -131,3 +131,21 @@ impl CrossLayer {
         x0.mul(&inner)? + x
     }
 }
+impl rankstack_nn::LinearLayers for LowRankMap {
+    fn linear_layers_mut(&mut self) -> Vec<&mut Linear> {
+        let mut layers = vec![&mut self.v];
+        layers.extend(self.c.linear_layers_mut());
+        layers.push(&mut self.u);
+        layers
+    }
+}
+
+impl rankstack_nn::LinearLayers for CrossLayer {
+    fn linear_layers_mut(&mut self) -> Vec<&mut Linear> {
+        match &mut self.interaction {
+            Interaction::FullRank { weight } => vec![weight],
+            Interaction::LowRank(map) => map.linear_layers_mut(),
+            Interaction::Mixture { experts, .. } => experts.linear_layers_mut(),
+        }
+    }
+}

@@ -17,6 +17,8 @@
 //! - [`shape`]: input-shape checks that produce errors naming the layer.
 //! - [`checkpoint`]: loading named tensors into a parameter store, reporting every mismatch at once.
 //! - [`batched_matmul()`]: many small matrix products in parallel (attention), with a backward pass.
+//! - [`Linear`] and [`packed_matmul`]: linear layers whose weights a serving model packs once, in
+//!   f32 or bf16, for an AVX-512 kernel ([`pack_linear_layers`], [`LinearLayers`]).
 //! - [`row_sparse`]: row-sparse gradients for embedding tables ([`RowGather`], [`RowGradient`]).
 //! - [`memory`]: the allocator setting that keeps freed tensor memory for reuse (no page faults).
 //! - [`testing`]: fixture loading and closeness checks for the PyTorch reference tests.
@@ -39,6 +41,7 @@ pub mod linear;
 pub mod loss;
 pub mod memory;
 pub mod mlp;
+pub mod packed_matmul;
 pub mod reseed;
 pub mod rng;
 pub mod row_sparse;
@@ -54,7 +57,7 @@ pub use error::{Error, Result};
 pub use fused_softmax::softmax_last_dim_fused;
 pub use init::SeededVarMap;
 pub use layer_norm::{LayerNorm, LayerNormConfig};
-pub use linear::{linear_xavier, Linear};
+pub use linear::{linear_xavier, pack_linear_layers, Linear, LinearLayers};
 pub use mlp::{Mlp, MlpConfig, Normalization};
 pub use reseed::Reseed;
 pub use row_sparse::{RowGather, RowGradient};

@@ -156,7 +156,13 @@ impl Mlp {
 
     /// Output width.
     pub fn output_dim(&self) -> usize {
-        self.layers.last().map(|l| l.linear.weight().dim(0).unwrap_or(0)).unwrap_or(0)
+        self.layers.last().map(|l| l.linear.out_dim()).unwrap_or(0)
+    }
+}
+
+impl crate::LinearLayers for Mlp {
+    fn linear_layers_mut(&mut self) -> Vec<&mut Linear> {
+        self.layers.iter_mut().map(|l| &mut l.linear).collect()
     }
 }
 

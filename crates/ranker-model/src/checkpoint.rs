@@ -8,6 +8,7 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor, Var};
 use rankstack_nn::checkpoint::{load_into, read_safetensors};
+use rankstack_nn::packed_matmul::WeightPrecision;
 use rankstack_nn::{Error, Result, SeededVarMap};
 
 use crate::{Ranker, RankerConfig};
@@ -123,6 +124,24 @@ pub fn load_for_serving(dir: impl AsRef<Path>, dtype: DType, device: &Device) ->
         return Err(Error::Checkpoint(problems));
     }
     load_into(&buffers, &stored)?;
+    Ok(ranker)
+}
+
+/// [`load_for_serving`] on the CPU in f32, with every linear layer's weight packed once for the
+/// AVX-512 kernel of [`rankstack_nn::packed_matmul`]:
+///
+/// - [`WeightPrecision::F32`]: the same weights; scores equal the unpacked model's up to f32
+///   summation order. Layers stay unpacked where the kernel cannot run (no AVX-512).
+/// - [`WeightPrecision::Bf16`]: linear weights rounded to bf16 (half their memory), activations
+///   rounded to bf16 at each product, f32 accumulation, everything else (embeddings, norms,
+///   attention products, element-wise work) in f32, like PyTorch's bf16 autocast. Twice the
+///   multiply-add rate on CPUs with AVX512-BF16; elsewhere slower than f32 (see
+///   [`rankstack_nn::packed_matmul::packed_kernel_available`]). On the `homefeed-bench` model the
+///   probabilities stay within 5e-3 of f32 (tested in `tests/checkpoint.rs` on a smaller model,
+///   measured by `cargo xtask bench-compare`).
+pub fn load_packed_for_serving(dir: impl AsRef<Path>, precision: WeightPrecision) -> Result<Ranker> {
+    let mut ranker = load_for_serving(dir, DType::F32, &Device::Cpu)?;
+    rankstack_nn::pack_linear_layers(&mut ranker, precision)?;
     Ok(ranker)
 }
 

@@ -69,3 +69,13 @@ impl Reseed for TaskHeads {
         }
     }
 }
+impl rankstack_nn::LinearLayers for TaskHeads {
+    fn linear_layers_mut(&mut self) -> Vec<&mut Linear> {
+        let mut layers = Vec::new();
+        for (tower, logit) in &mut self.heads {
+            layers.extend(tower.linear_layers_mut());
+            layers.push(logit);
+        }
+        layers
+    }
+}

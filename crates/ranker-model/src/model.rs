@@ -299,3 +299,16 @@ impl Reseed for Ranker {
         self.heads.reseed(child_seed(seed, "heads"));
     }
 }
+impl rankstack_nn::LinearLayers for Ranker {
+    /// The linear layers of the feature encoder, the sequence transformer, the backbone stages,
+    /// the MLP and the heads (for packing a serving model, see
+    /// [`crate::checkpoint::load_packed_for_serving`]).
+    fn linear_layers_mut(&mut self) -> Vec<&mut rankstack_nn::Linear> {
+        let mut layers = self.encoder.linear_layers_mut();
+        layers.extend(self.sequence.linear_layers_mut());
+        layers.extend(self.stages.linear_layers_mut());
+        layers.extend(self.mlp.linear_layers_mut());
+        layers.extend(self.heads.linear_layers_mut());
+        layers
+    }
+}

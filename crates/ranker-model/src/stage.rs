@@ -76,3 +76,13 @@ impl ModuleT for Stage {
         }
     }
 }
+impl rankstack_nn::LinearLayers for Stage {
+    fn linear_layers_mut(&mut self) -> Vec<&mut rankstack_nn::Linear> {
+        match self {
+            Stage::ParallelMaskNet(m) => m.linear_layers_mut(),
+            Stage::SerialMaskNet(m) => m.linear_layers_mut(),
+            Stage::CrossNet(c) => c.linear_layers_mut(),
+            Stage::ParallelCrossNet(c) => c.linear_layers_mut(),
+        }
+    }
+}

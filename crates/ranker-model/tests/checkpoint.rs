@@ -118,6 +118,38 @@ fn serving_load_scores_identically_without_a_backward_graph() {
 }
 
 #[test]
+fn packed_serving_scores_match_f32_and_bf16_stays_within_5e_3() {
+    use rankstack_nn::packed_matmul::{packed_kernel_available, WeightPrecision};
+    use rankstack_nn::LinearLayers;
+    let config = common::small();
+    let store = SeededVarMap::new(6);
+    let ranker = Ranker::new(&config, store.var_builder(DType::F32, &Device::Cpu)).unwrap();
+    ranker.forward_t(&random_batch(&config, 16, 1).unwrap(), true).unwrap();
+    let dir = tmpdir("packed");
+    checkpoint::save(&dir, &ranker, &store).unwrap();
+    let batch = random_batch(&config, 40, 4).unwrap();
+    let want = ranker.predict(&batch).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    for (precision, tolerance) in [(WeightPrecision::F32, 1e-6), (WeightPrecision::Bf16, 5e-3)] {
+        let mut served = checkpoint::load_packed_for_serving(&dir, precision).unwrap();
+        let layers = served.linear_layers_mut();
+        // Encoder projection, 2 transformer layers × 4 + pooling, 2 mask blocks × 3, 2 cross
+        // layers, the MLP layer, and the heads (1 + tower 1 + 1).
+        assert_eq!(layers.len(), 22);
+        let packed = precision == WeightPrecision::Bf16 || packed_kernel_available(precision);
+        assert!(layers.iter().all(|l| l.packed().is_some() == packed), "{precision:?}");
+        let got = served.predict(&batch).unwrap();
+        assert!(!got.track_op());
+        let got = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let worst = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(worst <= tolerance, "{precision:?}: max |Δp| {worst} > {tolerance}");
+        if precision == WeightPrecision::Bf16 {
+            assert!(worst > 0.0, "bf16 rounding must show");
+        }
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
 fn serving_load_lists_every_mismatch() {
     let dir = mismatched_checkpoint("serving-mismatch");
     assert_lists_every_mismatch(&checkpoint::load_for_serving(&dir, DType::F32, &Device::Cpu).unwrap_err().to_string());

@@ -30,8 +30,8 @@ const LAYER: &str = "MultiHeadAttention";
 /// ```
 #[derive(Debug)]
 pub struct MultiHeadAttention {
-    in_proj_weight: Tensor,
-    in_proj_bias: Tensor,
+    /// `[Q ‖ K ‖ V]` projection (`in_proj_weight`, `in_proj_bias`).
+    in_proj: Linear,
     out_proj: Linear,
     dropout: Dropout,
     dim: usize,
@@ -41,14 +41,16 @@ pub struct MultiHeadAttention {
 impl MultiHeadAttention {
     /// Self-attention over width `dim` with `num_heads` heads (`dim % num_heads == 0`).
     pub fn new(dim: usize, num_heads: usize, dropout: f64, seed: u64, vb: VarBuilder) -> rankstack_nn::Result<Self> {
-        if dim == 0 || num_heads == 0 || dim % num_heads != 0 {
+        if dim == 0 || num_heads == 0 || !dim.is_multiple_of(num_heads) {
             return Err(Error::config(LAYER, "num_heads", format!("{num_heads} heads do not divide the width {dim}")));
         }
         let dropout = Dropout::new(dropout, seed ^ rankstack_nn::rng::hash_name(&format!("{}.dropout", vb.prefix())))
             .map_err(|_| Error::config(LAYER, "dropout", format!("must be in [0, 1), got {dropout}")))?;
         Ok(Self {
-            in_proj_weight: vb.get_with_hints((3 * dim, dim), "in_proj_weight", xavier_uniform(dim, 3 * dim))?,
-            in_proj_bias: vb.get_with_hints(3 * dim, "in_proj_bias", Init::Const(0.0))?,
+            in_proj: Linear::new(
+                vb.get_with_hints((3 * dim, dim), "in_proj_weight", xavier_uniform(dim, 3 * dim))?,
+                Some(vb.get_with_hints(3 * dim, "in_proj_bias", Init::Const(0.0))?),
+            ),
             out_proj: linear_xavier(dim, dim, true, vb.pp("out_proj"))?,
             dropout,
             dim,
@@ -61,7 +63,7 @@ impl MultiHeadAttention {
         rankstack_nn::shape::expect_dims(LAYER, "input", x, &[None, None, Some(self.dim)])?;
         let (b, s, d) = x.dims3()?;
         let (h, dh) = (self.num_heads, self.dim / self.num_heads);
-        let qkv = x.reshape((b * s, d))?.matmul(&self.in_proj_weight.t()?)?.broadcast_add(&self.in_proj_bias)?;
+        let qkv = self.in_proj.forward(&x.reshape((b * s, d))?)?;
         let heads = |i: usize| -> Result<Tensor> {
             qkv.narrow(1, i * d, d)?.reshape((b, s, h, dh))?.transpose(1, 2)?.contiguous()
         };
@@ -84,5 +86,10 @@ impl MultiHeadAttention {
     /// The attention-weight dropout's generator state (for checkpointing).
     pub fn dropout(&self) -> &Dropout {
         &self.dropout
+    }
+}
+impl rankstack_nn::LinearLayers for MultiHeadAttention {
+    fn linear_layers_mut(&mut self) -> Vec<&mut Linear> {
+        vec![&mut self.in_proj, &mut self.out_proj]
     }
 }

@@ -131,7 +131,7 @@ impl SequenceTransformerConfig {
             ));
         }
         let d = self.model_dim();
-        if d % self.num_heads != 0 {
+        if !d.is_multiple_of(self.num_heads) {
             return Err(Error::config(
                 LAYER,
                 "num_heads",

@@ -171,3 +171,16 @@ impl TransformerEncoder {
         &self.layers
     }
 }
+impl rankstack_nn::LinearLayers for TransformerEncoderLayer {
+    fn linear_layers_mut(&mut self) -> Vec<&mut Linear> {
+        let mut layers = self.self_attn.linear_layers_mut();
+        layers.extend([&mut self.linear1, &mut self.linear2]);
+        layers
+    }
+}
+
+impl rankstack_nn::LinearLayers for TransformerEncoder {
+    fn linear_layers_mut(&mut self) -> Vec<&mut Linear> {
+        self.layers.linear_layers_mut()
+    }
+}
