@@ -155,6 +155,13 @@ fn median_seconds(budget: Duration, mut f: impl FnMut() -> Result<()>) -> Result
     Ok((times[times.len() / 2], times.len()))
 }
 
+/// Minor page faults of this process so far (Linux; 0 elsewhere).
+fn minor_page_faults() -> u64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the parenthesised command name; minflt is field 10 (index 7 after it).
+    stat.rsplit(')').next().and_then(|rest| rest.split_whitespace().nth(7)).and_then(|v| v.parse().ok()).unwrap_or(0)
+}
+
 /// Peak resident set size of this process in bytes (Linux `VmHWM`; 0 where unavailable).
 fn peak_rss_bytes() -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
@@ -215,6 +222,7 @@ fn train(dir: &Path) -> Result<()> {
     // BENCH_PHASES=1 prints each step's phases (forward, backward, update) to stderr.
     let phases = flag("BENCH_PHASES");
     let (median, runs) = median_seconds(Duration::from_secs(10), || {
+        let faults0 = minor_page_faults();
         let t0 = Instant::now();
         let logits = ranker.forward_t(&batch, true)?;
         let loss = ranker.loss(&logits, &labels, None)?;
@@ -234,12 +242,14 @@ fn train(dir: &Path) -> Result<()> {
             let t5 = Instant::now();
             ranker.take_row_gradients(&encode_backward)?; // clears this extra pass's record
             eprintln!(
-                "forward {:.0} ms (encoder {:.0}), backward {:.0} ms (encoder alone {:.0}), update {:.0} ms",
+                "forward {:.0} ms (encoder {:.0}), backward {:.0} ms (encoder alone {:.0}), update {:.0} ms, \
+                 {} minor page faults",
                 ms(t0, t1),
                 ms(t3, t4),
                 ms(t1, t2),
                 ms(t4, t5),
-                ms(t2, t3)
+                ms(t2, t3),
+                minor_page_faults() - faults0
             );
         }
         Ok(())

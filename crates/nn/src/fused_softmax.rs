@@ -106,8 +106,7 @@ impl CustomOp1 for FusedSoftmax {
     }
 
     fn bwd(&self, _arg: &Tensor, res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
-        let dot = grad_res.mul(res)?.sum_keepdim(D::Minus1)?;
-        Ok(Some(grad_res.broadcast_sub(&dot)?.mul(res)?))
+        softmax_backward(res, grad_res).map(Some)
     }
 }
 
@@ -140,8 +139,53 @@ impl CustomOp2 for FusedSoftmax {
         res: &Tensor,
         grad_res: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let dot = grad_res.mul(res)?.sum_keepdim(D::Minus1)?;
-        Ok((Some(grad_res.broadcast_sub(&dot)?.mul(res)?), None))
+        Ok((Some(softmax_backward(res, grad_res)?), None))
+    }
+}
+
+/// `∂L/∂x = y ⊙ (g − Σ_j g_j y_j)` per last-dimension row, from the softmax output `y` and
+/// `g = ∂L/∂y`: one fused pass on the CPU (f32/f64), composed operations elsewhere.
+fn softmax_backward(y: &Tensor, g: &Tensor) -> Result<Tensor> {
+    if y.device().is_cpu() && y.dtype() == g.dtype() && matches!(y.dtype(), DType::F32 | DType::F64) {
+        return y.contiguous()?.apply_op2_no_bwd(&g.contiguous()?, &SoftmaxBackward);
+    }
+    let dot = g.mul(y)?.sum_keepdim(D::Minus1)?;
+    g.broadcast_sub(&dot)?.mul(y)
+}
+
+/// The kernel of [`softmax_backward`]: `(y, g)` → `∂L/∂x`.
+struct SoftmaxBackward;
+
+fn softmax_backward_rows<T: num_like::Float>(y: &[T], yl: &Layout, g: &[T], gl: &Layout) -> Result<Vec<T>> {
+    let (Some((ya, yb)), Some((ga, gb))) = (yl.contiguous_offsets(), gl.contiguous_offsets()) else {
+        candle_core::bail!("softmax backward: inputs must be contiguous")
+    };
+    let (y, g) = (&y[ya..yb], &g[ga..gb]);
+    if yl.shape() != gl.shape() {
+        candle_core::bail!("softmax backward: gradient {:?} for an output {:?}", gl.shape(), yl.shape());
+    }
+    let n = yl.shape().dims().last().copied().unwrap_or(1).max(1);
+    let mut dx = vec![T::zero(); y.len()];
+    dx.par_chunks_mut(n).zip(y.par_chunks(n).zip(g.par_chunks(n))).for_each(|(d, (y, g))| {
+        // Same order of operations as the composed version: dot = Σ g·y, then (g − dot)·y.
+        let dot = y.iter().zip(g).fold(T::zero(), |acc, (&yi, &gi)| acc + gi * yi);
+        d.iter_mut().zip(y.iter().zip(g)).for_each(|(di, (&yi, &gi))| *di = (gi - dot) * yi);
+    });
+    Ok(dx)
+}
+
+impl CustomOp2 for SoftmaxBackward {
+    fn name(&self) -> &'static str {
+        "rankstack-fused-softmax-backward"
+    }
+
+    fn cpu_fwd(&self, y: &CpuStorage, yl: &Layout, g: &CpuStorage, gl: &Layout) -> Result<(CpuStorage, Shape)> {
+        let dx = match (y, g) {
+            (CpuStorage::F32(y), CpuStorage::F32(g)) => CpuStorage::F32(softmax_backward_rows(y, yl, g, gl)?),
+            (CpuStorage::F64(y), CpuStorage::F64(g)) => CpuStorage::F64(softmax_backward_rows(y, yl, g, gl)?),
+            _ => candle_core::bail!("softmax backward: output and gradient must both be f32 or both f64"),
+        };
+        Ok((dx, yl.shape().clone()))
     }
 }
 

@@ -132,9 +132,9 @@ fn packed_serving_scores_match_f32_and_bf16_stays_within_5e_3() {
     for (precision, tolerance) in [(WeightPrecision::F32, 1e-6), (WeightPrecision::Bf16, 5e-3)] {
         let mut served = checkpoint::load_packed_for_serving(&dir, precision).unwrap();
         let layers = served.linear_layers_mut();
-        // Encoder projection, 2 transformer layers × 4 + pooling, 2 mask blocks × 3, 2 cross
-        // layers, the MLP layer, and the heads (1 + tower 1 + 1).
-        assert_eq!(layers.len(), 22);
+        // Encoder projection, 2 transformer layers × 6 (Q, K, V, output, 2 feed-forward) +
+        // pooling, 2 mask blocks × 3, 2 cross layers, the MLP layer, and the heads (1 + tower 1 + 1).
+        assert_eq!(layers.len(), 26);
         let packed = precision == WeightPrecision::Bf16 || packed_kernel_available(precision);
         assert!(layers.iter().all(|l| l.packed().is_some() == packed), "{precision:?}");
         let got = served.predict(&batch).unwrap();

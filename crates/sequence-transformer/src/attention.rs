@@ -4,6 +4,8 @@ use candle_core::{Module, ModuleT, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 
 use rankstack_nn::fused_softmax::masked_softmax_last_dim_fused;
+
+use crate::heads::{merge_heads, split_heads};
 use rankstack_nn::{
     batched_matmul, init::xavier_uniform, linear_xavier, softmax_last_dim_fused, Dropout, Error, Linear,
 };
@@ -30,8 +32,13 @@ const LAYER: &str = "MultiHeadAttention";
 /// ```
 #[derive(Debug)]
 pub struct MultiHeadAttention {
-    /// `[Q ‖ K ‖ V]` projection (`in_proj_weight`, `in_proj_bias`).
-    in_proj: Linear,
+    /// The `Q`, `K` and `V` projections: row blocks of `in_proj_weight` / `in_proj_bias` (views,
+    /// so the parameters stay packed as PyTorch stores them). Three products instead of one
+    /// `[Q ‖ K ‖ V]` product that is then split: the split's backward pass would build three
+    /// zero-padded gradients of the full `[B·S, 3d]` width and add them up.
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
     out_proj: Linear,
     dropout: Dropout,
     dim: usize,
@@ -46,11 +53,15 @@ impl MultiHeadAttention {
         }
         let dropout = Dropout::new(dropout, seed ^ rankstack_nn::rng::hash_name(&format!("{}.dropout", vb.prefix())))
             .map_err(|_| Error::config(LAYER, "dropout", format!("must be in [0, 1), got {dropout}")))?;
+        let in_proj_weight = vb.get_with_hints((3 * dim, dim), "in_proj_weight", xavier_uniform(dim, 3 * dim))?;
+        let in_proj_bias = vb.get_with_hints(3 * dim, "in_proj_bias", Init::Const(0.0))?;
+        let block = |i: usize| -> candle_core::Result<Linear> {
+            Ok(Linear::new(in_proj_weight.narrow(0, i * dim, dim)?, Some(in_proj_bias.narrow(0, i * dim, dim)?)))
+        };
         Ok(Self {
-            in_proj: Linear::new(
-                vb.get_with_hints((3 * dim, dim), "in_proj_weight", xavier_uniform(dim, 3 * dim))?,
-                Some(vb.get_with_hints(3 * dim, "in_proj_bias", Init::Const(0.0))?),
-            ),
+            q_proj: block(0)?,
+            k_proj: block(1)?,
+            v_proj: block(2)?,
             out_proj: linear_xavier(dim, dim, true, vb.pp("out_proj"))?,
             dropout,
             dim,
@@ -63,13 +74,12 @@ impl MultiHeadAttention {
         rankstack_nn::shape::expect_dims(LAYER, "input", x, &[None, None, Some(self.dim)])?;
         let (b, s, d) = x.dims3()?;
         let (h, dh) = (self.num_heads, self.dim / self.num_heads);
-        let qkv = self.in_proj.forward(&x.reshape((b * s, d))?)?;
-        let heads = |i: usize| -> Result<Tensor> {
-            qkv.narrow(1, i * d, d)?.reshape((b, s, h, dh))?.transpose(1, 2)?.contiguous()
-        };
-        // Scaling q (not the [B, H, S, S] scores) saves a pass over the largest tensor.
-        let q = (heads(0)? * (1.0 / (dh as f64).sqrt()))?;
-        let (k, v) = (heads(1)?, heads(2)?);
+        let x2 = x.reshape((b * s, d))?;
+        // Scaling q (not the [B, H, S, S] scores) saves a pass over the largest tensor; the scale
+        // is folded into the head split.
+        let q = split_heads(&self.q_proj.forward(&x2)?, b, s, h, 1.0 / (dh as f64).sqrt())?;
+        let k = split_heads(&self.k_proj.forward(&x2)?, b, s, h, 1.0)?;
+        let v = split_heads(&self.v_proj.forward(&x2)?, b, s, h, 1.0)?;
         let scores = batched_matmul(&q, &k.t()?)?; // [B, H, S, S]
         let weights = match key_mask {
             Some(m) => {
@@ -79,7 +89,7 @@ impl MultiHeadAttention {
             None => softmax_last_dim_fused(&scores)?,
         };
         let weights = self.dropout.forward_t(&weights, train)?;
-        let ctx = batched_matmul(&weights, &v)?.transpose(1, 2)?.reshape((b * s, d))?;
+        let ctx = merge_heads(&batched_matmul(&weights, &v)?)?; // [B·S, d]
         self.out_proj.forward(&ctx)?.reshape((b, s, d))
     }
 
@@ -90,6 +100,6 @@ impl MultiHeadAttention {
 }
 impl rankstack_nn::LinearLayers for MultiHeadAttention {
     fn linear_layers_mut(&mut self) -> Vec<&mut Linear> {
-        vec![&mut self.in_proj, &mut self.out_proj]
+        vec![&mut self.q_proj, &mut self.k_proj, &mut self.v_proj, &mut self.out_proj]
     }
 }

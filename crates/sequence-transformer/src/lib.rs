@@ -5,6 +5,8 @@
 //!   `[max-pool ‖ first K]` output compression.
 //! - [`TransformerEncoder`] / [`TransformerEncoderLayer`] / [`MultiHeadAttention`]: PyTorch
 //!   `nn.TransformerEncoder(Layer)` / `nn.MultiheadAttention` semantics and parameter names.
+//! - [`heads`]: splitting projections into attention heads and merging them, one graph node each;
+//!   [`pooling`]: the masked max-pool of the output, one graph node.
 //!
 //! Numerics are checked against `torch.nn.TransformerEncoder` itself on its autograd ("slow")
 //! path, the path every training step takes; the inference fast path differs only in zeroing the
@@ -13,7 +15,9 @@
 pub mod attention;
 pub mod config;
 pub mod encoder;
+pub mod heads;
 pub mod mask;
+pub mod pooling;
 pub mod transformer;
 
 pub use attention::MultiHeadAttention;

@@ -5,6 +5,7 @@ use candle_nn::{Init, VarBuilder};
 
 use rankstack_nn::{linear_xavier, Error, Linear};
 
+use crate::pooling::masked_max_pool;
 use crate::{
     key_mask, EncoderLayerConfig, Fusion, PositionalEncoding, SequenceTransformerConfig, TimeWindowSampler,
     TransformerEncoder,
@@ -280,11 +281,7 @@ impl SequenceTransformer {
         let h = self.encoder.forward_t(&x, Some(&additive), train)?; // [B, n, d]
 
         // Max-pool over unmasked positions (position 0 is never masked, so the max is finite).
-        let mask3 = Tensor::from_vec(masked.iter().map(|&m| u8::from(m)).collect::<Vec<_>>(), (b, n, 1), dev)?
-            .broadcast_as((b, n, d))?
-            .contiguous()?;
-        let neg_inf = Tensor::full(f64::NEG_INFINITY, (b, n, d), dev)?.to_dtype(dtype)?;
-        let pooled = self.pool_proj.forward(&mask3.where_cond(&neg_inf, &h)?.max(1)?)?;
+        let pooled = self.pool_proj.forward(&masked_max_pool(&h, &masked)?)?;
         let k = c.num_output_positions;
         if k == 0 {
             return Ok(pooled);
