@@ -210,19 +210,18 @@ impl PackedWeight {
         if let Some(b) = bias {
             padded_bias[..self.out_dim].copy_from_slice(&b.to_dtype(DType::F32)?.to_vec1::<f32>()?);
         }
+        // The activations straight from their storage (no copy).
+        let x = x.contiguous()?;
+        let (storage, layout) = x.storage_and_layout();
+        let (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)), Some((start, end))) =
+            (&*storage, layout.contiguous_offsets())
+        else {
+            candle_core::bail!("packed linear: expected contiguous f32 CPU storage")
+        };
+        let x = &v[start..end];
         let y = match self.precision {
-            WeightPrecision::F32 => {
-                let x = x.contiguous()?;
-                let (storage, layout) = x.storage_and_layout();
-                let (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)), Some((a, b))) =
-                    (&*storage, layout.contiguous_offsets())
-                else {
-                    candle_core::bail!("packed linear: expected contiguous f32 CPU storage")
-                };
-                self.gemm(&v[a..b], rows, &padded_bias)
-            }
+            WeightPrecision::F32 => self.gemm(x, rows, &padded_bias),
             WeightPrecision::Bf16 => {
-                let x = x.flatten_all()?.to_vec1::<f32>()?;
                 // The activations as bf16 pairs, row-major [rows, steps]: row r's pair s is
                 // exactly the broadcast operand the kernel needs, so no further packing.
                 let mut a = vec![0u32; rows * self.steps];
