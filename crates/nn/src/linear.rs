@@ -88,19 +88,18 @@ impl Linear {
     }
 
     /// Packs the weight for serving (see [`PackedWeight`]) and drops the tensor; returns whether
-    /// it packed. f32 packs only an f32 CPU weight and only where its kernel runs (elsewhere the
-    /// tensor path is faster); bf16 packs any CPU float weight (without AVX512-BF16 the product
-    /// then takes the slower widening path, see [`packed_kernel_available`]). The layer's output
-    /// carries no gradient afterwards. Packing a packed layer again is a no-op.
+    /// it packed. Only an f32 weight on the CPU is packed (the packed product takes f32
+    /// activations). f32 packs only where its kernel runs (elsewhere the tensor path is faster);
+    /// bf16 packs wherever asked (without AVX512-BF16 the product then takes the slower widening
+    /// path, see [`packed_kernel_available`]). The layer's output carries no gradient afterwards.
+    /// Packing a packed layer again is a no-op.
     pub fn pack(&mut self, precision: WeightPrecision) -> Result<bool> {
         let Inner::Tensor(layer) = &self.inner else { return Ok(false) };
         let w = layer.weight();
-        if !w.device().is_cpu() {
+        if !w.device().is_cpu() || w.dtype() != candle_core::DType::F32 {
             return Ok(false);
         }
-        if precision == WeightPrecision::F32
-            && (w.dtype() != candle_core::DType::F32 || !packed_kernel_available(WeightPrecision::F32))
-        {
+        if precision == WeightPrecision::F32 && !packed_kernel_available(WeightPrecision::F32) {
             return Ok(false);
         }
         let weight = Arc::new(PackedWeight::pack(w, precision)?);
@@ -206,10 +205,11 @@ mod tests {
             assert!(diff <= limit * scale, "{precision:?}: {diff} against scale {scale}");
             assert!(!layer.pack(precision).unwrap(), "packing twice is a no-op");
         }
-        // f64 weights stay unpacked for f32; collections pack every member.
+        // f64 weights stay unpacked; collections pack every f32 member.
         let mut layers = vec![Linear::new(w.to_dtype(DType::F64).unwrap(), None), plain.clone()];
         assert!(!layers[0].pack(WeightPrecision::F32).unwrap());
-        assert_eq!(pack_linear_layers(&mut layers, WeightPrecision::Bf16).unwrap(), 2);
+        assert_eq!(pack_linear_layers(&mut layers, WeightPrecision::Bf16).unwrap(), 1);
+        assert!(layers[0].weight().is_some() && layers[1].packed().is_some());
         let err = layers[1].forward(&x.narrow(2, 0, 69).unwrap()).unwrap_err();
         assert!(err.to_string().contains("[..., 70]"), "{err}");
         let _ = Device::Cpu;
