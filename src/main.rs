@@ -55,7 +55,7 @@ enum Command {
         batch_size: usize,
         /// How linear weights are packed for scoring: f32 (same scores as training up to f32
         /// summation order) or bf16 (faster on CPUs with AVX512-BF16, probabilities within about
-        /// 1e-2; see docs/performance.md).
+        /// 0.015; see docs/performance.md).
         #[arg(long, value_enum, default_value_t = Weights::F32)]
         weights: Weights,
     },
@@ -75,7 +75,7 @@ enum Command {
         batch_size: usize,
         /// How linear weights are packed for scoring: f32 (same scores as training up to f32
         /// summation order) or bf16 (faster on CPUs with AVX512-BF16, probabilities within about
-        /// 1e-2; see docs/performance.md).
+        /// 0.015; see docs/performance.md).
         #[arg(long, value_enum, default_value_t = Weights::F32)]
         weights: Weights,
     },

@@ -131,6 +131,7 @@ impl CrossLayer {
         x0.mul(&inner)? + x
     }
 }
+
 impl rankstack_nn::LinearLayers for LowRankMap {
     fn linear_layers_mut(&mut self) -> Vec<&mut Linear> {
         let mut layers = vec![&mut self.v];

@@ -91,6 +91,7 @@ impl Module for CrossNet {
         self.forward_unchecked(x0)
     }
 }
+
 impl rankstack_nn::LinearLayers for CrossNet {
     fn linear_layers_mut(&mut self) -> Vec<&mut rankstack_nn::Linear> {
         self.layers.linear_layers_mut()

@@ -64,6 +64,7 @@ impl Module for ParallelCrossNet {
         }
     }
 }
+
 impl rankstack_nn::LinearLayers for ParallelCrossNet {
     fn linear_layers_mut(&mut self) -> Vec<&mut rankstack_nn::Linear> {
         self.towers.linear_layers_mut()

@@ -60,6 +60,7 @@ impl EmbeddingProjection {
         }
     }
 }
+
 impl rankstack_nn::LinearLayers for EmbeddingProjection {
     fn linear_layers_mut(&mut self) -> Vec<&mut Linear> {
         self.projection.linear_layers_mut()

@@ -257,6 +257,7 @@ impl FeatureEncoder {
             .collect())
     }
 }
+
 impl rankstack_nn::LinearLayers for FeatureEncoder {
     fn linear_layers_mut(&mut self) -> Vec<&mut rankstack_nn::Linear> {
         self.embedding.linear_layers_mut()

@@ -143,6 +143,7 @@ impl Reseed for MaskBlock {
         self.dropout.reseed(seed);
     }
 }
+
 impl rankstack_nn::LinearLayers for MaskBlock {
     fn linear_layers_mut(&mut self) -> Vec<&mut Linear> {
         vec![&mut self.aggregation, &mut self.projection, &mut self.hidden]

@@ -94,6 +94,7 @@ impl Reseed for ParallelMaskNet {
         }
     }
 }
+
 impl rankstack_nn::LinearLayers for ParallelMaskNet {
     fn linear_layers_mut(&mut self) -> Vec<&mut rankstack_nn::Linear> {
         let mut layers = self.blocks.linear_layers_mut();

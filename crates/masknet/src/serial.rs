@@ -89,6 +89,7 @@ impl Reseed for SerialMaskNet {
         }
     }
 }
+
 impl rankstack_nn::LinearLayers for SerialMaskNet {
     fn linear_layers_mut(&mut self) -> Vec<&mut rankstack_nn::Linear> {
         self.blocks.linear_layers_mut()

@@ -166,7 +166,7 @@ pub fn linear_xavier(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{DType, Device, Var};
+    use candle_core::{DType, Var};
 
     #[test]
     fn tensor_path_equals_candle_linear_in_value_and_gradient() {
@@ -212,6 +212,5 @@ mod tests {
         assert!(layers[0].weight().is_some() && layers[1].packed().is_some());
         let err = layers[1].forward(&x.narrow(2, 0, 69).unwrap()).unwrap_err();
         assert!(err.to_string().contains("[..., 70]"), "{err}");
-        let _ = Device::Cpu;
     }
 }

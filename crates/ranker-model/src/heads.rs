@@ -69,6 +69,7 @@ impl Reseed for TaskHeads {
         }
     }
 }
+
 impl rankstack_nn::LinearLayers for TaskHeads {
     fn linear_layers_mut(&mut self) -> Vec<&mut Linear> {
         let mut layers = Vec::new();

@@ -299,6 +299,7 @@ impl Reseed for Ranker {
         self.heads.reseed(child_seed(seed, "heads"));
     }
 }
+
 impl rankstack_nn::LinearLayers for Ranker {
     /// The linear layers of the feature encoder, the sequence transformer, the backbone stages,
     /// the MLP and the heads (for packing a serving model, see

@@ -76,6 +76,7 @@ impl ModuleT for Stage {
         }
     }
 }
+
 impl rankstack_nn::LinearLayers for Stage {
     fn linear_layers_mut(&mut self) -> Vec<&mut rankstack_nn::Linear> {
         match self {

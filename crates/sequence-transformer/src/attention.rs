@@ -4,11 +4,11 @@ use candle_core::{Module, ModuleT, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 
 use rankstack_nn::fused_softmax::masked_softmax_last_dim_fused;
-
-use crate::heads::{merge_heads, split_heads};
 use rankstack_nn::{
     batched_matmul, init::xavier_uniform, linear_xavier, softmax_last_dim_fused, Dropout, Error, Linear,
 };
+
+use crate::heads::{merge_heads, split_heads};
 
 const LAYER: &str = "MultiHeadAttention";
 
@@ -33,7 +33,7 @@ const LAYER: &str = "MultiHeadAttention";
 #[derive(Debug)]
 pub struct MultiHeadAttention {
     /// The `Q`, `K` and `V` projections: row blocks of `in_proj_weight` / `in_proj_bias` (views,
-    /// so the parameters stay packed as PyTorch stores them). Three products instead of one
+    /// so each parameter stays one tensor, as PyTorch stores it). Three products instead of one
     /// `[Q ‖ K ‖ V]` product that is then split: the split's backward pass would build three
     /// zero-padded gradients of the full `[B·S, 3d]` width and add them up.
     q_proj: Linear,
@@ -98,6 +98,7 @@ impl MultiHeadAttention {
         &self.dropout
     }
 }
+
 impl rankstack_nn::LinearLayers for MultiHeadAttention {
     fn linear_layers_mut(&mut self) -> Vec<&mut Linear> {
         vec![&mut self.q_proj, &mut self.k_proj, &mut self.v_proj, &mut self.out_proj]

@@ -171,6 +171,7 @@ impl TransformerEncoder {
         &self.layers
     }
 }
+
 impl rankstack_nn::LinearLayers for TransformerEncoderLayer {
     fn linear_layers_mut(&mut self) -> Vec<&mut Linear> {
         let mut layers = self.self_attn.linear_layers_mut();

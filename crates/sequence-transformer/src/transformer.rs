@@ -323,6 +323,7 @@ impl rankstack_nn::Reseed for SequenceTransformer {
         self.window.set_rng_state(rankstack_nn::rng::Rng::new(child_seed(seed, "time_window")).state());
     }
 }
+
 impl rankstack_nn::LinearLayers for SequenceTransformer {
     fn linear_layers_mut(&mut self) -> Vec<&mut Linear> {
         let mut layers = self.encoder.linear_layers_mut();
