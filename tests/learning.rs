@@ -29,10 +29,15 @@ fn epoch_losses(run: &std::path::Path) -> Vec<f64> {
 fn pinterest_homefeed_beats_mlp_on_the_interaction_task() {
     let dir = tmpdir("learning");
     let (train, eval) = write_data(&dir, 16_000, 4_000);
+    // Settings chosen for a wide, seed-independent margin. With 4 epochs at lr 3e-3 (this test's
+    // earlier settings) both models were still far from converged and `pinterest-homefeed` diverged
+    // in some runs (loss 2.7 → 22 right after warm-up, save AUC 0.54), so the margin depended on
+    // the seed and even on which elements dropout hit. Here `mlp` peaks and starts to overfit,
+    // and `pinterest-homefeed` converged in every run of a sweep over seeds (see the assertion).
     let options = TrainOptions {
-        epochs: 4,
+        epochs: 8,
         batch_size: 256,
-        optimizer: AdamWConfig { lr: 3e-3, ..AdamWConfig::default() },
+        optimizer: AdamWConfig { lr: 2e-3, ..AdamWConfig::default() },
         warmup_steps: 30,
         quiet: true,
         seed: 1,
@@ -52,7 +57,9 @@ fn pinterest_homefeed_beats_mlp_on_the_interaction_task() {
         save_auc.push(auc);
     }
     let (mlp, homefeed) = (save_auc[0], save_auc[1]);
-    // Measured at these settings: mlp ≈ 0.69, pinterest-homefeed ≈ 0.77 (teacher ceiling ≈ 0.91).
-    assert!(homefeed > mlp + 0.03, "pinterest-homefeed save AUC {homefeed:.4} vs mlp {mlp:.4}");
+    // Measured at these settings over training seeds 1–4 (save AUC, mlp / pinterest-homefeed):
+    // 0.626 / 0.735, 0.632 / 0.767, 0.625 / 0.772, 0.632 / 0.719 — margins 0.09–0.15 (teacher
+    // ceiling ≈ 0.91).
+    assert!(homefeed > mlp + 0.05, "pinterest-homefeed save AUC {homefeed:.4} vs mlp {mlp:.4}");
     std::fs::remove_dir_all(&dir).ok();
 }

@@ -43,12 +43,14 @@ impl Dropout {
         *self.rng.lock().expect("dropout rng lock poisoned") = Rng::from_state(state);
     }
 
-    /// The multipliers of one call (`0` drop, `1 / (1 − p)` keep, as f32), one uniform draw per
-    /// element from this layer's stream, in order. (Drawing blocks in parallel from per-block
-    /// seeds was tried. It changes which masks training sees, and `tests/learning.rs` turned out
-    /// to depend on them: its `pinterest-homefeed` run is unstable at that test's learning rate
-    /// for some streams and seeds. So the stream stays serial until that test is made robust.)
-    fn mask(&self, n: usize) -> Vec<f32> {
+    /// The multipliers of one training call over `n` elements (`0` drop, `1 / (1 − p)` keep, as
+    /// f32), one uniform draw per element from this layer's stream, in order. Fused kernels that
+    /// apply dropout inside (packed attention) draw their masks here.
+    ///
+    /// The draws are serial (tens of millions per `homefeed-bench` training step). Drawing blocks in
+    /// parallel from per-block seeds would be faster; it was tried while `tests/learning.rs` still
+    /// depended on the exact masks (it no longer does) and is a possible next step.
+    pub fn multipliers(&self, n: usize) -> Vec<f32> {
         let keep_scale = (1.0 / (1.0 - self.p)) as f32;
         let mut rng = self.rng.lock().expect("dropout rng lock poisoned");
         (0..n).map(|_| if rng.uniform() < self.p { 0.0 } else { keep_scale }).collect()
@@ -60,7 +62,7 @@ impl ModuleT for Dropout {
         if !train || self.p == 0.0 {
             return Ok(x.clone());
         }
-        let mask = self.mask(x.elem_count());
+        let mask = self.multipliers(x.elem_count());
         if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) {
             // One fused pass, and a backward pass that only scales the gradient by the same mask
             // (a plain `x * mask` node would also compute and accumulate a gradient for the mask).

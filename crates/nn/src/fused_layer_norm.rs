@@ -3,6 +3,8 @@
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use crate::KernelFloat;
+
 /// `y = (x − mean(x)) / sqrt(var(x) + eps) · weight + bias` over the last dimension (biased
 /// variance), as one fused pass per row, with the analytic backward pass
 ///
@@ -36,27 +38,6 @@ struct FusedLayerNormBackward {
     eps: f64,
 }
 
-trait Float: Copy + Send + Sync + Default + 'static {
-    fn from_f64(v: f64) -> Self;
-    fn to_f64(self) -> f64;
-}
-impl Float for f32 {
-    fn from_f64(v: f64) -> Self {
-        v as f32
-    }
-    fn to_f64(self) -> f64 {
-        f64::from(self)
-    }
-}
-impl Float for f64 {
-    fn from_f64(v: f64) -> Self {
-        v
-    }
-    fn to_f64(self) -> f64 {
-        self
-    }
-}
-
 fn contiguous<'a, T>(s: &'a [T], l: &Layout) -> Result<&'a [T]> {
     match l.contiguous_offsets() {
         Some((a, b)) => Ok(&s[a..b]),
@@ -65,16 +46,16 @@ fn contiguous<'a, T>(s: &'a [T], l: &Layout) -> Result<&'a [T]> {
 }
 
 /// Row statistics in f64: `(mean, 1/sqrt(var + eps))`.
-fn stats<T: Float>(row: &[T], eps: f64) -> (f64, f64) {
+fn stats<T: KernelFloat>(row: &[T], eps: f64) -> (f64, f64) {
     let n = row.len() as f64;
     let mean = row.iter().map(|v| v.to_f64()).sum::<f64>() / n;
     let var = row.iter().map(|v| (v.to_f64() - mean).powi(2)).sum::<f64>() / n;
     (mean, 1.0 / (var + eps).sqrt())
 }
 
-fn forward<T: Float>(x: &[T], w: &[T], b: &[T], eps: f64) -> Vec<T> {
+fn forward<T: KernelFloat>(x: &[T], w: &[T], b: &[T], eps: f64) -> Vec<T> {
     let d = w.len();
-    let mut y = vec![T::default(); x.len()];
+    let mut y = vec![T::ZERO; x.len()];
     x.par_chunks(d).zip(y.par_chunks_mut(d)).for_each(|(xr, yr)| {
         let (mean, r) = stats(xr, eps);
         for i in 0..d {
@@ -84,10 +65,10 @@ fn forward<T: Float>(x: &[T], w: &[T], b: &[T], eps: f64) -> Vec<T> {
     y
 }
 
-fn backward<T: Float>(x: &[T], w: &[T], g: &[T], eps: f64) -> Vec<T> {
+fn backward<T: KernelFloat>(x: &[T], w: &[T], g: &[T], eps: f64) -> Vec<T> {
     let d = w.len();
     let rows = x.len() / d;
-    let mut out = vec![T::default(); x.len() + 2 * d];
+    let mut out = vec![T::ZERO; x.len() + 2 * d];
     let (dx, _) = out.split_at_mut(rows * d);
     // Per-chunk partial sums of ∂L/∂weight and ∂L/∂bias, reduced afterwards.
     let chunk_rows = 256;

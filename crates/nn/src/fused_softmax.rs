@@ -3,6 +3,8 @@
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
+use crate::KernelFloat;
+
 /// `softmax(x)` over the last dimension, in one fused pass per row on the CPU, with the analytic
 /// backward pass `∂L/∂x = y ⊙ (g − Σ_j g_j y_j)` (`y` the output, `g = ∂L/∂y`).
 ///
@@ -62,7 +64,7 @@ pub fn masked_softmax_last_dim_fused(x: &Tensor, mask: &Tensor) -> Result<Tensor
 
 struct FusedSoftmax;
 
-fn softmax_rows<T: num_like::Float>(src: &[T], layout: &Layout, mask: Option<&[T]>) -> Result<Vec<T>> {
+fn softmax_rows<T: KernelFloat>(src: &[T], layout: &Layout, mask: Option<&[T]>) -> Result<Vec<T>> {
     let src = match layout.contiguous_offsets() {
         Some((a, b)) => &src[a..b],
         None => candle_core::bail!("fused softmax: input must be contiguous"),
@@ -71,7 +73,7 @@ fn softmax_rows<T: num_like::Float>(src: &[T], layout: &Layout, mask: Option<&[T
     let n = dims[dims.len() - 1].max(1);
     // Rows per mask row: the product of the middle dimensions.
     let per_batch = (src.len() / n) / dims.first().copied().unwrap_or(1).max(1);
-    let mut dst = vec![T::zero(); src.len()];
+    let mut dst = vec![T::ZERO; src.len()];
     src.par_chunks(n).zip(dst.par_chunks_mut(n)).enumerate().for_each(|(row, (s, d))| {
         match mask {
             Some(m) => {
@@ -80,14 +82,14 @@ fn softmax_rows<T: num_like::Float>(src: &[T], layout: &Layout, mask: Option<&[T
             }
             None => d.copy_from_slice(s),
         }
-        let max = d.iter().copied().fold(T::neg_infinity(), T::max);
-        let mut sum = T::zero();
+        let max = d.iter().copied().fold(T::NEG_INFINITY, KernelFloat::max);
+        let mut sum = T::ZERO;
         for di in d.iter_mut() {
             *di = (*di - max).exp();
-            sum = sum + *di;
+            sum += *di;
         }
-        let inv = T::one() / sum;
-        d.iter_mut().for_each(|di| *di = *di * inv);
+        let inv = T::ONE / sum;
+        d.iter_mut().for_each(|di| *di *= inv);
     });
     Ok(dst)
 }
@@ -156,7 +158,7 @@ fn softmax_backward(y: &Tensor, g: &Tensor) -> Result<Tensor> {
 /// The kernel of [`softmax_backward`]: `(y, g)` → `∂L/∂x`.
 struct SoftmaxBackward;
 
-fn softmax_backward_rows<T: num_like::Float>(y: &[T], yl: &Layout, g: &[T], gl: &Layout) -> Result<Vec<T>> {
+fn softmax_backward_rows<T: KernelFloat>(y: &[T], yl: &Layout, g: &[T], gl: &Layout) -> Result<Vec<T>> {
     let (Some((ya, yb)), Some((ga, gb))) = (yl.contiguous_offsets(), gl.contiguous_offsets()) else {
         candle_core::bail!("softmax backward: inputs must be contiguous")
     };
@@ -165,10 +167,10 @@ fn softmax_backward_rows<T: num_like::Float>(y: &[T], yl: &Layout, g: &[T], gl: 
         candle_core::bail!("softmax backward: gradient {:?} for an output {:?}", gl.shape(), yl.shape());
     }
     let n = yl.shape().dims().last().copied().unwrap_or(1).max(1);
-    let mut dx = vec![T::zero(); y.len()];
+    let mut dx = vec![T::ZERO; y.len()];
     dx.par_chunks_mut(n).zip(y.par_chunks(n).zip(g.par_chunks(n))).for_each(|(d, (y, g))| {
         // Same order of operations as the composed version: dot = Σ g·y, then (g − dot)·y.
-        let dot = y.iter().zip(g).fold(T::zero(), |acc, (&yi, &gi)| acc + gi * yi);
+        let dot = y.iter().zip(g).fold(T::ZERO, |acc, (&yi, &gi)| acc + gi * yi);
         d.iter_mut().zip(y.iter().zip(g)).for_each(|(di, (&yi, &gi))| *di = (gi - dot) * yi);
     });
     Ok(dx)
@@ -187,48 +189,6 @@ impl CustomOp2 for SoftmaxBackward {
         };
         Ok((dx, yl.shape().clone()))
     }
-}
-
-/// The float operations the kernel needs, for `f32` and `f64`.
-mod num_like {
-    pub trait Float:
-        Copy
-        + Send
-        + Sync
-        + std::ops::Add<Output = Self>
-        + std::ops::Sub<Output = Self>
-        + std::ops::Mul<Output = Self>
-        + std::ops::Div<Output = Self>
-    {
-        fn zero() -> Self;
-        fn one() -> Self;
-        fn neg_infinity() -> Self;
-        fn exp(self) -> Self;
-        fn max(self, other: Self) -> Self;
-    }
-    macro_rules! float {
-        ($t:ty) => {
-            impl Float for $t {
-                fn zero() -> Self {
-                    0.0
-                }
-                fn one() -> Self {
-                    1.0
-                }
-                fn neg_infinity() -> Self {
-                    <$t>::NEG_INFINITY
-                }
-                fn exp(self) -> Self {
-                    <$t>::exp(self)
-                }
-                fn max(self, other: Self) -> Self {
-                    <$t>::max(self, other)
-                }
-            }
-        };
-    }
-    float!(f32);
-    float!(f64);
 }
 
 #[cfg(test)]

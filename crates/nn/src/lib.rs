@@ -21,6 +21,7 @@
 //!   f32 or bf16, for an AVX-512 kernel ([`pack_linear_layers`], [`LinearLayers`]).
 //! - [`row_sparse`]: row-sparse gradients for embedding tables ([`RowGather`], [`RowGradient`]).
 //! - [`memory`]: the allocator setting that keeps freed tensor memory for reuse (no page faults).
+//! - [`KernelFloat`]: the `f32`/`f64` element types the fused CPU kernels are written over.
 //! - [`testing`]: fixture loading and closeness checks for the PyTorch reference tests.
 //!
 //! Every layer constructor in the workspace takes a config and a [`candle_nn::VarBuilder`], returns
@@ -36,6 +37,7 @@ pub mod error;
 pub mod fused_layer_norm;
 pub mod fused_softmax;
 pub mod init;
+pub mod kernel_float;
 pub mod layer_norm;
 pub mod linear;
 pub mod loss;
@@ -56,6 +58,7 @@ pub use dropout::Dropout;
 pub use error::{Error, Result};
 pub use fused_softmax::softmax_last_dim_fused;
 pub use init::SeededVarMap;
+pub use kernel_float::KernelFloat;
 pub use layer_norm::{LayerNorm, LayerNormConfig};
 pub use linear::{linear_xavier, pack_linear_layers, Linear, LinearLayers};
 pub use mlp::{Mlp, MlpConfig, Normalization};

@@ -1,14 +1,13 @@
 //! Multi-head self-attention with PyTorch's packed in-projection.
 
-use candle_core::{Module, ModuleT, Result, Tensor};
+use std::sync::Arc;
+
+use candle_core::{Module, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 
-use rankstack_nn::fused_softmax::masked_softmax_last_dim_fused;
-use rankstack_nn::{
-    batched_matmul, init::xavier_uniform, linear_xavier, softmax_last_dim_fused, Dropout, Error, Linear,
-};
+use rankstack_nn::{init::xavier_uniform, linear_xavier, Dropout, Error, Linear};
 
-use crate::heads::{merge_heads, split_heads};
+use crate::{packed_attention, PackedSequences};
 
 const LAYER: &str = "MultiHeadAttention";
 
@@ -69,28 +68,26 @@ impl MultiHeadAttention {
         })
     }
 
-    /// Attends `x` `[B, S, d]` to itself. `key_mask` is an additive `[B, S]` mask (0 or −∞).
+    /// Attends `x` `[B, S, d]` to itself. `key_mask` is an additive `[B, S]` mask (`0` attend,
+    /// `−∞` hidden; a NaN or `+∞` in it is an error). A query row whose keys are all hidden gets
+    /// NaN, as in PyTorch.
     pub fn forward_t(&self, x: &Tensor, key_mask: Option<&Tensor>, train: bool) -> Result<Tensor> {
         rankstack_nn::shape::expect_dims(LAYER, "input", x, &[None, None, Some(self.dim)])?;
         let (b, s, d) = x.dims3()?;
-        let (h, dh) = (self.num_heads, self.dim / self.num_heads);
-        let x2 = x.reshape((b * s, d))?;
-        // Scaling q (not the [B, H, S, S] scores) saves a pass over the largest tensor; the scale
-        // is folded into the head split.
-        let q = split_heads(&self.q_proj.forward(&x2)?, b, s, h, 1.0 / (dh as f64).sqrt())?;
-        let k = split_heads(&self.k_proj.forward(&x2)?, b, s, h, 1.0)?;
-        let v = split_heads(&self.v_proj.forward(&x2)?, b, s, h, 1.0)?;
-        let scores = batched_matmul(&q, &k.t()?)?; // [B, H, S, S]
-        let weights = match key_mask {
-            Some(m) => {
-                rankstack_nn::shape::expect_dims(LAYER, "key mask", m, &[Some(b), Some(s)])?;
-                masked_softmax_last_dim_fused(&scores, &m.to_dtype(scores.dtype())?)?
-            }
-            None => softmax_last_dim_fused(&scores)?,
-        };
-        let weights = self.dropout.forward_t(&weights, train)?;
-        let ctx = merge_heads(&batched_matmul(&weights, &v)?)?; // [B·S, d]
-        self.out_proj.forward(&ctx)?.reshape((b, s, d))
+        let sequences = Arc::new(PackedSequences::from_key_mask(b, s, key_mask)?);
+        self.forward_packed(&x.reshape((b * s, d))?, &sequences, train)?.reshape((b, s, d))
+    }
+
+    /// Attends each packed sequence of `x` `[R, d]` to itself (see [`PackedSequences`]); the rows
+    /// of different sequences never see each other.
+    pub fn forward_packed(&self, x: &Tensor, sequences: &Arc<PackedSequences>, train: bool) -> Result<Tensor> {
+        rankstack_nn::shape::expect_dims(LAYER, "packed input", x, &[Some(sequences.num_rows()), Some(self.dim)])?;
+        let (q, k, v) = (self.q_proj.forward(x)?, self.k_proj.forward(x)?, self.v_proj.forward(x)?);
+        let dropout = (train && self.dropout.p() > 0.0).then(|| {
+            let n = sequences.lengths().map(|l| self.num_heads * l * l).sum();
+            Arc::new(self.dropout.multipliers(n))
+        });
+        self.out_proj.forward(&packed_attention(&q, &k, &v, sequences, self.num_heads, dropout)?)
     }
 
     /// The attention-weight dropout's generator state (for checkpointing).

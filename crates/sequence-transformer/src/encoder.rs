@@ -1,11 +1,13 @@
 //! Transformer encoder layers with PyTorch `nn.TransformerEncoderLayer` semantics.
 
+use std::sync::Arc;
+
 use candle_core::{Module, ModuleT, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 
 use rankstack_nn::{Dropout, Error, LayerNorm, LayerNormConfig, Linear};
 
-use crate::MultiHeadAttention;
+use crate::{MultiHeadAttention, PackedSequences};
 
 const LAYER: &str = "TransformerEncoderLayer";
 
@@ -94,24 +96,29 @@ impl TransformerEncoderLayer {
     }
 
     fn feed_forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let (b, s, d) = x.dims3()?;
-        let h = self.linear1.forward(&x.reshape((b * s, d))?)?.relu()?;
-        let h = self.linear2.forward(&self.dropout.forward_t(&h, train)?)?;
-        h.reshape((b, s, d))
+        let h = self.linear1.forward(x)?.relu()?;
+        self.linear2.forward(&self.dropout.forward_t(&h, train)?)
     }
 
     /// Encodes `x` `[B, S, d]`; `key_mask` is an additive `[B, S]` mask (0 keep, −∞ masked key).
     pub fn forward_t(&self, x: &Tensor, key_mask: Option<&Tensor>, train: bool) -> Result<Tensor> {
         rankstack_nn::shape::expect_dims(LAYER, "input", x, &[None, None, Some(self.dim)])?;
+        let (b, s, d) = x.dims3()?;
+        let sequences = Arc::new(PackedSequences::from_key_mask(b, s, key_mask)?);
+        self.forward_packed(&x.reshape((b * s, d))?, &sequences, train)?.reshape((b, s, d))
+    }
+
+    /// Encodes the packed sequences `x` `[R, d]` (see [`PackedSequences`]). Everything but
+    /// attention works row by row, so this is [`TransformerEncoderLayer::forward_t`] without the
+    /// padding rows.
+    pub fn forward_packed(&self, x: &Tensor, sequences: &Arc<PackedSequences>, train: bool) -> Result<Tensor> {
+        rankstack_nn::shape::expect_dims(LAYER, "packed input", x, &[Some(sequences.num_rows()), Some(self.dim)])?;
+        let attend = |x: &Tensor| self.self_attn.forward_packed(x, sequences, train);
         if self.norm_first {
-            let x = (x + self
-                .dropout1
-                .forward_t(&self.self_attn.forward_t(&self.norm1.forward(x)?, key_mask, train)?, train)?)?;
+            let x = (x + self.dropout1.forward_t(&attend(&self.norm1.forward(x)?)?, train)?)?;
             &x + self.dropout2.forward_t(&self.feed_forward(&self.norm2.forward(&x)?, train)?, train)?
         } else {
-            let x = self
-                .norm1
-                .forward(&(x + self.dropout1.forward_t(&self.self_attn.forward_t(x, key_mask, train)?, train)?)?)?;
+            let x = self.norm1.forward(&(x + self.dropout1.forward_t(&attend(x)?, train)?)?)?;
             self.norm2.forward(&(&x + self.dropout2.forward_t(&self.feed_forward(&x, train)?, train)?)?)
         }
     }
@@ -163,7 +170,15 @@ impl TransformerEncoder {
 
     /// Runs every layer; see [`TransformerEncoderLayer::forward_t`].
     pub fn forward_t(&self, x: &Tensor, key_mask: Option<&Tensor>, train: bool) -> Result<Tensor> {
-        self.layers.iter().try_fold(x.clone(), |h, l| l.forward_t(&h, key_mask, train))
+        rankstack_nn::shape::expect_dims(LAYER, "input", x, &[None, None, None])?;
+        let (b, s, d) = x.dims3()?;
+        let sequences = Arc::new(PackedSequences::from_key_mask(b, s, key_mask)?);
+        self.forward_packed(&x.reshape((b * s, d))?, &sequences, train)?.reshape((b, s, d))
+    }
+
+    /// Runs every layer on packed sequences; see [`TransformerEncoderLayer::forward_packed`].
+    pub fn forward_packed(&self, x: &Tensor, sequences: &Arc<PackedSequences>, train: bool) -> Result<Tensor> {
+        self.layers.iter().try_fold(x.clone(), |h, l| l.forward_packed(&h, sequences, train))
     }
 
     /// The layers.

@@ -9,6 +9,8 @@
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use rankstack_nn::KernelFloat;
+
 /// `x` `[B·S, H·dh]` → `scale · x` as `[B, H, S, dh]` (contiguous), differentiable.
 pub fn split_heads(x: &Tensor, batch: usize, seq: usize, heads: usize, scale: f64) -> Result<Tensor> {
     let (rows, width) = x.dims2()?;
@@ -54,17 +56,14 @@ struct Permute {
 }
 
 impl Permute {
-    fn run<T>(&self, x: &[T], layout: &Layout, scale: T) -> Result<Vec<T>>
-    where
-        T: Copy + Send + Sync + Default + std::ops::Mul<Output = T>,
-    {
+    fn run<T: KernelFloat>(&self, x: &[T], layout: &Layout, scale: T) -> Result<Vec<T>> {
         let Some((a, b)) = layout.contiguous_offsets() else { candle_core::bail!("heads: input must be contiguous") };
         let x = &x[a..b];
         let (s, h, dh) = (self.seq, self.heads, self.dh);
         if x.len() != self.batch * s * h * dh {
             candle_core::bail!("heads: {} elements for [{}, {h}, {s}, {dh}]", x.len(), self.batch);
         }
-        let mut y = vec![T::default(); x.len()];
+        let mut y = vec![T::ZERO; x.len()];
         let apply = |v: T| if self.scale == 1.0 { v } else { v * scale };
         // One batch element per task: [S, H, dh] ↔ [H, S, dh].
         y.par_chunks_mut(s * h * dh).zip(x.par_chunks(s * h * dh)).for_each(|(out, inp)| {

@@ -5,6 +5,9 @@
 //!   `[max-pool ‖ first K]` output compression.
 //! - [`TransformerEncoder`] / [`TransformerEncoderLayer`] / [`MultiHeadAttention`]: PyTorch
 //!   `nn.TransformerEncoder(Layer)` / `nn.MultiheadAttention` semantics and parameter names.
+//! - [`PackedSequences`] and [`packed_attention()`]: variable-length sequences stored back to back
+//!   as the rows of one tensor, and attention over them in one fused CPU kernel; TransAct drops the
+//!   rows no output depends on (padding), and every encoder layer runs on the packed rows.
 //! - [`heads`]: splitting projections into attention heads and merging them, one graph node each;
 //!   [`pooling`]: the masked max-pool of the output, one graph node.
 //!
@@ -17,6 +20,8 @@ pub mod config;
 pub mod encoder;
 pub mod heads;
 pub mod mask;
+pub mod packed;
+pub mod packed_attention;
 pub mod pooling;
 pub mod transformer;
 
@@ -24,4 +29,6 @@ pub use attention::MultiHeadAttention;
 pub use config::{Fusion, PositionalEncoding, SequenceTransformerConfig};
 pub use encoder::{EncoderLayerConfig, TransformerEncoder, TransformerEncoderLayer};
 pub use mask::{key_mask, TimeWindowSampler};
+pub use packed::PackedSequences;
+pub use packed_attention::packed_attention;
 pub use transformer::{SequenceBatch, SequenceTransformer};

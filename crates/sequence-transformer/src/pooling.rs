@@ -5,6 +5,8 @@ use std::sync::Arc;
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use rankstack_nn::KernelFloat;
+
 /// `y[b, j] = max_{t : ¬masked[b, t]} h[b, t, j]` for `h` `[B, n, d]` and `masked` row-major
 /// `[B, n]` (`true` = masked). Every row must keep at least one position (TransAct never masks
 /// position 0). The gradient goes to every unmasked position that attains the maximum (candle's
@@ -35,16 +37,6 @@ pub fn masked_max_pool(h: &Tensor, masked: &[bool]) -> Result<Tensor> {
 #[derive(Clone)]
 struct MaskedMax(Arc<Vec<bool>>);
 
-trait Float: Copy + Send + Sync + PartialOrd + Default {
-    const NEG_INFINITY: Self;
-}
-impl Float for f32 {
-    const NEG_INFINITY: Self = f32::NEG_INFINITY;
-}
-impl Float for f64 {
-    const NEG_INFINITY: Self = f64::NEG_INFINITY;
-}
-
 fn contiguous<'a, T>(x: &'a [T], layout: &Layout) -> Result<&'a [T]> {
     match layout.contiguous_offsets() {
         Some((a, b)) => Ok(&x[a..b]),
@@ -52,7 +44,7 @@ fn contiguous<'a, T>(x: &'a [T], layout: &Layout) -> Result<&'a [T]> {
     }
 }
 
-fn pool<T: Float>(h: &[T], masked: &[bool], (n, d): (usize, usize)) -> Vec<T> {
+fn pool<T: KernelFloat>(h: &[T], masked: &[bool], (n, d): (usize, usize)) -> Vec<T> {
     let mut y = vec![T::NEG_INFINITY; h.len() / n];
     y.par_chunks_mut(d).zip(h.par_chunks(n * d)).zip(masked.par_chunks(n)).for_each(|((y, h), m)| {
         for (t, row) in h.chunks(d).enumerate() {
@@ -68,8 +60,8 @@ fn pool<T: Float>(h: &[T], masked: &[bool], (n, d): (usize, usize)) -> Vec<T> {
     y
 }
 
-fn unpool<T: Float>(h: &[T], y: &[T], g: &[T], masked: &[bool], (n, d): (usize, usize)) -> Vec<T> {
-    let mut dx = vec![T::default(); h.len()];
+fn unpool<T: KernelFloat>(h: &[T], y: &[T], g: &[T], masked: &[bool], (n, d): (usize, usize)) -> Vec<T> {
+    let mut dx = vec![T::ZERO; h.len()];
     dx.par_chunks_mut(n * d).zip(h.par_chunks(n * d)).enumerate().for_each(|(b, (dx, h))| {
         let (y, g, m) = (&y[b * d..][..d], &g[b * d..][..d], &masked[b * n..][..n]);
         for t in (0..n).filter(|&t| !m[t]) {

@@ -1,5 +1,7 @@
 //! TransAct: the user-action sequence encoder of Pinterest's Homefeed ranker.
 
+use std::sync::Arc;
+
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 
@@ -7,8 +9,8 @@ use rankstack_nn::{linear_xavier, Error, Linear};
 
 use crate::pooling::masked_max_pool;
 use crate::{
-    key_mask, EncoderLayerConfig, Fusion, PositionalEncoding, SequenceTransformerConfig, TimeWindowSampler,
-    TransformerEncoder,
+    key_mask, EncoderLayerConfig, Fusion, PackedSequences, PositionalEncoding, SequenceTransformerConfig,
+    TimeWindowSampler, TransformerEncoder,
 };
 
 const LAYER: &str = "SequenceTransformer";
@@ -240,13 +242,40 @@ impl SequenceTransformer {
         })
     }
 
+    /// The encoder over the tokens `x` `[B, n, d]` with key mask `masked` `[B·n]`.
+    ///
+    /// With `compact`, only the unmasked rows and the first K feed the output (a masked row is
+    /// never a key, so it reaches no other row): the encoder runs on those rows alone, packed, and
+    /// its output is scattered back (zeros elsewhere, which the pooling skips). Without, it runs on
+    /// every row (the reference the compaction is tested against).
+    fn encode(&self, x: &Tensor, masked: &[bool], train: bool, compact: bool) -> Result<Tensor> {
+        let (b, n, d) = x.dims3()?;
+        if !compact {
+            let additive: Vec<f64> = masked.iter().map(|&m| if m { f64::NEG_INFINITY } else { 0.0 }).collect();
+            let additive = Tensor::from_vec(additive, (b, n), x.device())?.to_dtype(x.dtype())?;
+            return self.encoder.forward_t(x, Some(&additive), train);
+        }
+        let (sequences, rows) = PackedSequences::compact(masked, b, n, self.config.num_output_positions);
+        let rows = Tensor::from_vec(rows, sequences.num_rows(), x.device())?;
+        let packed = x.reshape((b * n, d))?.index_select(&rows, 0)?;
+        let packed = self.encoder.forward_packed(&packed, &Arc::new(sequences), train)?;
+        Tensor::zeros((b * n, d), x.dtype(), x.device())?.index_add(&rows, &packed, 0)?.reshape((b, n, d))
+    }
+
     /// Forward pass with explicit training windows (`None`: no window masking, as in evaluation);
     /// `train` switches dropout. [`SequenceTransformer::forward_t`] draws the windows itself.
     pub fn forward_with_window(&self, batch: &SequenceBatch, window: Option<&[f64]>, train: bool) -> Result<Tensor> {
-        let c = &self.config;
         let p = self.prepare(batch)?;
         let masked = self.mask_of(&p, window)?;
-        let (b, s, n, d) = (p.batch, c.max_len, c.num_tokens(), c.model_dim());
+        let h = self.encode(&self.tokens(&p, &batch.candidate)?, &masked, train, true)?;
+        self.compress(&h, &masked)
+    }
+
+    /// The encoder's input tokens `[B, n, d]`: action embedding ‖ item embedding, fused with the
+    /// candidate, plus the positional embedding.
+    fn tokens(&self, p: &Prepared, candidate: &Tensor) -> Result<Tensor> {
+        let c = &self.config;
+        let (b, s) = (p.batch, c.max_len);
         let (dtype, dev) = (self.action_emb.dtype(), self.action_emb.device());
 
         // Action embeddings; padding (type 0) is zeroed by a mask so row 0 never gets a gradient.
@@ -258,7 +287,7 @@ impl SequenceTransformer {
         )?
         .to_dtype(dtype)?;
         let actions = self.action_emb.embedding(&ids)?.broadcast_mul(&not_pad)?.reshape((b, s, c.action_dim))?;
-        let candidate = batch.candidate.unsqueeze(1)?;
+        let candidate = candidate.unsqueeze(1)?;
         let mut x = match (&self.candidate_token, c.fusion) {
             (_, Fusion::Concat) => {
                 let cand = candidate.broadcast_as((b, s, c.item_dim))?.contiguous()?;
@@ -275,14 +304,15 @@ impl SequenceTransformer {
         if let Some(pos) = &self.pos_emb {
             x = x.broadcast_add(&pos.unsqueeze(0)?)?;
         }
+        Ok(x)
+    }
 
-        let additive: Vec<f64> = masked.iter().map(|&m| if m { f64::NEG_INFINITY } else { 0.0 }).collect();
-        let additive = Tensor::from_vec(additive, (b, n), dev)?.to_dtype(dtype)?;
-        let h = self.encoder.forward_t(&x, Some(&additive), train)?; // [B, n, d]
-
+    /// `[max-pool ‖ first K]` of the encoder output `h` `[B, n, d]`.
+    fn compress(&self, h: &Tensor, masked: &[bool]) -> Result<Tensor> {
+        let (b, _, d) = h.dims3()?;
         // Max-pool over unmasked positions (position 0 is never masked, so the max is finite).
-        let pooled = self.pool_proj.forward(&masked_max_pool(&h, &masked)?)?;
-        let k = c.num_output_positions;
+        let pooled = self.pool_proj.forward(&masked_max_pool(h, masked)?)?;
+        let k = self.config.num_output_positions;
         if k == 0 {
             return Ok(pooled);
         }
@@ -329,5 +359,67 @@ impl rankstack_nn::LinearLayers for SequenceTransformer {
         let mut layers = self.encoder.linear_layers_mut();
         layers.push(&mut self.pool_proj);
         layers
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+    use rankstack_nn::testing::seeded_randn;
+    use rankstack_nn::SeededVarMap;
+
+    #[test]
+    fn compaction_changes_neither_the_output_nor_the_gradients() {
+        // Histories of 6, 5, …, 1 real actions (padding after), plus random training windows:
+        // masked rows both inside and beyond the first K positions.
+        let (b, s, e) = (6, 6, 4);
+        let config = SequenceTransformerConfig {
+            max_len: s,
+            num_action_types: 5,
+            action_dim: 4,
+            item_dim: e,
+            ff_dim: 8,
+            num_output_positions: 2,
+            dropout: 0.0,
+            ..Default::default()
+        };
+        let dev = Device::Cpu;
+        let req = 1_000_000i64;
+        let (mut types, mut ts) = (vec![0u32; b * s], vec![0i64; b * s]);
+        for i in 0..b {
+            for j in 0..s - i {
+                types[i * s + j] = 1 + ((i + j) % 4) as u32;
+                ts[i * s + j] = req - 1000 * (j as i64 + 1);
+            }
+        }
+        let batch = SequenceBatch {
+            action_types: Tensor::from_vec(types, (b, s), &dev).unwrap(),
+            item_embeddings: seeded_randn(1, &[b, s, e], DType::F64),
+            timestamps: Tensor::from_vec(ts, (b, s), &dev).unwrap(),
+            request_time: Tensor::from_vec(vec![req; b], b, &dev).unwrap(),
+            candidate: seeded_randn(2, &[b, e], DType::F64),
+        };
+        let store = SeededVarMap::new(3);
+        let model = SequenceTransformer::new(&config, store.var_builder(DType::F64, &dev)).unwrap();
+        let window = [2500.0, 0.0, 1500.0, 0.0, 0.0, 3500.0];
+        let p = model.prepare(&batch).unwrap();
+        let masked = model.mask_of(&p, Some(&window)).unwrap();
+        let x = model.tokens(&p, &batch.candidate).unwrap();
+        let run = |compact: bool| {
+            let y = model.compress(&model.encode(&x, &masked, true, compact).unwrap(), &masked).unwrap();
+            let r = seeded_randn(4, y.dims(), DType::F64);
+            let grads = (&y * r).unwrap().sum_all().unwrap().backward().unwrap();
+            let mut all: Vec<f64> = y.flatten_all().unwrap().to_vec1().unwrap();
+            for (_, var) in store.named_vars() {
+                all.extend(grads.get(var.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap());
+            }
+            all
+        };
+        let (dense, packed) = (run(false), run(true));
+        assert!(masked.iter().filter(|&&m| m).count() > 8, "the case must mask rows");
+        for (a, b) in packed.iter().zip(&dense) {
+            assert!((a - b).abs() <= 1e-12 * (1.0 + b.abs()), "{a} vs {b}");
+        }
     }
 }

@@ -1,0 +1,162 @@
+//! Variable-length sequences stored back to back as the rows of one tensor.
+
+use candle_core::{DType, Tensor};
+
+use rankstack_nn::Error;
+
+const WHAT: &str = "PackedSequences";
+
+/// The layout of `B` sequences of lengths `L_0 … L_{B−1}` stored back to back as the rows of one
+/// `[R, d]` tensor (`R = Σ L_b`), and the additive score bias of every row as an attention key
+/// (`0` attend, `−∞` hidden).
+///
+/// Every row-wise part of an encoder layer (projections, LayerNorm, feed-forward, dropout) works on
+/// the packed rows as on any `[R, d]` batch; only attention needs the sequence boundaries. Packing
+/// lets TransAct drop the rows no output depends on ([`PackedSequences::compact`]), which is about
+/// half of them on histories with padding, as PyTorch's nested-tensor fast path does at inference.
+///
+/// ```
+/// # use sequence_transformer::PackedSequences;
+/// // Two sequences of 4 positions; masked: position 3 of the first, positions 1..4 of the second.
+/// let masked = [false, false, false, true, false, true, true, true];
+/// let (packed, rows) = PackedSequences::compact(&masked, 2, 4, 2);
+/// // Kept: unmasked positions and the first 2 of each sequence (read by the output).
+/// assert_eq!(rows, vec![0, 1, 2, 4, 5]);
+/// assert_eq!(packed.lengths().collect::<Vec<_>>(), vec![3, 2]);
+/// assert_eq!(packed.key_bias()[4], f64::NEG_INFINITY); // position 1 of sequence 2 is no key
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Debug, Clone, PartialEq)]
+pub struct PackedSequences {
+    offsets: Vec<usize>,
+    key_bias: Vec<f64>,
+}
+
+impl PackedSequences {
+    /// Sequences of the given lengths with one key bias per row (`Σ lengths` values).
+    pub fn new(lengths: &[usize], key_bias: Vec<f64>) -> rankstack_nn::Result<Self> {
+        let mut offsets = Vec::with_capacity(lengths.len() + 1);
+        offsets.push(0);
+        for &l in lengths {
+            offsets.push(offsets.last().copied().unwrap_or(0) + l);
+        }
+        let rows = offsets.last().copied().unwrap_or(0);
+        if key_bias.len() != rows {
+            return Err(Error::input(
+                WHAT,
+                "key_bias",
+                format!("{} values for {rows} rows (lengths {lengths:?})", key_bias.len()),
+            ));
+        }
+        if let Some(i) = key_bias.iter().position(|v| v.is_nan() || *v == f64::INFINITY) {
+            return Err(Error::input(WHAT, "key_bias", format!("row {i} has bias {}", key_bias[i])));
+        }
+        Ok(Self { offsets, key_bias })
+    }
+
+    /// `batch` sequences of `len` rows each (every row kept), with an additive key mask
+    /// `[batch · len]` (`0` attend, `−∞` hidden) or none.
+    pub fn dense(batch: usize, len: usize, additive_mask: Option<Vec<f64>>) -> rankstack_nn::Result<Self> {
+        Self::new(&vec![len; batch], additive_mask.unwrap_or_else(|| vec![0.0; batch * len]))
+    }
+
+    /// [`PackedSequences::dense`] from an additive key-mask tensor `[batch, len]` (any float dtype,
+    /// any device; `0` attend, `−∞` hidden, other finite values added to the scores as given).
+    pub fn from_key_mask(batch: usize, len: usize, key_mask: Option<&Tensor>) -> rankstack_nn::Result<Self> {
+        let bias = match key_mask {
+            Some(m) => {
+                rankstack_nn::shape::expect_dims(WHAT, "key mask", m, &[Some(batch), Some(len)])?;
+                Some(m.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?)
+            }
+            None => None,
+        };
+        Self::dense(batch, len, bias)
+    }
+
+    /// Keeps, of `batch` sequences of `len` positions with a key mask `masked` (`[batch · len]`,
+    /// `true` = hidden), only the rows an output can depend on: the unmasked positions and the
+    /// first `keep_first` positions of each sequence. Returns the layout and, per kept row, its
+    /// index in the `[batch · len]` rows.
+    ///
+    /// This is exact for a stack of encoder layers: a masked row is never a key, so it influences
+    /// no other row; only its own output — at a kept position — can be read.
+    pub fn compact(masked: &[bool], batch: usize, len: usize, keep_first: usize) -> (Self, Vec<u32>) {
+        assert_eq!(masked.len(), batch * len, "compact: mask of {} for {batch} × {len}", masked.len());
+        let mut offsets = vec![0];
+        let (mut rows, mut key_bias) = (Vec::new(), Vec::new());
+        for (b, seq) in masked.chunks(len.max(1)).enumerate().take(batch) {
+            for (i, &m) in seq.iter().enumerate() {
+                if !m || i < keep_first {
+                    rows.push((b * len + i) as u32);
+                    key_bias.push(if m { f64::NEG_INFINITY } else { 0.0 });
+                }
+            }
+            offsets.push(rows.len());
+        }
+        (Self { offsets, key_bias }, rows)
+    }
+
+    /// The number of sequences `B`.
+    pub fn batch_size(&self) -> usize {
+        self.offsets.len() - 1
+    }
+
+    /// The number of rows `R`.
+    pub fn num_rows(&self) -> usize {
+        self.key_bias.len()
+    }
+
+    /// The first row of each sequence, then `R` (`B + 1` values).
+    pub fn offsets(&self) -> &[usize] {
+        &self.offsets
+    }
+
+    /// The length of each sequence.
+    pub fn lengths(&self) -> impl Iterator<Item = usize> + '_ {
+        self.offsets.windows(2).map(|w| w[1] - w[0])
+    }
+
+    /// The length every sequence has, if they are all equal.
+    pub fn uniform_length(&self) -> Option<usize> {
+        let mut lengths = self.lengths();
+        let first = lengths.next()?;
+        lengths.all(|l| l == first).then_some(first)
+    }
+
+    /// The additive score bias of every row as a key.
+    pub fn key_bias(&self) -> &[f64] {
+        &self.key_bias
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lengths_and_offsets_are_consistent() {
+        let p = PackedSequences::new(&[2, 0, 3], vec![0.0; 5]).unwrap();
+        assert_eq!(p.offsets(), &[0, 2, 2, 5]);
+        assert_eq!(p.lengths().collect::<Vec<_>>(), vec![2, 0, 3]);
+        assert_eq!((p.batch_size(), p.num_rows(), p.uniform_length()), (3, 5, None));
+        assert_eq!(PackedSequences::dense(2, 3, None).unwrap().uniform_length(), Some(3));
+    }
+
+    #[test]
+    fn bad_key_bias_is_an_error_naming_the_count_or_row() {
+        let e = PackedSequences::new(&[2, 2], vec![0.0; 3]).unwrap_err().to_string();
+        assert!(e.contains("3 values for 4 rows"), "{e}");
+        let e = PackedSequences::new(&[2], vec![0.0, f64::NAN]).unwrap_err().to_string();
+        assert!(e.contains("row 1"), "{e}");
+    }
+
+    #[test]
+    fn compaction_keeps_keys_and_the_first_positions() {
+        let masked = [false, true, false, true, /* seq 1 */ false, true, true, true];
+        let (p, rows) = PackedSequences::compact(&masked, 2, 4, 2);
+        assert_eq!(rows, vec![0, 1, 2, 4, 5]);
+        assert_eq!(p.offsets(), &[0, 3, 5]);
+        let inf = f64::NEG_INFINITY;
+        assert_eq!(p.key_bias(), &[0.0, inf, 0.0, 0.0, inf]);
+    }
+}
