@@ -19,7 +19,7 @@ const WHAT: &str = "PackedSequences";
 /// # use sequence_transformer::PackedSequences;
 /// // Two sequences of 4 positions; masked: position 3 of the first, positions 1..4 of the second.
 /// let masked = [false, false, false, true, false, true, true, true];
-/// let (packed, rows) = PackedSequences::compact(&masked, 2, 4, 2);
+/// let (packed, rows) = PackedSequences::compact(&masked, 2, 4, 2)?;
 /// // Kept: unmasked positions and the first 2 of each sequence (read by the output).
 /// assert_eq!(rows, vec![0, 1, 2, 4, 5]);
 /// assert_eq!(packed.lengths().collect::<Vec<_>>(), vec![3, 2]);
@@ -80,11 +80,19 @@ impl PackedSequences {
     ///
     /// This is exact for a stack of encoder layers: a masked row is never a key, so it influences
     /// no other row; only its own output — at a kept position — can be read.
-    pub fn compact(masked: &[bool], batch: usize, len: usize, keep_first: usize) -> (Self, Vec<u32>) {
-        assert_eq!(masked.len(), batch * len, "compact: mask of {} for {batch} × {len}", masked.len());
+    pub fn compact(
+        masked: &[bool],
+        batch: usize,
+        len: usize,
+        keep_first: usize,
+    ) -> rankstack_nn::Result<(Self, Vec<u32>)> {
+        if masked.len() != batch * len {
+            return Err(Error::input(WHAT, "mask", format!("{} values for {batch} × {len} positions", masked.len())));
+        }
         let mut offsets = vec![0];
         let (mut rows, mut key_bias) = (Vec::new(), Vec::new());
-        for (b, seq) in masked.chunks(len.max(1)).enumerate().take(batch) {
+        for b in 0..batch {
+            let seq = &masked[b * len..(b + 1) * len];
             for (i, &m) in seq.iter().enumerate() {
                 if !m || i < keep_first {
                     rows.push((b * len + i) as u32);
@@ -93,7 +101,7 @@ impl PackedSequences {
             }
             offsets.push(rows.len());
         }
-        (Self { offsets, key_bias }, rows)
+        Ok((Self { offsets, key_bias }, rows))
     }
 
     /// The number of sequences `B`.
@@ -153,10 +161,12 @@ mod tests {
     #[test]
     fn compaction_keeps_keys_and_the_first_positions() {
         let masked = [false, true, false, true, /* seq 1 */ false, true, true, true];
-        let (p, rows) = PackedSequences::compact(&masked, 2, 4, 2);
+        let (p, rows) = PackedSequences::compact(&masked, 2, 4, 2).unwrap();
         assert_eq!(rows, vec![0, 1, 2, 4, 5]);
         assert_eq!(p.offsets(), &[0, 3, 5]);
         let inf = f64::NEG_INFINITY;
         assert_eq!(p.key_bias(), &[0.0, inf, 0.0, 0.0, inf]);
+        let e = PackedSequences::compact(&masked, 3, 4, 2).unwrap_err().to_string();
+        assert!(e.contains("8 values for 3 × 4"), "{e}");
     }
 }

@@ -255,7 +255,7 @@ impl SequenceTransformer {
             let additive = Tensor::from_vec(additive, (b, n), x.device())?.to_dtype(x.dtype())?;
             return self.encoder.forward_t(x, Some(&additive), train);
         }
-        let (sequences, rows) = PackedSequences::compact(masked, b, n, self.config.num_output_positions);
+        let (sequences, rows) = PackedSequences::compact(masked, b, n, self.config.num_output_positions)?;
         let rows = Tensor::from_vec(rows, sequences.num_rows(), x.device())?;
         let packed = x.reshape((b * n, d))?.index_select(&rows, 0)?;
         let packed = self.encoder.forward_packed(&packed, &Arc::new(sequences), train)?;
