@@ -74,6 +74,9 @@ impl MultiHeadAttention {
     pub fn forward_t(&self, x: &Tensor, key_mask: Option<&Tensor>, train: bool) -> Result<Tensor> {
         rankstack_nn::shape::expect_dims(LAYER, "input", x, &[None, None, Some(self.dim)])?;
         let (b, s, d) = x.dims3()?;
+        if let Some(m) = key_mask {
+            rankstack_nn::shape::expect_dims(LAYER, "key mask", m, &[Some(b), Some(s)])?;
+        }
         let sequences = Arc::new(PackedSequences::from_key_mask(b, s, key_mask)?);
         self.forward_packed(&x.reshape((b * s, d))?, &sequences, train)?.reshape((b, s, d))
     }

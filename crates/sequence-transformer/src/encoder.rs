@@ -10,6 +10,7 @@ use rankstack_nn::{Dropout, Error, LayerNorm, LayerNormConfig, Linear};
 use crate::{MultiHeadAttention, PackedSequences};
 
 const LAYER: &str = "TransformerEncoderLayer";
+const ENCODER: &str = "TransformerEncoder";
 
 /// Options of one encoder layer (`d_model` is given separately).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -104,6 +105,9 @@ impl TransformerEncoderLayer {
     pub fn forward_t(&self, x: &Tensor, key_mask: Option<&Tensor>, train: bool) -> Result<Tensor> {
         rankstack_nn::shape::expect_dims(LAYER, "input", x, &[None, None, Some(self.dim)])?;
         let (b, s, d) = x.dims3()?;
+        if let Some(m) = key_mask {
+            rankstack_nn::shape::expect_dims(LAYER, "key mask", m, &[Some(b), Some(s)])?;
+        }
         let sequences = Arc::new(PackedSequences::from_key_mask(b, s, key_mask)?);
         self.forward_packed(&x.reshape((b * s, d))?, &sequences, train)?.reshape((b, s, d))
     }
@@ -160,7 +164,7 @@ impl TransformerEncoder {
         vb: VarBuilder,
     ) -> rankstack_nn::Result<Self> {
         if num_layers == 0 {
-            return Err(Error::config("TransformerEncoder", "num_layers", "must be > 0"));
+            return Err(Error::config(ENCODER, "num_layers", "must be > 0"));
         }
         let layers = (0..num_layers)
             .map(|i| TransformerEncoderLayer::new(dim, config, vb.pp("layers").pp(i)))
@@ -170,8 +174,11 @@ impl TransformerEncoder {
 
     /// Runs every layer; see [`TransformerEncoderLayer::forward_t`].
     pub fn forward_t(&self, x: &Tensor, key_mask: Option<&Tensor>, train: bool) -> Result<Tensor> {
-        rankstack_nn::shape::expect_dims(LAYER, "input", x, &[None, None, None])?;
+        rankstack_nn::shape::expect_dims(ENCODER, "input", x, &[None, None, None])?;
         let (b, s, d) = x.dims3()?;
+        if let Some(m) = key_mask {
+            rankstack_nn::shape::expect_dims(ENCODER, "key mask", m, &[Some(b), Some(s)])?;
+        }
         let sequences = Arc::new(PackedSequences::from_key_mask(b, s, key_mask)?);
         self.forward_packed(&x.reshape((b * s, d))?, &sequences, train)?.reshape((b, s, d))
     }

@@ -5,7 +5,8 @@ use candle_core::{DType, Device, Tensor};
 use rankstack_nn::testing::{assert_all_params_get_gradients, seeded_randn};
 use rankstack_nn::SeededVarMap;
 use sequence_transformer::{
-    key_mask, Fusion, PositionalEncoding, SequenceBatch, SequenceTransformer, SequenceTransformerConfig,
+    key_mask, Fusion, PackedSequences, PositionalEncoding, SequenceBatch, SequenceTransformer,
+    SequenceTransformerConfig,
 };
 
 const REQ: i64 = 1_700_000_000_000;
@@ -135,6 +136,19 @@ fn bad_inputs_are_errors_not_panics() {
     assert!(err(m.forward(&b)).contains("type -1"));
     // Window count.
     assert!(err(m.forward_with_window(&good, Some(&[1.0]), true)).contains("window"));
+    // The encoder's own inputs: a key mask of the wrong shape or with NaN, packed rows that do
+    // not match their layout.
+    let x = seeded_randn(1, &[3, 6, 12], DType::F32);
+    let wrong = Tensor::zeros((3, 5), DType::F32, &dev).unwrap();
+    let e = err(m.encoder().forward_t(&x, Some(&wrong), false));
+    assert!(e.contains("TransformerEncoder") && e.contains("key mask") && e.contains("[3, 5]"), "{e}");
+    let e = err(m.encoder().layers()[0].forward_t(&x, Some(&wrong), false));
+    assert!(e.contains("TransformerEncoderLayer") && e.contains("key mask"), "{e}");
+    let nan = Tensor::full(f32::NAN, (3, 6), &dev).unwrap();
+    assert!(err(m.encoder().forward_t(&x, Some(&nan), false)).contains("bias NaN"));
+    let packed = std::sync::Arc::new(PackedSequences::new(&[2, 3], vec![0.0; 5]).unwrap());
+    let e = err(m.encoder().forward_packed(&seeded_randn(2, &[4, 12], DType::F32), &packed, false));
+    assert!(e.contains("packed input") && e.contains("[4, 12]"), "{e}");
 }
 
 #[test]
