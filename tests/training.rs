@@ -45,6 +45,13 @@ fn same_seed_and_data_give_bit_identical_checkpoints_and_resume_is_exact() {
         .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["kind"].as_str().unwrap().to_string())
         .collect();
     assert_eq!(kinds.iter().filter(|k| *k == "eval").count(), 2, "{log}");
+    // Every train line carries the gradient norm of its step (before clipping; none is set here).
+    for line in log.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()) {
+        if line["kind"] == "train" {
+            let norm = line["grad_norm"].as_f64().unwrap_or(f64::NAN);
+            assert!(norm.is_finite() && norm > 0.0, "{line}");
+        }
+    }
     let svg = std::fs::read_to_string(dir.join("r/training_curves.svg")).unwrap();
     assert!(svg.starts_with("<svg") && svg.contains("evaluation AUC"));
     std::fs::remove_dir_all(&dir).ok();

@@ -369,16 +369,10 @@ impl AdamW {
     }
 }
 
-/// Scales all gradients — dense ones in `grads` and the row gradients `rows` — so that their
-/// global L2 norm is at most `max_norm`; returns the norm before clipping (PyTorch's
-/// `clip_grad_norm_`, with its `1e-6` in the divisor). A row gradient counts as the dense gradient
-/// that is zero outside its rows.
-pub fn clip_grad_norm(
-    params: &[(String, Var)],
-    grads: &mut GradStore,
-    rows: &mut [RowGradient],
-    max_norm: f64,
-) -> Result<f64> {
+/// The global L2 norm of all gradients of `params`: the dense ones in `grads` and the row
+/// gradients `rows` (a row gradient counts as the dense gradient that is zero outside its rows).
+/// Summed in f64.
+pub fn grad_norm(params: &[(String, Var)], grads: &GradStore, rows: &[RowGradient]) -> Result<f64> {
     let square_sum = |g: &Tensor| -> Result<f64> { g.to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>() };
     let mut total = 0.0f64;
     for (_, var) in params {
@@ -389,7 +383,19 @@ pub fn clip_grad_norm(
             total += square_sum(&r.grad)?;
         }
     }
-    let norm = total.sqrt();
+    Ok(total.sqrt())
+}
+
+/// Scales all gradients — dense ones in `grads` and the row gradients `rows` — so that their
+/// global L2 norm ([`grad_norm`]) is at most `max_norm`; returns the norm before clipping
+/// (PyTorch's `clip_grad_norm_`, with its `1e-6` in the divisor).
+pub fn clip_grad_norm(
+    params: &[(String, Var)],
+    grads: &mut GradStore,
+    rows: &mut [RowGradient],
+    max_norm: f64,
+) -> Result<f64> {
+    let norm = grad_norm(params, grads, rows)?;
     if norm > max_norm {
         let scale = max_norm / (norm + 1e-6);
         for (_, var) in params {
@@ -537,8 +543,10 @@ mod tests {
         let mut grads = (b.as_tensor() * &gb).unwrap().sum_all().unwrap().backward().unwrap();
         let grad = Tensor::from_slice(&[0.0f32, 4.0], (1, 2), &Device::Cpu).unwrap();
         let mut rows = vec![RowGradient { table: w.as_tensor().clone(), rows: vec![1], grad }];
+        assert!((grad_norm(&params, &grads, &rows).unwrap() - 5.0).abs() < 1e-12);
         let norm = clip_grad_norm(&params, &mut grads, &mut rows, 1.0).unwrap();
         assert!((norm - 5.0).abs() < 1e-12);
+        assert!((grad_norm(&params, &grads, &rows).unwrap() - 5.0 / (5.0 + 1e-6)).abs() < 1e-6);
         let scale = 1.0 / (5.0 + 1e-6);
         let gb = grads.get(b.as_tensor()).unwrap().to_vec2::<f32>().unwrap();
         assert!((f64::from(gb[0][0]) - 3.0 * scale).abs() < 1e-7);

@@ -9,7 +9,7 @@ mod plot;
 mod schedule;
 mod trainer;
 
-pub use adamw::{clip_grad_norm, AdamW, AdamWConfig};
+pub use adamw::{clip_grad_norm, grad_norm, AdamW, AdamWConfig};
 pub use checkpoints::{latest_checkpoint, resolve_checkpoint};
 pub use metrics::{auc, task_metrics, TaskMetrics};
 pub use plot::{smooth, training_curves, Series};

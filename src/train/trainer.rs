@@ -14,7 +14,7 @@ use rankstack_nn::{Error, Reseed, Result, SeededVarMap};
 use serde::Serialize;
 
 use super::checkpoints::{latest_checkpoint, publish};
-use super::{clip_grad_norm, task_metrics, AdamW, AdamWConfig, Series, TaskMetrics, WarmupCosine};
+use super::{clip_grad_norm, grad_norm, task_metrics, AdamW, AdamWConfig, Series, TaskMetrics, WarmupCosine};
 use crate::data::LabeledBatch;
 
 /// Where training batches come from (implemented by [`crate::data::ParquetDataset`]).
@@ -67,7 +67,8 @@ pub struct TrainOptions {
     pub grad_clip_norm: Option<f64>,
     /// Seed of the parameter initialisation, the data order and all training-time randomness.
     pub seed: u64,
-    /// Append a `train` line to `metrics.jsonl` every this many steps.
+    /// Append a `train` line to `metrics.jsonl` every this many steps: mean loss since the last
+    /// line, learning rate, the gradient norm of the step before clipping, examples per second.
     pub log_every: u64,
     /// Also checkpoint every this many steps (always at the end of each epoch).
     pub checkpoint_every: Option<u64>,
@@ -352,9 +353,14 @@ impl Trainer {
                 }
                 let mut grads = loss.backward()?;
                 let mut rows = self.ranker.take_row_gradients(&grads)?;
-                if let Some(max) = o.grad_clip_norm {
-                    clip_grad_norm(&params, &mut grads, &mut rows, max)?;
-                }
+                // The gradient norm before clipping, computed when clipping needs it or the step
+                // is logged (a pass over every gradient): a growing norm warns of divergence.
+                let logged = (self.step + 1).is_multiple_of(o.log_every) || self.step + 1 == total;
+                let norm = match o.grad_clip_norm {
+                    Some(max) => Some(clip_grad_norm(&params, &mut grads, &mut rows, max)?),
+                    None if logged => Some(grad_norm(&params, &grads, &rows)?),
+                    None => None,
+                };
                 let lr = schedule.lr(self.step);
                 self.optimizer.step(&grads, &rows, lr)?;
                 self.step += 1;
@@ -366,7 +372,7 @@ impl Trainer {
                 progress.set_message(format!("loss {value:.4}  {rate:.0} ex/s"));
                 if self.step.is_multiple_of(o.log_every) || self.step == total {
                     last_loss = window_loss / window_steps as f64;
-                    let line = serde_json::json!({"kind": "train", "step": self.step, "epoch": epoch + 1, "loss": last_loss, "lr": lr, "examples_per_second": rate});
+                    let line = serde_json::json!({"kind": "train", "step": self.step, "epoch": epoch + 1, "loss": last_loss, "lr": lr, "grad_norm": norm, "examples_per_second": rate});
                     self.record_curves(&line);
                     self.log(&line)?;
                     (window_loss, window_steps) = (0.0, 0);
