@@ -370,7 +370,7 @@ impl Trainer {
                 let rate = train_rate(examples, paused);
                 progress.set_position(self.step);
                 progress.set_message(format!("loss {value:.4}  {rate:.0} ex/s"));
-                if self.step.is_multiple_of(o.log_every) || self.step == total {
+                if logged {
                     last_loss = window_loss / window_steps as f64;
                     let line = serde_json::json!({"kind": "train", "step": self.step, "epoch": epoch + 1, "loss": last_loss, "lr": lr, "grad_norm": norm, "examples_per_second": rate});
                     self.record_curves(&line);

@@ -7,6 +7,7 @@ use candle_nn::{Init, VarBuilder};
 
 use rankstack_nn::{init::xavier_uniform, linear_xavier, Dropout, Error, Linear};
 
+use crate::packed::forward_dense;
 use crate::{packed_attention, PackedSequences};
 
 const LAYER: &str = "MultiHeadAttention";
@@ -72,13 +73,7 @@ impl MultiHeadAttention {
     /// `−∞` hidden; a NaN or `+∞` in it is an error). A query row whose keys are all hidden gets
     /// NaN, as in PyTorch.
     pub fn forward_t(&self, x: &Tensor, key_mask: Option<&Tensor>, train: bool) -> Result<Tensor> {
-        rankstack_nn::shape::expect_dims(LAYER, "input", x, &[None, None, Some(self.dim)])?;
-        let (b, s, d) = x.dims3()?;
-        if let Some(m) = key_mask {
-            rankstack_nn::shape::expect_dims(LAYER, "key mask", m, &[Some(b), Some(s)])?;
-        }
-        let sequences = Arc::new(PackedSequences::from_key_mask(b, s, key_mask)?);
-        self.forward_packed(&x.reshape((b * s, d))?, &sequences, train)?.reshape((b, s, d))
+        forward_dense(LAYER, x, Some(self.dim), key_mask, |rows, seqs| self.forward_packed(rows, seqs, train))
     }
 
     /// Attends each packed sequence of `x` `[R, d]` to itself (see [`PackedSequences`]); the rows
@@ -86,10 +81,8 @@ impl MultiHeadAttention {
     pub fn forward_packed(&self, x: &Tensor, sequences: &Arc<PackedSequences>, train: bool) -> Result<Tensor> {
         rankstack_nn::shape::expect_dims(LAYER, "packed input", x, &[Some(sequences.num_rows()), Some(self.dim)])?;
         let (q, k, v) = (self.q_proj.forward(x)?, self.k_proj.forward(x)?, self.v_proj.forward(x)?);
-        let dropout = (train && self.dropout.p() > 0.0).then(|| {
-            let n = sequences.lengths().map(|l| self.num_heads * l * l).sum();
-            Arc::new(self.dropout.multipliers(n))
-        });
+        let dropout = (train && self.dropout.p() > 0.0)
+            .then(|| Arc::new(self.dropout.multipliers(sequences.attention_weight_count(self.num_heads))));
         self.out_proj.forward(&packed_attention(&q, &k, &v, sequences, self.num_heads, dropout)?)
     }
 

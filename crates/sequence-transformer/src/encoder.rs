@@ -7,6 +7,7 @@ use candle_nn::{Init, VarBuilder};
 
 use rankstack_nn::{Dropout, Error, LayerNorm, LayerNormConfig, Linear};
 
+use crate::packed::forward_dense;
 use crate::{MultiHeadAttention, PackedSequences};
 
 const LAYER: &str = "TransformerEncoderLayer";
@@ -103,13 +104,7 @@ impl TransformerEncoderLayer {
 
     /// Encodes `x` `[B, S, d]`; `key_mask` is an additive `[B, S]` mask (0 keep, −∞ masked key).
     pub fn forward_t(&self, x: &Tensor, key_mask: Option<&Tensor>, train: bool) -> Result<Tensor> {
-        rankstack_nn::shape::expect_dims(LAYER, "input", x, &[None, None, Some(self.dim)])?;
-        let (b, s, d) = x.dims3()?;
-        if let Some(m) = key_mask {
-            rankstack_nn::shape::expect_dims(LAYER, "key mask", m, &[Some(b), Some(s)])?;
-        }
-        let sequences = Arc::new(PackedSequences::from_key_mask(b, s, key_mask)?);
-        self.forward_packed(&x.reshape((b * s, d))?, &sequences, train)?.reshape((b, s, d))
+        forward_dense(LAYER, x, Some(self.dim), key_mask, |rows, seqs| self.forward_packed(rows, seqs, train))
     }
 
     /// Encodes the packed sequences `x` `[R, d]` (see [`PackedSequences`]). Everything but
@@ -174,13 +169,7 @@ impl TransformerEncoder {
 
     /// Runs every layer; see [`TransformerEncoderLayer::forward_t`].
     pub fn forward_t(&self, x: &Tensor, key_mask: Option<&Tensor>, train: bool) -> Result<Tensor> {
-        rankstack_nn::shape::expect_dims(ENCODER, "input", x, &[None, None, None])?;
-        let (b, s, d) = x.dims3()?;
-        if let Some(m) = key_mask {
-            rankstack_nn::shape::expect_dims(ENCODER, "key mask", m, &[Some(b), Some(s)])?;
-        }
-        let sequences = Arc::new(PackedSequences::from_key_mask(b, s, key_mask)?);
-        self.forward_packed(&x.reshape((b * s, d))?, &sequences, train)?.reshape((b, s, d))
+        forward_dense(ENCODER, x, None, key_mask, |rows, seqs| self.forward_packed(rows, seqs, train))
     }
 
     /// Runs every layer on packed sequences; see [`TransformerEncoderLayer::forward_packed`].

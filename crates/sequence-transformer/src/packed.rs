@@ -1,5 +1,7 @@
 //! Variable-length sequences stored back to back as the rows of one tensor.
 
+use std::sync::Arc;
+
 use candle_core::{DType, Tensor};
 
 use rankstack_nn::Error;
@@ -62,10 +64,16 @@ impl PackedSequences {
 
     /// [`PackedSequences::dense`] from an additive key-mask tensor `[batch, len]` (any float dtype,
     /// any device; `0` attend, `−∞` hidden, other finite values added to the scores as given).
-    pub fn from_key_mask(batch: usize, len: usize, key_mask: Option<&Tensor>) -> rankstack_nn::Result<Self> {
+    /// A mask of the wrong shape is an error naming `layer`.
+    pub fn from_key_mask(
+        layer: &str,
+        batch: usize,
+        len: usize,
+        key_mask: Option<&Tensor>,
+    ) -> rankstack_nn::Result<Self> {
         let bias = match key_mask {
             Some(m) => {
-                rankstack_nn::shape::expect_dims(WHAT, "key mask", m, &[Some(batch), Some(len)])?;
+                rankstack_nn::shape::expect_dims(layer, "key mask", m, &[Some(batch), Some(len)])?;
                 Some(m.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?)
             }
             None => None,
@@ -135,6 +143,31 @@ impl PackedSequences {
     pub fn key_bias(&self) -> &[f64] {
         &self.key_bias
     }
+
+    /// The number of attention weights over these sequences with `num_heads` heads, `Σ H·L_b²`
+    /// (as many dropout multipliers as attention-weight dropout draws).
+    pub fn attention_weight_count(&self, num_heads: usize) -> usize {
+        self.lengths().map(|l| num_heads * l * l).sum()
+    }
+}
+
+/// `packed(rows, sequences)` applied to a dense batch `x` `[B, S, d]`: its rows packed as `B`
+/// sequences of `S` (all kept) with the additive `key_mask` `[B, S]`, and the result `[B·S, d']`
+/// returned as `[B, S, d']`. The dense `forward_t` of the encoder modules; shape errors name
+/// `layer` (`width`: the `d` it expects, if any).
+pub(crate) fn forward_dense(
+    layer: &str,
+    x: &Tensor,
+    width: Option<usize>,
+    key_mask: Option<&Tensor>,
+    packed: impl FnOnce(&Tensor, &Arc<PackedSequences>) -> candle_core::Result<Tensor>,
+) -> candle_core::Result<Tensor> {
+    rankstack_nn::shape::expect_dims(layer, "input", x, &[None, None, width])?;
+    let (b, s, d) = x.dims3()?;
+    let sequences = Arc::new(PackedSequences::from_key_mask(layer, b, s, key_mask)?);
+    let out = packed(&x.reshape((b * s, d))?, &sequences)?;
+    let width_out = out.dim(1)?;
+    out.reshape((b, s, width_out))
 }
 
 #[cfg(test)]

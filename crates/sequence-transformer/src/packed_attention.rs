@@ -59,8 +59,9 @@ pub fn packed_attention(
     }
     let op = PackedAttention { sequences: sequences.clone(), num_heads, dropout };
     if let Some(mask) = &op.dropout {
-        if mask.len() != op.dropout_len() {
-            candle_core::bail!("packed attention: {} dropout multipliers, expected {}", mask.len(), op.dropout_len());
+        let expected = sequences.attention_weight_count(num_heads);
+        if mask.len() != expected {
+            candle_core::bail!("packed attention: {} dropout multipliers, expected {expected}", mask.len());
         }
     }
     if q.device().is_cpu() && matches!(q.dtype(), DType::F32 | DType::F64) {
@@ -169,10 +170,6 @@ impl PackedAttention {
             }
         }
         tasks
-    }
-
-    fn dropout_len(&self) -> usize {
-        self.sequences.lengths().map(|l| self.num_heads * l * l).sum()
     }
 
     /// `p = softmax(scale · Q_h K_hᵀ + M)` of one task into `p` (`len × len`).
@@ -453,7 +450,7 @@ mod tests {
     }
 
     fn multipliers(seqs: &PackedSequences, h: usize) -> Arc<Vec<f32>> {
-        let n: usize = seqs.lengths().map(|l| h * l * l).sum();
+        let n = seqs.attention_weight_count(h);
         Arc::new((0..n).map(|i| if i % 3 == 1 { 0.0 } else { 1.5 }).collect())
     }
 

@@ -244,17 +244,11 @@ impl SequenceTransformer {
 
     /// The encoder over the tokens `x` `[B, n, d]` with key mask `masked` `[B·n]`.
     ///
-    /// With `compact`, only the unmasked rows and the first K feed the output (a masked row is
-    /// never a key, so it reaches no other row): the encoder runs on those rows alone, packed, and
-    /// its output is scattered back (zeros elsewhere, which the pooling skips). Without, it runs on
-    /// every row (the reference the compaction is tested against).
-    fn encode(&self, x: &Tensor, masked: &[bool], train: bool, compact: bool) -> Result<Tensor> {
+    /// Only the unmasked rows and the first K feed the output (a masked row is never a key, so it
+    /// reaches no other row): the encoder runs on those rows alone, packed, and its output is
+    /// scattered back (zeros elsewhere, which the pooling skips).
+    fn encode(&self, x: &Tensor, masked: &[bool], train: bool) -> Result<Tensor> {
         let (b, n, d) = x.dims3()?;
-        if !compact {
-            let additive: Vec<f64> = masked.iter().map(|&m| if m { f64::NEG_INFINITY } else { 0.0 }).collect();
-            let additive = Tensor::from_vec(additive, (b, n), x.device())?.to_dtype(x.dtype())?;
-            return self.encoder.forward_t(x, Some(&additive), train);
-        }
         let (sequences, rows) = PackedSequences::compact(masked, b, n, self.config.num_output_positions)?;
         let rows = Tensor::from_vec(rows, sequences.num_rows(), x.device())?;
         let packed = x.reshape((b * n, d))?.index_select(&rows, 0)?;
@@ -267,7 +261,7 @@ impl SequenceTransformer {
     pub fn forward_with_window(&self, batch: &SequenceBatch, window: Option<&[f64]>, train: bool) -> Result<Tensor> {
         let p = self.prepare(batch)?;
         let masked = self.mask_of(&p, window)?;
-        let h = self.encode(&self.tokens(&p, &batch.candidate)?, &masked, train, true)?;
+        let h = self.encode(&self.tokens(&p, &batch.candidate)?, &masked, train)?;
         self.compress(&h, &masked)
     }
 
@@ -406,8 +400,15 @@ mod tests {
         let p = model.prepare(&batch).unwrap();
         let masked = model.mask_of(&p, Some(&window)).unwrap();
         let x = model.tokens(&p, &batch.candidate).unwrap();
+        // The reference: the encoder on every row, with the additive key mask.
+        let additive: Vec<f64> = masked.iter().map(|&m| if m { f64::NEG_INFINITY } else { 0.0 }).collect();
+        let additive = Tensor::from_vec(additive, (b, s), &dev).unwrap();
         let run = |compact: bool| {
-            let y = model.compress(&model.encode(&x, &masked, true, compact).unwrap(), &masked).unwrap();
+            let h = match compact {
+                true => model.encode(&x, &masked, true).unwrap(),
+                false => model.encoder.forward_t(&x, Some(&additive), true).unwrap(),
+            };
+            let y = model.compress(&h, &masked).unwrap();
             let r = seeded_randn(4, y.dims(), DType::F64);
             let grads = (&y * r).unwrap().sum_all().unwrap().backward().unwrap();
             let mut all: Vec<f64> = y.flatten_all().unwrap().to_vec1().unwrap();
