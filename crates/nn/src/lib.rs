@@ -18,7 +18,9 @@
 //! - [`checkpoint`]: loading named tensors into a parameter store, reporting every mismatch at once.
 //! - [`batched_matmul()`]: many small matrix products in parallel (attention), with a backward pass.
 //! - [`Linear`] and [`packed_matmul`]: linear layers whose weights a serving model packs once, in
-//!   f32 or bf16, for an AVX-512 kernel ([`pack_linear_layers`], [`LinearLayers`]).
+//!   f32 or bf16, for an AVX-512 kernel ([`pack_linear_layers`], [`LinearLayers`]); in training
+//!   the same kernel runs the forward and backward products (`fused_linear`, on the matrix-product
+//!   engine in `gemm`).
 //! - [`row_sparse`]: row-sparse gradients for embedding tables ([`RowGather`], [`RowGradient`]).
 //! - [`memory`]: the allocator setting that keeps freed tensor memory for reuse (no page faults).
 //! - [`KernelFloat`]: the `f32`/`f64` element types the fused CPU kernels are written over.
@@ -35,7 +37,9 @@ pub mod checkpoint;
 pub mod dropout;
 pub mod error;
 pub mod fused_layer_norm;
+mod fused_linear;
 pub mod fused_softmax;
+mod gemm;
 pub mod init;
 pub mod kernel_float;
 pub mod layer_norm;

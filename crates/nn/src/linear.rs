@@ -9,7 +9,11 @@ use crate::packed_matmul::{packed_kernel_available, PackedWeight, WeightPrecisio
 
 /// `y = x Wᵀ + b` with PyTorch-layout parameters `weight` `[out, in]` and `bias` `[out]`.
 ///
-/// As built, it is `candle_nn::Linear` (same operations, same values and gradients). A serving model can [`Linear::pack`] its weight once into a [`PackedWeight`]: f32
+/// As built, it holds its weight and bias tensors. On the CPU with f32 operands and AVX-512 the
+/// product is one differentiable op on the crate's packed kernel (`fused_linear`: forward and a
+/// backward pass that forms `∂W` directly in its layout; the same values as candle's product up
+/// to f32 summation order); elsewhere it is `candle_nn::Linear`. A serving model can
+/// [`Linear::pack`] its weight once into a [`PackedWeight`]: f32
 /// (no per-call repacking, bias added in the kernel) or bf16 (half the memory and twice the
 /// multiply-add rate on CPUs with AVX512-BF16). A packed layer takes f32 inputs on the CPU and its
 /// output carries no gradient.
@@ -33,7 +37,7 @@ pub struct Linear {
 
 #[derive(Debug, Clone)]
 enum Inner {
-    /// candle's layer itself, so values and gradients are exactly candle's.
+    /// The parameter tensors (candle's layer holds them and runs off the fused path).
     Tensor(candle_nn::Linear),
     Packed {
         weight: Arc<PackedWeight>,
@@ -115,7 +119,12 @@ impl Linear {
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match &self.inner {
-            Inner::Tensor(layer) => layer.forward(x),
+            Inner::Tensor(layer) if crate::fused_linear::applies(x, layer.weight()) => {
+                crate::fused_linear::linear(x, layer.weight(), layer.bias())
+            }
+            // candle 0.11's product gives wrong values for some strided batched inputs (e.g. a
+            // transposed [b, l, d] view), so it gets a contiguous one (a no-op when it already is).
+            Inner::Tensor(layer) => layer.forward(&x.contiguous()?),
             Inner::Packed { weight, bias } => weight.matmul_t(x, bias.as_ref()),
         }
     }
@@ -168,22 +177,53 @@ mod tests {
     use super::*;
     use candle_core::{DType, Var};
 
+    /// Off the fused path (here: f64) the layer is candle's, bit for bit; on it (f32 with the
+    /// AVX-512 kernel), the same values and gradients up to f32 summation order.
     #[test]
-    fn tensor_path_equals_candle_linear_in_value_and_gradient() {
-        for dims in [vec![5, 7], vec![2, 5, 7], vec![2, 3, 5, 7]] {
-            let x = Var::from_tensor(&crate::testing::seeded_randn(1, &dims, DType::F32)).unwrap();
-            let w = Var::from_tensor(&crate::testing::seeded_randn(2, &[4, 7], DType::F32)).unwrap();
-            let b = Var::from_tensor(&crate::testing::seeded_randn(3, &[4], DType::F32)).unwrap();
-            let ours = Linear::new(w.as_tensor().clone(), Some(b.as_tensor().clone()));
-            let theirs = candle_nn::Linear::new(w.as_tensor().clone(), Some(b.as_tensor().clone()));
-            let (y1, y2) = (ours.forward(x.as_tensor()).unwrap(), theirs.forward(x.as_tensor()).unwrap());
-            let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-            assert_eq!(flat(&y1), flat(&y2));
-            let g1 = y1.sqr().unwrap().sum_all().unwrap().backward().unwrap();
-            let g2 = y2.sqr().unwrap().sum_all().unwrap().backward().unwrap();
-            for v in [&x, &w, &b] {
-                assert_eq!(flat(g1.get(v.as_tensor()).unwrap()), flat(g2.get(v.as_tensor()).unwrap()));
+    fn tensor_path_matches_candle_linear_in_value_and_gradient() {
+        for dtype in [DType::F64, DType::F32] {
+            for dims in [vec![5, 7], vec![2, 5, 7], vec![2, 3, 5, 7]] {
+                let var = |seed, dims: &[usize]| {
+                    Var::from_tensor(&crate::testing::seeded_randn(seed, dims, DType::F32).to_dtype(dtype).unwrap())
+                        .unwrap()
+                };
+                let (x, w, b) = (var(1, &dims), var(2, &[4, 7]), var(3, &[4]));
+                let ours = Linear::new(w.as_tensor().clone(), Some(b.as_tensor().clone()));
+                let theirs = candle_nn::Linear::new(w.as_tensor().clone(), Some(b.as_tensor().clone()));
+                let (y1, y2) = (ours.forward(x.as_tensor()).unwrap(), theirs.forward(x.as_tensor()).unwrap());
+                let flat =
+                    |t: &Tensor| t.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+                let close = |a: &Tensor, b: &Tensor| {
+                    let (a, b) = (flat(a), flat(b));
+                    if dtype == DType::F64 {
+                        assert_eq!(a, b);
+                    } else {
+                        let scale = b.iter().fold(0f64, |m, v| m.max(v.abs()));
+                        let err = a.iter().zip(&b).fold(0f64, |m, (x, y)| m.max((x - y).abs()));
+                        assert!(err <= 1e-6 * scale, "{dims:?}: {err} against {scale}");
+                    }
+                };
+                close(&y1, &y2);
+                let g1 = y1.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+                let g2 = y2.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+                for v in [&x, &w, &b] {
+                    close(g1.get(v.as_tensor()).unwrap(), g2.get(v.as_tensor()).unwrap());
+                }
             }
+        }
+    }
+
+    /// A transposed view as input gives the product of its values on both paths (candle 0.11's
+    /// own layer does not: see `Module for Linear`).
+    #[test]
+    fn strided_inputs_give_the_product_of_their_values() {
+        for dtype in [DType::F64, DType::F32] {
+            let w = crate::testing::seeded_randn(1, &[9, 20], dtype);
+            let x = crate::testing::seeded_randn(2, &[3, 20, 4], dtype).transpose(1, 2).unwrap();
+            let layer = Linear::new(w.clone(), None);
+            let want = x.contiguous().unwrap().broadcast_matmul(&w.t().unwrap()).unwrap();
+            let diff = (layer.forward(&x).unwrap() - want).unwrap().abs().unwrap().max_all().unwrap();
+            assert!(diff.to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap() < 1e-5, "{dtype:?}");
         }
     }
 

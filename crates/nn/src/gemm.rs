@@ -1,0 +1,511 @@
+//! The CPU matrix-product engine behind [`crate::packed_matmul`] (serving) and
+//! [`crate::fused_linear`] (training): `C = A·B (+ bias)` on x86-64 with AVX-512.
+//!
+//! `B` `[k, n]` is packed into [`Panels`]: panels of [`NR`] columns; for each step `s` of the `k`
+//! sweep a panel stores the [`NR`] 32-bit words of its columns: `B[s, j]` (f32), or
+//! `bf16(B[2s, j]) | bf16(B[2s + 1, j]) << 16` (bf16 pairs; an odd `k` is padded with a zero). A
+//! partial last panel is padded with zero columns. `A` `[m, k]` is not packed: the micro-kernel
+//! broadcasts its values straight from memory through a row stride and a step stride, so a
+//! row-major matrix and the transpose of one (column-major) both serve as `A` without a copy.
+//!
+//! A micro-tile of up to [`MR`] rows × [`NR`] columns keeps its 2·[`MR`] accumulator registers
+//! for a whole sweep over `k`, then stores once. Threads take blocks of rows × panels, with row
+//! blocks large enough that each panel, once in L2, serves up to 16 micro-tiles. Sweeps longer
+//! than [`MAX_K_BLOCK`] steps are split into equal blocks (a longer panel would not stay in L2):
+//! the first block stores, the later ones add to what is stored, the last one adds the bias.
+//!
+//! Results are deterministic: each element is summed by one thread in a fixed order.
+
+use rayon::prelude::*;
+
+/// Output columns of one packed panel: two AVX-512 registers of f32 accumulators.
+pub const NR: usize = 32;
+/// Rows of one micro-tile (2 · 12 = 24 accumulators of the 32 vector registers).
+pub const MR: usize = 12;
+/// Activation bytes of one block of rows (one task's rows). Each weight panel (k × 32 values, at
+/// most about 0.5 MiB here, so it stays in L2) is read from memory once per block and then serves
+/// every micro-tile of the block; the block itself streams from L3. Blocks sized for L2 instead
+/// (384 KiB: 12 rows at k = 4288) re-read the weights from memory every 12–36 rows and ran the
+/// MaskNet projection (4288 → 2144) at 178 instead of 222 GFLOP/s (2 threads, batch 512).
+const ROW_CHUNK_BYTES: usize = 1536 * 1024;
+/// A block of a column-major `A` (see [`Panels::multiply`]): at most this many steps and bytes,
+/// so that it stays in L2 while the task's panels pass by (the MaskNet aggregation's input
+/// gradient, `Wᵀ gᵀ` with `k` = 12 864, ran at 138 GFLOP/s with row-major blocking).
+const COLUMN_MAJOR_K_BLOCK: usize = 1024;
+const COLUMN_MAJOR_CHUNK_BYTES: usize = 384 * 1024;
+/// Longest sweep over `k` in one pass (steps): a panel of 4608 steps is 576 KiB, still within L2
+/// next to the activations. MaskNet's widest sweep in serving is 4288 steps (one block, so the
+/// serving path sums in plain `k` order); the backward pass of its aggregation sweeps 12 864.
+const MAX_K_BLOCK: usize = 4608;
+
+/// The precision of the packed operand (and of the products).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum WeightPrecision {
+    /// f32 weights, f32 activations (FMA).
+    F32,
+    /// bf16 weights, activations rounded to bf16, f32 accumulation (AVX512-BF16 dot products).
+    Bf16,
+}
+
+/// Whether this CPU runs the packed kernel of `precision` (x86-64 with AVX-512F, plus AVX512-BF16
+/// for [`WeightPrecision::Bf16`]).
+pub fn packed_kernel_available(precision: WeightPrecision) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+            && (precision == WeightPrecision::F32 || std::arch::is_x86_feature_detected!("avx512bf16"))
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = precision;
+        false
+    }
+}
+
+/// One 64-byte line of 16 packed words; the panels are built from these so every vector load
+/// is aligned.
+#[derive(Clone, Copy, Default)]
+#[repr(C, align(64))]
+struct Line([u32; 16]);
+
+/// `f32` → `bf16` bits, round to nearest even (NaN stays NaN).
+pub(crate) fn bf16_bits(v: f32) -> u32 {
+    u32::from(half::bf16::from_f32(v).to_bits())
+}
+
+/// The `B` operand `[k, n]`, packed (see the module documentation).
+#[derive(Clone)]
+pub(crate) struct Panels {
+    precision: WeightPrecision,
+    k: usize,
+    n: usize,
+    /// Steps of the `k` sweep: `k` (f32) or `ceil(k / 2)` (bf16 pairs).
+    steps: usize,
+    /// `[panel][step]` → two lines of [`NR`] packed columns.
+    lines: Vec<Line>,
+}
+
+impl Panels {
+    /// Packs `B[s, j] = src[s · k_stride + j · n_stride]` for `s < k`, `j < n` (rounded to bf16
+    /// for [`WeightPrecision::Bf16`]). A weight `W` `[n, k]` is `B = Wᵀ` with strides `(1, k)`; a
+    /// row-major `[k, n]` matrix is `B` itself with strides `(n, 1)`.
+    ///
+    /// # Panics
+    /// If the strides reach outside `src`.
+    pub fn pack(src: &[f32], k: usize, n: usize, k_stride: usize, n_stride: usize, precision: WeightPrecision) -> Self {
+        assert!(k > 0 && n > 0, "packing an empty operand");
+        assert!((k - 1) * k_stride + (n - 1) * n_stride < src.len(), "packed operand out of bounds");
+        let steps = match precision {
+            WeightPrecision::F32 => k,
+            WeightPrecision::Bf16 => k.div_ceil(2),
+        };
+        let mut lines = vec![Line::default(); n.div_ceil(NR) * steps * 2];
+        let at = |s: usize, j: usize| src[s * k_stride + j * n_stride];
+        lines.par_chunks_mut(steps * 2).enumerate().for_each(|(q, panel)| {
+            // SAFETY: `Line` is `repr(C)` around 16 `u32`s, so the panel is `steps · NR`
+            // contiguous words; word `s · NR + c` is column `c` of step `s`.
+            let words: &mut [u32] =
+                unsafe { std::slice::from_raw_parts_mut(panel.as_mut_ptr().cast(), panel.len() * 16) };
+            let (j0, cols) = (q * NR, NR.min(n - q * NR));
+            match precision {
+                // Rows of B contiguous: a copy per step.
+                WeightPrecision::F32 if n_stride == 1 => {
+                    for s in 0..k {
+                        for (w, v) in words[s * NR..][..cols].iter_mut().zip(&src[s * k_stride + j0..][..cols]) {
+                            *w = v.to_bits();
+                        }
+                    }
+                }
+                // Otherwise (e.g. a weight [n, k], columns contiguous) in blocks of 16 steps,
+                // whose 32 lines stay in L1 while the columns are read.
+                WeightPrecision::F32 => {
+                    for s0 in (0..k).step_by(16) {
+                        for c in 0..cols {
+                            for s in s0..k.min(s0 + 16) {
+                                words[s * NR + c] = at(s, j0 + c).to_bits();
+                            }
+                        }
+                    }
+                }
+                WeightPrecision::Bf16 => {
+                    for s in 0..steps {
+                        for c in 0..cols {
+                            let hi = if 2 * s + 1 < k { bf16_bits(at(2 * s + 1, j0 + c)) } else { 0 };
+                            words[s * NR + c] = bf16_bits(at(2 * s, j0 + c)) | (hi << 16);
+                        }
+                    }
+                }
+            }
+        });
+        Self { precision, k, n, steps, lines }
+    }
+
+    pub fn precision(&self) -> WeightPrecision {
+        self.precision
+    }
+
+    /// `k`, the length of the sweep (in values, not bf16 pairs).
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
+    /// `n`, the number of columns of the product.
+    pub fn n(&self) -> usize {
+        self.n
+    }
+
+    /// Steps of the sweep: `k` (f32) or `ceil(k / 2)` (bf16 pairs).
+    pub fn steps(&self) -> usize {
+        self.steps
+    }
+
+    /// Bytes held by the panels.
+    pub fn size_in_bytes(&self) -> usize {
+        self.lines.len() * std::mem::size_of::<Line>()
+    }
+
+    /// The stored `B[s, j]` (bf16-rounded for [`WeightPrecision::Bf16`]) as f32.
+    pub fn value(&self, s: usize, j: usize) -> f32 {
+        let panel = &self.lines[(j / NR) * self.steps * 2..];
+        let word = |p: usize| panel[2 * p + (j % NR) / 16].0[j % 16];
+        match self.precision {
+            WeightPrecision::F32 => f32::from_bits(word(s)),
+            WeightPrecision::Bf16 => {
+                let pair = word(s / 2);
+                half::bf16::from_bits((if s.is_multiple_of(2) { pair } else { pair >> 16 }) as u16).to_f32()
+            }
+        }
+    }
+
+    /// `A·B (+ bias)` `[m, n]`, row-major, where `A[r, s] = a[r · row_stride + s · step_stride]`
+    /// for `r < m` and `s < steps` (f32 values for [`WeightPrecision::F32`]; bf16 pairs, as
+    /// [`round_row`] writes them, for bf16). `bias` has `n` entries. Needs the kernel of the
+    /// panels' precision ([`packed_kernel_available`]).
+    ///
+    /// # Panics
+    /// If `A` reaches outside `a`, the bias has the wrong length, or the kernel is unavailable.
+    pub fn multiply<T: Copy + Sync>(
+        &self,
+        a: &[T],
+        m: usize,
+        row_stride: usize,
+        step_stride: usize,
+        bias: Option<&[f32]>,
+    ) -> Vec<f32> {
+        assert_eq!(std::mem::size_of::<T>(), 4, "A holds 32-bit words");
+        assert!(packed_kernel_available(self.precision), "the {:?} kernel needs AVX-512", self.precision);
+        let (n, steps) = (self.n, self.steps);
+        if m == 0 {
+            return Vec::new();
+        }
+        assert!((m - 1) * row_stride + (steps - 1) * step_stride < a.len(), "A operand out of bounds");
+        let num_panels = n.div_ceil(NR);
+        let mut padded_bias = vec![0f32; num_panels * NR];
+        if let Some(b) = bias {
+            assert_eq!(b.len(), n, "bias length");
+            padded_bias[..n].copy_from_slice(b);
+        }
+        // A row-major A streams each row from L3 in order, so a block of rows may be large; a
+        // column-major one (unit row stride) reads a few values from a new line at every step, so
+        // its block of rows × k steps must stay in L2 while every panel of the task passes by.
+        let column_major = row_stride < step_stride;
+        let (max_k_block, chunk_bytes) = if column_major {
+            (COLUMN_MAJOR_K_BLOCK, COLUMN_MAJOR_CHUNK_BYTES)
+        } else {
+            (MAX_K_BLOCK, ROW_CHUNK_BYTES)
+        };
+        let k_blocks = steps.div_ceil(max_k_block);
+        let k_block = steps.div_ceil(k_blocks);
+        let chunk_rows = ((chunk_bytes / (4 * k_block)) / MR * MR).clamp(MR, 16 * MR);
+        let row_chunks = m.div_ceil(chunk_rows);
+        // Enough tasks for every thread even at one row (then the panels are split).
+        let wanted = 4 * rayon::current_num_threads();
+        let groups = wanted.div_ceil(row_chunks).clamp(1, num_panels);
+        let panels_per_group = num_panels.div_ceil(groups);
+        let groups = num_panels.div_ceil(panels_per_group);
+        let mut c: Vec<f32> = Vec::with_capacity(m * n);
+        let c_ptr = SendPtr(c.as_mut_ptr());
+        let a_ptr = SendConstPtr(a.as_ptr().cast::<u32>());
+        (0..row_chunks * groups).into_par_iter().for_each(|task| {
+            let (c_ptr, a_ptr) = (&c_ptr, &a_ptr);
+            let (chunk, group) = (task / groups, task % groups);
+            let (r0, r1) = (chunk * chunk_rows, m.min((chunk + 1) * chunk_rows));
+            // k blocks outermost: the task's block of A stays in cache across its panels.
+            for (block, s0) in (0..steps).step_by(k_block).enumerate() {
+                let len = k_block.min(steps - s0);
+                let last = block + 1 == k_blocks;
+                for q in group * panels_per_group..num_panels.min((group + 1) * panels_per_group) {
+                    let panel = &self.lines[(q * steps + s0) * 2..][..len * 2];
+                    let cols = NR.min(n - q * NR);
+                    for r in (r0..r1).step_by(MR) {
+                        // SAFETY: the kernel is available (asserted above); A's reads stay in
+                        // bounds (asserted above); tasks write disjoint [rows × cols] blocks of
+                        // c, whose capacity is m · n, and the first k block writes every element
+                        // of its block before later blocks read it back, all before set_len.
+                        unsafe {
+                            kernel::tile(
+                                self.precision,
+                                MR.min(r1 - r),
+                                a_ptr.0.add(r * row_stride + s0 * step_stride),
+                                row_stride,
+                                step_stride,
+                                len,
+                                panel.as_ptr().cast(),
+                                c_ptr.0.add(r * n + q * NR),
+                                n,
+                                kernel::Store {
+                                    bias: if last { padded_bias[q * NR..].as_ptr() } else { std::ptr::null() },
+                                    accumulate: block > 0,
+                                    cols,
+                                },
+                            )
+                        }
+                    }
+                }
+            }
+        });
+        // SAFETY: the tasks cover every (row, panel) pair, and each tile stores all its rows and
+        // valid columns.
+        unsafe { c.set_len(m * n) };
+        c
+    }
+}
+
+/// Rounds rows of f32 (`src`, rows of `k`) to rows of bf16 pairs (`ceil(k / 2)` words each),
+/// zero-padding an odd `k`: the `A` operand of a bf16 product.
+pub(crate) fn round_rows_to_bf16(src: &[f32], k: usize) -> Vec<u32> {
+    let steps = k.div_ceil(2);
+    assert!(packed_kernel_available(WeightPrecision::Bf16), "rounding to bf16 pairs needs AVX512-BF16");
+    let mut a = vec![0u32; src.len() / k * steps];
+    a.par_chunks_mut(steps).zip(src.par_chunks(k)).for_each(|(dst, src)| {
+        // SAFETY: AVX512-BF16 support asserted; dst has ceil(src.len() / 2) words.
+        unsafe { kernel::round_row(src, dst) }
+    });
+    a
+}
+
+/// `src` `[rows, cols]` transposed to `[cols, rows]`, plus `row_bias[r]` on every value of source
+/// row `r` (one rounding, as a bias added in the kernel).
+pub(crate) fn transpose(src: &[f32], rows: usize, cols: usize, row_bias: Option<&[f32]>) -> Vec<f32> {
+    assert_eq!(src.len(), rows * cols, "transpose: length");
+    if let Some(b) = row_bias {
+        assert_eq!(b.len(), rows, "transpose: bias length");
+    }
+    const BLOCK: usize = 32;
+    let mut dst: Vec<f32> = Vec::with_capacity(rows * cols);
+    // Each task writes BLOCK destination rows (source columns), reading BLOCK × BLOCK tiles.
+    dst.spare_capacity_mut()[..rows * cols].par_chunks_mut(BLOCK * rows).enumerate().for_each(|(jb, out)| {
+        let j0 = jb * BLOCK;
+        let width = out.len() / rows;
+        for r0 in (0..rows).step_by(BLOCK) {
+            for r in r0..rows.min(r0 + BLOCK) {
+                let row = &src[r * cols + j0..][..width];
+                match row_bias {
+                    Some(b) => row.iter().enumerate().for_each(|(dj, v)| {
+                        out[dj * rows + r].write(v + b[r]);
+                    }),
+                    None => row.iter().enumerate().for_each(|(dj, v)| {
+                        out[dj * rows + r].write(*v);
+                    }),
+                }
+            }
+        }
+    });
+    // SAFETY: the tasks cover all `cols` destination rows, each with all `rows` columns.
+    unsafe { dst.set_len(rows * cols) };
+    dst
+}
+
+/// A raw output pointer shared by the tasks (each writes its own block).
+struct SendPtr(*mut f32);
+// SAFETY: the tasks write disjoint regions (see `Panels::multiply`).
+unsafe impl Sync for SendPtr {}
+/// A raw pointer to the `A` operand, read by every task.
+struct SendConstPtr(*const u32);
+// SAFETY: only read while the borrowed slice lives (the parallel loop ends before `multiply`).
+unsafe impl Sync for SendConstPtr {}
+
+#[cfg(target_arch = "x86_64")]
+mod kernel {
+    use std::arch::x86_64::*;
+
+    use super::{bf16_bits, WeightPrecision, MR, NR};
+
+    /// How a tile stores its accumulators: `acc (+ stored, if accumulate) (+ bias, if not null)`
+    /// into the first `cols ≤ NR` columns.
+    #[derive(Clone, Copy)]
+    pub struct Store {
+        pub bias: *const f32,
+        pub accumulate: bool,
+        pub cols: usize,
+    }
+
+    /// Rounds one row of f32 to bf16 pairs (zero-padding an odd length).
+    ///
+    /// # Safety
+    /// Needs AVX-512F and AVX512-BF16; `dst.len() == src.len().div_ceil(2)`.
+    #[target_feature(enable = "avx512f,avx512bf16,avx512vl")]
+    pub unsafe fn round_row(src: &[f32], dst: &mut [u32]) {
+        let full = src.len() / 16;
+        for i in 0..full {
+            let v = _mm512_loadu_ps(src.as_ptr().add(16 * i));
+            let h: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(v));
+            _mm256_storeu_si256(dst.as_mut_ptr().add(8 * i).cast(), h);
+        }
+        for p in 8 * full..dst.len() {
+            let lo = bf16_bits(src[2 * p]);
+            let hi = src.get(2 * p + 1).map_or(0, |&v| bf16_bits(v));
+            dst[p] = lo | (hi << 16);
+        }
+    }
+
+    /// One micro-tile: `rows ≤ MR` rows of `A` (word `a[r · rs + s · ss]`) over `steps` steps,
+    /// times one packed panel, stored to `y` (row stride `ldy`) as `store` says.
+    ///
+    /// # Safety
+    /// Needs AVX-512F (and AVX512-BF16 for bf16); the pointers must cover the ranges described.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn tile(
+        precision: WeightPrecision,
+        rows: usize,
+        a: *const u32,
+        rs: usize,
+        ss: usize,
+        steps: usize,
+        panel: *const __m512i,
+        y: *mut f32,
+        ldy: usize,
+        store: Store,
+    ) {
+        macro_rules! dispatch {
+            ($($r:literal)*) => {
+                match (precision, rows) {
+                    $((WeightPrecision::F32, $r) => tile_f32::<$r>(a.cast(), rs, ss, steps, panel.cast(), y, ldy, store),)*
+                    $((WeightPrecision::Bf16, $r) => tile_bf16::<$r>(a, rs, ss, steps, panel, y, ldy, store),)*
+                    _ => unreachable!("a tile has 1..=MR rows"),
+                }
+            };
+        }
+        const _: () = assert!(MR == 12 && NR == 32);
+        dispatch!(1 2 3 4 5 6 7 8 9 10 11 12)
+    }
+
+    /// Stores the accumulators of `R` rows as `store` says.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn write<const R: usize>(lo: &[__m512; R], hi: &[__m512; R], y: *mut f32, ldy: usize, store: Store) {
+        let cols = store.cols;
+        let mask_lo: __mmask16 = if cols >= 16 { 0xffff } else { (1u16 << cols) - 1 };
+        let mask_hi: __mmask16 = if cols >= 32 {
+            0xffff
+        } else if cols > 16 {
+            (1u16 << (cols - 16)) - 1
+        } else {
+            0
+        };
+        let (bias_lo, bias_hi) = if store.bias.is_null() {
+            (_mm512_setzero_ps(), _mm512_setzero_ps())
+        } else {
+            (_mm512_loadu_ps(store.bias), _mm512_loadu_ps(store.bias.add(16)))
+        };
+        for r in 0..R {
+            let row = y.add(r * ldy);
+            let (mut vlo, mut vhi) = (lo[r], hi[r]);
+            if store.accumulate {
+                vlo = _mm512_add_ps(_mm512_maskz_loadu_ps(mask_lo, row), vlo);
+                vhi = _mm512_add_ps(_mm512_maskz_loadu_ps(mask_hi, row.add(16)), vhi);
+            }
+            if !store.bias.is_null() {
+                vlo = _mm512_add_ps(vlo, bias_lo);
+                vhi = _mm512_add_ps(vhi, bias_hi);
+            }
+            _mm512_mask_storeu_ps(row, mask_lo, vlo);
+            _mm512_mask_storeu_ps(row.add(16), mask_hi, vhi);
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn tile_f32<const R: usize>(
+        a: *const f32,
+        rs: usize,
+        ss: usize,
+        steps: usize,
+        panel: *const __m512,
+        y: *mut f32,
+        ldy: usize,
+        store: Store,
+    ) {
+        let mut lo = [_mm512_setzero_ps(); R];
+        let mut hi = [_mm512_setzero_ps(); R];
+        for s in 0..steps {
+            let b0 = _mm512_load_ps(panel.add(2 * s).cast());
+            let b1 = _mm512_load_ps(panel.add(2 * s + 1).cast());
+            let col = a.add(s * ss);
+            for r in 0..R {
+                let x = _mm512_set1_ps(*col.add(r * rs));
+                lo[r] = _mm512_fmadd_ps(x, b0, lo[r]);
+                hi[r] = _mm512_fmadd_ps(x, b1, hi[r]);
+            }
+        }
+        write::<R>(&lo, &hi, y, ldy, store);
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    unsafe fn tile_bf16<const R: usize>(
+        a: *const u32,
+        rs: usize,
+        ss: usize,
+        pairs: usize,
+        panel: *const __m512i,
+        y: *mut f32,
+        ldy: usize,
+        store: Store,
+    ) {
+        let mut lo = [_mm512_setzero_ps(); R];
+        let mut hi = [_mm512_setzero_ps(); R];
+        for p in 0..pairs {
+            let b0: __m512bh = std::mem::transmute(_mm512_load_si512(panel.add(2 * p)));
+            let b1: __m512bh = std::mem::transmute(_mm512_load_si512(panel.add(2 * p + 1)));
+            let col = a.add(p * ss);
+            for r in 0..R {
+                let x: __m512bh = std::mem::transmute(_mm512_set1_epi32(*col.add(r * rs) as i32));
+                lo[r] = _mm512_dpbf16_ps(lo[r], x, b0);
+                hi[r] = _mm512_dpbf16_ps(hi[r], x, b1);
+            }
+        }
+        write::<R>(&lo, &hi, y, ldy, store);
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+mod kernel {
+    use super::WeightPrecision;
+
+    #[derive(Clone, Copy)]
+    pub struct Store {
+        pub bias: *const f32,
+        pub accumulate: bool,
+        pub cols: usize,
+    }
+
+    pub unsafe fn round_row(_: &[f32], _: &mut [u32]) {
+        unreachable!("the packed kernels need x86-64 with AVX-512")
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn tile(
+        _: WeightPrecision,
+        _: usize,
+        _: *const u32,
+        _: usize,
+        _: usize,
+        _: usize,
+        _: *const u32,
+        _: *mut f32,
+        _: usize,
+        _: Store,
+    ) {
+        unreachable!("the packed kernels need x86-64 with AVX-512")
+    }
+}
