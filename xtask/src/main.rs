@@ -8,10 +8,13 @@
 //! - `venv`: only creates (or updates) the reference venv, for scripts that run the PyTorch reference.
 //! - `bench-compare [--rounds N] [--threads T]`: the `homefeed-bench` model in rankstack and in
 //!   PyTorch, outputs checked to agree, then timed side by side (see `docs/performance.md`).
+//! - `gpu-bundle [DIR]`: the reference tests built with the `cuda` feature (no GPU or CUDA needed
+//!   here), packed with a runner into `DIR` (default `.gpu/`) for a GPU machine.
 //! - `manifest`: rewrites `fixtures/MANIFEST.json` from the current files (after a deliberate change).
 
 mod bench_compare;
 mod fixtures;
+mod gpu_bundle;
 mod manifest;
 
 use std::path::{Path, PathBuf};
@@ -26,9 +29,10 @@ fn main() -> ExitCode {
         Some("fixtures") => fixtures::regenerate(),
         Some("venv") => fixtures::ensure_venv(),
         Some("bench-compare") => bench_compare::bench_compare(&args[1..]),
+        Some("gpu-bundle") => gpu_bundle::gpu_bundle(&args[1..]),
         Some("manifest") => manifest::write(&root()),
         _ => {
-            eprintln!("usage: cargo xtask <verify|fixtures|venv|bench-compare|manifest>");
+            eprintln!("usage: cargo xtask <verify|fixtures|venv|bench-compare|gpu-bundle|manifest>");
             return ExitCode::from(2);
         }
     };

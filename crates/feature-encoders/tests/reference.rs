@@ -7,7 +7,7 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Tensor};
 use feature_encoders::{FeatureBatch, FeatureEncoder, FeatureSchema, SparseInput};
-use rankstack_nn::testing::{assert_close, check_reference, fixture_paths, Fixture};
+use rankstack_nn::testing::{assert_close, check_reference, fixture_paths, test_device, Fixture};
 
 fn batch_from_inputs(schema: &FeatureSchema, inputs: &HashMap<String, Tensor>) -> FeatureBatch {
     let get = |k: &str| inputs.get(k).unwrap_or_else(|| panic!("no input `{k}`")).clone();
@@ -40,12 +40,12 @@ fn check(fixture: &Fixture, dtype: DType, rtol: f64) {
         |vb| {
             let enc = FeatureEncoder::new(&schema, vb)?;
             if fixture.has("extra.fit_data") {
-                enc.fit_dense(&fixture.tensor("extra.fit_data").to_dtype(dtype)?)?;
+                enc.fit_dense(&fixture.tensor("extra.fit_data").to_dtype(dtype)?.to_device(&test_device())?)?;
             }
             let initial = fixture.with_prefix("initial_buffer.");
             for (name, var) in enc.buffers() {
                 if let Some(t) = initial.get(&name) {
-                    var.set(&t.to_dtype(var.dtype())?)?;
+                    var.set(&t.to_dtype(var.dtype())?.to_device(var.device())?)?;
                 }
             }
             Ok(enc)

@@ -16,6 +16,10 @@
 //! cancel to a small sum), Rust must still be as accurate as PyTorch itself, to a factor of 4. [`check_reference`] builds the Rust layer,
 //! loads the parameters by name (which also checks the naming convention), runs forward and
 //! backward, and compares everything.
+//!
+//! The checks run on [`test_device`]: the CPU, or a CUDA GPU with `RANKSTACK_TEST_DEVICE=cuda`
+//! (built with the `cuda` feature), so the same fixtures check candle's GPU kernels and every
+//! layer's non-CPU fallback path.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -149,12 +153,32 @@ pub fn assert_close(what: &str, actual: &Tensor, expected: &Tensor, rtol: f64) {
     assert!(err <= bound, "{what}: max abs error {err:.3e} exceeds {rtol:.1e} x max|expected| ({scale:.3e})");
 }
 
+/// The device the reference checks run on, from the environment variable `RANKSTACK_TEST_DEVICE`:
+/// unset, empty or `cpu` gives the CPU; `cuda` the first CUDA GPU (needs the `cuda` feature).
+///
+/// # Panics
+/// On any other value, or when `cuda` is asked for and no GPU can be opened (a test meant for the
+/// GPU must not silently pass on the CPU).
+pub fn test_device() -> Device {
+    // One device for the whole process: candle treats two handles on the same GPU as different
+    // devices, and refuses to mix their tensors.
+    static DEVICE: std::sync::OnceLock<Device> = std::sync::OnceLock::new();
+    DEVICE
+        .get_or_init(|| match std::env::var("RANKSTACK_TEST_DEVICE").as_deref() {
+            Err(_) | Ok("") | Ok("cpu") => Device::Cpu,
+            Ok("cuda") => Device::new_cuda(0).unwrap_or_else(|e| panic!("RANKSTACK_TEST_DEVICE=cuda: {e}")),
+            Ok(other) => panic!("RANKSTACK_TEST_DEVICE: expected `cpu` or `cuda`, got `{other}`"),
+        })
+        .clone()
+}
+
 /// Checks a layer against a reference fixture: forward output, input gradients and every parameter
 /// gradient, in `dtype` with max-norm relative tolerance `rtol`.
 ///
 /// `build` constructs the layer from a [`VarBuilder`]; the fixture's `param.*` tensors are then
 /// loaded by name, so a naming or shape mismatch fails here with the full list. `forward` receives
-/// the fixture's `input.*` tensors (floating ones converted to `dtype` and tracked for gradients).
+/// the fixture's `input.*` tensors (floating ones converted to `dtype` and tracked for gradients),
+/// all on [`test_device`].
 ///
 /// # Panics
 /// On any mismatch, naming the fixture and the tensor.
@@ -167,7 +191,8 @@ pub fn check_reference<M>(
 ) {
     let case = fixture.name();
     let store = SeededVarMap::new(0);
-    let model = build(store.var_builder(dtype, &Device::Cpu)).unwrap_or_else(|e| panic!("{case}: build failed: {e}"));
+    let device = test_device();
+    let model = build(store.var_builder(dtype, &device)).unwrap_or_else(|e| panic!("{case}: build failed: {e}"));
     let params: HashMap<String, Tensor> =
         fixture.with_prefix("param.").into_iter().map(|(k, v)| (k, v.to_dtype(dtype).expect("convert"))).collect();
     let vars = store.named_vars();
@@ -176,6 +201,7 @@ pub fn check_reference<M>(
     let mut input_vars: HashMap<String, Var> = HashMap::new();
     let mut inputs: HashMap<String, Tensor> = HashMap::new();
     for (name, t) in fixture.with_prefix("input.") {
+        let t = t.to_device(&device).expect("input to the test device");
         if t.dtype().is_float() {
             let v = Var::from_tensor(&t.to_dtype(dtype).expect("convert")).expect("var");
             inputs.insert(name.clone(), v.as_tensor().clone());
@@ -200,7 +226,8 @@ pub fn check_reference<M>(
     let out = forward(&model, &inputs).unwrap_or_else(|e| panic!("{case}: forward failed: {e}"));
     check(format!("{case}: output"), &out, "output");
 
-    let loss_weight = fixture.tensor("loss_weight").to_dtype(dtype).expect("convert");
+    let loss_weight =
+        fixture.tensor("loss_weight").to_dtype(dtype).and_then(|t| t.to_device(&device)).expect("convert");
     let loss = out.mul(&loss_weight).and_then(|t| t.sum_all()).expect("loss");
     let grads = loss.backward().expect("backward");
     let zero_like = |t: &Tensor| t.zeros_like().expect("zeros");
