@@ -29,10 +29,15 @@ pub fn xavier_uniform(fan_in: usize, fan_out: usize) -> Init {
 /// [`VarBuilder`] backend: the first request for a name creates the variable with the requested
 /// [`Init`], drawing from a stream seeded by `(seed, name)`. Building the same model twice with the
 /// same seed therefore gives bit-identical weights on CPU, whatever order layers are created in.
+///
+/// [`SeededVarMap::with_initial_values`] starts named variables from given tensors instead (a
+/// checkpoint being loaded), so that no random values are drawn only to be overwritten.
 #[derive(Clone)]
 pub struct SeededVarMap {
     vars: VarMap,
     seed: u64,
+    /// Starting values by name, taken (and dropped from here) when the variable is created.
+    initial: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, Tensor>>>,
 }
 
 impl std::fmt::Debug for SeededVarMap {
@@ -45,7 +50,21 @@ impl std::fmt::Debug for SeededVarMap {
 impl SeededVarMap {
     /// An empty store for `seed`.
     pub fn new(seed: u64) -> Self {
-        Self { vars: VarMap::new(), seed }
+        Self::with_initial_values(seed, std::collections::HashMap::new())
+    }
+
+    /// A store that creates each variable named in `values` from that tensor (converted to the
+    /// builder's dtype and device) when its shape matches the request; every other variable is
+    /// drawn from `seed` as in [`SeededVarMap::new`]. A tensor of another shape is ignored here:
+    /// checking a checkpoint against the model is the loader's job.
+    pub fn with_initial_values(seed: u64, values: std::collections::HashMap<String, Tensor>) -> Self {
+        Self { vars: VarMap::new(), seed, initial: std::sync::Arc::new(std::sync::Mutex::new(values)) }
+    }
+
+    /// Drops the starting values that no variable has taken (see
+    /// [`SeededVarMap::with_initial_values`]); variables created afterwards are drawn from the seed.
+    pub fn forget_initial_values(&self) {
+        self.initial.lock().expect("initial values lock poisoned").clear();
     }
 
     /// The seed this store draws from.
@@ -102,8 +121,14 @@ impl SimpleBackend for SeededVarMap {
             }
             return Ok(t.clone());
         }
-        let values = self.initial_values(&s, name, h);
-        let t = Tensor::from_vec(values, s, &Device::Cpu)?.to_dtype(dtype)?.to_device(dev)?;
+        let given = self.initial.lock().expect("initial values lock poisoned").remove(name);
+        let t = match given {
+            Some(t) if t.shape() == &s && t.dtype().is_float() => t.to_dtype(dtype)?.to_device(dev)?,
+            _ => {
+                let values = self.initial_values(&s, name, h);
+                Tensor::from_vec(values, s, &Device::Cpu)?.to_dtype(dtype)?.to_device(dev)?
+            }
+        };
         let var = Var::from_tensor(&t)?;
         let out = var.as_tensor().clone();
         data.insert(name.to_string(), var);
@@ -144,6 +169,35 @@ mod tests {
         assert_eq!(a, build(&["b", "a"], 3));
         assert_ne!(a, build(&["a", "b"], 4));
         assert_ne!(a[0].1, a[1].1);
+    }
+
+    #[test]
+    fn initial_values_replace_the_draw_where_the_shape_matches() {
+        let given = Tensor::new(&[[1f64, 2., 3.]], &Device::Cpu).unwrap();
+        let values = std::collections::HashMap::from([
+            ("w".to_string(), given.clone()),
+            ("odd".to_string(), Tensor::ones(2, DType::F64, &Device::Cpu).unwrap()),
+        ]);
+        let m = SeededVarMap::with_initial_values(7, values);
+        let vb = m.var_builder(DType::F32, &Device::Cpu);
+        let w = vb.get_with_hints((1, 3), "w", xavier_normal(3, 1)).unwrap();
+        assert_eq!(w.to_vec2::<f32>().unwrap(), vec![vec![1., 2., 3.]]);
+        assert!(w.is_variable());
+        // A shape mismatch, or no value, draws from the seed as a plain store does.
+        let drawn = |name: &str, shape: usize| {
+            let plain = SeededVarMap::new(7);
+            let want = plain.var_builder(DType::F32, &Device::Cpu).get_with_hints(
+                shape,
+                name,
+                Init::Randn { mean: 0.0, stdev: 1.0 },
+            );
+            let got = vb.get_with_hints(shape, name, Init::Randn { mean: 0.0, stdev: 1.0 });
+            (got.unwrap().to_vec1::<f32>().unwrap(), want.unwrap().to_vec1::<f32>().unwrap())
+        };
+        let (got, want) = drawn("odd", 3);
+        assert_eq!(got, want);
+        let (got, want) = drawn("other", 4);
+        assert_eq!(got, want);
     }
 
     #[test]

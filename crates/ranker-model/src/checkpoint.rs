@@ -80,9 +80,12 @@ pub fn save(dir: impl AsRef<Path>, ranker: &Ranker, store: &SeededVarMap) -> Res
 pub fn load(dir: impl AsRef<Path>, dtype: DType, device: &Device) -> Result<(Ranker, SeededVarMap)> {
     let dir = dir.as_ref();
     let config = RankerConfig::from_file(dir.join(CONFIG_FILE))?;
-    let store = SeededVarMap::new(0);
-    let ranker = Ranker::new(&config, store.var_builder(dtype, device))?;
     let mut file = read_safetensors(dir.join(WEIGHTS_FILE))?;
+    // The parameters start from the file's values (no random draw to be overwritten); the check
+    // and the buffers come below.
+    let store = SeededVarMap::with_initial_values(0, file.tensors.clone());
+    let ranker = Ranker::new(&config, store.var_builder(dtype, device))?;
+    store.forget_initial_values();
     // Buffers keep their stored dtype in the model (e.g. num_batches_tracked is i64); parameters
     // are converted to the requested dtype only when the file is float.
     let buffers: std::collections::HashSet<String> = ranker.buffers().into_iter().map(|(n, _)| n).collect();
@@ -91,6 +94,7 @@ pub fn load(dir: impl AsRef<Path>, dtype: DType, device: &Device) -> Result<(Ran
             *t = t.to_dtype(dtype)?;
         }
     }
+    // Checks every name, shape and dtype at once, and sets every variable (buffers included).
     load_into(&state(&ranker, &store), &file.tensors)?;
     Ok((ranker, store))
 }
