@@ -254,7 +254,7 @@ impl Panels {
                                 panel.as_ptr().cast(),
                                 c_ptr.0.add(r * n + q * NR),
                                 n,
-                                kernel::Store {
+                                Store {
                                     bias: if last { padded_bias[q * NR..].as_ptr() } else { std::ptr::null() },
                                     accumulate: block > 0,
                                     cols,
@@ -326,20 +326,20 @@ struct SendConstPtr(*const u32);
 // SAFETY: only read while the borrowed slice lives (the parallel loop ends before `multiply`).
 unsafe impl Sync for SendConstPtr {}
 
+/// How a micro-tile stores its accumulators: `acc (+ stored, if accumulate) (+ bias, if not
+/// null)` into the first `cols ≤ NR` columns.
+#[derive(Clone, Copy)]
+struct Store {
+    bias: *const f32,
+    accumulate: bool,
+    cols: usize,
+}
+
 #[cfg(target_arch = "x86_64")]
 mod kernel {
     use std::arch::x86_64::*;
 
-    use super::{bf16_bits, WeightPrecision, MR, NR};
-
-    /// How a tile stores its accumulators: `acc (+ stored, if accumulate) (+ bias, if not null)`
-    /// into the first `cols ≤ NR` columns.
-    #[derive(Clone, Copy)]
-    pub struct Store {
-        pub bias: *const f32,
-        pub accumulate: bool,
-        pub cols: usize,
-    }
+    use super::{bf16_bits, Store, WeightPrecision, MR, NR};
 
     /// Rounds one row of f32 to bf16 pairs (zero-padding an odd length).
     ///
@@ -481,14 +481,7 @@ mod kernel {
 
 #[cfg(not(target_arch = "x86_64"))]
 mod kernel {
-    use super::WeightPrecision;
-
-    #[derive(Clone, Copy)]
-    pub struct Store {
-        pub bias: *const f32,
-        pub accumulate: bool,
-        pub cols: usize,
-    }
+    use super::{Store, WeightPrecision};
 
     pub unsafe fn round_row(_: &[f32], _: &mut [u32]) {
         unreachable!("the packed kernels need x86-64 with AVX-512")
