@@ -2,9 +2,10 @@
 //! and for unpacked f32 inference.
 //!
 //! candle's linear layer records a matrix product and a broadcast add. Its GEMM packs both
-//! operands on every call and runs the model's shapes at 150–190 GFLOP/s (2 threads); the packed
-//! kernel runs them at 215–230. Its backward pass forms `∂W` as the transpose of `xᵀ g` and adds
-//! that strided view into the gradient buffer. This op computes, with `g = ∂L/∂y`:
+//! operands on every call, and its backward pass forms `∂W` as the transpose of `xᵀ g` and adds
+//! that strided view into the gradient buffer: on the model's shapes at batch 512 (2 threads) it
+//! ran at 115–187 GFLOP/s forward and 96–115 backward, where the three products here run at
+//! 195–220 (`docs/performance.md`). This op computes, with `g = ∂L/∂y`:
 //!
 //! - forward `y = x Wᵀ + b`;
 //! - `∂x = g W`, `∂W = gᵀ x` (already in `W`'s layout), `∂b = Σ_rows g`, each only for an
