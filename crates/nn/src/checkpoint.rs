@@ -150,14 +150,23 @@ impl FrozenTensors {
     }
 }
 
+/// Whether a stored tensor of dtype `stored` may serve a request for `wanted`: float to float (the
+/// requested precision), or the same dtype. An integer tensor where the model asks for a float
+/// parameter is a mismatch, not something to convert.
+fn convertible(stored: DType, wanted: DType) -> bool {
+    stored == wanted || (stored.is_float() && wanted.is_float())
+}
+
 impl SimpleBackend for FrozenTensors {
     fn get(&self, s: Shape, name: &str, _: candle_nn::Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
         self.inner.requested.lock().expect("lock poisoned").insert(name.to_string());
         let problem = match self.inner.tensors.get(name) {
-            Some(t) if t.shape() == &s => {
-                let t = if t.dtype().is_float() { t.to_dtype(dtype)? } else { t.clone() };
-                return t.to_device(dev);
-            }
+            Some(t) if t.shape() == &s && convertible(t.dtype(), dtype) => return t.to_dtype(dtype)?.to_device(dev),
+            Some(t) if t.shape() == &s => TensorMismatch::DType {
+                name: name.to_string(),
+                expected: format!("{dtype:?}"),
+                actual: format!("{:?}", t.dtype()),
+            },
             Some(t) => {
                 TensorMismatch::Shape { name: name.to_string(), expected: s.dims().to_vec(), actual: t.dims().to_vec() }
             }
@@ -170,7 +179,8 @@ impl SimpleBackend for FrozenTensors {
     fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
         self.inner.requested.lock().expect("lock poisoned").insert(name.to_string());
         match self.inner.tensors.get(name) {
-            Some(t) => t.to_dtype(dtype)?.to_device(dev),
+            Some(t) if convertible(t.dtype(), dtype) => t.to_dtype(dtype)?.to_device(dev),
+            Some(t) => candle_core::bail!("tensor `{name}` has dtype {:?}, the model expects {dtype:?}", t.dtype()),
             None => candle_core::bail!("no tensor named `{name}`"),
         }
     }
@@ -237,6 +247,7 @@ mod tests {
             ("b".to_string(), Tensor::ones(4, DType::F32, &dev).unwrap()),
             ("buffer".to_string(), Tensor::new(3i64, &dev).unwrap()),
             ("stray".to_string(), Tensor::ones(1, DType::F32, &dev).unwrap()),
+            ("ints".to_string(), Tensor::new(&[1i64, 2], &dev).unwrap()),
         ]);
         let frozen = FrozenTensors::new(file);
         let vb = frozen.var_builder(DType::F32, &dev);
@@ -244,8 +255,14 @@ mod tests {
         assert!(!a.is_variable() && a.dtype() == DType::F32);
         assert_eq!(vb.get(5, "b").unwrap().dims(), [5]); // placeholder; reported below
         vb.get(2, "c").unwrap();
+        // An integer tensor where a float parameter is asked for is reported, not converted.
+        assert_eq!(vb.get(2, "ints").unwrap().dtype(), DType::F32);
+        let err = frozen.clone().var_builder(DType::F32, &dev).get_unchecked("ints").unwrap_err().to_string();
+        assert!(err.contains("`ints` has dtype I64"), "{err}");
         let e = frozen.finish(&["buffer".to_string()]).unwrap_err().to_string();
-        for needle in ["`b`", "missing tensor `c`", "unexpected tensor `stray`"] {
+        for needle in
+            ["`b`", "missing tensor `c`", "unexpected tensor `stray`", "`ints` has dtype I64, the model expects F32"]
+        {
             assert!(e.contains(needle), "{needle}: {e}");
         }
         assert!(!e.contains("buffer") && !e.contains("`a`"), "{e}");
