@@ -122,8 +122,10 @@ impl Module for Linear {
             Inner::Tensor(layer) if crate::fused_linear::applies(x, layer.weight()) => {
                 crate::fused_linear::linear(x, layer.weight(), layer.bias())
             }
-            // candle 0.11's product gives wrong values for some strided batched inputs (e.g. a
-            // transposed [b, l, d] view), so it gets a contiguous one (a no-op when it already is).
+            // candle 0.11's CPU product folds a batch-broadcast weight into one GEMM assuming the
+            // input's rows are adjacent, which gives wrong values for a transposed [b, l, d] view
+            // (huggingface/candle#3744, fix proposed in #3758), so it gets a contiguous input (a
+            // no-op when it already is).
             Inner::Tensor(layer) => layer.forward(&x.contiguous()?),
             Inner::Packed { weight, bias } => weight.matmul_t(x, bias.as_ref()),
         }
