@@ -21,15 +21,25 @@ use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape
 
 use crate::gemm::{packed_kernel_available, transpose, Panels, WeightPrecision};
 
+/// Below this many rows a product that needs no gradient stays on candle's, which handles a
+/// few rows as matrix-vector products reading `W` once; the packed kernel works on panels of 32
+/// rows or columns, and packs an operand first. Measured (2 threads, forward only): 1 row of
+/// 1536 → 1536 0.14 ms on candle against 1.3 ms here, even at 8 rows, ahead from 16 rows on (2144
+/// → 4288 at 16 rows: 4.3 against 2.9 ms). With a backward pass the fused op is ahead at any size.
+const MIN_ROWS_WITHOUT_GRADIENT: usize = 16;
+
 /// Whether [`linear`] runs the fused op for these operands: f32 on the CPU, with the AVX-512
-/// kernel, and at least one row.
+/// kernel, at least one row, and at least [`MIN_ROWS_WITHOUT_GRADIENT`] unless a gradient is
+/// needed.
 pub(crate) fn applies(x: &Tensor, w: &Tensor) -> bool {
+    let rows = x.dims().split_last().map_or(0, |(_, lead)| lead.iter().product::<usize>());
     x.device().is_cpu()
         && w.device().is_cpu()
         && x.dtype() == DType::F32
         && w.dtype() == DType::F32
         && w.rank() == 2
         && x.elem_count() > 0
+        && (rows >= MIN_ROWS_WITHOUT_GRADIENT || x.track_op() || w.track_op())
         && packed_kernel_available(WeightPrecision::F32)
 }
 
@@ -303,7 +313,11 @@ mod tests {
     fn applies_only_to_f32_on_the_cpu_with_rows() {
         let w = seeded(1, &[3, 4]);
         let kernel = packed_kernel_available(WeightPrecision::F32);
-        assert_eq!(applies(&seeded(2, &[2, 4]), &w), kernel);
+        assert_eq!(applies(&seeded(2, &[4, 4, 4]), &w), kernel);
+        // A few rows without a gradient stay on candle's product; with one, they take this op.
+        assert!(!applies(&seeded(2, &[2, 4]), &w));
+        let trainable = Var::from_tensor(&w).unwrap();
+        assert_eq!(applies(&seeded(2, &[2, 4]), trainable.as_tensor()), kernel);
         assert!(!applies(&seeded(2, &[2, 4]).to_dtype(DType::F64).unwrap(), &w.to_dtype(DType::F64).unwrap()));
         assert!(!applies(&Tensor::zeros((0, 4), DType::F32, &Device::Cpu).unwrap(), &w));
     }
