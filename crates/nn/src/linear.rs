@@ -12,8 +12,8 @@ use crate::packed_matmul::{packed_kernel_available, PackedWeight, WeightPrecisio
 /// As built, it holds its weight and bias tensors. On the CPU with f32 operands and AVX-512 the
 /// product is one differentiable op on the crate's packed kernel (`fused_linear`: forward and a
 /// backward pass that forms `∂W` directly in its layout; the same values as candle's product up
-/// to f32 summation order); elsewhere, and for inference-only products of fewer than 16 rows
-/// (where candle's matrix-vector path is faster), it is `candle_nn::Linear`. A serving model can
+/// to f32 summation order); elsewhere, and for products of fewer than 16 rows (where candle's
+/// matrix-vector path is faster), it is `candle_nn::Linear`. A serving model can
 /// [`Linear::pack`] its weight once into a [`PackedWeight`]: f32
 /// (no per-call repacking, bias added in the kernel) or bf16 (half the memory and twice the
 /// multiply-add rate on CPUs with AVX512-BF16). A packed layer takes f32 inputs on the CPU and its
