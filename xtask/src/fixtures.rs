@@ -7,7 +7,7 @@ use std::process::Command;
 
 use safetensors::{Dtype, SafeTensors};
 
-use crate::{manifest, root, run, Result};
+use crate::{manifest, python_venv, root, run, Result};
 
 /// The reference venv's Python.
 pub fn venv_python() -> PathBuf {
@@ -16,15 +16,7 @@ pub fn venv_python() -> PathBuf {
 
 /// Creates `reference/.venv` if missing and installs the pinned requirements into it.
 pub fn ensure_venv() -> Result<()> {
-    let python = venv_python();
-    if !python.exists() {
-        let system = std::env::var("PYTHON").unwrap_or_else(|_| "python3".to_string());
-        run("create reference/.venv", Command::new(system).args(["-m", "venv", "reference/.venv"]))?;
-    }
-    run(
-        "install pinned reference requirements",
-        Command::new(&python).args(["-m", "pip", "install", "--quiet", "-r", "reference/requirements.txt"]),
-    )
+    python_venv("reference/.venv", "pinned reference requirements", &["-r", "reference/requirements.txt"]).map(drop)
 }
 
 fn generate_into(out: &Path) -> Result<()> {

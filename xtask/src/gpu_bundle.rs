@@ -18,7 +18,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::{cargo, root, run, Result};
+use crate::{cargo, python_venv, root, run, Result};
 
 /// The PyPI wheels of the CUDA 13.0 compiler (its front end, NVVM, headers and runtime).
 const TOOLKIT: [&str; 5] = [
@@ -137,17 +137,8 @@ pub fn gpu_bundle(args: &[String]) -> Result<()> {
 
 /// The CUDA 13.0 toolkit from PyPI (created on first use); returns its root (`…/nvidia/cu13`).
 fn toolkit() -> Result<PathBuf> {
-    let venv = root().join("target/cuda-toolkit");
-    let python = venv.join("bin/python");
-    if !python.exists() {
-        let system = std::env::var("PYTHON").unwrap_or_else(|_| "python3".to_string());
-        run("create target/cuda-toolkit", Command::new(system).arg("-m").arg("venv").arg(&venv))?;
-    }
-    run(
-        "install the pinned CUDA 13.0 compiler wheels",
-        Command::new(&python).args(["-m", "pip", "install", "--quiet"]).args(TOOLKIT),
-    )?;
-    let lib = venv.join("lib");
+    python_venv("target/cuda-toolkit", "the pinned CUDA 13.0 compiler wheels", &TOOLKIT)?;
+    let lib = root().join("target/cuda-toolkit/lib");
     let site = std::fs::read_dir(&lib)
         .map_err(|e| format!("{}: {e}", lib.display()))?
         .filter_map(|e| e.ok().map(|e| e.path().join("site-packages/nvidia/cu13")))

@@ -61,6 +61,18 @@ pub fn run(what: &str, cmd: &mut Command) -> Result<()> {
     }
 }
 
+/// A Python venv at `dir` (relative to the workspace root), created with `$PYTHON` (default
+/// `python3`) if missing, with `pip install <packages>` run in it; returns its Python.
+pub fn python_venv(dir: &str, what: &str, packages: &[&str]) -> Result<PathBuf> {
+    let python = root().join(dir).join("bin/python");
+    if !python.exists() {
+        let system = std::env::var("PYTHON").unwrap_or_else(|_| "python3".to_string());
+        run(&format!("create {dir}"), Command::new(system).args(["-m", "venv", dir]))?;
+    }
+    run(&format!("install {what}"), Command::new(&python).args(["-m", "pip", "install", "--quiet"]).args(packages))?;
+    Ok(python)
+}
+
 fn cargo() -> Command {
     Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string()))
 }
