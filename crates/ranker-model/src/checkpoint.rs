@@ -7,7 +7,7 @@ use std::io::Write;
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor, Var};
-use rankstack_nn::checkpoint::{load_into, read_safetensors};
+use rankstack_nn::checkpoint::{load_into, mismatches, read_safetensors};
 use rankstack_nn::packed_matmul::WeightPrecision;
 use rankstack_nn::{Error, Result, SeededVarMap};
 
@@ -94,8 +94,16 @@ pub fn load(dir: impl AsRef<Path>, dtype: DType, device: &Device) -> Result<(Ran
             *t = t.to_dtype(dtype)?;
         }
     }
-    // Checks every name, shape and dtype at once, and sets every variable (buffers included).
-    load_into(&state(&ranker, &store), &file.tensors)?;
+    // Every name, shape and dtype at once.
+    let problems = mismatches(&state(&ranker, &store), &file.tensors);
+    if !problems.is_empty() {
+        return Err(Error::Checkpoint(problems));
+    }
+    // With no mismatch every parameter already holds its file value (the store started it from
+    // there), so only the buffers are left to set.
+    let buffer_values: HashMap<String, Tensor> =
+        file.tensors.into_iter().filter(|(name, _)| buffers.contains(name)).collect();
+    load_into(&ranker.buffers(), &buffer_values)?;
     Ok((ranker, store))
 }
 
@@ -123,7 +131,7 @@ pub fn load_for_serving(dir: impl AsRef<Path>, dtype: DType, device: &Device) ->
             stored.insert(name.clone(), if same_kind { t.to_dtype(var.dtype())? } else { t.clone() });
         }
     }
-    problems.extend(rankstack_nn::checkpoint::mismatches(&buffers, &stored));
+    problems.extend(mismatches(&buffers, &stored));
     if !problems.is_empty() {
         return Err(Error::Checkpoint(problems));
     }
