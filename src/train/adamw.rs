@@ -4,6 +4,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 
 use candle_core::{backprop::GradStore, CpuStorage, DType, InplaceOp2, Layout, Result, Tensor, TensorId, Var};
+use rankstack_nn::kernel_float::{contiguous, contiguous_mut};
 use rankstack_nn::RowGradient;
 use rayon::prelude::*;
 
@@ -122,10 +123,8 @@ impl InplaceOp2 for FusedUpdate<'_> {
         let (CpuStorage::F32(theta), CpuStorage::F32(grad)) = (s1, s2) else {
             candle_core::bail!("adamw-fused-update: f32 only");
         };
-        let (Some((t0, t1)), Some((g0, g1))) = (l1.contiguous_offsets(), l2.contiguous_offsets()) else {
-            candle_core::bail!("adamw-fused-update: contiguous tensors only");
-        };
-        let (theta, grad) = (&mut theta[t0..t1], &grad[g0..g1]);
+        let theta = contiguous_mut(theta, l1, "adamw-fused-update: parameter")?;
+        let grad = contiguous(grad, l2, "adamw-fused-update: gradient")?;
         let mut m = self.m.lock().expect("lock poisoned");
         let mut v = self.v.lock().expect("lock poisoned");
         let c = self.coefficients;

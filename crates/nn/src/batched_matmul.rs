@@ -8,6 +8,8 @@
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use crate::kernel_float::contiguous;
+
 /// `a @ b` for `a` `[..., m, k]` and `b` `[..., k, n]` with equal batch dimensions `[...]`, the
 /// same values as `a.matmul(b)` (each product is one `gemm` call either way), differentiable.
 /// An input that is the transpose of a contiguous tensor (as `k.t()` in attention) is read in
@@ -122,19 +124,18 @@ impl CustomOp2 for BatchedMatMul {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (Some((a0, a1)), Some((b0, b1))) = (l1.contiguous_offsets(), l2.contiguous_offsets()) else {
-            candle_core::bail!("batched-matmul: contiguous inputs only");
-        };
+        const A: &str = "batched-matmul: first input";
+        const B: &str = "batched-matmul: second input";
         let (count, ar, ac) = l1.shape().dims3()?;
         let (_, br, bc) = l2.shape().dims3()?;
         let (m, _, n) = self.dims((ar, ac), (br, bc));
         let (sa, sb) = ((ar, ac), (br, bc));
         let out = match (s1, s2) {
             (CpuStorage::F32(a), CpuStorage::F32(b)) => {
-                CpuStorage::F32(self.products(&a[a0..a1], &b[b0..b1], count, sa, sb, (0.0, 1.0)))
+                CpuStorage::F32(self.products(contiguous(a, l1, A)?, contiguous(b, l2, B)?, count, sa, sb, (0.0, 1.0)))
             }
             (CpuStorage::F64(a), CpuStorage::F64(b)) => {
-                CpuStorage::F64(self.products(&a[a0..a1], &b[b0..b1], count, sa, sb, (0.0, 1.0)))
+                CpuStorage::F64(self.products(contiguous(a, l1, A)?, contiguous(b, l2, B)?, count, sa, sb, (0.0, 1.0)))
             }
             _ => candle_core::bail!("batched-matmul: f32 or f64 inputs of one dtype only"),
         };

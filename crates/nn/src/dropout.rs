@@ -82,8 +82,7 @@ fn scale_by_mask<T: Copy + Send + Sync + std::ops::Mul<Output = T>>(
     mask: &[f32],
     widen: impl Fn(f32) -> T + Sync,
 ) -> Result<Vec<T>> {
-    let Some((a, b)) = layout.contiguous_offsets() else { candle_core::bail!("dropout: input must be contiguous") };
-    let x = &x[a..b];
+    let x = crate::kernel_float::contiguous(x, layout, "dropout: input")?;
     if x.len() != mask.len() {
         candle_core::bail!("dropout: mask of {} elements for an input of {}", mask.len(), x.len());
     }

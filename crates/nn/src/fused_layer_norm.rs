@@ -3,6 +3,7 @@
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use crate::kernel_float::contiguous;
 use crate::KernelFloat;
 
 /// `y = (x − mean(x)) / sqrt(var(x) + eps) · weight + bias` over the last dimension (biased
@@ -38,12 +39,11 @@ struct FusedLayerNormBackward {
     eps: f64,
 }
 
-fn contiguous<'a, T>(s: &'a [T], l: &Layout) -> Result<&'a [T]> {
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&s[a..b]),
-        None => candle_core::bail!("fused layer norm: inputs must be contiguous"),
-    }
-}
+// What the kernels' error messages call their inputs.
+const X: &str = "fused layer norm: input";
+const W: &str = "fused layer norm: weight";
+const B: &str = "fused layer norm: bias";
+const G: &str = "fused layer norm: gradient";
 
 /// Row statistics in f64: `(mean, 1/sqrt(var + eps))`.
 fn stats<T: KernelFloat>(row: &[T], eps: f64) -> (f64, f64) {
@@ -125,10 +125,10 @@ impl CustomOp3 for FusedLayerNorm {
     ) -> Result<(CpuStorage, Shape)> {
         let out = match (x, w, b) {
             (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(b)) => {
-                CpuStorage::F32(forward(contiguous(x, xl)?, contiguous(w, wl)?, contiguous(b, bl)?, self.eps))
+                CpuStorage::F32(forward(contiguous(x, xl, X)?, contiguous(w, wl, W)?, contiguous(b, bl, B)?, self.eps))
             }
             (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(b)) => {
-                CpuStorage::F64(forward(contiguous(x, xl)?, contiguous(w, wl)?, contiguous(b, bl)?, self.eps))
+                CpuStorage::F64(forward(contiguous(x, xl, X)?, contiguous(w, wl, W)?, contiguous(b, bl, B)?, self.eps))
             }
             _ => candle_core::bail!("fused layer norm: x, weight and bias must all be f32 or all f64"),
         };
@@ -171,10 +171,10 @@ impl CustomOp3 for FusedLayerNormBackward {
         let rows = xl.shape().elem_count() / d.max(1);
         let out = match (x, w, g) {
             (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(g)) => {
-                CpuStorage::F32(backward(contiguous(x, xl)?, contiguous(w, wl)?, contiguous(g, gl)?, self.eps))
+                CpuStorage::F32(backward(contiguous(x, xl, X)?, contiguous(w, wl, W)?, contiguous(g, gl, G)?, self.eps))
             }
             (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(g)) => {
-                CpuStorage::F64(backward(contiguous(x, xl)?, contiguous(w, wl)?, contiguous(g, gl)?, self.eps))
+                CpuStorage::F64(backward(contiguous(x, xl, X)?, contiguous(w, wl, W)?, contiguous(g, gl, G)?, self.eps))
             }
             _ => candle_core::bail!("fused layer norm backward: dtype mismatch"),
         };

@@ -3,6 +3,7 @@
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
+use crate::kernel_float::contiguous;
 use crate::KernelFloat;
 
 /// `softmax(x)` over the last dimension, in one fused pass per row on the CPU, with the analytic
@@ -65,10 +66,7 @@ pub fn masked_softmax_last_dim_fused(x: &Tensor, mask: &Tensor) -> Result<Tensor
 struct FusedSoftmax;
 
 fn softmax_rows<T: KernelFloat>(src: &[T], layout: &Layout, mask: Option<&[T]>) -> Result<Vec<T>> {
-    let src = match layout.contiguous_offsets() {
-        Some((a, b)) => &src[a..b],
-        None => candle_core::bail!("fused softmax: input must be contiguous"),
-    };
+    let src = contiguous(src, layout, "fused softmax: input")?;
     let dims = layout.shape().dims();
     let n = dims[dims.len() - 1].max(1);
     // Rows per mask row: the product of the middle dimensions.
@@ -118,17 +116,13 @@ impl CustomOp2 for FusedSoftmax {
     }
 
     fn cpu_fwd(&self, x: &CpuStorage, xl: &Layout, m: &CpuStorage, ml: &Layout) -> Result<(CpuStorage, Shape)> {
-        let mask = |l: &Layout| match l.contiguous_offsets() {
-            Some((a, b)) => Ok((a, b)),
-            None => candle_core::bail!("masked softmax: mask must be contiguous"),
-        };
-        let (a, b) = mask(ml)?;
+        const MASK: &str = "masked softmax: mask";
         match (x, m) {
             (CpuStorage::F32(x), CpuStorage::F32(m)) => {
-                Ok((CpuStorage::F32(softmax_rows(x, xl, Some(&m[a..b]))?), xl.shape().clone()))
+                Ok((CpuStorage::F32(softmax_rows(x, xl, Some(contiguous(m, ml, MASK)?))?), xl.shape().clone()))
             }
             (CpuStorage::F64(x), CpuStorage::F64(m)) => {
-                Ok((CpuStorage::F64(softmax_rows(x, xl, Some(&m[a..b]))?), xl.shape().clone()))
+                Ok((CpuStorage::F64(softmax_rows(x, xl, Some(contiguous(m, ml, MASK)?))?), xl.shape().clone()))
             }
             _ => candle_core::bail!("masked softmax: scores and mask must both be f32 or both f64"),
         }
@@ -159,10 +153,7 @@ fn softmax_backward(y: &Tensor, g: &Tensor) -> Result<Tensor> {
 struct SoftmaxBackward;
 
 fn softmax_backward_rows<T: KernelFloat>(y: &[T], yl: &Layout, g: &[T], gl: &Layout) -> Result<Vec<T>> {
-    let (Some((ya, yb)), Some((ga, gb))) = (yl.contiguous_offsets(), gl.contiguous_offsets()) else {
-        candle_core::bail!("softmax backward: inputs must be contiguous")
-    };
-    let (y, g) = (&y[ya..yb], &g[ga..gb]);
+    let (y, g) = (contiguous(y, yl, "softmax backward: output")?, contiguous(g, gl, "softmax backward: gradient")?);
     if yl.shape() != gl.shape() {
         candle_core::bail!("softmax backward: gradient {:?} for an output {:?}", gl.shape(), yl.shape());
     }

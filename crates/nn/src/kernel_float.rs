@@ -1,6 +1,8 @@
-//! The element types of the hand-written CPU kernels (`f32` and `f64`).
+//! The element types of the hand-written CPU kernels (`f32` and `f64`), and how a kernel reads a
+//! tensor's values from its CPU storage.
 
-use candle_core::WithDType;
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, Layout, Result, WithDType};
 
 /// A float type the fused CPU kernels are written over: candle's [`WithDType`] (arithmetic,
 /// `from_f64`/`to_f64`, CPU storage access) plus the few float functions the kernels need.
@@ -35,3 +37,59 @@ macro_rules! kernel_float {
 }
 kernel_float!(f32);
 kernel_float!(f64);
+
+/// The elements a contiguous `layout` covers in `values` (a storage's whole buffer). A strided
+/// layout is an error, "`{what}` must be contiguous": the kernels index rows directly, so their
+/// callers hand them contiguous tensors.
+pub fn contiguous<'a, T>(values: &'a [T], layout: &Layout, what: &str) -> Result<&'a [T]> {
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&values[start..end]),
+        None => candle_core::bail!("{what} must be contiguous"),
+    }
+}
+
+/// As [`contiguous`], for a buffer the kernel updates in place.
+pub fn contiguous_mut<'a, T>(values: &'a mut [T], layout: &Layout, what: &str) -> Result<&'a mut [T]> {
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&mut values[start..end]),
+        None => candle_core::bail!("{what} must be contiguous"),
+    }
+}
+
+/// As [`contiguous`], for a CPU storage that must hold elements of type `T`: another dtype is an
+/// error naming `what` and both dtypes.
+pub fn contiguous_storage<'a, T: WithDType>(storage: &'a CpuStorage, layout: &Layout, what: &str) -> Result<&'a [T]> {
+    match T::cpu_storage_as_slice(storage) {
+        Ok(values) => contiguous(values, layout, what),
+        Err(_) => candle_core::bail!("{what} must be {:?}, got {:?}", T::DTYPE, storage.dtype()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{Device, Tensor};
+
+    use super::*;
+
+    #[test]
+    fn reads_the_covered_elements_and_rejects_strided_layouts_and_other_dtypes() {
+        let t = Tensor::arange(0f32, 12., &Device::Cpu).unwrap().reshape((3, 4)).unwrap();
+        let row = t.narrow(0, 1, 1).unwrap();
+        let (storage, layout) = row.storage_and_layout();
+        let candle_core::Storage::Cpu(cpu) = &*storage else { unreachable!() };
+        assert_eq!(contiguous_storage::<f32>(cpu, layout, "x").unwrap(), &[4., 5., 6., 7.]);
+        let err = contiguous_storage::<f64>(cpu, layout, "test op: input").unwrap_err().to_string();
+        assert!(err.contains("test op: input must be F64, got F32"), "{err}");
+
+        let column = t.narrow(1, 1, 1).unwrap();
+        let (storage, layout) = column.storage_and_layout();
+        let candle_core::Storage::Cpu(cpu) = &*storage else { unreachable!() };
+        let err = contiguous_storage::<f32>(cpu, layout, "test op: input").unwrap_err().to_string();
+        assert!(err.contains("test op: input must be contiguous"), "{err}");
+
+        let mut values = vec![1f32, 2., 3.];
+        let layout = Layout::contiguous_with_offset((2,), 1);
+        contiguous_mut(&mut values, &layout, "x").unwrap()[0] = 9.;
+        assert_eq!(values, vec![1., 9., 3.]);
+    }
+}

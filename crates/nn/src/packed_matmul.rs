@@ -131,12 +131,10 @@ impl PackedWeight {
         // The activations straight from their storage (no copy).
         let x = x.contiguous()?;
         let (storage, layout) = x.storage_and_layout();
-        let (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)), Some((start, end))) =
-            (&*storage, layout.contiguous_offsets())
-        else {
-            candle_core::bail!("packed linear: expected contiguous f32 CPU storage")
+        let candle_core::Storage::Cpu(storage) = &*storage else {
+            candle_core::bail!("packed linear: expected a CPU input")
         };
-        let x = &v[start..end];
+        let x = crate::kernel_float::contiguous_storage::<f32>(storage, layout, "packed linear: input")?;
         let y = match self.precision() {
             WeightPrecision::F32 => self.panels.multiply(x, rows, k, 1, bias.as_deref()),
             WeightPrecision::Bf16 => {

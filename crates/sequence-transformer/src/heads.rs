@@ -9,6 +9,7 @@
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use rankstack_nn::kernel_float::contiguous;
 use rankstack_nn::KernelFloat;
 
 /// `x` `[B·S, H·dh]` → `scale · x` as `[B, H, S, dh]` (contiguous), differentiable.
@@ -57,8 +58,7 @@ struct Permute {
 
 impl Permute {
     fn run<T: KernelFloat>(&self, x: &[T], layout: &Layout, scale: T) -> Result<Vec<T>> {
-        let Some((a, b)) = layout.contiguous_offsets() else { candle_core::bail!("heads: input must be contiguous") };
-        let x = &x[a..b];
+        let x = contiguous(x, layout, "heads: input")?;
         let (s, h, dh) = (self.seq, self.heads, self.dh);
         if x.len() != self.batch * s * h * dh {
             candle_core::bail!("heads: {} elements for [{}, {h}, {s}, {dh}]", x.len(), self.batch);

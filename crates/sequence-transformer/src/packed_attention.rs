@@ -5,6 +5,7 @@ use std::sync::Arc;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
+use rankstack_nn::kernel_float::{contiguous, contiguous_storage};
 use rankstack_nn::{batched_matmul, fused_softmax::masked_softmax_last_dim_fused, KernelFloat};
 
 use crate::heads::{merge_heads, split_heads};
@@ -322,10 +323,7 @@ impl PackedAttention {
 /// The contiguous CPU slice of a tensor's storage.
 fn slice_of<'a, T: KernelFloat>(storage: &'a Storage, layout: &Layout) -> Result<&'a [T]> {
     let Storage::Cpu(cpu) = storage else { candle_core::bail!("packed attention: CPU tensors only") };
-    let Some((a, b)) = layout.contiguous_offsets() else {
-        candle_core::bail!("packed attention: contiguous inputs only")
-    };
-    Ok(&T::cpu_storage_as_slice(cpu)?[a..b])
+    contiguous_storage(cpu, layout, "packed attention: input")
 }
 
 impl PackedAttention {
@@ -355,18 +353,21 @@ impl CustomOp3 for PackedAttention {
         v: &CpuStorage,
         vl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let part = |l: &Layout| match l.contiguous_offsets() {
-            Some(r) => Ok(r.0..r.1),
-            None => candle_core::bail!("packed attention: contiguous inputs only"),
-        };
+        const INPUT: &str = "packed attention: input";
         let d = ql.shape().dims()[1];
         let out = match (q, k, v) {
-            (CpuStorage::F32(q), CpuStorage::F32(k), CpuStorage::F32(v)) => {
-                CpuStorage::F32(self.forward(&q[part(ql)?], &k[part(kl)?], &v[part(vl)?], d))
-            }
-            (CpuStorage::F64(q), CpuStorage::F64(k), CpuStorage::F64(v)) => {
-                CpuStorage::F64(self.forward(&q[part(ql)?], &k[part(kl)?], &v[part(vl)?], d))
-            }
+            (CpuStorage::F32(q), CpuStorage::F32(k), CpuStorage::F32(v)) => CpuStorage::F32(self.forward(
+                contiguous(q, ql, INPUT)?,
+                contiguous(k, kl, INPUT)?,
+                contiguous(v, vl, INPUT)?,
+                d,
+            )),
+            (CpuStorage::F64(q), CpuStorage::F64(k), CpuStorage::F64(v)) => CpuStorage::F64(self.forward(
+                contiguous(q, ql, INPUT)?,
+                contiguous(k, kl, INPUT)?,
+                contiguous(v, vl, INPUT)?,
+                d,
+            )),
             _ => candle_core::bail!("packed attention: q, k and v must all be f32 or all f64"),
         };
         Ok((out, ql.shape().clone()))

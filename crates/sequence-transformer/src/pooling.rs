@@ -5,6 +5,7 @@ use std::sync::Arc;
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use rankstack_nn::kernel_float::contiguous;
 use rankstack_nn::KernelFloat;
 
 /// `y[b, j] = max_{t : ¬masked[b, t]} h[b, t, j]` for `h` `[B, n, d]` and `masked` row-major
@@ -34,15 +35,13 @@ pub fn masked_max_pool(h: &Tensor, masked: &[bool]) -> Result<Tensor> {
     mask.where_cond(&neg_inf, h)?.max(1)
 }
 
+// What the kernels' error messages call their inputs.
+const INPUT: &str = "masked max-pool: input";
+const OUTPUT: &str = "masked max-pool: output";
+const GRADIENT: &str = "masked max-pool: gradient";
+
 #[derive(Clone)]
 struct MaskedMax(Arc<Vec<bool>>);
-
-fn contiguous<'a, T>(x: &'a [T], layout: &Layout) -> Result<&'a [T]> {
-    match layout.contiguous_offsets() {
-        Some((a, b)) => Ok(&x[a..b]),
-        None => candle_core::bail!("masked max-pool: inputs must be contiguous"),
-    }
-}
 
 fn pool<T: KernelFloat>(h: &[T], masked: &[bool], (n, d): (usize, usize)) -> Vec<T> {
     let mut y = vec![T::NEG_INFINITY; h.len() / n];
@@ -83,8 +82,8 @@ impl CustomOp1 for MaskedMax {
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let (b, n, d) = layout.shape().dims3()?;
         let y = match storage {
-            CpuStorage::F32(h) => CpuStorage::F32(pool(contiguous(h, layout)?, &self.0, (n, d))),
-            CpuStorage::F64(h) => CpuStorage::F64(pool(contiguous(h, layout)?, &self.0, (n, d))),
+            CpuStorage::F32(h) => CpuStorage::F32(pool(contiguous(h, layout, INPUT)?, &self.0, (n, d))),
+            CpuStorage::F64(h) => CpuStorage::F64(pool(contiguous(h, layout, INPUT)?, &self.0, (n, d))),
             _ => candle_core::bail!("masked max-pool: the fused kernel takes f32 or f64"),
         };
         Ok((y, Shape::from((b, d))))
@@ -114,12 +113,20 @@ impl CustomOp3 for MaskedMaxBackward {
     ) -> Result<(CpuStorage, Shape)> {
         let (_, n, d) = hl.shape().dims3()?;
         let dx = match (h, y, g) {
-            (CpuStorage::F32(h), CpuStorage::F32(y), CpuStorage::F32(g)) => {
-                CpuStorage::F32(unpool(contiguous(h, hl)?, contiguous(y, yl)?, contiguous(g, gl)?, &self.0, (n, d)))
-            }
-            (CpuStorage::F64(h), CpuStorage::F64(y), CpuStorage::F64(g)) => {
-                CpuStorage::F64(unpool(contiguous(h, hl)?, contiguous(y, yl)?, contiguous(g, gl)?, &self.0, (n, d)))
-            }
+            (CpuStorage::F32(h), CpuStorage::F32(y), CpuStorage::F32(g)) => CpuStorage::F32(unpool(
+                contiguous(h, hl, INPUT)?,
+                contiguous(y, yl, OUTPUT)?,
+                contiguous(g, gl, GRADIENT)?,
+                &self.0,
+                (n, d),
+            )),
+            (CpuStorage::F64(h), CpuStorage::F64(y), CpuStorage::F64(g)) => CpuStorage::F64(unpool(
+                contiguous(h, hl, INPUT)?,
+                contiguous(y, yl, OUTPUT)?,
+                contiguous(g, gl, GRADIENT)?,
+                &self.0,
+                (n, d),
+            )),
             _ => candle_core::bail!("masked max-pool backward: inputs must share one float dtype"),
         };
         Ok((dx, hl.shape().clone()))
