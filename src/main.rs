@@ -19,7 +19,11 @@ struct Cli {
 /// `--weights` of `eval` and `score`.
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
 enum Weights {
+    /// The training model's scores, up to f32 summation order.
     F32,
+    /// bf16 weights and activations with f32 accumulation: faster on CPUs with AVX512-BF16;
+    /// probabilities move by 1e-3 to 3e-2 depending on the model (larger logits, larger moves),
+    /// so compare both on a sample before serving (docs/performance.md).
     Bf16,
 }
 
@@ -53,9 +57,7 @@ enum Command {
         /// Rows per batch.
         #[arg(long, default_value_t = 1024)]
         batch_size: usize,
-        /// How linear weights are packed for scoring: f32 (same scores as training up to f32
-        /// summation order) or bf16 (faster on CPUs with AVX512-BF16, probabilities within about
-        /// 0.015; see docs/performance.md).
+        /// How linear weights are packed for scoring.
         #[arg(long, value_enum, default_value_t = Weights::F32)]
         weights: Weights,
     },
@@ -73,9 +75,7 @@ enum Command {
         /// Rows per batch.
         #[arg(long, default_value_t = 1024)]
         batch_size: usize,
-        /// How linear weights are packed for scoring: f32 (same scores as training up to f32
-        /// summation order) or bf16 (faster on CPUs with AVX512-BF16, probabilities within about
-        /// 0.015; see docs/performance.md).
+        /// How linear weights are packed for scoring.
         #[arg(long, value_enum, default_value_t = Weights::F32)]
         weights: Weights,
     },

@@ -148,10 +148,11 @@ pub fn load_for_serving(dir: impl AsRef<Path>, dtype: DType, device: &Device) ->
 ///   rounded to bf16 at each product, f32 accumulation, everything else (embeddings, norms,
 ///   attention products, element-wise work) in f32, like PyTorch's bf16 autocast. Twice the
 ///   multiply-add rate on CPUs with AVX512-BF16; elsewhere slower than f32 (see
-///   [`rankstack_nn::packed_matmul::packed_kernel_available`]). Probabilities move by up to 1.4e-2
-///   from f32 on the randomly initialised `homefeed-bench` model (PyTorch's autocast: 2.0e-2;
-///   measured by `cargo xtask bench-compare`) and stay within 5e-3 on the small model of
-///   `tests/checkpoint.rs`.
+///   [`rankstack_nn::packed_matmul::packed_kernel_available`]). How far probabilities move from
+///   f32 grows with the model's logits: up to 1.4e-2 on the randomly initialised
+///   `homefeed-bench` model (PyTorch's autocast: 2.0e-2; `cargo xtask bench-compare`), within
+///   3e-3 on the presets trained on MovieLens-100k, 3.2e-2 on a model overfit to large logits
+///   (`docs/performance.md`). Score a sample both ways before serving a model in bf16.
 pub fn load_packed_for_serving(dir: impl AsRef<Path>, precision: WeightPrecision) -> Result<Ranker> {
     let mut ranker = load_for_serving(dir, DType::F32, &Device::Cpu)?;
     rankstack_nn::pack_linear_layers(&mut ranker, precision)?;
