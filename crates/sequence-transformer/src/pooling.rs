@@ -97,6 +97,14 @@ impl CustomOp1 for MaskedMax {
 /// `(h, y, ∂L/∂y)` → `∂L/∂h`.
 struct MaskedMaxBackward(Arc<Vec<bool>>);
 
+impl MaskedMaxBackward {
+    /// [`unpool`] on the contiguous values of `[(h, layout), (y, layout), (g, layout)]`.
+    fn unpool<T: KernelFloat>(&self, [h, y, g]: [(&[T], &Layout); 3], (n, d): (usize, usize)) -> Result<Vec<T>> {
+        let (h, y) = (contiguous(h.0, h.1, INPUT)?, contiguous(y.0, y.1, OUTPUT)?);
+        Ok(unpool(h, y, contiguous(g.0, g.1, GRADIENT)?, &self.0, (n, d)))
+    }
+}
+
 impl CustomOp3 for MaskedMaxBackward {
     fn name(&self) -> &'static str {
         "rankstack-masked-max-pool-backward"
@@ -113,20 +121,12 @@ impl CustomOp3 for MaskedMaxBackward {
     ) -> Result<(CpuStorage, Shape)> {
         let (_, n, d) = hl.shape().dims3()?;
         let dx = match (h, y, g) {
-            (CpuStorage::F32(h), CpuStorage::F32(y), CpuStorage::F32(g)) => CpuStorage::F32(unpool(
-                contiguous(h, hl, INPUT)?,
-                contiguous(y, yl, OUTPUT)?,
-                contiguous(g, gl, GRADIENT)?,
-                &self.0,
-                (n, d),
-            )),
-            (CpuStorage::F64(h), CpuStorage::F64(y), CpuStorage::F64(g)) => CpuStorage::F64(unpool(
-                contiguous(h, hl, INPUT)?,
-                contiguous(y, yl, OUTPUT)?,
-                contiguous(g, gl, GRADIENT)?,
-                &self.0,
-                (n, d),
-            )),
+            (CpuStorage::F32(h), CpuStorage::F32(y), CpuStorage::F32(g)) => {
+                CpuStorage::F32(self.unpool([(h, hl), (y, yl), (g, gl)], (n, d))?)
+            }
+            (CpuStorage::F64(h), CpuStorage::F64(y), CpuStorage::F64(g)) => {
+                CpuStorage::F64(self.unpool([(h, hl), (y, yl), (g, gl)], (n, d))?)
+            }
             _ => candle_core::bail!("masked max-pool backward: inputs must share one float dtype"),
         };
         Ok((dx, hl.shape().clone()))
