@@ -70,8 +70,14 @@ pub fn packed_kernel_available(precision: WeightPrecision) -> bool {
 struct Line([u32; 16]);
 
 /// `f32` → `bf16` bits, round to nearest even (NaN stays NaN).
-pub(crate) fn bf16_bits(v: f32) -> u32 {
+fn bf16_bits(v: f32) -> u32 {
     u32::from(half::bf16::from_f32(v).to_bits())
+}
+
+/// One packed bf16 pair: `bf16(lo) | bf16(hi) << 16`, with a zero for a missing `hi` (the end of
+/// an odd-length sweep).
+fn bf16_pair(lo: f32, hi: Option<f32>) -> u32 {
+    bf16_bits(lo) | (hi.map_or(0, bf16_bits) << 16)
 }
 
 /// The `B` operand `[k, n]`, packed (see the module documentation).
@@ -131,8 +137,8 @@ impl Panels {
                 WeightPrecision::Bf16 => {
                     for s in 0..steps {
                         for c in 0..cols {
-                            let hi = if 2 * s + 1 < k { bf16_bits(at(2 * s + 1, j0 + c)) } else { 0 };
-                            words[s * NR + c] = bf16_bits(at(2 * s, j0 + c)) | (hi << 16);
+                            let hi = (2 * s + 1 < k).then(|| at(2 * s + 1, j0 + c));
+                            words[s * NR + c] = bf16_pair(at(2 * s, j0 + c), hi);
                         }
                     }
                 }
@@ -180,7 +186,7 @@ impl Panels {
 
     /// `A·B (+ bias)` `[m, n]`, row-major, where `A[r, s] = a[r · row_stride + s · step_stride]`
     /// for `r < m` and `s < steps` (f32 values for [`WeightPrecision::F32`]; bf16 pairs, as
-    /// [`round_row`] writes them, for bf16). `bias` has `n` entries. Needs the kernel of the
+    /// [`round_rows_to_bf16`] writes them, for bf16). `bias` has `n` entries. Needs the kernel of the
     /// panels' precision ([`packed_kernel_available`]).
     ///
     /// # Panics
@@ -339,7 +345,7 @@ struct Store {
 mod kernel {
     use std::arch::x86_64::*;
 
-    use super::{bf16_bits, Store, WeightPrecision, MR, NR};
+    use super::{bf16_pair, Store, WeightPrecision, MR, NR};
 
     /// Rounds one row of f32 to bf16 pairs (zero-padding an odd length).
     ///
@@ -354,9 +360,7 @@ mod kernel {
             _mm256_storeu_si256(dst.as_mut_ptr().add(8 * i).cast(), h);
         }
         for p in 8 * full..dst.len() {
-            let lo = bf16_bits(src[2 * p]);
-            let hi = src.get(2 * p + 1).map_or(0, |&v| bf16_bits(v));
-            dst[p] = lo | (hi << 16);
+            dst[p] = bf16_pair(src[2 * p], src.get(2 * p + 1).copied());
         }
     }
 
