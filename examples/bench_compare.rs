@@ -20,10 +20,16 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+#[path = "support/timing.rs"]
+mod timing;
+use timing::Timing;
+
 use candle_core::{DType, Device, Tensor};
 use rankstack::nn::packed_matmul::WeightPrecision;
 use rankstack::nn::SeededVarMap;
-use rankstack::ranker_model::{checkpoint, presets, random_batch, random_labels, Ranker, RankerBatch, SequenceItems};
+use rankstack::ranker_model::{
+    checkpoint, presets, random_batch, random_labels, reference_inputs, Ranker, RankerBatch,
+};
 use rankstack::train::{AdamW, AdamWConfig};
 use serde_json::json;
 
@@ -84,7 +90,7 @@ fn prepare(dir: &Path) -> Result<()> {
     }
     for b in batches {
         let batch = inputs(&ranker, b)?;
-        let mut tensors = pytorch_inputs(&ranker, &batch)?;
+        let mut tensors = reference_inputs(ranker.config(), &batch)?;
         if b == TRAIN_BATCH {
             tensors.push(("labels".into(), random_labels(ranker.config(), b, 1)?));
         }
@@ -102,57 +108,9 @@ fn prepare(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// The batch in the reference's key layout (`rankstack_ref.ranker.Ranker` inputs).
-fn pytorch_inputs(ranker: &Ranker, batch: &RankerBatch) -> Result<Vec<(String, Tensor)>> {
-    let schema = &ranker.config().features;
-    let f = &batch.features;
-    let mut out = Vec::new();
-    if let Some(dense) = &f.dense {
-        out.push(("dense".to_string(), dense.clone()));
-    }
-    for (feature, input) in schema.sparse.iter().zip(&f.sparse) {
-        let (mut ids, mut offsets) = (Vec::new(), Vec::new());
-        for b in 0..input.batch_size() {
-            offsets.push(ids.len() as i64);
-            ids.extend_from_slice(input.bag(b));
-        }
-        let (n, b) = (ids.len(), offsets.len());
-        out.push((format!("sparse.{}.ids", feature.name), Tensor::from_vec(ids, n, &Device::Cpu)?));
-        out.push((format!("sparse.{}.offsets", feature.name), Tensor::from_vec(offsets, b, &Device::Cpu)?));
-    }
-    for (feature, x) in schema.embedding.iter().zip(&f.embedding) {
-        out.push((format!("embedding.{}", feature.name), x.clone()));
-    }
-    if let Some(seq) = &batch.sequence {
-        out.push(("seq.action_types".into(), seq.action_types.to_dtype(DType::I64)?));
-        out.push(("seq.timestamps".into(), seq.timestamps.clone()));
-        out.push(("seq.request_time".into(), seq.request_time.clone()));
-        match &seq.items {
-            SequenceItems::Embeddings { sequence, candidate } => {
-                out.push(("seq.item_embeddings".into(), sequence.clone()));
-                out.push(("seq.candidate".into(), candidate.clone()));
-            }
-            SequenceItems::Ids { sequence, candidate } => {
-                out.push(("seq.item_ids".into(), sequence.clone()));
-                out.push(("seq.candidate_id".into(), candidate.clone()));
-            }
-        }
-    }
-    Ok(out)
-}
-
 /// Median seconds of `f` after one warm-up call, over at least 3 calls and about `budget`.
-fn median_seconds(budget: Duration, mut f: impl FnMut() -> Result<()>) -> Result<(f64, usize)> {
-    f()?;
-    let mut times = Vec::new();
-    let started = Instant::now();
-    while times.len() < 3 || (started.elapsed() < budget && times.len() < 200) {
-        let t = Instant::now();
-        f()?;
-        times.push(t.elapsed().as_secs_f64());
-    }
-    times.sort_by(f64::total_cmp);
-    Ok((times[times.len() / 2], times.len()))
+fn median_seconds(budget: Duration, f: impl FnMut() -> Result<()>) -> Result<(f64, usize)> {
+    timing::median_seconds(Timing { warmups: 1, min_runs: 3, max_runs: 200, budget }, f)
 }
 
 /// Minor page faults of this process so far (Linux; 0 elsewhere).

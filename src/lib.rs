@@ -9,7 +9,7 @@
 //! | [`masknet`] | `masknet` | MaskNet blocks, parallel and serial |
 //! | [`feature_encoders`] | `feature-encoders` | dense, sparse and embedding feature encoders |
 //! | [`sequence_transformer`] | `sequence-transformer` | TransAct user-sequence encoder |
-//! | [`ranker_model`] | `ranker-model` | the whole ranker (in progress) |
+//! | [`ranker_model`] | `ranker-model` | the whole ranker: config, presets, checkpoints, cost planner |
 //! | [`data`] | (this crate) | training data: Parquet I/O, the synthetic data set, MovieLens-100k |
 //!
 //! Each layer crate can also be used alone. See `docs/ARCHITECTURE.md` for where things live.
@@ -32,6 +32,7 @@
 
 pub mod commands;
 pub mod data;
+pub mod device;
 pub mod train;
 
 pub use dcnv2;

@@ -6,7 +6,26 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 use rankstack::commands;
+use rankstack::device::DeviceSpec;
 use rankstack::train::{AdamWConfig, TrainOptions};
+
+fn parse_device(s: &str) -> Result<DeviceSpec, String> {
+    s.parse().map_err(|e: rankstack::nn::Error| e.to_string())
+}
+
+/// `--batch-size N|auto`.
+#[derive(Debug, Clone, Copy)]
+enum BatchSize {
+    Rows(usize),
+    Auto,
+}
+
+fn parse_batch_size(s: &str) -> Result<BatchSize, String> {
+    match s {
+        "auto" => Ok(BatchSize::Auto),
+        n => n.parse().map(BatchSize::Rows).map_err(|_| format!("{s:?}: expected a number of rows or `auto`")),
+    }
+}
 
 /// Feed-ranking models (Pinterest Homefeed architecture) in Rust, on candle.
 #[derive(Debug, Parser)]
@@ -60,6 +79,9 @@ enum Command {
         /// How linear weights are packed for scoring.
         #[arg(long, value_enum, default_value_t = Weights::F32)]
         weights: Weights,
+        /// Device: cpu, cuda or cuda:N (CUDA needs a build with `--features cuda`).
+        #[arg(long, default_value = "cpu", value_parser = parse_device)]
+        device: DeviceSpec,
     },
     /// Write per-task probabilities for every row of a Parquet file.
     Score {
@@ -78,6 +100,9 @@ enum Command {
         /// How linear weights are packed for scoring.
         #[arg(long, value_enum, default_value_t = Weights::F32)]
         weights: Weights,
+        /// Device: cpu, cuda or cuda:N (CUDA needs a build with `--features cuda`).
+        #[arg(long, default_value = "cpu", value_parser = parse_device)]
+        device: DeviceSpec,
     },
     /// Print the cost planner's table: parameters, FLOPs and memory per module.
     Inspect {
@@ -156,9 +181,21 @@ struct TrainCmd {
     /// Stop after this many steps in total.
     #[arg(long)]
     max_steps: Option<u64>,
-    /// Examples per step.
-    #[arg(long, default_value_t = 256)]
-    batch_size: usize,
+    /// Examples per step, or `auto`: the largest batch whose planned training memory (the cost
+    /// planner, `rankstack inspect`) fits in --memory-fraction of the device's memory.
+    #[arg(long, default_value = "256", value_parser = parse_batch_size)]
+    batch_size: BatchSize,
+    /// With --batch-size auto: the fraction of the device's memory a training step may plan to use
+    /// (the paper targets 60% of GPU memory).
+    #[arg(long, default_value_t = 0.6)]
+    memory_fraction: f64,
+    /// Device: cpu, cuda or cuda:N (CUDA needs a build with `--features cuda`).
+    #[arg(long, default_value = "cpu", value_parser = parse_device)]
+    device: DeviceSpec,
+    /// Precision of the linear layers' products: f32, or bf16 autocast on a GPU (bf16 products,
+    /// f32 master weights, optimizer, loss and everything else).
+    #[arg(long, value_enum, default_value_t = Weights::F32)]
+    precision: Weights,
     /// Peak learning rate.
     #[arg(long, default_value_t = 2e-3)]
     lr: f64,
@@ -197,7 +234,12 @@ impl TrainCmd {
         let options = TrainOptions {
             epochs: self.epochs,
             max_steps: self.max_steps,
-            batch_size: self.batch_size,
+            batch_size: match self.batch_size {
+                BatchSize::Rows(n) => n,
+                BatchSize::Auto => 0, // chosen by commands::train from the planner
+            },
+            device: self.device,
+            bf16_autocast: matches!(self.precision, Weights::Bf16),
             optimizer: AdamWConfig { lr: self.lr, weight_decay: self.weight_decay, ..AdamWConfig::default() },
             warmup_steps: self.warmup_steps,
             grad_clip_norm: (self.grad_clip > 0.0).then_some(self.grad_clip),
@@ -216,6 +258,7 @@ impl TrainCmd {
             out: self.out,
             resume: self.resume,
             synthetic_rows: self.synthetic_rows,
+            auto_batch: matches!(self.batch_size, BatchSize::Auto).then_some(self.memory_fraction),
             options,
         }
     }
@@ -226,11 +269,11 @@ fn run(cli: Cli) -> rankstack::nn::Result<String> {
         Command::Presets { show: None } => Ok(commands::presets_listing()),
         Command::Presets { show: Some(name) } => Ok(rankstack::ranker_model::presets::preset(&name)?.to_toml_string()),
         Command::Train(t) => commands::train(&t.into_args()),
-        Command::Eval { checkpoint, data, batch_size, weights } => {
-            commands::eval(&checkpoint, &data, batch_size, weights.into())
+        Command::Eval { checkpoint, data, batch_size, weights, device } => {
+            commands::eval(&checkpoint, &data, batch_size, weights.into(), device)
         }
-        Command::Score { checkpoint, data, out, batch_size, weights } => {
-            commands::score(&checkpoint, &data, &out, batch_size, weights.into())
+        Command::Score { checkpoint, data, out, batch_size, weights, device } => {
+            commands::score(&checkpoint, &data, &out, batch_size, weights.into(), device)
         }
         Command::Inspect { preset, config, batch_size, device_memory_gib, fraction } => {
             commands::inspect(&preset, config.as_deref(), batch_size, device_memory_gib, fraction)

@@ -117,3 +117,72 @@ fn data_train_eval_score_end_to_end() {
     assert!(fails(&["--bogus"]).contains("--bogus"));
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn device_and_batch_size_options() {
+    let dir = support::tmpdir("cli-device");
+    let d = |f: &str| dir.join(f).display().to_string();
+    ok(&["data", "synthetic", "--rows", "300", "--out", &d("train.parquet")]);
+    ok(&["data", "synthetic", "--rows", "100", "--stream", "1", "--out", &d("eval.parquet")]);
+    let train = |out: &str, extra: &[&str]| -> Vec<String> {
+        let mut args: Vec<String> = [
+            "train",
+            "--preset",
+            "mlp",
+            "--data",
+            &d("train.parquet"),
+            "--eval",
+            &d("eval.parquet"),
+            "--out",
+            &d(out),
+            "--epochs",
+            "1",
+            "--quiet",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args
+    };
+    let run = |v: Vec<String>| ok(&v.iter().map(String::as_str).collect::<Vec<_>>());
+    let fail = |v: Vec<String>| fails(&v.iter().map(String::as_str).collect::<Vec<_>>());
+
+    // --device cpu is the default and changes nothing; a bad name is a one-line error.
+    assert!(run(train("cpu", &["--batch-size", "128", "--device", "cpu"])).contains("finished after 3 steps"));
+    assert!(fail(train("bad", &["--device", "gpu0"])).contains("expected cpu, cuda or cuda:N"));
+    // CUDA in a CPU-only build says how to get it, for every command that takes --device.
+    if !cfg!(feature = "cuda") {
+        let msg = fail(train("cuda", &["--device", "cuda"]));
+        assert!(msg.contains("built without CUDA") && msg.contains("--features cuda"), "{msg}");
+        for cmd in [
+            vec!["eval", "--checkpoint", &d("cpu"), "--data", &d("eval.parquet"), "--device", "cuda:1"],
+            vec![
+                "score",
+                "--checkpoint",
+                &d("cpu"),
+                "--data",
+                &d("eval.parquet"),
+                "--out",
+                &d("s.csv"),
+                "--device",
+                "cuda",
+            ],
+        ] {
+            assert!(fails(&cmd).contains("built without CUDA"), "{cmd:?}");
+        }
+        assert!(!dir.join("cuda/checkpoints").exists() && !dir.join("s.csv").exists());
+    }
+    // bf16 training is GPU autocast: refused on the CPU with the alternative named.
+    assert!(fail(train("bf16", &["--precision", "bf16"])).contains("--weights bf16"));
+    // --batch-size auto: the planner's largest batch for the machine's memory, stated in the summary;
+    // the run reports planned against measured peak memory in metrics.jsonl.
+    let summary = run(train("auto", &["--batch-size", "auto", "--memory-fraction", "0.01"]));
+    assert!(summary.contains("(auto): planned training memory"), "{summary}");
+    let log = std::fs::read_to_string(dir.join("auto/metrics.jsonl")).unwrap();
+    let memory = log.lines().find(|l| l.contains(r#""kind":"memory""#)).expect("a memory line");
+    assert!(memory.contains("planned_bytes") && memory.contains("measured_peak_bytes"), "{memory}");
+    assert!(fail(train("x", &["--batch-size", "lots"])).contains("`auto`"));
+    assert!(fail(train("y", &["--batch-size", "auto", "--memory-fraction", "1.5"])).contains("memory-fraction"));
+    std::fs::remove_dir_all(&dir).ok();
+}

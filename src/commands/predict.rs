@@ -9,6 +9,7 @@ use rankstack_nn::packed_matmul::WeightPrecision;
 use rankstack_nn::{Error, Result};
 
 use crate::data::ParquetDataset;
+use crate::device::DeviceSpec;
 use crate::train::{evaluate, resolve_checkpoint, BatchSource, TaskMetrics};
 
 /// A plain-text table of per-task metrics.
@@ -24,15 +25,28 @@ pub fn metrics_table(tasks: &[(String, TaskMetrics)]) -> String {
     s
 }
 
-/// The serving model (CPU, f32 activations) with its linear weights packed in `weights`.
-fn load_model(checkpoint_path: &Path, weights: WeightPrecision) -> Result<ranker_model::Ranker> {
+/// The serving model (f32 activations) on `device`: on the CPU with its linear weights packed in
+/// `weights` for the CPU kernel; on a GPU with plain f32 weights, or bf16 weights whose products
+/// run in bf16 (see [`rankstack_nn::Linear::pack`]).
+fn load_model(checkpoint_path: &Path, weights: WeightPrecision, device: DeviceSpec) -> Result<ranker_model::Ranker> {
     let dir = resolve_checkpoint(checkpoint_path)?;
-    checkpoint::load_packed_for_serving(&dir, weights)
+    if device.is_cpu() {
+        return checkpoint::load_packed_for_serving(&dir, weights);
+    }
+    let mut ranker = checkpoint::load_for_serving(&dir, DType::F32, &device.open()?)?;
+    rankstack_nn::pack_linear_layers(&mut ranker, weights)?;
+    Ok(ranker)
 }
 
 /// `rankstack eval`: metrics of a checkpoint on a labelled file.
-pub fn eval(checkpoint_path: &Path, data: &Path, batch_size: usize, weights: WeightPrecision) -> Result<String> {
-    let ranker = load_model(checkpoint_path, weights)?;
+pub fn eval(
+    checkpoint_path: &Path,
+    data: &Path,
+    batch_size: usize,
+    weights: WeightPrecision,
+    device: DeviceSpec,
+) -> Result<String> {
+    let ranker = load_model(checkpoint_path, weights, device)?;
     let data = ParquetDataset::open(data)?;
     check_tasks(&ranker, &data)?;
     let report = evaluate(&ranker, &data, batch_size, 0, 0)?;
@@ -58,13 +72,14 @@ pub fn score(
     out: &Path,
     batch_size: usize,
     weights: WeightPrecision,
+    device: DeviceSpec,
 ) -> Result<String> {
-    let ranker = load_model(checkpoint_path, weights)?;
+    let ranker = load_model(checkpoint_path, weights, device)?;
     let data = ParquetDataset::open_unlabeled(data, None)?;
     let tasks = ranker.task_names().to_vec();
     let mut columns: Vec<Vec<f32>> = vec![Vec::new(); tasks.len()];
     for item in BatchSource::batches(&data, batch_size, None)? {
-        let b = item?;
+        let b = item?.to_device(ranker.device())?;
         let p: Vec<Vec<f32>> = ranker.predict(&b.batch)?.to_dtype(DType::F32)?.to_vec2()?;
         for row in p {
             for (t, v) in row.into_iter().enumerate() {

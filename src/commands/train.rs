@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use rankstack_nn::Result;
 
 use crate::data::{synthetic, ParquetDataset};
+use crate::device::DeviceSpec;
 use crate::train::{TrainOptions, TrainReport, Trainer};
 
 /// Arguments of `rankstack train`.
@@ -24,6 +25,9 @@ pub struct TrainArgs {
     pub resume: bool,
     /// Rows of synthetic training data (without `data`).
     pub synthetic_rows: usize,
+    /// `--batch-size auto`: choose `options.batch_size` as the largest batch whose planned
+    /// training memory fits in this fraction of the device's memory.
+    pub auto_batch: Option<f64>,
     /// Training options.
     pub options: TrainOptions,
 }
@@ -64,15 +68,88 @@ pub fn train(args: &TrainArgs) -> Result<String> {
             ));
         }
     }
-    let mut trainer = if args.resume {
-        Trainer::resume(&args.out, args.options.clone())?
+    let config = if args.resume {
+        let dir = crate::train::latest_checkpoint(&args.out)?.ok_or_else(|| {
+            rankstack_nn::Error::input("train", "out", format!("{} holds no checkpoint to resume", args.out.display()))
+        })?;
+        ranker_model::RankerConfig::from_file(dir.join("config.json"))?
     } else {
         let mut config = super::architecture(&args.preset, args.config.as_deref())?;
         train.schema().apply(&mut config)?;
-        Trainer::new(&config, args.options.clone(), &args.out)?
+        config
     };
+    let mut options = args.options.clone();
+    let mut notes = String::new();
+    if let Some(fraction) = args.auto_batch {
+        let plan = auto_batch_size(&config, options.device, fraction)?;
+        options.batch_size = plan.batch_size;
+        notes = format!("{plan}\n");
+    }
+    let mut trainer =
+        if args.resume { Trainer::resume(&args.out, options)? } else { Trainer::new(&config, options, &args.out)? };
     let report = trainer.fit(&train, eval.as_ref().map(|e| e as &dyn crate::train::BatchSource))?;
-    Ok(summary(&report, &args.out))
+    Ok(notes + &summary(&report, &args.out))
+}
+
+/// The batch `--batch-size auto` chose, and why.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BatchPlan {
+    /// The chosen batch size.
+    pub batch_size: usize,
+    /// The device's memory in bytes.
+    pub device_bytes: u64,
+    /// The fraction of it a step may plan to use.
+    pub fraction: f64,
+    /// The planner's training memory at the chosen batch, in bytes.
+    pub planned_bytes: usize,
+}
+
+impl std::fmt::Display for BatchPlan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let gib = |b: f64| b / (1u64 << 30) as f64;
+        write!(
+            f,
+            "batch size {} (auto): planned training memory {:.2} GiB of {:.0}% of {:.1} GiB",
+            self.batch_size,
+            gib(self.planned_bytes as f64),
+            self.fraction * 100.0,
+            gib(self.device_bytes as f64)
+        )
+    }
+}
+
+/// The largest batch whose planned training memory ([`ranker_model::CostReport::training_bytes`])
+/// fits in `fraction` of `device`'s memory (on the CPU: the machine's memory).
+pub fn auto_batch_size(config: &ranker_model::RankerConfig, device: DeviceSpec, fraction: f64) -> Result<BatchPlan> {
+    if !(fraction > 0.0 && fraction <= 1.0) {
+        return Err(rankstack_nn::Error::config("train", "memory-fraction", "must be in (0, 1]"));
+    }
+    let memory = rankstack_nn::device_memory::device_memory(&device.open()?)?;
+    plan_batch(config, memory.total, fraction)
+}
+
+/// [`auto_batch_size`] for a device of `device_bytes`.
+pub fn plan_batch(config: &ranker_model::RankerConfig, device_bytes: u64, fraction: f64) -> Result<BatchPlan> {
+    // The planner reads shapes only: a CPU model of plain zero tensors costs no initialisation.
+    let ranker = ranker_model::Ranker::new(
+        config,
+        candle_nn::VarBuilder::zeros(candle_core::DType::F32, &candle_core::Device::Cpu),
+    )?;
+    let bytes = usize::try_from(device_bytes).unwrap_or(usize::MAX);
+    let batch_size = ranker.cost(1).max_training_batch(bytes, fraction);
+    if batch_size == 0 {
+        return Err(rankstack_nn::Error::input(
+            "train",
+            "batch-size",
+            format!(
+                "not even one example fits: the model's parameters, gradients and optimizer state alone take {} bytes, \
+                 more than {:.0}% of the device's {device_bytes}",
+                ranker.cost(1).training_bytes(),
+                fraction * 100.0
+            ),
+        ));
+    }
+    Ok(BatchPlan { batch_size, device_bytes, fraction, planned_bytes: ranker.cost(batch_size).training_bytes() })
 }
 
 fn summary(report: &TrainReport, out: &Path) -> String {

@@ -8,6 +8,7 @@
 //! | `parquet.rs` | the column convention and [`ParquetDataset`] (streaming, checked reader) |
 //! | `writer.rs` | [`ParquetWriter`] (writes rows with the schema in the file's metadata) |
 //! | `shuffle.rs` | [`Shuffle`]: the seeded shuffle buffer |
+//! | `prefetch.rs` | [`Prefetch`]: the batch stream decoded on a thread of its own, ahead of the step |
 //! | `synthetic.rs` | [`synthetic`]: the seeded hidden-teacher generator |
 //! | `movielens.rs` | [`movielens`]: MovieLens-100k (recbole atomic files) → Parquet, split by time |
 //!
@@ -36,12 +37,14 @@ use feature_encoders::FeatureSchema;
 mod example;
 pub mod movielens;
 mod parquet;
+mod prefetch;
 mod shuffle;
 pub mod synthetic;
 mod writer;
 
 pub use example::{collate, Example, ExampleItems, ExampleSequence};
 pub use parquet::{columns, ParquetDataset, RowBatches};
+pub use prefetch::Prefetch;
 pub use shuffle::{Shuffle, ShuffleBuffer};
 pub use writer::{ParquetWriter, WriterOptions};
 
@@ -226,41 +229,46 @@ pub struct LabeledBatch {
 }
 
 impl LabeledBatch {
-    /// The same batch with every tensor on `device` (sparse ids stay host-side, as the encoder
-    /// expects).
-    pub fn to_device(&self, device: &Device) -> Result<Self> {
-        let mv = |t: &Tensor| t.to_device(device);
-        let f = &self.batch.features;
-        let features = feature_encoders::FeatureBatch {
-            dense: f.dense.as_ref().map(mv).transpose()?,
-            sparse: f.sparse.clone(),
-            embedding: f.embedding.iter().map(mv).collect::<candle_core::Result<_>>()?,
-            extra: f.extra.iter().map(mv).collect::<candle_core::Result<_>>()?,
-        };
-        let sequence = match &self.batch.sequence {
-            None => None,
-            Some(s) => Some(UserSequence {
-                action_types: mv(&s.action_types)?,
-                timestamps: mv(&s.timestamps)?,
-                request_time: mv(&s.request_time)?,
-                items: match &s.items {
-                    SequenceItems::Embeddings { sequence, candidate } => {
-                        SequenceItems::Embeddings { sequence: mv(sequence)?, candidate: mv(candidate)? }
-                    }
-                    SequenceItems::Ids { sequence, candidate } => {
-                        SequenceItems::Ids { sequence: mv(sequence)?, candidate: mv(candidate)? }
-                    }
-                },
-            }),
-        };
-        Ok(Self {
-            batch: RankerBatch { features, sequence },
-            labels: mv(&self.labels)?,
-            example_weights: self.example_weights.as_ref().map(mv).transpose()?,
-            rows: self.rows,
-            row_index: self.row_index.clone(),
-        })
+    /// The same batch with its model inputs on `device` ([`inputs_to_device`]); the labels and
+    /// example weights stay on the host (the loss validates them there and copies them once;
+    /// evaluation reads them there). A no-op on the CPU.
+    pub fn to_device(self, device: &Device) -> Result<Self> {
+        let batch = inputs_to_device(self.batch, device)?;
+        Ok(Self { batch, ..self })
     }
+}
+
+/// `batch` with its float model inputs on `device`: dense features, pretrained embeddings, extra
+/// columns and the sequence's item and candidate embeddings. What the model reads on the host
+/// stays there — sparse ids and the sequence's action types, timestamps, request times and item
+/// ids (validated, masked and packed on the host; only the index tensors derived from them are
+/// copied) — so one step moves one batch of inputs to the device and nothing back but the loss.
+/// A no-op on the CPU.
+pub fn inputs_to_device(batch: RankerBatch, device: &Device) -> Result<RankerBatch> {
+    if device.is_cpu() {
+        return Ok(batch);
+    }
+    let mv = |t: &Tensor| t.to_device(device);
+    let f = &batch.features;
+    let features = feature_encoders::FeatureBatch {
+        dense: f.dense.as_ref().map(mv).transpose()?,
+        sparse: f.sparse.clone(),
+        embedding: f.embedding.iter().map(mv).collect::<candle_core::Result<_>>()?,
+        extra: f.extra.iter().map(mv).collect::<candle_core::Result<_>>()?,
+    };
+    let sequence = match &batch.sequence {
+        None => None,
+        Some(s) => Some(UserSequence {
+            items: match &s.items {
+                SequenceItems::Embeddings { sequence, candidate } => {
+                    SequenceItems::Embeddings { sequence: mv(sequence)?, candidate: mv(candidate)? }
+                }
+                ids @ SequenceItems::Ids { .. } => ids.clone(),
+            },
+            ..s.clone()
+        }),
+    };
+    Ok(RankerBatch { features, sequence })
 }
 
 #[cfg(test)]

@@ -286,12 +286,19 @@ impl AdamW {
                         *v = new_v;
                     }
                     Some(r) => {
-                        // Write the rows back (index_add onto the rows with their old values removed).
-                        let index = Tensor::from_slice(r, r.len(), var.device())?;
-                        let put = |whole: &Tensor, new: &Tensor| -> Result<Tensor> {
-                            let old = whole.index_select(&index, 0)?;
-                            whole.index_add(&index, &(new - old)?, 0)
-                        };
+                        // Write the rows back as one gather from [whole ; new rows]: every row
+                        // reads itself or its new value (exact, and parallel on a GPU, where
+                        // candle's scatter kernels loop over the rows serially).
+                        let n = var.dim(0)?;
+                        let mut map: Vec<u32> = (0..n as u32).collect();
+                        for (i, &row) in r.iter().enumerate() {
+                            match map.get_mut(row as usize) {
+                                Some(slot) => *slot = (n + i) as u32,
+                                None => candle_core::bail!("AdamW: row {row} of {name} is out of range"),
+                            }
+                        }
+                        let map = Tensor::from_vec(map, n, var.device())?;
+                        let put = |whole: &Tensor, new: &Tensor| Tensor::cat(&[whole, new], 0)?.index_select(&map, 0);
                         var.set(&put(var.as_tensor(), &new_theta)?)?;
                         *m = put(m, &new_m)?;
                         *v = put(v, &new_v)?;
@@ -372,17 +379,29 @@ impl AdamW {
 /// gradients `rows` (a row gradient counts as the dense gradient that is zero outside its rows).
 /// Summed in f64.
 pub fn grad_norm(params: &[(String, Var)], grads: &GradStore, rows: &[RowGradient]) -> Result<f64> {
-    let square_sum = |g: &Tensor| -> Result<f64> { g.to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>() };
-    let mut total = 0.0f64;
+    // The squared sums stay on the gradients' device and are added there, in f64, in parameter
+    // order: one value is read back per call, not one per parameter (each read waits for a GPU).
+    let mut total: Option<Tensor> = None;
+    let mut add = |g: &Tensor| -> Result<()> {
+        let s = g.to_dtype(DType::F64)?.sqr()?.sum_all()?;
+        total = Some(match total.take() {
+            None => s,
+            Some(t) => (t + s)?,
+        });
+        Ok(())
+    };
     for (_, var) in params {
         if let Some(g) = grads.get(var.as_tensor()) {
-            total += square_sum(g)?;
+            add(g)?;
         }
         for r in rows.iter().filter(|r| r.table.id() == var.as_tensor().id()) {
-            total += square_sum(&r.grad)?;
+            add(&r.grad)?;
         }
     }
-    Ok(total.sqrt())
+    Ok(match total {
+        None => 0.0,
+        Some(t) => t.to_scalar::<f64>()?.sqrt(),
+    })
 }
 
 /// Scales all gradients — dense ones in `grads` and the row gradients `rows` — so that their

@@ -16,6 +16,7 @@ use serde::Serialize;
 use super::checkpoints::{latest_checkpoint, publish};
 use super::{clip_grad_norm, grad_norm, task_metrics, AdamW, AdamWConfig, Series, TaskMetrics, WarmupCosine};
 use crate::data::LabeledBatch;
+use crate::device::DeviceSpec;
 
 /// Where training batches come from (implemented by [`crate::data::ParquetDataset`]).
 pub trait BatchSource {
@@ -43,7 +44,9 @@ impl BatchSource for crate::data::ParquetDataset {
         // A shuffle buffer of 64k rows: the whole file for the bundled data sets, bounded memory
         // for large ones.
         let shuffle = shuffle_seed.map(|seed| crate::data::Shuffle { seed, buffer_rows: 65_536 });
-        Ok(Box::new(crate::data::ParquetDataset::batches(self, batch_size, shuffle)?))
+        // Decoded on a thread of its own, two batches ahead of the step that consumes them.
+        let stream = crate::data::ParquetDataset::batches(self, batch_size, shuffle)?;
+        Ok(Box::new(crate::data::Prefetch::new(stream, 2)))
     }
 }
 
@@ -81,6 +84,15 @@ pub struct TrainOptions {
     /// as PyTorch's `nn.Embedding` with `torch.optim.AdamW`. A resumed run must use the same choice
     /// to reproduce an uninterrupted one.
     pub row_sparse_embeddings: bool,
+    /// The device to train on. Not part of a run's saved options: a run may be resumed on another
+    /// device (the same seed gives the same weights on one device; the CPU and a GPU draw different
+    /// dropout masks and sum in different orders).
+    #[serde(skip)]
+    pub device: DeviceSpec,
+    /// bf16 autocast on a GPU: every linear layer's product in bf16 (inputs and weights rounded,
+    /// f32 accumulation in cuBLAS, output widened), with f32 master weights, optimizer, loss and
+    /// everything else ([`rankstack_nn::Linear::set_autocast`]).
+    pub bf16_autocast: bool,
 }
 
 impl Default for TrainOptions {
@@ -99,6 +111,8 @@ impl Default for TrainOptions {
             stop_after: None,
             quiet: false,
             row_sparse_embeddings: true,
+            device: DeviceSpec::Cpu,
+            bf16_autocast: false,
         }
     }
 }
@@ -136,6 +150,7 @@ pub struct TrainReport {
 /// A training run: model, optimizer and position, writing into a run directory.
 pub struct Trainer {
     ranker: Ranker,
+    device: Device,
     store: SeededVarMap,
     optimizer: AdamW,
     options: TrainOptions,
@@ -162,7 +177,17 @@ fn check_options(o: &TrainOptions) -> Result<()> {
     if !(0.0..=1.0).contains(&o.min_lr_ratio) {
         return bad("min_lr_ratio", "must be in [0, 1]");
     }
+    if o.bf16_autocast && o.device.is_cpu() {
+        return bad(
+            "precision",
+            "bf16 training is autocast on a GPU (--device cuda); on the CPU train in f32 and score with --weights bf16",
+        );
+    }
     Ok(())
+}
+
+fn set_precision(ranker: &mut Ranker, options: &TrainOptions) {
+    rankstack_nn::autocast_linear_layers(ranker, options.bf16_autocast.then_some(DType::BF16));
 }
 
 impl Trainer {
@@ -178,14 +203,26 @@ impl Trainer {
                 format!("{} already holds a training run; resume it or choose another directory", run_dir.display()),
             ));
         }
+        let device = options.device.open()?;
         std::fs::create_dir_all(&run_dir).map_err(Error::io_at(&run_dir))?;
         let store = SeededVarMap::new(options.seed);
-        let ranker = Ranker::new(config, store.var_builder(DType::F32, &Device::Cpu))?;
+        let mut ranker = Ranker::new(config, store.var_builder(DType::F32, &device))?;
         ranker.set_row_sparse_gradients(options.row_sparse_embeddings);
+        set_precision(&mut ranker, &options);
         let optimizer = AdamW::new(store.named_vars(), options.optimizer)?;
         // A fresh run starts a fresh log.
         let _ = std::fs::remove_file(run_dir.join("metrics.jsonl"));
-        Ok(Self { ranker, store, optimizer, options, run_dir, step: 0, loss_curve: Vec::new(), auc_curves: Vec::new() })
+        Ok(Self {
+            ranker,
+            device,
+            store,
+            optimizer,
+            options,
+            run_dir,
+            step: 0,
+            loss_curve: Vec::new(),
+            auc_curves: Vec::new(),
+        })
     }
 
     /// Continues the run in `run_dir` from its latest checkpoint: weights, buffers, optimizer
@@ -197,14 +234,25 @@ impl Trainer {
         let Some(dir) = latest_checkpoint(&run_dir)? else {
             return Err(Error::input("train", "out", format!("{} holds no checkpoint to resume", run_dir.display())));
         };
-        let (ranker, store) = checkpoint::load(&dir, DType::F32, &Device::Cpu)?;
+        let device = options.device.open()?;
+        let (mut ranker, store) = checkpoint::load(&dir, DType::F32, &device)?;
         ranker.set_row_sparse_gradients(options.row_sparse_embeddings);
+        set_precision(&mut ranker, &options);
         let mut optimizer = AdamW::new(store.named_vars(), options.optimizer)?;
         let state = read_safetensors(dir.join("trainer_state.safetensors"))?;
         optimizer.load_state(&state.tensors)?;
         let step = optimizer.step_count();
-        let mut trainer =
-            Self { ranker, store, optimizer, options, run_dir, step, loss_curve: Vec::new(), auc_curves: Vec::new() };
+        let mut trainer = Self {
+            ranker,
+            device,
+            store,
+            optimizer,
+            options,
+            run_dir,
+            step,
+            loss_curve: Vec::new(),
+            auc_curves: Vec::new(),
+        };
         trainer.reload_curves();
         Ok(trainer)
     }
@@ -286,8 +334,64 @@ impl Trainer {
     }
 
     /// Trains until the configured epochs or steps are done (or `stop_after`), evaluating on
-    /// `eval` after every epoch.
+    /// `eval` after every epoch. Running out of device memory is reported with the cost planner's
+    /// figures and the batch it would fit.
     pub fn fit(&mut self, train: &dyn BatchSource, eval: Option<&dyn BatchSource>) -> Result<TrainReport> {
+        self.fit_steps(train, eval).map_err(|e| self.explain_out_of_memory(e))
+    }
+
+    /// An out-of-memory error with what the planner expected and what would fit; other errors as
+    /// they are.
+    fn explain_out_of_memory(&self, e: Error) -> Error {
+        if !crate::device::is_out_of_memory(&e) {
+            return e;
+        }
+        let b = self.options.batch_size;
+        let plan = self.ranker.cost(b);
+        let gib = |x: f64| x / (1u64 << 30) as f64;
+        let fits = match rankstack_nn::device_memory::device_memory(&self.device) {
+            Ok(m) => format!(
+                "; the largest batch the planner fits in 60% of this device's {:.1} GiB is {} (or use --batch-size auto)",
+                gib(m.total as f64),
+                plan.max_training_batch(usize::try_from(m.total).unwrap_or(usize::MAX), 0.6)
+            ),
+            Err(_) => String::new(),
+        };
+        Error::input(
+            "train",
+            "batch-size",
+            format!(
+                "the device ran out of memory at batch {b} (the cost planner puts one training step at {:.2} GiB){fits}; device error: {}",
+                gib(plan.training_bytes() as f64),
+                e.to_string().lines().next().unwrap_or("")
+            ),
+        )
+    }
+
+    /// Planned (cost planner) against measured peak memory of a training step, as a
+    /// `metrics.jsonl` line; on a GPU a difference of more than 10% is also printed as a warning.
+    fn memory_report(&self, progress: &indicatif::ProgressBar) -> Result<serde_json::Value> {
+        let planned = self.ranker.cost(self.options.batch_size).training_bytes() as f64;
+        let measured = rankstack_nn::device_memory::peak_tensor_bytes(&self.device)? as f64;
+        let total = rankstack_nn::device_memory::device_memory(&self.device)?.total;
+        let ratio = measured / planned.max(1.0);
+        if !self.device.is_cpu() && !(0.9..=1.1).contains(&ratio) {
+            progress.println(format!(
+                "warning: the cost planner put a training step at {:.2} GiB; the device's peak was {:.2} GiB ({:+.0}%)",
+                planned / (1u64 << 30) as f64,
+                measured / (1u64 << 30) as f64,
+                (ratio - 1.0) * 100.0
+            ));
+        }
+        Ok(serde_json::json!({
+            "kind": "memory", "step": self.step, "device": self.options.device.to_string(),
+            "batch_size": self.options.batch_size, "planned_bytes": planned as u64,
+            "measured_peak_bytes": measured as u64, "device_bytes": total,
+            "measured": if self.device.is_cpu() { "peak resident memory of the process" } else { "peak tensor memory (CUDA memory pool high-water mark)" },
+        }))
+    }
+
+    fn fit_steps(&mut self, train: &dyn BatchSource, eval: Option<&dyn BatchSource>) -> Result<TrainReport> {
         let o = self.options.clone();
         let rows = train.num_rows();
         if rows == 0 {
@@ -324,18 +428,36 @@ impl Trainer {
         let mut last_loss = f64::NAN;
         let mut evaluations = Vec::new();
         let mut last_checkpoint = latest_checkpoint(&self.run_dir)?.unwrap_or_default();
+        // Time the loop spends waiting for its next batch (decoding, collating, the copy to the
+        // device): while it waits, a GPU has nothing to do.
+        let input_wait = std::cell::Cell::new(std::time::Duration::ZERO);
+        let mut window_started = Instant::now();
+        rankstack_nn::device_memory::reset_peak(&self.device)?;
+        let memory_report_step = start_step + 3;
 
         while self.step < total {
             let epoch = self.step / steps_per_epoch;
             let skip = (self.step % steps_per_epoch) as usize;
             let order_seed = child_seed(o.seed, &format!("epoch-{epoch}"));
-            let batches = train.batches(o.batch_size, Some(order_seed))?.skip(skip);
+            let device = self.device.clone();
+            let batches = Timed {
+                inner: train
+                    .batches(o.batch_size, Some(order_seed))?
+                    .skip(skip)
+                    .map(move |item| item?.to_device(&device)),
+                waited: &input_wait,
+            };
             for item in batches {
                 if self.step >= total {
                     break;
                 }
                 let b = item?;
                 self.ranker.reseed(child_seed(o.seed, &format!("step-{}", self.step)));
+                if !self.device.is_cpu() {
+                    // Dropout masks are drawn on a GPU by its generator: seeded per step, a run
+                    // is reproducible (and resumable) on that device.
+                    self.device.set_seed(child_seed(o.seed, &format!("device-step-{}", self.step)))?;
+                }
                 let logits = self.ranker.forward_t(&b.batch, true)?;
                 let loss = self.ranker.loss(&logits, &b.labels, b.example_weights.as_ref())?;
                 let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
@@ -370,9 +492,16 @@ impl Trainer {
                 let rate = train_rate(examples, paused);
                 progress.set_position(self.step);
                 progress.set_message(format!("loss {value:.4}  {rate:.0} ex/s"));
+                if self.step == memory_report_step.min(total) {
+                    let line = self.memory_report(&progress)?;
+                    self.log(&line)?;
+                }
                 if logged {
                     last_loss = window_loss / window_steps as f64;
-                    let line = serde_json::json!({"kind": "train", "step": self.step, "epoch": epoch + 1, "loss": last_loss, "lr": lr, "grad_norm": norm, "examples_per_second": rate});
+                    let wait = input_wait.replace(std::time::Duration::ZERO).as_secs_f64();
+                    let input_wait_fraction = wait / window_started.elapsed().as_secs_f64().max(1e-9);
+                    window_started = Instant::now();
+                    let line = serde_json::json!({"kind": "train", "step": self.step, "epoch": epoch + 1, "loss": last_loss, "lr": lr, "grad_norm": norm, "examples_per_second": rate, "input_wait_fraction": input_wait_fraction});
                     self.record_curves(&line);
                     self.log(&line)?;
                     (window_loss, window_steps) = (0.0, 0);
@@ -434,6 +563,23 @@ impl Trainer {
     }
 }
 
+/// An iterator that adds the time spent in each `next` to `waited`.
+struct Timed<'a, I> {
+    inner: I,
+    waited: &'a std::cell::Cell<std::time::Duration>,
+}
+
+impl<I: Iterator> Iterator for Timed<'_, I> {
+    type Item = I::Item;
+
+    fn next(&mut self) -> Option<I::Item> {
+        let started = Instant::now();
+        let item = self.inner.next();
+        self.waited.set(self.waited.get() + started.elapsed());
+        item
+    }
+}
+
 /// Evaluates `ranker` on every row of `data` (file order): the weighted loss and per-task AUC, log
 /// loss, normalised entropy and calibration of the (calibrated) probabilities.
 pub fn evaluate(
@@ -444,11 +590,12 @@ pub fn evaluate(
     step: u64,
 ) -> Result<EvalReport> {
     let tasks = ranker.task_names().to_vec();
+    let device = ranker.device().clone();
     let mut probs: Vec<Vec<f64>> = vec![Vec::new(); tasks.len()];
     let mut labels: Vec<Vec<f64>> = vec![Vec::new(); tasks.len()];
     let (mut loss_sum, mut rows) = (0.0, 0usize);
     for item in data.batches(batch_size, None)? {
-        let b = item?;
+        let b = item?.to_device(&device)?;
         let logits = ranker.forward(&b.batch)?;
         loss_sum +=
             ranker.loss(&logits, &b.labels, b.example_weights.as_ref())?.to_dtype(DType::F64)?.to_scalar::<f64>()?

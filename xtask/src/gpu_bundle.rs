@@ -1,9 +1,17 @@
-//! `cargo xtask gpu-bundle [DIR]`: the PyTorch reference tests of every layer crate, built with
-//! the `cuda` feature on a machine without a GPU or a CUDA installation, packed into `DIR`
-//! (default `.gpu/`, git-ignored) with a runner: copy the workspace to a GPU machine and run
-//! `bash .gpu/run.sh`. The tests then build every layer on the GPU (`RANKSTACK_TEST_DEVICE=cuda`,
-//! see `rankstack_nn::testing::test_device`) and check forward values and all gradients against
-//! the committed fixtures, in f64 and f32.
+//! `cargo xtask gpu-bundle [DIR]` (and `cargo xtask gpu-bench [DIR]`, the same bundle): everything
+//! the GPU checks need, built with the `cuda` feature on a machine without a GPU or a CUDA
+//! installation and packed into `DIR` (default `.gpu/`, git-ignored): copy the workspace to a GPU
+//! machine and run
+//!
+//! - `bash .gpu/run.sh`: the PyTorch reference tests of every layer crate on the GPU
+//!   (`RANKSTACK_TEST_DEVICE=cuda`, see `rankstack_nn::testing::test_device`: forward values and
+//!   all gradients against the committed fixtures, f64 and f32), the whole model's training step
+//!   and evaluation on the GPU against the CPU (`tests/device.rs`), and the CLI (`rankstack train`,
+//!   `eval`, `score` with `--device cuda` against `--device cpu`);
+//! - `bash .gpu/bench.sh OUT`: `homefeed-bench` scoring and training on the GPU, rankstack
+//!   (`examples/gpu_bench.rs`) against PyTorch eager and `torch.compile`
+//!   (`reference/rankstack_ref/gpu_bench.py`) on the same GPU, one JSON line per measurement in
+//!   `OUT/gpu-bench.jsonl`.
 //!
 //! How, without CUDA here:
 //! 1. CUDA 13.0's compiler, headers and runtime from PyPI in a venv (`target/cuda-toolkit`), pinned
@@ -11,9 +19,10 @@
 //! 2. candle's cudarc links the driver, cuBLAS(Lt), cuRAND and NVRTC. Their link stubs are built
 //!    here: each library's symbols that cudarc uses, as empty functions, under the real soname; at
 //!    run time the GPU machine's libraries (PyTorch's, found by `run.sh`) are loaded instead.
-//! 3. `cargo test --features cuda --no-run --test reference` in `target/cuda`, for
-//!    `CUDA_COMPUTE_CAP` (default 90: H100/H200).
-//! 4. The test binaries, stripped and xz-compressed (about 6 MB each), plus `run.sh`.
+//! 3. `cargo test --features cuda --no-run --test reference --test device`, the `rankstack`
+//!    binary and the `gpu_bench` example in `target/cuda`, for `CUDA_COMPUTE_CAP` (default 90:
+//!    H100/H200).
+//! 4. The binaries, stripped and xz-compressed (about 6 MB each), plus `run.sh` and `bench.sh`.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -47,8 +56,8 @@ fn owner(symbol: &str) -> Option<&'static str> {
     })
 }
 
-const RUNNER: &str = r#"#!/bin/bash
-# Runs the PyTorch reference tests of every layer crate on the GPU (written by `cargo xtask gpu-bundle`).
+/// Sets up the environment of every script in the bundle.
+const PRELUDE: &str = r#"#!/bin/bash
 cd "$(dirname "$0")"
 nvidia-smi -L
 # CUDA's libraries: PyTorch's wheels where they are, else the system's.
@@ -57,13 +66,73 @@ export LD_LIBRARY_PATH=$L:/usr/local/nvidia/lib64:/usr/local/cuda/lib64:$LD_LIBR
 # The binaries read the fixtures from the workspace path they were built in.
 WORKSPACE=@WORKSPACE@
 if [ "$(cd .. && pwd)" != "$WORKSPACE" ]; then mkdir -p "$(dirname "$WORKSPACE")" && ln -sfn "$(cd .. && pwd)" "$WORKSPACE"; fi
-export RANKSTACK_TEST_DEVICE=cuda RUST_BACKTRACE=1
+for f in *.xz; do b=${f%.xz}; [ -x "$b" ] || { xz -dkf "$f" || python3 -c "import lzma; open('$b', 'wb').write(lzma.open('$f').read())"; chmod +x "$b"; }; done
+export RUST_BACKTRACE=1
+"#;
+
+/// The GPU checks (written by `cargo xtask gpu-bundle`).
+const RUNNER: &str = r#"
 status=0
-for f in *.xz; do
-  b=${f%.xz}; xz -dkf "$f" || python3 -c "import lzma; open('$b', 'wb').write(lzma.open('$f').read())"; chmod +x "$b"
-  echo "=== $b"; timeout 600 ./"$b" --test-threads=1 || status=1
+export RANKSTACK_TEST_DEVICE=cuda
+for b in test-*; do
+  [[ $b == *.xz ]] && continue
+  # The device tests print what they compared.
+  show=(); [[ $b == *device* ]] && show=(--nocapture)
+  echo "=== $b"; timeout 600 ./"$b" --test-threads=1 "${show[@]}" || status=1
 done
+# The CLI on the GPU against the CPU: a short training run, then eval and score on both devices.
+echo "=== CLI"
+W=$(mktemp -d)
+cli() { echo "+ rankstack $*"; timeout 300 ./rankstack "$@" || { echo "FAILED: rankstack $*"; status=1; }; }
+cli data synthetic --rows 3000 --out $W/train.parquet
+cli data synthetic --rows 1000 --stream 1 --out $W/eval.parquet
+cli train --preset pinterest-homefeed --data $W/train.parquet --eval $W/eval.parquet --out $W/gpu --epochs 1 --batch-size 256 --device cuda --quiet
+cli train --preset pinterest-homefeed --data $W/train.parquet --eval $W/eval.parquet --out $W/gpu-bf16 --epochs 1 --batch-size 256 --device cuda --precision bf16 --quiet
+cli train --preset pinterest-homefeed --data $W/train.parquet --eval $W/eval.parquet --out $W/auto --max-steps 3 --batch-size auto --device cuda --quiet
+grep '"kind":"memory"' $W/gpu/metrics.jsonl $W/auto/metrics.jsonl
+grep -h '"kind":"train"' $W/gpu/metrics.jsonl | tail -1
+for d in cpu cuda; do cli eval --checkpoint $W/gpu --data $W/eval.parquet --device $d > $W/eval-$d.txt; cat $W/eval-$d.txt; done
+cli eval --checkpoint $W/gpu --data $W/eval.parquet --device cuda --weights bf16
+for d in cpu cuda; do cli score --checkpoint $W/gpu --data $W/eval.parquet --out $W/score-$d.csv --device $d; done
+python3 - "$W" <<'PY' || status=1
+import csv, sys
+w = sys.argv[1]
+rows = {d: list(csv.reader(open(f"{w}/score-{d}.csv"))) for d in ("cpu", "cuda")}
+assert rows["cpu"][0] == rows["cuda"][0] and len(rows["cpu"]) == len(rows["cuda"]) > 1
+worst = max(abs(float(a) - float(b)) for ra, rb in zip(rows["cpu"][1:], rows["cuda"][1:]) for a, b in zip(ra[1:], rb[1:]))
+print(f"score: CPU vs CUDA max |dp| = {worst:.3g} over {len(rows['cpu']) - 1} rows")
+assert worst < 1e-4, worst
+PY
 exit $status
+"#;
+
+/// The GPU benchmark (written by `cargo xtask gpu-bundle`): `bash bench.sh OUT [PATTERN]` (only
+/// the measurements whose command line matches the extended regular expression PATTERN, e.g.
+/// `gpu_bench` for rankstack's side alone after a change).
+const BENCH: &str = r#"
+OUT=${1:-/tmp/gpu-bench}; mkdir -p "$OUT"; J="$OUT/gpu-bench.jsonl"; : > "$J"
+ONLY=${2:-.}
+D=$(mktemp -d)
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+./gpu_bench prepare "$D" | tee -a "$J" || exit 1
+export PYTHONPATH=$(cd ../reference && pwd)
+run() {
+  grep -Eq -- "$ONLY" <<< "${*:2}" || return 0
+  echo "+ ${*:2}" >&2; timeout "$1" "${@:2}" | tee -a "$J"
+}
+run 120 python3 -m rankstack_ref.gpu_bench check "$D"
+run 120 ./gpu_bench infer "$D" f32
+run 180 python3 -m rankstack_ref.gpu_bench infer "$D" eager-f32
+run 120 ./gpu_bench train "$D" f32
+run 180 python3 -m rankstack_ref.gpu_bench train "$D" eager-f32
+run 120 ./gpu_bench infer "$D" bf16
+run 180 python3 -m rankstack_ref.gpu_bench infer "$D" eager-bf16
+run 120 ./gpu_bench train "$D" bf16
+run 180 python3 -m rankstack_ref.gpu_bench train "$D" eager-bf16
+run 120 ./gpu_bench infer "$D" tf32
+run 180 python3 -m rankstack_ref.gpu_bench infer "$D" eager-tf32
+run 300 python3 -m rankstack_ref.gpu_bench infer "$D" compile-f32
+echo "results: $J"
 "#;
 
 /// `cargo xtask gpu-bundle [DIR]`.
@@ -92,8 +161,8 @@ pub fn gpu_bundle(args: &[String]) -> Result<()> {
     run("build the cuda feature (compiles candle's kernels; minutes)", &mut lib)?;
     link_stubs(&target, &stubs, &cuda)?;
 
-    let mut tests = cargo();
-    tests.args([
+    let mut build = cargo();
+    build.args([
         "test",
         "--workspace",
         "--features",
@@ -101,38 +170,82 @@ pub fn gpu_bundle(args: &[String]) -> Result<()> {
         "--no-run",
         "--test",
         "reference",
+        "--test",
+        "device",
         "--message-format=json",
     ]);
-    env(&mut tests);
-    eprintln!("==> build the reference tests with the cuda feature");
-    let output = tests.current_dir(root()).output().map_err(|e| format!("cargo test --no-run: {e}"))?;
-    if !output.status.success() {
-        // With JSON messages the compiler's errors are on stdout, rendered inside the JSON.
-        let rendered: String = String::from_utf8_lossy(&output.stdout)
-            .lines()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .filter_map(|m| m["message"]["rendered"].as_str().map(str::to_string))
-            .collect();
-        return Err(format!("cargo test --no-run failed:\n{rendered}{}", String::from_utf8_lossy(&output.stderr)));
-    }
+    env(&mut build);
+    let mut executables = built("the reference and device tests with the cuda feature", &mut build)?;
+    let mut build = cargo();
+    build.args([
+        "build",
+        "--features",
+        "cuda",
+        "--bin",
+        "rankstack",
+        "--example",
+        "gpu_bench",
+        "--message-format=json",
+    ]);
+    env(&mut build);
+    executables.extend(built("the rankstack binary and the gpu_bench example with the cuda feature", &mut build)?);
+    // The integration tests' build lists the binary too.
+    executables.sort();
+    executables.dedup_by(|a, b| a.0 == b.0);
+
     let _ = std::fs::remove_dir_all(&out);
     std::fs::create_dir_all(&out).map_err(|e| format!("{}: {e}", out.display()))?;
-    let mut bundled = 0;
-    for line in String::from_utf8_lossy(&output.stdout).lines() {
-        let Ok(message) = serde_json::from_str::<serde_json::Value>(line) else { continue };
-        let (Some(exe), Some(id)) = (message["executable"].as_str(), message["package_id"].as_str()) else { continue };
-        // `path+file:///…/crates/masknet#0.1.0` → `masknet`
-        let package = id.split('#').next().and_then(|p| p.rsplit('/').next()).unwrap_or("tests");
-        let dest = out.join(package);
+    for (name, exe) in &executables {
+        let dest = out.join(name);
         std::fs::copy(exe, &dest).map_err(|e| format!("copy {exe}: {e}"))?;
-        run(&format!("strip {package}"), Command::new("strip").arg(&dest))?;
-        run(&format!("compress {package}"), Command::new("xz").args(["-6", "-f"]).arg(&dest))?;
-        bundled += 1;
+        run(&format!("strip {name}"), Command::new("strip").arg(&dest))?;
+        run(&format!("compress {name}"), Command::new("xz").args(["-6", "-f"]).arg(&dest))?;
     }
-    let runner = RUNNER.replace("@WORKSPACE@", &root().display().to_string());
-    std::fs::write(out.join("run.sh"), runner).map_err(|e| format!("run.sh: {e}"))?;
-    eprintln!("==> {bundled} test binaries in {}; on a GPU machine: bash {}/run.sh", out.display(), out.display());
+    let prelude = PRELUDE.replace("@WORKSPACE@", &root().display().to_string());
+    for (file, body) in [("run.sh", RUNNER), ("bench.sh", BENCH)] {
+        std::fs::write(out.join(file), format!("{prelude}{body}")).map_err(|e| format!("{file}: {e}"))?;
+    }
+    eprintln!(
+        "==> {} binaries in {d}; on a GPU machine: bash {d}/run.sh (checks), bash {d}/bench.sh OUT (benchmark)",
+        executables.len(),
+        d = out.display()
+    );
     Ok(())
+}
+
+/// Runs a cargo build with `--message-format=json` and returns its executables as (bundle name,
+/// path): `test-<package>-<target>` for test binaries, the target's name otherwise.
+fn built(what: &str, cmd: &mut Command) -> Result<Vec<(String, String)>> {
+    eprintln!("==> build {what}");
+    let output = cmd.current_dir(root()).output().map_err(|e| format!("cargo: {e}"))?;
+    let messages: Vec<serde_json::Value> =
+        String::from_utf8_lossy(&output.stdout).lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+    if !output.status.success() {
+        // With JSON messages the compiler's errors are on stdout, rendered inside the JSON.
+        let rendered: String = messages.iter().filter_map(|m| m["message"]["rendered"].as_str()).collect();
+        return Err(format!("{what} failed:\n{rendered}{}", String::from_utf8_lossy(&output.stderr)));
+    }
+    Ok(messages
+        .iter()
+        .filter_map(|m| {
+            let exe = m["executable"].as_str()?;
+            let target = m["target"]["name"].as_str()?;
+            let name = if m["profile"]["test"].as_bool() == Some(true) {
+                // `path+file:///…/crates/masknet#0.1.0` → `masknet`;
+                // `path+file:///…/main#rankstack@0.1.0` → `rankstack`
+                let id = m["package_id"].as_str().unwrap_or("");
+                let (path, version) = id.split_once('#').unwrap_or((id, ""));
+                let package = match version.split_once('@') {
+                    Some((name, _)) => name,
+                    None => path.rsplit('/').next().unwrap_or("tests"),
+                };
+                format!("test-{package}-{target}")
+            } else {
+                target.to_string()
+            };
+            Some((name, exe.to_string()))
+        })
+        .collect())
 }
 
 /// The CUDA 13.0 toolkit from PyPI (created on first use); returns its root (`…/nvidia/cu13`).
@@ -154,7 +267,11 @@ fn link_stubs(target: &Path, stubs: &Path, cuda: &Path) -> Result<()> {
     let rlibs: Vec<PathBuf> = std::fs::read_dir(&deps)
         .map_err(|e| format!("{}: {e}", deps.display()))?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("libcudarc-")))
+        // cudarc, and rankstack-nn, which calls a few driver functions through it (device memory).
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| ["libcudarc-", "librankstack_nn-"].iter().any(|s| n.to_string_lossy().starts_with(s)))
+        })
         .filter(|p| p.extension().is_some_and(|x| x == "rlib"))
         .collect();
     if rlibs.is_empty() {

@@ -8,8 +8,9 @@
 //! - `venv`: only creates (or updates) the reference venv, for scripts that run the PyTorch reference.
 //! - `bench-compare [--rounds N] [--threads T]`: the `homefeed-bench` model in rankstack and in
 //!   PyTorch, outputs checked to agree, then timed side by side (see `docs/performance.md`).
-//! - `gpu-bundle [DIR]`: the reference tests built with the `cuda` feature (no GPU or CUDA needed
-//!   here), packed with a runner into `DIR` (default `.gpu/`) for a GPU machine.
+//! - `gpu-bundle [DIR]` (alias `gpu-bench`): the reference tests, the device tests, the CLI and the
+//!   GPU benchmark built with the `cuda` feature (no GPU or CUDA needed here), packed with `run.sh`
+//!   (checks) and `bench.sh` (benchmark against PyTorch) into `DIR` (default `.gpu/`).
 //! - `manifest`: rewrites `fixtures/MANIFEST.json` from the current files (after a deliberate change).
 
 mod bench_compare;
@@ -29,10 +30,10 @@ fn main() -> ExitCode {
         Some("fixtures") => fixtures::regenerate(),
         Some("venv") => fixtures::ensure_venv(),
         Some("bench-compare") => bench_compare::bench_compare(&args[1..]),
-        Some("gpu-bundle") => gpu_bundle::gpu_bundle(&args[1..]),
+        Some("gpu-bundle" | "gpu-bench") => gpu_bundle::gpu_bundle(&args[1..]),
         Some("manifest") => manifest::write(&root()),
         _ => {
-            eprintln!("usage: cargo xtask <verify|fixtures|venv|bench-compare|gpu-bundle|manifest>");
+            eprintln!("usage: cargo xtask <verify|fixtures|venv|bench-compare|gpu-bundle|gpu-bench|manifest>");
             return ExitCode::from(2);
         }
     };

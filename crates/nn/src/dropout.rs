@@ -10,9 +10,13 @@ use crate::rng::Rng;
 /// Inverted dropout: in training each element is zeroed with probability `p` and the survivors are
 /// scaled by `1 / (1 − p)`; in evaluation it is the identity.
 ///
-/// The mask comes from this layer's own [`Rng`] (candle's CPU RNG cannot be seeded), so a training
-/// run is reproducible; [`Dropout::rng_state`] / [`Dropout::set_rng_state`] let a trainer checkpoint
-/// it. On the CPU (f32/f64) the product is one fused op whose backward pass reuses the mask.
+/// On the CPU the mask comes from this layer's own [`Rng`] (candle's CPU RNG cannot be seeded), so
+/// a training run is reproducible; [`Dropout::rng_state`] / [`Dropout::set_rng_state`] let a
+/// trainer checkpoint it. On the CPU (f32/f64) the product is one fused op whose backward pass
+/// reuses the mask. On a GPU the mask is drawn there ([`device_mask`]), by the device's generator:
+/// drawing tens of millions of values a step on the host and copying them over would cost more
+/// than the step. Seed the device (`Device::set_seed`, as the trainer does every step) for a
+/// reproducible run; its masks differ from the CPU's.
 #[derive(Debug)]
 pub struct Dropout {
     p: f64,
@@ -57,13 +61,23 @@ impl Dropout {
     }
 }
 
+/// The dropout multipliers for `like` (its shape, dtype and device) drawn on its device: `0` with
+/// probability `p`, `1 / (1 − p)` otherwise, from the device's random generator.
+pub fn device_mask(p: f64, like: &Tensor) -> Result<Tensor> {
+    let keep = Tensor::rand(0f32, 1f32, like.shape(), like.device())?.ge(p)?;
+    keep.to_dtype(like.dtype())?.affine(1.0 / (1.0 - p), 0.0)
+}
+
 impl ModuleT for Dropout {
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         if !train || self.p == 0.0 {
             return Ok(x.clone());
         }
+        if !x.device().is_cpu() {
+            return x.mul(&device_mask(self.p, x)?);
+        }
         let mask = self.multipliers(x.elem_count());
-        if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) {
+        if matches!(x.dtype(), DType::F32 | DType::F64) {
             // One fused pass, and a backward pass that only scales the gradient by the same mask
             // (a plain `x * mask` node would also compute and accumulate a gradient for the mask).
             return x.contiguous()?.apply_op1(ScaleByMask(Arc::new(mask)));

@@ -21,7 +21,10 @@
 //!   f32 or bf16, for an AVX-512 kernel ([`pack_linear_layers`], [`LinearLayers`]); in training
 //!   the same kernel runs the forward and backward products (`fused_linear`, on the matrix-product
 //!   engine in `gemm`).
+//! - [`distinct_rows`]: gathering and scattering distinct rows with gathers both ways (candle's CUDA
+//!   `index_add` runs serially over the rows).
 //! - [`row_sparse`]: row-sparse gradients for embedding tables ([`RowGather`], [`RowGradient`]).
+//! - [`device_memory`]: a device's capacity and the peak memory its tensors used (CUDA and CPU).
 //! - [`memory`]: the allocator setting that keeps freed tensor memory for reuse (no page faults).
 //! - [`KernelFloat`]: the `f32`/`f64` element types the fused CPU kernels are written over.
 //! - [`testing`]: fixture loading and closeness checks for the PyTorch reference tests.
@@ -34,6 +37,8 @@ pub mod activation;
 pub mod batch_norm;
 pub mod batched_matmul;
 pub mod checkpoint;
+pub mod device_memory;
+pub mod distinct_rows;
 pub mod dropout;
 pub mod error;
 pub mod fused_layer_norm;
@@ -64,7 +69,7 @@ pub use fused_softmax::softmax_last_dim_fused;
 pub use init::SeededVarMap;
 pub use kernel_float::KernelFloat;
 pub use layer_norm::{LayerNorm, LayerNormConfig};
-pub use linear::{linear_xavier, pack_linear_layers, Linear, LinearLayers};
+pub use linear::{autocast_linear_layers, linear_xavier, pack_linear_layers, Linear, LinearLayers};
 pub use mlp::{Mlp, MlpConfig, Normalization};
 pub use reseed::Reseed;
 pub use row_sparse::{RowGather, RowGradient};

@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use candle_core::{Module, Result, Tensor};
+use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 
 use crate::packed_matmul::{packed_kernel_available, PackedWeight, WeightPrecision};
@@ -34,6 +34,9 @@ use crate::packed_matmul::{packed_kernel_available, PackedWeight, WeightPrecisio
 #[derive(Debug, Clone)]
 pub struct Linear {
     inner: Inner,
+    /// Autocast: the dtype the product runs in when it differs from the input's (see
+    /// [`Linear::set_autocast`]).
+    autocast: Option<DType>,
 }
 
 #[derive(Debug, Clone)]
@@ -49,7 +52,15 @@ enum Inner {
 impl Linear {
     /// A layer from `weight` `[out, in]` and an optional `bias` `[out]`.
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Self { inner: Inner::Tensor(candle_nn::Linear::new(weight, bias)) }
+        Self { inner: Inner::Tensor(candle_nn::Linear::new(weight, bias)), autocast: None }
+    }
+
+    /// Autocast, as PyTorch's `torch.autocast`: with `Some(dtype)` the product `x Wᵀ` runs in
+    /// `dtype` (input and weight rounded to it, the result widened back to the input's dtype)
+    /// and the bias is added in the input's dtype; gradients flow through the casts to the
+    /// full-precision weight (the master copy). For bf16 training on a GPU; `None` turns it off.
+    pub fn set_autocast(&mut self, dtype: Option<DType>) {
+        self.autocast = dtype;
     }
 
     /// The weight tensor, or `None` once packed.
@@ -98,9 +109,20 @@ impl Linear {
     /// bf16 packs wherever asked (without AVX512-BF16 the product then takes the slower widening
     /// path, see [`packed_kernel_available`]). The layer's output carries no gradient afterwards.
     /// Packing a packed layer again is a no-op.
+    ///
+    /// On a GPU there is no packed kernel: [`WeightPrecision::Bf16`] converts the weight to a bf16
+    /// tensor once (a frozen serving weight), and the product then runs in bf16 with f32 inputs
+    /// rounded to bf16 and the output widened back (cuBLAS accumulates in f32), the bias added in
+    /// f32; [`WeightPrecision::F32`] leaves the layer as it is.
     pub fn pack(&mut self, precision: WeightPrecision) -> Result<bool> {
         let Inner::Tensor(layer) = &self.inner else { return Ok(false) };
         let w = layer.weight();
+        if !w.device().is_cpu() && w.dtype() == DType::F32 && precision == WeightPrecision::Bf16 {
+            let weight = w.detach().to_dtype(DType::BF16)?;
+            let bias = layer.bias().map(Tensor::detach);
+            self.inner = Inner::Tensor(candle_nn::Linear::new(weight, bias));
+            return Ok(true);
+        }
         if !w.device().is_cpu() || w.dtype() != candle_core::DType::F32 {
             return Ok(false);
         }
@@ -120,6 +142,20 @@ impl Linear {
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match &self.inner {
+            Inner::Tensor(layer)
+                if self.autocast.is_some_and(|d| d != x.dtype())
+                    || (layer.weight().dtype() == DType::BF16 && x.dtype() != DType::BF16) =>
+            {
+                // Autocast, or a weight stored in a lower precision than the input (a GPU serving
+                // model in bf16): the product in the lower dtype, everything around it in x's.
+                let dtype = self.autocast.unwrap_or(layer.weight().dtype());
+                let product = candle_nn::Linear::new(layer.weight().to_dtype(dtype)?, None);
+                let y = product.forward(&x.to_dtype(dtype)?.contiguous()?)?.to_dtype(x.dtype())?;
+                match layer.bias() {
+                    Some(b) => y.broadcast_add(&b.to_dtype(x.dtype())?),
+                    None => Ok(y),
+                }
+            }
             Inner::Tensor(layer) if crate::fused_linear::applies(x, layer.weight()) => {
                 crate::fused_linear::linear(x, layer.weight(), layer.bias())
             }
@@ -167,6 +203,16 @@ pub fn pack_linear_layers(module: &mut impl LinearLayers, precision: WeightPreci
     Ok(packed)
 }
 
+/// Sets [`Linear::set_autocast`] on every linear layer of `module`; returns how many.
+pub fn autocast_linear_layers(module: &mut impl LinearLayers, dtype: Option<DType>) -> usize {
+    let layers = module.linear_layers_mut();
+    let n = layers.len();
+    for layer in layers {
+        layer.set_autocast(dtype);
+    }
+    n
+}
+
 /// A `y = x Wᵀ + b` layer with PyTorch-layout parameters `weight` `[out, in]` and `bias` `[out]`,
 /// Xavier-normal weight and zero bias.
 pub fn linear_xavier(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> Result<Linear> {
@@ -178,7 +224,31 @@ pub fn linear_xavier(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{DType, Var};
+    use candle_core::Var;
+
+    /// Autocast to bf16: the product of the bf16-rounded operands (exact here: small integers),
+    /// the bias added in f32, the output in f32, and gradients reaching the f32 weight and bias.
+    #[test]
+    fn autocast_multiplies_in_bf16_and_trains_the_f32_weight() {
+        let dev = candle_core::Device::Cpu;
+        let w = Var::new(&[[1f32, 2., 3.], [-1., 0.5, 4.]], &dev).unwrap();
+        let b = Var::new(&[0.25f32, -0.125], &dev).unwrap();
+        let mut layer = Linear::new(w.as_tensor().clone(), Some(b.as_tensor().clone()));
+        layer.set_autocast(Some(DType::BF16));
+        let x = Tensor::new(&[[1f32, 1., 1.], [2., 0., -1.], [0.5, 0.25, 2.]], &dev).unwrap();
+        let y = layer.forward(&x).unwrap();
+        assert_eq!(y.dtype(), DType::F32);
+        assert_eq!(y.to_vec2::<f32>().unwrap(), vec![vec![6.25, 3.375], vec![-0.75, -6.125], vec![7.25, 7.5]]);
+        // A value bf16 cannot hold is rounded before the product: 1 + 2⁻¹⁰ → 1.
+        let fine = Tensor::new(&[[1.0f32 + 1.0 / 1024.0, 0., 0.]], &dev).unwrap();
+        assert_eq!(layer.forward(&fine).unwrap().to_vec2::<f32>().unwrap(), vec![vec![1.25, -1.125]]);
+        let grads = y.sum_all().unwrap().backward().unwrap();
+        // ∂Σy/∂W = column sums of x for every output row; ∂Σy/∂b = number of rows.
+        assert_eq!(grads.get(w.as_tensor()).unwrap().to_vec2::<f32>().unwrap(), vec![vec![3.5, 1.25, 2.0]; 2]);
+        assert_eq!(grads.get(b.as_tensor()).unwrap().to_vec1::<f32>().unwrap(), vec![3.0, 3.0]);
+        layer.set_autocast(None);
+        assert_eq!(layer.forward(&fine).unwrap().to_vec2::<f32>().unwrap()[0][0], 0.25 + 1.0 + 1.0 / 1024.0);
+    }
 
     /// Off the fused path (here: f64) the layer is candle's, bit for bit; on it (f32 with the
     /// AVX-512 kernel), the same values and gradients up to f32 summation order.

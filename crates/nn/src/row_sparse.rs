@@ -101,7 +101,8 @@ impl RowGather {
                 for (part_rows, g) in &parts {
                     let at: Vec<u32> =
                         part_rows.iter().map(|r| rows.binary_search(r).expect("row is in the union") as u32).collect();
-                    grad = grad.index_add(&Tensor::from_vec(at, part_rows.len(), table.device())?, g, 0)?;
+                    // A part's rows are distinct: its scatter is a gather (see distinct_rows).
+                    grad = (grad + crate::distinct_rows::scatter_rows(g, &at, rows.len())?)?;
                 }
                 Ok(Some(RowGradient { table: table.clone(), rows, grad }))
             }

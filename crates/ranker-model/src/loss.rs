@@ -38,7 +38,8 @@ pub fn multitask_loss(
         .into());
     }
     let dtype = logits.dtype();
-    let labels = labels.to_dtype(dtype)?;
+    // Labels and weights may come on the host (validated there above): one copy to the logits' device.
+    let labels = labels.to_device(logits.device())?.to_dtype(dtype)?;
     let present = labels.eq(&labels)?; // NaN != NaN
     let mask = present.to_dtype(dtype)?;
     let clean = present.where_cond(&labels, &labels.zeros_like()?)?;
@@ -55,7 +56,7 @@ pub fn multitask_loss(
             )
             .into());
         }
-        let w = w.to_dtype(dtype)?.unsqueeze(1)?;
+        let w = w.to_device(logits.device())?.to_dtype(dtype)?.unsqueeze(1)?;
         per = per.broadcast_mul(&w)?;
         counts = counts.broadcast_mul(&w)?;
     }

@@ -64,6 +64,7 @@ pub struct Ranker {
     mlp: Mlp,
     heads: TaskHeads,
     item_table: Option<ItemTable>,
+    device: candle_core::Device,
 }
 
 impl Ranker {
@@ -102,12 +103,19 @@ impl Ranker {
         let mlp_input = if config.input_skip { width + encoded } else { width };
         let mlp = Mlp::new(mlp_input, &config.mlp, vb.pp("mlp")).map_err(|e| prefix_field(e, "mlp"))?;
         let heads = TaskHeads::new(mlp.output_dim(), &config.tasks, vb.pp("heads"))?;
-        Ok(Self { config: config.clone(), encoder, sequence, stages, mlp, heads, item_table })
+        let device = vb.device().clone();
+        Ok(Self { config: config.clone(), encoder, sequence, stages, mlp, heads, item_table, device })
     }
 
     /// The config the model was built from.
     pub fn config(&self) -> &RankerConfig {
         &self.config
+    }
+
+    /// The device the parameters live on (inputs may be on the host: integer ids and labels are
+    /// read there and only what the model derives from them is copied to this device).
+    pub fn device(&self) -> &candle_core::Device {
+        &self.device
     }
 
     /// Task names, in the order of the logit columns.

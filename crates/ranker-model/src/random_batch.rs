@@ -78,3 +78,46 @@ pub fn random_labels(config: &RankerConfig, batch_size: usize, seed: u64) -> Res
     let values: Vec<f32> = (0..n).map(|_| if rng.uniform() < 0.5 { 1.0 } else { 0.0 }).collect();
     Tensor::from_vec(values, (batch_size, config.tasks.len()), &Device::Cpu)?.to_dtype(DType::F32)
 }
+
+/// `batch` as named tensors in the layout of the PyTorch reference model
+/// (`reference/rankstack_ref/ranker.py`): `dense`, `sparse.<name>.ids` / `.offsets` (`EmbeddingBag`
+/// layout), `embedding.<name>`, `seq.action_types`, `seq.timestamps`, `seq.request_time` and
+/// `seq.item_embeddings` + `seq.candidate` or `seq.item_ids` + `seq.candidate_id`. The benchmarks
+/// write it so that PyTorch scores exactly the inputs rankstack scores.
+pub fn reference_inputs(config: &RankerConfig, batch: &RankerBatch) -> Result<Vec<(String, Tensor)>> {
+    let schema = &config.features;
+    let f = &batch.features;
+    let mut out = Vec::new();
+    if let Some(dense) = &f.dense {
+        out.push(("dense".to_string(), dense.clone()));
+    }
+    for (feature, input) in schema.sparse.iter().zip(&f.sparse) {
+        let (mut ids, mut offsets) = (Vec::new(), Vec::new());
+        for b in 0..input.batch_size() {
+            offsets.push(ids.len() as i64);
+            ids.extend_from_slice(input.bag(b));
+        }
+        let (n, b) = (ids.len(), offsets.len());
+        out.push((format!("sparse.{}.ids", feature.name), Tensor::from_vec(ids, n, &Device::Cpu)?));
+        out.push((format!("sparse.{}.offsets", feature.name), Tensor::from_vec(offsets, b, &Device::Cpu)?));
+    }
+    for (feature, x) in schema.embedding.iter().zip(&f.embedding) {
+        out.push((format!("embedding.{}", feature.name), x.clone()));
+    }
+    if let Some(seq) = &batch.sequence {
+        out.push(("seq.action_types".into(), seq.action_types.to_dtype(DType::I64)?));
+        out.push(("seq.timestamps".into(), seq.timestamps.clone()));
+        out.push(("seq.request_time".into(), seq.request_time.clone()));
+        match &seq.items {
+            SequenceItems::Embeddings { sequence, candidate } => {
+                out.push(("seq.item_embeddings".into(), sequence.clone()));
+                out.push(("seq.candidate".into(), candidate.clone()));
+            }
+            SequenceItems::Ids { sequence, candidate } => {
+                out.push(("seq.item_ids".into(), sequence.clone()));
+                out.push(("seq.candidate_id".into(), candidate.clone()));
+            }
+        }
+    }
+    Ok(out)
+}

@@ -8,7 +8,7 @@ use candle_nn::{Init, VarBuilder};
 use rankstack_nn::{init::xavier_uniform, linear_xavier, Dropout, Error, Linear};
 
 use crate::packed::forward_dense;
-use crate::{packed_attention, PackedSequences};
+use crate::{packed_attention, packed_attention_with_device_dropout, PackedSequences};
 
 const LAYER: &str = "MultiHeadAttention";
 
@@ -81,9 +81,16 @@ impl MultiHeadAttention {
     pub fn forward_packed(&self, x: &Tensor, sequences: &Arc<PackedSequences>, train: bool) -> Result<Tensor> {
         rankstack_nn::shape::expect_dims(LAYER, "packed input", x, &[Some(sequences.num_rows()), Some(self.dim)])?;
         let (q, k, v) = (self.q_proj.forward(x)?, self.k_proj.forward(x)?, self.v_proj.forward(x)?);
-        let dropout = (train && self.dropout.p() > 0.0)
-            .then(|| Arc::new(self.dropout.multipliers(sequences.attention_weight_count(self.num_heads))));
-        self.out_proj.forward(&packed_attention(&q, &k, &v, sequences, self.num_heads, dropout)?)
+        let p = if train { self.dropout.p() } else { 0.0 };
+        let out = if p > 0.0 && !q.device().is_cpu() {
+            // On a GPU the mask is drawn there (see `Dropout`'s device masks).
+            packed_attention_with_device_dropout(&q, &k, &v, sequences, self.num_heads, p)?
+        } else {
+            let dropout =
+                (p > 0.0).then(|| Arc::new(self.dropout.multipliers(sequences.attention_weight_count(self.num_heads))));
+            packed_attention(&q, &k, &v, sequences, self.num_heads, dropout)?
+        };
+        self.out_proj.forward(&out)
     }
 
     /// The attention-weight dropout's generator state (for checkpointing).

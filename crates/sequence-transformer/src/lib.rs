@@ -30,5 +30,5 @@ pub use config::{Fusion, PositionalEncoding, SequenceTransformerConfig};
 pub use encoder::{EncoderLayerConfig, TransformerEncoder, TransformerEncoderLayer};
 pub use mask::{key_mask, TimeWindowSampler};
 pub use packed::PackedSequences;
-pub use packed_attention::packed_attention;
+pub use packed_attention::{packed_attention, packed_attention_with_device_dropout};
 pub use transformer::{SequenceBatch, SequenceTransformer};

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
+use rankstack_nn::distinct_rows::{gather_rows, scatter_rows};
 use rankstack_nn::kernel_float::{contiguous, contiguous_storage};
 use rankstack_nn::{batched_matmul, fused_softmax::masked_softmax_last_dim_fused, KernelFloat};
 
@@ -43,6 +44,47 @@ pub fn packed_attention(
     num_heads: usize,
     dropout: Option<Arc<Vec<f32>>>,
 ) -> Result<Tensor> {
+    packed_attention_checks(q, k, v, sequences, num_heads)?;
+    let op = PackedAttention { sequences: sequences.clone(), num_heads, dropout, device_dropout: 0.0 };
+    if let Some(mask) = &op.dropout {
+        let expected = sequences.attention_weight_count(num_heads);
+        if mask.len() != expected {
+            candle_core::bail!("packed attention: {} dropout multipliers, expected {expected}", mask.len());
+        }
+    }
+    if q.device().is_cpu() && matches!(q.dtype(), DType::F32 | DType::F64) {
+        return q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op);
+    }
+    op.composed(q, k, v)
+}
+
+/// [`packed_attention`] with dropout of probability `p` on the attention weights, its mask drawn
+/// on the inputs' device by the device's random generator ([`rankstack_nn::dropout::device_mask`])
+/// instead of from host multipliers: for GPUs, where drawing `B·H·ΣL²` values on the host and
+/// copying them over would cost more than the attention itself. Always the composed path.
+pub fn packed_attention_with_device_dropout(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    sequences: &Arc<PackedSequences>,
+    num_heads: usize,
+    p: f64,
+) -> Result<Tensor> {
+    if !(0.0..1.0).contains(&p) {
+        candle_core::bail!("packed attention: dropout {p} is outside [0, 1)");
+    }
+    // The checks of the host path, on a copy of the op without dropout.
+    packed_attention_checks(q, k, v, sequences, num_heads)?;
+    PackedAttention { sequences: sequences.clone(), num_heads, dropout: None, device_dropout: p }.composed(q, k, v)
+}
+
+fn packed_attention_checks(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    sequences: &PackedSequences,
+    num_heads: usize,
+) -> Result<()> {
     let (rows, d) = q.dims2()?;
     if k.dims() != [rows, d] || v.dims() != [rows, d] {
         candle_core::bail!(
@@ -58,17 +100,7 @@ pub fn packed_attention(
             sequences.num_rows()
         );
     }
-    let op = PackedAttention { sequences: sequences.clone(), num_heads, dropout };
-    if let Some(mask) = &op.dropout {
-        let expected = sequences.attention_weight_count(num_heads);
-        if mask.len() != expected {
-            candle_core::bail!("packed attention: {} dropout multipliers, expected {expected}", mask.len());
-        }
-    }
-    if q.device().is_cpu() && matches!(q.dtype(), DType::F32 | DType::F64) {
-        return q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op);
-    }
-    op.composed(q, k, v)
+    Ok(())
 }
 
 /// The op of [`packed_attention`].
@@ -77,6 +109,8 @@ struct PackedAttention {
     sequences: Arc<PackedSequences>,
     num_heads: usize,
     dropout: Option<Arc<Vec<f32>>>,
+    /// Dropout drawn on the device (composed path only); 0: none.
+    device_dropout: f64,
 }
 
 /// One (sequence, head) pair: sequence `seq` at rows `start..start + len`, columns of head `head`, and the offset
@@ -286,12 +320,12 @@ impl PackedAttention {
             }
         }
         let dev = q.device();
-        let index = Tensor::from_vec(index, seqs.num_rows(), dev)?;
         let uniform = seqs.uniform_length().is_some();
+        // Distinct rows both ways: gathers, not candle's serial CUDA index_add (see distinct_rows).
         let dense = |x: &Tensor| -> Result<Tensor> {
             match uniform {
                 true => x.reshape((b, l, d)),
-                false => Tensor::zeros((b * l, d), x.dtype(), dev)?.index_add(&index, x, 0)?.reshape((b, l, d)),
+                false => scatter_rows(x, &index, b * l)?.reshape((b, l, d)),
             }
         };
         let (qd, kd, vd) = (dense(q)?, dense(k)?, dense(v)?);
@@ -311,11 +345,14 @@ impl PackedAttention {
             }
             weights = weights.mul(&Tensor::from_vec(dense, (b, h, l, l), dev)?.to_dtype(weights.dtype())?)?;
         }
+        if self.device_dropout > 0.0 {
+            weights = weights.mul(&rankstack_nn::dropout::device_mask(self.device_dropout, &weights)?)?;
+        }
         let out = merge_heads(&batched_matmul(&weights, &v)?)?;
         if uniform {
             Ok(out)
         } else {
-            out.index_select(&index, 0)
+            gather_rows(&out, &index)
         }
     }
 }
@@ -460,7 +497,12 @@ mod tests {
         let (seqs, h, d) = (layout(), 2, 6);
         for dropout in [None, Some(multipliers(&layout(), 2))] {
             let x = [1, 2, 3].map(|s| Var::from_tensor(&seeded_randn(s, &[9, d], DType::F64)).unwrap());
-            let op = PackedAttention { sequences: seqs.clone(), num_heads: h, dropout: dropout.clone() };
+            let op = PackedAttention {
+                sequences: seqs.clone(),
+                num_heads: h,
+                dropout: dropout.clone(),
+                device_dropout: 0.0,
+            };
             let fused =
                 packed_attention(x[0].as_tensor(), x[1].as_tensor(), x[2].as_tensor(), &seqs, h, dropout.clone())
                     .unwrap();

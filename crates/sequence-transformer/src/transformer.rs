@@ -5,6 +5,7 @@ use std::sync::Arc;
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 
+use rankstack_nn::distinct_rows::{gather_rows, scatter_rows};
 use rankstack_nn::{linear_xavier, Error, Linear};
 
 use crate::pooling::masked_max_pool;
@@ -250,10 +251,10 @@ impl SequenceTransformer {
     fn encode(&self, x: &Tensor, masked: &[bool], train: bool) -> Result<Tensor> {
         let (b, n, d) = x.dims3()?;
         let (sequences, rows) = PackedSequences::compact(masked, b, n, self.config.num_output_positions)?;
-        let rows = Tensor::from_vec(rows, sequences.num_rows(), x.device())?;
-        let packed = x.reshape((b * n, d))?.index_select(&rows, 0)?;
+        // Distinct rows both ways: gathers, not candle's serial CUDA index_add (see distinct_rows).
+        let packed = gather_rows(&x.reshape((b * n, d))?, &rows)?;
         let packed = self.encoder.forward_packed(&packed, &Arc::new(sequences), train)?;
-        Tensor::zeros((b * n, d), x.dtype(), x.device())?.index_add(&rows, &packed, 0)?.reshape((b, n, d))
+        scatter_rows(&packed, &rows, b * n)?.reshape((b, n, d))
     }
 
     /// Forward pass with explicit training windows (`None`: no window masking, as in evaluation);

@@ -1,0 +1,144 @@
+//! How much memory a device has, and the peak that this process's tensors used on it.
+//!
+//! The memory discipline of the paper ("optimized for 60% GPU memory utilization") needs two
+//! figures: the device's capacity, to pick a batch that fits ([`DeviceMemory::total`]), and the
+//! measured peak, to check the cost planner against reality ([`peak_tensor_bytes`]).
+//!
+//! - **CUDA**: capacity and free bytes from the driver (`cuMemGetInfo`). candle allocates every
+//!   tensor with `cuMemAllocAsync` from the device's default memory pool, whose
+//!   `CU_MEMPOOL_ATTR_USED_MEM_HIGH` attribute is the high-water mark of the bytes handed out to
+//!   tensors: that is the peak reported here. It excludes the CUDA context and cuBLAS's workspace,
+//!   which the planner does not model either.
+//! - **CPU**: capacity and free bytes are `MemTotal` and `MemAvailable` of `/proc/meminfo`; the
+//!   peak is the process's peak resident memory (`VmHWM` of `/proc/self/status`), which also counts
+//!   the program itself.
+
+use candle_core::Device;
+
+use crate::{Error, Result};
+
+/// A device's memory, in bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeviceMemory {
+    /// Capacity.
+    pub total: u64,
+    /// Not in use by anyone now (other processes included).
+    pub free: u64,
+}
+
+/// The capacity and free memory of `device`.
+pub fn device_memory(device: &Device) -> Result<DeviceMemory> {
+    match device {
+        Device::Cpu => {
+            let text = std::fs::read_to_string("/proc/meminfo")
+                .map_err(Error::io_at(std::path::Path::new("/proc/meminfo")))?;
+            let total = meminfo_bytes(&text, "MemTotal:");
+            let free = meminfo_bytes(&text, "MemAvailable:");
+            match (total, free) {
+                (Some(total), Some(free)) => Ok(DeviceMemory { total, free }),
+                _ => Err(Error::input("device", "memory", "/proc/meminfo has no MemTotal/MemAvailable")),
+            }
+        }
+        #[cfg(feature = "cuda")]
+        Device::Cuda(d) => {
+            let (free, total) = d.cuda_stream().context().mem_get_info().map_err(cuda_error)?;
+            Ok(DeviceMemory { total: total as u64, free: free as u64 })
+        }
+        #[allow(unreachable_patterns)]
+        other => Err(Error::input("device", "memory", format!("memory figures are not available for {other:?}"))),
+    }
+}
+
+/// The peak bytes this process's tensors have used on `device` since the start or the last
+/// [`reset_peak`] (on the CPU: the peak resident memory of the whole process, which cannot be reset).
+pub fn peak_tensor_bytes(device: &Device) -> Result<u64> {
+    match device {
+        Device::Cpu => {
+            let text = std::fs::read_to_string("/proc/self/status")
+                .map_err(Error::io_at(std::path::Path::new("/proc/self/status")))?;
+            meminfo_bytes(&text, "VmHWM:")
+                .ok_or_else(|| Error::input("device", "memory", "/proc/self/status has no VmHWM"))
+        }
+        #[cfg(feature = "cuda")]
+        Device::Cuda(d) => cuda::pool_attribute(d, cuda::USED_MEM_HIGH, None),
+        #[allow(unreachable_patterns)]
+        other => Err(Error::input("device", "memory", format!("memory figures are not available for {other:?}"))),
+    }
+}
+
+/// Starts a new peak measurement for [`peak_tensor_bytes`] (a no-op on the CPU).
+pub fn reset_peak(device: &Device) -> Result<()> {
+    match device {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(d) => cuda::pool_attribute(d, cuda::USED_MEM_HIGH, Some(0)).map(|_| ()),
+        _ => Ok(()),
+    }
+}
+
+/// `name` of a `/proc` status file (`"MemTotal:   1024 kB"`), in bytes.
+fn meminfo_bytes(text: &str, name: &str) -> Option<u64> {
+    let line = text.lines().find(|l| l.starts_with(name))?;
+    let kib: u64 = line[name.len()..].split_whitespace().next()?.parse().ok()?;
+    kib.checked_mul(1024)
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_error(e: impl std::fmt::Display) -> Error {
+    Error::input("device", "memory", format!("CUDA: {e}"))
+}
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    use cudarc::driver::result::{device, mem_pool};
+    use cudarc::driver::sys;
+
+    use super::cuda_error;
+    use crate::Result;
+
+    pub const USED_MEM_HIGH: sys::CUmemPool_attribute = sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH;
+
+    /// Reads (or, with `set`, writes and then reads) a `u64` attribute of the device's default
+    /// memory pool, the one candle's `cuMemAllocAsync` draws from.
+    pub fn pool_attribute(
+        d: &candle_core::CudaDevice,
+        attr: sys::CUmemPool_attribute,
+        set: Option<u64>,
+    ) -> Result<u64> {
+        let context = d.cuda_stream().context().clone();
+        context.bind_to_thread().map_err(cuda_error)?;
+        // SAFETY: `cu_device` is the live device of a context this function holds, and the pool
+        // is that device's default pool, which lives as long as the context; the high-water-mark
+        // attributes are `cuuint64_t`, which `value` is, and the driver reads or writes only it.
+        unsafe {
+            let pool = device::get_default_mem_pool(context.cu_device()).map_err(cuda_error)?;
+            let mut value: u64 = set.unwrap_or(0);
+            if set.is_some() {
+                mem_pool::set_attribute(pool, attr, (&mut value as *mut u64).cast()).map_err(cuda_error)?;
+            }
+            mem_pool::get_attribute(pool, attr, (&mut value as *mut u64).cast()).map_err(cuda_error)?;
+            Ok(value)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cpu_reports_its_memory_and_a_peak() {
+        let m = device_memory(&Device::Cpu).unwrap();
+        assert!(m.total > 0 && m.free <= m.total, "{m:?}");
+        assert!(peak_tensor_bytes(&Device::Cpu).unwrap() > 0);
+        reset_peak(&Device::Cpu).unwrap();
+    }
+
+    #[test]
+    fn proc_lines_are_read_in_bytes() {
+        let text = "MemTotal:       24576000 kB\nMemAvailable:   1000 kB\n";
+        assert_eq!(meminfo_bytes(text, "MemTotal:"), Some(24_576_000 * 1024));
+        assert_eq!(meminfo_bytes(text, "MemAvailable:"), Some(1_024_000));
+        assert_eq!(meminfo_bytes(text, "VmHWM:"), None);
+        assert_eq!(meminfo_bytes("VmHWM: x kB", "VmHWM:"), None);
+    }
+}

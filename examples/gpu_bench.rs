@@ -1,0 +1,182 @@
+//! The rankstack side of `cargo xtask gpu-bench` (see `docs/performance.md`): the
+//! `homefeed-bench` model on a CUDA GPU, timed the same way as
+//! `reference/rankstack_ref/gpu_bench.py` times PyTorch on the same GPU. Built with
+//! `--features cuda` by the xtask; run on the GPU machine by the bundle's `bench.sh`.
+//!
+//! ```text
+//! gpu_bench prepare DIR        writes DIR/checkpoint, the inputs DIR/inputs-B.safetensors of every
+//!                              batch size (PyTorch key layout, labels included) and
+//!                              DIR/expected.safetensors (rankstack's f32 probabilities at batch 512,
+//!                              computed on the GPU)
+//! gpu_bench infer DIR f32|tf32|bf16   scoring: median ms per batch at each batch size, peak tensor
+//!                              memory, and the largest probability difference from f32 → JSON
+//! gpu_bench train DIR f32|bf16 one training step (forward, backward, row-sparse AdamW) at each
+//!                              training batch size, planned and measured peak memory → JSON
+//! ```
+//!
+//! Times are medians of at least 5 calls after 2 warm-up calls, each call ending with the result
+//! read back to the host (which waits for the GPU); the inputs are on the GPU before timing starts.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+#[path = "support/timing.rs"]
+mod timing;
+use timing::Timing;
+
+use candle_core::{DType, Device};
+use rankstack::data::inputs_to_device;
+use rankstack::nn::device_memory::{peak_tensor_bytes, reset_peak};
+use rankstack::nn::packed_matmul::WeightPrecision;
+use rankstack::nn::SeededVarMap;
+use rankstack::ranker_model::{checkpoint, presets, random_batch, random_labels, reference_inputs, Ranker};
+use rankstack::train::{AdamW, AdamWConfig};
+use serde_json::json;
+
+/// Scoring batch sizes.
+const INFER_BATCHES: [usize; 4] = [512, 2048, 8192, 32768];
+/// Training batch sizes.
+const TRAIN_BATCHES: [usize; 2] = [2048, 8192];
+/// Seed of the model's initialisation (the same as `bench_compare`'s).
+const MODEL_SEED: u64 = 2024;
+
+type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let arg = |i: usize| args.get(i).map(String::as_str);
+    let result = match (arg(0), arg(1), arg(2)) {
+        (Some("prepare"), Some(dir), _) => prepare(Path::new(dir)),
+        (Some("infer"), Some(dir), Some(dtype)) => infer(Path::new(dir), dtype),
+        (Some("train"), Some(dir), Some(dtype)) => train(Path::new(dir), dtype),
+        _ => Err("usage: gpu_bench <prepare DIR | infer DIR f32|tf32|bf16 | train DIR f32|bf16>".into()),
+    };
+    if let Err(e) = result {
+        eprintln!("gpu_bench: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn gpu() -> Result<Device> {
+    Ok(rankstack::device::DeviceSpec::Cuda(0).open()?)
+}
+
+fn checkpoint_dir(dir: &Path) -> PathBuf {
+    dir.join("checkpoint")
+}
+
+fn inputs_file(dir: &Path, b: usize) -> PathBuf {
+    dir.join(format!("inputs-{b}.safetensors"))
+}
+
+fn prepare(dir: &Path) -> Result<()> {
+    let config = presets::preset("homefeed-bench")?;
+    let store = SeededVarMap::new(MODEL_SEED);
+    let ranker = Ranker::new(&config, store.var_builder(DType::F32, &Device::Cpu))?;
+    checkpoint::save(checkpoint_dir(dir), &ranker, &store)?;
+    let mut batches: Vec<usize> = INFER_BATCHES.iter().chain(&TRAIN_BATCHES).copied().collect();
+    batches.sort_unstable();
+    batches.dedup();
+    for b in batches {
+        let batch = random_batch(ranker.config(), b, b as u64)?;
+        let mut tensors = reference_inputs(ranker.config(), &batch)?;
+        tensors.push(("labels".into(), random_labels(ranker.config(), b, 1)?));
+        checkpoint::write_safetensors(&inputs_file(dir, b), &tensors, None)?;
+    }
+    // Expected probabilities from the GPU model itself (the PyTorch side checks against them).
+    let device = gpu()?;
+    let serving = checkpoint::load_for_serving(checkpoint_dir(dir), DType::F32, &device)?;
+    let b = INFER_BATCHES[0];
+    let batch = inputs_to_device(random_batch(serving.config(), b, b as u64)?, &device)?;
+    let p = serving.predict(&batch)?.to_device(&Device::Cpu)?;
+    checkpoint::write_safetensors(&dir.join("expected.safetensors"), &[(format!("probabilities.{b}"), p)], None)?;
+    let cost = ranker.cost(1).total();
+    println!("{}", json!({"parameters": cost.params, "flops_per_candidate": cost.flops_per_candidate}));
+    Ok(())
+}
+
+/// Median seconds of `f` after two warm-up calls, over at least 5 calls and about `budget`.
+fn median_seconds(budget: Duration, f: impl FnMut() -> Result<()>) -> Result<(f64, usize)> {
+    timing::median_seconds(Timing { warmups: 2, min_runs: 5, max_runs: 100, budget }, f)
+}
+
+fn set_tf32(on: bool) {
+    #[cfg(feature = "cuda")]
+    candle_core::cuda::set_gemm_reduced_precision_f32(on);
+    #[cfg(not(feature = "cuda"))]
+    let _ = on;
+}
+
+fn infer(dir: &Path, dtype: &str) -> Result<()> {
+    let device = gpu()?;
+    let mut ranker = checkpoint::load_for_serving(checkpoint_dir(dir), DType::F32, &device)?;
+    set_tf32(dtype == "tf32");
+    match dtype {
+        "f32" | "tf32" => {}
+        "bf16" => {
+            rankstack::nn::pack_linear_layers(&mut ranker, WeightPrecision::Bf16)?;
+        }
+        other => return Err(format!("unknown dtype {other}").into()),
+    }
+    let expected = rankstack::nn::checkpoint::read_safetensors(dir.join("expected.safetensors"))?.tensors;
+    let mut rows = Vec::new();
+    let mut max_diff = 0f32;
+    for b in INFER_BATCHES {
+        let batch = inputs_to_device(random_batch(ranker.config(), b, b as u64)?, &device)?;
+        if let Some(want) = expected.get(&format!("probabilities.{b}")) {
+            let p = ranker.predict(&batch)?.to_device(&Device::Cpu)?;
+            max_diff = max_diff.max((p - want)?.abs()?.max_all()?.to_scalar::<f32>()?);
+        }
+        reset_peak(&device)?;
+        let outcome = median_seconds(Duration::from_secs(2), || {
+            // Reading the probabilities back waits for the GPU.
+            ranker.predict(&batch)?.to_device(&Device::Cpu)?;
+            Ok(())
+        });
+        match outcome {
+            Ok((median, runs)) => rows.push(json!({"batch": b, "median_ms": median * 1e3, "runs": runs,
+                "candidates_per_second": b as f64 / median, "peak_tensor_bytes": peak_tensor_bytes(&device)?})),
+            Err(e) => rows.push(json!({"batch": b, "error": e.to_string()})),
+        }
+    }
+    println!(
+        "{}",
+        json!({"framework": "rankstack", "mode": "infer", "dtype": dtype, "rows": rows,
+               "max_abs_probability_difference_from_f32": max_diff})
+    );
+    Ok(())
+}
+
+fn train(dir: &Path, dtype: &str) -> Result<()> {
+    let device = gpu()?;
+    let mut rows = Vec::new();
+    for b in TRAIN_BATCHES {
+        let (mut ranker, store) = checkpoint::load(checkpoint_dir(dir), DType::F32, &device)?;
+        ranker.set_row_sparse_gradients(true);
+        rankstack::nn::autocast_linear_layers(&mut ranker, (dtype == "bf16").then_some(DType::BF16));
+        let batch = inputs_to_device(random_batch(ranker.config(), b, b as u64)?, &device)?;
+        let labels = random_labels(ranker.config(), b, 1)?.to_device(&device)?;
+        let mut optimizer = AdamW::new(store.named_vars(), AdamWConfig { lr: 1e-4, ..AdamWConfig::default() })?;
+        reset_peak(&device)?;
+        let mut last_loss = f64::NAN;
+        let outcome = median_seconds(Duration::from_secs(5), || {
+            let logits = ranker.forward_t(&batch, true)?;
+            let loss = ranker.loss(&logits, &labels, None)?;
+            let grads = loss.backward()?;
+            let row_grads = ranker.take_row_gradients(&grads)?;
+            optimizer.step(&grads, &row_grads, 1e-4)?;
+            // The loss read back, as the trainer does every step (waits for the GPU).
+            last_loss = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            Ok(())
+        });
+        let planned = ranker.cost(b).training_bytes();
+        match outcome {
+            Ok((median, runs)) => rows.push(json!({"batch": b, "median_ms": median * 1e3, "runs": runs,
+                "examples_per_second": b as f64 / median, "loss": last_loss,
+                "peak_tensor_bytes": peak_tensor_bytes(&device)?, "planned_bytes": planned})),
+            Err(e) => rows.push(json!({"batch": b, "error": e.to_string(), "planned_bytes": planned})),
+        }
+    }
+    println!("{}", json!({"framework": "rankstack", "mode": "train", "dtype": dtype, "rows": rows}));
+    Ok(())
+}

@@ -1,0 +1,221 @@
+//! The whole model on a GPU against the CPU: one training step (loss, every dense and row-sparse
+//! gradient, the weights after AdamW), evaluation, and the trainer end to end.
+//!
+//! These run on the device of `RANKSTACK_TEST_DEVICE` (`cargo xtask gpu-bundle` builds them with
+//! the `cuda` feature and its `run.sh` sets `cuda`). On the CPU they have nothing to compare and
+//! say so in their output.
+
+mod support;
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Tensor};
+use rankstack::data::ParquetDataset;
+use rankstack::device::DeviceSpec;
+use rankstack::nn::{Reseed, SeededVarMap};
+use rankstack::ranker_model::{Ranker, RankerConfig};
+use rankstack::train::{evaluate, AdamW, AdamWConfig, BatchSource, TrainOptions, Trainer};
+use support::{tmpdir, write_data};
+
+/// The GPU under test, or `None` (with the reason printed) on the CPU.
+fn gpu(test: &str) -> Option<Device> {
+    let device = rankstack::nn::testing::test_device();
+    if device.is_cpu() {
+        eprintln!("{test}: skipped (no GPU: set RANKSTACK_TEST_DEVICE=cuda on a GPU machine; cargo xtask gpu-bundle)");
+        return None;
+    }
+    Some(device)
+}
+
+/// The tiny test architecture without dropout (the CPU and the GPU then compute the same
+/// function; the sequence encoder's random time window is drawn on the host, so it is shared).
+fn config(data: &ParquetDataset) -> RankerConfig {
+    let mut config = support::tiny_config(data);
+    let text = config.to_toml_string().replace("dropout = 0.1", "dropout = 0.0");
+    config = RankerConfig::from_toml_str(&text).unwrap();
+    config
+}
+
+/// The learning rate of the single-step test.
+const LR: f64 = 1e-2;
+
+/// Everything one training step produces, by parameter name, as f64 values.
+struct Step {
+    loss: f64,
+    grads: HashMap<String, Vec<f64>>,
+    weights: HashMap<String, Vec<f64>>,
+}
+
+fn values(t: &Tensor) -> Vec<f64> {
+    t.to_device(&Device::Cpu).unwrap().to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1().unwrap()
+}
+
+/// One training step of a fresh model (seed 3) on `device`: forward in training mode, loss,
+/// backward, row-sparse embedding gradients, AdamW.
+fn step(config: &RankerConfig, data: &ParquetDataset, device: &Device) -> Step {
+    let store = SeededVarMap::new(3);
+    let ranker = Ranker::new(config, store.var_builder(DType::F32, device)).unwrap();
+    ranker.set_row_sparse_gradients(true);
+    let b = data.batches(64, None).unwrap().next().unwrap().unwrap().to_device(device).unwrap();
+    ranker.reseed(11);
+    let logits = ranker.forward_t(&b.batch, true).unwrap();
+    let loss = ranker.loss(&logits, &b.labels, b.example_weights.as_ref()).unwrap();
+    let grads = loss.backward().unwrap();
+    let rows = ranker.take_row_gradients(&grads).unwrap();
+    let params = store.named_vars();
+    let mut by_name = HashMap::new();
+    for (name, var) in &params {
+        if let Some(g) = grads.get(var.as_tensor()) {
+            by_name.insert(name.clone(), values(g));
+        }
+        for r in rows.iter().filter(|r| r.table.id() == var.as_tensor().id()) {
+            by_name.insert(format!("{name} rows {:?}", &r.rows[..r.rows.len().min(4)]), values(&r.grad));
+        }
+    }
+    let mut optimizer = AdamW::new(params.clone(), AdamWConfig { lr: LR, ..AdamWConfig::default() }).unwrap();
+    optimizer.step(&grads, &rows, LR).unwrap();
+    let weights = params.iter().map(|(n, v)| (n.clone(), values(v.as_tensor()))).collect();
+    Step { loss: loss.to_dtype(DType::F64).unwrap().to_scalar().unwrap(), grads: by_name, weights }
+}
+
+/// Max-norm relative difference of `a` and `b`.
+fn relative(a: &[f64], b: &[f64]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    let scale = a.iter().fold(0f64, |m, x| m.max(x.abs())).max(1e-12);
+    a.iter().zip(b).fold(0f64, |m, (x, y)| m.max((x - y).abs())) / scale
+}
+
+#[test]
+fn a_training_step_on_the_gpu_equals_the_cpu_step() {
+    let Some(gpu) = gpu("a_training_step_on_the_gpu_equals_the_cpu_step") else { return };
+    let dir = tmpdir("device-step");
+    let (train, _) = write_data(&dir, 256, 10);
+    let config = config(&train);
+    let (cpu, dev) = (step(&config, &train, &Device::Cpu), step(&config, &train, &gpu));
+    assert!((cpu.loss - dev.loss).abs() <= 1e-5 * cpu.loss.abs(), "loss: CPU {} vs GPU {}", cpu.loss, dev.loss);
+    assert_eq!(cpu.grads.len(), dev.grads.len(), "the same parameters receive gradients");
+    let mut worst = (0f64, String::new());
+    for (name, g) in &cpu.grads {
+        let other = dev.grads.get(name).unwrap_or_else(|| panic!("no GPU gradient for {name}"));
+        let r = relative(g, other);
+        assert!(r <= 1e-4, "gradient of {name}: relative difference {r:.3e}");
+        if r > worst.0 {
+            worst = (r, name.clone());
+        }
+    }
+    // AdamW's first step moves a weight by lr · g / (|g| + ε): where |g| is near ε, a gradient
+    // difference of round-off size changes the update by up to a whole step. So the weights are
+    // only bounded here; `adamw_on_the_gpu_equals_the_cpu_kernel` checks the optimizer itself.
+    for (name, w) in &cpu.weights {
+        let worst = w.iter().zip(&dev.weights[name]).fold(0f64, |m, (a, b)| m.max((a - b).abs()));
+        assert!(worst <= 2.0 * LR, "{name} after AdamW: moved {worst:.3e} apart, more than two steps of {LR}");
+    }
+    eprintln!(
+        "GPU step = CPU step: loss {:.6} vs {:.6}; {} gradients, worst {:.2e} ({})",
+        cpu.loss,
+        dev.loss,
+        cpu.grads.len(),
+        worst.0,
+        worst.1
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn adamw_on_the_gpu_equals_the_cpu_kernel() {
+    let Some(gpu) = gpu("adamw_on_the_gpu_equals_the_cpu_kernel") else { return };
+    let init: Vec<f32> = (0..60).map(|i| ((i * 37 % 17) as f32 - 8.0) / 8.0).collect();
+    let run = |device: &Device| {
+        let w = candle_core::Var::from_tensor(&Tensor::from_slice(&init, (12, 5), device).unwrap()).unwrap();
+        let config = AdamWConfig { lr: 0.05, weight_decay: 0.1, ..AdamWConfig::default() };
+        let mut opt = AdamW::new(vec![("w".to_string(), w.clone())], config).unwrap();
+        for step in 0..4u32 {
+            // A dense gradient on even steps, a row-sparse one on odd steps; identical values on
+            // both devices (small ones included, where AdamW is most sensitive).
+            let g: Vec<f32> = (0..60).map(|i| ((i as u32 * 7 + step * 13) % 11) as f32 * 1e-3 - 5e-3).collect();
+            let gt = Tensor::from_slice(&g, (12, 5), device).unwrap();
+            if step % 2 == 0 {
+                let grads = (w.as_tensor() * &gt).unwrap().sum_all().unwrap().backward().unwrap();
+                opt.step(&grads, &[], 0.05).unwrap();
+            } else {
+                let rows = vec![1u32, 4, 7, 11];
+                let index = Tensor::from_slice(&rows, 4, device).unwrap();
+                let grad = gt.index_select(&index, 0).unwrap();
+                let row = rankstack::nn::RowGradient { table: w.as_tensor().clone(), rows, grad };
+                let none = Tensor::zeros(1, DType::F32, device).unwrap().sum_all().unwrap().backward().unwrap();
+                opt.step(&none, &[row], 0.05).unwrap();
+            }
+        }
+        values(w.as_tensor())
+    };
+    let (cpu, dev) = (run(&Device::Cpu), run(&gpu));
+    let r = relative(&cpu, &dev);
+    eprintln!("AdamW on the GPU (tensor path) vs the CPU's fused kernel, 4 steps: relative difference {r:.2e}");
+    assert!(r <= 1e-6, "relative difference {r:.3e}");
+}
+
+#[test]
+fn evaluation_on_the_gpu_equals_evaluation_on_the_cpu() {
+    let Some(gpu) = gpu("evaluation_on_the_gpu_equals_evaluation_on_the_cpu") else { return };
+    let dir = tmpdir("device-eval");
+    let (train, eval) = write_data(&dir, 64, 500);
+    let config = support::tiny_config(&train); // evaluation has no dropout: the full config
+    let report = |device: &Device| {
+        let ranker = Ranker::new(&config, SeededVarMap::new(5).var_builder(DType::F32, device)).unwrap();
+        evaluate(&ranker, &eval as &dyn BatchSource, 128, 0, 0).unwrap()
+    };
+    let (cpu, dev) = (report(&Device::Cpu), report(&gpu));
+    assert!((cpu.loss - dev.loss).abs() <= 1e-5 * cpu.loss, "{} vs {}", cpu.loss, dev.loss);
+    for ((name, a), (_, b)) in cpu.tasks.iter().zip(&dev.tasks) {
+        assert!((a.auc - b.auc).abs() <= 1e-4, "{name} AUC {} vs {}", a.auc, b.auc);
+        assert!((a.log_loss - b.log_loss).abs() <= 1e-5 * a.log_loss, "{name} log loss");
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn the_trainer_runs_on_the_gpu_and_stays_close_to_the_cpu_run() {
+    if gpu("the_trainer_runs_on_the_gpu_and_stays_close_to_the_cpu_run").is_none() {
+        return;
+    }
+    let dir = tmpdir("device-trainer");
+    let (train, eval) = write_data(&dir, 512, 200);
+    let config = config(&train);
+    let options = |device| TrainOptions {
+        epochs: 1,
+        batch_size: 64,
+        warmup_steps: 2,
+        quiet: true,
+        seed: 7,
+        device,
+        ..TrainOptions::default()
+    };
+    let run = |name: &str, device| {
+        let mut t = Trainer::new(&config, options(device), dir.join(name)).unwrap();
+        let report = t.fit(&train, Some(&eval)).unwrap();
+        let weights: HashMap<String, Vec<f64>> =
+            t.store().named_vars().iter().map(|(n, v)| (n.clone(), values(v.as_tensor()))).collect();
+        (report, weights)
+    };
+    let (cpu, cpu_w) = run("cpu", DeviceSpec::Cpu);
+    let (dev, dev_w) = run("gpu", DeviceSpec::Cuda(0));
+    assert_eq!(cpu.steps, dev.steps);
+    // AdamW amplifies round-off in near-zero gradients (see the single-step test), so the weights
+    // drift apart by up to a few steps' size; what the model computes stays close.
+    let worst = cpu_w.iter().map(|(n, w)| relative(w, &dev_w[n])).fold(0f64, f64::max);
+    let (a, b) = (&cpu.evaluations[0], &dev.evaluations[0]);
+    assert!((a.loss - b.loss).abs() <= 1e-2 * a.loss, "eval loss {} vs {}", a.loss, b.loss);
+    for ((name, x), (_, y)) in a.tasks.iter().zip(&b.tasks) {
+        assert!((x.auc - y.auc).abs() <= 2e-2, "{name}: AUC {} vs {}", x.auc, y.auc);
+    }
+    // The run directory of a GPU run loads anywhere: its checkpoint is plain f32 tensors.
+    let log = std::fs::read_to_string(dir.join("gpu/metrics.jsonl")).unwrap();
+    let memory: serde_json::Value = log
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .find(|v| v["kind"] == "memory")
+        .unwrap();
+    eprintln!("GPU run: {} steps, worst weight difference {worst:.2e}; memory line {memory}", dev.steps);
+    assert!(memory["measured_peak_bytes"].as_u64().unwrap() > 0);
+    std::fs::remove_dir_all(&dir).ok();
+}
