@@ -69,7 +69,7 @@ enum Command {
         /// Parquet file (label columns optional).
         #[arg(long)]
         data: PathBuf,
-        /// Output file: .parquet or .csv.
+        /// Output file: .parquet or .csv (never the --data file; written atomically).
         #[arg(long)]
         out: PathBuf,
         /// Rows per batch.
@@ -78,6 +78,9 @@ enum Command {
         /// How linear weights are packed for scoring.
         #[arg(long, value_enum, default_value_t = Weights::F32)]
         weights: Weights,
+        /// Replace --out if it exists.
+        #[arg(long)]
+        force: bool,
     },
     /// Print the cost planner's table: parameters, FLOPs and memory per module.
     Inspect {
@@ -115,9 +118,12 @@ enum DataCmd {
         /// Row stream (same world, different rows: use 1 for a held-out set).
         #[arg(long, default_value_t = 0)]
         stream: u64,
-        /// Output Parquet file.
+        /// Output Parquet file (written atomically).
         #[arg(long)]
         out: PathBuf,
+        /// Replace --out if it exists.
+        #[arg(long)]
+        force: bool,
     },
     /// Convert MovieLens-100k (fetch it with scripts/fetch-movielens.sh) to train/test Parquet.
     Movielens {
@@ -138,18 +144,23 @@ struct TrainCmd {
     /// Architecture config file (TOML or JSON; overrides --preset). Features and tasks come from the data.
     #[arg(long)]
     config: Option<PathBuf>,
-    /// Training Parquet file; without it, synthetic data is generated into OUT/data.
+    /// Training Parquet file (requires --eval); without it, synthetic data is generated into OUT/data.
     #[arg(long, requires = "eval")]
     data: Option<PathBuf>,
-    /// Evaluation Parquet file.
-    #[arg(long)]
+    /// Evaluation Parquet file (requires --data).
+    #[arg(long, requires = "data")]
     eval: Option<PathBuf>,
     /// Run directory (checkpoints, metrics.jsonl, training_curves.svg).
     #[arg(long)]
     out: PathBuf,
-    /// Continue the run in --out from its latest checkpoint.
+    /// Continue the run in --out from its latest checkpoint (with the same --batch-size, --seed,
+    /// embedding-gradient mode and data schema as the run had).
     #[arg(long)]
     resume: bool,
+    /// With --resume: accept a --batch-size, --seed, embedding-gradient mode or data schema that
+    /// differs from the checkpoint's (the run then no longer reproduces an uninterrupted one).
+    #[arg(long, requires = "resume")]
+    allow_resume_changes: bool,
     /// Epochs.
     #[arg(long, default_value_t = 3)]
     epochs: usize,
@@ -168,7 +179,7 @@ struct TrainCmd {
     /// Warm-up steps.
     #[arg(long, default_value_t = 50)]
     warmup_steps: u64,
-    /// Gradient-norm clipping (0 disables).
+    /// Gradient-norm clipping: a positive number, or 0 to disable.
     #[arg(long, default_value_t = 1.0)]
     grad_clip: f64,
     /// Seed of initialisation, data order and dropout.
@@ -177,7 +188,7 @@ struct TrainCmd {
     /// Rows of synthetic training data (without --data).
     #[arg(long, default_value_t = 20_000)]
     synthetic_rows: usize,
-    /// Checkpoint every N steps as well as at each epoch end.
+    /// Checkpoint every N steps (N > 0) as well as at each epoch end.
     #[arg(long)]
     checkpoint_every: Option<u64>,
     /// Stop with a checkpoint after this step (resume later with --resume).
@@ -200,7 +211,8 @@ impl TrainCmd {
             batch_size: self.batch_size,
             optimizer: AdamWConfig { lr: self.lr, weight_decay: self.weight_decay, ..AdamWConfig::default() },
             warmup_steps: self.warmup_steps,
-            grad_clip_norm: (self.grad_clip > 0.0).then_some(self.grad_clip),
+            // Exactly 0 disables clipping; anything else (negative, NaN) is validated by the trainer.
+            grad_clip_norm: (self.grad_clip != 0.0).then_some(self.grad_clip),
             seed: self.seed,
             checkpoint_every: self.checkpoint_every,
             stop_after: self.stop_after,
@@ -215,6 +227,7 @@ impl TrainCmd {
             eval: self.eval,
             out: self.out,
             resume: self.resume,
+            allow_resume_changes: self.allow_resume_changes,
             synthetic_rows: self.synthetic_rows,
             options,
         }
@@ -229,14 +242,14 @@ fn run(cli: Cli) -> rankstack::nn::Result<String> {
         Command::Eval { checkpoint, data, batch_size, weights } => {
             commands::eval(&checkpoint, &data, batch_size, weights.into())
         }
-        Command::Score { checkpoint, data, out, batch_size, weights } => {
-            commands::score(&checkpoint, &data, &out, batch_size, weights.into())
+        Command::Score { checkpoint, data, out, batch_size, weights, force } => {
+            commands::score(&checkpoint, &data, &out, batch_size, weights.into(), force)
         }
         Command::Inspect { preset, config, batch_size, device_memory_gib, fraction } => {
             commands::inspect(&preset, config.as_deref(), batch_size, device_memory_gib, fraction)
         }
-        Command::Data(DataCmd::Synthetic { rows, seed, stream, out }) => {
-            commands::data_synthetic(rows, seed, stream, &out)
+        Command::Data(DataCmd::Synthetic { rows, seed, stream, out, force }) => {
+            commands::data_synthetic(rows, seed, stream, &out, force)
         }
         Command::Data(DataCmd::Movielens { input, out_dir }) => commands::data_movielens(&input, &out_dir),
     }
@@ -262,10 +275,16 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
         Err(e) => {
-            // clap's report is several lines (usage, hints); keep the first, which says what is wrong.
+            // clap's report is several lines: what is wrong (for a missing argument, its name is on
+            // the next lines), then usage and hints. Keep what is wrong, as one line.
             let text = e.to_string();
-            let first = text.lines().next().unwrap_or("invalid arguments").trim_start_matches("error: ");
-            eprintln!("rankstack: error: {first} (see `rankstack --help`)");
+            let what: Vec<&str> = text
+                .lines()
+                .take_while(|l| !l.trim().is_empty() && !l.starts_with("Usage:"))
+                .map(|l| l.trim().trim_start_matches("error: "))
+                .collect();
+            let what = if what.is_empty() { "invalid arguments".to_string() } else { what.join(" ") };
+            eprintln!("rankstack: error: {what} (see `rankstack --help`)");
             return ExitCode::from(2);
         }
     };

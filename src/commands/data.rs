@@ -6,8 +6,10 @@ use rankstack_nn::Result;
 
 use crate::data::{movielens, synthetic};
 
-/// Writes `rows` synthetic rows (seed, stream) to `out`; returns a summary line.
-pub fn data_synthetic(rows: usize, seed: u64, stream: u64, out: &Path) -> Result<String> {
+/// Writes `rows` synthetic rows (seed, stream) to `out` (an existing file only with `force`;
+/// written to a temporary file and renamed); returns a summary line.
+pub fn data_synthetic(rows: usize, seed: u64, stream: u64, out: &Path, force: bool) -> Result<String> {
+    super::check_output("data synthetic", out, force, &[])?;
     let spec = synthetic::SyntheticSpec { rows, seed, stream, ..Default::default() };
     let summary = synthetic::generate(&spec, out)?;
     let rates: Vec<String> =

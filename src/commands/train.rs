@@ -4,7 +4,8 @@ use std::path::{Path, PathBuf};
 
 use rankstack_nn::Result;
 
-use crate::data::{synthetic, ParquetDataset};
+use super::{check_batch_memory, Workload};
+use crate::data::{synthetic, DataSchema, ParquetDataset};
 use crate::train::{TrainOptions, TrainReport, Trainer};
 
 /// Arguments of `rankstack train`.
@@ -22,14 +23,21 @@ pub struct TrainArgs {
     pub out: PathBuf,
     /// Continue the run in `out` from its latest checkpoint.
     pub resume: bool,
+    /// With `resume`: accept options or a data schema that differ from the checkpoint's.
+    pub allow_resume_changes: bool,
     /// Rows of synthetic training data (without `data`).
     pub synthetic_rows: usize,
     /// Training options.
     pub options: TrainOptions,
 }
 
-/// Trains and returns a printable summary.
+/// Trains and returns a printable summary. Nothing is written before the architecture is known
+/// to be valid. A resumed run must have the checkpoint's data schema and options (unless
+/// `allow_resume_changes`).
 pub fn train(args: &TrainArgs) -> Result<String> {
+    args.options.validate()?;
+    let architecture =
+        if args.resume { None } else { Some(super::architecture(&args.preset, args.config.as_deref())?) };
     let (train_path, eval_path) = match &args.data {
         Some(data) => (data.clone(), args.eval.clone()),
         None => {
@@ -64,13 +72,20 @@ pub fn train(args: &TrainArgs) -> Result<String> {
             ));
         }
     }
-    let mut trainer = if args.resume {
-        Trainer::resume(&args.out, args.options.clone())?
-    } else {
-        let mut config = super::architecture(&args.preset, args.config.as_deref())?;
-        train.schema().apply(&mut config)?;
-        Trainer::new(&config, args.options.clone(), &args.out)?
+    let mut trainer = match architecture {
+        None if args.allow_resume_changes => Trainer::resume_with_changes(&args.out, args.options.clone())?,
+        None => {
+            let trainer = Trainer::resume(&args.out, args.options.clone())?;
+            DataSchema::check_fits_model(train.schema(), trainer.ranker().config(), "train --resume", true)?;
+            trainer
+        }
+        Some(mut config) => {
+            train.schema().apply(&mut config)?;
+            Trainer::new(&config, args.options.clone(), &args.out)?
+        }
     };
+    let rows = train.num_rows();
+    check_batch_memory(trainer.ranker(), args.options.batch_size, rows, Workload::Training, "train")?;
     let report = trainer.fit(&train, eval.as_ref().map(|e| e as &dyn crate::train::BatchSource))?;
     Ok(summary(&report, &args.out))
 }

@@ -6,6 +6,7 @@
 //! | `mod.rs` | [`DataSchema`] (what a data file holds) and [`LabeledBatch`] (what the trainer eats) |
 //! | `example.rs` | [`Example`], one row in memory, and [`collate`] (rows → tensors) |
 //! | `parquet.rs` | the column convention and [`ParquetDataset`] (streaming, checked reader) |
+//! | `schema_check.rs` | [`DataSchema::of_model`] (the schema a checkpoint was trained on) and the differences from a file's |
 //! | `writer.rs` | [`ParquetWriter`] (writes rows with the schema in the file's metadata) |
 //! | `shuffle.rs` | [`Shuffle`]: the seeded shuffle buffer |
 //! | `synthetic.rs` | [`synthetic`]: the seeded hidden-teacher generator |
@@ -36,6 +37,7 @@ use feature_encoders::FeatureSchema;
 mod example;
 pub mod movielens;
 mod parquet;
+mod schema_check;
 mod shuffle;
 pub mod synthetic;
 mod writer;

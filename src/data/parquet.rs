@@ -512,26 +512,44 @@ pub struct ParquetDataset {
     missing_labels: Vec<String>,
 }
 
+/// How [`ParquetDataset`] treats the label columns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Labels {
+    /// Each must be present and valid (training, evaluation).
+    Required,
+    /// Read when present, NaN when absent.
+    Optional,
+    /// Never read (scoring): labels and example weights are neither checked nor projected.
+    Ignored,
+}
+
 impl ParquetDataset {
     /// Opens a file written with a [`DataSchema`] in its metadata (key [`SCHEMA_METADATA_KEY`]).
     /// Every column of the schema, labels included, must be present with an accepted type.
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
-        Self::open_impl(path.as_ref(), None, true)
+        Self::open_impl(path.as_ref(), None, Labels::Required)
     }
 
     /// Opens a file with an explicit schema (e.g. users' own files without rankstack metadata).
     pub fn open_with_schema(path: impl AsRef<Path>, schema: &DataSchema) -> Result<Self> {
-        Self::open_impl(path.as_ref(), Some(schema), true)
+        Self::open_impl(path.as_ref(), Some(schema), Labels::Required)
     }
 
     /// Opens a file for scoring: as [`ParquetDataset::open`] / [`ParquetDataset::open_with_schema`]
     /// (schema from the metadata when `schema` is `None`), but label columns may be missing; their
     /// labels read as NaN. [`ParquetDataset::missing_labels`] lists them.
     pub fn open_unlabeled(path: impl AsRef<Path>, schema: Option<&DataSchema>) -> Result<Self> {
-        Self::open_impl(path.as_ref(), schema, false)
+        Self::open_impl(path.as_ref(), schema, Labels::Optional)
     }
 
-    fn open_impl(path: &Path, schema: Option<&DataSchema>, labels_required: bool) -> Result<Self> {
+    /// Opens a file for scoring without reading its labels or example weights at all: those
+    /// columns may be absent, of any type or hold any values (scoring does not use them); every
+    /// label reads as NaN and [`ParquetDataset::missing_labels`] lists every label column.
+    pub fn open_features_only(path: impl AsRef<Path>) -> Result<Self> {
+        Self::open_impl(path.as_ref(), None, Labels::Ignored)
+    }
+
+    fn open_impl(path: &Path, schema: Option<&DataSchema>, labels: Labels) -> Result<Self> {
         let file = File::open(path).map_err(|source| Error::Io { path: path.display().to_string(), source })?;
         let builder = ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| io_err(path, e))?;
         let schema = match schema {
@@ -579,11 +597,11 @@ impl ParquetDataset {
         let mut missing_labels = Vec::new();
         for task in &schema.tasks {
             let name = columns::label(task);
-            if !check(&name, Kind::Label, labels_required)? {
+            if labels == Labels::Ignored || !check(&name, Kind::Label, labels == Labels::Required)? {
                 missing_labels.push(name);
             }
         }
-        let has_weight = check(columns::EXAMPLE_WEIGHT, Kind::Weight, false)?;
+        let has_weight = labels != Labels::Ignored && check(columns::EXAMPLE_WEIGHT, Kind::Weight, false)?;
         projection.sort_unstable();
         let meta = builder.metadata();
         let row_groups: Vec<u64> = meta.row_groups().iter().map(|g| g.num_rows() as u64).collect();
@@ -757,8 +775,11 @@ impl RowBatches {
     }
 
     fn next_batch(&mut self) -> Result<Option<LabeledBatch>> {
-        let mut rows = Vec::with_capacity(self.batch_size);
-        let mut index = Vec::with_capacity(self.batch_size);
+        // The capacity is a hint, bounded: `batch_size` is the user's number (it may exceed the
+        // file's rows by far, up to `usize::MAX`), so it must not size an allocation.
+        let hint = self.batch_size.min(8192);
+        let mut rows = Vec::with_capacity(hint);
+        let mut index = Vec::with_capacity(hint);
         while rows.len() < self.batch_size {
             match self.next_row()? {
                 Some((i, example)) => {
