@@ -258,6 +258,9 @@ fn run(cli: Cli) -> rankstack::nn::Result<String> {
 fn main() -> ExitCode {
     // A bug must still read as one line, not a Rust panic report.
     std::panic::set_hook(Box::new(|info| {
+        if rankstack::data::panic_is_handled() {
+            return; // a damaged file's metadata, caught and reported as an error by the reader
+        }
         let what = info
             .payload()
             .downcast_ref::<&str>()

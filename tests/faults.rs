@@ -693,3 +693,121 @@ fn non_finite_inputs_are_handled_or_refused_never_propagated() {
     assert_eq!(handled + refused, cases.len());
     std::fs::remove_dir_all(&f.dir).ok();
 }
+
+// ---- Property tests of the parsers of untrusted input ----------------------------------------------
+
+/// A seeded mutation of `bytes`: flips, overwrites with extreme bytes, insertions, deletions,
+/// duplicated spans and truncations, one to four at a time.
+fn mutate(bytes: &[u8], rng: &mut rankstack::nn::rng::Rng) -> Vec<u8> {
+    let mut out = bytes.to_vec();
+    for _ in 0..=rng.below(4) {
+        let n = out.len().max(1) as u64;
+        let at = rng.below(n) as usize;
+        match rng.below(6) {
+            0 if !out.is_empty() => out[at] ^= 1 << rng.below(8),
+            1 if !out.is_empty() => out[at] = [0u8, 0xff, b'9', b'-', b'"', b'['][rng.below(6) as usize],
+            2 => out.insert(at.min(out.len()), [b'9', 0, 0xff, b'{'][rng.below(4) as usize]),
+            3 if !out.is_empty() => {
+                out.remove(at);
+            }
+            4 if !out.is_empty() => {
+                let end = (at + 1 + rng.below(16) as usize).min(out.len());
+                let span = out[at..end].to_vec();
+                out.splice(at..at, span);
+            }
+            _ => out.truncate(at),
+        }
+    }
+    out
+}
+
+/// Runs `cases` mutants of `seed_input` through `parse` on a separate thread (bounded in time:
+/// a hang fails the test instead of stalling it) and returns (cases, refused, panics).
+fn fuzz(
+    name: &'static str,
+    seed_input: Vec<u8>,
+    cases: usize,
+    parse: impl Fn(&[u8]) -> bool + Send + 'static,
+) -> (usize, usize, usize) {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut rng = rankstack::nn::rng::Rng::for_name(15, name);
+        let (mut refused, mut panics) = (0, 0);
+        for _ in 0..cases {
+            let input = mutate(&seed_input, &mut rng);
+            match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| parse(&input))) {
+                Ok(true) => {}
+                Ok(false) => refused += 1,
+                Err(_) => panics += 1,
+            }
+        }
+        let _ = tx.send((cases, refused, panics));
+    });
+    rx.recv_timeout(HANG_BOUND).unwrap_or_else(|_| panic!("{name}: the parser hung"))
+}
+
+/// The three parsers of untrusted input — Parquet data (schema metadata, columns, batches),
+/// safetensors checkpoints, TOML/JSON configs and data schemas — on seeded mutants of valid
+/// inputs: never a panic, never a hang; every mutant is either read or refused with an error.
+#[test]
+fn parsers_of_untrusted_input_never_panic_or_hang_on_mutated_input() {
+    let dir = tmpdir("faults-fuzz");
+    let (train, _) = write_data(&dir, 60, 20);
+    let config = tiny_config(&train);
+    let mut results = Vec::new();
+
+    let scratch = dir.clone();
+    let counter = std::sync::atomic::AtomicUsize::new(0);
+    results.push((
+        "parquet",
+        fuzz("parquet", std::fs::read(dir.join("train.parquet")).unwrap(), 300, move |bytes| {
+            let path = scratch.join(format!("m{}.parquet", counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed)));
+            std::fs::write(&path, bytes).unwrap();
+            let read = ParquetDataset::open(&path)
+                .and_then(|d| d.batches(16, None).and_then(|b| b.collect::<rankstack::nn::Result<Vec<_>>>()));
+            let _ = std::fs::remove_file(&path);
+            read.is_ok()
+        }),
+    ));
+
+    let run = dir.join("run");
+    Trainer::new(&config, TrainOptions { max_steps: Some(1), ..options() }, &run).unwrap().fit(&train, None).unwrap();
+    let weights = std::fs::read(latest_checkpoint(&run).unwrap().unwrap().join("model.safetensors")).unwrap();
+    let scratch = dir.clone();
+    results.push((
+        "safetensors",
+        fuzz("safetensors", weights, 300, move |bytes| {
+            let path = scratch.join("m.safetensors");
+            std::fs::write(&path, bytes).unwrap();
+            read_safetensors(&path).is_ok()
+        }),
+    ));
+
+    let toml = config.to_toml_string().into_bytes();
+    results.push((
+        "config toml",
+        fuzz("config toml", toml, 300, |bytes| {
+            rankstack::ranker_model::RankerConfig::from_toml_str(&String::from_utf8_lossy(bytes)).is_ok()
+        }),
+    ));
+    let json = serde_json::to_vec(&config).unwrap();
+    results.push((
+        "config json",
+        fuzz("config json", json, 300, |bytes| {
+            rankstack::ranker_model::RankerConfig::from_json_str(&String::from_utf8_lossy(bytes)).is_ok()
+        }),
+    ));
+    let schema = train.schema().to_json().into_bytes();
+    results.push((
+        "data schema json",
+        fuzz("data schema json", schema, 300, |bytes| {
+            rankstack::data::DataSchema::from_json(&String::from_utf8_lossy(bytes)).is_ok()
+        }),
+    ));
+    for (name, (cases, refused, panics)) in &results {
+        println!("{name}: {cases} mutants, {refused} refused, {panics} panics");
+        assert_eq!(*panics, 0, "{name}: {panics} of {cases} mutants panicked");
+        assert!(*refused > 0, "{name}: no mutant was refused; the mutations do not reach the parser");
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}

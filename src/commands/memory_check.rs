@@ -1,7 +1,7 @@
 //! A batch size too large for this machine is a clear error before anything is allocated: the
 //! cost planner's memory estimate ([`ranker_model::cost`]) against the memory available.
 
-use ranker_model::Ranker;
+use ranker_model::{Ranker, RankerConfig};
 use rankstack_nn::{Error, Result};
 
 /// Which memory figure of the cost planner applies.
@@ -54,6 +54,40 @@ pub fn check_batch_memory(
         }
     }
     Ok(())
+}
+
+/// Refuses, before a model is built from `config`, embedding tables (the sizes a config or a data
+/// file's schema can make arbitrarily large: `cardinality` is a number read from the file) whose
+/// f32 weights alone overflow or exceed the available memory. The largest table is named.
+pub fn check_config_memory(config: &RankerConfig, command: &str) -> Result<()> {
+    let mut tables: Vec<(String, Option<usize>)> = config
+        .features
+        .sparse
+        .iter()
+        .map(|s| {
+            let rows = s.cardinality.checked_add(1);
+            (format!("feature `{}`", s.name), rows.and_then(|r| r.checked_mul(s.embedding_dim())))
+        })
+        .collect();
+    if let (Some(items), Some(seq)) = (&config.item_embedding, &config.sequence) {
+        let rows = items.cardinality.checked_add(1);
+        tables.push(("the item table".into(), rows.and_then(|r| r.checked_mul(seq.item_dim))));
+    }
+    let total = tables.iter().try_fold(0usize, |acc, (_, n)| n.and_then(|n| acc.checked_add(n)));
+    let bytes = total.and_then(|t| t.checked_mul(4));
+    let largest = tables.iter().max_by_key(|(_, n)| n.unwrap_or(usize::MAX)).map(|(name, _)| name.as_str());
+    let too_big = |what: String| {
+        Err(Error::input(command, "config", format!("{what}; the largest is {}", largest.unwrap_or("none"))))
+    };
+    match (bytes, available_memory_bytes()) {
+        (None, _) => too_big("the embedding tables' sizes overflow (a cardinality or width out of range)".into()),
+        (Some(b), Some(available)) if b as u64 > available => too_big(format!(
+            "the embedding tables need {:.1} GiB of weights but {:.1} GiB of memory is available",
+            b as f64 / (1u64 << 30) as f64,
+            available as f64 / (1u64 << 30) as f64
+        )),
+        _ => Ok(()),
+    }
 }
 
 /// `MemAvailable` from `/proc/meminfo`, in bytes (`None` off Linux or if unreadable).

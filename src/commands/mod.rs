@@ -8,7 +8,7 @@ mod predict;
 mod train;
 
 pub use data::{data_movielens, data_synthetic};
-pub use memory_check::{check_batch_memory, Workload};
+pub use memory_check::{check_batch_memory, check_config_memory, Workload};
 pub use output::check_output;
 pub use predict::{eval, score};
 pub use train::{train, TrainArgs};
@@ -57,6 +57,7 @@ pub fn inspect(
         return Err(rankstack_nn::Error::config("inspect", "fraction", "must be in (0, 1]"));
     }
     let config = architecture(preset, config)?;
+    check_config_memory(&config, "inspect")?;
     let store = SeededVarMap::new(0);
     let ranker = Ranker::new(&config, store.var_builder(candle_core::DType::F32, &candle_core::Device::Cpu))?;
     let report = ranker.cost(batch_size);

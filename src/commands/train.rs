@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use rankstack_nn::Result;
 
-use super::{check_batch_memory, Workload};
+use super::{check_batch_memory, check_config_memory, Workload};
 use crate::data::{synthetic, DataSchema, ParquetDataset};
 use crate::train::{TrainOptions, TrainReport, Trainer};
 
@@ -81,6 +81,7 @@ pub fn train(args: &TrainArgs) -> Result<String> {
         }
         Some(mut config) => {
             train.schema().apply(&mut config)?;
+            check_config_memory(&config, "train")?;
             Trainer::new(&config, args.options.clone(), &args.out)?
         }
     };

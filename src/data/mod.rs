@@ -43,7 +43,7 @@ pub mod synthetic;
 mod writer;
 
 pub use example::{collate, Example, ExampleItems, ExampleSequence};
-pub use parquet::{columns, ParquetDataset, RowBatches};
+pub use parquet::{columns, panic_is_handled, ParquetDataset, RowBatches};
 pub use shuffle::{Shuffle, ShuffleBuffer};
 pub use writer::{ParquetWriter, WriterOptions};
 

@@ -512,6 +512,44 @@ pub struct ParquetDataset {
     missing_labels: Vec<String>,
 }
 
+/// A reader of `file`. The Arrow schema some writers embed in the metadata (`ARROW:schema`) gives
+/// exact types (e.g. a fixed-size list's width, checked up front); decoding that untrusted
+/// flatbuffer panics inside arrow-ipc on some damaged files (found by `tests/faults.rs`), so a
+/// panic there is caught, and the file is read with the types derived from the Parquet schema
+/// alone (its rows are still checked one by one).
+fn reader_builder(file: File, path: &Path) -> Result<ParquetRecordBatchReaderBuilder<File>> {
+    let retry = file.try_clone().map_err(|source| Error::Io { path: path.display().to_string(), source })?;
+    let decoded = quiet_catch_unwind(|| ParquetRecordBatchReaderBuilder::try_new(file));
+    let built = match decoded {
+        Ok(built) => built,
+        Err(_) => {
+            use std::io::Seek;
+            let mut retry = retry;
+            retry.rewind().map_err(|source| Error::Io { path: path.display().to_string(), source })?;
+            let options = parquet::arrow::arrow_reader::ArrowReaderOptions::new().with_skip_arrow_metadata(true);
+            ParquetRecordBatchReaderBuilder::try_new_with_options(retry, options)
+        }
+    };
+    built.map_err(|e| io_err(path, e))
+}
+
+thread_local! {
+    static QUIET_PANIC: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether the current thread is inside a third-party call whose panic is caught and handled
+/// (a damaged file's metadata): a process's panic hook should then stay silent.
+pub fn panic_is_handled() -> bool {
+    QUIET_PANIC.with(std::cell::Cell::get)
+}
+
+fn quiet_catch_unwind<R>(f: impl FnOnce() -> R) -> std::thread::Result<R> {
+    QUIET_PANIC.with(|q| q.set(true));
+    let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    QUIET_PANIC.with(|q| q.set(false));
+    out
+}
+
 /// How [`ParquetDataset`] treats the label columns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Labels {
@@ -551,7 +589,7 @@ impl ParquetDataset {
 
     fn open_impl(path: &Path, schema: Option<&DataSchema>, labels: Labels) -> Result<Self> {
         let file = File::open(path).map_err(|source| Error::Io { path: path.display().to_string(), source })?;
-        let builder = ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| io_err(path, e))?;
+        let builder = reader_builder(file, path)?;
         let schema = match schema {
             Some(s) => s.clone(),
             None => {
@@ -657,7 +695,7 @@ impl ParquetDataset {
         let segments: VecDeque<(u64, u64)> = order.iter().map(|&g| (starts[g], self.row_groups[g])).collect();
         let file =
             File::open(&self.path).map_err(|source| Error::Io { path: self.path.display().to_string(), source })?;
-        let builder = ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| io_err(&self.path, e))?;
+        let builder = reader_builder(file, &self.path)?;
         let mask = ProjectionMask::roots(builder.parquet_schema(), self.projection.iter().copied());
         let reader = builder
             .with_projection(mask)

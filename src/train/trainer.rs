@@ -665,3 +665,29 @@ pub fn evaluate(
     let tasks = tasks.into_iter().enumerate().map(|(t, name)| (name, task_metrics(&probs[t], &labels[t]))).collect();
     Ok(EvalReport { epoch, step, loss: loss_sum / rows as f64, tasks })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_first_non_finite_gradient_is_named_dense_or_row_sparse() {
+        let d = Device::Cpu;
+        let a = candle_core::Var::from_tensor(&Tensor::new(&[1.0f32, 2.0], &d).unwrap()).unwrap();
+        let b = candle_core::Var::from_tensor(&Tensor::new(&[[1.0f32], [2.0]], &d).unwrap()).unwrap();
+        let params = vec![("a".to_string(), a.clone()), ("b".to_string(), b.clone())];
+        // ∂/∂a of Σ a ⊙ [1, ∞] is [1, ∞]; b gets a finite gradient.
+        let scale = Tensor::new(&[1.0f32, f32::INFINITY], &d).unwrap();
+        let loss = ((a.as_tensor() * &scale).unwrap().sum_all().unwrap() + b.as_tensor().sum_all().unwrap()).unwrap();
+        let grads = loss.backward().unwrap();
+        assert_eq!(first_non_finite_gradient(&params, &grads, &[]).unwrap().as_deref(), Some("a"));
+        let finite = (a.as_tensor().sum_all().unwrap() + b.as_tensor().sum_all().unwrap()).unwrap().backward().unwrap();
+        assert_eq!(first_non_finite_gradient(&params, &finite, &[]).unwrap(), None);
+        let rows = vec![rankstack_nn::RowGradient {
+            table: b.as_tensor().clone(),
+            rows: vec![1],
+            grad: Tensor::new(&[[f32::NAN]], &d).unwrap(),
+        }];
+        assert_eq!(first_non_finite_gradient(&params, &finite, &rows).unwrap().as_deref(), Some("b"));
+    }
+}
