@@ -628,7 +628,8 @@ pub fn non_finite_score(command: &str, value: f64, row: u64, task: &str) -> Erro
 
 /// Evaluates `ranker` on every row of `data` (file order): the weighted loss and per-task AUC, log
 /// loss, normalised entropy and calibration of the (calibrated) probabilities. A non-finite
-/// probability is an error naming its row and task ([`non_finite_score`]).
+/// probability is an error naming its row and task ([`non_finite_score`]), a non-finite loss one
+/// naming the batch's rows: a report never holds a NaN or infinite loss.
 pub fn evaluate(
     ranker: &Ranker,
     data: &dyn BatchSource,
@@ -643,9 +644,17 @@ pub fn evaluate(
     for item in data.batches(batch_size, None)? {
         let b = item?;
         let logits = ranker.forward(&b.batch)?;
-        loss_sum +=
-            ranker.loss(&logits, &b.labels, b.example_weights.as_ref())?.to_dtype(DType::F64)?.to_scalar::<f64>()?
-                * b.rows as f64;
+        let loss =
+            ranker.loss(&logits, &b.labels, b.example_weights.as_ref())?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        if !loss.is_finite() {
+            let (first, last) = (b.row_index.first().copied().unwrap_or(0), b.row_index.last().copied().unwrap_or(0));
+            return Err(Error::input(
+                "eval",
+                "model output",
+                format!("the loss over rows {first}..={last} is {loss} (the model's logits overflow)"),
+            ));
+        }
+        loss_sum += loss * b.rows as f64;
         rows += b.rows;
         let p: Vec<Vec<f64>> = ranker.probabilities(&logits)?.to_dtype(DType::F64)?.to_vec2()?;
         let y: Vec<Vec<f64>> = b.labels.to_dtype(DType::F64)?.to_vec2()?;

@@ -46,24 +46,26 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
 /// The metadata key, in the weights file, of the checksum of the `config.json` written with it.
 pub const CONFIG_CHECKSUM_KEY: &str = "rankstack.config_crc32";
 
-/// The checkpoint's config, checked against the checksum the weights file recorded for it (files
-/// from other writers, without one, are read unchecked): a damaged or edited config would
-/// otherwise build a different model around the same weights.
-fn read_config(dir: &Path, weights_metadata: &HashMap<String, String>) -> Result<RankerConfig> {
+/// The checkpoint's config and the checksum of its bytes (see [`check_config_checksum`]).
+fn read_config(dir: &Path) -> Result<(RankerConfig, String)> {
     let path = dir.join(CONFIG_FILE);
-    if let Some(stored) = weights_metadata.get(CONFIG_CHECKSUM_KEY) {
-        let bytes = std::fs::read(&path).map_err(Error::io_at(&path))?;
-        let actual = bytes_checksum(&bytes);
-        if &actual != stored {
-            return Err(Error::Corrupt {
-                path: path.display().to_string(),
-                reason: format!(
-                    "checksum {actual} differs from the {stored} recorded in {WEIGHTS_FILE}: the file was damaged or modified"
-                ),
-            });
-        }
+    let bytes = std::fs::read(&path).map_err(Error::io_at(&path))?;
+    Ok((RankerConfig::from_file(&path)?, bytes_checksum(&bytes)))
+}
+
+/// Refuses a `config.json` whose checksum differs from the one the weights file recorded for it
+/// (files from other writers, without one, are not checked): a damaged or edited config would
+/// build a different model around the same weights. Called after the tensors were found to fit
+/// the config, so a config of another model is reported by its mismatches first.
+fn check_config_checksum(dir: &Path, actual: &str, weights_metadata: &HashMap<String, String>) -> Result<()> {
+    match weights_metadata.get(CONFIG_CHECKSUM_KEY) {
+        Some(stored) if stored != actual => Err(Error::input(
+            "checkpoint",
+            dir.join(CONFIG_FILE).display().to_string(),
+            format!("checksum {actual} differs from the {stored} recorded in {WEIGHTS_FILE}: the file was damaged or modified"),
+        )),
+        _ => Ok(()),
     }
-    RankerConfig::from_file(path)
 }
 
 /// Refuses a tensor file holding an infinity or a NaN (a diverged model, or a damaged file): such a
@@ -168,9 +170,9 @@ pub fn save(dir: impl AsRef<Path>, ranker: &Ranker, store: &SeededVarMap) -> Res
 /// (when written by rankstack) do not match its tensors or its `config.json`.
 pub fn load(dir: impl AsRef<Path>, dtype: DType, device: &Device) -> Result<(Ranker, SeededVarMap)> {
     let dir = dir.as_ref();
+    let (config, config_checksum) = read_config(dir)?;
     let mut file = read_safetensors(dir.join(WEIGHTS_FILE))?;
     check_finite(&dir.join(WEIGHTS_FILE), &file.tensors)?;
-    let config = read_config(dir, &file.metadata)?;
     // The parameters start from the file's values (no random draw to be overwritten); the check
     // and the buffers come below.
     let store = SeededVarMap::with_initial_values(0, file.tensors.clone());
@@ -189,6 +191,7 @@ pub fn load(dir: impl AsRef<Path>, dtype: DType, device: &Device) -> Result<(Ran
     if !problems.is_empty() {
         return Err(Error::Checkpoint(problems));
     }
+    check_config_checksum(dir, &config_checksum, &file.metadata)?;
     // With no mismatch every parameter already holds its file value (the store started it from
     // there), so only the buffers are left to set.
     let buffer_values: HashMap<String, Tensor> =
@@ -204,9 +207,10 @@ pub fn load(dir: impl AsRef<Path>, dtype: DType, device: &Device) -> Result<(Ran
 /// or fine-tune. Every mismatch between file and config is reported at once, as with [`load`].
 pub fn load_for_serving(dir: impl AsRef<Path>, dtype: DType, device: &Device) -> Result<Ranker> {
     let dir = dir.as_ref();
+    let (config, config_checksum) = read_config(dir)?;
     let file = read_safetensors(dir.join(WEIGHTS_FILE))?;
     check_finite(&dir.join(WEIGHTS_FILE), &file.tensors)?;
-    let config = read_config(dir, &file.metadata)?;
+    let metadata = file.metadata.clone();
     let frozen = rankstack_nn::checkpoint::FrozenTensors::new(file.tensors);
     let ranker = Ranker::new(&config, frozen.var_builder(dtype, device))?;
     // Buffers (BatchNorm running statistics) live outside the parameters as variables, loaded
@@ -226,6 +230,7 @@ pub fn load_for_serving(dir: impl AsRef<Path>, dtype: DType, device: &Device) ->
     if !problems.is_empty() {
         return Err(Error::Checkpoint(problems));
     }
+    check_config_checksum(dir, &config_checksum, &metadata)?;
     load_into(&buffers, &stored)?;
     Ok(ranker)
 }
