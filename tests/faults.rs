@@ -623,10 +623,10 @@ fn damaged_checkpoints_and_data_files_are_refused_never_misread() {
     std::fs::remove_dir_all(&f.dir).ok();
 }
 
-fn bits_equal(
-    a: &(Vec<(String, Vec<f32>)>, Vec<(String, String)>),
-    b: &(Vec<(String, Vec<f32>)>, Vec<(String, String)>),
-) -> bool {
+/// A tensor file's contents: tensors (as f32 values, by name) and metadata, both sorted.
+type FileState = (Vec<(String, Vec<f32>)>, Vec<(String, String)>);
+
+fn bits_equal(a: &FileState, b: &FileState) -> bool {
     a.1 == b.1
         && a.0.len() == b.0.len()
         && a.0.iter().zip(&b.0).all(|(x, y)| {

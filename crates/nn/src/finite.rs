@@ -23,7 +23,10 @@ pub fn first_non_finite<'a>(tensors: impl IntoIterator<Item = (&'a str, &'a Tens
         if !t.dtype().is_float() || t.elem_count() == 0 {
             continue;
         }
-        let zero_if_finite = (t - t)?.sum_all()?.to_dtype(DType::F32)?;
+        // `t − t` on purpose (0 for finite elements, NaN otherwise): not a typo for 0.
+        #[allow(clippy::eq_op)]
+        let difference = (t - t)?;
+        let zero_if_finite = difference.sum_all()?.to_dtype(DType::F32)?;
         // One device for the stack: tensors of a model live on one device, but a caller may mix a
         // host-side optimizer state with device weights.
         let zero_if_finite = match sums.first() {
