@@ -130,9 +130,12 @@ enum DataCmd {
         /// Directory holding ml-100k.inter, ml-100k.user, ml-100k.item.
         #[arg(long, default_value = "data/ml-100k")]
         input: PathBuf,
-        /// Output directory (train.parquet, test.parquet).
+        /// Output directory (train.parquet, test.parquet; written atomically).
         #[arg(long)]
         out_dir: PathBuf,
+        /// Replace train.parquet and test.parquet if they exist.
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -251,7 +254,9 @@ fn run(cli: Cli) -> rankstack::nn::Result<String> {
         Command::Data(DataCmd::Synthetic { rows, seed, stream, out, force }) => {
             commands::data_synthetic(rows, seed, stream, &out, force)
         }
-        Command::Data(DataCmd::Movielens { input, out_dir }) => commands::data_movielens(&input, &out_dir),
+        Command::Data(DataCmd::Movielens { input, out_dir, force }) => {
+            commands::data_movielens(&input, &out_dir, force)
+        }
     }
 }
 

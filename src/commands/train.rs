@@ -86,7 +86,12 @@ pub fn train(args: &TrainArgs) -> Result<String> {
         }
     };
     let rows = train.num_rows();
-    check_batch_memory(trainer.ranker(), args.options.batch_size, rows, Workload::Training, "train")?;
+    if let Err(e) = check_batch_memory(trainer.ranker(), args.options.batch_size, rows, Workload::Training, "train") {
+        // A new run's directory holds nothing yet: leave no empty directory behind (this removes
+        // only an empty one).
+        let _ = std::fs::remove_dir(&args.out);
+        return Err(e);
+    }
     let report = trainer.fit(&train, eval.as_ref().map(|e| e as &dyn crate::train::BatchSource))?;
     Ok(summary(&report, &args.out))
 }
