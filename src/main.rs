@@ -91,7 +91,7 @@ enum Command {
         /// Parquet file (label columns optional).
         #[arg(long)]
         data: PathBuf,
-        /// Output file: .parquet or .csv.
+        /// Output file: .parquet or .csv (never the --data file; written atomically).
         #[arg(long)]
         out: PathBuf,
         /// Rows per batch.
@@ -103,6 +103,9 @@ enum Command {
         /// Device: cpu, cuda or cuda:N (CUDA needs a build with `--features cuda`).
         #[arg(long, default_value = "cpu", value_parser = parse_device)]
         device: DeviceSpec,
+        /// Replace --out if it exists.
+        #[arg(long)]
+        force: bool,
     },
     /// Print the cost planner's table: parameters, FLOPs and memory per module.
     Inspect {
@@ -140,18 +143,24 @@ enum DataCmd {
         /// Row stream (same world, different rows: use 1 for a held-out set).
         #[arg(long, default_value_t = 0)]
         stream: u64,
-        /// Output Parquet file.
+        /// Output Parquet file (written atomically).
         #[arg(long)]
         out: PathBuf,
+        /// Replace --out if it exists.
+        #[arg(long)]
+        force: bool,
     },
     /// Convert MovieLens-100k (fetch it with scripts/fetch-movielens.sh) to train/test Parquet.
     Movielens {
         /// Directory holding ml-100k.inter, ml-100k.user, ml-100k.item.
         #[arg(long, default_value = "data/ml-100k")]
         input: PathBuf,
-        /// Output directory (train.parquet, test.parquet).
+        /// Output directory (train.parquet, test.parquet; written atomically).
         #[arg(long)]
         out_dir: PathBuf,
+        /// Replace train.parquet and test.parquet if they exist.
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -163,18 +172,23 @@ struct TrainCmd {
     /// Architecture config file (TOML or JSON; overrides --preset). Features and tasks come from the data.
     #[arg(long)]
     config: Option<PathBuf>,
-    /// Training Parquet file; without it, synthetic data is generated into OUT/data.
+    /// Training Parquet file (requires --eval); without it, synthetic data is generated into OUT/data.
     #[arg(long, requires = "eval")]
     data: Option<PathBuf>,
-    /// Evaluation Parquet file.
-    #[arg(long)]
+    /// Evaluation Parquet file (requires --data).
+    #[arg(long, requires = "data")]
     eval: Option<PathBuf>,
     /// Run directory (checkpoints, metrics.jsonl, training_curves.svg).
     #[arg(long)]
     out: PathBuf,
-    /// Continue the run in --out from its latest checkpoint.
+    /// Continue the run in --out from its latest checkpoint (with the same --batch-size, --seed,
+    /// embedding-gradient mode and data schema as the run had).
     #[arg(long)]
     resume: bool,
+    /// With --resume: accept a --batch-size, --seed, embedding-gradient mode or data schema that
+    /// differs from the checkpoint's (the run then no longer reproduces an uninterrupted one).
+    #[arg(long, requires = "resume")]
+    allow_resume_changes: bool,
     /// Epochs.
     #[arg(long, default_value_t = 3)]
     epochs: usize,
@@ -205,7 +219,7 @@ struct TrainCmd {
     /// Warm-up steps.
     #[arg(long, default_value_t = 50)]
     warmup_steps: u64,
-    /// Gradient-norm clipping (0 disables).
+    /// Gradient-norm clipping: a positive number, or 0 to disable.
     #[arg(long, default_value_t = 1.0)]
     grad_clip: f64,
     /// Seed of initialisation, data order and dropout.
@@ -214,7 +228,7 @@ struct TrainCmd {
     /// Rows of synthetic training data (without --data).
     #[arg(long, default_value_t = 20_000)]
     synthetic_rows: usize,
-    /// Checkpoint every N steps as well as at each epoch end.
+    /// Checkpoint every N steps (N > 0) as well as at each epoch end.
     #[arg(long)]
     checkpoint_every: Option<u64>,
     /// Stop with a checkpoint after this step (resume later with --resume).
@@ -242,7 +256,8 @@ impl TrainCmd {
             bf16_autocast: matches!(self.precision, Weights::Bf16),
             optimizer: AdamWConfig { lr: self.lr, weight_decay: self.weight_decay, ..AdamWConfig::default() },
             warmup_steps: self.warmup_steps,
-            grad_clip_norm: (self.grad_clip > 0.0).then_some(self.grad_clip),
+            // Exactly 0 disables clipping; anything else (negative, NaN) is validated by the trainer.
+            grad_clip_norm: (self.grad_clip != 0.0).then_some(self.grad_clip),
             seed: self.seed,
             checkpoint_every: self.checkpoint_every,
             stop_after: self.stop_after,
@@ -257,6 +272,7 @@ impl TrainCmd {
             eval: self.eval,
             out: self.out,
             resume: self.resume,
+            allow_resume_changes: self.allow_resume_changes,
             synthetic_rows: self.synthetic_rows,
             auto_batch: matches!(self.batch_size, BatchSize::Auto).then_some(self.memory_fraction),
             options,
@@ -272,22 +288,27 @@ fn run(cli: Cli) -> rankstack::nn::Result<String> {
         Command::Eval { checkpoint, data, batch_size, weights, device } => {
             commands::eval(&checkpoint, &data, batch_size, weights.into(), device)
         }
-        Command::Score { checkpoint, data, out, batch_size, weights, device } => {
-            commands::score(&checkpoint, &data, &out, batch_size, weights.into(), device)
+        Command::Score { checkpoint, data, out, batch_size, weights, device, force } => {
+            commands::score(&checkpoint, &data, &out, batch_size, weights.into(), device, force)
         }
         Command::Inspect { preset, config, batch_size, device_memory_gib, fraction } => {
             commands::inspect(&preset, config.as_deref(), batch_size, device_memory_gib, fraction)
         }
-        Command::Data(DataCmd::Synthetic { rows, seed, stream, out }) => {
-            commands::data_synthetic(rows, seed, stream, &out)
+        Command::Data(DataCmd::Synthetic { rows, seed, stream, out, force }) => {
+            commands::data_synthetic(rows, seed, stream, &out, force)
         }
-        Command::Data(DataCmd::Movielens { input, out_dir }) => commands::data_movielens(&input, &out_dir),
+        Command::Data(DataCmd::Movielens { input, out_dir, force }) => {
+            commands::data_movielens(&input, &out_dir, force)
+        }
     }
 }
 
 fn main() -> ExitCode {
     // A bug must still read as one line, not a Rust panic report.
     std::panic::set_hook(Box::new(|info| {
+        if rankstack::data::panic_is_handled() {
+            return; // a damaged file's metadata, caught and reported as an error by the reader
+        }
         let what = info
             .payload()
             .downcast_ref::<&str>()
@@ -305,10 +326,16 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
         Err(e) => {
-            // clap's report is several lines (usage, hints); keep the first, which says what is wrong.
+            // clap's report is several lines: what is wrong (for a missing argument, its name is on
+            // the next lines), then usage and hints. Keep what is wrong, as one line.
             let text = e.to_string();
-            let first = text.lines().next().unwrap_or("invalid arguments").trim_start_matches("error: ");
-            eprintln!("rankstack: error: {first} (see `rankstack --help`)");
+            let what: Vec<&str> = text
+                .lines()
+                .take_while(|l| !l.trim().is_empty() && !l.starts_with("Usage:"))
+                .map(|l| l.trim().trim_start_matches("error: "))
+                .collect();
+            let what = if what.is_empty() { "invalid arguments".to_string() } else { what.join(" ") };
+            eprintln!("rankstack: error: {what} (see `rankstack --help`)");
             return ExitCode::from(2);
         }
     };

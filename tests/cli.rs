@@ -3,40 +3,7 @@
 
 mod support;
 
-use std::process::{Command, Output};
-
-fn rankstack(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_rankstack"))
-        .args(args)
-        .env("RAYON_NUM_THREADS", "1")
-        .output()
-        .expect("run rankstack")
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-/// Fails with the output unless the command succeeded.
-fn ok(args: &[&str]) -> String {
-    let o = rankstack(args);
-    assert!(o.status.success(), "{args:?} failed:\n{}\n{}", stdout(&o), stderr(&o));
-    stdout(&o)
-}
-
-/// The one-line error of a failing command.
-fn fails(args: &[&str]) -> String {
-    let o = rankstack(args);
-    assert!(!o.status.success(), "{args:?} should fail:\n{}", stdout(&o));
-    let err = stderr(&o);
-    assert!(!err.contains("panicked") && !err.contains("RUST_BACKTRACE"), "{args:?}: panic output:\n{err}");
-    assert_eq!(err.trim_end().lines().count(), 1, "{args:?}: not one line:\n{err}");
-    err
-}
+use support::cli::{fails, ok};
 
 #[test]
 fn version_and_help() {

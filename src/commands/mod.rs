@@ -2,10 +2,14 @@
 //! arguments and prints errors): train, eval, score, inspect, presets, data.
 
 mod data;
+mod memory_check;
+mod output;
 mod predict;
 mod train;
 
 pub use data::{data_movielens, data_synthetic};
+pub use memory_check::{check_batch_memory, check_config_memory, Workload};
+pub use output::check_output;
 pub use predict::{eval, score};
 pub use train::{train, TrainArgs};
 
@@ -53,9 +57,17 @@ pub fn inspect(
         return Err(rankstack_nn::Error::config("inspect", "fraction", "must be in (0, 1]"));
     }
     let config = architecture(preset, config)?;
+    check_config_memory(&config, "inspect")?;
     let store = SeededVarMap::new(0);
     let ranker = Ranker::new(&config, store.var_builder(candle_core::DType::F32, &candle_core::Device::Cpu))?;
     let report = ranker.cost(batch_size);
+    if report.checked_training_bytes().is_none() {
+        return Err(rankstack_nn::Error::config(
+            "inspect",
+            "batch-size",
+            format!("{batch_size} is out of range: its memory figures overflow"),
+        ));
+    }
     let mut out = format!("{report}");
     if let Some(gib) = device_memory_gib {
         if !(gib.is_finite() && gib > 0.0) {

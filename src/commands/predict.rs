@@ -8,9 +8,10 @@ use ranker_model::checkpoint;
 use rankstack_nn::packed_matmul::WeightPrecision;
 use rankstack_nn::{Error, Result};
 
-use crate::data::ParquetDataset;
+use super::{check_batch_memory, check_output, Workload};
+use crate::data::{DataSchema, ParquetDataset};
 use crate::device::DeviceSpec;
-use crate::train::{evaluate, resolve_checkpoint, BatchSource, TaskMetrics};
+use crate::train::{evaluate, non_finite_score, resolve_checkpoint, BatchSource, TaskMetrics};
 
 /// A plain-text table of per-task metrics.
 pub fn metrics_table(tasks: &[(String, TaskMetrics)]) -> String {
@@ -48,41 +49,45 @@ pub fn eval(
 ) -> Result<String> {
     let ranker = load_model(checkpoint_path, weights, device)?;
     let data = ParquetDataset::open(data)?;
-    check_tasks(&ranker, &data)?;
+    DataSchema::check_fits_model(data.schema(), ranker.config(), "eval", true)?;
+    check_batch_memory(&ranker, batch_size, data.num_rows(), Workload::Inference, "eval", ranker.device())?;
     let report = evaluate(&ranker, &data, batch_size, 0, 0)?;
     Ok(format!("loss {:.4}\n{}", report.loss, metrics_table(&report.tasks)))
 }
 
-fn check_tasks(ranker: &ranker_model::Ranker, data: &ParquetDataset) -> Result<()> {
-    if data.schema().tasks != ranker.task_names() {
-        return Err(Error::input(
-            "eval",
-            "data",
-            format!("the file's tasks {:?} differ from the model's {:?}", data.schema().tasks, ranker.task_names()),
-        ));
-    }
-    Ok(())
-}
-
 /// `rankstack score`: per-task probabilities for every row of `data`, written to `out` as CSV or
-/// Parquet (by extension), one column per task plus the row index.
+/// Parquet (by extension), one column per task plus the row index. The file's features must be
+/// those the model was trained on (its labels are not read); an existing `out` is replaced only
+/// with `force`, `out` is never the data file, and the write is atomic. A non-finite probability
+/// is an error naming its row and task.
 pub fn score(
     checkpoint_path: &Path,
-    data: &Path,
+    data_path: &Path,
     out: &Path,
     batch_size: usize,
     weights: WeightPrecision,
     device: DeviceSpec,
+    force: bool,
 ) -> Result<String> {
+    check_output("score", out, force, &[data_path])?;
+    let ext = out.extension().and_then(|e| e.to_str()).unwrap_or("");
+    if !matches!(ext, "csv" | "parquet") {
+        return Err(Error::input("score", "out", format!("{}: use a .csv or .parquet file name", out.display())));
+    }
     let ranker = load_model(checkpoint_path, weights, device)?;
-    let data = ParquetDataset::open_unlabeled(data, None)?;
+    let data = ParquetDataset::open_features_only(data_path)?;
+    DataSchema::check_fits_model(data.schema(), ranker.config(), "score", false)?;
+    check_batch_memory(&ranker, batch_size, data.num_rows(), Workload::Inference, "score", ranker.device())?;
     let tasks = ranker.task_names().to_vec();
     let mut columns: Vec<Vec<f32>> = vec![Vec::new(); tasks.len()];
     for item in BatchSource::batches(&data, batch_size, None)? {
         let b = item?.to_device(ranker.device())?;
         let p: Vec<Vec<f32>> = ranker.predict(&b.batch)?.to_dtype(DType::F32)?.to_vec2()?;
-        for row in p {
+        for (row, index) in p.into_iter().zip(&b.row_index) {
             for (t, v) in row.into_iter().enumerate() {
+                if !v.is_finite() {
+                    return Err(non_finite_score("score", f64::from(v), *index, &tasks[t]));
+                }
                 columns[t].push(v);
             }
         }
@@ -98,8 +103,7 @@ pub fn score(
             }
             s.into_bytes()
         }
-        "parquet" => parquet_bytes(&tasks, &columns)?,
-        _ => return Err(Error::input("score", "out", format!("{}: use a .csv or .parquet file name", out.display()))),
+        _ => parquet_bytes(&tasks, &columns)?,
     };
     ranker_model::checkpoint::write_atomically(out, &bytes)?;
     Ok(format!("scored {rows} rows into {}\n", out.display()))

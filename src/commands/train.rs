@@ -4,7 +4,8 @@ use std::path::{Path, PathBuf};
 
 use rankstack_nn::Result;
 
-use crate::data::{synthetic, ParquetDataset};
+use super::{check_batch_memory, check_config_memory, Workload};
+use crate::data::{synthetic, DataSchema, ParquetDataset};
 use crate::device::DeviceSpec;
 use crate::train::{TrainOptions, TrainReport, Trainer};
 
@@ -23,6 +24,8 @@ pub struct TrainArgs {
     pub out: PathBuf,
     /// Continue the run in `out` from its latest checkpoint.
     pub resume: bool,
+    /// With `resume`: accept options or a data schema that differ from the checkpoint's.
+    pub allow_resume_changes: bool,
     /// Rows of synthetic training data (without `data`).
     pub synthetic_rows: usize,
     /// `--batch-size auto`: choose `options.batch_size` as the largest batch whose planned
@@ -32,8 +35,17 @@ pub struct TrainArgs {
     pub options: TrainOptions,
 }
 
-/// Trains and returns a printable summary.
+/// Trains and returns a printable summary. Nothing is written before the architecture is known
+/// to be valid. A resumed run must have the checkpoint's data schema and options (unless
+/// `allow_resume_changes`).
 pub fn train(args: &TrainArgs) -> Result<String> {
+    let mut checked = args.options.clone();
+    if args.auto_batch.is_some() {
+        checked.batch_size = 1; // chosen below, once the architecture is known
+    }
+    checked.validate()?;
+    let architecture =
+        if args.resume { None } else { Some(super::architecture(&args.preset, args.config.as_deref())?) };
     let (train_path, eval_path) = match &args.data {
         Some(data) => (data.clone(), args.eval.clone()),
         None => {
@@ -68,25 +80,61 @@ pub fn train(args: &TrainArgs) -> Result<String> {
             ));
         }
     }
-    let config = if args.resume {
-        let dir = crate::train::latest_checkpoint(&args.out)?.ok_or_else(|| {
-            rankstack_nn::Error::input("train", "out", format!("{} holds no checkpoint to resume", args.out.display()))
-        })?;
-        ranker_model::RankerConfig::from_file(dir.join("config.json"))?
-    } else {
-        let mut config = super::architecture(&args.preset, args.config.as_deref())?;
-        train.schema().apply(&mut config)?;
-        config
-    };
+    // `--batch-size auto` picks the batch below; every other option is checked first.
     let mut options = args.options.clone();
     let mut notes = String::new();
-    if let Some(fraction) = args.auto_batch {
-        let plan = auto_batch_size(&config, options.device, fraction)?;
-        options.batch_size = plan.batch_size;
-        notes = format!("{plan}\n");
+    let plan_batch_for = |config: &ranker_model::RankerConfig, options: &mut TrainOptions| -> Result<String> {
+        match args.auto_batch {
+            Some(fraction) => {
+                let plan = auto_batch_size(config, options.device, fraction)?;
+                options.batch_size = plan.batch_size;
+                Ok(format!("{plan}\n"))
+            }
+            None => Ok(String::new()),
+        }
+    };
+    let mut trainer = match architecture {
+        None => {
+            if args.auto_batch.is_some() {
+                let dir = crate::train::latest_checkpoint(&args.out)?.ok_or_else(|| {
+                    rankstack_nn::Error::input(
+                        "train",
+                        "out",
+                        format!("{} holds no checkpoint to resume", args.out.display()),
+                    )
+                })?;
+                let config = ranker_model::RankerConfig::from_file(dir.join("config.json"))?;
+                notes = plan_batch_for(&config, &mut options)?;
+            }
+            if args.allow_resume_changes {
+                Trainer::resume_with_changes(&args.out, options.clone())?
+            } else {
+                let trainer = Trainer::resume(&args.out, options.clone())?;
+                DataSchema::check_fits_model(train.schema(), trainer.ranker().config(), "train --resume", true)?;
+                trainer
+            }
+        }
+        Some(mut config) => {
+            train.schema().apply(&mut config)?;
+            check_config_memory(&config, "train")?;
+            notes = plan_batch_for(&config, &mut options)?;
+            Trainer::new(&config, options.clone(), &args.out)?
+        }
+    };
+    let rows = train.num_rows();
+    if let Err(e) = check_batch_memory(
+        trainer.ranker(),
+        options.batch_size,
+        rows,
+        Workload::Training,
+        "train",
+        trainer.ranker().device(),
+    ) {
+        // A new run's directory holds nothing yet: leave no empty directory behind (this removes
+        // only an empty one).
+        let _ = std::fs::remove_dir(&args.out);
+        return Err(e);
     }
-    let mut trainer =
-        if args.resume { Trainer::resume(&args.out, options)? } else { Trainer::new(&config, options, &args.out)? };
     let report = trainer.fit(&train, eval.as_ref().map(|e| e as &dyn crate::train::BatchSource))?;
     Ok(notes + &summary(&report, &args.out))
 }

@@ -6,6 +6,7 @@
 //! | `mod.rs` | [`DataSchema`] (what a data file holds) and [`LabeledBatch`] (what the trainer eats) |
 //! | `example.rs` | [`Example`], one row in memory, and [`collate`] (rows → tensors) |
 //! | `parquet.rs` | the column convention and [`ParquetDataset`] (streaming, checked reader) |
+//! | `schema_check.rs` | [`DataSchema::of_model`] (the schema a checkpoint was trained on) and the differences from a file's |
 //! | `writer.rs` | [`ParquetWriter`] (writes rows with the schema in the file's metadata) |
 //! | `shuffle.rs` | [`Shuffle`]: the seeded shuffle buffer |
 //! | `prefetch.rs` | [`Prefetch`]: the batch stream decoded on a thread of its own, ahead of the step |
@@ -38,12 +39,13 @@ mod example;
 pub mod movielens;
 mod parquet;
 mod prefetch;
+mod schema_check;
 mod shuffle;
 pub mod synthetic;
 mod writer;
 
 pub use example::{collate, Example, ExampleItems, ExampleSequence};
-pub use parquet::{columns, ParquetDataset, RowBatches};
+pub use parquet::{columns, panic_is_handled, ParquetDataset, RowBatches};
 pub use prefetch::Prefetch;
 pub use shuffle::{Shuffle, ShuffleBuffer};
 pub use writer::{ParquetWriter, WriterOptions};

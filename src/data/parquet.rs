@@ -512,28 +512,84 @@ pub struct ParquetDataset {
     missing_labels: Vec<String>,
 }
 
+/// A reader of `file`. The Arrow schema some writers embed in the metadata (`ARROW:schema`) gives
+/// exact types (e.g. a fixed-size list's width, checked up front); decoding that untrusted
+/// flatbuffer panics inside arrow-ipc on some damaged files (found by `tests/faults.rs`), so a
+/// panic there is caught, and the file is read with the types derived from the Parquet schema
+/// alone (its rows are still checked one by one).
+fn reader_builder(file: File, path: &Path) -> Result<ParquetRecordBatchReaderBuilder<File>> {
+    let retry = file.try_clone().map_err(|source| Error::Io { path: path.display().to_string(), source })?;
+    let decoded = quiet_catch_unwind(|| ParquetRecordBatchReaderBuilder::try_new(file));
+    let built = match decoded {
+        Ok(built) => built,
+        Err(_) => {
+            use std::io::Seek;
+            let mut retry = retry;
+            retry.rewind().map_err(|source| Error::Io { path: path.display().to_string(), source })?;
+            let options = parquet::arrow::arrow_reader::ArrowReaderOptions::new().with_skip_arrow_metadata(true);
+            ParquetRecordBatchReaderBuilder::try_new_with_options(retry, options)
+        }
+    };
+    built.map_err(|e| io_err(path, e))
+}
+
+thread_local! {
+    static QUIET_PANIC: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether the current thread is inside a third-party call whose panic is caught and handled
+/// (a damaged file's metadata): a process's panic hook should then stay silent.
+pub fn panic_is_handled() -> bool {
+    QUIET_PANIC.with(std::cell::Cell::get)
+}
+
+fn quiet_catch_unwind<R>(f: impl FnOnce() -> R) -> std::thread::Result<R> {
+    QUIET_PANIC.with(|q| q.set(true));
+    let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    QUIET_PANIC.with(|q| q.set(false));
+    out
+}
+
+/// How [`ParquetDataset`] treats the label columns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Labels {
+    /// Each must be present and valid (training, evaluation).
+    Required,
+    /// Read when present, NaN when absent.
+    Optional,
+    /// Never read (scoring): labels and example weights are neither checked nor projected.
+    Ignored,
+}
+
 impl ParquetDataset {
     /// Opens a file written with a [`DataSchema`] in its metadata (key [`SCHEMA_METADATA_KEY`]).
     /// Every column of the schema, labels included, must be present with an accepted type.
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
-        Self::open_impl(path.as_ref(), None, true)
+        Self::open_impl(path.as_ref(), None, Labels::Required)
     }
 
     /// Opens a file with an explicit schema (e.g. users' own files without rankstack metadata).
     pub fn open_with_schema(path: impl AsRef<Path>, schema: &DataSchema) -> Result<Self> {
-        Self::open_impl(path.as_ref(), Some(schema), true)
+        Self::open_impl(path.as_ref(), Some(schema), Labels::Required)
     }
 
     /// Opens a file for scoring: as [`ParquetDataset::open`] / [`ParquetDataset::open_with_schema`]
     /// (schema from the metadata when `schema` is `None`), but label columns may be missing; their
     /// labels read as NaN. [`ParquetDataset::missing_labels`] lists them.
     pub fn open_unlabeled(path: impl AsRef<Path>, schema: Option<&DataSchema>) -> Result<Self> {
-        Self::open_impl(path.as_ref(), schema, false)
+        Self::open_impl(path.as_ref(), schema, Labels::Optional)
     }
 
-    fn open_impl(path: &Path, schema: Option<&DataSchema>, labels_required: bool) -> Result<Self> {
+    /// Opens a file for scoring without reading its labels or example weights at all: those
+    /// columns may be absent, of any type or hold any values (scoring does not use them); every
+    /// label reads as NaN and [`ParquetDataset::missing_labels`] lists every label column.
+    pub fn open_features_only(path: impl AsRef<Path>) -> Result<Self> {
+        Self::open_impl(path.as_ref(), None, Labels::Ignored)
+    }
+
+    fn open_impl(path: &Path, schema: Option<&DataSchema>, labels: Labels) -> Result<Self> {
         let file = File::open(path).map_err(|source| Error::Io { path: path.display().to_string(), source })?;
-        let builder = ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| io_err(path, e))?;
+        let builder = reader_builder(file, path)?;
         let schema = match schema {
             Some(s) => s.clone(),
             None => {
@@ -579,11 +635,11 @@ impl ParquetDataset {
         let mut missing_labels = Vec::new();
         for task in &schema.tasks {
             let name = columns::label(task);
-            if !check(&name, Kind::Label, labels_required)? {
+            if labels == Labels::Ignored || !check(&name, Kind::Label, labels == Labels::Required)? {
                 missing_labels.push(name);
             }
         }
-        let has_weight = check(columns::EXAMPLE_WEIGHT, Kind::Weight, false)?;
+        let has_weight = labels != Labels::Ignored && check(columns::EXAMPLE_WEIGHT, Kind::Weight, false)?;
         projection.sort_unstable();
         let meta = builder.metadata();
         let row_groups: Vec<u64> = meta.row_groups().iter().map(|g| g.num_rows() as u64).collect();
@@ -639,7 +695,7 @@ impl ParquetDataset {
         let segments: VecDeque<(u64, u64)> = order.iter().map(|&g| (starts[g], self.row_groups[g])).collect();
         let file =
             File::open(&self.path).map_err(|source| Error::Io { path: self.path.display().to_string(), source })?;
-        let builder = ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| io_err(&self.path, e))?;
+        let builder = reader_builder(file, &self.path)?;
         let mask = ProjectionMask::roots(builder.parquet_schema(), self.projection.iter().copied());
         let reader = builder
             .with_projection(mask)
@@ -757,8 +813,11 @@ impl RowBatches {
     }
 
     fn next_batch(&mut self) -> Result<Option<LabeledBatch>> {
-        let mut rows = Vec::with_capacity(self.batch_size);
-        let mut index = Vec::with_capacity(self.batch_size);
+        // The capacity is a hint, bounded: `batch_size` is the user's number (it may exceed the
+        // file's rows by far, up to `usize::MAX`), so it must not size an allocation.
+        let hint = self.batch_size.min(8192);
+        let mut rows = Vec::with_capacity(hint);
+        let mut index = Vec::with_capacity(hint);
         while rows.len() < self.batch_size {
             match self.next_row()? {
                 Some((i, example)) => {

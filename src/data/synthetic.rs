@@ -134,9 +134,11 @@ pub struct SyntheticSummary {
 }
 
 impl SyntheticSpec {
-    /// Checks the sizes.
+    /// Checks the sizes (every count, `rows` included, must be positive: an empty data set has no
+    /// label rates or AUC to report).
     pub fn validate(&self) -> Result<()> {
         let positive = [
+            ("rows", self.rows),
             ("num_users", self.num_users),
             ("num_segments", self.num_segments),
             ("num_items", self.num_items),

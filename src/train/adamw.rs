@@ -327,6 +327,24 @@ impl AdamW {
         Ok(out)
     }
 
+    /// The first optimizer moment (`m.<param>` or `v.<param>`, in parameter order) holding a
+    /// non-finite value, if any: checked before the state is saved (host moments on the host,
+    /// tensor moments on their device).
+    pub fn first_non_finite_state(&self) -> rankstack_nn::Result<Option<String>> {
+        use rankstack_nn::finite::{first_non_finite, first_non_finite_host};
+        for (name, _) in &self.params {
+            let found = match self.moments.get(name) {
+                None => None,
+                Some(Moments::Host { m, v, .. }) => first_non_finite_host([("m", m.as_slice()), ("v", v.as_slice())]),
+                Some(Moments::Tensors { m, v }) => first_non_finite([("m", m), ("v", v)])?,
+            };
+            if let Some(slot) = found {
+                return Ok(Some(format!("{slot}.{name}")));
+            }
+        }
+        Ok(None)
+    }
+
     /// Restores a state from [`AdamW::state`]; tensors for unknown parameters, a moment without
     /// its partner, or a shape that differs from the parameter's are errors.
     pub fn load_state(&mut self, state: &HashMap<String, Tensor>) -> rankstack_nn::Result<()> {

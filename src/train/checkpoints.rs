@@ -7,8 +7,11 @@
 //! ```
 //!
 //! A checkpoint directory is written completely (each file atomically, fsynced) before `LATEST` is
-//! switched to it by an atomic rename, and older directories are removed only after that: a kill at
-//! any moment leaves the previous checkpoint intact and `LATEST` pointing at a complete one.
+//! switched to it by an atomic rename, and older directories are removed only after that (renamed
+//! out of the `step-N` namespace first, then deleted): a kill at any moment leaves the previous
+//! checkpoint intact, `LATEST` pointing at a complete one, and no half-deleted `step-N`. A state
+//! with a non-finite tensor is never written (the trainer checks first), so it can neither become
+//! `LATEST` nor cause an older, finite checkpoint to be pruned.
 
 use std::path::{Path, PathBuf};
 
@@ -44,7 +47,12 @@ pub fn resolve_checkpoint(path: &Path) -> Result<PathBuf> {
     }
 }
 
-/// Points `LATEST` at `checkpoint` (relative to `run_dir`) and removes older checkpoints.
+/// The name prefix of a checkpoint directory being removed (see [`publish`]).
+const PRUNING_PREFIX: &str = ".pruning-";
+
+/// Points `LATEST` at `checkpoint` (relative to `run_dir`) and removes older checkpoints. Each is
+/// first renamed to `.pruning-<name>` (atomic) and then deleted, so a kill during the deletion
+/// leaves a directory that no longer looks like a checkpoint (the next publish finishes it).
 pub(crate) fn publish(run_dir: &Path, checkpoint: &Path) -> Result<()> {
     let rel = checkpoint.strip_prefix(run_dir).unwrap_or(checkpoint);
     write_atomically(&run_dir.join(LATEST), format!("{}\n", rel.display()).as_bytes())?;
@@ -52,10 +60,49 @@ pub(crate) fn publish(run_dir: &Path, checkpoint: &Path) -> Result<()> {
     if let Ok(entries) = std::fs::read_dir(&dir) {
         for entry in entries.flatten() {
             let p = entry.path();
-            if p != checkpoint {
-                let _ = std::fs::remove_dir_all(&p);
+            if p == checkpoint {
+                continue;
             }
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let doomed = if name.starts_with(PRUNING_PREFIX) { p } else { dir.join(format!("{PRUNING_PREFIX}{name}")) };
+            if doomed != entry.path() && std::fs::rename(entry.path(), &doomed).is_err() {
+                continue;
+            }
+            let _ = std::fs::remove_dir_all(&doomed);
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn checkpoint_dir(run: &Path, name: &str) -> PathBuf {
+        let dir = run.join("checkpoints").join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join(CONFIG_FILE), "{}").unwrap();
+        dir
+    }
+
+    #[test]
+    fn publishing_prunes_through_a_rename_and_finishes_an_interrupted_pruning() {
+        let run = std::env::temp_dir().join(format!("rankstack-publish-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&run);
+        let old = checkpoint_dir(&run, "step-000000001");
+        // What a kill during an earlier pruning leaves: a renamed, partly deleted directory.
+        let half = checkpoint_dir(&run, ".pruning-step-000000000");
+        std::fs::remove_file(half.join(CONFIG_FILE)).unwrap();
+        let new = checkpoint_dir(&run, "step-000000002");
+        publish(&run, &new).unwrap();
+        assert_eq!(latest_checkpoint(&run).unwrap().unwrap(), new);
+        let left: Vec<String> = std::fs::read_dir(run.join("checkpoints"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(left, ["step-000000002"]);
+        assert!(!old.exists() && !half.exists());
+        std::fs::remove_dir_all(&run).ok();
+    }
 }

@@ -21,9 +21,15 @@ pub struct TaskMetrics {
 /// Exact AUC with ties: the Mann–Whitney statistic with average ranks,
 /// `(Σ ranks of positives − P(P+1)/2) / (P·N)`, for labels in `[0, 1]` (soft labels count as
 /// weights: a label `y` contributes `y` positives and `1 − y` negatives). NaN labels are skipped.
+///
+/// Total over any input: a NaN score among the labelled examples gives NaN (no ranking exists);
+/// infinite scores rank as the extremes.
 pub fn auc(scores: &[f64], labels: &[f64]) -> f64 {
     let mut pairs: Vec<(f64, f64)> =
         scores.iter().zip(labels).filter(|(_, y)| !y.is_nan()).map(|(s, y)| (*s, *y)).collect();
+    if pairs.iter().any(|(s, _)| s.is_nan()) {
+        return f64::NAN;
+    }
     pairs.sort_by(|a, b| a.0.total_cmp(&b.0));
     let (mut pos, mut neg) = (0.0, 0.0);
     let mut rank_sum = 0.0; // Σ over positives of the weighted count of negatives ranked below (+½ ties)
@@ -32,7 +38,9 @@ pub fn auc(scores: &[f64], labels: &[f64]) -> f64 {
     while i < pairs.len() {
         let mut j = i;
         let (mut p_tie, mut n_tie) = (0.0, 0.0);
-        while j < pairs.len() && pairs[j].0 == pairs[i].0 {
+        // `total_cmp`, not `==`: the group always holds `pairs[i]` itself, so the loop advances
+        // whatever the values are.
+        while j < pairs.len() && pairs[j].0.total_cmp(&pairs[i].0).is_eq() {
             p_tie += pairs[j].1;
             n_tie += 1.0 - pairs[j].1;
             j += 1;
@@ -50,7 +58,8 @@ pub fn auc(scores: &[f64], labels: &[f64]) -> f64 {
     }
 }
 
-/// All metrics of one task from probabilities and labels.
+/// All metrics of one task from probabilities and labels. Total over any input: non-finite
+/// probabilities give NaN metrics (never a hang or a panic).
 pub fn task_metrics(probabilities: &[f64], labels: &[f64]) -> TaskMetrics {
     let (mut n, mut ll, mut sum_p, mut sum_y) = (0usize, 0.0, 0.0, 0.0);
     for (&p, &y) in probabilities.iter().zip(labels) {
@@ -112,6 +121,17 @@ mod tests {
             }
         }
         assert!((auc(&scores, &labels) - wins / pairs).abs() < 1e-12);
+    }
+
+    #[test]
+    fn metrics_are_total_over_non_finite_scores() {
+        // Used to loop forever: NaN == NaN is false, so the tie group never advanced.
+        assert!(auc(&[0.2, f64::NAN, 0.7], &[0.0, 1.0, 1.0]).is_nan());
+        assert!(auc(&[f64::NAN; 3], &[0.0, 1.0, 0.0]).is_nan());
+        assert_eq!(auc(&[f64::NEG_INFINITY, f64::INFINITY, f64::INFINITY], &[0.0, 1.0, 0.0]), 0.75);
+        assert_eq!(auc(&[0.3, f64::NAN, 0.1], &[1.0, f64::NAN, 0.0]), 1.0); // unlabelled: skipped
+        let m = task_metrics(&[0.5, f64::NAN, 0.1], &[1.0, 0.0, 0.0]);
+        assert!(m.auc.is_nan() && m.log_loss.is_nan() && m.calibration.is_nan() && m.normalized_entropy.is_nan());
     }
 
     #[test]

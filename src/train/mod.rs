@@ -14,4 +14,6 @@ pub use checkpoints::{latest_checkpoint, resolve_checkpoint};
 pub use metrics::{auc, task_metrics, TaskMetrics};
 pub use plot::{smooth, training_curves, Series};
 pub use schedule::WarmupCosine;
-pub use trainer::{evaluate, BatchSource, EvalReport, TrainOptions, TrainReport, Trainer};
+pub use trainer::{
+    evaluate, non_finite_score, BatchSource, EvalReport, TrainOptions, TrainReport, Trainer, TRAINER_STATE_FILE,
+};

@@ -9,6 +9,7 @@ use candle_core::{DType, Device, Tensor};
 use ranker_model::checkpoint::{self, write_safetensors};
 use ranker_model::{Ranker, RankerConfig};
 use rankstack_nn::checkpoint::read_safetensors;
+use rankstack_nn::finite::first_non_finite;
 use rankstack_nn::reseed::child_seed;
 use rankstack_nn::{Error, Reseed, Result, SeededVarMap};
 use serde::Serialize;
@@ -156,8 +157,21 @@ pub struct Trainer {
     options: TrainOptions,
     run_dir: PathBuf,
     step: u64,
+    /// Training losses since the last `train` line of `metrics.jsonl` (saved with checkpoints, so
+    /// a resumed run's first line averages the same steps as an uninterrupted run's).
+    window: LossWindow,
     loss_curve: Vec<(f64, f64)>,
     auc_curves: Vec<Series>,
+}
+
+impl TrainOptions {
+    /// Checks every option (positive sizes and intervals, a finite positive clipping norm, a
+    /// learning-rate floor in `[0, 1]`); [`Trainer::new`] and [`Trainer::resume`] call it, and the
+    /// CLI calls it before writing anything.
+    pub fn validate(&self) -> Result<()> {
+        check_options(self)?;
+        AdamW::new(Vec::new(), self.optimizer).map(|_| ())
+    }
 }
 
 fn check_options(o: &TrainOptions) -> Result<()> {
@@ -176,6 +190,15 @@ fn check_options(o: &TrainOptions) -> Result<()> {
     }
     if !(0.0..=1.0).contains(&o.min_lr_ratio) {
         return bad("min_lr_ratio", "must be in [0, 1]");
+    }
+    if o.max_steps == Some(0) {
+        return bad("max_steps", "must be > 0");
+    }
+    if o.checkpoint_every == Some(0) {
+        return bad("checkpoint_every", "must be > 0");
+    }
+    if o.stop_after == Some(0) {
+        return bad("stop_after", "must be > 0");
     }
     if o.bf16_autocast && o.device.is_cpu() {
         return bad(
@@ -204,9 +227,10 @@ impl Trainer {
             ));
         }
         let device = options.device.open()?;
-        std::fs::create_dir_all(&run_dir).map_err(Error::io_at(&run_dir))?;
         let store = SeededVarMap::new(options.seed);
         let mut ranker = Ranker::new(config, store.var_builder(DType::F32, &device))?;
+        // Only a valid config creates the run directory.
+        std::fs::create_dir_all(&run_dir).map_err(Error::io_at(&run_dir))?;
         ranker.set_row_sparse_gradients(options.row_sparse_embeddings);
         set_precision(&mut ranker, &options);
         let optimizer = AdamW::new(store.named_vars(), options.optimizer)?;
@@ -220,17 +244,31 @@ impl Trainer {
             options,
             run_dir,
             step: 0,
+            window: LossWindow::default(),
             loss_curve: Vec::new(),
             auc_curves: Vec::new(),
         })
     }
 
     /// Continues the run in `run_dir` from its latest checkpoint: weights, buffers, optimizer
-    /// moments and step. With the same options and data, the final weights equal those of an
-    /// uninterrupted run (every step's randomness derives from `(seed, step)`).
+    /// moments, step and the open logging window. With the same options and data, the final
+    /// weights equal those of an uninterrupted run (every step's randomness derives from
+    /// `(seed, step)`). Options that would make the resumed run differ from an uninterrupted one
+    /// (batch size, seed, row-sparse embeddings) must equal the checkpoint's: a difference is an
+    /// error listing each one ([`Trainer::resume_with_changes`] accepts them).
     pub fn resume(run_dir: impl AsRef<Path>, options: TrainOptions) -> Result<Self> {
+        Self::resume_impl(run_dir.as_ref(), options, true)
+    }
+
+    /// [`Trainer::resume`], accepting a batch size, seed or embedding-update mode that differs from
+    /// the checkpoint's (the run then no longer reproduces an uninterrupted one).
+    pub fn resume_with_changes(run_dir: impl AsRef<Path>, options: TrainOptions) -> Result<Self> {
+        Self::resume_impl(run_dir.as_ref(), options, false)
+    }
+
+    fn resume_impl(run_dir: &Path, options: TrainOptions, strict: bool) -> Result<Self> {
         check_options(&options)?;
-        let run_dir = run_dir.as_ref().to_path_buf();
+        let run_dir = run_dir.to_path_buf();
         let Some(dir) = latest_checkpoint(&run_dir)? else {
             return Err(Error::input("train", "out", format!("{} holds no checkpoint to resume", run_dir.display())));
         };
@@ -239,9 +277,13 @@ impl Trainer {
         ranker.set_row_sparse_gradients(options.row_sparse_embeddings);
         set_precision(&mut ranker, &options);
         let mut optimizer = AdamW::new(store.named_vars(), options.optimizer)?;
-        let state = read_safetensors(dir.join("trainer_state.safetensors"))?;
+        let state = read_safetensors(dir.join(TRAINER_STATE_FILE))?;
+        if strict {
+            check_resumed_options(&state.metadata, &options)?;
+        }
         optimizer.load_state(&state.tensors)?;
         let step = optimizer.step_count();
+        let window = LossWindow::from_metadata(&state.metadata);
         let mut trainer = Self {
             ranker,
             device,
@@ -250,6 +292,7 @@ impl Trainer {
             options,
             run_dir,
             step,
+            window,
             loss_curve: Vec::new(),
             auc_curves: Vec::new(),
         };
@@ -324,13 +367,31 @@ impl Trainer {
         let dir = self.run_dir.join("checkpoints").join(format!("step-{:09}", self.step));
         checkpoint::save(&dir, &self.ranker, &self.store)?;
         let state: Vec<(String, Tensor)> = self.optimizer.state()?.into_iter().collect();
-        let meta =
+        let mut meta =
             HashMap::from([("options".to_string(), serde_json::to_string(&self.options).expect("options serialise"))]);
-        write_safetensors(&dir.join("trainer_state.safetensors"), &state, Some(meta))?;
+        self.window.to_metadata(&mut meta);
+        write_safetensors(&dir.join(TRAINER_STATE_FILE), &state, Some(meta))?;
         publish(&self.run_dir, &dir)?;
         let svg = super::training_curves(&self.loss_curve, &self.auc_curves);
         ranker_model::checkpoint::write_atomically(&self.run_dir.join("training_curves.svg"), svg.as_bytes())?;
         Ok(dir)
+    }
+
+    /// Checks every parameter, buffer and optimizer moment for infinities and NaNs (on their
+    /// device; see [`rankstack_nn::finite`]): a non-finite state is an error naming the first
+    /// such tensor and the step, and is never evaluated, checkpointed or named "last good".
+    fn check_finite_state(&self, last_good: Option<&Path>) -> Result<()> {
+        let state = checkpoint::state(&self.ranker, &self.store);
+        let found = match first_non_finite(state.iter().map(|(n, v)| (n.as_str(), v.as_tensor())))? {
+            Some(name) => Some(format!("tensor `{name}`")),
+            None => self.optimizer.first_non_finite_state()?.map(|name| format!("optimizer state `{name}`")),
+        };
+        match found {
+            None => Ok(()),
+            Some(what) => {
+                Err(stopped("model", format!("non-finite values in {what} after step {}", self.step), last_good))
+            }
+        }
     }
 
     /// Trains until the configured epochs or steps are done (or `stop_after`), evaluating on
@@ -397,7 +458,12 @@ impl Trainer {
         if rows == 0 {
             return Err(Error::input("train", "data", "the training set is empty"));
         }
-        let steps_per_epoch = rows.div_ceil(o.batch_size) as u64;
+        // A last batch of one row is left out of the epoch: BatchNorm cannot normalise one row in
+        // training (PyTorch raises there too). The shuffle puts a different row last each epoch.
+        if rows == 1 {
+            return Err(Error::input("train", "data", "the training set has 1 row; training needs at least 2"));
+        }
+        let steps_per_epoch = (rows / o.batch_size + usize::from(rows % o.batch_size > 1)) as u64;
         let mut total = steps_per_epoch * o.epochs as u64;
         if let Some(max) = o.max_steps {
             total = if o.epochs == 0 { max } else { total.min(max) };
@@ -424,10 +490,9 @@ impl Trainer {
         };
         let start_step = self.step;
         let mut examples = 0usize;
-        let (mut window_loss, mut window_steps) = (0.0, 0u64);
         let mut last_loss = f64::NAN;
         let mut evaluations = Vec::new();
-        let mut last_checkpoint = latest_checkpoint(&self.run_dir)?.unwrap_or_default();
+        let mut last_checkpoint = latest_checkpoint(&self.run_dir)?;
         // Time the loop spends waiting for its next batch (decoding, collating, the copy to the
         // device): while it waits, a GPU has nothing to do.
         let input_wait = std::cell::Cell::new(std::time::Duration::ZERO);
@@ -463,32 +528,29 @@ impl Trainer {
                 let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
                 if !value.is_finite() {
                     progress.abandon();
-                    return Err(Error::input(
-                        "train",
-                        "loss",
-                        format!(
-                            "non-finite loss ({value}) at step {}; training stopped, the last good checkpoint is kept at {}",
-                            self.step + 1,
-                            last_checkpoint.display()
-                        ),
-                    ));
+                    let reason = format!("non-finite loss ({value}) at step {}", self.step + 1);
+                    return Err(stopped("loss", reason, last_checkpoint.as_deref()));
                 }
                 let mut grads = loss.backward()?;
                 let mut rows = self.ranker.take_row_gradients(&grads)?;
-                // The gradient norm before clipping, computed when clipping needs it or the step
-                // is logged (a pass over every gradient): a growing norm warns of divergence.
+                // The global gradient norm before clipping, every step: a growing norm warns of
+                // divergence, and a non-finite one stops training before the update spreads it.
                 let logged = (self.step + 1).is_multiple_of(o.log_every) || self.step + 1 == total;
                 let norm = match o.grad_clip_norm {
-                    Some(max) => Some(clip_grad_norm(&params, &mut grads, &mut rows, max)?),
-                    None if logged => Some(grad_norm(&params, &grads, &rows)?),
-                    None => None,
+                    Some(max) => clip_grad_norm(&params, &mut grads, &mut rows, max)?,
+                    None => grad_norm(&params, &grads, &rows)?,
                 };
+                if !norm.is_finite() {
+                    progress.abandon();
+                    let name = first_non_finite_gradient(&params, &grads, &rows)?.unwrap_or_else(|| "?".into());
+                    let reason = format!("non-finite gradient of `{name}` at step {}", self.step + 1);
+                    return Err(stopped("gradients", reason, last_checkpoint.as_deref()));
+                }
                 let lr = schedule.lr(self.step);
                 self.optimizer.step(&grads, &rows, lr)?;
                 self.step += 1;
                 examples += b.rows;
-                window_loss += value;
-                window_steps += 1;
+                self.window.add(value);
                 let rate = train_rate(examples, paused);
                 progress.set_position(self.step);
                 progress.set_message(format!("loss {value:.4}  {rate:.0} ex/s"));
@@ -497,17 +559,26 @@ impl Trainer {
                     self.log(&line)?;
                 }
                 if logged {
-                    last_loss = window_loss / window_steps as f64;
+                    last_loss = self.window.mean();
                     let wait = input_wait.replace(std::time::Duration::ZERO).as_secs_f64();
                     let input_wait_fraction = wait / window_started.elapsed().as_secs_f64().max(1e-9);
                     window_started = Instant::now();
                     let line = serde_json::json!({"kind": "train", "step": self.step, "epoch": epoch + 1, "loss": last_loss, "lr": lr, "grad_norm": norm, "examples_per_second": rate, "input_wait_fraction": input_wait_fraction});
                     self.record_curves(&line);
                     self.log(&line)?;
-                    (window_loss, window_steps) = (0.0, 0);
+                    self.window = LossWindow::default();
                 }
                 let epoch_done = self.step.is_multiple_of(steps_per_epoch) || self.step == total;
+                let interrupted = o.stop_after == Some(self.step);
+                let checkpoint_due =
+                    epoch_done || interrupted || o.checkpoint_every.is_some_and(|k| self.step.is_multiple_of(k));
                 let pause_started = Instant::now();
+                if checkpoint_due {
+                    if let Err(e) = self.check_finite_state(last_checkpoint.as_deref()) {
+                        progress.abandon();
+                        return Err(e);
+                    }
+                }
                 if epoch_done {
                     if let Some(eval) = eval {
                         let report = evaluate(&self.ranker, eval, o.batch_size, (epoch + 1) as usize, self.step)?;
@@ -527,9 +598,8 @@ impl Trainer {
                         evaluations.push(report);
                     }
                 }
-                let interrupted = o.stop_after == Some(self.step);
-                if epoch_done || interrupted || o.checkpoint_every.is_some_and(|k| self.step.is_multiple_of(k)) {
-                    last_checkpoint = self.save_checkpoint()?;
+                if checkpoint_due {
+                    last_checkpoint = Some(self.save_checkpoint()?);
                 }
                 paused += pause_started.elapsed();
                 if interrupted {
@@ -539,7 +609,7 @@ impl Trainer {
                         interrupted: true,
                         last_loss,
                         evaluations,
-                        checkpoint: last_checkpoint,
+                        checkpoint: last_checkpoint.unwrap_or_default(),
                         examples_per_second: train_rate(examples, paused),
                     });
                 }
@@ -557,7 +627,7 @@ impl Trainer {
             interrupted: false,
             last_loss,
             evaluations,
-            checkpoint: last_checkpoint,
+            checkpoint: last_checkpoint.unwrap_or_default(),
             examples_per_second: train_rate(examples, paused),
         })
     }
@@ -580,8 +650,115 @@ impl<I: Iterator> Iterator for Timed<'_, I> {
     }
 }
 
+/// The file of a checkpoint that holds the optimizer state and the trainer's position.
+pub const TRAINER_STATE_FILE: &str = "trainer_state.safetensors";
+
+/// The error that stops training: `reason`, and where the last good checkpoint is (if any).
+fn stopped(what: &str, reason: String, last_good: Option<&Path>) -> Error {
+    let kept = match last_good {
+        Some(dir) => format!("the last good checkpoint is kept at {}", dir.display()),
+        None => "no checkpoint had been written yet".to_string(),
+    };
+    Error::input("train", what, format!("{reason}; training stopped, {kept}"))
+}
+
+/// The first parameter (in `params` order) whose dense or row gradient holds a non-finite value.
+fn first_non_finite_gradient(
+    params: &[(String, candle_core::Var)],
+    grads: &candle_core::backprop::GradStore,
+    rows: &[rankstack_nn::RowGradient],
+) -> Result<Option<String>> {
+    let mut named = Vec::new();
+    for (name, var) in params {
+        if let Some(g) = grads.get(var.as_tensor()) {
+            named.push((name.as_str(), g));
+        }
+        for r in rows.iter().filter(|r| r.table.id() == var.as_tensor().id()) {
+            named.push((name.as_str(), &r.grad));
+        }
+    }
+    first_non_finite(named)
+}
+
+/// Options whose change makes a resumed run differ from an uninterrupted one: each difference
+/// between the checkpoint's options (its trainer-state metadata) and `options`, as one error.
+fn check_resumed_options(metadata: &HashMap<String, String>, options: &TrainOptions) -> Result<()> {
+    let Some(saved) = metadata.get("options").and_then(|json| serde_json::from_str::<TrainOptions>(json).ok()) else {
+        return Ok(()); // a checkpoint without options (written by another tool): nothing to compare
+    };
+    let mut changes = Vec::new();
+    if saved.batch_size != options.batch_size {
+        changes.push(format!("batch size {} (checkpoint: {})", options.batch_size, saved.batch_size));
+    }
+    if saved.seed != options.seed {
+        changes.push(format!("seed {} (checkpoint: {})", options.seed, saved.seed));
+    }
+    if saved.row_sparse_embeddings != options.row_sparse_embeddings {
+        let mode = |sparse: bool| if sparse { "row-sparse" } else { "dense" };
+        changes.push(format!(
+            "{} embedding gradients (checkpoint: {})",
+            mode(options.row_sparse_embeddings),
+            mode(saved.row_sparse_embeddings)
+        ));
+    }
+    if changes.is_empty() {
+        return Ok(());
+    }
+    Err(Error::input(
+        "train",
+        "resume",
+        format!(
+            "the options differ from the checkpoint's, so the run would not continue as it started: {}; \
+             use the checkpoint's values, or accept the change explicitly (--allow-resume-changes)",
+            changes.join(", ")
+        ),
+    ))
+}
+
+/// The training losses since the last logged line: their sum and count.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+struct LossWindow {
+    sum: f64,
+    steps: u64,
+}
+
+impl LossWindow {
+    const METADATA_KEY: &'static str = "loss_window";
+
+    fn add(&mut self, loss: f64) {
+        self.sum += loss;
+        self.steps += 1;
+    }
+
+    fn mean(&self) -> f64 {
+        self.sum / self.steps as f64
+    }
+
+    /// Stored as the sum's bits and the count, so a resume restores the exact sum.
+    fn to_metadata(self, meta: &mut HashMap<String, String>) {
+        meta.insert(Self::METADATA_KEY.into(), format!("{:016x} {}", self.sum.to_bits(), self.steps));
+    }
+
+    /// The window saved in a checkpoint's metadata; empty for checkpoints written before it was saved.
+    fn from_metadata(meta: &HashMap<String, String>) -> Self {
+        let parse = |text: &str| -> Option<Self> {
+            let (bits, steps) = text.split_once(' ')?;
+            Some(Self { sum: f64::from_bits(u64::from_str_radix(bits, 16).ok()?), steps: steps.parse().ok()? })
+        };
+        meta.get(Self::METADATA_KEY).and_then(|t| parse(t)).unwrap_or_default()
+    }
+}
+
+/// The error for a model output that is not a finite number (a diverged or corrupt model): it
+/// names the row (0-based, file order) and the task, so the input can be found.
+pub fn non_finite_score(command: &str, value: f64, row: u64, task: &str) -> Error {
+    Error::input(command, "model output", format!("the probability of task `{task}` for row {row} is {value}"))
+}
+
 /// Evaluates `ranker` on every row of `data` (file order): the weighted loss and per-task AUC, log
-/// loss, normalised entropy and calibration of the (calibrated) probabilities.
+/// loss, normalised entropy and calibration of the (calibrated) probabilities. A non-finite
+/// probability is an error naming its row and task ([`non_finite_score`]), a non-finite loss one
+/// naming the batch's rows: a report never holds a NaN or infinite loss.
 pub fn evaluate(
     ranker: &Ranker,
     data: &dyn BatchSource,
@@ -597,14 +774,25 @@ pub fn evaluate(
     for item in data.batches(batch_size, None)? {
         let b = item?.to_device(&device)?;
         let logits = ranker.forward(&b.batch)?;
-        loss_sum +=
-            ranker.loss(&logits, &b.labels, b.example_weights.as_ref())?.to_dtype(DType::F64)?.to_scalar::<f64>()?
-                * b.rows as f64;
+        let loss =
+            ranker.loss(&logits, &b.labels, b.example_weights.as_ref())?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        if !loss.is_finite() {
+            let (first, last) = (b.row_index.first().copied().unwrap_or(0), b.row_index.last().copied().unwrap_or(0));
+            return Err(Error::input(
+                "eval",
+                "model output",
+                format!("the loss over rows {first}..={last} is {loss} (the model's logits overflow)"),
+            ));
+        }
+        loss_sum += loss * b.rows as f64;
         rows += b.rows;
         let p: Vec<Vec<f64>> = ranker.probabilities(&logits)?.to_dtype(DType::F64)?.to_vec2()?;
         let y: Vec<Vec<f64>> = b.labels.to_dtype(DType::F64)?.to_vec2()?;
-        for (pr, yr) in p.iter().zip(&y) {
+        for ((pr, yr), row) in p.iter().zip(&y).zip(&b.row_index) {
             for t in 0..tasks.len() {
+                if !pr[t].is_finite() {
+                    return Err(non_finite_score("eval", pr[t], *row, &tasks[t]));
+                }
                 probs[t].push(pr[t]);
                 labels[t].push(yr[t]);
             }
@@ -615,4 +803,30 @@ pub fn evaluate(
     }
     let tasks = tasks.into_iter().enumerate().map(|(t, name)| (name, task_metrics(&probs[t], &labels[t]))).collect();
     Ok(EvalReport { epoch, step, loss: loss_sum / rows as f64, tasks })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_first_non_finite_gradient_is_named_dense_or_row_sparse() {
+        let d = Device::Cpu;
+        let a = candle_core::Var::from_tensor(&Tensor::new(&[1.0f32, 2.0], &d).unwrap()).unwrap();
+        let b = candle_core::Var::from_tensor(&Tensor::new(&[[1.0f32], [2.0]], &d).unwrap()).unwrap();
+        let params = vec![("a".to_string(), a.clone()), ("b".to_string(), b.clone())];
+        // ∂/∂a of Σ a ⊙ [1, ∞] is [1, ∞]; b gets a finite gradient.
+        let scale = Tensor::new(&[1.0f32, f32::INFINITY], &d).unwrap();
+        let loss = ((a.as_tensor() * &scale).unwrap().sum_all().unwrap() + b.as_tensor().sum_all().unwrap()).unwrap();
+        let grads = loss.backward().unwrap();
+        assert_eq!(first_non_finite_gradient(&params, &grads, &[]).unwrap().as_deref(), Some("a"));
+        let finite = (a.as_tensor().sum_all().unwrap() + b.as_tensor().sum_all().unwrap()).unwrap().backward().unwrap();
+        assert_eq!(first_non_finite_gradient(&params, &finite, &[]).unwrap(), None);
+        let rows = vec![rankstack_nn::RowGradient {
+            table: b.as_tensor().clone(),
+            rows: vec![1],
+            grad: Tensor::new(&[[f32::NAN]], &d).unwrap(),
+        }];
+        assert_eq!(first_non_finite_gradient(&params, &finite, &rows).unwrap().as_deref(), Some("b"));
+    }
 }

@@ -20,14 +20,67 @@ pub struct TensorFile {
     pub metadata: HashMap<String, String>,
 }
 
-/// Reads a safetensors file. A missing file is an [`Error::Io`]; a truncated or corrupt one is an
-/// [`Error::Corrupt`] naming the path.
+/// The metadata key of a tensor file's checksum ([`TensorChecksum`]), written by rankstack's
+/// checkpoint writer and verified by [`read_safetensors`] when present.
+pub const CHECKSUM_KEY: &str = "rankstack.crc32";
+
+/// A CRC-32 over a tensor file's metadata (every entry but the checksum itself, in key order) and
+/// its tensors' names, dtypes, shapes and raw bytes, in name order: detects a damaged or modified
+/// tensor file (a flipped bit in a weight would otherwise load as a valid, different model).
+#[derive(Default)]
+pub struct TensorChecksum(crc32fast::Hasher);
+
+impl TensorChecksum {
+    /// Adds one tensor (`dtype` as safetensors names it, e.g. `F32`).
+    pub fn add(&mut self, name: &str, dtype: safetensors::Dtype, shape: &[usize], bytes: &[u8]) {
+        self.0.update(format!("{name}:{dtype:?}:{shape:?}:").as_bytes());
+        self.0.update(bytes);
+    }
+
+    /// Adds the metadata entries, in key order, leaving out [`CHECKSUM_KEY`].
+    pub fn add_metadata(&mut self, metadata: &HashMap<String, String>) {
+        let mut entries: Vec<(&String, &String)> = metadata.iter().filter(|(k, _)| *k != CHECKSUM_KEY).collect();
+        entries.sort();
+        for (key, value) in entries {
+            self.0.update(format!("{key}={value}\n").as_bytes());
+        }
+    }
+
+    /// The checksum as 8 hex digits.
+    pub fn finish(self) -> String {
+        format!("{:08x}", self.0.finalize())
+    }
+}
+
+/// A CRC-32 (8 hex digits) of a whole byte string, e.g. a config file stored beside a tensor file.
+pub fn bytes_checksum(bytes: &[u8]) -> String {
+    format!("{:08x}", crc32fast::hash(bytes))
+}
+
+/// Reads a safetensors file. A missing file is an [`Error::Io`]; a truncated or corrupt one, or
+/// one whose [`CHECKSUM_KEY`] does not match its tensors, is an [`Error::Corrupt`] naming the path.
 pub fn read_safetensors(path: impl AsRef<Path>) -> Result<TensorFile> {
     let path = path.as_ref();
     let bytes = std::fs::read(path).map_err(|source| Error::Io { path: path.display().to_string(), source })?;
     let corrupt = |reason: String| Error::Corrupt { path: path.display().to_string(), reason };
     let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| corrupt(e.to_string()))?;
     let metadata = header.metadata().clone().unwrap_or_default();
+    if let Some(stored) = metadata.get(CHECKSUM_KEY) {
+        let file = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| corrupt(e.to_string()))?;
+        let mut views = file.tensors();
+        views.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut sum = TensorChecksum::default();
+        sum.add_metadata(&metadata);
+        for (name, view) in &views {
+            sum.add(name, view.dtype(), view.shape(), view.data());
+        }
+        let actual = sum.finish();
+        if &actual != stored {
+            return Err(corrupt(format!(
+                "checksum mismatch (stored {stored}, computed {actual}): the file was damaged or modified"
+            )));
+        }
+    }
     let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu).map_err(|e| corrupt(e.to_string()))?;
     Ok(TensorFile { tensors, metadata })
 }

@@ -16,6 +16,7 @@
 //! - [`Mlp`]: a stack of linear layers with activation, optional normalisation and dropout.
 //! - [`shape`]: input-shape checks that produce errors naming the layer.
 //! - [`checkpoint`]: loading named tensors into a parameter store, reporting every mismatch at once.
+//! - [`finite`]: which named tensor holds an infinity or a NaN, checked on the tensors' device.
 //! - [`batched_matmul()`]: many small matrix products in parallel (attention), with a backward pass.
 //! - [`Linear`] and [`packed_matmul`]: linear layers whose weights a serving model packs once, in
 //!   f32 or bf16, for an AVX-512 kernel ([`pack_linear_layers`], [`LinearLayers`]); in training
@@ -41,6 +42,7 @@ pub mod device_memory;
 pub mod distinct_rows;
 pub mod dropout;
 pub mod error;
+pub mod finite;
 pub mod fused_layer_norm;
 mod fused_linear;
 pub mod fused_softmax;

@@ -7,7 +7,7 @@ use std::io::Write;
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor, Var};
-use rankstack_nn::checkpoint::{load_into, mismatches, read_safetensors};
+use rankstack_nn::checkpoint::{bytes_checksum, load_into, mismatches, read_safetensors, TensorChecksum, CHECKSUM_KEY};
 use rankstack_nn::packed_matmul::WeightPrecision;
 use rankstack_nn::{Error, Result, SeededVarMap};
 
@@ -20,13 +20,20 @@ pub const WEIGHTS_FILE: &str = "model.safetensors";
 
 /// Writes `bytes` to `path` atomically: a temporary file in the same directory, fsync, rename. A
 /// crash at any moment leaves either the old file or the new one, never a torn one.
+/// A failed write removes its temporary file.
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = path.with_extension(format!("{}.tmp", path.extension().and_then(|e| e.to_str()).unwrap_or("")));
-    let mut file = std::fs::File::create(&tmp).map_err(Error::io_at(&tmp))?;
-    file.write_all(bytes).map_err(Error::io_at(&tmp))?;
-    file.sync_all().map_err(Error::io_at(&tmp))?;
-    drop(file);
-    std::fs::rename(&tmp, path).map_err(Error::io_at(path))?;
+    let written = (|| {
+        let mut file = std::fs::File::create(&tmp).map_err(Error::io_at(&tmp))?;
+        file.write_all(bytes).map_err(Error::io_at(&tmp))?;
+        file.sync_all().map_err(Error::io_at(&tmp))?;
+        drop(file);
+        std::fs::rename(&tmp, path).map_err(Error::io_at(path))
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written?;
     if let Some(dir) = path.parent() {
         // Persist the rename itself; failure to open a directory (some platforms) is not fatal.
         if let Ok(d) = std::fs::File::open(dir) {
@@ -34,6 +41,46 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The metadata key, in the weights file, of the checksum of the `config.json` written with it.
+pub const CONFIG_CHECKSUM_KEY: &str = "rankstack.config_crc32";
+
+/// The checkpoint's config and the checksum of its bytes (see [`check_config_checksum`]).
+fn read_config(dir: &Path) -> Result<(RankerConfig, String)> {
+    let path = dir.join(CONFIG_FILE);
+    let bytes = std::fs::read(&path).map_err(Error::io_at(&path))?;
+    Ok((RankerConfig::from_file(&path)?, bytes_checksum(&bytes)))
+}
+
+/// Refuses a `config.json` whose checksum differs from the one the weights file recorded for it
+/// (files from other writers, without one, are not checked): a damaged or edited config would
+/// build a different model around the same weights. Called after the tensors were found to fit
+/// the config, so a config of another model is reported by its mismatches first.
+fn check_config_checksum(dir: &Path, actual: &str, weights_metadata: &HashMap<String, String>) -> Result<()> {
+    match weights_metadata.get(CONFIG_CHECKSUM_KEY) {
+        Some(stored) if stored != actual => Err(Error::input(
+            "checkpoint",
+            dir.join(CONFIG_FILE).display().to_string(),
+            format!("checksum {actual} differs from the {stored} recorded in {WEIGHTS_FILE}: the file was damaged or modified"),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// Refuses a tensor file holding an infinity or a NaN (a diverged model, or a damaged file): such a
+/// model is never served or trained on. Names the first such tensor in name order.
+fn check_finite(path: &Path, tensors: &HashMap<String, Tensor>) -> Result<()> {
+    let mut named: Vec<(&str, &Tensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    named.sort_by_key(|(n, _)| *n);
+    match rankstack_nn::finite::first_non_finite(named)? {
+        None => Ok(()),
+        Some(name) => Err(Error::input(
+            "checkpoint",
+            path.display().to_string(),
+            format!("tensor `{name}` holds non-finite values (a diverged or damaged model); refusing to load it"),
+        )),
+    }
 }
 
 /// Every tensor a checkpoint holds for this model: parameters (from `store`) and buffers.
@@ -44,7 +91,9 @@ pub fn state(ranker: &Ranker, store: &SeededVarMap) -> Vec<(String, Var)> {
     all
 }
 
-/// Writes named tensors (and optional string metadata) to a safetensors file, atomically.
+/// Writes named tensors (and optional string metadata) to a safetensors file, atomically, with a
+/// checksum of the tensors in the metadata ([`rankstack_nn::checkpoint::CHECKSUM_KEY`], verified
+/// on reading).
 pub fn write_safetensors(
     path: &Path,
     tensors: &[(String, Tensor)],
@@ -59,9 +108,46 @@ pub fn write_safetensors(
             reason: format!("tensor name `{}` appears twice", pair[0].0),
         });
     }
-    let bytes = safetensors::serialize(sorted.iter().map(|(n, t)| (n.as_str(), TensorRef(t))), metadata)
+    let views = sorted.iter().map(|(n, t)| Ok((n.as_str(), HostTensor::new(n, t)?))).collect::<Result<Vec<_>>>()?;
+    let mut metadata = metadata.unwrap_or_default();
+    let mut checksum = TensorChecksum::default();
+    checksum.add_metadata(&metadata);
+    for (name, view) in &views {
+        checksum.add(name, view.1, view.0.dims(), &view.2);
+    }
+    metadata.insert(CHECKSUM_KEY.to_string(), checksum.finish());
+    let mut bytes = safetensors::serialize(views.iter().map(|(n, v)| (*n, v)), Some(metadata))
         .map_err(|e| Error::Corrupt { path: path.display().to_string(), reason: e.to_string() })?;
+    sort_header(&mut bytes).map_err(|reason| Error::Corrupt { path: path.display().to_string(), reason })?;
     write_atomically(path, &bytes)
+}
+
+/// Rewrites a serialized safetensors header with its keys in sorted order, in place: safetensors
+/// writes the metadata map in hash order, which would make two saves of the same tensors differ
+/// byte for byte (reproducible runs compare checkpoint files). Same keys and values, so the same
+/// length; the padding to the header's size is spaces, as safetensors pads.
+fn sort_header(bytes: &mut [u8]) -> std::result::Result<(), String> {
+    fn sorted(v: serde_json::Value) -> serde_json::Value {
+        match v {
+            serde_json::Value::Object(map) => {
+                let mut entries: Vec<(String, serde_json::Value)> = map.into_iter().collect();
+                entries.sort_by(|a, b| a.0.cmp(&b.0));
+                serde_json::Value::Object(entries.into_iter().map(|(k, v)| (k, sorted(v))).collect())
+            }
+            other => other,
+        }
+    }
+    let len = bytes.get(..8).map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")) as usize);
+    let header = len.and_then(|n| bytes.get(8..8 + n)).ok_or("header out of range")?;
+    let (value, n) = (serde_json::from_slice::<serde_json::Value>(header).map_err(|e| e.to_string())?, header.len());
+    let text = serde_json::to_vec(&sorted(value)).map_err(|e| e.to_string())?;
+    let header = &mut bytes[8..8 + n];
+    if text.len() > header.len() {
+        return Err("the sorted header is longer than the original".into());
+    }
+    header[..text.len()].copy_from_slice(&text);
+    header[text.len()..].fill(b' ');
+    Ok(())
 }
 
 /// Saves the config and all tensors into `dir` (created if needed).
@@ -70,17 +156,23 @@ pub fn save(dir: impl AsRef<Path>, ranker: &Ranker, store: &SeededVarMap) -> Res
     std::fs::create_dir_all(dir).map_err(Error::io_at(dir))?;
     let tensors: Vec<(String, Tensor)> =
         state(ranker, store).into_iter().map(|(n, v)| (n, v.as_tensor().clone())).collect();
-    write_safetensors(&dir.join(WEIGHTS_FILE), &tensors, None)?;
     let config = serde_json::to_string_pretty(ranker.config()).expect("a RankerConfig always serialises");
+    let meta = HashMap::from([(CONFIG_CHECKSUM_KEY.to_string(), bytes_checksum(config.as_bytes()))]);
+    write_safetensors(&dir.join(WEIGHTS_FILE), &tensors, Some(meta))?;
     write_atomically(&dir.join(CONFIG_FILE), config.as_bytes())
 }
 
 /// Loads a checkpoint directory into a new model on `device` in `dtype`. Every mismatch between
-/// the file and the config (missing, unexpected, wrong shape or dtype) is reported at once.
+/// the file and the config (missing, unexpected, wrong shape, an integer tensor where a float one
+/// belongs or the reverse) is reported at once. Float parameters are converted to `dtype` (a
+/// float64 export loads into an f32 model, as PyTorch's `load_state_dict` copies across float
+/// dtypes). Refused as well: a tensor holding a non-finite value, and a file whose checksums
+/// (when written by rankstack) do not match its tensors or its `config.json`.
 pub fn load(dir: impl AsRef<Path>, dtype: DType, device: &Device) -> Result<(Ranker, SeededVarMap)> {
     let dir = dir.as_ref();
-    let config = RankerConfig::from_file(dir.join(CONFIG_FILE))?;
+    let (config, config_checksum) = read_config(dir)?;
     let mut file = read_safetensors(dir.join(WEIGHTS_FILE))?;
+    check_finite(&dir.join(WEIGHTS_FILE), &file.tensors)?;
     // The parameters start from the file's values (no random draw to be overwritten); the check
     // and the buffers come below.
     let store = SeededVarMap::with_initial_values(0, file.tensors.clone());
@@ -99,6 +191,7 @@ pub fn load(dir: impl AsRef<Path>, dtype: DType, device: &Device) -> Result<(Ran
     if !problems.is_empty() {
         return Err(Error::Checkpoint(problems));
     }
+    check_config_checksum(dir, &config_checksum, &file.metadata)?;
     // With no mismatch every parameter already holds its file value (the store started it from
     // there), so only the buffers are left to set.
     let buffer_values: HashMap<String, Tensor> =
@@ -114,8 +207,10 @@ pub fn load(dir: impl AsRef<Path>, dtype: DType, device: &Device) -> Result<(Ran
 /// or fine-tune. Every mismatch between file and config is reported at once, as with [`load`].
 pub fn load_for_serving(dir: impl AsRef<Path>, dtype: DType, device: &Device) -> Result<Ranker> {
     let dir = dir.as_ref();
-    let config = RankerConfig::from_file(dir.join(CONFIG_FILE))?;
+    let (config, config_checksum) = read_config(dir)?;
     let file = read_safetensors(dir.join(WEIGHTS_FILE))?;
+    check_finite(&dir.join(WEIGHTS_FILE), &file.tensors)?;
+    let metadata = file.metadata.clone();
     let frozen = rankstack_nn::checkpoint::FrozenTensors::new(file.tensors);
     let ranker = Ranker::new(&config, frozen.var_builder(dtype, device))?;
     // Buffers (BatchNorm running statistics) live outside the parameters as variables, loaded
@@ -135,6 +230,7 @@ pub fn load_for_serving(dir: impl AsRef<Path>, dtype: DType, device: &Device) ->
     if !problems.is_empty() {
         return Err(Error::Checkpoint(problems));
     }
+    check_config_checksum(dir, &config_checksum, &metadata)?;
     load_into(&buffers, &stored)?;
     Ok(ranker)
 }
@@ -159,21 +255,40 @@ pub fn load_packed_for_serving(dir: impl AsRef<Path>, precision: WeightPrecision
     Ok(ranker)
 }
 
-/// Adapts a candle tensor to safetensors' `View` (CPU copy of the data).
-struct TensorRef<'a>(&'a Tensor);
+/// A tensor's little-endian bytes on the host, copied once, for safetensors' `View` and the
+/// checksum.
+struct HostTensor<'a>(&'a Tensor, safetensors::Dtype, Vec<u8>);
 
-impl safetensors::View for TensorRef<'_> {
+impl<'a> HostTensor<'a> {
+    fn new(name: &str, tensor: &'a Tensor) -> Result<Self> {
+        let t = tensor.flatten_all()?.to_device(&Device::Cpu)?;
+        let (dtype, bytes) = match t.dtype() {
+            DType::F64 => (safetensors::Dtype::F64, t.to_vec1::<f64>()?.iter().flat_map(|v| v.to_le_bytes()).collect()),
+            DType::F32 => (safetensors::Dtype::F32, t.to_vec1::<f32>()?.iter().flat_map(|v| v.to_le_bytes()).collect()),
+            DType::F16 => {
+                (safetensors::Dtype::F16, t.to_vec1::<half::f16>()?.iter().flat_map(|v| v.to_le_bytes()).collect())
+            }
+            DType::BF16 => {
+                (safetensors::Dtype::BF16, t.to_vec1::<half::bf16>()?.iter().flat_map(|v| v.to_le_bytes()).collect())
+            }
+            DType::I64 => (safetensors::Dtype::I64, t.to_vec1::<i64>()?.iter().flat_map(|v| v.to_le_bytes()).collect()),
+            DType::U32 => (safetensors::Dtype::U32, t.to_vec1::<u32>()?.iter().flat_map(|v| v.to_le_bytes()).collect()),
+            DType::U8 => (safetensors::Dtype::U8, t.to_vec1::<u8>()?),
+            other => {
+                return Err(Error::input(
+                    "checkpoint",
+                    name,
+                    format!("dtype {other:?} cannot be written to a checkpoint"),
+                ))
+            }
+        };
+        Ok(Self(tensor, dtype, bytes))
+    }
+}
+
+impl safetensors::View for &HostTensor<'_> {
     fn dtype(&self) -> safetensors::Dtype {
-        match self.0.dtype() {
-            DType::F64 => safetensors::Dtype::F64,
-            DType::F32 => safetensors::Dtype::F32,
-            DType::F16 => safetensors::Dtype::F16,
-            DType::BF16 => safetensors::Dtype::BF16,
-            DType::I64 => safetensors::Dtype::I64,
-            DType::U32 => safetensors::Dtype::U32,
-            DType::U8 => safetensors::Dtype::U8,
-            other => panic!("unsupported dtype {other:?} in a checkpoint"),
-        }
+        self.1
     }
 
     fn shape(&self) -> &[usize] {
@@ -181,21 +296,10 @@ impl safetensors::View for TensorRef<'_> {
     }
 
     fn data(&self) -> std::borrow::Cow<'_, [u8]> {
-        let t = self.0.flatten_all().and_then(|t| t.to_device(&Device::Cpu)).expect("readable tensor");
-        let bytes: Vec<u8> = match t.dtype() {
-            DType::F64 => t.to_vec1::<f64>().expect("f64").iter().flat_map(|v| v.to_le_bytes()).collect(),
-            DType::F32 => t.to_vec1::<f32>().expect("f32").iter().flat_map(|v| v.to_le_bytes()).collect(),
-            DType::F16 => t.to_vec1::<half::f16>().expect("f16").iter().flat_map(|v| v.to_le_bytes()).collect(),
-            DType::BF16 => t.to_vec1::<half::bf16>().expect("bf16").iter().flat_map(|v| v.to_le_bytes()).collect(),
-            DType::I64 => t.to_vec1::<i64>().expect("i64").iter().flat_map(|v| v.to_le_bytes()).collect(),
-            DType::U32 => t.to_vec1::<u32>().expect("u32").iter().flat_map(|v| v.to_le_bytes()).collect(),
-            DType::U8 => t.to_vec1::<u8>().expect("u8"),
-            other => panic!("unsupported dtype {other:?} in a checkpoint"),
-        };
-        std::borrow::Cow::Owned(bytes)
+        std::borrow::Cow::Borrowed(&self.2)
     }
 
     fn data_len(&self) -> usize {
-        self.0.elem_count() * self.0.dtype().size_in_bytes()
+        self.2.len()
     }
 }

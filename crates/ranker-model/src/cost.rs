@@ -64,20 +64,33 @@ impl CostReport {
     }
 
     /// Peak bytes for inference at this batch size: parameters plus the largest module's
-    /// intermediates.
+    /// intermediates (`usize::MAX` where that overflows, see [`Self::checked_inference_bytes`]).
     pub fn inference_bytes(&self) -> usize {
+        self.checked_inference_bytes().unwrap_or(usize::MAX)
+    }
+
+    /// [`Self::inference_bytes`], `None` when the figure overflows `usize` (an absurd batch size).
+    pub fn checked_inference_bytes(&self) -> Option<usize> {
         let peak = self.modules.iter().map(|m| m.activations_per_candidate).max().unwrap_or(0);
-        self.parameter_bytes() + F32 * self.batch_size * peak
+        F32.checked_mul(self.batch_size)?.checked_mul(peak)?.checked_add(self.parameter_bytes())
     }
 
-    /// Bytes for one AdamW training step: parameters, gradients, two moments, all activations.
+    /// Bytes for one AdamW training step: parameters, gradients, two moments, all activations
+    /// (`usize::MAX` where that overflows, see [`Self::checked_training_bytes`]).
     pub fn training_bytes(&self) -> usize {
-        4 * self.parameter_bytes() + F32 * self.batch_size * self.total().activations_per_candidate
+        self.checked_training_bytes().unwrap_or(usize::MAX)
     }
 
-    /// Whether training at this batch size fits within `fraction` (e.g. 0.6) of `device_bytes`.
+    /// [`Self::training_bytes`], `None` when the figure overflows `usize` (an absurd batch size).
+    pub fn checked_training_bytes(&self) -> Option<usize> {
+        let activations = F32.checked_mul(self.batch_size)?.checked_mul(self.total().activations_per_candidate)?;
+        self.parameter_bytes().checked_mul(4)?.checked_add(activations)
+    }
+
+    /// Whether training at this batch size fits within `fraction` (e.g. 0.6) of `device_bytes`
+    /// (never when the estimate overflows).
     pub fn training_fits(&self, device_bytes: usize, fraction: f64) -> bool {
-        (self.training_bytes() as f64) <= fraction * device_bytes as f64
+        self.checked_training_bytes().is_some_and(|bytes| bytes as f64 <= fraction * device_bytes as f64)
     }
 
     /// The largest batch size whose training step fits within `fraction` of `device_bytes`
