@@ -60,6 +60,10 @@ enum Command {
         /// How linear weights are packed for scoring.
         #[arg(long, value_enum, default_value_t = Weights::F32)]
         weights: Weights,
+        /// Directory for the reliability diagrams (`reliability-<data stem>.svg`, calibration by
+        /// decile per task); default: the --checkpoint directory.
+        #[arg(long)]
+        plots: Option<PathBuf>,
     },
     /// Write per-task probabilities for every row of a Parquet file.
     Score {
@@ -144,7 +148,7 @@ struct TrainCmd {
     /// Evaluation Parquet file.
     #[arg(long)]
     eval: Option<PathBuf>,
-    /// Run directory (checkpoints, metrics.jsonl, training_curves.svg).
+    /// Run directory (checkpoints, metrics.jsonl, training_curves.svg, tensorboard/).
     #[arg(long)]
     out: PathBuf,
     /// Continue the run in --out from its latest checkpoint.
@@ -177,6 +181,10 @@ struct TrainCmd {
     /// Rows of synthetic training data (without --data).
     #[arg(long, default_value_t = 20_000)]
     synthetic_rows: usize,
+    /// Log the mean loss, learning rate and gradient norm every N steps (metrics.jsonl,
+    /// TensorBoard, curves).
+    #[arg(long, default_value_t = 10)]
+    log_every: u64,
     /// Checkpoint every N steps as well as at each epoch end.
     #[arg(long)]
     checkpoint_every: Option<u64>,
@@ -202,6 +210,7 @@ impl TrainCmd {
             warmup_steps: self.warmup_steps,
             grad_clip_norm: (self.grad_clip > 0.0).then_some(self.grad_clip),
             seed: self.seed,
+            log_every: self.log_every,
             checkpoint_every: self.checkpoint_every,
             stop_after: self.stop_after,
             quiet: self.quiet,
@@ -226,8 +235,8 @@ fn run(cli: Cli) -> rankstack::nn::Result<String> {
         Command::Presets { show: None } => Ok(commands::presets_listing()),
         Command::Presets { show: Some(name) } => Ok(rankstack::ranker_model::presets::preset(&name)?.to_toml_string()),
         Command::Train(t) => commands::train(&t.into_args()),
-        Command::Eval { checkpoint, data, batch_size, weights } => {
-            commands::eval(&checkpoint, &data, batch_size, weights.into())
+        Command::Eval { checkpoint, data, batch_size, weights, plots } => {
+            commands::eval(&checkpoint, &data, batch_size, weights.into(), plots.as_deref())
         }
         Command::Score { checkpoint, data, out, batch_size, weights } => {
             commands::score(&checkpoint, &data, &out, batch_size, weights.into())

@@ -14,7 +14,11 @@ use rankstack_nn::{Error, Reseed, Result, SeededVarMap};
 use serde::Serialize;
 
 use super::checkpoints::{latest_checkpoint, publish};
-use super::{clip_grad_norm, grad_norm, task_metrics, AdamW, AdamWConfig, Series, TaskMetrics, WarmupCosine};
+use super::tensorboard::EventWriter;
+use super::{
+    clip_grad_norm, grad_norm, task_metrics, AdamW, AdamWConfig, Reliability, TaskMetrics, TrainingCurves, WarmupCosine,
+    DECILES,
+};
 use crate::data::LabeledBatch;
 
 /// Where training batches come from (implemented by [`crate::data::ParquetDataset`]).
@@ -114,6 +118,8 @@ pub struct EvalReport {
     pub loss: f64,
     /// Per-task metrics, in task order.
     pub tasks: Vec<(String, TaskMetrics)>,
+    /// Per-task calibration by decile of the prediction, in task order.
+    pub reliability: Vec<Reliability>,
 }
 
 /// What a training run did.
@@ -141,8 +147,8 @@ pub struct Trainer {
     options: TrainOptions,
     run_dir: PathBuf,
     step: u64,
-    loss_curve: Vec<(f64, f64)>,
-    auc_curves: Vec<Series>,
+    curves: TrainingCurves,
+    tensorboard: EventWriter,
 }
 
 fn check_options(o: &TrainOptions) -> Result<()> {
@@ -185,7 +191,9 @@ impl Trainer {
         let optimizer = AdamW::new(store.named_vars(), options.optimizer)?;
         // A fresh run starts a fresh log.
         let _ = std::fs::remove_file(run_dir.join("metrics.jsonl"));
-        Ok(Self { ranker, store, optimizer, options, run_dir, step: 0, loss_curve: Vec::new(), auc_curves: Vec::new() })
+        let tensorboard = EventWriter::fresh(&run_dir)?;
+        let curves = TrainingCurves::default();
+        Ok(Self { ranker, store, optimizer, options, run_dir, step: 0, curves, tensorboard })
     }
 
     /// Continues the run in `run_dir` from its latest checkpoint: weights, buffers, optimizer
@@ -203,8 +211,9 @@ impl Trainer {
         let state = read_safetensors(dir.join("trainer_state.safetensors"))?;
         optimizer.load_state(&state.tensors)?;
         let step = optimizer.step_count();
-        let mut trainer =
-            Self { ranker, store, optimizer, options, run_dir, step, loss_curve: Vec::new(), auc_curves: Vec::new() };
+        let tensorboard = EventWriter::resumed(&run_dir, step)?;
+        let curves = TrainingCurves::default();
+        let mut trainer = Self { ranker, store, optimizer, options, run_dir, step, curves, tensorboard };
         trainer.reload_curves();
         Ok(trainer)
     }
@@ -224,11 +233,13 @@ impl Trainer {
         self.step
     }
 
-    fn log(&self, line: &impl Serialize) -> Result<()> {
+    /// Appends `line` to `metrics.jsonl`, the TensorBoard log and the curves.
+    fn log(&mut self, line: &serde_json::Value) -> Result<()> {
         let path = self.run_dir.join("metrics.jsonl");
         let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&path).map_err(Error::io_at(&path))?;
-        let text = serde_json::to_string(line).expect("metrics serialise");
-        writeln!(f, "{text}").map_err(Error::io_at(&path))
+        writeln!(f, "{line}").map_err(Error::io_at(&path))?;
+        self.curves.record(line);
+        self.tensorboard.log_line(line)
     }
 
     /// Rebuilds the curves from `metrics.jsonl` after a resume (lines past the resumed step are
@@ -244,32 +255,9 @@ impl Trainer {
                 continue;
             }
             kept.push(line.to_string());
-            self.record_curves(&v);
+            self.curves.record(&v);
         }
         let _ = std::fs::write(&path, kept.iter().map(|l| format!("{l}\n")).collect::<String>());
-    }
-
-    fn record_curves(&mut self, v: &serde_json::Value) {
-        match v["kind"].as_str() {
-            Some("train") => {
-                if let (Some(s), Some(l)) = (v["step"].as_f64(), v["loss"].as_f64()) {
-                    self.loss_curve.push((s, l));
-                }
-            }
-            Some("eval") => {
-                let epoch = v["epoch"].as_f64().unwrap_or(0.0);
-                if let Some(tasks) = v["tasks"].as_array() {
-                    for t in tasks {
-                        let (Some(name), Some(auc)) = (t[0].as_str(), t[1]["auc"].as_f64()) else { continue };
-                        match self.auc_curves.iter_mut().find(|s| s.name == name) {
-                            Some(s) => s.points.push((epoch, auc)),
-                            None => self.auc_curves.push(Series { name: name.to_string(), points: vec![(epoch, auc)] }),
-                        }
-                    }
-                }
-            }
-            _ => {}
-        }
     }
 
     fn save_checkpoint(&self) -> Result<PathBuf> {
@@ -280,7 +268,7 @@ impl Trainer {
             HashMap::from([("options".to_string(), serde_json::to_string(&self.options).expect("options serialise"))]);
         write_safetensors(&dir.join("trainer_state.safetensors"), &state, Some(meta))?;
         publish(&self.run_dir, &dir)?;
-        let svg = super::training_curves(&self.loss_curve, &self.auc_curves);
+        let svg = self.curves.svg()?;
         ranker_model::checkpoint::write_atomically(&self.run_dir.join("training_curves.svg"), svg.as_bytes())?;
         Ok(dir)
     }
@@ -373,7 +361,6 @@ impl Trainer {
                 if logged {
                     last_loss = window_loss / window_steps as f64;
                     let line = serde_json::json!({"kind": "train", "step": self.step, "epoch": epoch + 1, "loss": last_loss, "lr": lr, "grad_norm": norm, "examples_per_second": rate});
-                    self.record_curves(&line);
                     self.log(&line)?;
                     (window_loss, window_steps) = (0.0, 0);
                 }
@@ -383,7 +370,6 @@ impl Trainer {
                     if let Some(eval) = eval {
                         let report = evaluate(&self.ranker, eval, o.batch_size, (epoch + 1) as usize, self.step)?;
                         let line = serde_json::json!({"kind": "eval", "step": self.step, "epoch": epoch + 1, "loss": report.loss, "tasks": report.tasks});
-                        self.record_curves(&line);
                         self.log(&line)?;
                         if !o.quiet {
                             let summary: Vec<String> =
@@ -435,7 +421,8 @@ impl Trainer {
 }
 
 /// Evaluates `ranker` on every row of `data` (file order): the weighted loss and per-task AUC, log
-/// loss, normalised entropy and calibration of the (calibrated) probabilities.
+/// loss, normalised entropy, calibration and calibration by decile of the (calibrated)
+/// probabilities.
 pub fn evaluate(
     ranker: &Ranker,
     data: &dyn BatchSource,
@@ -466,6 +453,8 @@ pub fn evaluate(
     if rows == 0 {
         return Err(Error::input("eval", "data", "the evaluation set is empty"));
     }
+    let reliability =
+        tasks.iter().enumerate().map(|(t, name)| Reliability::new(name, &probs[t], &labels[t], DECILES)).collect();
     let tasks = tasks.into_iter().enumerate().map(|(t, name)| (name, task_metrics(&probs[t], &labels[t]))).collect();
-    Ok(EvalReport { epoch, step, loss: loss_sum / rows as f64, tasks })
+    Ok(EvalReport { epoch, step, loss: loss_sum / rows as f64, tasks, reliability })
 }
