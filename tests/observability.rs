@@ -37,7 +37,7 @@ fn texts(svg: &str) -> Vec<Text> {
         .skip(1)
         .map(|rest| {
             let (tag, after) = rest.split_once('>').unwrap();
-            let content = after.split_once("</text>").unwrap().0.to_string();
+            let content = after.split_once("</text>").unwrap().0.trim().to_string();
             let num = |n: &str| attribute(tag, n).unwrap().parse::<f64>().unwrap();
             Text {
                 x: num("x"),
@@ -136,7 +136,7 @@ fn training_curves_have_unique_round_ticks_and_eval_writes_reliability_diagrams(
     for title in ["training loss", "learning rate", "gradient norm", "evaluation AUC", "evaluation log loss"] {
         assert!(svg.contains(title), "{title}");
     }
-    assert!(svg.contains("smoothed (0.6)") && svg.contains(">raw</text>"));
+    assert!(svg.contains("smoothed (0.6)") && svg.contains("\nraw\n</text>"));
 
     // `eval` writes one diagram per task beside the checkpoint, replaces its own file, and never a
     // user's.
@@ -180,8 +180,8 @@ fn tensorboard_python() -> Option<PathBuf> {
 }
 
 /// Every scalar of the run's event files as TensorBoard's `EventAccumulator` reads them:
-/// tag → [(step, value)].
-fn read_with_tensorboard(python: &Path, logdir: &Path) -> BTreeMap<String, Vec<(u64, f64)>> {
+/// tag → [(step, value)] (the stored f32, which Python prints exactly as a double).
+fn read_with_tensorboard(python: &Path, logdir: &Path) -> BTreeMap<String, Vec<(u64, f32)>> {
     let script = r#"
 import json, sys
 from tensorboard.backend.event_processing import event_accumulator
@@ -191,15 +191,17 @@ print(json.dumps({t: [[e.step, e.value] for e in acc.Scalars(t)] for t in acc.Ta
 "#;
     let out = std::process::Command::new(python).arg("-c").arg(script).arg(logdir).output().unwrap();
     assert!(out.status.success(), "tensorboard: {}", String::from_utf8_lossy(&out.stderr));
-    serde_json::from_slice(&out.stdout).unwrap()
+    let read: BTreeMap<String, Vec<(u64, f64)>> = serde_json::from_slice(&out.stdout).unwrap();
+    // serde_json may parse a double one unit in the last place off; the f32 it rounds to is exact.
+    read.into_iter().map(|(tag, points)| (tag, points.into_iter().map(|(s, v)| (s, v as f32)).collect())).collect()
 }
 
 /// What `metrics.jsonl` says each TensorBoard tag must hold (values as the f32 the format stores).
-fn expected_scalars(lines: &[Value]) -> BTreeMap<String, Vec<(u64, f64)>> {
-    let mut expected: BTreeMap<String, Vec<(u64, f64)>> = BTreeMap::new();
+fn expected_scalars(lines: &[Value]) -> BTreeMap<String, Vec<(u64, f32)>> {
+    let mut expected: BTreeMap<String, Vec<(u64, f32)>> = BTreeMap::new();
     let mut put = |tag: String, step: u64, v: &Value| {
         if let Some(v) = v.as_f64() {
-            expected.entry(tag).or_default().push((step, v as f32 as f64));
+            expected.entry(tag).or_default().push((step, v as f32));
         }
     };
     for line in lines {
