@@ -13,7 +13,15 @@ use serde_json::Value;
 use support::{tiny_config, tmpdir, write_data};
 
 fn options() -> TrainOptions {
-    TrainOptions { epochs: 3, batch_size: 128, warmup_steps: 4, log_every: 2, quiet: true, seed: 3, ..Default::default() }
+    TrainOptions {
+        epochs: 3,
+        batch_size: 128,
+        warmup_steps: 4,
+        log_every: 2,
+        quiet: true,
+        seed: 3,
+        ..Default::default()
+    }
 }
 
 /// One `<text>` element of an SVG: its attributes and its content.

@@ -103,7 +103,12 @@ impl TrainingCurves {
         };
         let mut loss_lines = vec![
             line(Some("raw"), &self.loss, 0, Stroke::Faint),
-            line(Some(&format!("smoothed ({SMOOTHING_WEIGHT})")), &smooth(&self.loss, SMOOTHING_WEIGHT), 0, Stroke::Solid),
+            line(
+                Some(&format!("smoothed ({SMOOTHING_WEIGHT})")),
+                &smooth(&self.loss, SMOOTHING_WEIGHT),
+                0,
+                Stroke::Solid,
+            ),
         ];
         if !self.eval_loss.is_empty() {
             loss_lines.push(line(Some("evaluation"), &self.eval_loss, 3, Stroke::Dots));
@@ -112,7 +117,12 @@ impl TrainingCurves {
         let mut panels = vec![
             per_step("training loss", "", loss_lines, vec![(0.0, f64::NAN)]),
             per_step("learning rate", "", vec![line(None, &self.learning_rate, 0, Stroke::Solid)], origin.clone()),
-            per_step("gradient norm (before clipping)", "", vec![line(None, &self.grad_norm, 0, Stroke::Solid)], origin),
+            per_step(
+                "gradient norm (before clipping)",
+                "",
+                vec![line(None, &self.grad_norm, 0, Stroke::Solid)],
+                origin,
+            ),
         ];
         if self.auc.is_empty() {
             return panels;
@@ -133,7 +143,7 @@ impl TrainingCurves {
                 include: Vec::new(),
                 lines,
                 segments: Vec::new(),
-            notes: Vec::new(),
+                notes: Vec::new(),
                 empty_note: "no finite value".to_string(),
             }
         };

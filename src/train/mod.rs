@@ -15,8 +15,8 @@ mod trainer;
 
 pub use adamw::{clip_grad_norm, grad_norm, AdamW, AdamWConfig};
 pub use checkpoints::{latest_checkpoint, resolve_checkpoint};
-pub use metrics::{auc, task_metrics, TaskMetrics};
 pub use curves::{TrainingCurves, SMOOTHING_WEIGHT};
+pub use metrics::{auc, task_metrics, TaskMetrics};
 pub use plot::{smooth, Series};
 pub use reliability::{reliability_svg, Reliability, ReliabilityBin, DECILES, RELIABILITY_MARKER};
 pub use schedule::WarmupCosine;

@@ -246,6 +246,9 @@ pub enum Stroke {
     Dots,
     /// A thin grey reference (the diagonal of a reliability diagram, calibration = 1).
     Reference,
+    /// `y = x` across the whole plot, drawn like `Reference` (the line's points only widen the
+    /// axes): the ideal of a reliability diagram.
+    Diagonal,
 }
 
 /// One line of a panel.
@@ -320,7 +323,8 @@ impl Panel {
     }
 
     fn has_data(&self) -> bool {
-        self.lines.iter().any(|l| l.stroke != Stroke::Reference && l.points.iter().any(|p| p.1.is_finite()))
+        let reference = |l: &&Line| matches!(l.stroke, Stroke::Reference | Stroke::Diagonal);
+        self.lines.iter().filter(|l| !reference(l)).any(|l| l.points.iter().any(|p| p.1.is_finite()))
     }
 
     /// Legend rows: entries packed left to right, wrapping at `width`.
@@ -352,13 +356,11 @@ impl Panel {
             let mut x = MARGIN;
             for (name, color, stroke) in row {
                 let style = match stroke {
-                    Stroke::Faint => color.mix(0.35).stroke_width(1),
-                    Stroke::Reference => RGBColor(0x99, 0x99, 0x99).stroke_width(1),
+                    Stroke::Faint => color.mix(0.45).stroke_width(1),
+                    Stroke::Reference | Stroke::Diagonal => RGBColor(0x99, 0x99, 0x99).stroke_width(1),
                     _ => color.stroke_width(2),
                 };
-                legend
-                    .draw(&PathElement::new(vec![(x as i32, y), (x as i32 + 18, y)], style))
-                    .map_err(plot_error)?;
+                legend.draw(&PathElement::new(vec![(x as i32, y), (x as i32 + 18, y)], style)).map_err(plot_error)?;
                 let text = font(LEGEND_PX).pos(Pos::new(HPos::Left, VPos::Center));
                 legend.draw(&Text::new(name.clone(), (x as i32 + 22, y), text)).map_err(plot_error)?;
                 x += legend_entry_width(name);
@@ -383,7 +385,8 @@ impl Panel {
     fn draw_chart(&self, area: &DrawingArea<SVGBackend<'_>, Shift>) -> Result<()> {
         let (width, height) = area.dim_in_pixel();
         let (width, height) = (width as f64, height as f64);
-        let (mut x_lo, mut x_hi, mut y_lo, mut y_hi) = (f64::INFINITY, f64::NEG_INFINITY, f64::INFINITY, f64::NEG_INFINITY);
+        let (mut x_lo, mut x_hi, mut y_lo, mut y_hi) =
+            (f64::INFINITY, f64::NEG_INFINITY, f64::INFINITY, f64::NEG_INFINITY);
         for (x, y) in self.finite_points().chain(self.include.iter().copied()) {
             (x_lo, x_hi, y_lo, y_hi) = (x_lo.min(x), x_hi.max(x), y_lo.min(y), y_hi.max(y));
         }
@@ -419,12 +422,21 @@ impl Panel {
         }
         mesh.draw().map_err(plot_error)?;
 
+        let grey = RGBColor(0x99, 0x99, 0x99).stroke_width(1);
         for line in &self.lines {
+            if line.stroke == Stroke::Diagonal {
+                let lo = x_axis.range.0.max(y_axis.range.0);
+                let hi = x_axis.range.1.min(y_axis.range.1);
+                chart
+                    .draw_series(std::iter::once(PathElement::new(vec![(lo, lo), (hi, hi)], grey)))
+                    .map_err(plot_error)?;
+                continue;
+            }
             // A non-finite value breaks the line instead of joining its neighbours.
             for run in line.points.split(|p| !(p.0.is_finite() && p.1.is_finite())).filter(|r| r.len() > 1) {
                 let style = match line.stroke {
-                    Stroke::Faint => line.color.mix(0.3).stroke_width(1),
-                    Stroke::Reference => RGBColor(0x99, 0x99, 0x99).stroke_width(1),
+                    Stroke::Faint => line.color.mix(0.45).stroke_width(1),
+                    Stroke::Reference | Stroke::Diagonal => grey,
                     Stroke::Solid | Stroke::Markers => line.color.stroke_width(2),
                     Stroke::Dots => continue,
                 };
@@ -432,9 +444,7 @@ impl Panel {
             }
             if matches!(line.stroke, Stroke::Markers | Stroke::Dots) {
                 let dots = line.points.iter().filter(|p| p.0.is_finite() && p.1.is_finite());
-                chart
-                    .draw_series(dots.map(|&p| Circle::new(p, 3, line.color.filled())))
-                    .map_err(plot_error)?;
+                chart.draw_series(dots.map(|&p| Circle::new(p, 3, line.color.filled()))).map_err(plot_error)?;
             }
         }
         for s in &self.segments {

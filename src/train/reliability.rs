@@ -94,7 +94,12 @@ impl Reliability {
             x_kind: AxisKind::Enclosing,
             include: vec![(0.0, 0.0), (top, top)],
             lines: vec![
-                Line { name: Some("ideal".into()), points: vec![(0.0, 0.0), (top, top)], color: c, stroke: Stroke::Reference },
+                Line {
+                    name: Some("ideal".into()),
+                    points: vec![(0.0, 0.0), (top, top)],
+                    color: c,
+                    stroke: Stroke::Diagonal,
+                },
                 Line {
                     name: Some("observed, 95% interval".into()),
                     points: self.bins.iter().map(|b| (b.mean_prediction, b.observed_rate)).collect(),

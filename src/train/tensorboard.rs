@@ -281,9 +281,6 @@ mod tests {
             r#"{"kind":"eval","step":16,"epoch":1,"loss":0.4,"tasks":[["save",{"count":9,"auc":0.7,"calibration":null}]]}"#,
         )
         .unwrap();
-        assert_eq!(
-            scalars_of_line(&eval),
-            vec![("eval/loss".to_string(), 0.4), ("eval/save/auc".to_string(), 0.7)]
-        );
+        assert_eq!(scalars_of_line(&eval), vec![("eval/loss".to_string(), 0.4), ("eval/save/auc".to_string(), 0.7)]);
     }
 }

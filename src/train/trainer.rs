@@ -16,8 +16,8 @@ use serde::Serialize;
 use super::checkpoints::{latest_checkpoint, publish};
 use super::tensorboard::EventWriter;
 use super::{
-    clip_grad_norm, grad_norm, task_metrics, AdamW, AdamWConfig, Reliability, TaskMetrics, TrainingCurves, WarmupCosine,
-    DECILES,
+    clip_grad_norm, grad_norm, task_metrics, AdamW, AdamWConfig, Reliability, TaskMetrics, TrainingCurves,
+    WarmupCosine, DECILES,
 };
 use crate::data::LabeledBatch;
 
