@@ -166,6 +166,11 @@ fn is_ours(name: &str) -> bool {
     name.starts_with("events.out.tfevents.") && name.ends_with(FILE_SUFFIX)
 }
 
+/// The sequence number of one of our event files (`events.out.tfevents.<sequence>.<seconds>.rankstack`).
+fn sequence_of(name: &str) -> Option<u64> {
+    name.strip_prefix("events.out.tfevents.")?.split('.').next()?.parse().ok()
+}
+
 impl EventWriter {
     /// A fresh run's log in `run_dir/tensorboard/`: event files of an earlier run there are removed.
     pub fn fresh(run_dir: &Path) -> Result<Self> {
@@ -195,8 +200,9 @@ impl EventWriter {
         let sequence = std::fs::read_dir(dir)
             .map_err(Error::io_at(dir))?
             .flatten()
-            .filter(|e| e.file_name().to_str().is_some_and(is_ours))
-            .count();
+            .filter_map(|e| e.file_name().to_str().filter(|n| is_ours(n)).and_then(sequence_of))
+            .max()
+            .map_or(0, |last| last + 1);
         let seconds = now() as u64;
         let path = dir.join(format!("events.out.tfevents.{sequence:06}.{seconds}{FILE_SUFFIX}"));
         let file = std::fs::OpenOptions::new().create_new(true).write(true).open(&path).map_err(Error::io_at(&path))?;
@@ -259,6 +265,29 @@ mod tests {
             b"\t\x00\x00\x00\x00\x00\x00\x00@\x10\xac\x02\x1a\rbrain.Event:2".as_slice()
         );
         assert_eq!(event(3.25, 12, &EventBody::SessionStart), b"\t\x00\x00\x00\x00\x00\x00\n@\x10\x0c:\x02\x08\x01");
+    }
+
+    #[test]
+    fn new_files_sort_after_the_existing_ones() {
+        let dir = std::env::temp_dir().join(format!("rankstack-tensorboard-names-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join(TENSORBOARD_DIR)).unwrap();
+        // Someone else's file is left alone; ours continue after the highest sequence number.
+        std::fs::write(dir.join(TENSORBOARD_DIR).join("events.out.tfevents.1.host"), b"").unwrap();
+        std::fs::write(dir.join(TENSORBOARD_DIR).join("events.out.tfevents.000007.1.rankstack"), b"").unwrap();
+        let resumed = EventWriter::resumed(&dir, 3).unwrap();
+        let name = resumed.path().file_name().unwrap().to_str().unwrap().to_string();
+        assert!(name.starts_with("events.out.tfevents.000008.") && name.ends_with(".rankstack"), "{name}");
+        let fresh = EventWriter::fresh(&dir).unwrap();
+        let mut names: Vec<String> = std::fs::read_dir(dir.join(TENSORBOARD_DIR))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        let fresh_name = fresh.path().file_name().unwrap().to_str().unwrap();
+        assert_eq!(names, vec![fresh_name.to_string(), "events.out.tfevents.1.host".to_string()]);
+        assert!(fresh_name.starts_with("events.out.tfevents.000000."));
+        std::fs::remove_dir_all(&dir).ok();
     }
 
     #[test]
