@@ -43,8 +43,9 @@ pub fn eval(
     let ranker = load_model(checkpoint_path, weights)?;
     let data = ParquetDataset::open(data_path)?;
     check_tasks(&ranker, &data)?;
-    let report = evaluate(&ranker, &data, batch_size, 0, 0)?;
+    // Before the evaluation: a file in the way fails at once, not after the pass over the data.
     let plot = reliability_path(plots_dir.unwrap_or(checkpoint_path), data_path)?;
+    let report = evaluate(&ranker, &data, batch_size, 0, 0)?;
     let svg = reliability_svg(&report.reliability)?;
     ranker_model::checkpoint::write_atomically(&plot, svg.as_bytes())?;
     Ok(format!(

@@ -303,6 +303,8 @@ const LEGEND_PX: f64 = 11.0;
 const LEGEND_ROW: f64 = 15.0;
 const X_LABEL_AREA: f64 = 38.0;
 const MARGIN: f64 = 12.0;
+/// Right margin of a plot: room for half of the last x label, which is centred on the edge.
+const RIGHT_MARGIN: f64 = 24.0;
 
 /// plotters scales text sizes by 1/1.24 in SVG: this is the size that prints as `px`.
 fn font(px: f64) -> TextStyle<'static> {
@@ -395,12 +397,12 @@ impl Panel {
         let y_axis = Axis::fit(y_lo, y_hi, AxisKind::Enclosing, plot_height, false, TICK_PX);
         let y_labels_width =
             y_axis.ticks.labels().iter().map(|l| label_width(l, TICK_PX)).fold(0.0, f64::max) + 12.0 + y_desc_width;
-        let plot_width = width - y_labels_width - 2.0 * MARGIN;
+        let plot_width = width - y_labels_width - MARGIN - RIGHT_MARGIN;
         let x_axis = Axis::fit(x_lo, x_hi, self.x_kind, plot_width, true, TICK_PX);
 
         let mut chart = ChartBuilder::on(area)
             .margin_left(MARGIN as i32)
-            .margin_right(MARGIN as i32)
+            .margin_right(RIGHT_MARGIN as i32)
             .margin_top(10)
             .x_label_area_size(X_LABEL_AREA as i32)
             .y_label_area_size(y_labels_width as i32)
