@@ -82,6 +82,10 @@ enum Command {
         /// Device: cpu, cuda or cuda:N (CUDA needs a build with `--features cuda`).
         #[arg(long, default_value = "cpu", value_parser = parse_device)]
         device: DeviceSpec,
+        /// Directory for the reliability diagrams (`reliability-<data stem>.svg`, calibration by
+        /// decile per task); default: the --checkpoint directory.
+        #[arg(long)]
+        plots: Option<PathBuf>,
     },
     /// Write per-task probabilities for every row of a Parquet file.
     Score {
@@ -178,7 +182,7 @@ struct TrainCmd {
     /// Evaluation Parquet file (requires --data).
     #[arg(long, requires = "data")]
     eval: Option<PathBuf>,
-    /// Run directory (checkpoints, metrics.jsonl, training_curves.svg).
+    /// Run directory (checkpoints, metrics.jsonl, training_curves.svg, tensorboard/).
     #[arg(long)]
     out: PathBuf,
     /// Continue the run in --out from its latest checkpoint (with the same --batch-size, --seed,
@@ -228,6 +232,10 @@ struct TrainCmd {
     /// Rows of synthetic training data (without --data).
     #[arg(long, default_value_t = 20_000)]
     synthetic_rows: usize,
+    /// Log the mean loss, learning rate and gradient norm every N steps (metrics.jsonl,
+    /// TensorBoard, curves).
+    #[arg(long, default_value_t = 10)]
+    log_every: u64,
     /// Checkpoint every N steps (N > 0) as well as at each epoch end.
     #[arg(long)]
     checkpoint_every: Option<u64>,
@@ -259,6 +267,7 @@ impl TrainCmd {
             // Exactly 0 disables clipping; anything else (negative, NaN) is validated by the trainer.
             grad_clip_norm: (self.grad_clip != 0.0).then_some(self.grad_clip),
             seed: self.seed,
+            log_every: self.log_every,
             checkpoint_every: self.checkpoint_every,
             stop_after: self.stop_after,
             quiet: self.quiet,
@@ -285,8 +294,8 @@ fn run(cli: Cli) -> rankstack::nn::Result<String> {
         Command::Presets { show: None } => Ok(commands::presets_listing()),
         Command::Presets { show: Some(name) } => Ok(rankstack::ranker_model::presets::preset(&name)?.to_toml_string()),
         Command::Train(t) => commands::train(&t.into_args()),
-        Command::Eval { checkpoint, data, batch_size, weights, device } => {
-            commands::eval(&checkpoint, &data, batch_size, weights.into(), device)
+        Command::Eval { checkpoint, data, batch_size, weights, device, plots } => {
+            commands::eval(&checkpoint, &data, batch_size, weights.into(), device, plots.as_deref())
         }
         Command::Score { checkpoint, data, out, batch_size, weights, device, force } => {
             commands::score(&checkpoint, &data, &out, batch_size, weights.into(), device, force)

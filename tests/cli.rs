@@ -54,7 +54,9 @@ fn data_train_eval_score_end_to_end() {
     assert!(summary.contains("finished after 5 steps") && summary.contains("save"), "{summary}");
     assert!(dir.join("run/metrics.jsonl").exists() && dir.join("run/training_curves.svg").exists());
     let metrics = ok(&["eval", "--checkpoint", &d("run"), "--data", &d("eval.parquet")]);
-    assert!(metrics.lines().count() == 6 && metrics.contains("closeup"), "{metrics}");
+    assert!(metrics.lines().count() == 7 && metrics.contains("closeup"), "{metrics}");
+    assert!(metrics.contains("reliability") && dir.join("run/reliability-eval.svg").exists(), "{metrics}");
+    assert!(dir.join("run/tensorboard").read_dir().unwrap().count() == 1);
     ok(&["score", "--checkpoint", &d("run"), "--data", &d("eval.parquet"), "--out", &d("scores.csv")]);
     let csv = std::fs::read_to_string(dir.join("scores.csv")).unwrap();
     assert_eq!(csv.lines().next().unwrap(), "row,p_save,p_click,p_closeup,p_hide");

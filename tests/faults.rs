@@ -575,7 +575,7 @@ fn damaged_checkpoints_and_data_files_are_refused_never_misread() {
     ok(&strs(&f.train_args("run", &["--epochs", "1", "--batch-size", "128"])));
     let run = f.dir.join("run");
     let ckpt = latest_checkpoint(&run).unwrap().unwrap();
-    let eval = |data: &Path| rankstack::commands::eval(&ckpt, data, 1024, WeightPrecision::F32, DeviceSpec::Cpu);
+    let eval = |data: &Path| rankstack::commands::eval(&ckpt, data, 1024, WeightPrecision::F32, DeviceSpec::Cpu, None);
     let baseline = eval(&f.eval).unwrap();
     let resume_opts = TrainOptions { batch_size: 128, quiet: true, ..TrainOptions::default() };
     let state_of = |path: &Path| {

@@ -1,6 +1,6 @@
 //! `rankstack eval` and `rankstack score`.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use candle_core::DType;
@@ -11,7 +11,9 @@ use rankstack_nn::{Error, Result};
 use super::{check_batch_memory, check_output, Workload};
 use crate::data::{DataSchema, ParquetDataset};
 use crate::device::DeviceSpec;
-use crate::train::{evaluate, non_finite_score, resolve_checkpoint, BatchSource, TaskMetrics};
+use crate::train::{
+    evaluate, non_finite_score, reliability_svg, resolve_checkpoint, BatchSource, TaskMetrics, RELIABILITY_MARKER,
+};
 
 /// A plain-text table of per-task metrics.
 pub fn metrics_table(tasks: &[(String, TaskMetrics)]) -> String {
@@ -39,20 +41,54 @@ fn load_model(checkpoint_path: &Path, weights: WeightPrecision, device: DeviceSp
     Ok(ranker)
 }
 
-/// `rankstack eval`: metrics of a checkpoint on a labelled file.
+/// `rankstack eval`: metrics of a checkpoint on a labelled file, and the reliability diagram of
+/// every task (calibration by decile) as `reliability-<data file stem>.svg` in `plots_dir` (by
+/// default the `--checkpoint` directory, beside the model it describes).
 pub fn eval(
     checkpoint_path: &Path,
-    data: &Path,
+    data_path: &Path,
     batch_size: usize,
     weights: WeightPrecision,
     device: DeviceSpec,
+    plots_dir: Option<&Path>,
 ) -> Result<String> {
     let ranker = load_model(checkpoint_path, weights, device)?;
-    let data = ParquetDataset::open(data)?;
+    let data = ParquetDataset::open(data_path)?;
     DataSchema::check_fits_model(data.schema(), ranker.config(), "eval", true)?;
     check_batch_memory(&ranker, batch_size, data.num_rows(), Workload::Inference, "eval", ranker.device())?;
+    // Before the evaluation: a file in the way fails at once, not after the pass over the data.
+    let plot = reliability_path(plots_dir.unwrap_or(checkpoint_path), data_path)?;
     let report = evaluate(&ranker, &data, batch_size, 0, 0)?;
-    Ok(format!("loss {:.4}\n{}", report.loss, metrics_table(&report.tasks)))
+    let svg = reliability_svg(&report.reliability)?;
+    ranker_model::checkpoint::write_atomically(&plot, svg.as_bytes())?;
+    Ok(format!(
+        "loss {:.4}\n{}reliability diagrams (calibration by decile): {}\n",
+        report.loss,
+        metrics_table(&report.tasks),
+        plot.display()
+    ))
+}
+
+/// Where `eval` writes the reliability diagrams of `data`: `dir/reliability-<stem>.svg` (`dir`
+/// created if needed). A file already there is replaced only if an earlier `eval` wrote it.
+fn reliability_path(dir: &Path, data: &Path) -> Result<PathBuf> {
+    let stem = data.file_stem().and_then(|s| s.to_str()).unwrap_or("data");
+    let path = dir.join(format!("reliability-{stem}.svg"));
+    match std::fs::read(&path) {
+        Ok(existing) if !existing.starts_with(RELIABILITY_MARKER.as_bytes()) => {
+            return Err(Error::input(
+                "eval",
+                "plots",
+                format!(
+                    "{} exists and was not written by rankstack eval; move it or choose another --plots directory",
+                    path.display()
+                ),
+            ));
+        }
+        _ => {}
+    }
+    std::fs::create_dir_all(dir).map_err(Error::io_at(dir))?;
+    Ok(path)
 }
 
 /// `rankstack score`: per-task probabilities for every row of `data`, written to `out` as CSV or

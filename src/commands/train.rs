@@ -214,9 +214,10 @@ fn summary(report: &TrainReport, out: &Path) -> String {
         s.push_str(&crate::commands::predict::metrics_table(&last.tasks));
     }
     s.push_str(&format!(
-        "metrics: {}\ncurves:  {}\n",
+        "metrics: {}\ncurves:  {}\nTensorBoard: tensorboard --logdir {}\n",
         out.join("metrics.jsonl").display(),
-        out.join("training_curves.svg").display()
+        out.join("training_curves.svg").display(),
+        out.display()
     ));
     s
 }

@@ -3,7 +3,7 @@
 //! ```text
 //! OUT/LATEST                         "checkpoints/step-000000123"  (replaced atomically)
 //! OUT/checkpoints/step-000000123/    config.json, model.safetensors, trainer_state.safetensors
-//! OUT/metrics.jsonl, OUT/training_curves.svg
+//! OUT/metrics.jsonl, OUT/training_curves.svg, OUT/tensorboard/events.out.tfevents.*
 //! ```
 //!
 //! A checkpoint directory is written completely (each file atomically, fsynced) before `LATEST` is

@@ -1,18 +1,24 @@
 //! Training and evaluation: AdamW with warm-up and cosine decay, gradient clipping, per-epoch
-//! evaluation (AUC, log loss, normalised entropy, calibration), progress reporting, `metrics.jsonl`,
-//! an SVG of the training curves, atomic and resumable checkpoints.
+//! evaluation (AUC, log loss, normalised entropy, calibration, reliability by decile), progress
+//! reporting, `metrics.jsonl` mirrored to TensorBoard event files, an SVG of the training curves,
+//! atomic and resumable checkpoints.
 
 mod adamw;
 mod checkpoints;
+mod curves;
 mod metrics;
-mod plot;
+pub mod plot;
+mod reliability;
 mod schedule;
+pub mod tensorboard;
 mod trainer;
 
 pub use adamw::{clip_grad_norm, grad_norm, AdamW, AdamWConfig};
 pub use checkpoints::{latest_checkpoint, resolve_checkpoint};
+pub use curves::{TrainingCurves, SMOOTHING_WEIGHT};
 pub use metrics::{auc, task_metrics, TaskMetrics};
-pub use plot::{smooth, training_curves, Series};
+pub use plot::{smooth, Series};
+pub use reliability::{reliability_svg, Reliability, ReliabilityBin, DECILES, RELIABILITY_MARKER};
 pub use schedule::WarmupCosine;
 pub use trainer::{
     evaluate, non_finite_score, BatchSource, EvalReport, TrainOptions, TrainReport, Trainer, TRAINER_STATE_FILE,

@@ -15,7 +15,11 @@ use rankstack_nn::{Error, Reseed, Result, SeededVarMap};
 use serde::Serialize;
 
 use super::checkpoints::{latest_checkpoint, publish};
-use super::{clip_grad_norm, grad_norm, task_metrics, AdamW, AdamWConfig, Series, TaskMetrics, WarmupCosine};
+use super::tensorboard::EventWriter;
+use super::{
+    clip_grad_norm, grad_norm, task_metrics, AdamW, AdamWConfig, Reliability, TaskMetrics, TrainingCurves,
+    WarmupCosine, DECILES,
+};
 use crate::data::LabeledBatch;
 use crate::device::DeviceSpec;
 
@@ -129,6 +133,8 @@ pub struct EvalReport {
     pub loss: f64,
     /// Per-task metrics, in task order.
     pub tasks: Vec<(String, TaskMetrics)>,
+    /// Per-task calibration by decile of the prediction, in task order.
+    pub reliability: Vec<Reliability>,
 }
 
 /// What a training run did.
@@ -160,8 +166,8 @@ pub struct Trainer {
     /// Training losses since the last `train` line of `metrics.jsonl` (saved with checkpoints, so
     /// a resumed run's first line averages the same steps as an uninterrupted run's).
     window: LossWindow,
-    loss_curve: Vec<(f64, f64)>,
-    auc_curves: Vec<Series>,
+    curves: TrainingCurves,
+    tensorboard: EventWriter,
 }
 
 impl TrainOptions {
@@ -236,6 +242,8 @@ impl Trainer {
         let optimizer = AdamW::new(store.named_vars(), options.optimizer)?;
         // A fresh run starts a fresh log.
         let _ = std::fs::remove_file(run_dir.join("metrics.jsonl"));
+        let tensorboard = EventWriter::fresh(&run_dir)?;
+        let curves = TrainingCurves::default();
         Ok(Self {
             ranker,
             device,
@@ -245,8 +253,8 @@ impl Trainer {
             run_dir,
             step: 0,
             window: LossWindow::default(),
-            loss_curve: Vec::new(),
-            auc_curves: Vec::new(),
+            curves,
+            tensorboard,
         })
     }
 
@@ -284,18 +292,10 @@ impl Trainer {
         optimizer.load_state(&state.tensors)?;
         let step = optimizer.step_count();
         let window = LossWindow::from_metadata(&state.metadata);
-        let mut trainer = Self {
-            ranker,
-            device,
-            store,
-            optimizer,
-            options,
-            run_dir,
-            step,
-            window,
-            loss_curve: Vec::new(),
-            auc_curves: Vec::new(),
-        };
+        let tensorboard = EventWriter::resumed(&run_dir, step)?;
+        let curves = TrainingCurves::default();
+        let mut trainer =
+            Self { ranker, device, store, optimizer, options, run_dir, step, window, curves, tensorboard };
         trainer.reload_curves();
         Ok(trainer)
     }
@@ -315,11 +315,13 @@ impl Trainer {
         self.step
     }
 
-    fn log(&self, line: &impl Serialize) -> Result<()> {
+    /// Appends `line` to `metrics.jsonl`, the TensorBoard log and the curves.
+    fn log(&mut self, line: &serde_json::Value) -> Result<()> {
         let path = self.run_dir.join("metrics.jsonl");
         let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&path).map_err(Error::io_at(&path))?;
-        let text = serde_json::to_string(line).expect("metrics serialise");
-        writeln!(f, "{text}").map_err(Error::io_at(&path))
+        writeln!(f, "{line}").map_err(Error::io_at(&path))?;
+        self.curves.record(line);
+        self.tensorboard.log_line(line)
     }
 
     /// Rebuilds the curves from `metrics.jsonl` after a resume (lines past the resumed step are
@@ -335,32 +337,9 @@ impl Trainer {
                 continue;
             }
             kept.push(line.to_string());
-            self.record_curves(&v);
+            self.curves.record(&v);
         }
         let _ = std::fs::write(&path, kept.iter().map(|l| format!("{l}\n")).collect::<String>());
-    }
-
-    fn record_curves(&mut self, v: &serde_json::Value) {
-        match v["kind"].as_str() {
-            Some("train") => {
-                if let (Some(s), Some(l)) = (v["step"].as_f64(), v["loss"].as_f64()) {
-                    self.loss_curve.push((s, l));
-                }
-            }
-            Some("eval") => {
-                let epoch = v["epoch"].as_f64().unwrap_or(0.0);
-                if let Some(tasks) = v["tasks"].as_array() {
-                    for t in tasks {
-                        let (Some(name), Some(auc)) = (t[0].as_str(), t[1]["auc"].as_f64()) else { continue };
-                        match self.auc_curves.iter_mut().find(|s| s.name == name) {
-                            Some(s) => s.points.push((epoch, auc)),
-                            None => self.auc_curves.push(Series { name: name.to_string(), points: vec![(epoch, auc)] }),
-                        }
-                    }
-                }
-            }
-            _ => {}
-        }
     }
 
     fn save_checkpoint(&self) -> Result<PathBuf> {
@@ -372,7 +351,7 @@ impl Trainer {
         self.window.to_metadata(&mut meta);
         write_safetensors(&dir.join(TRAINER_STATE_FILE), &state, Some(meta))?;
         publish(&self.run_dir, &dir)?;
-        let svg = super::training_curves(&self.loss_curve, &self.auc_curves);
+        let svg = self.curves.svg()?;
         ranker_model::checkpoint::write_atomically(&self.run_dir.join("training_curves.svg"), svg.as_bytes())?;
         Ok(dir)
     }
@@ -564,7 +543,6 @@ impl Trainer {
                     let input_wait_fraction = wait / window_started.elapsed().as_secs_f64().max(1e-9);
                     window_started = Instant::now();
                     let line = serde_json::json!({"kind": "train", "step": self.step, "epoch": epoch + 1, "loss": last_loss, "lr": lr, "grad_norm": norm, "examples_per_second": rate, "input_wait_fraction": input_wait_fraction});
-                    self.record_curves(&line);
                     self.log(&line)?;
                     self.window = LossWindow::default();
                 }
@@ -583,7 +561,6 @@ impl Trainer {
                     if let Some(eval) = eval {
                         let report = evaluate(&self.ranker, eval, o.batch_size, (epoch + 1) as usize, self.step)?;
                         let line = serde_json::json!({"kind": "eval", "step": self.step, "epoch": epoch + 1, "loss": report.loss, "tasks": report.tasks});
-                        self.record_curves(&line);
                         self.log(&line)?;
                         if !o.quiet {
                             let summary: Vec<String> =
@@ -756,9 +733,10 @@ pub fn non_finite_score(command: &str, value: f64, row: u64, task: &str) -> Erro
 }
 
 /// Evaluates `ranker` on every row of `data` (file order): the weighted loss and per-task AUC, log
-/// loss, normalised entropy and calibration of the (calibrated) probabilities. A non-finite
-/// probability is an error naming its row and task ([`non_finite_score`]), a non-finite loss one
-/// naming the batch's rows: a report never holds a NaN or infinite loss.
+/// loss, normalised entropy, calibration and calibration by decile of the (calibrated)
+/// probabilities. A non-finite probability is an error naming its row and task
+/// ([`non_finite_score`]), a non-finite loss one naming the batch's rows: a report never holds a
+/// NaN or infinite loss.
 pub fn evaluate(
     ranker: &Ranker,
     data: &dyn BatchSource,
@@ -801,8 +779,10 @@ pub fn evaluate(
     if rows == 0 {
         return Err(Error::input("eval", "data", "the evaluation set is empty"));
     }
+    let reliability =
+        tasks.iter().enumerate().map(|(t, name)| Reliability::new(name, &probs[t], &labels[t], DECILES)).collect();
     let tasks = tasks.into_iter().enumerate().map(|(t, name)| (name, task_metrics(&probs[t], &labels[t]))).collect();
-    Ok(EvalReport { epoch, step, loss: loss_sum / rows as f64, tasks })
+    Ok(EvalReport { epoch, step, loss: loss_sum / rows as f64, tasks, reliability })
 }
 
 #[cfg(test)]

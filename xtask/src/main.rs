@@ -6,6 +6,8 @@
 //! - `fixtures`: creates the reference venv (`reference/.venv`, pinned `reference/requirements.txt`)
 //!   if needed, regenerates `fixtures/` and rewrites `fixtures/MANIFEST.json`.
 //! - `venv`: only creates (or updates) the reference venv, for scripts that run the PyTorch reference.
+//! - `tensorboard-venv`: only creates (or updates) `target/tensorboard-venv`, the pinned TensorBoard
+//!   that `tests/observability.rs` reads the trainer's event files with (`verify` creates it first).
 //! - `bench-compare [--rounds N] [--threads T]`: the `homefeed-bench` model in rankstack and in
 //!   PyTorch, outputs checked to agree, then timed side by side (see `docs/performance.md`).
 //! - `gpu-bundle [DIR]` (alias `gpu-bench`): the reference tests, the device tests, the CLI and the
@@ -29,11 +31,12 @@ fn main() -> ExitCode {
         Some("verify") => verify(),
         Some("fixtures") => fixtures::regenerate(),
         Some("venv") => fixtures::ensure_venv(),
+        Some("tensorboard-venv") => tensorboard_venv(),
         Some("bench-compare") => bench_compare::bench_compare(&args[1..]),
         Some("gpu-bundle" | "gpu-bench") => gpu_bundle::gpu_bundle(&args[1..]),
         Some("manifest") => manifest::write(&root()),
         _ => {
-            eprintln!("usage: cargo xtask <verify|fixtures|venv|bench-compare|gpu-bundle|gpu-bench|manifest>");
+            eprintln!("usage: cargo xtask <verify|fixtures|venv|tensorboard-venv|bench-compare|gpu-bundle|gpu-bench|manifest>");
             return ExitCode::from(2);
         }
     };
@@ -74,6 +77,11 @@ pub fn python_venv(dir: &str, what: &str, packages: &[&str]) -> Result<PathBuf> 
     Ok(python)
 }
 
+/// The pinned TensorBoard venv the tests read event files with (small: no TensorFlow, no torch).
+fn tensorboard_venv() -> Result<()> {
+    python_venv("target/tensorboard-venv", "TensorBoard", &["-r", "xtask/tensorboard-requirements.txt"]).map(|_| ())
+}
+
 fn cargo() -> Command {
     Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string()))
 }
@@ -84,6 +92,7 @@ fn verify() -> Result<()> {
         "cargo clippy (warnings denied)",
         cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]),
     )?;
+    tensorboard_venv()?;
     run("cargo test", cargo().args(["test", "--workspace"]))?;
     run("cargo doc", cargo().args(["doc", "--workspace", "--no-deps"]).env("RUSTDOCFLAGS", "-D warnings"))?;
     eprintln!("==> fixture manifest");
