@@ -11,11 +11,16 @@
 //! - `gpu-bundle [DIR]`: the reference tests built with the `cuda` feature (no GPU or CUDA needed
 //!   here), packed with a runner into `DIR` (default `.gpu/`) for a GPU machine.
 //! - `manifest`: rewrites `fixtures/MANIFEST.json` from the current files (after a deliberate change).
+//! - `serve-venv`: creates (or updates) `target/serve-venv` with the pinned Python Triton client
+//!   that `tests/serve.rs` drives `rankstack serve` with (`verify` makes it before the tests).
+//! - `serve-bench [--seconds S]`: `rankstack serve` under `wrk` at 1, 64 and 512 candidates per
+//!   request (see `docs/serving.md`).
 
 mod bench_compare;
 mod fixtures;
 mod gpu_bundle;
 mod manifest;
+mod serve_bench;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -31,8 +36,12 @@ fn main() -> ExitCode {
         Some("bench-compare") => bench_compare::bench_compare(&args[1..]),
         Some("gpu-bundle") => gpu_bundle::gpu_bundle(&args[1..]),
         Some("manifest") => manifest::write(&root()),
+        Some("serve-venv") => serve_venv().map(|_| ()),
+        Some("serve-bench") => serve_bench::serve_bench(&args[1..]),
         _ => {
-            eprintln!("usage: cargo xtask <verify|fixtures|venv|bench-compare|gpu-bundle|manifest>");
+            eprintln!(
+                "usage: cargo xtask <verify|fixtures|venv|bench-compare|gpu-bundle|manifest|serve-venv|serve-bench>"
+            );
             return ExitCode::from(2);
         }
     };
@@ -73,6 +82,12 @@ pub fn python_venv(dir: &str, what: &str, packages: &[&str]) -> Result<PathBuf> 
     Ok(python)
 }
 
+/// The venv of `tests/serve.rs`: the Python Triton HTTP client (pinned; its dependencies,
+/// numpy among them, resolved by pip).
+fn serve_venv() -> Result<PathBuf> {
+    python_venv("target/serve-venv", "the Triton HTTP client", &["tritonclient[http]==2.73.0"])
+}
+
 fn cargo() -> Command {
     Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string()))
 }
@@ -83,6 +98,13 @@ fn verify() -> Result<()> {
         "cargo clippy (warnings denied)",
         cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]),
     )?;
+    // tests/serve.rs drives the server with the real Triton client; CI must have it.
+    if let Err(e) = serve_venv() {
+        if std::env::var("CI").is_ok_and(|v| v == "true") {
+            return Err(e);
+        }
+        eprintln!("==> no serve venv ({e}): tests/serve.rs will skip the tritonclient test");
+    }
     run("cargo test", cargo().args(["test", "--workspace"]))?;
     run("cargo doc", cargo().args(["doc", "--workspace", "--no-deps"]).env("RUSTDOCFLAGS", "-D warnings"))?;
     eprintln!("==> fixture manifest");

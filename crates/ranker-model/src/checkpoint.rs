@@ -116,6 +116,14 @@ pub fn load_for_serving(dir: impl AsRef<Path>, dtype: DType, device: &Device) ->
     let dir = dir.as_ref();
     let config = RankerConfig::from_file(dir.join(CONFIG_FILE))?;
     let file = read_safetensors(dir.join(WEIGHTS_FILE))?;
+    // A diverged or corrupt model must not score as if it were good (NaN probabilities downstream).
+    if let Some(name) = first_non_finite(&file.tensors)? {
+        return Err(Error::input(
+            "checkpoint",
+            dir.display().to_string(),
+            format!("tensor `{name}` holds NaN or infinite values (training diverged, or the file is corrupt)"),
+        ));
+    }
     let frozen = rankstack_nn::checkpoint::FrozenTensors::new(file.tensors);
     let ranker = Ranker::new(&config, frozen.var_builder(dtype, device))?;
     // Buffers (BatchNorm running statistics) live outside the parameters as variables, loaded
@@ -137,6 +145,27 @@ pub fn load_for_serving(dir: impl AsRef<Path>, dtype: DType, device: &Device) ->
     }
     load_into(&buffers, &stored)?;
     Ok(ranker)
+}
+
+/// The name of the first float tensor (in name order) holding a NaN or an infinity.
+fn first_non_finite(tensors: &HashMap<String, Tensor>) -> Result<Option<String>> {
+    let mut names: Vec<&String> = tensors.keys().collect();
+    names.sort();
+    for name in names {
+        let t = &tensors[name];
+        if t.dtype().is_float() {
+            let flat = t.flatten_all()?;
+            let finite = if t.dtype() == DType::F64 {
+                flat.to_vec1::<f64>()?.iter().all(|v| v.is_finite())
+            } else {
+                flat.to_dtype(DType::F32)?.to_vec1::<f32>()?.iter().all(|v| v.is_finite())
+            };
+            if !finite {
+                return Ok(Some(name.clone()));
+            }
+        }
+    }
+    Ok(None)
 }
 
 /// [`load_for_serving`] on the CPU in f32, with every linear layer's weight packed once for the

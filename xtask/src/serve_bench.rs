@@ -1,0 +1,206 @@
+//! `cargo xtask serve-bench [--seconds S]`: `rankstack serve` with the `homefeed-bench` model
+//! under a real HTTP load generator (`wrk`, Debian package `wrk`), with requests of 1, 64 and 512
+//! candidates (`examples/serve_bench.rs` writes the model and the bodies):
+//!
+//! - saturation: a fixed number of connections sending back to back (closed loop);
+//! - a fixed offered load at about half the saturation rate: the same connections, each pausing
+//!   between requests (wrk's `delay()`), so the server is not queue-bound; the achieved rate is
+//!   reported;
+//! - the batcher's lift: 1-candidate requests at saturation with `--max-batch 1` (no batching)
+//!   against the default.
+//!
+//! Throughput and p50/p99/p999 latency come from wrk's own histogram (a Lua `done` hook prints
+//! them). The table goes to stdout and `target/serve-bench/results.md`. Threads: the model's pool
+//! gets `RAYON_NUM_THREADS=2`; wrk runs one thread. Run it on a quiet machine.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use crate::{cargo, root, run, Result};
+
+/// wrk's script: POST the body in `BENCH_BODY`, pause `BENCH_DELAY_MS` between requests on a
+/// connection, print the summary as one JSON line.
+const WRK_SCRIPT: &str = r#"
+local f = assert(io.open(os.getenv("BENCH_BODY"), "rb"))
+wrk.method = "POST"
+wrk.body = f:read("*a")
+f:close()
+wrk.headers["Content-Type"] = "application/json"
+local pause = tonumber(os.getenv("BENCH_DELAY_MS") or "0")
+if pause > 0 then
+  function delay() return pause end
+end
+function done(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format('{"requests": %d, "seconds": %.3f, "non2xx": %d, "socket_errors": %d, "p50_ms": %.3f, "p99_ms": %.3f, "p999_ms": %.3f}\n',
+    summary.requests, summary.duration / 1e6, e.status, e.connect + e.read + e.write + e.timeout,
+    latency:percentile(50) / 1e3, latency:percentile(99) / 1e3, latency:percentile(99.9) / 1e3))
+end
+"#;
+
+/// One wrk run's summary.
+#[derive(Debug, Clone)]
+struct Load {
+    rps: f64,
+    requests: u64,
+    errors: u64,
+    p50: f64,
+    p99: f64,
+    p999: f64,
+}
+
+/// A running `rankstack serve` (SIGTERM on drop).
+struct Server {
+    child: Child,
+    url: String,
+}
+
+impl Server {
+    fn start(binary: &Path, checkpoint: &Path, extra: &[&str]) -> Result<Self> {
+        let mut child = Command::new(binary)
+            .args(["serve", "--checkpoint"])
+            .arg(checkpoint)
+            .args(["--addr", "127.0.0.1:0", "--max-queue", "4096"])
+            .args(extra)
+            .env("RAYON_NUM_THREADS", "2")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("cannot start {}: {e}", binary.display()))?;
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().expect("piped")).read_line(&mut line).map_err(|e| e.to_string())?;
+        let addr = line.trim().strip_prefix("listening on ").ok_or_else(|| format!("rankstack serve: {line:?}"))?;
+        Ok(Self { url: format!("{addr}/v2/models/ranker/infer"), child })
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        let _ = self.child.wait();
+    }
+}
+
+fn wrk(url: &str, body: &Path, connections: usize, seconds: u64, delay_ms: f64, script: &Path) -> Result<Load> {
+    let out = Command::new("wrk")
+        .args(["-t1", &format!("-c{connections}"), &format!("-d{seconds}s"), "--timeout", "30s", "-s"])
+        .arg(script)
+        .arg(url)
+        .env("BENCH_BODY", body)
+        .env("BENCH_DELAY_MS", format!("{}", delay_ms.round() as u64))
+        .output()
+        .map_err(|e| format!("cannot run wrk ({e}): install it with `apt-get install -y wrk`"))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line =
+        text.lines().rev().find(|l| l.starts_with('{')).ok_or_else(|| format!("wrk printed no summary:\n{text}"))?;
+    let v: serde_json::Value = serde_json::from_str(line).map_err(|e| format!("{e}: {line}"))?;
+    let f = |k: &str| v[k].as_f64().unwrap_or(f64::NAN);
+    Ok(Load {
+        rps: f("requests") / f("seconds"),
+        requests: f("requests") as u64,
+        errors: (f("non2xx") + f("socket_errors")) as u64,
+        p50: f("p50_ms"),
+        p99: f("p99_ms"),
+        p999: f("p999_ms"),
+    })
+}
+
+fn cpu_name() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into())
+}
+
+fn row(what: &str, b: usize, connections: usize, load: &Load) -> String {
+    format!(
+        "| {what} | {b} | {connections} | {:.1} | {:.0} | {:.1} | {:.1} | {:.1} | {} / {} |\n",
+        load.rps,
+        load.rps * b as f64,
+        load.p50,
+        load.p99,
+        load.p999,
+        load.errors,
+        load.requests
+    )
+}
+
+/// `cargo xtask serve-bench`.
+pub fn serve_bench(args: &[String]) -> Result<()> {
+    let seconds: u64 = match args {
+        [] => 10,
+        [flag, s] if flag == "--seconds" => s.parse().map_err(|_| format!("--seconds {s}: not a number"))?,
+        _ => return Err("usage: cargo xtask serve-bench [--seconds S]".into()),
+    };
+    run("wrk present", Command::new("wrk").arg("--version").stdout(Stdio::null()).stderr(Stdio::null()))
+        .map_err(|_| "wrk is missing: install it with `apt-get install -y wrk`".to_string())?;
+    run(
+        "build rankstack and the serve_bench example (release)",
+        cargo().args(["build", "--release", "--bin", "rankstack", "--example", "serve_bench"]),
+    )?;
+    let dir: PathBuf = root().join("target/serve-bench");
+    let release = root().join("target/release");
+    run(
+        "write the homefeed-bench checkpoint and requests",
+        Command::new(release.join("examples/serve_bench")).arg("prepare").arg(&dir),
+    )?;
+    let script = dir.join("post.lua");
+    std::fs::write(&script, WRK_SCRIPT).map_err(|e| e.to_string())?;
+    let binary = release.join("rankstack");
+    let checkpoint = dir.join("checkpoint");
+
+    let mut table = String::from(
+        "| load | candidates/request | connections | requests/s | candidates/s | p50 ms | p99 ms | p999 ms | errors / requests |\n|---|---|---|---|---|---|---|---|---|\n",
+    );
+    let mut saturated_single = None;
+    for (b, connections) in [(1usize, 64usize), (64, 16), (512, 4)] {
+        let body = dir.join(format!("request-{b}.json"));
+        let server = Server::start(&binary, &checkpoint, &[])?;
+        // Warm-up (first allocations, page faults), not reported.
+        wrk(&server.url, &body, connections, 2, 0.0, &script)?;
+        eprintln!("==> {b} candidates: saturation");
+        let saturation = wrk(&server.url, &body, connections, seconds, 0.0, &script)?;
+        // Half the saturation rate: each connection pauses so that connections / pause ≈ rate.
+        let pause_ms = connections as f64 * 1e3 / (0.5 * saturation.rps);
+        eprintln!("==> {b} candidates: fixed load (pause {pause_ms:.1} ms per connection)");
+        let fixed = wrk(&server.url, &body, connections, seconds, pause_ms, &script)?;
+        table.push_str(&row("saturation", b, connections, &saturation));
+        table.push_str(&row(&format!("fixed (~{:.0}/s offered)", 0.5 * saturation.rps), b, connections, &fixed));
+        if b == 1 {
+            saturated_single = Some(saturation);
+        }
+    }
+    eprintln!("==> 1 candidate, no batching (--max-batch 1): saturation");
+    let body = dir.join("request-1.json");
+    let unbatched = {
+        let server = Server::start(&binary, &checkpoint, &["--max-batch", "1"])?;
+        wrk(&server.url, &body, 64, 2, 0.0, &script)?;
+        wrk(&server.url, &body, 64, seconds, 0.0, &script)?
+    };
+    table.push_str(&row("saturation, --max-batch 1", 1, 64, &unbatched));
+    let lift = saturated_single.map_or(f64::NAN, |s| s.rps / unbatched.rps);
+    let commit = Command::new("git")
+        .args(["rev-parse", "--short", "HEAD"])
+        .current_dir(root())
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
+    let date = Command::new("date")
+        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
+    let report = format!(
+        "`cargo xtask serve-bench --seconds {seconds}`: {}, {} cores, RAYON_NUM_THREADS=2, wrk 1 thread, {date}, commit {commit}.\n\n{table}\nBatcher lift at 1-candidate requests (saturation, default batching vs --max-batch 1): {lift:.2}x\n",
+        cpu_name(),
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+    );
+    std::fs::write(dir.join("results.md"), &report).map_err(|e| e.to_string())?;
+    println!("{report}");
+    Ok(())
+}
