@@ -42,7 +42,7 @@ fn fails(args: &[&str]) -> String {
 fn version_and_help() {
     assert_eq!(ok(&["--version"]).trim(), format!("rankstack {}", env!("CARGO_PKG_VERSION")));
     let help = ok(&["--help"]);
-    for sub in ["presets", "train", "eval", "score", "inspect", "data"] {
+    for sub in ["presets", "train", "eval", "score", "serve", "inspect", "data"] {
         assert!(help.contains(sub), "{help}");
     }
 }

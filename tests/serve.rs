@@ -791,3 +791,69 @@ fn tritonclient_reads_metadata_and_gets_bit_equal_probabilities() {
     assert_eq!(result["json_nan_refused"], json!(true));
     server.no_panic();
 }
+
+#[test]
+fn a_reload_without_a_path_follows_the_runs_latest() {
+    let w = world("latest");
+    let run = w.dir.join("run");
+    for (step, model) in [("step-1", "a"), ("step-2", "b")] {
+        std::fs::create_dir_all(run.join("checkpoints").join(step)).unwrap();
+        for file in ["config.json", "model.safetensors"] {
+            std::fs::copy(w.dir.join(model).join(file), run.join("checkpoints").join(step).join(file)).unwrap();
+        }
+    }
+    std::fs::write(run.join("LATEST"), "checkpoints/step-1\n").unwrap();
+    let server = Server::start(&run, w.dir.join("run.log"), &[]);
+    let body = infer_body(&w.signature, &w.rows[..4]);
+    let (ref_a, ref_b) = (reference(&w, "a"), reference(&w, "b"));
+    assert!(close(&probabilities(&server.post_json("/v2/models/ranker/infer", &body)), &ref_a[0]));
+    std::fs::write(run.join("LATEST"), "checkpoints/step-2\n").unwrap();
+    let loaded = http(server.addr, "POST", "/v2/repository/models/ranker/load", &[], b"");
+    assert_eq!(loaded.status, 200, "{}", String::from_utf8_lossy(&loaded.body));
+    assert!(loaded.json()["checkpoint"].as_str().unwrap().ends_with("step-2"));
+    let reply = server.post_json("/v2/models/ranker/infer", &body);
+    assert_eq!(reply.json()["model_version"], json!("2"));
+    assert!(close(&probabilities(&reply), &ref_b[0]));
+    assert_eq!(server.post_json("/v2/repository/index", &json!({})).json()[0]["version"], json!("2"));
+    let bad = server.post_json("/v2/repository/models/ranker/load", &json!({"parameters": {"config": "{}"}}));
+    assert_eq!(bad.status, 400);
+    assert!(bad.error().contains("parameter `config` is not supported"), "{}", bad.error());
+    server.no_panic();
+}
+
+#[test]
+fn bad_options_and_bad_checkpoints_are_one_line_errors() {
+    let w = world("options");
+    // Non-finite weights: never served.
+    let broken = w.dir.join("broken");
+    std::fs::create_dir_all(&broken).unwrap();
+    std::fs::copy(w.dir.join("a/config.json"), broken.join("config.json")).unwrap();
+    let (store, config) =
+        (SeededVarMap::new(5), rankstack::ranker_model::RankerConfig::from_file(broken.join("config.json")).unwrap());
+    let ranker = Ranker::new(&config, store.var_builder(DType::F32, &Device::Cpu)).unwrap();
+    let (_, var) = checkpoint::state(&ranker, &store).into_iter().next().unwrap();
+    var.set(&var.ones_like().unwrap().affine(f64::INFINITY, 0.0).unwrap()).unwrap();
+    checkpoint::save(&broken, &ranker, &store).unwrap();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken_addr = taken.local_addr().unwrap().to_string();
+    let a = w.dir.join("a").display().to_string();
+    let nowhere = w.dir.join("nowhere").display().to_string();
+    let broken = broken.display().to_string();
+    for (args, needle) in [
+        (vec!["--checkpoint", nowhere.as_str()], "nowhere"),
+        (vec!["--checkpoint", broken.as_str()], "NaN or infinite"),
+        (vec!["--checkpoint", a.as_str(), "--max-batch", "0"], "max-batch"),
+        (vec!["--checkpoint", a.as_str(), "--max-queue", "0"], "max-queue"),
+        (vec!["--checkpoint", a.as_str(), "--model-name", "a/b"], "model-name"),
+        (vec!["--checkpoint", a.as_str(), "--addr", taken_addr.as_str()], "cannot listen"),
+        (vec!["--checkpoint", a.as_str(), "--addr", "nonsense"], "--addr"),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_rankstack")).arg("serve").args(&args).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} should fail");
+        let last = err.trim_end().lines().last().unwrap_or("");
+        assert!(last.starts_with("rankstack: error:") && last.contains(needle), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+    }
+    drop(taken);
+}
