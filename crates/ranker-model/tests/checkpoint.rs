@@ -168,7 +168,10 @@ fn a_checkpoint_with_non_finite_weights_is_not_served() {
     for precision in
         [rankstack_nn::packed_matmul::WeightPrecision::F32, rankstack_nn::packed_matmul::WeightPrecision::Bf16]
     {
-        let err = checkpoint::load_packed_for_serving(&dir, precision).err().expect("refused").to_string();
+        let Err(err) = checkpoint::load_packed_for_serving(&dir, precision) else {
+            panic!("served non-finite weights")
+        };
+        let err = err.to_string();
         assert!(err.contains(&format!("`{name}`")) && err.contains("NaN or infinite"), "{err}");
     }
     std::fs::remove_dir_all(&dir).ok();
