@@ -3,7 +3,9 @@
 //!
 //! ```text
 //! serve_bench prepare DIR   writes DIR/checkpoint (config.json, model.safetensors) and
-//!                           DIR/request-B.json for B = 1, 64, 512 candidates
+//!                           DIR/request-B.json for B = 1, 64, 512 candidates, and the same
+//!                           as binary tensors (DIR/request-B.bin, the JSON part's length in
+//!                           DIR/request-B.bin.json-length)
 //! ```
 //!
 //! A request is one feed request: one user (the sequence, full length, and the request time sent
@@ -49,9 +51,44 @@ fn prepare(dir: &Path) -> Result<()> {
     for b in REQUEST_SIZES {
         let body = request(&schema, &signature, b, b as u64);
         std::fs::write(dir.join(format!("request-{b}.json")), body.to_string())?;
+        let (binary, json_len) = binary_request(&body);
+        std::fs::write(dir.join(format!("request-{b}.bin")), binary)?;
+        std::fs::write(dir.join(format!("request-{b}.bin.json-length")), json_len.to_string())?;
     }
     println!("wrote {}", dir.display());
     Ok(())
+}
+
+/// The same request with every input's values as binary data after the JSON (the binary tensor
+/// extension), and the JSON part's length (the `Inference-Header-Content-Length` header).
+fn binary_request(body: &Value) -> (Vec<u8>, usize) {
+    let mut head = body.clone();
+    let mut data = Vec::new();
+    for input in head["inputs"].as_array_mut().expect("inputs") {
+        let mut values = Vec::new();
+        flatten(&input["data"], &mut values);
+        let before = data.len();
+        for v in values {
+            match input["datatype"].as_str() {
+                Some("INT64") => data.extend(v.as_i64().expect("an integer").to_le_bytes()),
+                _ => data.extend((v.as_f64().expect("a number") as f32).to_le_bytes()),
+            }
+        }
+        let input = input.as_object_mut().expect("an object");
+        input.remove("data");
+        input.insert("parameters".into(), json!({"binary_data_size": data.len() - before}));
+    }
+    let mut bytes = head.to_string().into_bytes();
+    let json_len = bytes.len();
+    bytes.extend(data);
+    (bytes, json_len)
+}
+
+fn flatten<'a>(v: &'a Value, out: &mut Vec<&'a Value>) {
+    match v {
+        Value::Array(items) => items.iter().for_each(|i| flatten(i, out)),
+        other => out.push(other),
+    }
 }
 
 /// One feed request of `b` candidates for one user.

@@ -111,11 +111,7 @@ pub fn parse(
         .ok_or_else(|| BadRequest("`inputs` must be an array".into()))?;
     let mut tensors: Vec<Option<Tensor>> = vec![None; signature.inputs.len()];
     for (k, input) in inputs.iter().enumerate() {
-        let input = input.as_object().ok_or_else(|| BadRequest(format!("inputs[{k}] must be an object")))?;
-        let name = input
-            .get("name")
-            .and_then(Value::as_str)
-            .ok_or_else(|| BadRequest(format!("inputs[{k}] has no string `name`")))?;
+        let (input, name) = named_tensor(input, "inputs", k)?;
         let (index, spec) = signature.input(name).ok_or_else(|| {
             let known: Vec<&str> = signature.inputs.iter().map(|i| i.name.as_str()).collect();
             BadRequest::input(name, format!("the model has no such input (its inputs: {})", known.join(", ")))
@@ -170,6 +166,16 @@ fn object_field<'a>(parent: &'a Map<String, Value>, key: &str, what: &str) -> Re
     }
 }
 
+/// Entry `k` of the `list` array (`inputs` or `outputs`): an object with a string `name`.
+fn named_tensor<'a>(entry: &'a Value, list: &str, k: usize) -> Result<(&'a Map<String, Value>, &'a str)> {
+    let object = entry.as_object().ok_or_else(|| BadRequest(format!("{list}[{k}] must be an object")))?;
+    let name = object
+        .get("name")
+        .and_then(Value::as_str)
+        .ok_or_else(|| BadRequest(format!("{list}[{k}] has no string `name`")))?;
+    Ok((object, name))
+}
+
 fn requested_outputs(
     root: &Map<String, Value>,
     signature: &ModelSignature,
@@ -181,11 +187,7 @@ fn requested_outputs(
     let requested = requested.as_array().ok_or_else(|| BadRequest("`outputs` must be an array".into()))?;
     let mut chosen: Vec<OutputChoice> = Vec::new();
     for (k, out) in requested.iter().enumerate() {
-        let out = out.as_object().ok_or_else(|| BadRequest(format!("outputs[{k}] must be an object")))?;
-        let name = out
-            .get("name")
-            .and_then(Value::as_str)
-            .ok_or_else(|| BadRequest(format!("outputs[{k}] has no string `name`")))?;
+        let (out, name) = named_tensor(out, "outputs", k)?;
         let index = signature.outputs.iter().position(|o| o == name).ok_or_else(|| {
             BadRequest(format!(
                 "output `{name}`: the model has no such output (its outputs: {})",

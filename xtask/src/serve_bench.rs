@@ -7,7 +7,8 @@
 //!   between requests (wrk's `delay()`), so the server is not queue-bound; the achieved rate is
 //!   reported;
 //! - the batcher's lift: 1-candidate requests at saturation with `--max-batch 1` (no batching)
-//!   against the default.
+//!   against the default;
+//! - the binary tensor extension against JSON at 512 candidates (saturation).
 //!
 //! Throughput and p50/p99/p999 latency come from wrk's own histogram (a Lua `done` hook prints
 //! them). The table goes to stdout and `target/serve-bench/results.md`. Threads: the model's pool
@@ -27,6 +28,11 @@ wrk.method = "POST"
 wrk.body = f:read("*a")
 f:close()
 wrk.headers["Content-Type"] = "application/json"
+local json_len = os.getenv("BENCH_JSON_LENGTH") or ""
+if json_len ~= "" then
+  wrk.headers["Content-Type"] = "application/octet-stream"
+  wrk.headers["Inference-Header-Content-Length"] = json_len
+end
 local pause = tonumber(os.getenv("BENCH_DELAY_MS") or "0")
 if pause > 0 then
   function delay() return pause end
@@ -83,7 +89,14 @@ impl Drop for Server {
 }
 
 fn wrk(url: &str, body: &Path, connections: usize, seconds: u64, delay_ms: f64, script: &Path) -> Result<Load> {
+    // A binary body (`.bin`) sends its JSON part's length in the protocol's header.
+    let json_len = if body.extension().is_some_and(|e| e == "bin") {
+        std::fs::read_to_string(body.with_extension("bin.json-length")).map_err(|e| e.to_string())?
+    } else {
+        String::new()
+    };
     let out = Command::new("wrk")
+        .env("BENCH_JSON_LENGTH", json_len.trim())
         .args(["-t1", &format!("-c{connections}"), &format!("-d{seconds}s"), "--timeout", "30s", "-s"])
         .arg(script)
         .arg(url)
@@ -174,6 +187,14 @@ pub fn serve_bench(args: &[String]) -> Result<()> {
         if b == 1 {
             saturated_single = Some(saturation);
         }
+    }
+    // The binary tensor extension at 512 candidates: does it pay against JSON?
+    {
+        let body = dir.join("request-512.bin");
+        let server = Server::start(&binary, &checkpoint, &[])?;
+        wrk(&server.url, &body, 4, 2, 0.0, &script)?;
+        eprintln!("==> 512 candidates, binary tensors: saturation");
+        table.push_str(&row("saturation, binary tensors", 512, 4, &wrk(&server.url, &body, 4, seconds, 0.0, &script)?));
     }
     eprintln!("==> 1 candidate, no batching (--max-batch 1): saturation");
     let body = dir.join("request-1.json");
