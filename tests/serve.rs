@@ -578,6 +578,12 @@ fn a_request_whose_timeout_passes_in_the_queue_gets_504() {
     assert!(reply.error().contains("timeout (1 µs) passed"), "{}", reply.error());
     body["parameters"] = json!({"timeout": 0});
     assert_eq!(server.post_json("/v2/models/ranker/infer", &body).status, 200);
+    drop(server);
+    // A 100 s batching window, a 1 s deadline: the window closes at the deadline and the request
+    // is scored (it would otherwise wait out the window and time out).
+    let server = Server::start(&w.dir.join("a"), w.dir.join("b.log"), &["--max-queue-delay-us", "100000000"]);
+    body["parameters"] = json!({"timeout": 1_000_000});
+    assert_eq!(server.post_json("/v2/models/ranker/infer", &body).status, 200);
 }
 
 #[test]

@@ -4,8 +4,9 @@
 //! to the requests.
 //!
 //! - A full queue refuses the request at once ([`Batcher::submit`] → [`Overloaded`]; HTTP 503).
-//! - A request whose deadline (`parameters.timeout`) passes while it waits is answered
-//!   [`Outcome::TimedOut`] and not scored.
+//! - A request whose deadline (`parameters.timeout`) passes while it waits in the queue is
+//!   answered [`Outcome::TimedOut`] and not scored; a batch's window closes at the earliest
+//!   deadline among its requests, so waiting for company never makes a request late.
 //! - A batch only merges requests checked against the same model ([`ServedModel`]), so a reload
 //!   never mixes models in one batch and each request is scored by the model that checked it.
 //! - If scoring a merged batch fails, each of its requests is scored alone, so only a request that
@@ -131,23 +132,30 @@ impl Batcher {
 
 /// The scoring thread's loop.
 fn run(config: BatcherConfig, jobs: mpsc::Receiver<Job>, depth: Arc<AtomicUsize>, metrics: Arc<Metrics>) {
-    let take = |job: Job| {
+    // A job taken from the queue after its deadline timed out there: answered, not batched.
+    let take = |job: Job| -> Option<Job> {
         depth.fetch_sub(1, Ordering::SeqCst);
-        job
+        unexpired(job)
     };
     let mut held: Option<Job> = None;
     loop {
         let first = match held.take() {
-            Some(job) => job,
+            Some(job) => unexpired(job),
             None => match jobs.recv() {
                 Ok(job) => take(job),
                 Err(_) => return, // closed and drained
             },
         };
-        let window_end = first.queued_at + config.max_queue_delay;
+        let Some(first) = first else { continue };
+        // The window closes at the delay, or earlier at the first deadline in the batch: waiting
+        // for company never makes a request miss its deadline.
+        let mut window_end = first.queued_at + config.max_queue_delay;
         let mut rows = first.rows.len();
         let mut batch = vec![first];
         while rows < config.max_batch {
+            if let Some(d) = batch.last().and_then(|j| j.deadline) {
+                window_end = window_end.min(d);
+            }
             let now = Instant::now();
             // Past the window, still take whatever is already queued (a full queue fills batches).
             let next = if now >= window_end {
@@ -156,7 +164,7 @@ fn run(config: BatcherConfig, jobs: mpsc::Receiver<Job>, depth: Arc<AtomicUsize>
                 jobs.recv_timeout(window_end - now)
             };
             let Ok(job) = next else { break };
-            let job = take(job);
+            let Some(job) = take(job) else { continue };
             if Arc::ptr_eq(&job.model, &batch[0].model) && rows + job.rows.len() <= config.max_batch {
                 rows += job.rows.len();
                 batch.push(job);
@@ -169,16 +177,21 @@ fn run(config: BatcherConfig, jobs: mpsc::Receiver<Job>, depth: Arc<AtomicUsize>
     }
 }
 
-/// Answers timed-out jobs, scores the rest as one batch (each alone if that fails).
-fn score(batch: Vec<Job>, metrics: &Metrics) {
+/// The job, or `None` after answering it [`Outcome::TimedOut`] if its deadline has passed.
+fn unexpired(job: Job) -> Option<Job> {
     let now = Instant::now();
-    let (live, expired): (Vec<Job>, Vec<Job>) = batch.into_iter().partition(|j| j.deadline.is_none_or(|d| now <= d));
-    for job in expired {
-        let _ = job.reply.send(Outcome::TimedOut { queue_time: now - job.queued_at });
+    match job.deadline {
+        Some(d) if now > d => {
+            let _ = job.reply.send(Outcome::TimedOut { queue_time: now - job.queued_at });
+            None
+        }
+        _ => Some(job),
     }
-    if live.is_empty() {
-        return;
-    }
+}
+
+/// Scores a batch once (each request alone if that fails) and answers every job.
+fn score(live: Vec<Job>, metrics: &Metrics) {
+    let now = Instant::now();
     for job in &live {
         metrics.queue_time.observe((now - job.queued_at).as_secs_f64());
     }
