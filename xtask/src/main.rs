@@ -13,8 +13,8 @@
 //! - `manifest`: rewrites `fixtures/MANIFEST.json` from the current files (after a deliberate change).
 //! - `serve-venv`: creates (or updates) `target/serve-venv` with the pinned Python Triton client
 //!   that `tests/serve.rs` drives `rankstack serve` with (`verify` makes it before the tests).
-//! - `serve-bench [--seconds S]`: `rankstack serve` under `wrk` at 1, 64 and 512 candidates per
-//!   request (see `docs/serving.md`).
+//! - `serve-bench [--seconds S] [--no-pytorch]`: `rankstack serve` under `wrk` at 1, 64 and 512
+//!   candidates per request, against a PyTorch FastAPI baseline (see `docs/serving.md`).
 
 mod bench_compare;
 mod fixtures;

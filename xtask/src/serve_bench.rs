@@ -1,4 +1,4 @@
-//! `cargo xtask serve-bench [--seconds S]`: `rankstack serve` with the `homefeed-bench` model
+//! `cargo xtask serve-bench [--seconds S] [--no-pytorch]`: `rankstack serve` with the `homefeed-bench` model
 //! under a real HTTP load generator (`wrk`, Debian package `wrk`), with requests of 1, 64 and 512
 //! candidates (`examples/serve_bench.rs` writes the model and the bodies):
 //!
@@ -8,7 +8,10 @@
 //!   reported;
 //! - the batcher's lift: 1-candidate requests at saturation with `--max-batch 1` (no batching)
 //!   against the default;
-//! - the binary tensor extension against JSON at 512 candidates (saturation).
+//! - the binary tensor extension against JSON at 512 candidates (saturation);
+//! - the PyTorch baseline (unless `--no-pytorch`): the same checkpoint in the reference model
+//!   behind a minimal FastAPI/uvicorn endpoint (`reference/serve_fastapi.py`, in the reference
+//!   venv plus pinned FastAPI and uvicorn), with the same bodies, connections and pauses.
 //!
 //! Throughput and p50/p99/p999 latency come from wrk's own histogram (a Lua `done` hook prints
 //! them). The table goes to stdout and `target/serve-bench/results.md`. Threads: the model's pool
@@ -81,6 +84,31 @@ impl Server {
     }
 }
 
+impl Server {
+    /// The FastAPI baseline (`reference/serve_fastapi.py`) on a free port, once it accepts
+    /// connections (bounded wait: the model takes seconds to load).
+    fn start_pytorch(checkpoint: &Path) -> Result<Self> {
+        let port =
+            std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map_err(|e| e.to_string())?.port();
+        let child = Command::new(crate::fixtures::venv_python())
+            .arg(root().join("reference/serve_fastapi.py"))
+            .arg(checkpoint)
+            .args([port.to_string().as_str(), "--threads", "2"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("cannot start the FastAPI baseline: {e}"))?;
+        let server = Self { url: format!("http://127.0.0.1:{port}/v2/models/ranker/infer"), child };
+        for _ in 0..1200 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return Ok(server);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        Err("the FastAPI baseline did not start listening within 2 minutes".into())
+    }
+}
+
 impl Drop for Server {
     fn drop(&mut self) {
         let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
@@ -136,9 +164,9 @@ fn cpu_name() -> String {
         .unwrap_or_else(|| "unknown CPU".into())
 }
 
-fn row(what: &str, b: usize, connections: usize, load: &Load) -> String {
+fn row(server: &str, what: &str, b: usize, connections: usize, load: &Load) -> String {
     format!(
-        "| {what} | {b} | {connections} | {:.1} | {:.0} | {:.1} | {:.1} | {:.1} | {} / {} |\n",
+        "| {server} | {what} | {b} | {connections} | {:.1} | {:.0} | {:.1} | {:.1} | {:.1} | {} / {} |\n",
         load.rps,
         load.rps * b as f64,
         load.p50,
@@ -151,11 +179,19 @@ fn row(what: &str, b: usize, connections: usize, load: &Load) -> String {
 
 /// `cargo xtask serve-bench`.
 pub fn serve_bench(args: &[String]) -> Result<()> {
-    let seconds: u64 = match args {
-        [] => 10,
-        [flag, s] if flag == "--seconds" => s.parse().map_err(|_| format!("--seconds {s}: not a number"))?,
-        _ => return Err("usage: cargo xtask serve-bench [--seconds S]".into()),
-    };
+    let usage = "usage: cargo xtask serve-bench [--seconds S] [--no-pytorch]";
+    let (mut seconds, mut with_pytorch) = (10u64, true);
+    let mut rest = args.iter();
+    while let Some(arg) = rest.next() {
+        match arg.as_str() {
+            "--seconds" => {
+                let v = rest.next().ok_or(usage)?;
+                seconds = v.parse().map_err(|_| format!("--seconds {v}: not a number"))?;
+            }
+            "--no-pytorch" => with_pytorch = false,
+            _ => return Err(usage.into()),
+        }
+    }
     // `wrk --version` exits 1 after printing: only whether it starts matters.
     Command::new("wrk")
         .arg("--version")
@@ -179,47 +215,74 @@ pub fn serve_bench(args: &[String]) -> Result<()> {
     let checkpoint = dir.join("checkpoint");
 
     let mut table = String::from(
-        "| load | candidates/request | connections | requests/s | candidates/s | p50 ms | p99 ms | p999 ms | errors / requests |\n|---|---|---|---|---|---|---|---|---|\n",
+        "| server | load | candidates/request | connections | requests/s | candidates/s | p50 ms | p99 ms | p999 ms | errors / requests |\n|---|---|---|---|---|---|---|---|---|---|\n",
     );
-    let mut saturated_single = None;
     let load_before = loadavg();
     // Connections: enough to keep the batcher's next batch queued while one scores (1-candidate
-    // requests need many to fill a batch); the fixed load uses fewer, each pausing.
-    for (b, connections, paced) in [(1usize, 64usize, 16usize), (64, 4, 2), (512, 2, 1)] {
-        let body = dir.join(format!("request-{b}.json"));
-        let server = Server::start(&binary, &checkpoint, &[])?;
-        // Warm-up (first allocations, page faults), not reported.
-        wrk(&server.url, &body, connections, 2, 0.0, &script)?;
-        eprintln!("==> {b} candidates: saturation");
-        let saturation = wrk(&server.url, &body, connections, seconds, 0.0, &script)?;
-        // Half the saturation rate: each connection pauses so that connections / pause ≈ rate
-        // (the achieved rate is lower by the latency's share of each cycle).
-        let target = 0.5 * saturation.rps;
-        let pause_ms = paced as f64 * 1e3 / target;
-        eprintln!("==> {b} candidates: fixed load (pause {pause_ms:.1} ms per connection)");
-        let fixed = wrk(&server.url, &body, paced, seconds, pause_ms, &script)?;
-        table.push_str(&row("saturation", b, connections, &saturation));
-        table.push_str(&row(&format!("paced, {target:.1}/s offered"), b, paced, &fixed));
-        if b == 1 {
-            saturated_single = Some(saturation);
-        }
-    }
-    // The binary tensor extension at 512 candidates: does it pay against JSON?
+    // requests need many to fill a batch); the paced load uses fewer, each pausing so that
+    // connections / pause ≈ half of rankstack's saturation rate (the same pause for PyTorch:
+    // equal offered load). The achieved rate is lower by the latency's share of each cycle.
+    let shapes = [(1usize, 64usize, 16usize), (64, 4, 2), (512, 2, 1)];
+    let mut pauses = Vec::new();
+    let mut saturated_single = None;
     {
-        let body = dir.join("request-512.bin");
         let server = Server::start(&binary, &checkpoint, &[])?;
+        for &(b, connections, paced) in &shapes {
+            let body = dir.join(format!("request-{b}.json"));
+            wrk(&server.url, &body, connections, 2, 0.0, &script)?; // warm-up, not reported
+            eprintln!("==> rankstack, {b} candidates: saturation");
+            let saturation = wrk(&server.url, &body, connections, seconds, 0.0, &script)?;
+            let target = 0.5 * saturation.rps;
+            let pause_ms = paced as f64 * 1e3 / target;
+            pauses.push((target, pause_ms));
+            eprintln!("==> rankstack, {b} candidates: paced ({pause_ms:.1} ms pause per connection)");
+            let fixed = wrk(&server.url, &body, paced, seconds, pause_ms, &script)?;
+            table.push_str(&row("rankstack", "saturation", b, connections, &saturation));
+            table.push_str(&row("rankstack", &format!("paced, {target:.1}/s offered"), b, paced, &fixed));
+            if b == 1 {
+                saturated_single = Some(saturation);
+            }
+        }
+        // The binary tensor extension at 512 candidates: does it pay against JSON?
+        let body = dir.join("request-512.bin");
         wrk(&server.url, &body, 2, 2, 0.0, &script)?;
-        eprintln!("==> 512 candidates, binary tensors: saturation");
-        table.push_str(&row("saturation, binary tensors", 512, 2, &wrk(&server.url, &body, 2, seconds, 0.0, &script)?));
+        eprintln!("==> rankstack, 512 candidates, binary tensors: saturation");
+        table.push_str(&row(
+            "rankstack",
+            "saturation, binary tensors",
+            512,
+            2,
+            &wrk(&server.url, &body, 2, seconds, 0.0, &script)?,
+        ));
     }
-    eprintln!("==> 1 candidate, no batching (--max-batch 1): saturation");
+    eprintln!("==> rankstack, 1 candidate, no batching (--max-batch 1): saturation");
     let body = dir.join("request-1.json");
     let unbatched = {
         let server = Server::start(&binary, &checkpoint, &["--max-batch", "1"])?;
         wrk(&server.url, &body, 64, 2, 0.0, &script)?;
         wrk(&server.url, &body, 64, seconds, 0.0, &script)?
     };
-    table.push_str(&row("saturation, --max-batch 1", 1, 64, &unbatched));
+    table.push_str(&row("rankstack", "saturation, --max-batch 1", 1, 64, &unbatched));
+    if with_pytorch {
+        crate::fixtures::ensure_venv()?;
+        crate::python_venv("reference/.venv", "FastAPI and uvicorn", &["fastapi==0.163.2", "uvicorn==0.54.0"])?;
+        let server = Server::start_pytorch(&checkpoint)?;
+        for (&(b, connections, paced), &(target, pause_ms)) in shapes.iter().zip(&pauses) {
+            let body = dir.join(format!("request-{b}.json"));
+            wrk(&server.url, &body, connections, 2, 0.0, &script)?;
+            eprintln!("==> PyTorch, {b} candidates: saturation");
+            table.push_str(&row(
+                "PyTorch",
+                "saturation",
+                b,
+                connections,
+                &wrk(&server.url, &body, connections, seconds, 0.0, &script)?,
+            ));
+            eprintln!("==> PyTorch, {b} candidates: paced");
+            let fixed = wrk(&server.url, &body, paced, seconds, pause_ms, &script)?;
+            table.push_str(&row("PyTorch", &format!("paced, {target:.1}/s offered"), b, paced, &fixed));
+        }
+    }
     let lift = saturated_single.map_or(f64::NAN, |s| s.rps / unbatched.rps);
     let commit = Command::new("git")
         .args(["rev-parse", "--short", "HEAD"])
