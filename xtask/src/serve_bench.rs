@@ -1,4 +1,4 @@
-//! `cargo xtask serve-bench [--seconds S] [--no-pytorch]`: `rankstack serve` with the `homefeed-bench` model
+//! `cargo xtask serve-bench [--seconds S] [--weights f32|bf16] [--no-pytorch]`: `rankstack serve` with the `homefeed-bench` model
 //! under a real HTTP load generator (`wrk`, Debian package `wrk`), with requests of 1, 64 and 512
 //! candidates (`examples/serve_bench.rs` writes the model and the bodies):
 //!
@@ -179,8 +179,8 @@ fn row(server: &str, what: &str, b: usize, connections: usize, load: &Load) -> S
 
 /// `cargo xtask serve-bench`.
 pub fn serve_bench(args: &[String]) -> Result<()> {
-    let usage = "usage: cargo xtask serve-bench [--seconds S] [--no-pytorch]";
-    let (mut seconds, mut with_pytorch) = (10u64, true);
+    let usage = "usage: cargo xtask serve-bench [--seconds S] [--weights f32|bf16] [--no-pytorch]";
+    let (mut seconds, mut with_pytorch, mut weights) = (10u64, true, "f32".to_string());
     let mut rest = args.iter();
     while let Some(arg) = rest.next() {
         match arg.as_str() {
@@ -189,6 +189,7 @@ pub fn serve_bench(args: &[String]) -> Result<()> {
                 seconds = v.parse().map_err(|_| format!("--seconds {v}: not a number"))?;
             }
             "--no-pytorch" => with_pytorch = false,
+            "--weights" => weights = rest.next().ok_or(usage)?.clone(),
             _ => return Err(usage.into()),
         }
     }
@@ -226,7 +227,7 @@ pub fn serve_bench(args: &[String]) -> Result<()> {
     let mut pauses = Vec::new();
     let mut saturated_single = None;
     {
-        let server = Server::start(&binary, &checkpoint, &[])?;
+        let server = Server::start(&binary, &checkpoint, &["--weights", &weights])?;
         for &(b, connections, paced) in &shapes {
             let body = dir.join(format!("request-{b}.json"));
             wrk(&server.url, &body, connections, 2, 0.0, &script)?; // warm-up, not reported
@@ -258,7 +259,7 @@ pub fn serve_bench(args: &[String]) -> Result<()> {
     eprintln!("==> rankstack, 1 candidate, no batching (--max-batch 1): saturation");
     let body = dir.join("request-1.json");
     let unbatched = {
-        let server = Server::start(&binary, &checkpoint, &["--max-batch", "1"])?;
+        let server = Server::start(&binary, &checkpoint, &["--max-batch", "1", "--weights", &weights])?;
         wrk(&server.url, &body, 64, 2, 0.0, &script)?;
         wrk(&server.url, &body, 64, seconds, 0.0, &script)?
     };
@@ -296,7 +297,7 @@ pub fn serve_bench(args: &[String]) -> Result<()> {
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
         .unwrap_or_default();
     let report = format!(
-        "`cargo xtask serve-bench --seconds {seconds}`: {}, {} cores, RAYON_NUM_THREADS=2, wrk 1 thread, {date}, commit {commit}; load average before {load_before}, after {}.\n\n{table}\nBatcher lift at 1-candidate requests (saturation, default batching vs --max-batch 1): {lift:.2}x\n",
+        "`cargo xtask serve-bench --seconds {seconds} --weights {weights}`: {}, {} cores, RAYON_NUM_THREADS=2, wrk 1 thread, {date}, commit {commit}; load average before {load_before}, after {}.\n\n{table}\nBatcher lift at 1-candidate requests (saturation, default batching vs --max-batch 1): {lift:.2}x\n",
         cpu_name(),
         std::thread::available_parallelism().map_or(0, |n| n.get()),
         loadavg(),
