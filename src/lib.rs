@@ -11,6 +11,7 @@
 //! | [`sequence_transformer`] | `sequence-transformer` | TransAct user-sequence encoder |
 //! | [`ranker_model`] | `ranker-model` | the whole ranker: config, presets, checkpoints, cost planner |
 //! | [`data`] | (this crate) | training data: Parquet I/O, the synthetic data set, MovieLens-100k |
+//! | [`serve`] | (this crate) | `rankstack serve`: the Open Inference Protocol server with dynamic batching |
 //!
 //! Each layer crate can also be used alone. See `docs/ARCHITECTURE.md` for where things live.
 //!
@@ -33,6 +34,7 @@
 pub mod commands;
 pub mod data;
 pub mod device;
+pub mod serve;
 pub mod train;
 
 pub use dcnv2;

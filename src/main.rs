@@ -1,5 +1,5 @@
-//! The `rankstack` command line: train a ranker, evaluate and score with it, inspect its cost,
-//! make data. Every error is one readable line on stderr and a non-zero exit code.
+//! The `rankstack` command line: train a ranker, evaluate and score with it, serve it over HTTP,
+//! inspect its cost, make data. Every error is one readable line on stderr and a non-zero exit code.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -35,7 +35,7 @@ struct Cli {
     command: Command,
 }
 
-/// `--weights` of `eval` and `score`.
+/// `--weights` of `eval`, `score` and `serve`.
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
 enum Weights {
     /// The training model's scores, up to f32 summation order.
@@ -111,6 +111,8 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Serve a checkpoint over HTTP (Open Inference Protocol / KServe v2) with dynamic batching.
+    Serve(ServeCmd),
     /// Print the cost planner's table: parameters, FLOPs and memory per module.
     Inspect {
         /// Preset name.
@@ -132,6 +134,60 @@ enum Command {
     /// Make training data.
     #[command(subcommand)]
     Data(DataCmd),
+}
+
+/// `rankstack serve` (docs/serving.md).
+#[derive(Debug, Args)]
+struct ServeCmd {
+    /// Checkpoint directory, or a training run directory (its LATEST; re-read on each reload).
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// Address to listen on (port 0: any free port; the bound address is printed).
+    #[arg(long, default_value = "127.0.0.1:8000")]
+    addr: std::net::SocketAddr,
+    /// The model's name in the URLs (/v2/models/NAME/infer).
+    #[arg(long, default_value = "ranker")]
+    model_name: String,
+    /// How linear weights are packed for scoring.
+    #[arg(long, value_enum, default_value_t = Weights::F32)]
+    weights: Weights,
+    /// Most candidates scored in one batch (larger requests are refused).
+    #[arg(long, default_value_t = 1024)]
+    max_batch: usize,
+    /// Longest wait, in microseconds, of the oldest queued request for others to join its batch.
+    #[arg(long, default_value_t = 2000)]
+    max_queue_delay_us: u64,
+    /// Most requests waiting; more are answered 503 with Retry-After.
+    #[arg(long, default_value_t = 256)]
+    max_queue: usize,
+    /// Largest request body in bytes (larger: 413).
+    #[arg(long, default_value_t = 64 << 20)]
+    max_body_bytes: usize,
+    /// Threads answering HTTP (scoring runs on its own thread and the model's thread pool).
+    #[arg(long, default_value_t = 2)]
+    http_threads: usize,
+    /// Device: cpu, cuda or cuda:N (CUDA needs a build with `--features cuda`).
+    #[arg(long, default_value = "cpu", value_parser = parse_device)]
+    device: DeviceSpec,
+}
+
+impl ServeCmd {
+    fn into_options(self) -> rankstack::nn::Result<commands::ServeOptions> {
+        Ok(commands::ServeOptions {
+            checkpoint: self.checkpoint,
+            addr: self.addr,
+            model_name: self.model_name,
+            weights: self.weights.into(),
+            device: self.device.open()?,
+            batching: rankstack::serve::BatcherConfig {
+                max_batch: self.max_batch,
+                max_queue_delay: std::time::Duration::from_micros(self.max_queue_delay_us),
+                max_queue: self.max_queue,
+            },
+            max_body_bytes: self.max_body_bytes,
+            http_threads: self.http_threads,
+        })
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -300,6 +356,7 @@ fn run(cli: Cli) -> rankstack::nn::Result<String> {
         Command::Score { checkpoint, data, out, batch_size, weights, device, force } => {
             commands::score(&checkpoint, &data, &out, batch_size, weights.into(), device, force)
         }
+        Command::Serve(s) => commands::serve(s.into_options()?),
         Command::Inspect { preset, config, batch_size, device_memory_gib, fraction } => {
             commands::inspect(&preset, config.as_deref(), batch_size, device_memory_gib, fraction)
         }

@@ -1,16 +1,18 @@
 //! The `rankstack` command line's subcommands, as library functions (the binary only parses
-//! arguments and prints errors): train, eval, score, inspect, presets, data.
+//! arguments and prints errors): train, eval, score, serve, inspect, presets, data.
 
 mod data;
 mod memory_check;
 mod output;
 mod predict;
+mod serve;
 mod train;
 
 pub use data::{data_movielens, data_synthetic};
 pub use memory_check::{check_batch_memory, check_config_memory, Workload};
 pub use output::check_output;
 pub use predict::{eval, score};
+pub use serve::{serve, ServeOptions};
 pub use train::{train, TrainArgs};
 
 use ranker_model::{presets, Ranker, RankerConfig};

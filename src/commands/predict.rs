@@ -28,17 +28,9 @@ pub fn metrics_table(tasks: &[(String, TaskMetrics)]) -> String {
     s
 }
 
-/// The serving model (f32 activations) on `device`: on the CPU with its linear weights packed in
-/// `weights` for the CPU kernel; on a GPU with plain f32 weights, or bf16 weights whose products
-/// run in bf16 (see [`rankstack_nn::Linear::pack`]).
+/// The serving model (f32 activations) on `device` ([`checkpoint::load_serving_model`]).
 fn load_model(checkpoint_path: &Path, weights: WeightPrecision, device: DeviceSpec) -> Result<ranker_model::Ranker> {
-    let dir = resolve_checkpoint(checkpoint_path)?;
-    if device.is_cpu() {
-        return checkpoint::load_packed_for_serving(&dir, weights);
-    }
-    let mut ranker = checkpoint::load_for_serving(&dir, DType::F32, &device.open()?)?;
-    rankstack_nn::pack_linear_layers(&mut ranker, weights)?;
-    Ok(ranker)
+    checkpoint::load_serving_model(resolve_checkpoint(checkpoint_path)?, weights, &device.open()?)
 }
 
 /// `rankstack eval`: metrics of a checkpoint on a labelled file, and the reliability diagram of

@@ -172,6 +172,26 @@ impl DataSchema {
         Ok(schema)
     }
 
+    /// The schema of the data a model reads: the inverse of [`DataSchema::apply`]. The model's
+    /// features (without the sequence encoder's `extra` block), its sequence (length, action
+    /// types, and item ids when it has a learned item table, item vectors otherwise) and its tasks.
+    /// A model with other `extra` blocks cannot read data files (or serving requests): an error.
+    pub fn of_model(config: &RankerConfig) -> Result<Self> {
+        let mut features = config.features.clone();
+        features.extra.retain(|e| e.name != ranker_model::SEQUENCE_BLOCK);
+        let sequence = config.sequence.as_ref().map(|seq| SequenceSpec {
+            max_len: seq.max_len,
+            num_action_types: seq.num_action_types,
+            items: match &config.item_embedding {
+                Some(table) => SequenceItemSpec::Ids { cardinality: table.cardinality, dim: seq.item_dim },
+                None => SequenceItemSpec::Embeddings { dim: seq.item_dim },
+            },
+        });
+        let schema = Self { features, sequence, tasks: config.tasks.iter().map(|t| t.name.clone()).collect() };
+        schema.validate()?;
+        Ok(schema)
+    }
+
     /// Makes an architecture preset fit this data:
     ///
     /// - `features` ← the data's features;
@@ -307,6 +327,19 @@ mod tests {
         let data = DataSchema { sequence: None, ..data };
         data.apply(&mut config).unwrap();
         assert!(config.sequence.is_none() && config.item_embedding.is_none());
+    }
+
+    #[test]
+    fn of_model_inverts_apply() {
+        for items in [SequenceItemSpec::Ids { cardinality: 100, dim: 8 }, SequenceItemSpec::Embeddings { dim: 4 }] {
+            let mut config = presets::preset("pinterest-homefeed").unwrap();
+            let data = schema(items);
+            data.apply(&mut config).unwrap();
+            assert_eq!(DataSchema::of_model(&config).unwrap(), data);
+            let data = DataSchema { sequence: None, ..data };
+            data.apply(&mut config).unwrap();
+            assert_eq!(DataSchema::of_model(&config).unwrap(), data);
+        }
     }
 
     #[test]

@@ -12,26 +12,9 @@ use ranker_model::RankerConfig;
 use rankstack_nn::{Error, Result};
 use serde_json::Value;
 
-use super::{DataSchema, SequenceItemSpec, SequenceSpec};
+use super::DataSchema;
 
 impl DataSchema {
-    /// The data schema a model was built for (the inverse of [`DataSchema::apply`]).
-    pub fn of_model(config: &RankerConfig) -> Self {
-        let sequence = config.sequence.as_ref().map(|seq| SequenceSpec {
-            max_len: seq.max_len,
-            num_action_types: seq.num_action_types,
-            items: match &config.item_embedding {
-                Some(items) => SequenceItemSpec::Ids { cardinality: items.cardinality, dim: seq.item_dim },
-                None => SequenceItemSpec::Embeddings { dim: seq.item_dim },
-            },
-        });
-        Self {
-            features: config.features.clone(),
-            sequence,
-            tasks: config.tasks.iter().map(|t| t.name.clone()).collect(),
-        }
-    }
-
     /// Every difference between `self` (the model's schema) and `data` (a file's), one line each,
     /// as `path: <model's value> in the model, <file's value> in the data`; empty when they agree.
     /// With `compare_tasks == false` the task lists are not compared (scoring reads no labels).
@@ -56,7 +39,7 @@ impl DataSchema {
         command: &str,
         compare_tasks: bool,
     ) -> Result<()> {
-        let differences = Self::of_model(config).differences(data, compare_tasks);
+        let differences = Self::of_model(config)?.differences(data, compare_tasks);
         if differences.is_empty() {
             return Ok(());
         }
@@ -114,6 +97,7 @@ fn short(v: &Value) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::data::{SequenceItemSpec, SequenceSpec};
     use feature_encoders::{DenseFeature, FeatureSchema, SparseFeature};
 
     fn schema() -> DataSchema {
@@ -131,17 +115,6 @@ mod tests {
             }),
             tasks: vec!["save".into()],
         }
-    }
-
-    #[test]
-    fn of_model_inverts_apply() {
-        let data = schema();
-        let mut config = ranker_model::presets::preset("dcnv2").unwrap();
-        data.apply(&mut config).unwrap();
-        assert_eq!(DataSchema::of_model(&config), data);
-        let flat = DataSchema { sequence: None, ..data };
-        flat.apply(&mut config).unwrap();
-        assert_eq!(DataSchema::of_model(&config), flat);
     }
 
     #[test]

@@ -14,11 +14,16 @@
 //!   GPU benchmark built with the `cuda` feature (no GPU or CUDA needed here), packed with `run.sh`
 //!   (checks) and `bench.sh` (benchmark against PyTorch) into `DIR` (default `.gpu/`).
 //! - `manifest`: rewrites `fixtures/MANIFEST.json` from the current files (after a deliberate change).
+//! - `serve-venv`: creates (or updates) `target/serve-venv` with the pinned Python Triton client
+//!   that `tests/serve.rs` drives `rankstack serve` with (`verify` makes it before the tests).
+//! - `serve-bench [--seconds S] [--no-pytorch]`: `rankstack serve` under `wrk` at 1, 64 and 512
+//!   candidates per request, against a PyTorch FastAPI baseline (see `docs/serving.md`).
 
 mod bench_compare;
 mod fixtures;
 mod gpu_bundle;
 mod manifest;
+mod serve_bench;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -35,8 +40,12 @@ fn main() -> ExitCode {
         Some("bench-compare") => bench_compare::bench_compare(&args[1..]),
         Some("gpu-bundle" | "gpu-bench") => gpu_bundle::gpu_bundle(&args[1..]),
         Some("manifest") => manifest::write(&root()),
+        Some("serve-venv") => serve_venv().map(|_| ()),
+        Some("serve-bench") => serve_bench::serve_bench(&args[1..]),
         _ => {
-            eprintln!("usage: cargo xtask <verify|fixtures|venv|tensorboard-venv|bench-compare|gpu-bundle|gpu-bench|manifest>");
+            eprintln!(
+                "usage: cargo xtask <verify|fixtures|venv|tensorboard-venv|serve-venv|bench-compare|gpu-bundle|gpu-bench|serve-bench|manifest>"
+            );
             return ExitCode::from(2);
         }
     };
@@ -82,6 +91,12 @@ fn tensorboard_venv() -> Result<()> {
     python_venv("target/tensorboard-venv", "TensorBoard", &["-r", "xtask/tensorboard-requirements.txt"]).map(|_| ())
 }
 
+/// The venv of `tests/serve.rs`: the Python Triton HTTP client (pinned; its dependencies,
+/// numpy among them, resolved by pip).
+fn serve_venv() -> Result<PathBuf> {
+    python_venv("target/serve-venv", "the Triton HTTP client", &["tritonclient[http]==2.73.0"])
+}
+
 fn cargo() -> Command {
     Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string()))
 }
@@ -93,6 +108,13 @@ fn verify() -> Result<()> {
         cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]),
     )?;
     tensorboard_venv()?;
+    // tests/serve.rs drives the server with the real Triton client; CI must have it.
+    if let Err(e) = serve_venv() {
+        if std::env::var("CI").is_ok_and(|v| v == "true") {
+            return Err(e);
+        }
+        eprintln!("==> no serve venv ({e}): tests/serve.rs will skip the tritonclient test");
+    }
     run("cargo test", cargo().args(["test", "--workspace"]))?;
     run("cargo doc", cargo().args(["doc", "--workspace", "--no-deps"]).env("RUSTDOCFLAGS", "-D warnings"))?;
     eprintln!("==> fixture manifest");

@@ -255,6 +255,19 @@ pub fn load_packed_for_serving(dir: impl AsRef<Path>, precision: WeightPrecision
     Ok(ranker)
 }
 
+/// The serving model on `device`: on the CPU [`load_packed_for_serving`] (weights packed for the
+/// CPU kernel in `precision`); on a GPU [`load_for_serving`] in f32, with every linear weight
+/// converted to bf16 once for [`WeightPrecision::Bf16`] (products in bf16, f32 accumulation and
+/// activations; see [`rankstack_nn::Linear::pack`]).
+pub fn load_serving_model(dir: impl AsRef<Path>, precision: WeightPrecision, device: &Device) -> Result<Ranker> {
+    if device.is_cpu() {
+        return load_packed_for_serving(dir, precision);
+    }
+    let mut ranker = load_for_serving(dir, DType::F32, device)?;
+    rankstack_nn::pack_linear_layers(&mut ranker, precision)?;
+    Ok(ranker)
+}
+
 /// A tensor's little-endian bytes on the host, copied once, for safetensors' `View` and the
 /// checksum.
 struct HostTensor<'a>(&'a Tensor, safetensors::Dtype, Vec<u8>);

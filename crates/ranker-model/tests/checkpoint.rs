@@ -155,3 +155,24 @@ fn serving_load_lists_every_mismatch() {
     assert_lists_every_mismatch(&checkpoint::load_for_serving(&dir, DType::F32, &Device::Cpu).unwrap_err().to_string());
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn a_checkpoint_with_non_finite_weights_is_not_served() {
+    let config = common::small();
+    let store = SeededVarMap::new(3);
+    let ranker = Ranker::new(&config, store.var_builder(DType::F32, &Device::Cpu)).unwrap();
+    let (name, var) = checkpoint::state(&ranker, &store).into_iter().find(|(n, _)| n.starts_with("mlp.")).unwrap();
+    var.set(&var.ones_like().unwrap().affine(f64::NAN, 0.0).unwrap()).unwrap();
+    let dir = tmpdir("nonfinite");
+    checkpoint::save(&dir, &ranker, &store).unwrap();
+    for precision in
+        [rankstack_nn::packed_matmul::WeightPrecision::F32, rankstack_nn::packed_matmul::WeightPrecision::Bf16]
+    {
+        let Err(err) = checkpoint::load_packed_for_serving(&dir, precision) else {
+            panic!("served non-finite weights")
+        };
+        let err = err.to_string();
+        assert!(err.contains(&format!("`{name}`")) && err.contains("NaN or infinite"), "{err}");
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
