@@ -173,18 +173,26 @@ pub fn auto_batch_size(config: &ranker_model::RankerConfig, device: DeviceSpec, 
         return Err(rankstack_nn::Error::config("train", "memory-fraction", "must be in (0, 1]"));
     }
     let memory = rankstack_nn::device_memory::device_memory(&device.open()?)?;
-    plan_batch(config, memory.total, fraction)
+    // On a GPU the planner's activations are scaled by their measured ratio (cost.rs).
+    let calibration = if device.is_cpu() { 1.0 } else { ranker_model::CUDA_TRAINING_ACTIVATIONS };
+    plan_batch(config, memory.total, fraction, calibration)
 }
 
-/// [`auto_batch_size`] for a device of `device_bytes`.
-pub fn plan_batch(config: &ranker_model::RankerConfig, device_bytes: u64, fraction: f64) -> Result<BatchPlan> {
+/// [`auto_batch_size`] for a device of `device_bytes`, with the planner's activations counted
+/// `activation_factor` times.
+pub fn plan_batch(
+    config: &ranker_model::RankerConfig,
+    device_bytes: u64,
+    fraction: f64,
+    activation_factor: f64,
+) -> Result<BatchPlan> {
     // The planner reads shapes only: a CPU model of plain zero tensors costs no initialisation.
     let ranker = ranker_model::Ranker::new(
         config,
         candle_nn::VarBuilder::zeros(candle_core::DType::F32, &candle_core::Device::Cpu),
     )?;
     let bytes = usize::try_from(device_bytes).unwrap_or(usize::MAX);
-    let batch_size = ranker.cost(1).max_training_batch(bytes, fraction);
+    let batch_size = ranker.cost(1).max_training_batch_calibrated(bytes, fraction, activation_factor);
     if batch_size == 0 {
         return Err(rankstack_nn::Error::input(
             "train",
@@ -197,7 +205,8 @@ pub fn plan_batch(config: &ranker_model::RankerConfig, device_bytes: u64, fracti
             ),
         ));
     }
-    Ok(BatchPlan { batch_size, device_bytes, fraction, planned_bytes: ranker.cost(batch_size).training_bytes() })
+    let planned_bytes = ranker.cost(batch_size).calibrated_training_bytes(activation_factor);
+    Ok(BatchPlan { batch_size, device_bytes, fraction, planned_bytes })
 }
 
 fn summary(report: &TrainReport, out: &Path) -> String {

@@ -141,8 +141,19 @@ impl DataSchema {
             }
         }
         if let Some(seq) = &self.sequence {
-            if seq.max_len == 0 {
-                return Err(Error::config(LAYER, "sequence.max_len", "must be > 0"));
+            if seq.max_len == 0 || seq.max_len > sequence_transformer::MAX_SEQUENCE_LEN {
+                return Err(Error::config(
+                    LAYER,
+                    "sequence.max_len",
+                    format!("must be in 1..={}, got {}", sequence_transformer::MAX_SEQUENCE_LEN, seq.max_len),
+                ));
+            }
+            if seq.num_action_types > sequence_transformer::MAX_ACTION_TYPES {
+                return Err(Error::config(
+                    LAYER,
+                    "sequence.num_action_types",
+                    format!("must be at most {}, got {}", sequence_transformer::MAX_ACTION_TYPES, seq.num_action_types),
+                ));
             }
             if seq.num_action_types < 2 {
                 return Err(Error::config(LAYER, "sequence.num_action_types", "must be ≥ 2 (type 0 is padding)"));
@@ -340,6 +351,19 @@ mod tests {
             data.apply(&mut config).unwrap();
             assert_eq!(DataSchema::of_model(&config).unwrap(), data);
         }
+    }
+
+    #[test]
+    fn sequence_sizes_from_a_file_are_bounded_before_anything_is_allocated() {
+        let mut data = schema(SequenceItemSpec::Embeddings { dim: 4 });
+        data.sequence.as_mut().unwrap().max_len = 1 << 40;
+        assert!(data.validate().unwrap_err().to_string().contains("sequence.max_len"));
+        data.sequence.as_mut().unwrap().max_len = 100;
+        data.sequence.as_mut().unwrap().num_action_types = usize::MAX;
+        assert!(data.validate().unwrap_err().to_string().contains("sequence.num_action_types"));
+        let mut sequence = presets::homefeed_sequence();
+        sequence.max_len = 1 << 20;
+        assert!(sequence.validate().unwrap_err().to_string().contains("max_len"));
     }
 
     #[test]

@@ -408,10 +408,12 @@ impl Trainer {
         )
     }
 
-    /// Planned (cost planner) against measured peak memory of a training step, as a
-    /// `metrics.jsonl` line; on a GPU a difference of more than 10% is also printed as a warning.
+    /// Planned (cost planner, calibrated on a GPU) against measured peak memory of a training step,
+    /// as a `metrics.jsonl` line; on a GPU a difference of more than 10% is also printed as a warning.
     fn memory_report(&self, progress: &indicatif::ProgressBar) -> Result<serde_json::Value> {
-        let planned = self.ranker.cost(self.options.batch_size).training_bytes() as f64;
+        // On a GPU the planner's activations count with their measured factor (docs/cost-planner.md).
+        let factor = if self.device.is_cpu() { 1.0 } else { ranker_model::CUDA_TRAINING_ACTIVATIONS };
+        let planned = self.ranker.cost(self.options.batch_size).calibrated_training_bytes(factor) as f64;
         let measured = rankstack_nn::device_memory::peak_tensor_bytes(&self.device)? as f64;
         let total = rankstack_nn::device_memory::device_memory(&self.device)?.total;
         let ratio = measured / planned.max(1.0);

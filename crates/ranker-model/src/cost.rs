@@ -47,6 +47,14 @@ pub struct CostReport {
 
 const F32: usize = 4;
 
+/// The measured peak tensor memory per candidate of a training step on a CUDA GPU, over the
+/// planner's activation estimate: 2.65 for `homefeed-bench` in f32 and 2.7 with bf16 autocast on
+/// an H200 (`docs/cost-planner.md`, calibration). The planner counts each intermediate once;
+/// candle's backward pass also holds gradient buffers of every intermediate, the composed GPU
+/// attention materialises `[B, H, L, L]` tensors, and AdamW's tensor formulation allocates
+/// temporaries. `--batch-size auto` on a GPU divides by this.
+pub const CUDA_TRAINING_ACTIVATIONS: f64 = 2.7;
+
 impl CostReport {
     /// Sums over all modules (named `total`).
     pub fn total(&self) -> ModuleCost {
@@ -96,8 +104,20 @@ impl CostReport {
     /// The largest batch size whose training step fits within `fraction` of `device_bytes`
     /// (0 if not even the parameters and optimiser state fit).
     pub fn max_training_batch(&self, device_bytes: usize, fraction: f64) -> usize {
+        self.max_training_batch_calibrated(device_bytes, fraction, 1.0)
+    }
+
+    /// [`CostReport::training_bytes`] with the activations counted `activation_factor` (≥ 1) times.
+    pub fn calibrated_training_bytes(&self, activation_factor: f64) -> usize {
+        let fixed = 4 * self.parameter_bytes();
+        fixed + ((self.training_bytes() - fixed) as f64 * activation_factor.max(1.0)) as usize
+    }
+
+    /// [`CostReport::max_training_batch`] with the activations counted `activation_factor` times:
+    /// a device's measured peak per candidate over the planner's (see [`CUDA_TRAINING_ACTIVATIONS`]).
+    pub fn max_training_batch_calibrated(&self, device_bytes: usize, fraction: f64, activation_factor: f64) -> usize {
         let budget = fraction * device_bytes as f64 - (4 * self.parameter_bytes()) as f64;
-        let per_candidate = (F32 * self.total().activations_per_candidate).max(1) as f64;
+        let per_candidate = (F32 * self.total().activations_per_candidate).max(1) as f64 * activation_factor.max(1.0);
         if budget <= 0.0 {
             0
         } else {

@@ -31,6 +31,15 @@ pub enum PositionalEncoding {
     Learned,
 }
 
+/// The longest sequence a config may ask for: attention costs `max_len²` per head and sequence,
+/// and a config or a data file's schema (untrusted input) must not size an allocation before it is
+/// checked. TransAct uses 100.
+pub const MAX_SEQUENCE_LEN: usize = 1 << 16;
+
+/// The most action types a config may ask for (the action embedding table has one row each;
+/// TransAct uses a few dozen).
+pub const MAX_ACTION_TYPES: usize = 1 << 20;
+
 /// Options of [`crate::SequenceTransformer`]. Defaults follow TransAct: `S = 100`, action and item
 /// width 32, concat fusion (`d = 96`), 2 post-norm layers, 2 heads, feed-forward 32, dropout 0.1,
 /// no positional encoding, first `K = 10` positions plus the max-pool, 1-hour training window.
@@ -122,6 +131,20 @@ impl SequenceTransformerConfig {
         ];
         if let Some((field, _)) = positive.iter().find(|(_, v)| *v == 0) {
             return Err(Error::config(LAYER, *field, "must be > 0"));
+        }
+        if self.max_len > MAX_SEQUENCE_LEN {
+            return Err(Error::config(
+                LAYER,
+                "max_len",
+                format!("{} exceeds {MAX_SEQUENCE_LEN} (attention is quadratic in it)", self.max_len),
+            ));
+        }
+        if self.num_action_types > MAX_ACTION_TYPES {
+            return Err(Error::config(
+                LAYER,
+                "num_action_types",
+                format!("{} exceeds {MAX_ACTION_TYPES}", self.num_action_types),
+            ));
         }
         if self.num_action_types < 2 {
             return Err(Error::config(

@@ -26,7 +26,7 @@ pub mod pooling;
 pub mod transformer;
 
 pub use attention::MultiHeadAttention;
-pub use config::{Fusion, PositionalEncoding, SequenceTransformerConfig};
+pub use config::{Fusion, PositionalEncoding, SequenceTransformerConfig, MAX_ACTION_TYPES, MAX_SEQUENCE_LEN};
 pub use encoder::{EncoderLayerConfig, TransformerEncoder, TransformerEncoderLayer};
 pub use mask::{key_mask, TimeWindowSampler};
 pub use packed::PackedSequences;
