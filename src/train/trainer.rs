@@ -408,12 +408,13 @@ impl Trainer {
         )
     }
 
-    /// Planned (cost planner, calibrated on a GPU) against measured peak memory of a training step,
+    /// Planned (cost planner, calibrated on a GPU) against measured peak memory of a training step of
+    /// `rows` rows,
     /// as a `metrics.jsonl` line; on a GPU a difference of more than 10% is also printed as a warning.
-    fn memory_report(&self, progress: &indicatif::ProgressBar) -> Result<serde_json::Value> {
+    fn memory_report(&self, rows: usize, progress: &indicatif::ProgressBar) -> Result<serde_json::Value> {
         // On a GPU the planner's activations count with their measured factor (docs/cost-planner.md).
         let factor = if self.device.is_cpu() { 1.0 } else { ranker_model::CUDA_TRAINING_ACTIVATIONS };
-        let planned = self.ranker.cost(self.options.batch_size).calibrated_training_bytes(factor) as f64;
+        let planned = self.ranker.cost(rows).calibrated_training_bytes(factor) as f64;
         let measured = rankstack_nn::device_memory::peak_tensor_bytes(&self.device)? as f64;
         let total = rankstack_nn::device_memory::device_memory(&self.device)?.total;
         let ratio = measured / planned.max(1.0);
@@ -427,7 +428,7 @@ impl Trainer {
         }
         Ok(serde_json::json!({
             "kind": "memory", "step": self.step, "device": self.options.device.to_string(),
-            "batch_size": self.options.batch_size, "planned_bytes": planned as u64,
+            "batch_size": rows, "planned_bytes": planned as u64,
             "measured_peak_bytes": measured as u64, "device_bytes": total,
             "measured": if self.device.is_cpu() { "peak resident memory of the process" } else { "peak tensor memory (CUDA memory pool high-water mark)" },
         }))
@@ -536,7 +537,7 @@ impl Trainer {
                 progress.set_position(self.step);
                 progress.set_message(format!("loss {value:.4}  {rate:.0} ex/s"));
                 if self.step == memory_report_step.min(total) {
-                    let line = self.memory_report(&progress)?;
+                    let line = self.memory_report(b.rows, &progress)?;
                     self.log(&line)?;
                 }
                 if logged {

@@ -110,7 +110,8 @@ impl CostReport {
     /// [`CostReport::training_bytes`] with the activations counted `activation_factor` (≥ 1) times.
     pub fn calibrated_training_bytes(&self, activation_factor: f64) -> usize {
         let fixed = 4 * self.parameter_bytes();
-        fixed + ((self.training_bytes() - fixed) as f64 * activation_factor.max(1.0)) as usize
+        let activations = self.training_bytes().saturating_sub(fixed) as f64 * activation_factor.max(1.0);
+        fixed.saturating_add(activations as usize) // `as` saturates at usize::MAX
     }
 
     /// [`CostReport::max_training_batch`] with the activations counted `activation_factor` times:
