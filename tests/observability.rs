@@ -241,8 +241,12 @@ fn expected_scalars(lines: &[Value]) -> BTreeMap<String, Vec<(u64, f32)>> {
     for line in lines {
         let step = line["step"].as_u64().unwrap();
         if line["kind"] == "train" {
-            for field in ["loss", "lr", "grad_norm", "examples_per_second"] {
+            for field in ["loss", "lr", "grad_norm", "examples_per_second", "input_wait_fraction"] {
                 put(format!("train/{field}"), step, &line[field]);
+            }
+        } else if line["kind"] == "memory" {
+            for field in ["planned_bytes", "measured_peak_bytes"] {
+                put(format!("memory/{field}"), step, &line[field]);
             }
         } else {
             put("eval/loss".into(), step, &line["loss"]);

@@ -120,8 +120,8 @@ pub fn event(wall_time: f64, step: u64, body: &EventBody<'_>) -> Vec<u8> {
 }
 
 /// The scalars of one `metrics.jsonl` line, tagged `train/<field>` (every numeric field but
-/// `step` and `epoch`) or `eval/loss` and `eval/<task>/<metric>` (every numeric metric but
-/// `count`). `null` values (a non-finite metric, e.g. the AUC of a task with one class) are left
+/// `step` and `epoch`), `eval/loss` and `eval/<task>/<metric>` (every numeric metric but
+/// `count`), or `memory/planned_bytes` and `memory/measured_peak_bytes`. `null` values (a non-finite metric, e.g. the AUC of a task with one class) are left
 /// out, as in the line itself.
 pub fn scalars_of_line(line: &Value) -> Vec<(String, f32)> {
     let mut out = Vec::new();
@@ -144,6 +144,13 @@ pub fn scalars_of_line(line: &Value) -> Vec<(String, f32)> {
                     if let (false, Some(v)) = (metric == "count", value.as_f64()) {
                         out.push((format!("eval/{name}/{metric}"), v as f32));
                     }
+                }
+            }
+        }
+        Some("memory") => {
+            for key in ["planned_bytes", "measured_peak_bytes"] {
+                if let Some(v) = line[key].as_f64() {
+                    out.push((format!("memory/{key}"), v as f32));
                 }
             }
         }
