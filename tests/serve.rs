@@ -847,7 +847,7 @@ fn bad_options_and_bad_checkpoints_are_one_line_errors() {
     let broken = broken.display().to_string();
     for (args, needle) in [
         (vec!["--checkpoint", nowhere.as_str()], "nowhere"),
-        (vec!["--checkpoint", broken.as_str()], "NaN or infinite"),
+        (vec!["--checkpoint", broken.as_str()], "non-finite values"),
         (vec!["--checkpoint", a.as_str(), "--max-batch", "0"], "max-batch"),
         (vec!["--checkpoint", a.as_str(), "--max-queue", "0"], "max-queue"),
         (vec!["--checkpoint", a.as_str(), "--model-name", "a/b"], "model-name"),
