@@ -44,11 +44,12 @@ def load_inputs(d, b):
     return x, labels
 
 
-def median_seconds(fn, budget):
-    fn()
+def median_seconds(fn, budget, warmups=1, min_runs=3, max_runs=200):
+    for _ in range(warmups):
+        fn()
     times = []
     start = time.perf_counter()
-    while len(times) < 3 or (time.perf_counter() - start < budget and len(times) < 200):
+    while len(times) < min_runs or (time.perf_counter() - start < budget and len(times) < max_runs):
         t = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t)

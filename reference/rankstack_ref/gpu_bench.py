@@ -15,14 +15,13 @@ figure is), reset before each batch size.
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 
 import torch
 from safetensors.torch import load_file
 
-from . import ranker
+from . import bench_compare, ranker
 
 INFER_BATCHES = [512, 2048, 8192, 32768]
 TRAIN_BATCHES = [2048, 8192]
@@ -39,15 +38,7 @@ def load_inputs(d, b):
 
 
 def median_seconds(fn, budget):
-    fn()
-    fn()
-    times = []
-    start = time.perf_counter()
-    while len(times) < 5 or (time.perf_counter() - start < budget and len(times) < 100):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times), len(times)
+    return bench_compare.median_seconds(fn, budget, warmups=2, min_runs=5, max_runs=100)
 
 
 def emit(record):

@@ -172,10 +172,10 @@ pub fn auto_batch_size(config: &ranker_model::RankerConfig, device: DeviceSpec, 
     if !(fraction > 0.0 && fraction <= 1.0) {
         return Err(rankstack_nn::Error::config("train", "memory-fraction", "must be in (0, 1]"));
     }
-    let memory = rankstack_nn::device_memory::device_memory(&device.open()?)?;
+    let device = device.open()?;
+    let memory = rankstack_nn::device_memory::device_memory(&device)?;
     // On a GPU the planner's activations are scaled by their measured ratio (cost.rs).
-    let calibration = if device.is_cpu() { 1.0 } else { ranker_model::CUDA_TRAINING_ACTIVATIONS };
-    plan_batch(config, memory.total, fraction, calibration)
+    plan_batch(config, memory.total, fraction, ranker_model::training_activation_factor(&device))
 }
 
 /// [`auto_batch_size`] for a device of `device_bytes`, with the planner's activations counted

@@ -388,12 +388,13 @@ impl Trainer {
         }
         let b = self.options.batch_size;
         let plan = self.ranker.cost(b);
+        let factor = ranker_model::training_activation_factor(&self.device);
         let gib = |x: f64| x / (1u64 << 30) as f64;
         let fits = match rankstack_nn::device_memory::device_memory(&self.device) {
             Ok(m) => format!(
                 "; the largest batch the planner fits in 60% of this device's {:.1} GiB is {} (or use --batch-size auto)",
                 gib(m.total as f64),
-                plan.max_training_batch(usize::try_from(m.total).unwrap_or(usize::MAX), 0.6)
+                plan.max_training_batch_calibrated(usize::try_from(m.total).unwrap_or(usize::MAX), 0.6, factor)
             ),
             Err(_) => String::new(),
         };
@@ -402,7 +403,7 @@ impl Trainer {
             "batch-size",
             format!(
                 "the device ran out of memory at batch {b} (the cost planner puts one training step at {:.2} GiB){fits}; device error: {}",
-                gib(plan.training_bytes() as f64),
+                gib(plan.calibrated_training_bytes(factor) as f64),
                 e.to_string().lines().next().unwrap_or("")
             ),
         )
@@ -413,7 +414,7 @@ impl Trainer {
     /// as a `metrics.jsonl` line; on a GPU a difference of more than 10% is also printed as a warning.
     fn memory_report(&self, rows: usize, progress: &indicatif::ProgressBar) -> Result<serde_json::Value> {
         // On a GPU the planner's activations count with their measured factor (docs/cost-planner.md).
-        let factor = if self.device.is_cpu() { 1.0 } else { ranker_model::CUDA_TRAINING_ACTIVATIONS };
+        let factor = ranker_model::training_activation_factor(&self.device);
         let planned = self.ranker.cost(rows).calibrated_training_bytes(factor) as f64;
         let measured = rankstack_nn::device_memory::peak_tensor_bytes(&self.device)? as f64;
         let total = rankstack_nn::device_memory::device_memory(&self.device)?.total;

@@ -55,6 +55,16 @@ const F32: usize = 4;
 /// temporaries. `--batch-size auto` on a GPU divides by this.
 pub const CUDA_TRAINING_ACTIVATIONS: f64 = 2.7;
 
+/// The activation factor of training memory on `device`: [`CUDA_TRAINING_ACTIVATIONS`] on a GPU,
+/// 1 on the CPU (where the measured figure, the process's peak RSS, is not a tensor figure).
+pub fn training_activation_factor(device: &candle_core::Device) -> f64 {
+    if device.is_cpu() {
+        1.0
+    } else {
+        CUDA_TRAINING_ACTIVATIONS
+    }
+}
+
 impl CostReport {
     /// Sums over all modules (named `total`).
     pub fn total(&self) -> ModuleCost {
