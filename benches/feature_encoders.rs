@@ -5,6 +5,8 @@
 //! Forward in evaluation mode and forward + backward in training mode.
 //! `cargo bench --bench feature_encoders`.
 
+#![forbid(unsafe_code)]
+
 use std::time::Duration;
 
 use candle_core::{DType, Tensor};
@@ -77,7 +79,7 @@ fn loss(y: &Tensor) -> Tensor {
 }
 
 fn bench_feature_encoder(c: &mut Criterion) {
-    rankstack::nn::memory::retain_freed_memory();
+    rankstack::memory::retain_freed_memory();
     let params = SeededVarMap::new(0);
     let enc = FeatureEncoder::new(&schema(), params.var_builder(DType::F32, &candle_core::Device::Cpu)).expect("build");
     let mut group = c.benchmark_group(format!("feature_encoder_d{}", enc.output_dim()));

@@ -2,6 +2,8 @@
 //! layers, d = 1536) and `ParallelMaskNet` (3 x 512, ratio 2.0, input 2144), batch 64, 512 and
 //! 2048, forward and forward + backward. `cargo bench --bench interaction_layers`.
 
+#![forbid(unsafe_code)]
+
 use candle_core::{DType, Device, Module, ModuleT, Tensor};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use rankstack::dcnv2::{CrossNet, CrossNetConfig};
@@ -38,7 +40,7 @@ fn bench_layer<M>(
 }
 
 fn bench_crossnet(c: &mut Criterion) {
-    rankstack::nn::memory::retain_freed_memory();
+    rankstack::memory::retain_freed_memory();
     let params = SeededVarMap::new(0);
     let net = CrossNet::new(1536, &CrossNetConfig::full_rank(4), params.var_builder(DType::F32, &Device::Cpu))
         .expect("build");
@@ -46,7 +48,7 @@ fn bench_crossnet(c: &mut Criterion) {
 }
 
 fn bench_masknet(c: &mut Criterion) {
-    rankstack::nn::memory::retain_freed_memory();
+    rankstack::memory::retain_freed_memory();
     let params = SeededVarMap::new(0);
     let net = ParallelMaskNet::new(2144, &ParallelMaskNetConfig::paper(), params.var_builder(DType::F32, &Device::Cpu))
         .expect("build");

@@ -8,6 +8,8 @@
 //!
 //! `cargo bench --bench packed_linear`.
 
+#![forbid(unsafe_code)]
+
 use std::time::Duration;
 
 use candle_core::{DType, Module, Tensor, Var};
@@ -17,7 +19,7 @@ use rankstack::nn::testing::seeded_randn;
 use rankstack::nn::Linear;
 
 fn bench_linear(c: &mut Criterion) {
-    rankstack::nn::memory::retain_freed_memory();
+    rankstack::memory::retain_freed_memory();
     for (k, n) in [(2144usize, 4288usize), (1536, 1536)] {
         let (w, b) = (seeded_randn(1, &[n, k], DType::F32), seeded_randn(2, &[n], DType::F32));
         let candle = candle_nn::Linear::new(w.clone(), Some(b.clone()));

@@ -5,6 +5,8 @@
 //! `cargo bench --bench ranker`. For the side-by-side comparison with PyTorch, see
 //! `cargo xtask bench-compare` and `docs/performance.md`.
 
+#![forbid(unsafe_code)]
+
 use std::time::Duration;
 
 use candle_core::{DType, Device};
@@ -16,7 +18,7 @@ use rankstack::ranker_model::{presets, random_batch, random_labels, Ranker};
 use rankstack::train::{AdamW, AdamWConfig};
 
 fn bench_ranker(c: &mut Criterion) {
-    rankstack::nn::memory::retain_freed_memory();
+    rankstack::memory::retain_freed_memory();
     let config = presets::preset("homefeed-bench").expect("preset");
     let store = SeededVarMap::new(0);
     let ranker = Ranker::new(&config, store.var_builder(DType::F32, &Device::Cpu)).expect("build");

@@ -6,6 +6,8 @@
 //! Flat sampling with 10 samples keeps the whole run to a few minutes.
 //! `cargo bench --bench sequence_encoder`.
 
+#![forbid(unsafe_code)]
+
 use std::time::Duration;
 
 use candle_core::{DType, Device, Tensor};
@@ -44,7 +46,7 @@ fn batch(b: usize, config: &SequenceTransformerConfig) -> SequenceBatch {
 }
 
 fn bench_sequence_encoder(c: &mut Criterion) {
-    rankstack::nn::memory::retain_freed_memory();
+    rankstack::memory::retain_freed_memory();
     let config = SequenceTransformerConfig::default();
     let params = SeededVarMap::new(0);
     let model = SequenceTransformer::new(&config, params.var_builder(DType::F32, &Device::Cpu)).expect("build");

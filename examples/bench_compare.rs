@@ -17,6 +17,8 @@
 //! Each command reports the process's peak resident memory (`VmHWM`), so inference and training
 //! run as separate processes. Threads: `RAYON_NUM_THREADS` (the xtask sets 2).
 
+#![forbid(unsafe_code)]
+
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -48,7 +50,7 @@ fn main() {
     // trainable (variable) model instead of the serving one; BENCH_DENSE_EMBEDDINGS=1 trains with
     // dense embedding gradients; BENCH_UNPACKED=1 scores without packing the linear weights.
     if !flag("BENCH_MMAP") {
-        rankstack::nn::memory::retain_freed_memory();
+        rankstack::memory::retain_freed_memory();
     }
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match (args.first().map(String::as_str), args.get(1)) {

@@ -2,6 +2,8 @@
 //!
 //! `cargo run --example cost_report [-- BATCH DEVICE_GIB FRACTION] > docs/cost-planner.md`
 
+#![forbid(unsafe_code)]
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let batch = args.first().map(|s| s.parse()).transpose()?.unwrap_or(512);

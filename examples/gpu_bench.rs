@@ -17,6 +17,8 @@
 //! Times are medians of at least 5 calls after 2 warm-up calls, each call ending with the result
 //! read back to the host (which waits for the GPU); the inputs are on the GPU before timing starts.
 
+#![forbid(unsafe_code)]
+
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 

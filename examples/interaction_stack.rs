@@ -4,6 +4,8 @@
 //!
 //! `cargo run --release --example interaction_stack [-- BATCH]`
 
+#![forbid(unsafe_code)]
+
 use std::time::Instant;
 
 use candle_core::{DType, Device, Module};

@@ -12,6 +12,8 @@
 //! once, with first dimension 1) and `B` candidates with their own features (dense `N(0, 3²)`,
 //! one uniform id per sparse feature, `N(0, 1)` embeddings, uniform candidate items).
 
+#![forbid(unsafe_code)]
+
 use std::path::Path;
 
 use candle_core::{DType, Device};

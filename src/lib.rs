@@ -4,6 +4,7 @@
 //!
 //! | module | crate | what |
 //! |---|---|---|
+//! | [`kernels`] | `rankstack-kernels` | the compute kernels (packed GEMM, fused CPU ops, CUDA helpers); the only `unsafe` |
 //! | [`nn`] | `rankstack-nn` | shared blocks: grad-safe LayerNorm, stable BCE, MLP, init, errors |
 //! | [`dcnv2`] | `dcnv2` | DCN-V2 cross networks (full rank, low rank, mixture; stacked, parallel) |
 //! | [`masknet`] | `masknet` | MaskNet blocks, parallel and serial |
@@ -12,6 +13,7 @@
 //! | [`ranker_model`] | `ranker-model` | the whole ranker: config, presets, checkpoints, cost planner |
 //! | [`data`] | (this crate) | training data: Parquet I/O, the synthetic data set, MovieLens-100k |
 //! | [`serve`] | (this crate) | `rankstack serve`: the Open Inference Protocol server with dynamic batching |
+//! | [`memory`] | (this crate) | the allocator setting binaries and benchmarks apply at start-up |
 //!
 //! Each layer crate can also be used alone. See `docs/ARCHITECTURE.md` for where things live.
 //!
@@ -31,15 +33,22 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+#![forbid(unsafe_code)]
+
 pub mod commands;
 pub mod data;
 pub mod device;
 pub mod serve;
 pub mod train;
 
+/// The allocator setting that keeps freed tensor memory for reuse (binaries and benchmarks call
+/// [`memory::retain_freed_memory`] once at start-up; libraries leave it to the application).
+pub use rankstack_kernels::cpu::allocator as memory;
+
 pub use dcnv2;
 pub use feature_encoders;
 pub use masknet;
 pub use ranker_model;
+pub use rankstack_kernels as kernels;
 pub use rankstack_nn as nn;
 pub use sequence_transformer;

@@ -1,6 +1,8 @@
 //! The `rankstack` command line: train a ranker, evaluate and score with it, serve it over HTTP,
 //! inspect its cost, make data. Every error is one readable line on stderr and a non-zero exit code.
 
+#![forbid(unsafe_code)]
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -384,7 +386,7 @@ fn main() -> ExitCode {
         eprintln!("rankstack: internal error: {}", what.lines().next().unwrap_or(""));
     }));
     // Tensor intermediates are large and short-lived: keep freed memory for reuse (see the docs).
-    rankstack::nn::memory::retain_freed_memory();
+    rankstack::memory::retain_freed_memory();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) if matches!(e.kind(), clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion) => {

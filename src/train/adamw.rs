@@ -1,12 +1,10 @@
 //! AdamW with state that can be saved and restored (for resumable training).
 
 use std::collections::{HashMap, HashSet};
-use std::sync::Mutex;
 
-use candle_core::{backprop::GradStore, CpuStorage, DType, InplaceOp2, Layout, Result, Tensor, TensorId, Var};
-use rankstack_nn::kernel_float::{contiguous, contiguous_mut};
+use candle_core::{backprop::GradStore, DType, Result, Tensor, TensorId, Var};
+use rankstack_kernels::cpu::adamw::{adamw_update_in_place, AdamWCoefficients};
 use rankstack_nn::RowGradient;
-use rayon::prelude::*;
 
 /// AdamW hyper-parameters (PyTorch defaults except the learning rate).
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -73,94 +71,15 @@ enum Moments {
     Tensors { m: Tensor, v: Tensor },
 }
 
-/// The per-step constants of the update: the bias corrections `1 − βᵗ` (for the tensor version)
-/// and the `f32` values the tensor version multiplies by (for the fused kernel).
+/// The per-step constants of the update: the bias corrections `1 − βᵗ` and the unrounded learning
+/// rate (for the tensor version), and the fused kernel's `f32` constants.
 #[derive(Debug, Clone, Copy)]
 struct Coefficients {
     bc1: f64,
     bc2: f64,
     /// The step's learning rate, unrounded (the tensor version scales by it in f64).
     step_lr: f64,
-    beta1: f32,
-    one_minus_beta1: f32,
-    beta2: f32,
-    one_minus_beta2: f32,
-    inv_bc1: f32,
-    inv_bc2: f32,
-    eps: f32,
-    decay: f32,
-    lr: f32,
-}
-
-impl Coefficients {
-    /// One element: `(θ, m, v)` after the update with gradient `g`. Each line is one tensor op of
-    /// the tensor version (candle's `affine` computes `x · mul + add` in the tensor's dtype).
-    #[inline(always)]
-    fn update(&self, theta: f32, m: f32, v: f32, g: f32) -> (f32, f32, f32) {
-        let m = (m * self.beta1 + 0.0) + (g * self.one_minus_beta1 + 0.0);
-        let v = (v * self.beta2 + 0.0) + ((g * g) * self.one_minus_beta2 + 0.0);
-        let update = (m * self.inv_bc1 + 0.0) / ((v * self.inv_bc2 + 0.0).sqrt() * 1.0 + self.eps);
-        let theta = (theta * self.decay + 0.0) - (update * self.lr + 0.0);
-        (theta, m, v)
-    }
-}
-
-/// The fused in-place update of a CPU `f32` parameter (dense, or the rows of a row gradient).
-struct FusedUpdate<'a> {
-    coefficients: Coefficients,
-    m: Mutex<&'a mut [f32]>,
-    v: Mutex<&'a mut [f32]>,
-    /// `Some((rows, dim))`: the gradient holds these rows of the parameter, in order.
-    rows: Option<(&'a [u32], usize)>,
-}
-
-impl InplaceOp2 for FusedUpdate<'_> {
-    fn name(&self) -> &'static str {
-        "adamw-fused-update"
-    }
-
-    fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<()> {
-        let (CpuStorage::F32(theta), CpuStorage::F32(grad)) = (s1, s2) else {
-            candle_core::bail!("adamw-fused-update: f32 only");
-        };
-        let theta = contiguous_mut(theta, l1, "adamw-fused-update: parameter")?;
-        let grad = contiguous(grad, l2, "adamw-fused-update: gradient")?;
-        let mut m = self.m.lock().expect("lock poisoned");
-        let mut v = self.v.lock().expect("lock poisoned");
-        let c = self.coefficients;
-        let apply = |theta: &mut [f32], m: &mut [f32], v: &mut [f32], grad: &[f32]| {
-            for (((t, m), v), &g) in theta.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).zip(grad) {
-                (*t, *m, *v) = c.update(*t, *m, *v, g);
-            }
-        };
-        match self.rows {
-            None => {
-                if theta.len() != grad.len() || m.len() != grad.len() {
-                    candle_core::bail!("adamw-fused-update: sizes differ");
-                }
-                const CHUNK: usize = 1 << 16;
-                theta
-                    .par_chunks_mut(CHUNK)
-                    .zip(m.par_chunks_mut(CHUNK))
-                    .zip(v.par_chunks_mut(CHUNK))
-                    .zip(grad.par_chunks(CHUNK))
-                    .for_each(|(((t, m), v), g)| apply(t, m, v, g));
-            }
-            Some((rows, dim)) => {
-                if grad.len() != rows.len() * dim {
-                    candle_core::bail!("adamw-fused-update: row gradient size differs");
-                }
-                for (k, &r) in rows.iter().enumerate() {
-                    let at = r as usize * dim..(r as usize + 1) * dim;
-                    if at.end > theta.len() {
-                        candle_core::bail!("adamw-fused-update: row {r} is out of range");
-                    }
-                    apply(&mut theta[at.clone()], &mut m[at.clone()], &mut v[at], &grad[k * dim..(k + 1) * dim]);
-                }
-            }
-        }
-        Ok(())
-    }
+    fused: AdamWCoefficients,
 }
 
 impl AdamW {
@@ -223,20 +142,11 @@ impl AdamW {
     fn coefficients(&self, lr: f64) -> Coefficients {
         let c = self.config;
         let t = self.step as i32;
-        let (bc1, bc2) = (1.0 - c.beta1.powi(t), 1.0 - c.beta2.powi(t));
         Coefficients {
-            bc1,
-            bc2,
+            bc1: 1.0 - c.beta1.powi(t),
+            bc2: 1.0 - c.beta2.powi(t),
             step_lr: lr,
-            beta1: c.beta1 as f32,
-            one_minus_beta1: (1.0 - c.beta1) as f32,
-            beta2: c.beta2 as f32,
-            one_minus_beta2: (1.0 - c.beta2) as f32,
-            inv_bc1: (1.0 / bc1) as f32,
-            inv_bc2: (1.0 / bc2) as f32,
-            eps: c.eps as f32,
-            decay: (1.0 - lr * c.weight_decay) as f32,
-            lr: lr as f32,
+            fused: AdamWCoefficients::new(c.beta1, c.beta2, c.eps, c.weight_decay, lr, t),
         }
     }
 
@@ -257,15 +167,8 @@ impl AdamW {
         let (bc1, bc2, lr) = (k.bc1, k.bc2, k.step_lr);
         match self.moments.get_mut(name).expect("inserted above") {
             Moments::Host { m, v, .. } => {
-                let g = g.contiguous()?;
                 let dim = if var.rank() >= 2 { var.elem_count() / var.dim(0)? } else { 1 };
-                let op = FusedUpdate {
-                    coefficients: *k,
-                    m: Mutex::new(m.as_mut_slice()),
-                    v: Mutex::new(v.as_mut_slice()),
-                    rows: rows.map(|r| (r, dim)),
-                };
-                var.as_tensor().inplace_op2(&g, &op)
+                adamw_update_in_place(var.as_tensor(), &g, m, v, rows.map(|r| (r, dim)), k.fused)
             }
             Moments::Tensors { m, v } => {
                 let (theta, mm, vv, g) = match rows {

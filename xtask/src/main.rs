@@ -19,6 +19,8 @@
 //! - `serve-bench [--seconds S] [--no-pytorch]`: `rankstack serve` under `wrk` at 1, 64 and 512
 //!   candidates per request, against a PyTorch FastAPI baseline (see `docs/serving.md`).
 
+#![forbid(unsafe_code)]
+
 mod bench_compare;
 mod fixtures;
 mod gpu_bundle;

@@ -4,10 +4,10 @@
 
 use candle_core::{DType, Module};
 use dcnv2::{CrossNet, CrossNetConfig, ParallelCrossNet, ParallelCrossNetConfig};
-use rankstack_nn::testing::{check_reference, fixture_paths, Fixture};
+use rankstack_nn::testing::{check_fixtures, check_reference, Fixture};
 
 fn check(fixture: &Fixture, dtype: DType, rtol: f64) {
-    let d: usize = fixture.meta("input_dim").expect("input_dim").parse().expect("usize");
+    let d = fixture.dim("input_dim");
     match fixture.meta("layer").as_deref() {
         Some("CrossNet") => {
             let config: CrossNetConfig = fixture.config();
@@ -32,9 +32,7 @@ fn check(fixture: &Fixture, dtype: DType, rtol: f64) {
 /// is multiplied by the next layers' Jacobians.
 #[test]
 fn matches_pytorch_in_f64() {
-    for path in fixture_paths("dcnv2") {
-        check(&Fixture::load(&path).unwrap(), DType::F64, 1e-10);
-    }
+    check_fixtures("dcnv2", DType::F64, 1e-10, check);
 }
 
 /// In float32 each layer adds a few ulps (2^-24 ≈ 6e-8) of relative error; after 20 stacked layers
@@ -43,7 +41,5 @@ fn matches_pytorch_in_f64() {
 /// own float32 result is further off than that, `check_reference` allows 4x PyTorch's error.
 #[test]
 fn matches_pytorch_in_f32() {
-    for path in fixture_paths("dcnv2") {
-        check(&Fixture::load(&path).unwrap(), DType::F32, 1e-5);
-    }
+    check_fixtures("dcnv2", DType::F32, 1e-5, check);
 }

@@ -11,6 +11,8 @@
 //! - [`l2_normalize`]: `x / max(‖x‖₂, 1e-12)`.
 //! - [`FeatureEncoder`]: all of the above, concatenated in a documented column order.
 
+#![forbid(unsafe_code)]
+
 pub mod dense;
 pub mod embedding;
 pub mod encoder;

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Tensor};
 use feature_encoders::{FeatureBatch, FeatureEncoder, FeatureSchema, SparseInput};
-use rankstack_nn::testing::{assert_close, check_reference, fixture_paths, test_device, Fixture};
+use rankstack_nn::testing::{assert_close, check_fixtures, check_reference, fixture_paths, test_device, Fixture};
 
 fn batch_from_inputs(schema: &FeatureSchema, inputs: &HashMap<String, Tensor>) -> FeatureBatch {
     let get = |k: &str| inputs.get(k).unwrap_or_else(|| panic!("no input `{k}`")).clone();
@@ -73,17 +73,13 @@ fn check(fixture: &Fixture, dtype: DType, rtol: f64) {
 
 #[test]
 fn matches_pytorch_in_f64() {
-    for path in fixture_paths("feature_encoders") {
-        check(&Fixture::load(&path).expect("fixture"), DType::F64, 1e-10);
-    }
+    check_fixtures("feature_encoders", DType::F64, 1e-10, check);
 }
 
 #[test]
 fn matches_pytorch_in_f32() {
     // 1e-5 of the largest magnitude; check_reference also accepts 4x PyTorch's own float32 error.
-    for path in fixture_paths("feature_encoders") {
-        check(&Fixture::load(&path).expect("fixture"), DType::F32, 1e-5);
-    }
+    check_fixtures("feature_encoders", DType::F32, 1e-5, check);
 }
 
 #[test]

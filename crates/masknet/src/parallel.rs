@@ -39,10 +39,7 @@ impl ParallelMaskNet {
             .collect::<rankstack_nn::Result<Vec<_>>>()?;
         let concat_dim = config.num_blocks * config.block.output_dim;
         let top_mlp = match &config.top_mlp {
-            Some(mlp) => Some(Mlp::new(concat_dim, mlp, vb.pp("top_mlp")).map_err(|e| match e {
-                Error::Config { field, reason, .. } => Error::config(LAYER, format!("top_mlp.{field}"), reason),
-                other => other,
-            })?),
+            Some(mlp) => Some(Mlp::new(concat_dim, mlp, vb.pp("top_mlp")).map_err(|e| e.nested_in(LAYER, "top_mlp"))?),
             None => None,
         };
         Ok(Self { blocks, top_mlp, input_dim })

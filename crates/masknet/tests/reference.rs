@@ -4,17 +4,13 @@
 
 use candle_core::DType;
 use masknet::{MaskBlock, MaskBlockConfig, ParallelMaskNet, ParallelMaskNetConfig, SerialMaskNet, SerialMaskNetConfig};
-use rankstack_nn::testing::{check_reference, fixture_paths, Fixture};
-
-fn dim(fixture: &Fixture, key: &str) -> usize {
-    fixture.meta(key).unwrap_or_else(|| panic!("no {key}")).parse().expect("usize")
-}
+use rankstack_nn::testing::{check_fixtures, check_reference, Fixture};
 
 fn check(fixture: &Fixture, dtype: DType, rtol: f64) {
     match fixture.meta("layer").as_deref() {
         Some("MaskBlock") => {
             let config: MaskBlockConfig = fixture.config();
-            let (m, z) = (dim(fixture, "mask_input_dim"), dim(fixture, "hidden_input_dim"));
+            let (m, z) = (fixture.dim("mask_input_dim"), fixture.dim("hidden_input_dim"));
             check_reference(
                 fixture,
                 dtype,
@@ -25,12 +21,12 @@ fn check(fixture: &Fixture, dtype: DType, rtol: f64) {
         }
         Some("ParallelMaskNet") => {
             let config: ParallelMaskNetConfig = fixture.config();
-            let m = dim(fixture, "input_dim");
+            let m = fixture.dim("input_dim");
             check_reference(fixture, dtype, rtol, |vb| ParallelMaskNet::new(m, &config, vb), |n, i| n.forward(&i["x"]));
         }
         Some("SerialMaskNet") => {
             let config: SerialMaskNetConfig = fixture.config();
-            let m = dim(fixture, "input_dim");
+            let m = fixture.dim("input_dim");
             check_reference(fixture, dtype, rtol, |vb| SerialMaskNet::new(m, &config, vb), |n, i| n.forward(&i["x"]));
         }
         other => panic!("{}: unknown layer {other:?}", fixture.name()),
@@ -40,9 +36,7 @@ fn check(fixture: &Fixture, dtype: DType, rtol: f64) {
 /// float64: summation order is the only difference from PyTorch (~1e-14 relative).
 #[test]
 fn matches_pytorch_in_f64() {
-    for path in fixture_paths("masknet") {
-        check(&Fixture::load(&path).unwrap(), DType::F64, 1e-10);
-    }
+    check_fixtures("masknet", DType::F64, 1e-10, check);
 }
 
 /// float32: a few ulps per op; 1e-5 holds for outputs and parameter gradients. Input gradients
@@ -51,7 +45,5 @@ fn matches_pytorch_in_f64() {
 /// `check_reference` allows 4x PyTorch's own float32 error instead (see rankstack_nn::testing).
 #[test]
 fn matches_pytorch_in_f32() {
-    for path in fixture_paths("masknet") {
-        check(&Fixture::load(&path).unwrap(), DType::F32, 1e-5);
-    }
+    check_fixtures("masknet", DType::F32, 1e-5, check);
 }

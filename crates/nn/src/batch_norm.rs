@@ -168,14 +168,7 @@ impl ModuleT for BatchNorm {
             let var = self.running_var.as_tensor().detach().copy()?.unsqueeze(0)?;
             (x.broadcast_sub(&mean)?, var)
         };
-        let mut y = centred.broadcast_div(&(var + self.eps)?.sqrt()?)?;
-        if let Some(w) = &self.weight {
-            y = y.broadcast_mul(w)?;
-        }
-        if let Some(b) = &self.bias {
-            y = y.broadcast_add(b)?;
-        }
-        Ok(y)
+        crate::standardize::standardize(&centred, &var, self.eps, self.weight.as_ref(), self.bias.as_ref())
     }
 }
 

@@ -14,6 +14,8 @@
 //!   the program itself.
 
 use candle_core::Device;
+#[cfg(feature = "cuda")]
+use rankstack_kernels::cuda::memory_pool;
 
 use crate::{Error, Result};
 
@@ -41,8 +43,8 @@ pub fn device_memory(device: &Device) -> Result<DeviceMemory> {
         }
         #[cfg(feature = "cuda")]
         Device::Cuda(d) => {
-            let (free, total) = d.cuda_stream().context().mem_get_info().map_err(cuda_error)?;
-            Ok(DeviceMemory { total: total as u64, free: free as u64 })
+            let (total, free) = memory_pool::device_capacity(d).map_err(cuda_error)?;
+            Ok(DeviceMemory { total, free })
         }
         #[allow(unreachable_patterns)]
         other => Err(Error::input("device", "memory", format!("memory figures are not available for {other:?}"))),
@@ -60,7 +62,7 @@ pub fn peak_tensor_bytes(device: &Device) -> Result<u64> {
                 .ok_or_else(|| Error::input("device", "memory", "/proc/self/status has no VmHWM"))
         }
         #[cfg(feature = "cuda")]
-        Device::Cuda(d) => cuda::pool_attribute(d, cuda::USED_MEM_HIGH, None),
+        Device::Cuda(d) => memory_pool::peak_bytes(d).map_err(cuda_error),
         #[allow(unreachable_patterns)]
         other => Err(Error::input("device", "memory", format!("memory figures are not available for {other:?}"))),
     }
@@ -70,7 +72,7 @@ pub fn peak_tensor_bytes(device: &Device) -> Result<u64> {
 pub fn reset_peak(device: &Device) -> Result<()> {
     match device {
         #[cfg(feature = "cuda")]
-        Device::Cuda(d) => cuda::pool_attribute(d, cuda::USED_MEM_HIGH, Some(0)).map(|_| ()),
+        Device::Cuda(d) => memory_pool::reset_peak(d).map_err(cuda_error),
         _ => Ok(()),
     }
 }
@@ -83,42 +85,8 @@ fn meminfo_bytes(text: &str, name: &str) -> Option<u64> {
 }
 
 #[cfg(feature = "cuda")]
-fn cuda_error(e: impl std::fmt::Display) -> Error {
-    Error::input("device", "memory", format!("CUDA: {e}"))
-}
-
-#[cfg(feature = "cuda")]
-mod cuda {
-    use cudarc::driver::result::{device, mem_pool};
-    use cudarc::driver::sys;
-
-    use super::cuda_error;
-    use crate::Result;
-
-    pub const USED_MEM_HIGH: sys::CUmemPool_attribute = sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH;
-
-    /// Reads (or, with `set`, writes and then reads) a `u64` attribute of the device's default
-    /// memory pool, the one candle's `cuMemAllocAsync` draws from.
-    pub fn pool_attribute(
-        d: &candle_core::CudaDevice,
-        attr: sys::CUmemPool_attribute,
-        set: Option<u64>,
-    ) -> Result<u64> {
-        let context = d.cuda_stream().context().clone();
-        context.bind_to_thread().map_err(cuda_error)?;
-        // SAFETY: `cu_device` is the live device of a context this function holds, and the pool
-        // is that device's default pool, which lives as long as the context; the high-water-mark
-        // attributes are `cuuint64_t`, which `value` is, and the driver reads or writes only it.
-        unsafe {
-            let pool = device::get_default_mem_pool(context.cu_device()).map_err(cuda_error)?;
-            let mut value: u64 = set.unwrap_or(0);
-            if set.is_some() {
-                mem_pool::set_attribute(pool, attr, (&mut value as *mut u64).cast()).map_err(cuda_error)?;
-            }
-            mem_pool::get_attribute(pool, attr, (&mut value as *mut u64).cast()).map_err(cuda_error)?;
-            Ok(value)
-        }
-    }
+fn cuda_error(e: candle_core::Error) -> Error {
+    Error::input("device", "memory", e.to_string())
 }
 
 #[cfg(test)]

@@ -2,8 +2,9 @@
 
 use std::sync::{Arc, Mutex};
 
-use candle_core::{CpuStorage, CustomOp1, DType, Layout, ModuleT, Result, Shape, Tensor};
-use rayon::prelude::*;
+use rankstack_kernels::cpu::scale_by_mask::scale_by_mask;
+
+use candle_core::{ModuleT, Result, Tensor};
 
 use crate::rng::Rng;
 
@@ -76,51 +77,13 @@ impl ModuleT for Dropout {
         if !x.device().is_cpu() {
             return x.mul(&device_mask(self.p, x)?);
         }
-        let mask = self.multipliers(x.elem_count());
-        if matches!(x.dtype(), DType::F32 | DType::F64) {
-            // One fused pass, and a backward pass that only scales the gradient by the same mask
-            // (a plain `x * mask` node would also compute and accumulate a gradient for the mask).
-            return x.contiguous()?.apply_op1(ScaleByMask(Arc::new(mask)));
+        let mask = Arc::new(self.multipliers(x.elem_count()));
+        // f32/f64: one fused pass whose backward pass reuses the mask.
+        if let Some(y) = scale_by_mask(x, mask.clone())? {
+            return Ok(y);
         }
+        let mask = Arc::try_unwrap(mask).unwrap_or_else(|m| m.as_ref().clone());
         x.mul(&Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?)
-    }
-}
-
-/// `y = x ⊙ m` for a fixed mask `m`; its own backward pass (`∂L/∂x = ∂L/∂y ⊙ m`).
-#[derive(Clone)]
-struct ScaleByMask(Arc<Vec<f32>>);
-
-fn scale_by_mask<T: Copy + Send + Sync + std::ops::Mul<Output = T>>(
-    x: &[T],
-    layout: &Layout,
-    mask: &[f32],
-    widen: impl Fn(f32) -> T + Sync,
-) -> Result<Vec<T>> {
-    let x = crate::kernel_float::contiguous(x, layout, "dropout: input")?;
-    if x.len() != mask.len() {
-        candle_core::bail!("dropout: mask of {} elements for an input of {}", mask.len(), x.len());
-    }
-    let mut y = Vec::with_capacity(x.len());
-    x.par_iter().zip(mask.par_iter()).map(|(&v, &m)| v * widen(m)).collect_into_vec(&mut y);
-    Ok(y)
-}
-
-impl CustomOp1 for ScaleByMask {
-    fn name(&self) -> &'static str {
-        "rankstack-dropout"
-    }
-
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let y = match storage {
-            CpuStorage::F32(x) => CpuStorage::F32(scale_by_mask(x, layout, &self.0, |m| m)?),
-            CpuStorage::F64(x) => CpuStorage::F64(scale_by_mask(x, layout, &self.0, f64::from)?),
-            _ => candle_core::bail!("dropout: the fused kernel takes f32 or f64"),
-        };
-        Ok((y, layout.shape().clone()))
-    }
-
-    fn bwd(&self, _x: &Tensor, _y: &Tensor, grad_y: &Tensor) -> Result<Option<Tensor>> {
-        grad_y.contiguous()?.apply_op1(self.clone()).map(Some)
     }
 }
 

@@ -74,6 +74,37 @@ impl Error {
         Self::Config { layer: layer.into(), field: field.into(), reason: reason.into() }
     }
 
+    /// Re-addresses a configuration error of a part built inside `layer` to `layer`'s own config:
+    /// the field becomes `prefix.field`, and the part's layer name, when it differs, is kept in
+    /// the reason. Other errors pass through. For `map_err` where a constructor builds its parts:
+    ///
+    /// ```
+    /// # use rankstack_nn::Error;
+    /// let inner = Error::config("Mlp", "hidden_dims", "must not be empty");
+    /// let outer = inner.nested_in("Ranker", "tasks[0].tower");
+    /// assert_eq!(outer.to_string(), "Ranker: invalid config `tasks[0].tower.hidden_dims`: must not be empty (Mlp)");
+    /// ```
+    pub fn nested_in(self, layer: &str, prefix: &str) -> Self {
+        match self {
+            Self::Config { layer: inner, field, reason } => {
+                let reason = if inner == layer { reason } else { format!("{reason} ({inner})") };
+                Self::config(layer, format!("{prefix}.{field}"), reason)
+            }
+            other => other,
+        }
+    }
+
+    /// A configuration error read from the file `path`, with the path in front of the layer name.
+    /// Other errors pass through.
+    pub fn in_file(self, path: &std::path::Path) -> Self {
+        match self {
+            Self::Config { layer, field, reason } => {
+                Self::config(format!("{}: {layer}", path.display()), field, reason)
+            }
+            other => other,
+        }
+    }
+
     /// An invalid-input error for `layer`.
     pub fn input(layer: impl Into<String>, what: impl Into<String>, reason: impl Into<String>) -> Self {
         Self::Input { layer: layer.into(), what: what.into(), reason: reason.into() }

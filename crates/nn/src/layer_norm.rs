@@ -25,7 +25,7 @@ impl Default for LayerNormConfig {
 ///
 /// Candle's fused `ops::layer_norm` (behind `candle_nn::LayerNorm`) records no backward pass, so
 /// every parameter before it would silently get no gradient. This layer uses
-/// [`crate::fused_layer_norm::layer_norm_fused`] (a CPU kernel with an analytic backward pass) for
+/// [`rankstack_kernels::cpu::layer_norm::layer_norm_fused`] (a CPU kernel with an analytic backward pass) for
 /// affine f32/f64 inputs on the CPU, and differentiable candle primitives otherwise; both take two
 /// passes (centre, then square), which keeps the variance accurate for inputs with a large mean. Parameters: `weight` `[dim]`, `bias` `[dim]`.
 ///
@@ -72,20 +72,13 @@ impl Module for LayerNorm {
         // CPU f32/f64 with affine parameters: one fused kernel with an analytic backward pass
         // (same value and gradients; far fewer graph nodes). Otherwise the composed version below.
         if let (Some(w), Some(b)) = (&self.weight, &self.bias) {
-            if let Some(y) = crate::fused_layer_norm::layer_norm_fused(x, w, b, self.eps)? {
+            if let Some(y) = rankstack_kernels::cpu::layer_norm::layer_norm_fused(x, w, b, self.eps)? {
                 return Ok(y);
             }
         }
         let centred = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
         let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
-        let mut y = centred.broadcast_div(&(var + self.eps)?.sqrt()?)?;
-        if let Some(w) = &self.weight {
-            y = y.broadcast_mul(w)?;
-        }
-        if let Some(b) = &self.bias {
-            y = y.broadcast_add(b)?;
-        }
-        Ok(y)
+        crate::standardize::standardize(&centred, &var, self.eps, self.weight.as_ref(), self.bias.as_ref())
     }
 }
 

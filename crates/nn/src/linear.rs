@@ -5,7 +5,8 @@ use std::sync::Arc;
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 
-use crate::packed_matmul::{packed_kernel_available, PackedWeight, WeightPrecision};
+use rankstack_kernels::cpu::linear as fused_linear;
+use rankstack_kernels::cpu::packed_matmul::{packed_kernel_available, PackedWeight, WeightPrecision};
 
 /// `y = x Wᵀ + b` with PyTorch-layout parameters `weight` `[out, in]` and `bias` `[out]`.
 ///
@@ -156,8 +157,8 @@ impl Module for Linear {
                     None => Ok(y),
                 }
             }
-            Inner::Tensor(layer) if crate::fused_linear::applies(x, layer.weight()) => {
-                crate::fused_linear::linear(x, layer.weight(), layer.bias())
+            Inner::Tensor(layer) if fused_linear::applies(x, layer.weight()) => {
+                fused_linear::linear(x, layer.weight(), layer.bias())
             }
             // candle 0.11's CPU product folds a batch-broadcast weight into one GEMM assuming the
             // input's rows are adjacent, which gives wrong values for a transposed [b, l, d] view

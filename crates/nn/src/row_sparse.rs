@@ -102,7 +102,7 @@ impl RowGather {
                     let at: Vec<u32> =
                         part_rows.iter().map(|r| rows.binary_search(r).expect("row is in the union") as u32).collect();
                     // A part's rows are distinct: its scatter is a gather (see distinct_rows).
-                    grad = (grad + crate::distinct_rows::scatter_rows(g, &at, rows.len())?)?;
+                    grad = (grad + rankstack_kernels::distinct_rows::scatter_rows(g, &at, rows.len())?)?;
                 }
                 Ok(Some(RowGradient { table: table.clone(), rows, grad }))
             }

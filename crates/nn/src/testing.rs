@@ -82,6 +82,15 @@ impl Fixture {
         self.fields().get(key).and_then(|v| v.as_str().map(str::to_string))
     }
 
+    /// A size field of the fixture's metadata (`input_dim`, ...).
+    ///
+    /// # Panics
+    /// If it is absent or not a non-negative integer.
+    pub fn dim(&self, key: &str) -> usize {
+        let value = self.meta(key).unwrap_or_else(|| panic!("{}: no `{key}` metadata", self.name()));
+        value.parse().unwrap_or_else(|e| panic!("{}: `{key}` = {value:?} is not a size: {e}", self.name()))
+    }
+
     /// The layer config stored in the `config` metadata.
     ///
     /// # Panics
@@ -113,6 +122,18 @@ impl Fixture {
             .iter()
             .filter_map(|(k, v)| k.strip_prefix(prefix).map(|rest| (rest.to_string(), v.clone())))
             .collect()
+    }
+}
+
+/// Runs `check(fixture, dtype, rtol)` on every fixture of `group` (a directory of `fixtures/`): the
+/// loop of every layer crate's `tests/reference.rs`.
+///
+/// # Panics
+/// If a fixture does not load (or, through `check`, does not match).
+pub fn check_fixtures(group: &str, dtype: DType, rtol: f64, check: impl Fn(&Fixture, DType, f64)) {
+    for path in fixture_paths(group) {
+        let fixture = Fixture::load(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        check(&fixture, dtype, rtol);
     }
 }
 

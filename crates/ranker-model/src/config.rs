@@ -180,12 +180,7 @@ impl RankerConfig {
         } else {
             Self::from_toml_str(&text)
         };
-        parsed.map_err(|e| match e {
-            Error::Config { layer, field, reason } => {
-                Error::Config { layer: format!("{}: {layer}", path.display()), field, reason }
-            }
-            other => other,
-        })
+        parsed.map_err(|e| e.in_file(path))
     }
 
     /// Serialises to TOML.

@@ -2,7 +2,7 @@
 
 use candle_core::{Module, ModuleT, Result, Tensor};
 use candle_nn::VarBuilder;
-use rankstack_nn::{linear_xavier, Error, Linear, Mlp, Reseed};
+use rankstack_nn::{linear_xavier, Linear, Mlp, Reseed};
 
 use crate::TaskConfig;
 
@@ -21,12 +21,10 @@ impl TaskHeads {
         for (i, task) in tasks.iter().enumerate() {
             let vb = vb.pp(&task.name);
             let tower = match &task.tower {
-                Some(cfg) => Some(Mlp::new(input_dim, cfg, vb.pp("tower")).map_err(|e| match e {
-                    Error::Config { field, reason, .. } => {
-                        Error::config("Ranker", format!("tasks[{i}].tower.{field}"), reason)
-                    }
-                    other => other,
-                })?),
+                Some(cfg) => Some(
+                    Mlp::new(input_dim, cfg, vb.pp("tower"))
+                        .map_err(|e| e.nested_in("Ranker", &format!("tasks[{i}].tower")))?,
+                ),
                 None => None,
             };
             let width = tower.as_ref().map_or(input_dim, Mlp::output_dim);

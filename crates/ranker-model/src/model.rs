@@ -73,7 +73,7 @@ impl Ranker {
         config.validate()?;
         let sequence = match &config.sequence {
             Some(cfg) => {
-                Some(SequenceTransformer::new(cfg, vb.pp("sequence")).map_err(|e| prefix_field(e, "sequence"))?)
+                Some(SequenceTransformer::new(cfg, vb.pp("sequence")).map_err(|e| e.nested_in("Ranker", "sequence"))?)
             }
             None => None,
         };
@@ -88,7 +88,7 @@ impl Ranker {
         if let Some(seq) = &sequence {
             schema.extra.push(ExtraFeature { name: SEQUENCE_BLOCK.to_string(), dim: seq.output_dim() });
         }
-        let encoder = FeatureEncoder::new(&schema, vb.pp("features")).map_err(|e| prefix_field(e, "features"))?;
+        let encoder = FeatureEncoder::new(&schema, vb.pp("features")).map_err(|e| e.nested_in("Ranker", "features"))?;
         let encoded = encoder.output_dim();
         if encoded == 0 {
             return Err(Error::config("Ranker", "features", "the features produce no columns"));
@@ -101,7 +101,7 @@ impl Ranker {
             stages.push(built);
         }
         let mlp_input = if config.input_skip { width + encoded } else { width };
-        let mlp = Mlp::new(mlp_input, &config.mlp, vb.pp("mlp")).map_err(|e| prefix_field(e, "mlp"))?;
+        let mlp = Mlp::new(mlp_input, &config.mlp, vb.pp("mlp")).map_err(|e| e.nested_in("Ranker", "mlp"))?;
         let heads = TaskHeads::new(mlp.output_dim(), &config.tasks, vb.pp("heads"))?;
         let device = vb.device().clone();
         Ok(Self { config: config.clone(), encoder, sequence, stages, mlp, heads, item_table, device })
@@ -279,15 +279,6 @@ impl Ranker {
     }
 }
 
-fn prefix_field(err: Error, prefix: &str) -> Error {
-    match err {
-        Error::Config { layer, field, reason } => {
-            Error::config("Ranker", format!("{prefix}.{field}"), format!("{reason} ({layer})"))
-        }
-        other => other,
-    }
-}
-
 impl Reseed for Ranker {
     /// Reseeds the sequence encoder, every backbone stage, the MLP and the task towers.
     fn reseed(&self, seed: u64) {
@@ -295,13 +286,7 @@ impl Reseed for Ranker {
             seq.reseed(child_seed(seed, "sequence"));
         }
         for (i, stage) in self.stages.iter().enumerate() {
-            let s = child_seed(seed, &format!("backbone.{i}"));
-            match stage {
-                Stage::ParallelMaskNet(m) => m.reseed(s),
-                Stage::SerialMaskNet(m) => m.reseed(s),
-                // Cross layers draw no random numbers.
-                Stage::CrossNet(_) | Stage::ParallelCrossNet(_) => {}
-            }
+            stage.reseed(child_seed(seed, &format!("backbone.{i}")));
         }
         self.mlp.reseed(child_seed(seed, "mlp"));
         self.heads.reseed(child_seed(seed, "heads"));

@@ -4,7 +4,7 @@ use candle_core::{Module, ModuleT, Result, Tensor};
 use candle_nn::VarBuilder;
 use dcnv2::{CrossNet, ParallelCrossNet};
 use masknet::{ParallelMaskNet, SerialMaskNet};
-use rankstack_nn::Error;
+use rankstack_nn::{Error, Reseed};
 
 use crate::StageConfig;
 
@@ -19,6 +19,17 @@ pub enum Stage {
     CrossNet(CrossNet),
     /// Parallel cross towers.
     ParallelCrossNet(ParallelCrossNet),
+}
+
+impl Reseed for Stage {
+    /// Reseeds a MaskNet's dropout; cross layers draw no random numbers.
+    fn reseed(&self, seed: u64) {
+        match self {
+            Self::ParallelMaskNet(m) => m.reseed(seed),
+            Self::SerialMaskNet(m) => m.reseed(seed),
+            Self::CrossNet(_) | Self::ParallelCrossNet(_) => {}
+        }
+    }
 }
 
 impl Stage {
@@ -47,12 +58,7 @@ impl Stage {
             }
         };
         // Re-address the layer's own config errors to the ranker config's field path.
-        built.map_err(|e| match e {
-            Error::Config { layer, field: f, reason } => {
-                Error::config("Ranker", field(&format!("config.{f}")), format!("{reason} ({layer})"))
-            }
-            other => other,
-        })
+        built.map_err(|e| e.nested_in("Ranker", &field("config")))
     }
 
     /// Output width.

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use candle_core::{DType, Device, Tensor};
 use feature_encoders::{FeatureBatch, SparseInput};
 use ranker_model::{checkpoint, Ranker, RankerBatch, RankerConfig, SequenceItems, UserSequence};
-use rankstack_nn::testing::{assert_close, check_reference, fixture_paths, fixtures_root, Fixture};
+use rankstack_nn::testing::{assert_close, check_fixtures, check_reference, fixtures_root, Fixture};
 
 /// The fixture's inputs as a [`RankerBatch`] (keys as in `reference/rankstack_ref/ranker.py`).
 fn batch(config: &RankerConfig, i: &HashMap<String, Tensor>) -> candle_core::Result<RankerBatch> {
@@ -48,18 +48,14 @@ fn check(fixture: &Fixture, dtype: DType, rtol: f64) {
 /// four cross layers, MLP, heads).
 #[test]
 fn whole_model_matches_pytorch_in_f64() {
-    for path in fixture_paths("ranker") {
-        check(&Fixture::load(&path).unwrap(), DType::F64, 1e-9);
-    }
+    check_fixtures("ranker", DType::F64, 1e-9, check);
 }
 
 /// float32: 1e-5 relative to each tensor's largest entry, or 4x PyTorch's own float32 error where
 /// that is larger (input gradients through LayerNorm/BatchNorm cancel; see rankstack_nn::testing).
 #[test]
 fn whole_model_matches_pytorch_in_f32() {
-    for path in fixture_paths("ranker") {
-        check(&Fixture::load(&path).unwrap(), DType::F32, 1e-5);
-    }
+    check_fixtures("ranker", DType::F32, 1e-5, check);
 }
 
 #[test]

@@ -6,19 +6,20 @@
 //! - [`TransformerEncoder`] / [`TransformerEncoderLayer`] / [`MultiHeadAttention`]: PyTorch
 //!   `nn.TransformerEncoder(Layer)` / `nn.MultiheadAttention` semantics and parameter names.
 //! - [`PackedSequences`] and [`packed_attention()`]: variable-length sequences stored back to back
-//!   as the rows of one tensor, and attention over them in one fused CPU kernel; TransAct drops the
-//!   rows no output depends on (padding), and every encoder layer runs on the packed rows.
-//! - [`heads`]: splitting projections into attention heads and merging them, one graph node each;
-//!   [`pooling`]: the masked max-pool of the output, one graph node.
+//!   as the rows of one tensor, and attention over them (on the CPU one fused kernel of
+//!   `rankstack-kernels`); TransAct drops the rows no output depends on (padding), and every
+//!   encoder layer runs on the packed rows.
+//! - [`pooling`]: the masked max-pool of the output.
 //!
 //! Numerics are checked against `torch.nn.TransformerEncoder` itself on its autograd ("slow")
 //! path, the path every training step takes; the inference fast path differs only in zeroing the
 //! outputs at masked positions.
 
+#![forbid(unsafe_code)]
+
 pub mod attention;
 pub mod config;
 pub mod encoder;
-pub mod heads;
 pub mod mask;
 pub mod packed;
 pub mod packed_attention;

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 
-use rankstack_nn::distinct_rows::{gather_rows, scatter_rows};
+use rankstack_kernels::distinct_rows::{gather_rows, scatter_rows};
 use rankstack_nn::{linear_xavier, Error, Linear};
 
 use crate::pooling::masked_max_pool;

@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 
 use candle_core::{DType, Tensor};
-use rankstack_nn::testing::{check_reference, fixture_paths, Fixture};
+use rankstack_nn::testing::{check_fixtures, check_reference, fixture_paths, Fixture};
 use sequence_transformer::{SequenceBatch, SequenceTransformer, SequenceTransformerConfig};
 
 fn batch(inputs: &HashMap<String, Tensor>) -> SequenceBatch {
@@ -38,18 +38,14 @@ fn check(fixture: &Fixture, dtype: DType, rtol: f64) {
 
 #[test]
 fn matches_torch_transformer_encoder_in_f64() {
-    for path in fixture_paths("sequence_transformer") {
-        check(&Fixture::load(&path).expect("fixture"), DType::F64, 1e-10);
-    }
+    check_fixtures("sequence_transformer", DType::F64, 1e-10, check);
 }
 
 #[test]
 fn matches_torch_transformer_encoder_in_f32() {
     // 1e-5 of the largest magnitude; check_reference also accepts 4x PyTorch's own float32 error
     // (input gradients through two LayerNorms cancel to small sums).
-    for path in fixture_paths("sequence_transformer") {
-        check(&Fixture::load(&path).expect("fixture"), DType::F32, 1e-5);
-    }
+    check_fixtures("sequence_transformer", DType::F32, 1e-5, check);
 }
 
 #[test]

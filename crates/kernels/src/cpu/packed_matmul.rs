@@ -22,18 +22,18 @@
 //! kernel cannot run ([`packed_kernel_available`] is false: no AVX-512, or no AVX512-BF16 for
 //! bf16, or not x86-64), the stored weights are widened to f32 per call and multiplied by candle:
 //! the same values up to summation order, but slower than an unpacked f32 layer, so pack only
-//! where the kernel runs (as [`crate::Linear::pack`] does for f32).
+//! where the kernel runs (as `rankstack_nn::Linear::pack` does for f32).
 
 use candle_core::{DType, Result, Tensor};
 
-use crate::gemm::Panels;
-pub use crate::gemm::{packed_kernel_available, WeightPrecision, MR, NR};
+use super::gemm::Panels;
+pub use super::gemm::{packed_kernel_available, WeightPrecision, MR, NR};
 
 /// A `[n, k]` weight packed (in f32 or rounded to bf16) for [`PackedWeight::matmul_t`].
 ///
 /// ```
 /// # use candle_core::{Device, Tensor};
-/// use rankstack_nn::packed_matmul::{PackedWeight, WeightPrecision};
+/// use rankstack_kernels::cpu::packed_matmul::{PackedWeight, WeightPrecision};
 /// let w = Tensor::new(&[[1f32, 2., 3.], [0.5, -1., 0.25]], &Device::Cpu)?; // [out 2, in 3]
 /// let b = Tensor::new(&[0f32, 10.], &Device::Cpu)?;
 /// let x = Tensor::new(&[[1f32, 1., 1.], [2., 0., -4.]], &Device::Cpu)?;
@@ -134,13 +134,13 @@ impl PackedWeight {
         let candle_core::Storage::Cpu(storage) = &*storage else {
             candle_core::bail!("packed linear: expected a CPU input")
         };
-        let x = crate::kernel_float::contiguous_storage::<f32>(storage, layout, "packed linear: input")?;
+        let x = crate::float::contiguous_storage::<f32>(storage, layout, "packed linear: input")?;
         let y = match self.precision() {
             WeightPrecision::F32 => self.panels.multiply(x, rows, k, 1, bias.as_deref()),
             WeightPrecision::Bf16 => {
                 // The activations as bf16 pairs, row-major [rows, steps]: row r's pair s is
                 // exactly the broadcast operand the kernel needs, so no further packing.
-                let a = crate::gemm::round_rows_to_bf16(x, k);
+                let a = super::gemm::round_rows_to_bf16(x, k);
                 self.panels.multiply(&a, rows, self.panels.steps(), 1, bias.as_deref())
             }
         };
@@ -168,7 +168,7 @@ mod tests {
     use candle_core::Device;
 
     fn seeded(seed: u64, dims: &[usize]) -> Tensor {
-        crate::testing::seeded_randn(seed, dims, DType::F32)
+        crate::oracle::tensor(seed, dims, DType::F32)
     }
 
     const BOTH: [WeightPrecision; 2] = [WeightPrecision::F32, WeightPrecision::Bf16];
@@ -223,6 +223,11 @@ mod tests {
 
     #[test]
     fn matches_an_f64_reference_on_every_edge_shape() {
+        for (precision, what) in [(WeightPrecision::F32, "AVX-512F"), (WeightPrecision::Bf16, "AVX512-BF16")] {
+            if !packed_kernel_available(precision) {
+                super::super::skipped(&format!("packed {precision:?} kernel (the portable path is tested)"), what);
+            }
+        }
         // Rows around the micro-tile height, inputs odd and even around the 16-wide rounding,
         // outputs around the 32-column panel.
         let mut seed = 0;

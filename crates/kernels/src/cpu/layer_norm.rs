@@ -3,7 +3,7 @@
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::kernel_float::contiguous;
+use crate::float::{dispatch, FloatKernel};
 use crate::KernelFloat;
 
 /// `y = (x − mean(x)) / sqrt(var(x) + eps) · weight + bias` over the last dimension (biased
@@ -14,7 +14,7 @@ use crate::KernelFloat;
 /// ∂L/∂x = r · (gw − mean(gw) − x̂ · mean(gw ⊙ x̂)),  ∂L/∂weight = Σ_rows ∂L/∂y ⊙ x̂,  ∂L/∂bias = Σ_rows ∂L/∂y
 /// ```
 ///
-/// Used by [`crate::LayerNorm`] on the CPU for f32/f64: the composed version records about nine
+/// Used by `rankstack_nn::LayerNorm` on the CPU for f32/f64: the composed version records about nine
 /// graph nodes per call, and candle's backward pass allocates and accumulates a full-size gradient
 /// for each, which dominates a transformer layer's training step. Returns `None` where the fused
 /// kernel does not apply (other devices or dtypes), so the caller can fall back.
@@ -38,12 +38,6 @@ struct FusedLayerNorm {
 struct FusedLayerNormBackward {
     eps: f64,
 }
-
-// What the kernels' error messages call their inputs.
-const X: &str = "fused layer norm: input";
-const W: &str = "fused layer norm: weight";
-const B: &str = "fused layer norm: bias";
-const G: &str = "fused layer norm: gradient";
 
 /// Row statistics in f64: `(mean, 1/sqrt(var + eps))`.
 fn stats<T: KernelFloat>(row: &[T], eps: f64) -> (f64, f64) {
@@ -109,6 +103,24 @@ fn backward<T: KernelFloat>(x: &[T], w: &[T], g: &[T], eps: f64) -> Vec<T> {
     out
 }
 
+impl FloatKernel for FusedLayerNorm {
+    const NAME: &'static str = "fused layer norm";
+
+    /// Inputs `(x, weight, bias)`.
+    fn run<T: KernelFloat>(&self, inputs: &[&[T]]) -> Result<Vec<T>> {
+        Ok(forward(inputs[0], inputs[1], inputs[2], self.eps))
+    }
+}
+
+impl FloatKernel for FusedLayerNormBackward {
+    const NAME: &'static str = "fused layer norm backward";
+
+    /// Inputs `(x, weight, ∂L/∂y)`.
+    fn run<T: KernelFloat>(&self, inputs: &[&[T]]) -> Result<Vec<T>> {
+        Ok(backward(inputs[0], inputs[1], inputs[2], self.eps))
+    }
+}
+
 impl CustomOp3 for FusedLayerNorm {
     fn name(&self) -> &'static str {
         "rankstack-fused-layer-norm"
@@ -123,16 +135,7 @@ impl CustomOp3 for FusedLayerNorm {
         b: &CpuStorage,
         bl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let out = match (x, w, b) {
-            (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(b)) => {
-                CpuStorage::F32(forward(contiguous(x, xl, X)?, contiguous(w, wl, W)?, contiguous(b, bl, B)?, self.eps))
-            }
-            (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(b)) => {
-                CpuStorage::F64(forward(contiguous(x, xl, X)?, contiguous(w, wl, W)?, contiguous(b, bl, B)?, self.eps))
-            }
-            _ => candle_core::bail!("fused layer norm: x, weight and bias must all be f32 or all f64"),
-        };
-        Ok((out, xl.shape().clone()))
+        Ok((dispatch(self, &[(x, xl), (w, wl), (b, bl)])?, xl.shape().clone()))
     }
 
     fn bwd(
@@ -169,57 +172,76 @@ impl CustomOp3 for FusedLayerNormBackward {
     ) -> Result<(CpuStorage, Shape)> {
         let d = wl.shape().elem_count();
         let rows = xl.shape().elem_count() / d.max(1);
-        let out = match (x, w, g) {
-            (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(g)) => {
-                CpuStorage::F32(backward(contiguous(x, xl, X)?, contiguous(w, wl, W)?, contiguous(g, gl, G)?, self.eps))
-            }
-            (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(g)) => {
-                CpuStorage::F64(backward(contiguous(x, xl, X)?, contiguous(w, wl, W)?, contiguous(g, gl, G)?, self.eps))
-            }
-            _ => candle_core::bail!("fused layer norm backward: dtype mismatch"),
-        };
-        Ok((out, Shape::from((rows + 2, d))))
+        Ok((dispatch(self, &[(x, xl), (w, wl), (g, gl)])?, Shape::from((rows + 2, d))))
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::*;
-    use candle_core::{Var, D};
+    use candle_core::Var;
 
-    fn composed(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Tensor {
-        let c = x.broadcast_sub(&x.mean_keepdim(D::Minus1).unwrap()).unwrap();
-        let v = c.sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
-        c.broadcast_div(&(v + eps).unwrap().sqrt().unwrap())
-            .unwrap()
-            .broadcast_mul(w)
-            .unwrap()
-            .broadcast_add(b)
-            .unwrap()
+    use super::*;
+    use crate::oracle::{assert_close, f64s, tensor};
+
+    /// The formula in f64, row by row: `y`, and for `L = Σ y ⊙ r` the gradients `∂x`, `∂w`, `∂b`
+    /// written out from the chain rule (not from the kernel's simplified form).
+    fn oracle(x: &[f64], w: &[f64], b: &[f64], r: &[f64], eps: f64) -> [Vec<f64>; 4] {
+        let d = w.len();
+        let (mut y, mut dx, mut dw, mut db) = (vec![0.0; x.len()], vec![0.0; x.len()], vec![0.0; d], vec![0.0; d]);
+        for ((row, rr), (yr, dxr)) in x.chunks(d).zip(r.chunks(d)).zip(y.chunks_mut(d).zip(dx.chunks_mut(d))) {
+            let n = d as f64;
+            let mean = row.iter().sum::<f64>() / n;
+            let var = row.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / n;
+            let s = (var + eps).sqrt();
+            let xhat: Vec<f64> = row.iter().map(|v| (v - mean) / s).collect();
+            for j in 0..d {
+                yr[j] = xhat[j] * w[j] + b[j];
+                dw[j] += rr[j] * xhat[j];
+                db[j] += rr[j];
+            }
+            // ∂x̂_j/∂x_i = (δ_ij − 1/n − x̂_i x̂_j / n) / s.
+            for i in 0..d {
+                dxr[i] = (0..d)
+                    .map(|j| {
+                        let delta = if i == j { 1.0 } else { 0.0 };
+                        rr[j] * w[j] * (delta - 1.0 / n - xhat[i] * xhat[j] / n) / s
+                    })
+                    .sum();
+            }
+        }
+        [y, dx, dw, db]
     }
 
     #[test]
-    fn matches_the_composed_layer_norm_in_value_and_all_gradients() {
+    fn matches_the_f64_oracle_in_value_and_all_gradients() {
         for dtype in [DType::F64, DType::F32] {
             let tol = if dtype == DType::F64 { 1e-12 } else { 1e-5 };
-            let x = Var::from_tensor(&crate::testing::seeded_randn(1, &[3, 300, 7], dtype).affine(3.0, 10.0).unwrap())
-                .unwrap();
-            let w = Var::from_tensor(&(crate::testing::seeded_randn(2, &[7], dtype) + 1.0).unwrap()).unwrap();
-            let b = Var::from_tensor(&crate::testing::seeded_randn(3, &[7], dtype)).unwrap();
-            let r = crate::testing::seeded_randn(4, &[3, 300, 7], dtype);
-            let run = |y: Tensor| {
-                let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
-                let get = |v: &Var| g.get(v.as_tensor()).unwrap().clone();
-                (y, get(&x), get(&w), get(&b))
-            };
-            let fused = run(layer_norm_fused(x.as_tensor(), w.as_tensor(), b.as_tensor(), 1e-5).unwrap().unwrap());
-            let plain = run(composed(x.as_tensor(), w.as_tensor(), b.as_tensor(), 1e-5));
-            crate::testing::assert_close("y", &fused.0, &plain.0, tol);
-            crate::testing::assert_close("dx", &fused.1, &plain.1, tol);
-            crate::testing::assert_close("dw", &fused.2, &plain.2, tol);
-            crate::testing::assert_close("db", &fused.3, &plain.3, tol);
+            let x = Var::from_tensor(&tensor(1, &[3, 40, 7], dtype).affine(3.0, 10.0).unwrap()).unwrap();
+            let w = Var::from_tensor(&(tensor(2, &[7], dtype) + 1.0).unwrap()).unwrap();
+            let b = Var::from_tensor(&tensor(3, &[7], dtype)).unwrap();
+            let r = tensor(4, &[3, 40, 7], dtype);
+            let y = layer_norm_fused(x.as_tensor(), w.as_tensor(), b.as_tensor(), 1e-5).unwrap().unwrap();
+            let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            let [ey, edx, edw, edb] =
+                oracle(&f64s(x.as_tensor()), &f64s(w.as_tensor()), &f64s(b.as_tensor()), &f64s(&r), 1e-5);
+            assert_close("y", &y, &ey, tol);
+            assert_close("dx", g.get(x.as_tensor()).unwrap(), &edx, tol);
+            assert_close("dw", g.get(w.as_tensor()).unwrap(), &edw, tol);
+            assert_close("db", g.get(b.as_tensor()).unwrap(), &edb, tol);
         }
-        // Not applicable: falls back (None).
+    }
+
+    /// `x = [1, 3]`, `w = 1`, `b = 0`, eps 0: mean 2, variance 1, so `y = [−1, 1]`.
+    #[test]
+    fn hand_checkable_row() {
+        let x = Tensor::new(&[[1f64, 3.]], &candle_core::Device::Cpu).unwrap();
+        let w = Tensor::new(&[1f64, 1.], &candle_core::Device::Cpu).unwrap();
+        let y = layer_norm_fused(&x, &w, &w.zeros_like().unwrap(), 0.0).unwrap().unwrap();
+        assert_eq!(y.to_vec2::<f64>().unwrap(), vec![vec![-1.0, 1.0]]);
+    }
+
+    #[test]
+    fn other_dtypes_fall_back() {
         let x = Tensor::zeros((2, 3), DType::BF16, &candle_core::Device::Cpu).unwrap();
         let w = Tensor::ones(3, DType::BF16, &candle_core::Device::Cpu).unwrap();
         assert!(layer_norm_fused(&x, &w, &w, 1e-5).unwrap().is_none());

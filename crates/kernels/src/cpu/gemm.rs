@@ -1,5 +1,5 @@
-//! The CPU matrix-product engine behind [`crate::packed_matmul`] (serving) and
-//! [`crate::fused_linear`] (training): `C = A·B (+ bias)` on x86-64 with AVX-512.
+//! The CPU matrix-product engine behind [`super::packed_matmul`] (serving) and
+//! [`super::linear`] (training): `C = A·B (+ bias)` on x86-64 with AVX-512.
 //!
 //! `B` `[k, n]` is packed into [`Panels`]: panels of [`NR`] columns; for each step `s` of the `k`
 //! sweep a panel stores the [`NR`] 32-bit words of its columns: `B[s, j]` (f32), or
@@ -82,7 +82,7 @@ fn bf16_pair(lo: f32, hi: Option<f32>) -> u32 {
 
 /// The `B` operand `[k, n]`, packed (see the module documentation).
 #[derive(Clone)]
-pub(crate) struct Panels {
+pub struct Panels {
     precision: WeightPrecision,
     k: usize,
     n: usize,
@@ -147,6 +147,7 @@ impl Panels {
         Self { precision, k, n, steps, lines }
     }
 
+    /// The precision of the stored values.
     pub fn precision(&self) -> WeightPrecision {
         self.precision
     }
@@ -280,7 +281,7 @@ impl Panels {
 
 /// Rounds rows of f32 (`src`, rows of `k`) to rows of bf16 pairs (`ceil(k / 2)` words each),
 /// zero-padding an odd `k`: the `A` operand of a bf16 product.
-pub(crate) fn round_rows_to_bf16(src: &[f32], k: usize) -> Vec<u32> {
+pub fn round_rows_to_bf16(src: &[f32], k: usize) -> Vec<u32> {
     let steps = k.div_ceil(2);
     assert!(packed_kernel_available(WeightPrecision::Bf16), "rounding to bf16 pairs needs AVX512-BF16");
     let mut a = vec![0u32; src.len() / k * steps];
@@ -293,7 +294,7 @@ pub(crate) fn round_rows_to_bf16(src: &[f32], k: usize) -> Vec<u32> {
 
 /// `src` `[rows, cols]` transposed to `[cols, rows]`, plus `row_bias[r]` on every value of source
 /// row `r` (one rounding, as a bias added in the kernel).
-pub(crate) fn transpose(src: &[f32], rows: usize, cols: usize, row_bias: Option<&[f32]>) -> Vec<f32> {
+pub fn transpose(src: &[f32], rows: usize, cols: usize, row_bias: Option<&[f32]>) -> Vec<f32> {
     assert_eq!(src.len(), rows * cols, "transpose: length");
     if let Some(b) = row_bias {
         assert_eq!(b.len(), rows, "transpose: bias length");
@@ -353,14 +354,18 @@ mod kernel {
     /// Needs AVX-512F and AVX512-BF16; `dst.len() == src.len().div_ceil(2)`.
     #[target_feature(enable = "avx512f,avx512bf16,avx512vl")]
     pub unsafe fn round_row(src: &[f32], dst: &mut [u32]) {
-        let full = src.len() / 16;
-        for i in 0..full {
-            let v = _mm512_loadu_ps(src.as_ptr().add(16 * i));
-            let h: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(v));
-            _mm256_storeu_si256(dst.as_mut_ptr().add(8 * i).cast(), h);
-        }
-        for p in 8 * full..dst.len() {
-            dst[p] = bf16_pair(src[2 * p], src.get(2 * p + 1).copied());
+        // SAFETY: the caller guarantees AVX-512F/BF16 and `dst.len() == src.len().div_ceil(2)`; the
+        // loads read 16 values of `src` and the stores write 8 words of `dst` within those lengths.
+        unsafe {
+            let full = src.len() / 16;
+            for i in 0..full {
+                let v = _mm512_loadu_ps(src.as_ptr().add(16 * i));
+                let h: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(v));
+                _mm256_storeu_si256(dst.as_mut_ptr().add(8 * i).cast(), h);
+            }
+            for p in 8 * full..dst.len() {
+                dst[p] = bf16_pair(src[2 * p], src.get(2 * p + 1).copied());
+            }
         }
     }
 
@@ -382,52 +387,70 @@ mod kernel {
         ldy: usize,
         store: Store,
     ) {
-        macro_rules! dispatch {
-            ($($r:literal)*) => {
-                match (precision, rows) {
-                    $((WeightPrecision::F32, $r) => tile_f32::<$r>(a.cast(), rs, ss, steps, panel.cast(), y, ldy, store),)*
-                    $((WeightPrecision::Bf16, $r) => tile_bf16::<$r>(a, rs, ss, steps, panel, y, ldy, store),)*
-                    _ => unreachable!("a tile has 1..=MR rows"),
-                }
-            };
+        // SAFETY: the caller's contract (see `# Safety`) is exactly what `tile_f32` and `tile_bf16`
+        // require; `rows` selects an instantiation with that many rows.
+        unsafe {
+            macro_rules! dispatch {
+                ($($r:literal)*) => {
+                    match (precision, rows) {
+                        $((WeightPrecision::F32, $r) => tile_f32::<$r>(a.cast(), rs, ss, steps, panel.cast(), y, ldy, store),)*
+                        $((WeightPrecision::Bf16, $r) => tile_bf16::<$r>(a, rs, ss, steps, panel, y, ldy, store),)*
+                        _ => unreachable!("a tile has 1..=MR rows"),
+                    }
+                };
+            }
+            const _: () = assert!(MR == 12 && NR == 32);
+            dispatch!(1 2 3 4 5 6 7 8 9 10 11 12)
         }
-        const _: () = assert!(MR == 12 && NR == 32);
-        dispatch!(1 2 3 4 5 6 7 8 9 10 11 12)
     }
 
     /// Stores the accumulators of `R` rows as `store` says.
+    ///
+    /// # Safety
+    /// Needs AVX-512F; `y` must address `R` rows (stride `ldy`) of `store.cols` writable values,
+    /// and a non-null `store.bias` 32 readable values.
     #[target_feature(enable = "avx512f")]
     unsafe fn write<const R: usize>(lo: &[__m512; R], hi: &[__m512; R], y: *mut f32, ldy: usize, store: Store) {
-        let cols = store.cols;
-        let mask_lo: __mmask16 = if cols >= 16 { 0xffff } else { (1u16 << cols) - 1 };
-        let mask_hi: __mmask16 = if cols >= 32 {
-            0xffff
-        } else if cols > 16 {
-            (1u16 << (cols - 16)) - 1
-        } else {
-            0
-        };
-        let (bias_lo, bias_hi) = if store.bias.is_null() {
-            (_mm512_setzero_ps(), _mm512_setzero_ps())
-        } else {
-            (_mm512_loadu_ps(store.bias), _mm512_loadu_ps(store.bias.add(16)))
-        };
-        for r in 0..R {
-            let row = y.add(r * ldy);
-            let (mut vlo, mut vhi) = (lo[r], hi[r]);
-            if store.accumulate {
-                vlo = _mm512_add_ps(_mm512_maskz_loadu_ps(mask_lo, row), vlo);
-                vhi = _mm512_add_ps(_mm512_maskz_loadu_ps(mask_hi, row.add(16)), vhi);
+        // SAFETY: the caller guarantees the extents of `y` and `store.bias` (see `# Safety`); the
+        // masked loads and stores touch only the first `store.cols` columns of each row.
+        unsafe {
+            let cols = store.cols;
+            let mask_lo: __mmask16 = if cols >= 16 { 0xffff } else { (1u16 << cols) - 1 };
+            let mask_hi: __mmask16 = if cols >= 32 {
+                0xffff
+            } else if cols > 16 {
+                (1u16 << (cols - 16)) - 1
+            } else {
+                0
+            };
+            let (bias_lo, bias_hi) = if store.bias.is_null() {
+                (_mm512_setzero_ps(), _mm512_setzero_ps())
+            } else {
+                (_mm512_loadu_ps(store.bias), _mm512_loadu_ps(store.bias.add(16)))
+            };
+            for r in 0..R {
+                let row = y.add(r * ldy);
+                let (mut vlo, mut vhi) = (lo[r], hi[r]);
+                if store.accumulate {
+                    vlo = _mm512_add_ps(_mm512_maskz_loadu_ps(mask_lo, row), vlo);
+                    vhi = _mm512_add_ps(_mm512_maskz_loadu_ps(mask_hi, row.add(16)), vhi);
+                }
+                if !store.bias.is_null() {
+                    vlo = _mm512_add_ps(vlo, bias_lo);
+                    vhi = _mm512_add_ps(vhi, bias_hi);
+                }
+                _mm512_mask_storeu_ps(row, mask_lo, vlo);
+                _mm512_mask_storeu_ps(row.add(16), mask_hi, vhi);
             }
-            if !store.bias.is_null() {
-                vlo = _mm512_add_ps(vlo, bias_lo);
-                vhi = _mm512_add_ps(vhi, bias_hi);
-            }
-            _mm512_mask_storeu_ps(row, mask_lo, vlo);
-            _mm512_mask_storeu_ps(row.add(16), mask_hi, vhi);
         }
     }
 
+    /// `R` rows of f32 `A` (`a[r · rs + s · ss]`) times an f32 panel over `steps` steps, stored to
+    /// `y` as `store` says.
+    ///
+    /// # Safety
+    /// Needs AVX-512F; `a` must cover every `r · rs + s · ss` for `r < R`, `s < steps`; `panel`
+    /// `2 · steps` 64-byte-aligned vectors; `y` as [`write`] requires.
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f")]
     unsafe fn tile_f32<const R: usize>(
@@ -440,21 +463,31 @@ mod kernel {
         ldy: usize,
         store: Store,
     ) {
-        let mut lo = [_mm512_setzero_ps(); R];
-        let mut hi = [_mm512_setzero_ps(); R];
-        for s in 0..steps {
-            let b0 = _mm512_load_ps(panel.add(2 * s).cast());
-            let b1 = _mm512_load_ps(panel.add(2 * s + 1).cast());
-            let col = a.add(s * ss);
-            for r in 0..R {
-                let x = _mm512_set1_ps(*col.add(r * rs));
-                lo[r] = _mm512_fmadd_ps(x, b0, lo[r]);
-                hi[r] = _mm512_fmadd_ps(x, b1, hi[r]);
+        // SAFETY: the reads of `a` and `panel` stay within the extents the caller guarantees (see
+        // `# Safety`), and the panel's vectors are aligned; `write` gets the caller's `y` and `store`.
+        unsafe {
+            let mut lo = [_mm512_setzero_ps(); R];
+            let mut hi = [_mm512_setzero_ps(); R];
+            for s in 0..steps {
+                let b0 = _mm512_load_ps(panel.add(2 * s).cast());
+                let b1 = _mm512_load_ps(panel.add(2 * s + 1).cast());
+                let col = a.add(s * ss);
+                for r in 0..R {
+                    let x = _mm512_set1_ps(*col.add(r * rs));
+                    lo[r] = _mm512_fmadd_ps(x, b0, lo[r]);
+                    hi[r] = _mm512_fmadd_ps(x, b1, hi[r]);
+                }
             }
+            write::<R>(&lo, &hi, y, ldy, store);
         }
-        write::<R>(&lo, &hi, y, ldy, store);
     }
 
+    /// `R` rows of bf16-pair `A` (`a[r · rs + p · ss]`) times a bf16 panel over `pairs` steps,
+    /// stored to `y` as `store` says.
+    ///
+    /// # Safety
+    /// Needs AVX-512F and AVX512-BF16; `a` must cover every `r · rs + p · ss` for `r < R`,
+    /// `p < pairs`; `panel` `2 · pairs` 64-byte-aligned vectors; `y` as [`write`] requires.
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f,avx512bf16")]
     unsafe fn tile_bf16<const R: usize>(
@@ -467,19 +500,23 @@ mod kernel {
         ldy: usize,
         store: Store,
     ) {
-        let mut lo = [_mm512_setzero_ps(); R];
-        let mut hi = [_mm512_setzero_ps(); R];
-        for p in 0..pairs {
-            let b0: __m512bh = std::mem::transmute(_mm512_load_si512(panel.add(2 * p)));
-            let b1: __m512bh = std::mem::transmute(_mm512_load_si512(panel.add(2 * p + 1)));
-            let col = a.add(p * ss);
-            for r in 0..R {
-                let x: __m512bh = std::mem::transmute(_mm512_set1_epi32(*col.add(r * rs) as i32));
-                lo[r] = _mm512_dpbf16_ps(lo[r], x, b0);
-                hi[r] = _mm512_dpbf16_ps(hi[r], x, b1);
+        // SAFETY: as in `tile_f32`; the transmutes reinterpret 512-bit vectors of packed bf16 pairs,
+        // which have the same size and no invalid bit patterns.
+        unsafe {
+            let mut lo = [_mm512_setzero_ps(); R];
+            let mut hi = [_mm512_setzero_ps(); R];
+            for p in 0..pairs {
+                let b0: __m512bh = std::mem::transmute(_mm512_load_si512(panel.add(2 * p)));
+                let b1: __m512bh = std::mem::transmute(_mm512_load_si512(panel.add(2 * p + 1)));
+                let col = a.add(p * ss);
+                for r in 0..R {
+                    let x: __m512bh = std::mem::transmute(_mm512_set1_epi32(*col.add(r * rs) as i32));
+                    lo[r] = _mm512_dpbf16_ps(lo[r], x, b0);
+                    hi[r] = _mm512_dpbf16_ps(hi[r], x, b1);
+                }
             }
+            write::<R>(&lo, &hi, y, ldy, store);
         }
-        write::<R>(&lo, &hi, y, ldy, store);
     }
 }
 
@@ -487,10 +524,18 @@ mod kernel {
 mod kernel {
     use super::{Store, WeightPrecision};
 
+    /// Never called: the packed kernels need x86-64 with AVX-512.
+    ///
+    /// # Safety
+    /// None needed; it panics.
     pub unsafe fn round_row(_: &[f32], _: &mut [u32]) {
         unreachable!("the packed kernels need x86-64 with AVX-512")
     }
 
+    /// Never called: the packed kernels need x86-64 with AVX-512.
+    ///
+    /// # Safety
+    /// None needed; it panics.
     #[allow(clippy::too_many_arguments)]
     pub unsafe fn tile(
         _: WeightPrecision,

@@ -1,8 +1,9 @@
-//! The element types of the hand-written CPU kernels (`f32` and `f64`), and how a kernel reads a
-//! tensor's values from its CPU storage.
+//! The element types of the hand-written CPU kernels (`f32` and `f64`), how a kernel reads a
+//! tensor's values from its CPU storage, and the one dispatch from an untyped storage to a kernel's
+//! typed body ([`FloatKernel`], [`dispatch`]).
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, Layout, Result, WithDType};
+use candle_core::{CpuStorage, DType, Layout, Result, WithDType};
 
 /// A float type the fused CPU kernels are written over: candle's [`WithDType`] (arithmetic,
 /// `from_f64`/`to_f64`, CPU storage access) plus the few float functions the kernels need.
@@ -62,6 +63,35 @@ pub fn contiguous_storage<'a, T: WithDType>(storage: &'a CpuStorage, layout: &La
     match T::cpu_storage_as_slice(storage) {
         Ok(values) => contiguous(values, layout, what),
         Err(_) => candle_core::bail!("{what} must be {:?}, got {:?}", T::DTYPE, storage.dtype()),
+    }
+}
+
+/// The typed body of a CPU kernel over `f32` or `f64` inputs: what a candle op's `cpu_fwd` runs
+/// once it knows the element type ([`dispatch`]).
+pub trait FloatKernel {
+    /// What the kernel's error messages call it.
+    const NAME: &'static str;
+
+    /// The kernel on the contiguous values of its inputs, all of type `T`, in the order given to
+    /// [`dispatch`].
+    fn run<T: KernelFloat>(&self, inputs: &[&[T]]) -> Result<Vec<T>>;
+}
+
+/// Runs `kernel` on CPU storages that must all hold `f32` or all `f64` and be contiguous: the
+/// result is a storage of the same type. Another dtype, mixed dtypes or a strided layout are
+/// errors naming the kernel and the input.
+pub fn dispatch<K: FloatKernel>(kernel: &K, inputs: &[(&CpuStorage, &Layout)]) -> Result<CpuStorage> {
+    fn typed<T: KernelFloat, K: FloatKernel>(kernel: &K, inputs: &[(&CpuStorage, &Layout)]) -> Result<Vec<T>> {
+        let mut values = Vec::with_capacity(inputs.len());
+        for (i, (storage, layout)) in inputs.iter().enumerate() {
+            values.push(contiguous_storage::<T>(storage, layout, &format!("{}: input {i}", K::NAME))?);
+        }
+        kernel.run(&values)
+    }
+    match inputs.first().map(|(s, _)| s.dtype()) {
+        Some(DType::F32) => Ok(CpuStorage::F32(typed::<f32, K>(kernel, inputs)?)),
+        Some(DType::F64) => Ok(CpuStorage::F64(typed::<f64, K>(kernel, inputs)?)),
+        other => candle_core::bail!("{}: the kernel takes f32 or f64, got {other:?}", K::NAME),
     }
 }
 

@@ -1,0 +1,35 @@
+//! rankstack's compute kernels: every hand-written op of the workspace, and the only crate with
+//! `unsafe` code (each `unsafe` block states why it is sound; every `unsafe fn` has a `# Safety`
+//! section).
+//!
+//! The layer crates compose candle operations and call in here where a fused kernel pays; they
+//! contain no `unsafe` at all (`#![forbid(unsafe_code)]`, checked by `cargo xtask verify`). Each
+//! kernel is a candle `CustomOp` (or `InplaceOp`) with its backward pass, tested in this crate
+//! against a scalar f64 oracle.
+//!
+//! - [`cpu`]: the CPU side.
+//!   - [`cpu::gemm`]: the packed matrix-product engine (AVX-512 micro-kernels, f32 and bf16).
+//!   - [`cpu::packed_matmul`]: weights packed once for serving ([`cpu::packed_matmul::PackedWeight`]).
+//!   - [`cpu::linear`]: `y = x Wᵀ + b` and both backward products on the engine, for training.
+//!   - [`cpu::layer_norm`]: fused LayerNorm with its analytic backward pass.
+//!   - [`cpu::packed_attention`]: attention over packed variable-length sequences.
+//!   - [`cpu::masked_max`]: max-pooling over the unmasked positions of a sequence.
+//!   - [`cpu::scale_by_mask`]: dropout's multiply by host-drawn multipliers.
+//!   - [`cpu::adamw`]: the AdamW update of one f32 tensor in place.
+//!   - [`cpu::allocator`]: the allocator setting that keeps freed tensor memory for reuse.
+//! - [`cuda`] (feature `cuda`): the CUDA side: the memory pool's high-water mark.
+//! - [`distinct_rows`]: gathering and scattering distinct rows with gathers both ways (any device:
+//!   candle's CUDA `index_add` runs serially over the rows).
+//! - [`float`]: the `f32`/`f64` element types ([`KernelFloat`]) the CPU kernels are written over,
+//!   reading a tensor's CPU values, and one dispatch from a storage to the typed kernel.
+#![deny(unsafe_op_in_unsafe_fn, clippy::undocumented_unsafe_blocks, missing_docs)]
+
+pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
+pub mod distinct_rows;
+pub mod float;
+#[cfg(test)]
+mod oracle;
+
+pub use float::KernelFloat;
