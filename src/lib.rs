@@ -13,6 +13,7 @@
 //! | [`ranker_model`] | `ranker-model` | the whole ranker: config, presets, checkpoints, cost planner |
 //! | [`data`] | (this crate) | training data: Parquet I/O, the synthetic data set, MovieLens-100k |
 //! | [`serve`] | (this crate) | `rankstack serve`: the Open Inference Protocol server with dynamic batching |
+//! | [`metrics`] | (this crate) | evaluation metrics for binary tasks: AUC, log loss, normalised entropy, calibration |
 //! | [`memory`] | (this crate) | the allocator setting binaries and benchmarks apply at start-up |
 //!
 //! Each layer crate can also be used alone. See `docs/ARCHITECTURE.md` for where things live.
@@ -38,6 +39,7 @@
 pub mod commands;
 pub mod data;
 pub mod device;
+pub mod metrics;
 pub mod serve;
 pub mod train;
 

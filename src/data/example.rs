@@ -13,7 +13,8 @@ use feature_encoders::{FeatureBatch, SparseInput};
 use ranker_model::{RankerBatch, SequenceItems, UserSequence};
 use rankstack_nn::{Error, Result};
 
-use super::{DataSchema, LabeledBatch, SequenceItemSpec};
+use super::batch::LabeledBatch;
+use super::schema::{DataSchema, SequenceItemSpec};
 
 const LAYER: &str = "data";
 
@@ -203,7 +204,7 @@ pub fn collate(schema: &DataSchema, rows: &[Example], row_index: &[u64]) -> Resu
             let mut types = vec![0u32; b * s];
             let mut stamps = vec![0i64; b * s];
             let mut request = Vec::with_capacity(b);
-            let seqs: Vec<&super::ExampleSequence> = rows.iter().filter_map(|r| r.sequence.as_ref()).collect();
+            let seqs: Vec<&ExampleSequence> = rows.iter().filter_map(|r| r.sequence.as_ref()).collect();
             for (r, seq) in seqs.iter().enumerate() {
                 let n = seq.action_types.len().min(s);
                 for j in 0..n {

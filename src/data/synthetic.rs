@@ -411,7 +411,7 @@ pub fn generate(spec: &SyntheticSpec, path: impl AsRef<Path>) -> Result<Syntheti
         .map(|t| {
             let scores: Vec<f64> = probs.iter().map(|p| p[t]).collect();
             let labels: Vec<f64> = rows.iter().map(|r| f64::from(r.labels[t])).collect();
-            crate::train::auc(&scores, &labels)
+            crate::metrics::auc(&scores, &labels)
         })
         .collect();
     Ok(SyntheticSummary { rows: written, label_rates, teacher_auc })

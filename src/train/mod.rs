@@ -6,17 +6,16 @@
 mod adamw;
 mod checkpoints;
 mod curves;
-mod metrics;
 pub mod plot;
 mod reliability;
 mod schedule;
 pub mod tensorboard;
 mod trainer;
 
+pub use crate::metrics::{auc, task_metrics, TaskMetrics};
 pub use adamw::{clip_grad_norm, grad_norm, AdamW, AdamWConfig};
 pub use checkpoints::{latest_checkpoint, resolve_checkpoint};
 pub use curves::{TrainingCurves, SMOOTHING_WEIGHT};
-pub use metrics::{auc, task_metrics, TaskMetrics};
 pub use plot::{smooth, Series};
 pub use reliability::{reliability_svg, Reliability, ReliabilityBin, DECILES, RELIABILITY_MARKER};
 pub use schedule::WarmupCosine;

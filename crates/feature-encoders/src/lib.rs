@@ -24,5 +24,8 @@ pub use dense::{DenseEncoder, DensePipelineConfig};
 pub use embedding::EmbeddingProjection;
 pub use encoder::{BlockKind, ColumnBlock, FeatureBatch, FeatureEncoder, L2_EPS};
 pub use normalize::l2_normalize;
-pub use schema::{DenseFeature, EmbeddingFeature, ExtraFeature, FeatureSchema, SparseFeature};
-pub use sparse::{default_embedding_dim, OovPolicy, Pooling, SparseEmbedding, SparseInput};
+pub use schema::{
+    default_embedding_dim, DenseFeature, EmbeddingFeature, ExtraFeature, FeatureSchema, OovPolicy, Pooling,
+    SparseFeature,
+};
+pub use sparse::{SparseEmbedding, SparseInput};

@@ -3,54 +3,12 @@
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
-use serde::{Deserialize, Serialize};
 
 use rankstack_nn::{Error, RowGather, RowGradient};
 
-use crate::schema::SparseFeature;
+use crate::schema::{OovPolicy, Pooling, SparseFeature};
 
 const LAYER: &str = "SparseEmbedding";
-
-/// The default embedding width for a feature with `cardinality` ids:
-/// `clamp(round_up_to_multiple_of_4(6 · cardinality^0.25), 4, 64)`.
-///
-/// The fourth-root rule is the usual heuristic (width grows slowly with vocabulary size); rounding
-/// up to a multiple of 4 keeps tensor widths friendly to vector units; the clamp bounds tiny and
-/// huge vocabularies. Examples: 2 → 8, 16 → 12, 250 → 24, 10 000 → 60, ≥ 13 000 → 64.
-///
-/// ```
-/// assert_eq!(feature_encoders::default_embedding_dim(16), 12);
-/// assert_eq!(feature_encoders::default_embedding_dim(1_000_000), 64);
-/// ```
-pub fn default_embedding_dim(cardinality: usize) -> usize {
-    // sqrt(sqrt(c)) is exact for perfect fourth powers, unlike powf(0.25).
-    let raw = 6.0 * (cardinality as f64).sqrt().sqrt();
-    (((raw / 4.0).ceil() as usize) * 4).clamp(4, 64)
-}
-
-/// What happens to an id at or above the feature's cardinality. Negative ids are always an error.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum OovPolicy {
-    /// Map it to one extra, trainable out-of-vocabulary row (row index `cardinality`, the last).
-    #[default]
-    Reserved,
-    /// Hash it into the table as `id mod cardinality` (an id hashed onto the padding id is padding).
-    Hash,
-    /// Return an error naming the feature, the id and its position.
-    Reject,
-}
-
-/// How the embeddings of a bag of ids are combined. An empty bag gives a zero vector either way.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Pooling {
-    /// Sum of the rows.
-    #[default]
-    Sum,
-    /// Mean of the rows (padding entries are not counted).
-    Mean,
-}
 
 /// The ids of one sparse feature for a batch, in PyTorch `EmbeddingBag` layout: bag `b` is
 /// `ids[offsets[b]..offsets[b + 1]]` (the last bag runs to the end of `ids`). Bags may be empty and
