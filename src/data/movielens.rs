@@ -227,222 +227,292 @@ pub fn convert_with(
         return Err(Error::config(LAYER, "test_fraction", format!("must be in (0, 1), got {}", options.test_fraction)));
     }
     let dir = ml_dir.as_ref();
-    let users_t = Table::read(&dir.join("ml-100k.user"))?;
-    let items_t = Table::read(&dir.join("ml-100k.item"))?;
-    let inter_t = Table::read(&dir.join("ml-100k.inter"))?;
-
-    // Users.
-    let (u_id, u_age, u_gender, u_occ, u_zip) = (
-        users_t.column("user_id")?,
-        users_t.column("age")?,
-        users_t.column("gender")?,
-        users_t.column("occupation")?,
-        users_t.column("zip_code")?,
-    );
-    let occupations = sorted_vocab(
-        (0..users_t.rows.len()).map(|r| users_t.get(r, u_occ).to_string()).filter(|o| !o.is_empty()).collect(),
-    );
-    let mut user_vocab = Vocab::default();
-    let mut user_info: Vec<UserInfo> = vec![UserInfo::default()];
-    for r in 0..users_t.rows.len() {
-        let id = user_vocab.id(users_t.get(r, u_id));
-        if id as usize == user_info.len() {
-            user_info.push(UserInfo {
-                age: age_bucket(users_t.get(r, u_age)),
-                gender: match users_t.get(r, u_gender) {
-                    "M" => 1,
-                    "F" => 2,
-                    _ => 0,
-                },
-                occupation: occupations.0.get(users_t.get(r, u_occ)).copied().unwrap_or(0),
-                zip: zip_prefix(users_t.get(r, u_zip)),
-            });
-        }
-    }
-
-    // Items.
-    let (i_id, i_year, i_class) =
-        (items_t.column("item_id")?, items_t.column("release_year")?, items_t.column("class")?);
-    let genres = sorted_vocab(
-        (0..items_t.rows.len())
-            .flat_map(|r| items_t.get(r, i_class).split_whitespace().map(str::to_string).collect::<Vec<_>>())
-            .collect(),
-    );
-    let mut item_vocab = Vocab::default();
-    let mut item_info: Vec<ItemInfo> = vec![ItemInfo::default()];
-    for r in 0..items_t.rows.len() {
-        let id = item_vocab.id(items_t.get(r, i_id));
-        if id as usize == item_info.len() {
-            let mut g: Vec<i64> =
-                items_t.get(r, i_class).split_whitespace().filter_map(|t| genres.0.get(t).copied()).collect();
-            g.sort_unstable();
-            g.dedup();
-            let year = items_t.get(r, i_year).parse::<i64>().ok().filter(|y| (1800..=2100).contains(y));
-            item_info.push(ItemInfo { genres: g, year });
-        }
-    }
-
-    // Ratings, in time order.
-    let (r_user, r_item, r_rating, r_ts) = (
-        inter_t.column("user_id")?,
-        inter_t.column("item_id")?,
-        inter_t.column("rating")?,
-        inter_t.column("timestamp")?,
-    );
-    let mut ratings = Vec::with_capacity(inter_t.rows.len());
-    for r in 0..inter_t.rows.len() {
-        let rating = inter_t.number(r, r_rating)?;
-        if !(1.0..=5.0).contains(&rating) || rating.fract() != 0.0 {
-            return Err(Error::input(
-                LAYER,
-                format!("{}: column `rating`, line {}", inter_t.path, r + 2),
-                format!("rating {rating} is not an integer in 1..=5"),
-            ));
-        }
-        let ts = inter_t.number(r, r_ts)? as i64;
-        let user = user_vocab.id(inter_t.get(r, r_user));
-        let item = item_vocab.id(inter_t.get(r, r_item));
-        ratings.push(Rating { user, item, rating: rating as i64, ts });
-    }
-    user_info.resize(user_vocab.cardinality(), UserInfo::default());
-    item_info.resize(item_vocab.cardinality(), ItemInfo::default());
-    ratings.sort_by_key(|r| (r.ts, r.user, r.item));
-
-    let schema = DataSchema {
-        features: FeatureSchema {
-            dense: [
-                ("user_prev_count", false),
-                ("user_prev_mean_rating", true),
-                ("item_prev_count", false),
-                ("item_prev_mean_rating", true),
-                ("item_age_years", true),
-            ]
-            .iter()
-            .map(|&(name, missing_indicator)| DenseFeature { name: name.into(), missing_indicator })
-            .collect(),
-            sparse: vec![
-                SparseFeature::new("user_id", user_vocab.cardinality()),
-                SparseFeature::new("item_id", item_vocab.cardinality()),
-                SparseFeature::new("age_bucket", 8),
-                SparseFeature::new("gender", 3),
-                SparseFeature::new("occupation", occupations.cardinality()),
-                SparseFeature::new("zip_prefix", 101),
-                SparseFeature { pooling: Pooling::Mean, ..SparseFeature::new("genres", genres.cardinality()) },
-                SparseFeature::new("release_decade", 10),
-                SparseFeature::new("hour", 24),
-                SparseFeature::new("weekday", 7),
-            ],
-            ..FeatureSchema::default()
-        },
-        sequence: Some(SequenceSpec {
-            max_len: options.max_len,
-            num_action_types: 6,
-            items: SequenceItemSpec::Ids { cardinality: item_vocab.cardinality(), dim: options.item_dim },
-        }),
-        tasks: vec!["like".into(), "love".into()],
-    };
+    let mut catalog = Catalog::default();
+    catalog.read_users(&Table::read(&dir.join("ml-100k.user"))?)?;
+    catalog.read_items(&Table::read(&dir.join("ml-100k.item"))?)?;
+    let inter = Table::read(&dir.join("ml-100k.inter"))?;
+    let ratings = catalog.read_ratings(&inter)?;
+    let schema = catalog.schema(options);
 
     let n = ratings.len();
     if n < 2 {
-        return Err(Error::input(LAYER, inter_t.path.clone(), "needs at least 2 ratings to split"));
+        return Err(Error::input(LAYER, inter.path.clone(), "needs at least 2 ratings to split"));
     }
     let n_test = ((n as f64 * options.test_fraction).ceil() as usize).clamp(1, n - 1);
     let n_train = n - n_test;
     let writer_options = || WriterOptions { sparse_lists: vec!["genres".into()], ..WriterOptions::default() };
-    let mut train = ParquetWriter::create(train_out, &schema, writer_options())?;
-    let mut test = ParquetWriter::create(test_out, &schema, writer_options())?;
+    let mut split = Split {
+        train: ParquetWriter::create(train_out, &schema, writer_options())?,
+        test: ParquetWriter::create(test_out, &schema, writer_options())?,
+        n_train,
+        buffer: Vec::with_capacity(Split::BUFFER_ROWS),
+        label_sums: [[0.0; 2]; 2],
+    };
 
-    // Walk the ratings one timestamp at a time: compute the rows of a group from the state, then
-    // add the group to the state, so that features see strictly earlier ratings only.
-    let mut history: Vec<Vec<(i64, i64, i64)>> = vec![Vec::new(); user_vocab.cardinality()]; // (ts, item, rating)
-    let mut user_sum = vec![(0u32, 0i64); user_vocab.cardinality()];
-    let mut item_sum = vec![(0u32, 0i64); item_vocab.cardinality()];
-    let mut rates = [[0.0f64; 2]; 2];
-    let mut buffer: Vec<Example> = Vec::with_capacity(4096);
+    // Walk the ratings one timestamp at a time: compute the rows of a group from the past, then
+    // add the group to the past, so that features see strictly earlier ratings only.
+    let mut past = Past::new(&catalog);
     let mut start = 0;
     while start < n {
         let ts = ratings[start].ts;
         let end = start + ratings[start..].iter().take_while(|r| r.ts == ts).count();
         for (k, r) in ratings[start..end].iter().enumerate() {
-            let user = user_info[r.user as usize];
-            let item = &item_info[r.item as usize];
-            let (uc, us) = user_sum[r.user as usize];
-            let (ic, is) = item_sum[r.item as usize];
-            let mean = |c: u32, s: i64| if c == 0 { f32::NAN } else { s as f32 / c as f32 };
-            let days = ts.div_euclid(86_400);
-            let year = 1970.0 + days as f64 / 365.2425;
-            let seq: Vec<&(i64, i64, i64)> = history[r.user as usize].iter().rev().take(options.max_len).collect();
-            let like = f32::from(u8::from(r.rating >= 4));
-            let love = f32::from(u8::from(r.rating == 5));
-            let example = Example {
-                dense: vec![
-                    uc as f32,
-                    mean(uc, us),
-                    ic as f32,
-                    mean(ic, is),
-                    item.year.map_or(f32::NAN, |y| (year - y as f64) as f32),
-                ],
-                sparse: vec![
-                    vec![r.user],
-                    vec![r.item],
-                    vec![user.age],
-                    vec![user.gender],
-                    vec![user.occupation],
-                    vec![user.zip],
-                    item.genres.clone(),
-                    vec![release_decade(item.year)],
-                    vec![ts.div_euclid(3600).rem_euclid(24)],
-                    vec![(days + 3).rem_euclid(7)],
-                ],
-                embedding: Vec::new(),
-                sequence: Some(ExampleSequence {
-                    action_types: seq.iter().map(|h| h.2).collect(),
-                    timestamps: seq.iter().map(|h| h.0 * 1000).collect(),
-                    items: ExampleItems::Ids { sequence: seq.iter().map(|h| h.1).collect(), candidate: r.item },
-                    request_time: ts * 1000,
-                }),
-                labels: vec![like, love],
-                example_weight: None,
-            };
-            let is_test = start + k >= n_train;
-            rates[usize::from(is_test)][0] += f64::from(like);
-            rates[usize::from(is_test)][1] += f64::from(love);
-            if is_test && start + k == n_train {
-                train.write(&buffer)?;
-                buffer.clear();
-            }
-            buffer.push(example);
-            if buffer.len() == 4096 {
-                if is_test {
-                    test.write(&buffer)?;
-                } else {
-                    train.write(&buffer)?;
-                }
-                buffer.clear();
-            }
+            split.push(start + k, past.example(&catalog, r, options.max_len))?;
         }
-        for r in &ratings[start..end] {
-            history[r.user as usize].push((r.ts, r.item, r.rating));
-            let u = &mut user_sum[r.user as usize];
-            *u = (u.0 + 1, u.1 + r.rating);
-            let i = &mut item_sum[r.item as usize];
-            *i = (i.0 + 1, i.1 + r.rating);
-        }
+        ratings[start..end].iter().for_each(|r| past.add(r));
         start = end;
     }
-    test.write(&buffer)?;
-    let train_rows = train.finish()? as usize;
-    let test_rows = test.finish()? as usize;
+    let (train_rows, test_rows, label_sums) = split.finish()?;
     let counts = MovieLensCounts {
-        users: user_vocab.cardinality() - 1,
-        items: item_vocab.cardinality() - 1,
+        users: catalog.user_vocab.cardinality() - 1,
+        items: catalog.item_vocab.cardinality() - 1,
         train_rows,
         test_rows,
         split_timestamp: ratings[n_train].ts,
-        train_label_rates: rates[0].map(|s| s / train_rows.max(1) as f64),
-        test_label_rates: rates[1].map(|s| s / test_rows.max(1) as f64),
+        train_label_rates: label_sums[0].map(|s| s / train_rows.max(1) as f64),
+        test_label_rates: label_sums[1].map(|s| s / test_rows.max(1) as f64),
     };
     Ok((schema, counts))
+}
+
+/// The users and items: their ids (vocabularies) and features.
+#[derive(Default)]
+struct Catalog {
+    user_vocab: Vocab,
+    item_vocab: Vocab,
+    occupations: Vocab,
+    genres: Vocab,
+    /// Indexed by user id (0: unknown).
+    users: Vec<UserInfo>,
+    /// Indexed by item id (0: unknown).
+    items: Vec<ItemInfo>,
+}
+
+impl Catalog {
+    /// The `.user` file: ids in file order, age bucket, gender, occupation, zip prefix.
+    fn read_users(&mut self, t: &Table) -> Result<()> {
+        let (c_id, c_age, c_gender, c_occ, c_zip) = (
+            t.column("user_id")?,
+            t.column("age")?,
+            t.column("gender")?,
+            t.column("occupation")?,
+            t.column("zip_code")?,
+        );
+        self.occupations =
+            sorted_vocab((0..t.rows.len()).map(|r| t.get(r, c_occ).to_string()).filter(|o| !o.is_empty()).collect());
+        self.users = vec![UserInfo::default()];
+        for r in 0..t.rows.len() {
+            let id = self.user_vocab.id(t.get(r, c_id));
+            if id as usize == self.users.len() {
+                self.users.push(UserInfo {
+                    age: age_bucket(t.get(r, c_age)),
+                    gender: match t.get(r, c_gender) {
+                        "M" => 1,
+                        "F" => 2,
+                        _ => 0,
+                    },
+                    occupation: self.occupations.0.get(t.get(r, c_occ)).copied().unwrap_or(0),
+                    zip: zip_prefix(t.get(r, c_zip)),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The `.item` file: ids in file order, genre bag, release year.
+    fn read_items(&mut self, t: &Table) -> Result<()> {
+        let (c_id, c_year, c_class) = (t.column("item_id")?, t.column("release_year")?, t.column("class")?);
+        self.genres = sorted_vocab(
+            (0..t.rows.len())
+                .flat_map(|r| t.get(r, c_class).split_whitespace().map(str::to_string).collect::<Vec<_>>())
+                .collect(),
+        );
+        self.items = vec![ItemInfo::default()];
+        for r in 0..t.rows.len() {
+            let id = self.item_vocab.id(t.get(r, c_id));
+            if id as usize == self.items.len() {
+                let mut g: Vec<i64> =
+                    t.get(r, c_class).split_whitespace().filter_map(|t| self.genres.0.get(t).copied()).collect();
+                g.sort_unstable();
+                g.dedup();
+                let year = t.get(r, c_year).parse::<i64>().ok().filter(|y| (1800..=2100).contains(y));
+                self.items.push(ItemInfo { genres: g, year });
+            }
+        }
+        Ok(())
+    }
+
+    /// The `.inter` file, in time order (timestamp, then user, then item); users and items seen
+    /// only here get the next ids.
+    fn read_ratings(&mut self, t: &Table) -> Result<Vec<Rating>> {
+        let (c_user, c_item, c_rating, c_ts) =
+            (t.column("user_id")?, t.column("item_id")?, t.column("rating")?, t.column("timestamp")?);
+        let mut ratings = Vec::with_capacity(t.rows.len());
+        for r in 0..t.rows.len() {
+            let rating = t.number(r, c_rating)?;
+            if !(1.0..=5.0).contains(&rating) || rating.fract() != 0.0 {
+                return Err(Error::input(
+                    LAYER,
+                    format!("{}: column `rating`, line {}", t.path, r + 2),
+                    format!("rating {rating} is not an integer in 1..=5"),
+                ));
+            }
+            let ts = t.number(r, c_ts)? as i64;
+            let user = self.user_vocab.id(t.get(r, c_user));
+            let item = self.item_vocab.id(t.get(r, c_item));
+            ratings.push(Rating { user, item, rating: rating as i64, ts });
+        }
+        self.users.resize(self.user_vocab.cardinality(), UserInfo::default());
+        self.items.resize(self.item_vocab.cardinality(), ItemInfo::default());
+        ratings.sort_by_key(|r| (r.ts, r.user, r.item));
+        Ok(ratings)
+    }
+
+    /// The data schema of the converted files (see the module doc).
+    fn schema(&self, options: &MovieLensOptions) -> DataSchema {
+        DataSchema {
+            features: FeatureSchema {
+                dense: [
+                    ("user_prev_count", false),
+                    ("user_prev_mean_rating", true),
+                    ("item_prev_count", false),
+                    ("item_prev_mean_rating", true),
+                    ("item_age_years", true),
+                ]
+                .iter()
+                .map(|&(name, missing_indicator)| DenseFeature { name: name.into(), missing_indicator })
+                .collect(),
+                sparse: vec![
+                    SparseFeature::new("user_id", self.user_vocab.cardinality()),
+                    SparseFeature::new("item_id", self.item_vocab.cardinality()),
+                    SparseFeature::new("age_bucket", 8),
+                    SparseFeature::new("gender", 3),
+                    SparseFeature::new("occupation", self.occupations.cardinality()),
+                    SparseFeature::new("zip_prefix", 101),
+                    SparseFeature { pooling: Pooling::Mean, ..SparseFeature::new("genres", self.genres.cardinality()) },
+                    SparseFeature::new("release_decade", 10),
+                    SparseFeature::new("hour", 24),
+                    SparseFeature::new("weekday", 7),
+                ],
+                ..FeatureSchema::default()
+            },
+            sequence: Some(SequenceSpec {
+                max_len: options.max_len,
+                num_action_types: 6,
+                items: SequenceItemSpec::Ids { cardinality: self.item_vocab.cardinality(), dim: options.item_dim },
+            }),
+            tasks: vec!["like".into(), "love".into()],
+        }
+    }
+}
+
+/// The ratings before the current timestamp: each user's history and the rating counts and sums
+/// per user and per item.
+struct Past {
+    /// Per user: `(timestamp, item, rating)` in time order.
+    history: Vec<Vec<(i64, i64, i64)>>,
+    user_sum: Vec<(u32, i64)>,
+    item_sum: Vec<(u32, i64)>,
+}
+
+impl Past {
+    fn new(catalog: &Catalog) -> Self {
+        Self {
+            history: vec![Vec::new(); catalog.users.len()],
+            user_sum: vec![(0, 0); catalog.users.len()],
+            item_sum: vec![(0, 0); catalog.items.len()],
+        }
+    }
+
+    /// The row of rating `r`, from the ratings strictly before it (module doc, "Rows").
+    fn example(&self, catalog: &Catalog, r: &Rating, max_len: usize) -> Example {
+        let user = catalog.users[r.user as usize];
+        let item = &catalog.items[r.item as usize];
+        let (uc, us) = self.user_sum[r.user as usize];
+        let (ic, is) = self.item_sum[r.item as usize];
+        let mean = |c: u32, s: i64| if c == 0 { f32::NAN } else { s as f32 / c as f32 };
+        let days = r.ts.div_euclid(86_400);
+        let year = 1970.0 + days as f64 / 365.2425;
+        let seq: Vec<&(i64, i64, i64)> = self.history[r.user as usize].iter().rev().take(max_len).collect();
+        Example {
+            dense: vec![
+                uc as f32,
+                mean(uc, us),
+                ic as f32,
+                mean(ic, is),
+                item.year.map_or(f32::NAN, |y| (year - y as f64) as f32),
+            ],
+            sparse: vec![
+                vec![r.user],
+                vec![r.item],
+                vec![user.age],
+                vec![user.gender],
+                vec![user.occupation],
+                vec![user.zip],
+                item.genres.clone(),
+                vec![release_decade(item.year)],
+                vec![r.ts.div_euclid(3600).rem_euclid(24)],
+                vec![(days + 3).rem_euclid(7)],
+            ],
+            embedding: Vec::new(),
+            sequence: Some(ExampleSequence {
+                action_types: seq.iter().map(|h| h.2).collect(),
+                timestamps: seq.iter().map(|h| h.0 * 1000).collect(),
+                items: ExampleItems::Ids { sequence: seq.iter().map(|h| h.1).collect(), candidate: r.item },
+                request_time: r.ts * 1000,
+            }),
+            labels: vec![f32::from(u8::from(r.rating >= 4)), f32::from(u8::from(r.rating == 5))],
+            example_weight: None,
+        }
+    }
+
+    fn add(&mut self, r: &Rating) {
+        self.history[r.user as usize].push((r.ts, r.item, r.rating));
+        let u = &mut self.user_sum[r.user as usize];
+        *u = (u.0 + 1, u.1 + r.rating);
+        let i = &mut self.item_sum[r.item as usize];
+        *i = (i.0 + 1, i.1 + r.rating);
+    }
+}
+
+/// The two output files: rows before `n_train` (in time order) go to training, the rest to test,
+/// written in blocks; and the label sums of each side.
+struct Split {
+    train: ParquetWriter,
+    test: ParquetWriter,
+    n_train: usize,
+    buffer: Vec<Example>,
+    /// `[train, test]` × `[like, love]`.
+    label_sums: [[f64; 2]; 2],
+}
+
+impl Split {
+    const BUFFER_ROWS: usize = 4096;
+
+    /// Row `index` (in time order).
+    fn push(&mut self, index: usize, example: Example) -> Result<()> {
+        let is_test = index >= self.n_train;
+        for (sum, label) in self.label_sums[usize::from(is_test)].iter_mut().zip(&example.labels) {
+            *sum += f64::from(*label);
+        }
+        if index == self.n_train {
+            self.train.write(&self.buffer)?;
+            self.buffer.clear();
+        }
+        self.buffer.push(example);
+        if self.buffer.len() == Self::BUFFER_ROWS {
+            let writer = if is_test { &mut self.test } else { &mut self.train };
+            writer.write(&self.buffer)?;
+            self.buffer.clear();
+        }
+        Ok(())
+    }
+
+    /// Flushes and closes both files: `(train rows, test rows, label sums)`.
+    fn finish(mut self) -> Result<(usize, usize, [[f64; 2]; 2])> {
+        self.test.write(&self.buffer)?;
+        Ok((self.train.finish()? as usize, self.test.finish()? as usize, self.label_sums))
+    }
 }
 
 #[cfg(test)]

@@ -6,6 +6,7 @@
 mod adamw;
 mod checkpoints;
 mod curves;
+mod evaluate;
 pub mod plot;
 mod reliability;
 mod schedule;
@@ -16,9 +17,8 @@ pub use crate::metrics::{auc, task_metrics, TaskMetrics};
 pub use adamw::{clip_grad_norm, grad_norm, AdamW, AdamWConfig};
 pub use checkpoints::{latest_checkpoint, resolve_checkpoint};
 pub use curves::{TrainingCurves, SMOOTHING_WEIGHT};
+pub use evaluate::{evaluate, non_finite_score, EvalReport};
 pub use plot::{smooth, Series};
 pub use reliability::{reliability_svg, Reliability, ReliabilityBin, DECILES, RELIABILITY_MARKER};
 pub use schedule::WarmupCosine;
-pub use trainer::{
-    evaluate, non_finite_score, BatchSource, EvalReport, TrainOptions, TrainReport, Trainer, TRAINER_STATE_FILE,
-};
+pub use trainer::{BatchSource, TrainOptions, TrainReport, Trainer, TRAINER_STATE_FILE};

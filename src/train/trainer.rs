@@ -1,25 +1,23 @@
-//! The training loop.
+//! The trainer: options, a run directory's model, optimizer and position, checkpoints and resume
+//! (the step loop itself is in `fit.rs`).
+
+mod fit;
 
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 use ranker_model::checkpoint::{self, write_safetensors};
 use ranker_model::{Ranker, RankerConfig};
 use rankstack_nn::checkpoint::read_safetensors;
 use rankstack_nn::finite::first_non_finite;
-use rankstack_nn::reseed::child_seed;
-use rankstack_nn::{Error, Reseed, Result, SeededVarMap};
+use rankstack_nn::{Error, Result, SeededVarMap};
 use serde::Serialize;
 
 use super::checkpoints::{latest_checkpoint, publish};
 use super::tensorboard::EventWriter;
-use super::{
-    clip_grad_norm, grad_norm, task_metrics, AdamW, AdamWConfig, Reliability, TaskMetrics, TrainingCurves,
-    WarmupCosine, DECILES,
-};
+use super::{AdamW, AdamWConfig, EvalReport, TrainingCurves};
 use crate::data::LabeledBatch;
 use crate::device::DeviceSpec;
 
@@ -120,21 +118,6 @@ impl Default for TrainOptions {
             bf16_autocast: false,
         }
     }
-}
-
-/// Metrics of one evaluation pass.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct EvalReport {
-    /// Epoch just finished (1-based), 0 outside training.
-    pub epoch: usize,
-    /// Global step.
-    pub step: u64,
-    /// The weighted multi-task loss over the set.
-    pub loss: f64,
-    /// Per-task metrics, in task order.
-    pub tasks: Vec<(String, TaskMetrics)>,
-    /// Per-task calibration by decile of the prediction, in task order.
-    pub reliability: Vec<Reliability>,
 }
 
 /// What a training run did.
@@ -373,13 +356,6 @@ impl Trainer {
         }
     }
 
-    /// Trains until the configured epochs or steps are done (or `stop_after`), evaluating on
-    /// `eval` after every epoch. Running out of device memory is reported with the cost planner's
-    /// figures and the batch it would fit.
-    pub fn fit(&mut self, train: &dyn BatchSource, eval: Option<&dyn BatchSource>) -> Result<TrainReport> {
-        self.fit_steps(train, eval).map_err(|e| self.explain_out_of_memory(e))
-    }
-
     /// An out-of-memory error with what the planner expected and what would fit; other errors as
     /// they are.
     fn explain_out_of_memory(&self, e: Error) -> Error {
@@ -433,201 +409,6 @@ impl Trainer {
             "measured_peak_bytes": measured as u64, "device_bytes": total,
             "measured": if self.device.is_cpu() { "peak resident memory of the process" } else { "peak tensor memory (CUDA memory pool high-water mark)" },
         }))
-    }
-
-    fn fit_steps(&mut self, train: &dyn BatchSource, eval: Option<&dyn BatchSource>) -> Result<TrainReport> {
-        let o = self.options.clone();
-        let rows = train.num_rows();
-        if rows == 0 {
-            return Err(Error::input("train", "data", "the training set is empty"));
-        }
-        // A last batch of one row is left out of the epoch: BatchNorm cannot normalise one row in
-        // training (PyTorch raises there too). The shuffle puts a different row last each epoch.
-        if rows == 1 {
-            return Err(Error::input("train", "data", "the training set has 1 row; training needs at least 2"));
-        }
-        let steps_per_epoch = (rows / o.batch_size + usize::from(rows % o.batch_size > 1)) as u64;
-        let mut total = steps_per_epoch * o.epochs as u64;
-        if let Some(max) = o.max_steps {
-            total = if o.epochs == 0 { max } else { total.min(max) };
-        }
-        let schedule = WarmupCosine {
-            peak: o.optimizer.lr,
-            warmup: o.warmup_steps.min(total / 2).max(1),
-            total,
-            min_ratio: o.min_lr_ratio,
-        };
-        let params = self.store.named_vars();
-        let progress = if o.quiet { indicatif::ProgressBar::hidden() } else { indicatif::ProgressBar::new(total) };
-        progress.set_style(
-            indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} steps  {msg}  {elapsed_precise}")
-                .expect("valid template"),
-        );
-        progress.set_position(self.step);
-
-        // Throughput counts the training loop (data reading included), not evaluation or checkpoints.
-        let started = Instant::now();
-        let mut paused = std::time::Duration::ZERO;
-        let train_rate = |examples: usize, paused: std::time::Duration| {
-            examples as f64 / started.elapsed().saturating_sub(paused).as_secs_f64().max(1e-9)
-        };
-        let start_step = self.step;
-        let mut examples = 0usize;
-        let mut last_loss = f64::NAN;
-        let mut evaluations = Vec::new();
-        let mut last_checkpoint = latest_checkpoint(&self.run_dir)?;
-        // Time the loop spends waiting for its next batch (decoding, collating, the copy to the
-        // device): while it waits, a GPU has nothing to do.
-        let input_wait = std::cell::Cell::new(std::time::Duration::ZERO);
-        let mut window_started = Instant::now();
-        rankstack_nn::device_memory::reset_peak(&self.device)?;
-        let memory_report_step = start_step + 3;
-
-        while self.step < total {
-            let epoch = self.step / steps_per_epoch;
-            let skip = (self.step % steps_per_epoch) as usize;
-            let order_seed = child_seed(o.seed, &format!("epoch-{epoch}"));
-            let device = self.device.clone();
-            let batches = Timed {
-                inner: train
-                    .batches(o.batch_size, Some(order_seed))?
-                    .skip(skip)
-                    .map(move |item| item?.to_device(&device)),
-                waited: &input_wait,
-            };
-            for item in batches {
-                if self.step >= total {
-                    break;
-                }
-                let b = item?;
-                self.ranker.reseed(child_seed(o.seed, &format!("step-{}", self.step)));
-                if !self.device.is_cpu() {
-                    // Dropout masks are drawn on a GPU by its generator: seeded per step, a run
-                    // is reproducible (and resumable) on that device.
-                    self.device.set_seed(child_seed(o.seed, &format!("device-step-{}", self.step)))?;
-                }
-                let logits = self.ranker.forward_t(&b.batch, true)?;
-                let loss = self.ranker.loss(&logits, &b.labels, b.example_weights.as_ref())?;
-                let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-                if !value.is_finite() {
-                    progress.abandon();
-                    let reason = format!("non-finite loss ({value}) at step {}", self.step + 1);
-                    return Err(stopped("loss", reason, last_checkpoint.as_deref()));
-                }
-                let mut grads = loss.backward()?;
-                let mut rows = self.ranker.take_row_gradients(&grads)?;
-                // The global gradient norm before clipping, every step: a growing norm warns of
-                // divergence, and a non-finite one stops training before the update spreads it.
-                let logged = (self.step + 1).is_multiple_of(o.log_every) || self.step + 1 == total;
-                let norm = match o.grad_clip_norm {
-                    Some(max) => clip_grad_norm(&params, &mut grads, &mut rows, max)?,
-                    None => grad_norm(&params, &grads, &rows)?,
-                };
-                if !norm.is_finite() {
-                    progress.abandon();
-                    let name = first_non_finite_gradient(&params, &grads, &rows)?.unwrap_or_else(|| "?".into());
-                    let reason = format!("non-finite gradient of `{name}` at step {}", self.step + 1);
-                    return Err(stopped("gradients", reason, last_checkpoint.as_deref()));
-                }
-                let lr = schedule.lr(self.step);
-                self.optimizer.step(&grads, &rows, lr)?;
-                self.step += 1;
-                examples += b.rows;
-                self.window.add(value);
-                let rate = train_rate(examples, paused);
-                progress.set_position(self.step);
-                progress.set_message(format!("loss {value:.4}  {rate:.0} ex/s"));
-                if self.step == memory_report_step.min(total) {
-                    let line = self.memory_report(b.rows, &progress)?;
-                    self.log(&line)?;
-                }
-                if logged {
-                    last_loss = self.window.mean();
-                    let wait = input_wait.replace(std::time::Duration::ZERO).as_secs_f64();
-                    let input_wait_fraction = wait / window_started.elapsed().as_secs_f64().max(1e-9);
-                    window_started = Instant::now();
-                    let line = serde_json::json!({"kind": "train", "step": self.step, "epoch": epoch + 1, "loss": last_loss, "lr": lr, "grad_norm": norm, "examples_per_second": rate, "input_wait_fraction": input_wait_fraction});
-                    self.log(&line)?;
-                    self.window = LossWindow::default();
-                }
-                let epoch_done = self.step.is_multiple_of(steps_per_epoch) || self.step == total;
-                let interrupted = o.stop_after == Some(self.step);
-                let checkpoint_due =
-                    epoch_done || interrupted || o.checkpoint_every.is_some_and(|k| self.step.is_multiple_of(k));
-                let pause_started = Instant::now();
-                if checkpoint_due {
-                    if let Err(e) = self.check_finite_state(last_checkpoint.as_deref()) {
-                        progress.abandon();
-                        return Err(e);
-                    }
-                }
-                if epoch_done {
-                    if let Some(eval) = eval {
-                        let report = evaluate(&self.ranker, eval, o.batch_size, (epoch + 1) as usize, self.step)?;
-                        let line = serde_json::json!({"kind": "eval", "step": self.step, "epoch": epoch + 1, "loss": report.loss, "tasks": report.tasks});
-                        self.log(&line)?;
-                        if !o.quiet {
-                            let summary: Vec<String> =
-                                report.tasks.iter().map(|(n, m)| format!("{n} AUC {:.4}", m.auc)).collect();
-                            progress.println(format!(
-                                "epoch {}: eval loss {:.4}; {}",
-                                epoch + 1,
-                                report.loss,
-                                summary.join(", ")
-                            ));
-                        }
-                        evaluations.push(report);
-                    }
-                }
-                if checkpoint_due {
-                    last_checkpoint = Some(self.save_checkpoint()?);
-                }
-                paused += pause_started.elapsed();
-                if interrupted {
-                    progress.abandon();
-                    return Ok(TrainReport {
-                        steps: self.step,
-                        interrupted: true,
-                        last_loss,
-                        evaluations,
-                        checkpoint: last_checkpoint.unwrap_or_default(),
-                        examples_per_second: train_rate(examples, paused),
-                    });
-                }
-                if epoch_done {
-                    break;
-                }
-            }
-            if self.step == start_step && self.step < total {
-                return Err(Error::input("train", "data", "the training data produced no batches"));
-            }
-        }
-        progress.finish_and_clear();
-        Ok(TrainReport {
-            steps: self.step,
-            interrupted: false,
-            last_loss,
-            evaluations,
-            checkpoint: last_checkpoint.unwrap_or_default(),
-            examples_per_second: train_rate(examples, paused),
-        })
-    }
-}
-
-/// An iterator that adds the time spent in each `next` to `waited`.
-struct Timed<'a, I> {
-    inner: I,
-    waited: &'a std::cell::Cell<std::time::Duration>,
-}
-
-impl<I: Iterator> Iterator for Timed<'_, I> {
-    type Item = I::Item;
-
-    fn next(&mut self) -> Option<I::Item> {
-        let started = Instant::now();
-        let item = self.inner.next();
-        self.waited.set(self.waited.get() + started.elapsed());
-        item
     }
 }
 
@@ -728,65 +509,6 @@ impl LossWindow {
         };
         meta.get(Self::METADATA_KEY).and_then(|t| parse(t)).unwrap_or_default()
     }
-}
-
-/// The error for a model output that is not a finite number (a diverged or corrupt model): it
-/// names the row (0-based, file order) and the task, so the input can be found.
-pub fn non_finite_score(command: &str, value: f64, row: u64, task: &str) -> Error {
-    Error::input(command, "model output", format!("the probability of task `{task}` for row {row} is {value}"))
-}
-
-/// Evaluates `ranker` on every row of `data` (file order): the weighted loss and per-task AUC, log
-/// loss, normalised entropy, calibration and calibration by decile of the (calibrated)
-/// probabilities. A non-finite probability is an error naming its row and task
-/// ([`non_finite_score`]), a non-finite loss one naming the batch's rows: a report never holds a
-/// NaN or infinite loss.
-pub fn evaluate(
-    ranker: &Ranker,
-    data: &dyn BatchSource,
-    batch_size: usize,
-    epoch: usize,
-    step: u64,
-) -> Result<EvalReport> {
-    let tasks = ranker.task_names().to_vec();
-    let device = ranker.device().clone();
-    let mut probs: Vec<Vec<f64>> = vec![Vec::new(); tasks.len()];
-    let mut labels: Vec<Vec<f64>> = vec![Vec::new(); tasks.len()];
-    let (mut loss_sum, mut rows) = (0.0, 0usize);
-    for item in data.batches(batch_size, None)? {
-        let b = item?.to_device(&device)?;
-        let logits = ranker.forward(&b.batch)?;
-        let loss =
-            ranker.loss(&logits, &b.labels, b.example_weights.as_ref())?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-        if !loss.is_finite() {
-            let (first, last) = (b.row_index.first().copied().unwrap_or(0), b.row_index.last().copied().unwrap_or(0));
-            return Err(Error::input(
-                "eval",
-                "model output",
-                format!("the loss over rows {first}..={last} is {loss} (the model's logits overflow)"),
-            ));
-        }
-        loss_sum += loss * b.rows as f64;
-        rows += b.rows;
-        let p: Vec<Vec<f64>> = ranker.probabilities(&logits)?.to_dtype(DType::F64)?.to_vec2()?;
-        let y: Vec<Vec<f64>> = b.labels.to_dtype(DType::F64)?.to_vec2()?;
-        for ((pr, yr), row) in p.iter().zip(&y).zip(&b.row_index) {
-            for t in 0..tasks.len() {
-                if !pr[t].is_finite() {
-                    return Err(non_finite_score("eval", pr[t], *row, &tasks[t]));
-                }
-                probs[t].push(pr[t]);
-                labels[t].push(yr[t]);
-            }
-        }
-    }
-    if rows == 0 {
-        return Err(Error::input("eval", "data", "the evaluation set is empty"));
-    }
-    let reliability =
-        tasks.iter().enumerate().map(|(t, name)| Reliability::new(name, &probs[t], &labels[t], DECILES)).collect();
-    let tasks = tasks.into_iter().enumerate().map(|(t, name)| (name, task_metrics(&probs[t], &labels[t]))).collect();
-    Ok(EvalReport { epoch, step, loss: loss_sum / rows as f64, tasks, reliability })
 }
 
 #[cfg(test)]
