@@ -2,7 +2,10 @@
 //!
 //! - `verify`: everything CI checks — formatting, clippy with warnings denied, all tests, the doc
 //!   build, the fixture manifest's freshness, and (when the reference venv exists) a regeneration of
-//!   every fixture into a temporary directory compared with the committed ones.
+//!   every fixture into a temporary directory compared with the committed ones; and first the
+//!   architecture invariants (`invariants`).
+//! - `invariants`: only the architecture invariants: the crate graph from `cargo metadata`, `unsafe`
+//!   only in `crates/kernels`, a `tests/reference.rs` in every layer crate (`xtask/src/invariants.rs`).
 //! - `fixtures`: creates the reference venv (`reference/.venv`, pinned `reference/requirements.txt`)
 //!   if needed, regenerates `fixtures/` and rewrites `fixtures/MANIFEST.json`.
 //! - `venv`: only creates (or updates) the reference venv, for scripts that run the PyTorch reference.
@@ -24,6 +27,7 @@
 mod bench_compare;
 mod fixtures;
 mod gpu_bundle;
+mod invariants;
 mod manifest;
 mod serve_bench;
 
@@ -42,11 +46,12 @@ fn main() -> ExitCode {
         Some("bench-compare") => bench_compare::bench_compare(&args[1..]),
         Some("gpu-bundle" | "gpu-bench") => gpu_bundle::gpu_bundle(&args[1..]),
         Some("manifest") => manifest::write(&root()),
+        Some("invariants") => invariants::check(&root()),
         Some("serve-venv") => serve_venv().map(|_| ()),
         Some("serve-bench") => serve_bench::serve_bench(&args[1..]),
         _ => {
             eprintln!(
-                "usage: cargo xtask <verify|fixtures|venv|tensorboard-venv|serve-venv|bench-compare|gpu-bundle|gpu-bench|serve-bench|manifest>"
+                "usage: cargo xtask <verify|invariants|fixtures|venv|tensorboard-venv|serve-venv|bench-compare|gpu-bundle|gpu-bench|serve-bench|manifest>"
             );
             return ExitCode::from(2);
         }
@@ -105,6 +110,8 @@ fn cargo() -> Command {
 
 fn verify() -> Result<()> {
     run("cargo fmt --check", cargo().args(["fmt", "--all", "--", "--check"]))?;
+    eprintln!("==> architecture invariants (crate graph, unsafe only in crates/kernels, reference tests)");
+    invariants::check(&root())?;
     run(
         "cargo clippy (warnings denied)",
         cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]),

@@ -1,0 +1,208 @@
+//! The architecture's invariants (`docs/ARCHITECTURE.md`, "Invariants"), checked by `cargo xtask
+//! verify` so that they cannot rot:
+//!
+//! 1. The crate graph, from `cargo metadata`: `rankstack-kernels` depends on no workspace crate;
+//!    `rankstack-nn` only on the kernels; the four layer crates on those two and never on each
+//!    other; `ranker-model` on the layer crates; only the top package (and `xtask`, on nothing)
+//!    above it.
+//! 2. `unsafe` only under `crates/kernels`: every other crate root carries
+//!    `#![forbid(unsafe_code)]` (which the compiler enforces), and no other source file of the
+//!    workspace mentions an `unsafe` block, fn or impl.
+//! 3. Every layer crate has `tests/reference.rs` (its check against the PyTorch fixtures).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::process::Command;
+
+use crate::Result;
+
+/// The workspace crates each crate may depend on (normal and build dependencies; dev-dependencies
+/// may also use `rankstack-nn`'s test support).
+const ALLOWED: &[(&str, &[&str])] = &[
+    ("rankstack-kernels", &[]),
+    ("rankstack-nn", &["rankstack-kernels"]),
+    ("dcnv2", &["rankstack-nn", "rankstack-kernels"]),
+    ("masknet", &["rankstack-nn", "rankstack-kernels"]),
+    ("feature-encoders", &["rankstack-nn", "rankstack-kernels"]),
+    ("sequence-transformer", &["rankstack-nn", "rankstack-kernels"]),
+    (
+        "ranker-model",
+        &["rankstack-nn", "rankstack-kernels", "dcnv2", "masknet", "feature-encoders", "sequence-transformer"],
+    ),
+    (
+        "rankstack",
+        &[
+            "rankstack-nn",
+            "rankstack-kernels",
+            "dcnv2",
+            "masknet",
+            "feature-encoders",
+            "sequence-transformer",
+            "ranker-model",
+        ],
+    ),
+    ("xtask", &[]),
+];
+
+/// The crates whose reference check against PyTorch lives in `tests/reference.rs`.
+const LAYER_CRATES: &[&str] = &["dcnv2", "masknet", "feature-encoders", "sequence-transformer", "ranker-model"];
+
+/// Runs every check; the error lists every violation.
+pub fn check(root: &Path) -> Result<()> {
+    let mut problems = crate_graph(root)?;
+    problems.extend(unsafe_code(root)?);
+    for name in LAYER_CRATES {
+        if !root.join("crates").join(name).join("tests/reference.rs").is_file() {
+            problems.push(format!("crates/{name} has no tests/reference.rs"));
+        }
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("architecture invariants violated:\n  - {}", problems.join("\n  - ")))
+    }
+}
+
+/// Each workspace package's workspace dependencies (by kind), from `cargo metadata`.
+fn crate_graph(root: &Path) -> Result<Vec<String>> {
+    let out = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args(["metadata", "--format-version", "1", "--no-deps", "--offline"])
+        .current_dir(root)
+        .output()
+        .map_err(|e| format!("cargo metadata: {e}"))?;
+    if !out.status.success() {
+        return Err(format!("cargo metadata failed: {}", String::from_utf8_lossy(&out.stderr)));
+    }
+    let meta: serde_json::Value =
+        serde_json::from_slice(&out.stdout).map_err(|e| format!("cargo metadata output: {e}"))?;
+    let packages = meta["packages"].as_array().ok_or_else(|| "cargo metadata: no packages".to_string())?;
+    let members: BTreeSet<String> = packages.iter().filter_map(|p| p["name"].as_str().map(String::from)).collect();
+    let allowed: BTreeMap<&str, &[&str]> = ALLOWED.iter().copied().collect();
+    let mut problems = Vec::new();
+    for name in &members {
+        if !allowed.contains_key(name.as_str()) {
+            problems
+                .push(format!("workspace crate `{name}` has no place in the crate graph (xtask/src/invariants.rs)"));
+        }
+    }
+    for p in packages {
+        let name = p["name"].as_str().unwrap_or_default();
+        let Some(ok) = allowed.get(name) else { continue };
+        for dep in p["dependencies"].as_array().into_iter().flatten() {
+            let (dep_name, kind) = (dep["name"].as_str().unwrap_or_default(), dep["kind"].as_str());
+            if !members.contains(dep_name) || dep_name == name {
+                continue;
+            }
+            let test_support = kind == Some("dev") && dep_name == "rankstack-nn";
+            if !ok.contains(&dep_name) && !test_support {
+                problems.push(format!("`{name}` depends on `{dep_name}`, which the crate graph does not allow"));
+            }
+        }
+    }
+    Ok(problems)
+}
+
+/// Crate roots outside the kernels without `#![forbid(unsafe_code)]`, and `unsafe` code in any
+/// Rust file outside `crates/kernels`.
+fn unsafe_code(root: &Path) -> Result<Vec<String>> {
+    let mut problems = Vec::new();
+    let mut files = Vec::new();
+    for dir in ["src", "xtask/src", "examples", "benches", "tests", "crates"] {
+        collect_rust_files(&root.join(dir), &mut files)?;
+    }
+    for file in files {
+        let rel = file.strip_prefix(root).unwrap_or(&file).to_string_lossy().replace('\\', "/");
+        if rel.starts_with("crates/kernels/") {
+            continue;
+        }
+        let text = std::fs::read_to_string(&file).map_err(|e| format!("{}: {e}", file.display()))?;
+        let code: String = text.lines().map(code_of_line).collect::<Vec<_>>().join("\n");
+        for pattern in ["unsafe {", "unsafe fn", "unsafe impl", "unsafe extern"] {
+            if code.contains(pattern) {
+                problems.push(format!("{rel}: `{pattern}` outside crates/kernels"));
+            }
+        }
+        let is_root = rel.ends_with("src/lib.rs") || rel.ends_with("src/main.rs");
+        if is_root && !text.contains("#![forbid(unsafe_code)]") {
+            problems.push(format!("{rel}: crate root without #![forbid(unsafe_code)]"));
+        }
+    }
+    Ok(problems)
+}
+
+/// A line without its comment and the contents of its string literals (a crude lexer: enough for
+/// the patterns searched here, which never span lines).
+fn code_of_line(line: &str) -> String {
+    let mut out = String::new();
+    let (mut in_string, mut escaped) = (false, false);
+    let mut chars = line.chars().peekable();
+    while let Some(c) = chars.next() {
+        if in_string {
+            match (escaped, c) {
+                (false, '\\') => escaped = true,
+                (false, '"') => in_string = false,
+                _ => escaped = false,
+            }
+            continue;
+        }
+        match c {
+            '/' if chars.peek() == Some(&'/') => break,
+            '"' => in_string = true,
+            _ => out.push(c),
+        }
+    }
+    out
+}
+
+fn collect_rust_files(dir: &Path, out: &mut Vec<std::path::PathBuf>) -> Result<()> {
+    if !dir.is_dir() {
+        return Ok(());
+    }
+    let entries = std::fs::read_dir(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    for entry in entries {
+        let path = entry.map_err(|e| format!("{}: {e}", dir.display()))?.path();
+        if path.is_dir() {
+            if path.file_name().is_some_and(|n| n == "target") {
+                continue;
+            }
+            collect_rust_files(&path, out)?;
+        } else if path.extension().is_some_and(|e| e == "rs") {
+            out.push(path);
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_workspace_keeps_its_invariants() {
+        check(&crate::root()).unwrap();
+    }
+
+    #[test]
+    fn unsafe_code_outside_the_kernels_and_a_missing_forbid_are_found() {
+        let dir = std::env::temp_dir().join(format!("rankstack-invariants-{}", std::process::id()));
+        let write = |rel: &str, text: &str| {
+            let path = dir.join(rel);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(path, text).unwrap();
+        };
+        write("crates/kernels/src/lib.rs", "pub fn f() { unsafe {} }");
+        write("crates/masknet/src/lib.rs", "#![forbid(unsafe_code)]\n// unsafe { in a comment }\n");
+        write("crates/dcnv2/src/lib.rs", "pub fn g() {}\n");
+        write("src/lib.rs", "#![forbid(unsafe_code)]\nfn h() { unsafe { } }\n");
+        let mut problems = unsafe_code(&dir).unwrap();
+        problems.sort();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(
+            problems,
+            vec![
+                "crates/dcnv2/src/lib.rs: crate root without #![forbid(unsafe_code)]".to_string(),
+                "src/lib.rs: `unsafe {` outside crates/kernels".to_string(),
+            ],
+        );
+    }
+}
