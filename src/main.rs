@@ -57,6 +57,20 @@ impl From<Weights> for rankstack::nn::packed_matmul::WeightPrecision {
     }
 }
 
+/// How `eval` and `score` run the model.
+#[derive(Debug, Args)]
+struct ScoringArgs {
+    /// Rows per batch.
+    #[arg(long, default_value_t = 1024)]
+    batch_size: usize,
+    /// How linear weights are packed for scoring.
+    #[arg(long, value_enum, default_value_t = Weights::F32)]
+    weights: Weights,
+    /// Device: cpu, cuda or cuda:N (CUDA needs a build with `--features cuda`).
+    #[arg(long, default_value = "cpu", value_parser = parse_device)]
+    device: DeviceSpec,
+}
+
 #[derive(Debug, Subcommand)]
 enum Command {
     /// List the model presets.
@@ -75,15 +89,8 @@ enum Command {
         /// Parquet file.
         #[arg(long)]
         data: PathBuf,
-        /// Rows per batch.
-        #[arg(long, default_value_t = 1024)]
-        batch_size: usize,
-        /// How linear weights are packed for scoring.
-        #[arg(long, value_enum, default_value_t = Weights::F32)]
-        weights: Weights,
-        /// Device: cpu, cuda or cuda:N (CUDA needs a build with `--features cuda`).
-        #[arg(long, default_value = "cpu", value_parser = parse_device)]
-        device: DeviceSpec,
+        #[command(flatten)]
+        scoring: ScoringArgs,
         /// Directory for the reliability diagrams (`reliability-<data stem>.svg`, calibration by
         /// decile per task); default: the --checkpoint directory.
         #[arg(long)]
@@ -100,15 +107,8 @@ enum Command {
         /// Output file: .parquet or .csv (never the --data file; written atomically).
         #[arg(long)]
         out: PathBuf,
-        /// Rows per batch.
-        #[arg(long, default_value_t = 1024)]
-        batch_size: usize,
-        /// How linear weights are packed for scoring.
-        #[arg(long, value_enum, default_value_t = Weights::F32)]
-        weights: Weights,
-        /// Device: cpu, cuda or cuda:N (CUDA needs a build with `--features cuda`).
-        #[arg(long, default_value = "cpu", value_parser = parse_device)]
-        device: DeviceSpec,
+        #[command(flatten)]
+        scoring: ScoringArgs,
         /// Replace --out if it exists.
         #[arg(long)]
         force: bool,
@@ -352,11 +352,11 @@ fn run(cli: Cli) -> rankstack::nn::Result<String> {
         Command::Presets { show: None } => Ok(commands::presets_listing()),
         Command::Presets { show: Some(name) } => Ok(rankstack::ranker_model::presets::preset(&name)?.to_toml_string()),
         Command::Train(t) => commands::train(&t.into_args()),
-        Command::Eval { checkpoint, data, batch_size, weights, device, plots } => {
-            commands::eval(&checkpoint, &data, batch_size, weights.into(), device, plots.as_deref())
+        Command::Eval { checkpoint, data, scoring: s, plots } => {
+            commands::eval(&checkpoint, &data, s.batch_size, s.weights.into(), s.device, plots.as_deref())
         }
-        Command::Score { checkpoint, data, out, batch_size, weights, device, force } => {
-            commands::score(&checkpoint, &data, &out, batch_size, weights.into(), device, force)
+        Command::Score { checkpoint, data, out, scoring: s, force } => {
+            commands::score(&checkpoint, &data, &out, s.batch_size, s.weights.into(), s.device, force)
         }
         Command::Serve(s) => commands::serve(s.into_options()?),
         Command::Inspect { preset, config, batch_size, device_memory_gib, fraction } => {
