@@ -57,6 +57,14 @@ impl From<Weights> for rankstack::nn::packed_matmul::WeightPrecision {
     }
 }
 
+/// Says on stderr what `--weights bf16` computes with on this CPU (it depends on the instruction
+/// set: AVX512-BF16 dot products, or bf16 weights widened to f32 in the AVX2 kernel, or candle).
+fn announce_weights(weights: Weights, device: DeviceSpec) {
+    if matches!(weights, Weights::Bf16) && device.is_cpu() {
+        eprintln!("--weights bf16: {}", rankstack::kernels::cpu::bf16_path_description());
+    }
+}
+
 /// How `eval` and `score` run the model.
 #[derive(Debug, Args)]
 struct ScoringArgs {
@@ -353,12 +361,17 @@ fn run(cli: Cli) -> rankstack::nn::Result<String> {
         Command::Presets { show: Some(name) } => Ok(rankstack::ranker_model::presets::preset(&name)?.to_toml_string()),
         Command::Train(t) => commands::train(&t.into_args()),
         Command::Eval { checkpoint, data, scoring: s, plots } => {
+            announce_weights(s.weights, s.device);
             commands::eval(&checkpoint, &data, s.batch_size, s.weights.into(), s.device, plots.as_deref())
         }
         Command::Score { checkpoint, data, out, scoring: s, force } => {
+            announce_weights(s.weights, s.device);
             commands::score(&checkpoint, &data, &out, s.batch_size, s.weights.into(), s.device, force)
         }
-        Command::Serve(s) => commands::serve(s.into_options()?),
+        Command::Serve(s) => {
+            announce_weights(s.weights, s.device);
+            commands::serve(s.into_options()?)
+        }
         Command::Inspect { preset, config, batch_size, device_memory_gib, fraction } => {
             commands::inspect(&preset, config.as_deref(), batch_size, device_memory_gib, fraction)
         }

@@ -1,4 +1,5 @@
-//! `cargo xtask bench-compare [--rounds N] [--threads T]`: the `homefeed-bench` model in rankstack
+//! `cargo xtask bench-compare [--rounds N] [--threads T] [--cpu avx512|avx2|generic]`: the
+//! `homefeed-bench` model in rankstack
 //! (`examples/bench_compare.rs`) and in the PyTorch reference (`rankstack_ref.bench_compare`), from
 //! the same checkpoint and inputs. It checks that their probabilities agree, then times both,
 //! alternating process by process for N rounds (default 3) with T threads each (default 2):
@@ -6,6 +7,10 @@
 //! faster reported, and under bf16 autocast), a training step at batch 512, the f32 GEMM rate, and
 //! each process's peak RSS. Prints a Markdown table (also written to
 //! `target/bench-compare/table.md`) with the ratio rankstack / PyTorch per row.
+//!
+//! `--cpu` restricts both sides to one instruction-set path, so that any x86 machine reproduces
+//! another's: rankstack through `RANKSTACK_CPU`, PyTorch through `ATEN_CPU_CAPABILITY` (its own
+//! kernels), `ONEDNN_MAX_CPU_ISA` (oneDNN) and `MKL_ENABLE_INSTRUCTIONS` (MKL's GEMM).
 
 use std::collections::BTreeMap;
 use std::process::Command;
@@ -57,15 +62,28 @@ fn median(mut v: Vec<f64>) -> f64 {
 pub fn bench_compare(args: &[String]) -> Result<()> {
     let mut rounds = 3usize;
     let mut threads = 2usize;
+    let mut cpu: Option<String> = None;
     let mut it = args.iter();
     while let Some(a) = it.next() {
+        if a == "--cpu" {
+            let v = it.next().ok_or("--cpu needs avx512, avx2 or generic")?;
+            if !["avx512", "avx2", "generic"].contains(&v.as_str()) {
+                return Err(format!("--cpu {v}: expected avx512, avx2 or generic"));
+            }
+            cpu = Some(v.clone());
+            continue;
+        }
         let mut value = |name: &str| -> Result<usize> {
             it.next().and_then(|v| v.parse().ok()).filter(|&v| v > 0).ok_or(format!("{name} needs a positive integer"))
         };
         match a.as_str() {
             "--rounds" => rounds = value("--rounds")?,
             "--threads" => threads = value("--threads")?,
-            other => return Err(format!("bench-compare: unknown argument `{other}` (use --rounds N, --threads T)")),
+            other => {
+                return Err(format!(
+                    "bench-compare: unknown argument `{other}` (use --rounds N, --threads T, --cpu PATH)"
+                ))
+            }
         }
     }
     run("build examples/bench_compare (release)", cargo().args(["build", "--release", "--example", "bench_compare"]))?;
@@ -73,9 +91,29 @@ pub fn bench_compare(args: &[String]) -> Result<()> {
     let dir = root().join("target/bench-compare");
     std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let bin = root().join("target/release/examples/bench_compare");
+    // One instruction-set path for both sides (`--cpu`).
+    let torch_isa: &[(&str, &str)] = match cpu.as_deref() {
+        Some("avx512") => &[
+            ("ATEN_CPU_CAPABILITY", "avx512"),
+            ("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16"),
+            ("MKL_ENABLE_INSTRUCTIONS", "AVX512"),
+        ],
+        Some("avx2") => {
+            &[("ATEN_CPU_CAPABILITY", "avx2"), ("ONEDNN_MAX_CPU_ISA", "AVX2"), ("MKL_ENABLE_INSTRUCTIONS", "AVX2")]
+        }
+        Some(_) => &[
+            ("ATEN_CPU_CAPABILITY", "default"),
+            ("ONEDNN_MAX_CPU_ISA", "SSE41"),
+            ("MKL_ENABLE_INSTRUCTIONS", "SSE4_2"),
+        ],
+        None => &[],
+    };
     let rust = |what: &str, mode: &str| -> Result<Value> {
         let mut cmd = Command::new(&bin);
         cmd.arg(mode).arg(&dir).env("RAYON_NUM_THREADS", threads.to_string());
+        if let Some(cpu) = &cpu {
+            cmd.env("RANKSTACK_CPU", cpu);
+        }
         capture(what, &mut cmd)
     };
     let torch = |what: &str, mode: &str, flags: &[&str]| -> Result<Value> {
@@ -85,7 +123,8 @@ pub fn bench_compare(args: &[String]) -> Result<()> {
             .args(flags)
             .args(["--threads", &threads.to_string()])
             .env("PYTHONPATH", root().join("reference"))
-            .env("OMP_NUM_THREADS", threads.to_string());
+            .env("OMP_NUM_THREADS", threads.to_string())
+            .envs(torch_isa.iter().copied());
         capture(what, &mut cmd)
     };
 
@@ -121,6 +160,9 @@ pub fn bench_compare(args: &[String]) -> Result<()> {
     let gemm_pt = gemm_torch["gflops"].as_f64().unwrap_or(f64::NAN);
     let machine_gemm = gemm_rs.max(gemm_pt);
     let mut t = String::new();
+    if let Some(cpu) = &cpu {
+        t.push_str(&format!("CPU path: `{cpu}` on both sides (`--cpu {cpu}`).\n\n"));
+    }
     t.push_str(&format!(
         "Model `homefeed-bench`: {:.1}M parameters, {:.1} MFLOP per candidate (forward). {threads} threads each, \
          median over {rounds} alternating rounds. f32 GEMM 2048³: rankstack {gemm_rs:.1} GFLOP/s, PyTorch \

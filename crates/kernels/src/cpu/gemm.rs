@@ -1,5 +1,6 @@
 //! The CPU matrix-product engine behind [`super::packed_matmul`] (serving) and
-//! [`super::linear`] (training): `C = A·B (+ bias)` on x86-64 with AVX-512.
+//! [`super::linear`] (training): `C = A·B (+ bias)` on x86-64 with AVX-512 or AVX2 + FMA (the
+//! path is [`super::isa::Isa::active`]; [`KernelPath`] names the micro-kernel a product takes).
 //!
 //! `B` `[k, n]` is packed into [`Panels`]: panels of [`NR`] columns; for each step `s` of the `k`
 //! sweep a panel stores the [`NR`] 32-bit words of its columns: `B[s, j]` (f32), or
@@ -18,6 +19,8 @@
 //! Results are deterministic: each element is summed by one thread in a fixed order.
 
 use rayon::prelude::*;
+
+use super::isa::Isa;
 
 /// Output columns of one packed panel: two AVX-512 registers of f32 accumulators.
 pub const NR: usize = 32;
@@ -44,23 +47,66 @@ const MAX_K_BLOCK: usize = 4608;
 pub enum WeightPrecision {
     /// f32 weights, f32 activations (FMA).
     F32,
-    /// bf16 weights, activations rounded to bf16, f32 accumulation (AVX512-BF16 dot products).
+    /// bf16 weights, f32 accumulation: with AVX512-BF16, activations rounded to bf16 and dot
+    /// products of bf16 pairs; otherwise the weights widened to f32 in the kernel and the
+    /// activations kept in f32 (see [`KernelPath`]).
     Bf16,
 }
 
-/// Whether this CPU runs the packed kernel of `precision` (x86-64 with AVX-512F, plus AVX512-BF16
-/// for [`WeightPrecision::Bf16`]).
+/// The micro-kernel a product takes on the active [`Isa`] path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum KernelPath {
+    /// f32 × f32, 512-bit FMAs.
+    F32Avx512,
+    /// f32 × f32, 256-bit FMAs.
+    F32Avx2,
+    /// bf16 weights × activations rounded to bf16 pairs, AVX512-BF16 dot products.
+    Bf16DotAvx512,
+    /// bf16 weights widened to f32 as they are loaded (half the weight traffic of f32), × f32
+    /// activations, 256-bit FMAs: for CPUs without AVX512-BF16.
+    Bf16WidenedAvx2,
+}
+
+impl KernelPath {
+    /// The path for `precision` on the active [`Isa`], if the engine has one there.
+    pub fn for_precision(precision: WeightPrecision) -> Option<Self> {
+        match (precision, Isa::active()) {
+            (_, Isa::Generic) => None,
+            (WeightPrecision::F32, Isa::Avx512) => Some(Self::F32Avx512),
+            (WeightPrecision::F32, Isa::Avx2) => Some(Self::F32Avx2),
+            (WeightPrecision::Bf16, Isa::Avx512) if Isa::has_avx512_bf16() => Some(Self::Bf16DotAvx512),
+            (WeightPrecision::Bf16, _) => Some(Self::Bf16WidenedAvx2),
+        }
+    }
+
+    /// Whether the activations enter as bf16 pairs ([`round_rows_to_bf16`]) rather than f32.
+    pub fn rounds_activations(self) -> bool {
+        self == Self::Bf16DotAvx512
+    }
+
+    /// One line for users: what the path computes with.
+    pub fn description(self) -> &'static str {
+        match self {
+            Self::F32Avx512 => "f32, AVX-512 kernel",
+            Self::F32Avx2 => "f32, AVX2 kernel",
+            Self::Bf16DotAvx512 => "bf16 weights, activations rounded to bf16, AVX512-BF16 dot products",
+            Self::Bf16WidenedAvx2 => "bf16 weights widened to f32 in the AVX2 kernel, f32 activations (no AVX512-BF16)",
+        }
+    }
+}
+
+/// What `--weights bf16` computes with on this CPU and path, in one line.
+pub fn bf16_path_description() -> &'static str {
+    match KernelPath::for_precision(WeightPrecision::Bf16) {
+        Some(path) => path.description(),
+        None => "bf16 weights widened to f32 and multiplied by candle (no SIMD kernel on this path)",
+    }
+}
+
+/// Whether the packed engine runs products of `precision` on the active [`Isa`] path (AVX-512F
+/// or AVX2 + FMA); elsewhere the callers take candle's product.
 pub fn packed_kernel_available(precision: WeightPrecision) -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx512f")
-            && (precision == WeightPrecision::F32 || std::arch::is_x86_feature_detected!("avx512bf16"))
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        let _ = precision;
-        false
-    }
+    KernelPath::for_precision(precision).is_some()
 }
 
 /// One 64-byte line of 16 packed words; the panels are built from these so every vector load
@@ -186,9 +232,10 @@ impl Panels {
     }
 
     /// `A·B (+ bias)` `[m, n]`, row-major, where `A[r, s] = a[r · row_stride + s · step_stride]`
-    /// for `r < m` and `s < steps` (f32 values for [`WeightPrecision::F32`]; bf16 pairs, as
-    /// [`round_rows_to_bf16`] writes them, for bf16). `bias` has `n` entries. Needs the kernel of the
-    /// panels' precision ([`packed_kernel_available`]).
+    /// for `r < m` and `s < k` — f32 values, except on [`KernelPath::Bf16DotAvx512`]
+    /// ([`KernelPath::rounds_activations`]), where `s < steps` indexes bf16 pairs as
+    /// [`round_rows_to_bf16`] writes them. `bias` has `n` entries. Needs a kernel for the panels'
+    /// precision on the active path ([`packed_kernel_available`]).
     ///
     /// # Panics
     /// If `A` reaches outside `a`, the bias has the wrong length, or the kernel is unavailable.
@@ -201,12 +248,16 @@ impl Panels {
         bias: Option<&[f32]>,
     ) -> Vec<f32> {
         assert_eq!(std::mem::size_of::<T>(), 4, "A holds 32-bit words");
-        assert!(packed_kernel_available(self.precision), "the {:?} kernel needs AVX-512", self.precision);
+        let path = KernelPath::for_precision(self.precision)
+            .unwrap_or_else(|| panic!("no {:?} kernel on the {} path", self.precision, Isa::active().name()));
         let (n, steps) = (self.n, self.steps);
         if m == 0 {
             return Vec::new();
         }
-        assert!((m - 1) * row_stride + (steps - 1) * step_stride < a.len(), "A operand out of bounds");
+        // A's values per panel step: 2 where the kernel widens bf16 pairs against f32 activations.
+        let per_step = if path == KernelPath::Bf16WidenedAvx2 { 2 } else { 1 };
+        let a_len = if per_step == 2 { self.k } else { steps };
+        assert!((m - 1) * row_stride + (a_len - 1) * step_stride < a.len(), "A operand out of bounds");
         let num_panels = n.div_ceil(NR);
         let mut padded_bias = vec![0f32; num_panels * NR];
         if let Some(b) = bias {
@@ -242,6 +293,8 @@ impl Panels {
             for (block, s0) in (0..steps).step_by(k_block).enumerate() {
                 let len = k_block.min(steps - s0);
                 let last = block + 1 == k_blocks;
+                // An odd k leaves the last bf16 pair without a second value to read from A.
+                let odd_tail = per_step == 2 && last && self.k % 2 == 1;
                 for q in group * panels_per_group..num_panels.min((group + 1) * panels_per_group) {
                     let panel = &self.lines[(q * steps + s0) * 2..][..len * 2];
                     let cols = NR.min(n - q * NR);
@@ -252,12 +305,13 @@ impl Panels {
                         // of its block before later blocks read it back, all before set_len.
                         unsafe {
                             kernel::tile(
-                                self.precision,
+                                path,
                                 MR.min(r1 - r),
-                                a_ptr.0.add(r * row_stride + s0 * step_stride),
+                                a_ptr.0.add(r * row_stride + s0 * per_step * step_stride),
                                 row_stride,
                                 step_stride,
                                 len,
+                                odd_tail,
                                 panel.as_ptr().cast(),
                                 c_ptr.0.add(r * n + q * NR),
                                 n,
@@ -283,7 +337,7 @@ impl Panels {
 /// zero-padding an odd `k`: the `A` operand of a bf16 product.
 pub fn round_rows_to_bf16(src: &[f32], k: usize) -> Vec<u32> {
     let steps = k.div_ceil(2);
-    assert!(packed_kernel_available(WeightPrecision::Bf16), "rounding to bf16 pairs needs AVX512-BF16");
+    assert!(Isa::has_avx512_bf16(), "rounding to bf16 pairs needs AVX512-BF16");
     let mut a = vec![0u32; src.len() / k * steps];
     a.par_chunks_mut(steps).zip(src.par_chunks(k)).for_each(|(dst, src)| {
         // SAFETY: AVX512-BF16 support asserted; dst has ceil(src.len() / 2) words.
@@ -346,7 +400,7 @@ struct Store {
 mod kernel {
     use std::arch::x86_64::*;
 
-    use super::{bf16_pair, Store, WeightPrecision, MR, NR};
+    use super::{bf16_pair, KernelPath, Store, MR, NR};
 
     /// Rounds one row of f32 to bf16 pairs (zero-padding an odd length).
     ///
@@ -369,32 +423,39 @@ mod kernel {
         }
     }
 
-    /// One micro-tile: `rows ≤ MR` rows of `A` (word `a[r · rs + s · ss]`) over `steps` steps,
-    /// times one packed panel, stored to `y` (row stride `ldy`) as `store` says.
+    /// One micro-tile on `path`: `rows ≤ MR` rows of `A` (word `a[r · rs + s · ss]`; on
+    /// [`KernelPath::Bf16WidenedAvx2`] f32 values `a[r · rs + i · ss]`, two per step) over `steps`
+    /// steps of one packed panel, stored to `y` (row stride `ldy`) as `store` says. `odd_tail`: the
+    /// last step's second value does not exist (an odd `k` on the widened bf16 path).
     ///
     /// # Safety
-    /// Needs AVX-512F (and AVX512-BF16 for bf16); the pointers must cover the ranges described.
+    /// The CPU must have the path's instructions; the pointers must cover the ranges described.
     #[allow(clippy::too_many_arguments)]
     pub unsafe fn tile(
-        precision: WeightPrecision,
+        path: KernelPath,
         rows: usize,
         a: *const u32,
         rs: usize,
         ss: usize,
         steps: usize,
+        odd_tail: bool,
         panel: *const __m512i,
         y: *mut f32,
         ldy: usize,
         store: Store,
     ) {
-        // SAFETY: the caller's contract (see `# Safety`) is exactly what `tile_f32` and `tile_bf16`
+        // SAFETY: the caller's contract (see `# Safety`) is exactly what the micro-kernels
         // require; `rows` selects an instantiation with that many rows.
         unsafe {
             macro_rules! dispatch {
                 ($($r:literal)*) => {
-                    match (precision, rows) {
-                        $((WeightPrecision::F32, $r) => tile_f32::<$r>(a.cast(), rs, ss, steps, panel.cast(), y, ldy, store),)*
-                        $((WeightPrecision::Bf16, $r) => tile_bf16::<$r>(a, rs, ss, steps, panel, y, ldy, store),)*
+                    match (path, rows) {
+                        $((KernelPath::F32Avx512, $r) => tile_f32::<$r>(a.cast(), rs, ss, steps, panel.cast(), y, ldy, store),)*
+                        $((KernelPath::Bf16DotAvx512, $r) => tile_bf16::<$r>(a, rs, ss, steps, panel, y, ldy, store),)*
+                        (KernelPath::F32Avx2, _) => super::avx2::tile_f32(rows, a.cast(), rs, ss, steps, panel.cast(), y, ldy, store),
+                        (KernelPath::Bf16WidenedAvx2, _) => {
+                            super::avx2::tile_bf16_widened(rows, a.cast(), rs, ss, steps, odd_tail, panel.cast(), y, ldy, store)
+                        }
                         _ => unreachable!("a tile has 1..=MR rows"),
                     }
                 };
@@ -520,9 +581,232 @@ mod kernel {
     }
 }
 
+/// The AVX2 + FMA micro-kernels. A tile of up to [`MR`] rows × one [`NR`]-column panel is done as
+/// sub-tiles of [`F32_ROWS`] (f32) or [`BF16_ROWS`] (widened bf16) rows × 16 columns, whose
+/// accumulators fit the 16 vector registers; every output element is still one fused
+/// multiply-add chain over `k` in order (the AVX-512 kernel's values, bit for bit, in f32).
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    use super::{Store, NR};
+
+    /// Rows of an f32 sub-tile: 6 × 2 accumulators, 2 weight vectors, 1 broadcast.
+    pub const F32_ROWS: usize = 6;
+    /// Rows of a widened-bf16 sub-tile: 4 × 2 accumulators, 4 widened weight vectors, broadcasts.
+    pub const BF16_ROWS: usize = 4;
+
+    /// `store` for the columns `16·half ..` of a panel: at most 16 columns, the bias shifted.
+    fn half_store(store: Store, half: usize) -> Option<Store> {
+        let cols = store.cols.saturating_sub(16 * half).min(16);
+        // SAFETY: the padded bias has NR entries per panel, so the second half stays inside it.
+        let bias = if store.bias.is_null() { store.bias } else { unsafe { store.bias.add(16 * half) } };
+        (cols > 0).then_some(Store { bias, accumulate: store.accumulate, cols })
+    }
+
+    /// An f32 tile of `rows ≤ MR` rows (see [`super::kernel::tile`]).
+    ///
+    /// # Safety
+    /// Needs AVX2 and FMA; `a` must cover `r · rs + s · ss` for `r < rows`, `s < steps`; `panel`
+    /// `steps` steps of [`NR`] f32 (64-byte aligned); `y` `rows` rows of `store.cols` writable
+    /// values; a non-null `store.bias` [`NR`] values.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn tile_f32(
+        rows: usize,
+        a: *const f32,
+        rs: usize,
+        ss: usize,
+        steps: usize,
+        panel: *const f32,
+        y: *mut f32,
+        ldy: usize,
+        store: Store,
+    ) {
+        for r0 in (0..rows).step_by(F32_ROWS) {
+            for half in 0..2 {
+                let Some(st) = half_store(store, half) else { continue };
+                // SAFETY: the sub-tile's rows, columns and bias lie within the tile's (caller's
+                // contract); the half panel starts 16 floats (64 bytes) into each aligned step.
+                unsafe {
+                    let (a, p, y) = (a.add(r0 * rs), panel.add(16 * half), y.add(r0 * ldy + 16 * half));
+                    match rows - r0 {
+                        1 => f32_sub::<1>(a, rs, ss, steps, p, y, ldy, st),
+                        2 => f32_sub::<2>(a, rs, ss, steps, p, y, ldy, st),
+                        3 => f32_sub::<3>(a, rs, ss, steps, p, y, ldy, st),
+                        4 => f32_sub::<4>(a, rs, ss, steps, p, y, ldy, st),
+                        5 => f32_sub::<5>(a, rs, ss, steps, p, y, ldy, st),
+                        _ => f32_sub::<F32_ROWS>(a, rs, ss, steps, p, y, ldy, st),
+                    }
+                }
+            }
+        }
+    }
+
+    /// `R` rows × 16 columns of f32.
+    ///
+    /// # Safety
+    /// As [`tile_f32`], for `R` rows and the 16 columns at `panel`.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn f32_sub<const R: usize>(
+        a: *const f32,
+        rs: usize,
+        ss: usize,
+        steps: usize,
+        panel: *const f32,
+        y: *mut f32,
+        ldy: usize,
+        store: Store,
+    ) {
+        let mut acc = [[_mm256_setzero_ps(); 2]; R];
+        for s in 0..steps {
+            // SAFETY: step `s` of the panel holds NR aligned floats; A's reads are in bounds
+            // (caller's contract).
+            unsafe {
+                let b0 = _mm256_load_ps(panel.add(s * NR));
+                let b1 = _mm256_load_ps(panel.add(s * NR + 8));
+                let col = a.add(s * ss);
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    let x = _mm256_set1_ps(*col.add(r * rs));
+                    acc[0] = _mm256_fmadd_ps(x, b0, acc[0]);
+                    acc[1] = _mm256_fmadd_ps(x, b1, acc[1]);
+                }
+            }
+        }
+        // SAFETY: the caller's `y` and `store`.
+        unsafe { write(&acc, y, ldy, store) }
+    }
+
+    /// A tile of bf16 weights (pairs) against f32 activations, `rows ≤ MR` rows over `pairs` steps;
+    /// with `odd_tail` the last pair's second value is absent (not read from `a`).
+    ///
+    /// # Safety
+    /// Needs AVX2 and FMA; `a` must cover `r · rs + i · ss` for `r < rows` and
+    /// `i < 2 · pairs − odd_tail`; `panel` `pairs` steps of [`NR`] words (64-byte aligned); `y`
+    /// and `store` as in [`tile_f32`].
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn tile_bf16_widened(
+        rows: usize,
+        a: *const f32,
+        rs: usize,
+        ss: usize,
+        pairs: usize,
+        odd_tail: bool,
+        panel: *const u32,
+        y: *mut f32,
+        ldy: usize,
+        store: Store,
+    ) {
+        for r0 in (0..rows).step_by(BF16_ROWS) {
+            for half in 0..2 {
+                let Some(st) = half_store(store, half) else { continue };
+                // SAFETY: as in `tile_f32`.
+                unsafe {
+                    let (a, p, y) = (a.add(r0 * rs), panel.add(16 * half), y.add(r0 * ldy + 16 * half));
+                    match rows - r0 {
+                        1 => bf16_sub::<1>(a, rs, ss, pairs, odd_tail, p, y, ldy, st),
+                        2 => bf16_sub::<2>(a, rs, ss, pairs, odd_tail, p, y, ldy, st),
+                        3 => bf16_sub::<3>(a, rs, ss, pairs, odd_tail, p, y, ldy, st),
+                        _ => bf16_sub::<BF16_ROWS>(a, rs, ss, pairs, odd_tail, p, y, ldy, st),
+                    }
+                }
+            }
+        }
+    }
+
+    /// `R` rows × 16 columns: each pair word `lo | hi << 16` widens to `lo << 16` and
+    /// `hi << 16` (bf16 → f32 is exact), multiplied by `A[r, 2p]` and `A[r, 2p + 1]`.
+    ///
+    /// # Safety
+    /// As [`tile_bf16_widened`], for `R` rows and the 16 columns at `panel`.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn bf16_sub<const R: usize>(
+        a: *const f32,
+        rs: usize,
+        ss: usize,
+        pairs: usize,
+        odd_tail: bool,
+        panel: *const u32,
+        y: *mut f32,
+        ldy: usize,
+        store: Store,
+    ) {
+        let mut acc = [[_mm256_setzero_ps(); 2]; R];
+        let high = _mm256_set1_epi32(0xffff_0000_u32 as i32);
+        let full = pairs - usize::from(odd_tail);
+        for p in 0..pairs {
+            // SAFETY: step `p` of the panel holds NR aligned words; A's reads stay within the
+            // values the caller guarantees (the second value only for complete pairs).
+            unsafe {
+                let w0 = _mm256_load_si256(panel.add(p * NR).cast());
+                let w1 = _mm256_load_si256(panel.add(p * NR + 8).cast());
+                let (lo0, lo1) =
+                    (_mm256_castsi256_ps(_mm256_slli_epi32(w0, 16)), _mm256_castsi256_ps(_mm256_slli_epi32(w1, 16)));
+                let col = a.add(2 * p * ss);
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    let x = _mm256_set1_ps(*col.add(r * rs));
+                    acc[0] = _mm256_fmadd_ps(x, lo0, acc[0]);
+                    acc[1] = _mm256_fmadd_ps(x, lo1, acc[1]);
+                }
+                if p < full {
+                    let hi0 = _mm256_castsi256_ps(_mm256_and_si256(w0, high));
+                    let hi1 = _mm256_castsi256_ps(_mm256_and_si256(w1, high));
+                    let col = col.add(ss);
+                    for (r, acc) in acc.iter_mut().enumerate() {
+                        let x = _mm256_set1_ps(*col.add(r * rs));
+                        acc[0] = _mm256_fmadd_ps(x, hi0, acc[0]);
+                        acc[1] = _mm256_fmadd_ps(x, hi1, acc[1]);
+                    }
+                }
+            }
+        }
+        // SAFETY: the caller's `y` and `store`.
+        unsafe { write(&acc, y, ldy, store) }
+    }
+
+    /// Stores `R` rows of two 8-wide accumulators: `acc (+ stored, if accumulate) (+ bias)` into
+    /// the first `store.cols ≤ 16` columns, in the AVX-512 kernel's order of additions.
+    ///
+    /// # Safety
+    /// Needs AVX2; `y` must address `R` rows (stride `ldy`) of `store.cols` writable values, and a
+    /// non-null `store.bias` 16 readable values.
+    #[target_feature(enable = "avx2")]
+    unsafe fn write<const R: usize>(acc: &[[__m256; 2]; R], y: *mut f32, ldy: usize, store: Store) {
+        let iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+        let cols = store.cols as i32;
+        let masks =
+            [_mm256_cmpgt_epi32(_mm256_set1_epi32(cols), iota), _mm256_cmpgt_epi32(_mm256_set1_epi32(cols - 8), iota)];
+        // SAFETY: the masked loads and stores touch only the first `store.cols` columns of each
+        // row, and the bias loads 16 values (caller's contract).
+        unsafe {
+            let bias = if store.bias.is_null() {
+                None
+            } else {
+                Some([_mm256_loadu_ps(store.bias), _mm256_loadu_ps(store.bias.add(8))])
+            };
+            for (r, acc) in acc.iter().enumerate() {
+                let row = y.add(r * ldy);
+                for h in 0..2 {
+                    let mut v = acc[h];
+                    if store.accumulate {
+                        v = _mm256_add_ps(_mm256_maskload_ps(row.add(8 * h), masks[h]), v);
+                    }
+                    if let Some(b) = bias {
+                        v = _mm256_add_ps(v, b[h]);
+                    }
+                    _mm256_maskstore_ps(row.add(8 * h), masks[h], v);
+                }
+            }
+        }
+    }
+}
+
 #[cfg(not(target_arch = "x86_64"))]
 mod kernel {
-    use super::{Store, WeightPrecision};
+    use super::{KernelPath, Store};
 
     /// Never called: the packed kernels need x86-64 with AVX-512.
     ///
@@ -538,12 +822,13 @@ mod kernel {
     /// None needed; it panics.
     #[allow(clippy::too_many_arguments)]
     pub unsafe fn tile(
-        _: WeightPrecision,
+        _: KernelPath,
         _: usize,
         _: *const u32,
         _: usize,
         _: usize,
         _: usize,
+        _: bool,
         _: *const u32,
         _: *mut f32,
         _: usize,

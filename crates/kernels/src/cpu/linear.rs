@@ -272,9 +272,20 @@ mod tests {
     /// longer than one k block.
     #[test]
     fn matches_f64_sums_in_value_and_every_gradient() {
-        if !packed_kernel_available(WeightPrecision::F32) {
-            return super::super::skipped("matches_f64_sums_in_value_and_every_gradient", "AVX-512F");
-        }
+        on_simd_paths("fused linear: f64 sums", matches_f64_sums);
+    }
+
+    /// Runs `test` on every SIMD path this CPU supports (the generic path has no fused op: the
+    /// layers take candle's product there).
+    fn on_simd_paths(name: &str, test: impl Fn()) {
+        super::super::for_each_supported_isa(name, |isa| {
+            if isa != super::super::Isa::Generic {
+                test()
+            }
+        });
+    }
+
+    fn matches_f64_sums() {
         let cases: [(usize, usize, usize); 7] =
             [(1, 1, 1), (13, 7, 33), (50, 31, 70), (3, 300, 200), (25, 40, 5000), (3, 5000, 20), (100, 96, 288)];
         for (seed, (rows, k, n)) in cases.into_iter().enumerate() {
@@ -308,9 +319,10 @@ mod tests {
     /// `L = Σ y`: `∂x` is the column sums of `W`, each row of `∂W` is `x`, `∂b = 1`.
     #[test]
     fn hand_checkable_case() {
-        if !packed_kernel_available(WeightPrecision::F32) {
-            return super::super::skipped("hand_checkable_case", "AVX-512F");
-        }
+        on_simd_paths("fused linear: hand-checkable case", hand_checkable);
+    }
+
+    fn hand_checkable() {
         let x = Var::new(&[[1f32, 2.]], &Device::Cpu).unwrap();
         let w = Var::new(&[[1f32, 0.], [0., 1.], [1., 1.]], &Device::Cpu).unwrap();
         let b = Var::new(&[0.5f32; 3], &Device::Cpu).unwrap();
@@ -327,9 +339,10 @@ mod tests {
     /// input without a gradient gets none, and no bias is no bias.
     #[test]
     fn agrees_with_candle_linear_on_batched_and_strided_inputs() {
-        if !packed_kernel_available(WeightPrecision::F32) {
-            return super::super::skipped("agrees_with_candle_linear_on_batched_and_strided_inputs", "AVX-512F");
-        }
+        on_simd_paths("fused linear: batched and strided inputs", batched_and_strided);
+    }
+
+    fn batched_and_strided() {
         let w = Var::from_tensor(&seeded(1, &[9, 20])).unwrap();
         let x = seeded(2, &[3, 20, 4]).transpose(1, 2).unwrap(); // [3, 4, 20], not contiguous
         let ours = linear(&x, w.as_tensor(), None).unwrap();

@@ -2,14 +2,17 @@
 //! exactness tests, f64) storage; the layers call them only on the CPU and fall back to composed
 //! candle operations elsewhere.
 //!
-//! The packed matrix-product engine ([`gemm`]) needs x86-64 with AVX-512F (and AVX512-BF16 for bf16
-//! weights): [`gemm::packed_kernel_available`] says whether this CPU has it, and the callers take
-//! candle's own product where it does not. Tests that need a kernel this CPU lacks say so in their
-//! output ([`skipped`]) instead of passing silently.
+//! The packed matrix-product engine ([`gemm`]) has an AVX-512 and an AVX2 + FMA path ([`isa`]:
+//! detected at run time, forced with `RANKSTACK_CPU=avx512|avx2|generic`);
+//! [`gemm::packed_kernel_available`] says whether the active path has a kernel, and the callers
+//! take candle's own product where it does not (the generic path, arm64). Kernel tests run under
+//! every path this CPU supports ([`isa::for_each_supported_isa`]) and say which they skipped
+//! ([`skipped`]) instead of passing silently.
 
 pub mod adamw;
 pub mod allocator;
 pub mod gemm;
+pub mod isa;
 pub mod layer_norm;
 pub mod linear;
 pub mod masked_max;
@@ -17,7 +20,8 @@ pub mod packed_attention;
 pub mod packed_matmul;
 pub mod scale_by_mask;
 
-pub use gemm::{packed_kernel_available, WeightPrecision};
+pub use gemm::{bf16_path_description, packed_kernel_available, KernelPath, WeightPrecision};
+pub use isa::{for_each_supported_isa, with_isa, Isa};
 
 /// Reports, on the test process's real standard error (past the test harness's capture), that
 /// `test` was skipped because this CPU lacks `what`. For tests of ISA-specific paths.

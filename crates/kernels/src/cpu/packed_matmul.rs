@@ -26,8 +26,8 @@
 
 use candle_core::{DType, Result, Tensor};
 
-use super::gemm::Panels;
 pub use super::gemm::{packed_kernel_available, WeightPrecision, MR, NR};
+use super::gemm::{KernelPath, Panels};
 
 /// A `[n, k]` weight packed (in f32 or rounded to bf16) for [`PackedWeight::matmul_t`].
 ///
@@ -135,14 +135,14 @@ impl PackedWeight {
             candle_core::bail!("packed linear: expected a CPU input")
         };
         let x = crate::float::contiguous_storage::<f32>(storage, layout, "packed linear: input")?;
-        let y = match self.precision() {
-            WeightPrecision::F32 => self.panels.multiply(x, rows, k, 1, bias.as_deref()),
-            WeightPrecision::Bf16 => {
-                // The activations as bf16 pairs, row-major [rows, steps]: row r's pair s is
-                // exactly the broadcast operand the kernel needs, so no further packing.
-                let a = super::gemm::round_rows_to_bf16(x, k);
-                self.panels.multiply(&a, rows, self.panels.steps(), 1, bias.as_deref())
-            }
+        let path = KernelPath::for_precision(self.precision()).expect("available (checked above)");
+        let y = if path.rounds_activations() {
+            // The activations as bf16 pairs, row-major [rows, steps]: row r's pair s is exactly
+            // the broadcast operand the kernel needs, so no further packing.
+            let a = super::gemm::round_rows_to_bf16(x, k);
+            self.panels.multiply(&a, rows, self.panels.steps(), 1, bias.as_deref())
+        } else {
+            self.panels.multiply(x, rows, k, 1, bias.as_deref())
         };
         Tensor::from_vec(y, out_dims, &candle_core::Device::Cpu)
     }
@@ -165,6 +165,7 @@ impl PackedWeight {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cpu::Isa;
     use candle_core::Device;
 
     fn seeded(seed: u64, dims: &[usize]) -> Tensor {
@@ -173,20 +174,28 @@ mod tests {
 
     const BOTH: [WeightPrecision; 2] = [WeightPrecision::F32, WeightPrecision::Bf16];
 
-    /// The values the kernel multiplies: as stored (f32), or rounded to bf16.
-    fn operand(t: &Tensor, precision: WeightPrecision) -> Vec<f64> {
-        let t = match precision {
-            WeightPrecision::F32 => t.clone(),
-            WeightPrecision::Bf16 => t.to_dtype(DType::BF16).unwrap(),
-        };
+    /// A tensor's values as the kernel multiplies them: as stored, or rounded to bf16.
+    fn operand(t: &Tensor, rounded: bool) -> Vec<f64> {
+        let t = if rounded { t.to_dtype(DType::BF16).unwrap() } else { t.clone() };
         t.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1().unwrap()
     }
 
-    /// `Σ_k x·w + b` in f64 on the operands of `precision`, and the bound `Σ_k |x·w| + |b|` for
-    /// the f32 accumulation error.
-    fn reference(x: &Tensor, w: &Tensor, b: Option<&Tensor>, precision: WeightPrecision) -> (Vec<f64>, Vec<f64>) {
+    /// Which operands the product of `precision` rounds to bf16 on the active path (or on the
+    /// portable path, `widened`): `(activations, weights)`.
+    fn rounding(precision: WeightPrecision, widened: bool) -> (bool, bool) {
+        let bf16 = precision == WeightPrecision::Bf16;
+        let rounds_x = match KernelPath::for_precision(precision) {
+            Some(path) if !widened => path.rounds_activations(),
+            _ => bf16,
+        };
+        (rounds_x, bf16)
+    }
+
+    /// `Σ_k x·w + b` in f64 on the operands as the kernel sees them, and the bound
+    /// `Σ_k |x·w| + |b|` for the f32 accumulation error.
+    fn reference(x: &Tensor, w: &Tensor, b: Option<&Tensor>, (round_x, round_w): (bool, bool)) -> (Vec<f64>, Vec<f64>) {
         let (n, k) = w.dims2().unwrap();
-        let (xs, ws) = (operand(x, precision), operand(w, precision));
+        let (xs, ws) = (operand(x, round_x), operand(w, round_w));
         let bs: Vec<f64> = b.map_or(vec![0.0; n], |b| b.to_dtype(DType::F64).unwrap().to_vec1().unwrap());
         let rows = xs.len() / k;
         let (mut y, mut bound) = (vec![0.0; rows * n], vec![0.0; rows * n]);
@@ -208,9 +217,9 @@ mod tests {
         what: &str,
         y: &Tensor,
         (x, w, b): (&Tensor, &Tensor, Option<&Tensor>),
-        precision: WeightPrecision,
+        rounding: (bool, bool),
     ) {
-        let (want, bound) = reference(x, w, b, precision);
+        let (want, bound) = reference(x, w, b, rounding);
         let got: Vec<f32> = y.flatten_all().unwrap().to_vec1().unwrap();
         assert_eq!(got.len(), want.len(), "{what}: length");
         let k = w.dims2().unwrap().1 as f64;
@@ -221,34 +230,53 @@ mod tests {
         }
     }
 
+    /// Every path this CPU supports (AVX-512, AVX2, generic), both precisions, against the f64
+    /// oracle on the operands the path multiplies.
     #[test]
-    fn matches_an_f64_reference_on_every_edge_shape() {
-        for (precision, what) in [(WeightPrecision::F32, "AVX-512F"), (WeightPrecision::Bf16, "AVX512-BF16")] {
-            if !packed_kernel_available(precision) {
-                super::super::skipped(&format!("packed {precision:?} kernel (the portable path is tested)"), what);
-            }
+    fn matches_an_f64_reference_on_every_edge_shape_on_every_path() {
+        if !Isa::has_avx512_bf16() {
+            super::super::skipped("packed bf16 AVX512-BF16 dot-product kernel", "AVX512-BF16");
         }
-        // Rows around the micro-tile height, inputs odd and even around the 16-wide rounding,
-        // outputs around the 32-column panel.
-        let mut seed = 0;
-        for rows in [1, 5, 12, 13, 25, 100] {
-            for k in [1, 2, 3, 31, 33, 100] {
-                for n in [1, 31, 32, 33, 70] {
-                    seed += 1;
-                    let x = seeded(seed, &[rows, k]);
-                    let w = seeded(seed + 1000, &[n, k]);
-                    let b = seeded(seed + 2000, &[n]);
-                    for precision in BOTH {
-                        let packed = PackedWeight::pack(&w, precision).unwrap();
-                        let what = format!("{precision:?} [{rows}, {k}] x [{n}, {k}]ᵀ");
-                        let y = packed.matmul_t(&x, Some(&b)).unwrap();
-                        assert_matches_reference(&what, &y, (&x, &w, Some(&b)), precision);
-                        let widened = packed.widened(&x, None).unwrap();
-                        assert_matches_reference(&format!("{what} widened"), &widened, (&x, &w, None), precision);
+        super::super::for_each_supported_isa("packed matmul edge shapes", |isa| {
+            // Rows around the micro-tile heights (12; 6 and 4 on AVX2), inputs odd and even
+            // around the 16-wide rounding, outputs around the 16-column halves and 32-column panel.
+            let mut seed = 0;
+            for rows in [1, 4, 5, 6, 7, 12, 13, 25, 100] {
+                for k in [1, 2, 3, 31, 33, 100] {
+                    for n in [1, 8, 15, 16, 17, 31, 32, 33, 70] {
+                        seed += 1;
+                        let x = seeded(seed, &[rows, k]);
+                        let w = seeded(seed + 1000, &[n, k]);
+                        let b = seeded(seed + 2000, &[n]);
+                        for precision in BOTH {
+                            let packed = PackedWeight::pack(&w, precision).unwrap();
+                            let what = format!("{isa:?} {precision:?} [{rows}, {k}] x [{n}, {k}]ᵀ");
+                            let y = packed.matmul_t(&x, Some(&b)).unwrap();
+                            assert_matches_reference(&what, &y, (&x, &w, Some(&b)), rounding(precision, false));
+                            let widened = packed.widened(&x, None).unwrap();
+                            let rounding = rounding(precision, true);
+                            assert_matches_reference(&format!("{what} widened"), &widened, (&x, &w, None), rounding);
+                        }
                     }
                 }
             }
+        });
+    }
+
+    /// The f32 products of the AVX-512 and AVX2 paths are bit-identical (one FMA chain per element
+    /// in the same order), including k blocks that accumulate into stored values.
+    #[test]
+    fn f32_avx2_and_avx512_paths_agree_bit_for_bit() {
+        if !(Isa::Avx512.supported() && Isa::Avx2.supported()) {
+            return super::super::skipped("f32 AVX2 vs AVX-512 bit identity", "AVX-512F and AVX2");
         }
+        let x = seeded(7, &[37, 5000]);
+        let w = seeded(8, &[45, 5000]);
+        let b = seeded(9, &[45]);
+        let packed = PackedWeight::pack(&w, WeightPrecision::F32).unwrap();
+        let run =
+            |isa| super::super::with_isa(isa, || packed.matmul_t(&x, Some(&b)).unwrap().to_vec2::<f32>().unwrap());
+        assert_eq!(run(Isa::Avx512), run(Isa::Avx2));
     }
 
     #[test]
@@ -266,7 +294,7 @@ mod tests {
                 &format!("{precision:?} [2, 150, 300] x [200, 300]ᵀ"),
                 &y,
                 (&x, &w, None),
-                precision,
+                rounding(precision, false),
             );
             // Against candle's f32 product: summation order only (f32), or the rounding to bf16
             // (2⁻⁹ relative per operand).
@@ -292,15 +320,32 @@ mod tests {
     }
 
     #[test]
-    fn non_finite_inputs_propagate() {
+    fn non_finite_inputs_propagate_on_every_path() {
         let w = Tensor::ones((2, 4), DType::F32, &Device::Cpu).unwrap();
         let x = Tensor::new(&[[1f32, f32::NAN, 0., 0.], [1., f32::INFINITY, 0., 0.]], &Device::Cpu).unwrap();
-        for precision in BOTH {
+        super::super::for_each_supported_isa("packed matmul non-finite inputs", |isa| {
+            for precision in BOTH {
+                let y: Vec<Vec<f32>> =
+                    PackedWeight::pack(&w, precision).unwrap().matmul_t(&x, None).unwrap().to_vec2().unwrap();
+                assert!(y[0].iter().all(|v| v.is_nan()), "{isa:?} {precision:?}");
+                assert!(y[1].iter().all(|v| *v == f32::INFINITY), "{isa:?} {precision:?}");
+            }
+        });
+    }
+
+    /// An odd `k` on the widened bf16 path never reads past a row: the last row's missing value
+    /// would be out of bounds, a middle row's the next row's first value (here infinite, which
+    /// times the zero padding would give NaN).
+    #[test]
+    fn an_odd_k_reads_no_value_past_a_row() {
+        let w = Tensor::ones((3, 3), DType::F32, &Device::Cpu).unwrap();
+        let x = Tensor::new(&[[1f32, 2., 3.], [f32::INFINITY, 0., 0.]], &Device::Cpu).unwrap();
+        super::super::for_each_supported_isa("packed matmul odd k", |isa| {
             let y: Vec<Vec<f32>> =
-                PackedWeight::pack(&w, precision).unwrap().matmul_t(&x, None).unwrap().to_vec2().unwrap();
-            assert!(y[0].iter().all(|v| v.is_nan()), "{precision:?}");
-            assert!(y[1].iter().all(|v| *v == f32::INFINITY), "{precision:?}");
-        }
+                PackedWeight::pack(&w, WeightPrecision::Bf16).unwrap().matmul_t(&x, None).unwrap().to_vec2().unwrap();
+            assert_eq!(y[0], vec![6.0; 3], "{isa:?}");
+            assert_eq!(y[1], vec![f32::INFINITY; 3], "{isa:?}");
+        });
     }
 
     #[test]

@@ -1,0 +1,172 @@
+//! Which instruction-set path the CPU kernels take, detected at run time and switchable, so that
+//! every path can be tested and timed on any machine that supports it.
+//!
+//! | path | needs | the packed GEMM engine ([`super::gemm`]) |
+//! |---|---|---|
+//! | [`Isa::Avx512`] | x86-64 AVX-512F | 12 × 32 micro-tiles of 512-bit FMAs; bf16 weights by AVX512-BF16 dot products where the CPU has them |
+//! | [`Isa::Avx2`] | x86-64 AVX2 + FMA | 6 × 16 micro-tiles of 256-bit FMAs; bf16 weights widened to f32 in the kernel |
+//! | [`Isa::Generic`] | anything (arm64 included) | none: the callers take candle's own product |
+//!
+//! The path is, in order: the innermost [`with_isa`] on the calling thread (tests), the
+//! environment variable `RANKSTACK_CPU=avx512|avx2|generic` (read once; a path this CPU lacks
+//! falls back to the best one it has, with one warning on stderr), or the best path detected.
+//! The f32 products of the two SIMD paths are bit-identical: each output element is one fused
+//! multiply-add chain over `k` in the same order.
+
+use std::cell::Cell;
+use std::sync::OnceLock;
+
+/// An instruction-set path of the CPU kernels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Isa {
+    /// No SIMD kernel: callers fall back to candle's operations.
+    Generic,
+    /// AVX2 and FMA (x86-64).
+    Avx2,
+    /// AVX-512F (x86-64).
+    Avx512,
+}
+
+impl Isa {
+    /// Every path, fastest first.
+    pub const ALL: [Isa; 3] = [Isa::Avx512, Isa::Avx2, Isa::Generic];
+
+    /// The name `RANKSTACK_CPU` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Avx512 => "avx512",
+            Isa::Avx2 => "avx2",
+            Isa::Generic => "generic",
+        }
+    }
+
+    /// Whether this CPU can run the path.
+    pub fn supported(self) -> bool {
+        match self {
+            Isa::Generic => true,
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma"),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => std::arch::is_x86_feature_detected!("avx512f"),
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => false,
+        }
+    }
+
+    /// The fastest path this CPU supports.
+    pub fn detected() -> Isa {
+        Isa::ALL.into_iter().find(|i| i.supported()).unwrap_or(Isa::Generic)
+    }
+
+    /// The path the kernels take on this thread now (see the module documentation).
+    pub fn active() -> Isa {
+        OVERRIDE.with(Cell::get).unwrap_or_else(|| *PROCESS.get_or_init(from_environment))
+    }
+
+    /// Every path this CPU supports, fastest first: what the kernel tests run under.
+    pub fn all_supported() -> Vec<Isa> {
+        Isa::ALL.into_iter().filter(|i| i.supported()).collect()
+    }
+
+    /// Whether the CPU has AVX512-BF16 dot products (used by the bf16 path on [`Isa::Avx512`]).
+    pub fn has_avx512_bf16() -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("avx512bf16")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    }
+}
+
+impl std::str::FromStr for Isa {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        Isa::ALL
+            .into_iter()
+            .find(|i| i.name() == s.trim().to_ascii_lowercase())
+            .ok_or_else(|| format!("unknown CPU path `{s}` (expected avx512, avx2 or generic)"))
+    }
+}
+
+thread_local! {
+    static OVERRIDE: Cell<Option<Isa>> = const { Cell::new(None) };
+}
+
+static PROCESS: OnceLock<Isa> = OnceLock::new();
+
+/// `RANKSTACK_CPU`, or the detected path.
+fn from_environment() -> Isa {
+    let Ok(value) = std::env::var("RANKSTACK_CPU") else { return Isa::detected() };
+    if value.is_empty() || value == "auto" {
+        return Isa::detected();
+    }
+    match value.parse::<Isa>() {
+        Ok(isa) if isa.supported() => isa,
+        Ok(isa) => {
+            let best = Isa::ALL.into_iter().filter(|i| *i < isa).find(|i| i.supported()).unwrap_or(Isa::Generic);
+            eprintln!("warning: RANKSTACK_CPU={value}: this CPU lacks it; the kernels take the {} path", best.name());
+            best
+        }
+        Err(e) => {
+            eprintln!("warning: RANKSTACK_CPU: {e}; the kernels take the detected path");
+            Isa::detected()
+        }
+    }
+}
+
+/// Runs `f` with the kernels on `isa` on this thread (the kernels read the path on the calling
+/// thread and hand it to their worker threads). For tests and benchmarks of each path.
+///
+/// # Panics
+/// If this CPU does not support `isa`.
+pub fn with_isa<R>(isa: Isa, f: impl FnOnce() -> R) -> R {
+    assert!(isa.supported(), "this CPU cannot run the {} path", isa.name());
+    let previous = OVERRIDE.with(|o| o.replace(Some(isa)));
+    struct Restore(Option<Isa>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            OVERRIDE.with(|o| o.set(self.0));
+        }
+    }
+    let _restore = Restore(previous);
+    f()
+}
+
+/// Runs `test` once per path this CPU supports (each under [`with_isa`]) and reports, past the test
+/// harness's capture, the paths it could not run.
+pub fn for_each_supported_isa(name: &str, mut test: impl FnMut(Isa)) {
+    for isa in Isa::ALL {
+        if isa.supported() {
+            with_isa(isa, || test(isa));
+        } else {
+            super::skipped(&format!("{name} [{}]", isa.name()), isa.name());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_parse_and_the_override_nests() {
+        for isa in Isa::ALL {
+            assert_eq!(isa.name().parse::<Isa>().unwrap(), isa);
+        }
+        assert!("sse".parse::<Isa>().is_err());
+        assert!(Isa::Generic.supported());
+        let outer = Isa::active();
+        with_isa(Isa::Generic, || {
+            assert_eq!(Isa::active(), Isa::Generic);
+            if Isa::Avx2.supported() {
+                with_isa(Isa::Avx2, || assert_eq!(Isa::active(), Isa::Avx2));
+            }
+            assert_eq!(Isa::active(), Isa::Generic);
+        });
+        assert_eq!(Isa::active(), outer);
+    }
+}
