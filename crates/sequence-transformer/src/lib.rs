@@ -24,6 +24,7 @@ pub mod heads;
 pub mod mask;
 pub mod packed;
 pub mod packed_attention;
+pub mod pool_all;
 pub mod pooling;
 pub mod src_mask;
 pub mod transformer;

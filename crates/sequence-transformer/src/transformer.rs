@@ -338,7 +338,7 @@ impl SequenceTransformer {
         if let Some(pool_proj) = &self.pool_proj {
             // Over unmasked positions (position 0 is never masked, so the max is finite), or all.
             let pooled = match self.config.max_pool {
-                MaxPool::AllPositions => masked_max_pool(h, &vec![false; masked.len()])?,
+                MaxPool::AllPositions => crate::pool_all::max_pool_first(h)?,
                 MaxPool::Unmasked | MaxPool::None => masked_max_pool(h, masked)?,
             };
             parts.push(pool_proj.forward(&pooled)?);
