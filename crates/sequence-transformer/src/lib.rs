@@ -32,7 +32,7 @@ pub mod vocab;
 
 pub use attention::MultiHeadAttention;
 pub use config::{
-    FutureMask, Fusion, MaxPool, PositionalEncoding, SequenceTransformerConfig, TimeWindowSampling, DAY_MS,
+    Fusion, FutureMask, MaxPool, PositionalEncoding, SequenceTransformerConfig, TimeWindowSampling, DAY_MS,
     MAX_ACTION_TYPES, MAX_SEQUENCE_LEN,
 };
 pub use encoder::{EncoderLayerConfig, TransformerEncoder, TransformerEncoderLayer};

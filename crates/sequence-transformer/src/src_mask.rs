@@ -43,7 +43,9 @@ impl AttentionMask {
         let bias = match self {
             Self::Additive(m) => {
                 if !m.dtype().is_float() {
-                    return Err(Error::input(layer, what, format!("must be a float tensor, got {:?}", m.dtype())).into());
+                    return Err(
+                        Error::input(layer, what, format!("must be a float tensor, got {:?}", m.dtype())).into()
+                    );
                 }
                 let values = m.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
                 if let Some(v) = values.iter().find(|v| v.is_nan() || **v == f64::INFINITY) {

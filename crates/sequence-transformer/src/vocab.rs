@@ -18,11 +18,7 @@ pub(crate) fn validate(vocab: &[i64], num_action_types: usize) -> rankstack_nn::
     let mut seen = HashMap::with_capacity(vocab.len());
     for (i, &id) in vocab.iter().enumerate() {
         if let Some(first) = seen.insert(id, i) {
-            return Err(Error::config(
-                LAYER,
-                "action_vocab",
-                format!("lists id {id} twice (at {first} and {i})"),
-            ));
+            return Err(Error::config(LAYER, "action_vocab", format!("lists id {id} twice (at {first} and {i})")));
         }
     }
     if vocab.len() + 1 != num_action_types {

@@ -87,7 +87,8 @@ fn matches_torch_transformer_encoder_with_src_mask_in_f32() {
 fn fixtures_cover_the_mask_kinds_and_options() {
     let names: Vec<String> =
         fixture_paths("transformer_encoder").iter().map(|p| Fixture::load(p).unwrap().name()).collect();
-    for needle in ["additive_2d", "additive_3d", "bool_causal", "key_padding", "gelu", "no_bias", "final_norm", "train"] {
+    for needle in ["additive_2d", "additive_3d", "bool_causal", "key_padding", "gelu", "no_bias", "final_norm", "train"]
+    {
         assert!(names.iter().any(|n| n.contains(needle)), "no fixture case for `{needle}`: {names:?}");
     }
 }
