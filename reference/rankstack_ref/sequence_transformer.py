@@ -48,6 +48,12 @@ def model_dim(c):
     return c["action_dim"] + (2 if c["fusion"] == "concat" else 1) * c["item_dim"]
 
 
+def output_dim(c):
+    """(K + 1) * d, or K * d without a max-pool; K = max_len with all_output_positions."""
+    k = c["max_len"] if c["all_output_positions"] else c["num_output_positions"]
+    return (k + (0 if c["max_pool"] == "none" else 1)) * model_dim(c)
+
+
 def remap(types, vocab):
     """Raw id vocab[i] -> i + 1, every other id -> 0 (padding)."""
     out = torch.zeros_like(types)
@@ -96,7 +102,10 @@ class SequenceTransformer(nn.Module):
         if "window_ms" in inputs:
             mask = mask | ((req[:, None] - ts) < inputs["window_ms"][:, None])
         mask[:, 0] = False
-        a = self.action_emb(types)
+        # Padding (type 0) gets a zero action embedding whatever row 0 holds (a state dict may carry
+        # a non-zero padding row), as in the Rust crate; padded positions matter to the max-pool
+        # over all positions and to all_output_positions.
+        a = self.action_emb(types) * (types != 0)[:, :, None].to(self.action_emb.weight.dtype)
         if c["fusion"] == "concat":
             x = torch.cat([a, items, cand[:, None, :].expand(b, s, cand.shape[1])], 2)
         elif c["fusion"] == "none":
