@@ -29,7 +29,8 @@ def small(**kw):
     return c
 
 
-def sequences(gen, b, s_in, e, lengths, future=(), one_valid_at=None, vocab=None, unknown=(), padded_items=False):
+def sequences(gen, b, s_in, e, lengths, future=(), one_valid_at=None, vocab=None, unknown=(), padded_items=False,
+              age_unit_ms=1):
     """Newest-first sequences: lengths[i] real actions then padding; ages grow with position."""
     types = torch.zeros(b, s_in, dtype=torch.int64)
     ts = torch.zeros(b, s_in, dtype=torch.int64)
@@ -37,7 +38,7 @@ def sequences(gen, b, s_in, e, lengths, future=(), one_valid_at=None, vocab=None
     for i in range(b):
         n = lengths[i]
         types[i, :n] = torch.randint(1, 5, (n,), generator=gen)
-        ages = torch.cumsum(torch.randint(50, 400, (n,), generator=gen), 0)
+        ages = torch.cumsum(torch.randint(50, 400, (n,), generator=gen), 0) * age_unit_ms
         ts[i, :n] = req[i] - ages
     for (i, j) in future:  # actions at or after the request time
         ts[i, j] = req[i] + (0 if j % 2 == 0 else 25)
@@ -97,6 +98,11 @@ CASES = [
     ("transact_no_candidate_all_positions_pool_all_train_b2_s3",
      small(max_len=3, item_dim=4, fusion="none", max_pool="all_positions", all_output_positions=True,
            num_output_positions=3), 2, 3, "train", {"lengths": [3, 1], "window": [200, 0], "padded_items": True}),
+    # TransAct's per-batch window: one whole number of days for the batch (here 2 days; actions 8 h
+    # to 67 h apart, so it masks the recent ones).
+    ("transact_per_batch_day_window_train_b3_s6",
+     small(time_window_sampling="per_batch_days", time_window_ms=3 * 86_400_000.0), 3, 6, "train",
+     {"lengths": [6, 5, 3], "window": [2 * 86_400_000] * 3, "age_unit_ms": 600_000}),
     # torch.nn.TransformerEncoder options inside TransAct.
     ("encoder_gelu_no_bias_final_norm_train_b3_s5",
      small(max_len=5, activation="gelu", bias=False, final_norm=True), 3, 5, "train",
@@ -120,7 +126,7 @@ def generate(out_dir):
         module.train(mode == "train")
         inputs = sequences(gen, b, s_in, config["item_dim"], opts["lengths"], opts.get("future", ()),
                            opts.get("one_valid_at"), opts.get("vocab"), opts.get("unknown", ()),
-                           opts.get("padded_items", False))
+                           opts.get("padded_items", False), opts.get("age_unit_ms", 1))
         if "window" in opts:
             inputs["window_ms"] = torch.tensor(opts["window"], dtype=torch.int64)
         write_fixture(out_dir, "sequence_transformer", case, layer="SequenceTransformer", config=config,

@@ -66,7 +66,8 @@ fn a_ranker_with_every_variant_builds_counts_and_trains() {
     let logits = ranker.forward_t(&batch, true).unwrap();
     let loss = ranker.loss(&logits, &random_labels(&config, 6, 2).unwrap(), None).unwrap();
     let grads = loss.backward().unwrap();
-    let finite = |t: &candle_core::Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().all(|v| v.is_finite());
+    let finite =
+        |t: &candle_core::Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().all(|v| v.is_finite());
     assert!(finite(&loss.reshape(1).unwrap()));
     for (name, var) in store.named_vars() {
         if let Some(g) = grads.get(var.as_tensor()) {

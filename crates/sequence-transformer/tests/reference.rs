@@ -67,6 +67,7 @@ fn fixtures_cover_the_peer_variants() {
         fixture_paths("sequence_transformer").iter().map(|p| Fixture::load(p).unwrap().name()).collect();
     for needle in [
         "pool_all",
+        "per_batch_day_window",
         "strict_mask",
         "vocab",
         "no_candidate",

@@ -271,3 +271,44 @@ fn gelu_bias_free_layers_have_no_bias_parameters() {
     assert!(names.contains(&"norm.weight".to_string()) && names.contains(&"layers.1.norm2.weight".to_string()));
     assert_eq!(names.len(), 2 * 6 + 1, "{names:?}");
 }
+
+#[test]
+fn training_draws_one_whole_day_window_per_batch() {
+    let config = SequenceTransformerConfig {
+        time_window_sampling: TimeWindowSampling::PerBatchDays,
+        time_window_ms: 2.0 * DAY_MS,
+        ..tiny(MaxPool::Unmasked)
+    };
+    let (_s, model) = hand_model(&config);
+    let day = DAY_MS as i64;
+    let batch = SequenceBatch {
+        action_types: Tensor::new(&[[1i64, 3, 2], [2, 1, 3]], &DEV).unwrap(),
+        item_embeddings: Tensor::new(&[[[0.5f64], [1.0], [2.0]], [[0.1], [0.2], [0.3]]], &DEV).unwrap(),
+        timestamps: Tensor::new(
+            &[[REQ - 10, REQ - day / 2, REQ - 3 * day], [REQ - 5, REQ - day - 1, REQ - 2 * day]],
+            &DEV,
+        )
+        .unwrap(),
+        request_time: Tensor::new(&[REQ, REQ], &DEV).unwrap(),
+        candidate: Tensor::new(&[[7.0f64], [7.0]], &DEV).unwrap(),
+    };
+    let sampler = model.time_window_sampler();
+    for _ in 0..8 {
+        let state = sampler.rng_state();
+        let window = sampler.sample(2);
+        assert_eq!(window[0], window[1]);
+        sampler.set_rng_state(state);
+        let trained = model.forward_t(&batch, true).unwrap();
+        let explicit = model.forward_with_window(&batch, Some(&window), true).unwrap();
+        assert_eq!(row(&trained), row(&explicit));
+        // The window masks exactly the actions younger than it (position 0 never).
+        let mask = model.mask(&batch, Some(&window)).unwrap().to_vec2::<u8>().unwrap();
+        let days = window[0] / DAY_MS;
+        let expected = match days as u32 {
+            0 => vec![vec![0, 0, 0], vec![0, 0, 0]],
+            1 => vec![vec![0, 1, 0], vec![0, 0, 0]],
+            _ => vec![vec![0, 1, 0], vec![0, 1, 0]],
+        };
+        assert_eq!(mask, expected, "window of {days} days");
+    }
+}
