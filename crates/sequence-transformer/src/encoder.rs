@@ -8,6 +8,7 @@ use candle_nn::{Init, VarBuilder};
 use rankstack_nn::{Activation, Dropout, Error, LayerNorm, LayerNormConfig, Linear};
 
 use crate::packed::forward_dense;
+use crate::src_mask::forward_dense_with_src_mask;
 use crate::{AttentionMask, MultiHeadAttention, PackedSequences};
 
 const LAYER: &str = "TransformerEncoderLayer";
@@ -163,10 +164,10 @@ impl TransformerEncoderLayer {
         key_mask: Option<&Tensor>,
         train: bool,
     ) -> Result<Tensor> {
-        rankstack_nn::shape::expect_dims(LAYER, "input", x, &[None, None, Some(self.dim)])?;
-        let (b, s, d) = x.dims3()?;
-        let bias = src_mask.bias(LAYER, b, s, self.self_attn.num_heads(), key_mask, x.dtype())?;
-        self.forward_rows_with_bias(&x.reshape((b * s, d))?, b, s, &bias, train)?.reshape((b, s, d))
+        let heads = self.self_attn.num_heads();
+        forward_dense_with_src_mask(LAYER, x, (self.dim, heads), src_mask, key_mask, |rows, b, s, bias| {
+            self.forward_rows_with_bias(rows, b, s, bias, train)
+        })
     }
 
     /// One layer on the rows `[B·S, d]` of a dense batch, attention biased by `bias`
@@ -287,12 +288,12 @@ impl TransformerEncoder {
         train: bool,
     ) -> Result<Tensor> {
         let first = &self.layers[0];
-        rankstack_nn::shape::expect_dims(ENCODER, "input", x, &[None, None, Some(first.dim)])?;
-        let (b, s, d) = x.dims3()?;
-        let bias = src_mask.bias(ENCODER, b, s, first.self_attn.num_heads(), key_mask, x.dtype())?;
-        let rows = x.reshape((b * s, d))?;
-        let h = self.layers.iter().try_fold(rows, |h, l| l.forward_rows_with_bias(&h, b, s, &bias, train))?;
-        self.final_norm(h)?.reshape((b, s, d))
+        let shape = (first.dim, first.self_attn.num_heads());
+        forward_dense_with_src_mask(ENCODER, x, shape, src_mask, key_mask, |rows, b, s, bias| {
+            let h =
+                self.layers.iter().try_fold(rows.clone(), |h, l| l.forward_rows_with_bias(&h, b, s, bias, train))?;
+            self.final_norm(h)
+        })
     }
 
     fn final_norm(&self, h: Tensor) -> Result<Tensor> {

@@ -93,3 +93,21 @@ impl AttentionMask {
         }
     }
 }
+
+/// `rows(x_rows, B, S, bias)` applied to a dense batch `x` `[B, S, d]`: its rows `[B·S, d]` with
+/// the attention bias of `src_mask` and `key_mask` ([`AttentionMask`]), the result returned as
+/// `[B, S, d]`. The `forward_with_src_mask` of the encoder and its layers; errors name `layer`,
+/// which works on width `d` with `heads` heads.
+pub(crate) fn forward_dense_with_src_mask(
+    layer: &str,
+    x: &Tensor,
+    (width, heads): (usize, usize),
+    src_mask: &AttentionMask,
+    key_mask: Option<&Tensor>,
+    rows: impl FnOnce(&Tensor, usize, usize, &Tensor) -> Result<Tensor>,
+) -> Result<Tensor> {
+    rankstack_nn::shape::expect_dims(layer, "input", x, &[None, None, Some(width)])?;
+    let (b, s, d) = x.dims3()?;
+    let bias = src_mask.bias(layer, b, s, heads, key_mask, x.dtype())?;
+    rows(&x.reshape((b * s, d))?, b, s, &bias)?.reshape((b, s, d))
+}
