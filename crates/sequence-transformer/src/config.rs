@@ -33,7 +33,9 @@ pub enum MaxPool {
     Unmasked,
     /// `Linear(max over every token)`, padded and masked ones included, as TransAct's public code
     /// does (`tfmr_out.max(dim=1)`): a masked position's encoder output (its query still attends
-    /// to the unmasked keys) takes part. Every row then goes through the encoder.
+    /// to the unmasked keys) takes part. Every row then goes through the encoder, and the gradient
+    /// goes to the first position attaining the maximum, as with `torch.max(dim).values`
+    /// ([`crate::pool_all::max_pool_first`]).
     AllPositions,
     /// No max-pool block and no `pool_proj` (TransAct's `concat_max_pool = False`); the output is
     /// the first-K block alone, so K must be > 0.

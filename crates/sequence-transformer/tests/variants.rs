@@ -143,6 +143,9 @@ fn per_batch_day_windows_are_whole_days_shared_by_the_batch() {
     assert_eq!(a, sampler.sample(2));
 }
 
+/// A change to a config.
+type Edit = dyn Fn(&mut SequenceTransformerConfig);
+
 fn config_error(f: impl Fn(&mut SequenceTransformerConfig)) -> String {
     let mut c = tiny(MaxPool::Unmasked);
     f(&mut c);
@@ -152,7 +155,7 @@ fn config_error(f: impl Fn(&mut SequenceTransformerConfig)) -> String {
 
 #[test]
 fn invalid_variant_combinations_fail_at_construction_naming_the_field() {
-    let cases: [(&dyn Fn(&mut SequenceTransformerConfig), &str, &str); 8] = [
+    let cases: [(&Edit, &str, &str); 8] = [
         (&|c| c.num_output_positions = 2, "`num_output_positions`", "all_output_positions"),
         (&|c| (c.max_pool, c.all_output_positions) = (MaxPool::None, false), "`max_pool`", "output would be empty"),
         (&|c| c.action_vocab = Some(vec![]), "`action_vocab`", "empty"),
