@@ -3,7 +3,7 @@
 use candle_core::{ModuleT, Result, Tensor};
 use candle_nn::VarBuilder;
 use rankstack_nn::reseed::child_seed;
-use rankstack_nn::{shape::expect_matrix, Error, Mlp, Reseed};
+use rankstack_nn::{shape::expect_matrix, Mlp, Reseed};
 
 use crate::{MaskBlock, ParallelMaskNetConfig};
 
