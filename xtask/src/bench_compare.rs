@@ -1,5 +1,5 @@
-//! `cargo xtask bench-compare [--rounds N] [--threads T] [--cpu avx512|avx2|generic]`: the
-//! `homefeed-bench` model in rankstack
+//! `cargo xtask bench-compare [--rounds N] [--threads T] [--cpu avx512|avx2|generic] [--load]`:
+//! the `homefeed-bench` model in rankstack
 //! (`examples/bench_compare.rs`) and in the PyTorch reference (`rankstack_ref.bench_compare`), from
 //! the same checkpoint and inputs. It checks that their probabilities agree, then times both,
 //! alternating process by process for N rounds (default 3) with T threads each (default 2):
@@ -11,6 +11,10 @@
 //! `--cpu` restricts both sides to one instruction-set path, so that any x86 machine reproduces
 //! another's: rankstack through `RANKSTACK_CPU`, PyTorch through `ATEN_CPU_CAPABILITY` (its own
 //! kernels), `ONEDNN_MAX_CPU_ISA` (oneDNN) and `MKL_ENABLE_INSTRUCTIONS` (MKL's GEMM).
+//!
+//! `--load` runs the whole comparison with one core kept busy by another process (a shell busy
+//! loop, bounded to an hour and killed when the comparison ends): how much each framework slows
+//! down when it does not have the machine to itself. Compare with a run without `--load`.
 
 use std::collections::BTreeMap;
 use std::process::Command;
@@ -58,13 +62,39 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
+/// Another process spinning on one core, killed when dropped (and ending by itself after an hour).
+struct BusyLoop(std::process::Child);
+
+impl BusyLoop {
+    fn start() -> Result<Self> {
+        let child = Command::new("sh")
+            .args(["-c", "end=$(( $(date +%s) + 3600 )); while [ $(date +%s) -lt $end ]; do i=0; while [ $i -lt 100000 ]; do i=$((i+1)); done; done"])
+            .spawn()
+            .map_err(|e| format!("--load: cannot start the busy loop: {e}"))?;
+        eprintln!("==> one core loaded by a busy loop (pid {})", child.id());
+        Ok(Self(child))
+    }
+}
+
+impl Drop for BusyLoop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// `cargo xtask bench-compare`.
 pub fn bench_compare(args: &[String]) -> Result<()> {
     let mut rounds = 3usize;
     let mut threads = 2usize;
     let mut cpu: Option<String> = None;
+    let mut load = false;
     let mut it = args.iter();
     while let Some(a) = it.next() {
+        if a == "--load" {
+            load = true;
+            continue;
+        }
         if a == "--cpu" {
             let v = it.next().ok_or("--cpu needs avx512, avx2 or generic")?;
             if !["avx512", "avx2", "generic"].contains(&v.as_str()) {
@@ -81,7 +111,7 @@ pub fn bench_compare(args: &[String]) -> Result<()> {
             "--threads" => threads = value("--threads")?,
             other => {
                 return Err(format!(
-                    "bench-compare: unknown argument `{other}` (use --rounds N, --threads T, --cpu PATH)"
+                    "bench-compare: unknown argument `{other}` (use --rounds N, --threads T, --cpu PATH, --load)"
                 ))
             }
         }
@@ -128,6 +158,8 @@ pub fn bench_compare(args: &[String]) -> Result<()> {
         capture(what, &mut cmd)
     };
 
+    // Started after the build and the venv, so that it loads only the timed processes.
+    let _load = if load { Some(BusyLoop::start()?) } else { None };
     let model = rust("rankstack: write checkpoint and inputs", "prepare")?;
     let check = torch("PyTorch: check the outputs agree", "check", &[])?;
     let gemm_rust = rust("rankstack: f32 GEMM rate", "gemm")?;
@@ -162,6 +194,9 @@ pub fn bench_compare(args: &[String]) -> Result<()> {
     let mut t = String::new();
     if let Some(cpu) = &cpu {
         t.push_str(&format!("CPU path: `{cpu}` on both sides (`--cpu {cpu}`).\n\n"));
+    }
+    if load {
+        t.push_str("Under load: one core kept busy by another process throughout (`--load`).\n\n");
     }
     t.push_str(&format!(
         "Model `homefeed-bench`: {:.1}M parameters, {:.1} MFLOP per candidate (forward). {threads} threads each, \
