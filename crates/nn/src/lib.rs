@@ -16,6 +16,10 @@
 //! - [`Mlp`]: a stack of linear layers with activation, optional normalisation and dropout.
 //! - [`shape`]: input-shape checks that produce errors naming the layer.
 //! - [`checkpoint`]: loading named tensors into a parameter store, reporting every mismatch at once.
+//! - [`tensor_write`]: atomic, checksummed, byte-reproducible safetensors writing.
+//! - [`layer_checkpoint`]: a single layer saved on its own (`layer.json` + `model.safetensors`).
+//! - [`state_dict`]: importing a peer framework's state dict (renaming, reshaping, splitting,
+//!   checking every tensor) and single-layer checkpoints.
 //! - [`finite`]: which named tensor holds an infinity or a NaN, checked on the tensors' device.
 //! - [`batched_matmul()`]: many small matrix products in parallel (attention), with a backward pass.
 //! - [`Linear`] and [`packed_matmul`]: linear layers whose weights a serving model packs once, in
@@ -49,6 +53,7 @@ pub mod fused_softmax;
 mod gemm;
 pub mod init;
 pub mod kernel_float;
+pub mod layer_checkpoint;
 pub mod layer_norm;
 pub mod linear;
 pub mod loss;
@@ -60,6 +65,8 @@ pub mod rng;
 pub mod row_sparse;
 pub mod shape;
 pub mod softmax;
+pub mod state_dict;
+pub mod tensor_write;
 pub mod testing;
 
 pub use activation::Activation;
