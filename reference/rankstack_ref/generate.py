@@ -7,7 +7,8 @@ import sys
 
 import torch
 
-from . import cases_dcnv2, cases_feature_encoders, cases_masknet, cases_ranker, cases_sequence_transformer
+from . import (cases_dcnv2, cases_feature_encoders, cases_masknet, cases_ranker,
+               cases_sequence_transformer, cases_torchrec)
 
 GROUPS = {
     "dcnv2": cases_dcnv2.generate,
@@ -15,6 +16,7 @@ GROUPS = {
     "feature_encoders": cases_feature_encoders.generate,
     "sequence_transformer": cases_sequence_transformer.generate,
     "ranker": cases_ranker.generate,
+    "torchrec": cases_torchrec.generate,
 }
 
 

@@ -22,7 +22,7 @@ use candle_nn::VarBuilder;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use crate::checkpoint::{bytes_checksum, mismatches, read_safetensors};
+use crate::checkpoint::{bytes_checksum, mismatches, read_safetensors, FrozenTensors};
 use crate::tensor_write::{write_atomically, write_safetensors, CONFIG_CHECKSUM_KEY};
 use crate::{Error, Result, SeededVarMap};
 
@@ -49,6 +49,13 @@ pub struct LayerSpec {
 }
 
 impl LayerSpec {
+    /// The spec of a `layer` built from `config` (serialised here, so that layer crates need no
+    /// JSON dependency of their own).
+    pub fn new(layer: &str, input_dim: Option<usize>, config: &impl Serialize, source: Option<String>) -> Self {
+        let config = serde_json::to_value(config).expect("layer configs are plain serde structs");
+        Self { layer: layer.to_string(), input_dim, config, source }
+    }
+
     /// Refuses a spec of another layer type than `layer`.
     pub fn expect_layer(&self, layer: &str) -> Result<()> {
         if self.layer == layer {
@@ -153,6 +160,18 @@ pub fn load(dir: &Path) -> Result<(LayerSpec, HashMap<String, Tensor>)> {
         ));
     }
     Ok((spec, file.tensors))
+}
+
+/// Checks, before anything is written, that `tensors` are exactly what `build` asks for when it
+/// constructs the layer `spec` describes (names, shapes, float dtypes; every mismatch at once).
+pub fn check_builds<M>(
+    spec: &LayerSpec,
+    tensors: &HashMap<String, Tensor>,
+    build: impl FnOnce(&LayerSpec, VarBuilder) -> Result<M>,
+) -> Result<()> {
+    let frozen = FrozenTensors::new(tensors.clone());
+    build(spec, frozen.var_builder(DType::F32, &Device::Cpu))?;
+    frozen.finish(&[])
 }
 
 /// Builds the layer a checkpoint holds, with trainable variables starting from its tensors (float
