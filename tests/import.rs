@@ -1,0 +1,82 @@
+//! `rankstack import` end to end: each peer state dict committed under `fixtures/` (torchrec's own
+//! modules; TransAct, Twitter MaskNet and `nn.TransformerEncoder` from the reference written from
+//! their code) imports with one command, and the checkpoint it writes scores the fixture's inputs
+//! as the peer module did (f32 round-off). Bad input gets one line.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Module};
+use rankstack::nn::testing::{assert_close, fixture_paths, fixtures_root, Fixture};
+use support::cli::{fails, ok};
+
+/// The fixture's rankstack config as a JSON file in `dir`.
+fn config_file(dir: &Path, fixture: &Fixture) -> PathBuf {
+    let config: serde_json::Value = fixture.config();
+    let path = dir.join(format!("{}.json", fixture.name()));
+    std::fs::write(&path, serde_json::to_string_pretty(&config).unwrap()).unwrap();
+    path
+}
+
+/// Runs `rankstack import` on the fixture's saved state dict; returns the checkpoint directory.
+fn import(dir: &Path, group: &str, fixture: &Fixture) -> PathBuf {
+    let state_dict = fixtures_root().join(group).join("state_dicts").join(format!("{}.safetensors", fixture.name()));
+    let config = config_file(dir, fixture);
+    let out = dir.join(fixture.name());
+    let peer = fixture.meta("peer").expect("peer");
+    let (state_dict, config, out_s) =
+        (state_dict.display().to_string(), config.display().to_string(), out.display().to_string());
+    let mut args = vec!["import", "--from", &peer, &state_dict, "--config", &config, "--out", &out_s];
+    let input_dim = fixture.meta("input_dim");
+    if let Some(d) = &input_dim {
+        args.extend(["--input-dim", d]);
+    }
+    let summary = ok(&args);
+    assert!(summary.contains("imported") && summary.contains(&out_s), "{summary}");
+    out
+}
+
+#[test]
+fn torchrec_state_dicts_import_with_one_command_and_score_like_torchrec() {
+    let dir = support::tmpdir("import-torchrec");
+    for path in fixture_paths("torchrec") {
+        let fixture = Fixture::load(&path).unwrap();
+        let checkpoint = import(&dir, "torchrec", &fixture);
+        let (net, _) = rankstack::dcnv2::load_cross_net(&checkpoint, DType::F32, &Device::Cpu).unwrap();
+        let scores = net.forward(&fixture.tensor("input.x").to_dtype(DType::F32).unwrap()).unwrap();
+        // torchrec's own float32 run, and the float64 truth.
+        assert_close(&format!("{}: vs torchrec f32", fixture.name()), &scores, fixture.tensor("f32.output"), 1e-5);
+        assert_close(&format!("{}: vs float64", fixture.name()), &scores, fixture.tensor("output"), 1e-5);
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn import_errors_are_one_line_and_never_overwrite() {
+    let dir = support::tmpdir("import-errors");
+    let fixture = Fixture::load(fixtures_root().join("torchrec/lowrank_r2_b4_d8_l2.safetensors")).unwrap();
+    let out = import(&dir, "torchrec", &fixture);
+    let state_dict = fixtures_root().join("torchrec/state_dicts/lowrank_r2_b4_d8_l2.safetensors");
+    let config = config_file(&dir, &fixture);
+    let (sd, cfg, out_s) = (state_dict.display().to_string(), config.display().to_string(), out.display().to_string());
+    let base = ["import", "--from", "torchrec-lowrank", &sd, "--config", &cfg, "--out", &out_s];
+    let before = std::fs::read(out.join("model.safetensors")).unwrap();
+    let err = fails(&[&base[..], &["--input-dim", "8"]].concat());
+    assert!(err.contains("already exists; pass --force"), "{err}");
+    assert_eq!(std::fs::read(out.join("model.safetensors")).unwrap(), before);
+    ok(&[&base[..], &["--input-dim", "8", "--force"]].concat());
+    // Wrong width: every tensor named with torchrec's name and both shapes.
+    let other = dir.join("other").display().to_string();
+    let base = ["import", "--from", "torchrec-lowrank", &sd, "--config", &cfg, "--out", &other];
+    let err = fails(&[&base[..], &["--input-dim", "9"]].concat());
+    assert!(err.contains("torchrec LowRankCrossNet state dict does not fit the config"), "{err}");
+    assert!(err.contains("tensor `W_kernels.0` has shape [8, 2], the model expects [9, 2]"), "{err}");
+    let err = fails(&base);
+    assert!(err.contains("--input-dim"), "{err}");
+    let err =
+        fails(&["import", "--from", "torchrec-mixture", &sd, "--config", &cfg, "--out", &other, "--input-dim", "8"]);
+    assert!(err.contains("needs a layer of type `mixture`"), "{err}");
+    assert!(!Path::new(&other).exists());
+    std::fs::remove_dir_all(&dir).ok();
+}
