@@ -7,7 +7,7 @@ import sys
 
 import torch
 
-from . import (cases_dcnv2, cases_feature_encoders, cases_masknet, cases_ranker,
+from . import (cases_dcnv2, cases_feature_encoders, cases_masknet, cases_peers, cases_ranker,
                cases_sequence_transformer, cases_torchrec)
 
 GROUPS = {
@@ -17,6 +17,7 @@ GROUPS = {
     "sequence_transformer": cases_sequence_transformer.generate,
     "ranker": cases_ranker.generate,
     "torchrec": cases_torchrec.generate,
+    "peers": cases_peers.generate,
 }
 
 

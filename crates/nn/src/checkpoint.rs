@@ -313,6 +313,20 @@ mod tests {
     }
 
     #[test]
+    fn bool_tensors_written_by_pytorch_read_as_u8() {
+        // `input.mask` is a torch.bool src_key_padding_mask saved by safetensors.torch
+        // (reference/rankstack_ref/cases_peers.py): padded positions (0, 4), (1, 2..5).
+        let path = crate::testing::fixtures_root().join("peers/torch_transformer_post_norm_b3_s5_d8.safetensors");
+        let file = read_safetensors(&path).unwrap();
+        let mask = &file.tensors["input.mask"];
+        assert_eq!(mask.dtype(), DType::U8);
+        let expected: Vec<Vec<u8>> = vec![vec![0, 0, 0, 0, 1], vec![0, 0, 1, 1, 1], vec![0, 0, 0, 0, 0]];
+        assert_eq!(mask.to_vec2::<u8>().unwrap(), expected);
+        // The float tensors of the same file load as before.
+        assert_eq!(file.tensors["input.x"].dtype(), DType::F64);
+    }
+
+    #[test]
     fn frozen_tensors_are_plain_and_every_problem_is_reported() {
         let dev = Device::Cpu;
         let file = HashMap::from([

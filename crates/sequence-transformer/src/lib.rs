@@ -10,12 +10,17 @@
 //!   rows no output depends on (padding), and every encoder layer runs on the packed rows.
 //! - [`heads`]: splitting projections into attention heads and merging them, one graph node each;
 //!   [`pooling`]: the masked max-pool of the output, one graph node.
+//! - Importing peers: [`from_transact_state_dict`] (Pinterest's TransAct module) and
+//!   [`from_torch_transformer_state_dict`] (`torch.nn.TransformerEncoder`), with single-layer
+//!   checkpoints ([`save_sequence_transformer`], [`load_sequence_transformer`],
+//!   [`save_transformer_encoder`], [`load_transformer_encoder`]; `docs/compatibility.md`).
 //!
 //! Numerics are checked against `torch.nn.TransformerEncoder` itself on its autograd ("slow")
 //! path, the path every training step takes; the inference fast path differs only in zeroing the
 //! outputs at masked positions.
 
 pub mod attention;
+mod checkpoint;
 pub mod config;
 pub mod encoder;
 pub mod heads;
@@ -23,12 +28,20 @@ pub mod mask;
 pub mod packed;
 pub mod packed_attention;
 pub mod pooling;
+mod torch_transformer;
+mod transact;
 pub mod transformer;
 
 pub use attention::MultiHeadAttention;
+pub use checkpoint::{
+    load_sequence_transformer, load_transformer_encoder, save_sequence_transformer, save_transformer_encoder,
+    SEQUENCE_TRANSFORMER_LAYER, TRANSFORMER_ENCODER_LAYER,
+};
 pub use config::{Fusion, PositionalEncoding, SequenceTransformerConfig, MAX_ACTION_TYPES, MAX_SEQUENCE_LEN};
 pub use encoder::{EncoderLayerConfig, TransformerEncoder, TransformerEncoderLayer};
 pub use mask::{key_mask, TimeWindowSampler};
 pub use packed::PackedSequences;
 pub use packed_attention::{packed_attention, packed_attention_with_device_dropout};
+pub use torch_transformer::{from_torch_transformer_state_dict, TorchTransformerConfig};
+pub use transact::from_transact_state_dict;
 pub use transformer::{SequenceBatch, SequenceTransformer};
