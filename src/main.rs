@@ -64,6 +64,12 @@ enum ImportFrom {
     TorchrecLowrank,
     /// torchrec LowRankMixtureCrossNet.
     TorchrecMixture,
+    /// Pinterest's TransAct module.
+    Transact,
+    /// Twitter's recap MaskNet (parallel or serial).
+    TwitterMasknet,
+    /// torch.nn.TransformerEncoder.
+    TorchTransformer,
 }
 
 impl From<ImportFrom> for commands::ImportSource {
@@ -72,6 +78,9 @@ impl From<ImportFrom> for commands::ImportSource {
             ImportFrom::TorchrecCrossnet => Self::TorchrecCrossNet,
             ImportFrom::TorchrecLowrank => Self::TorchrecLowRank,
             ImportFrom::TorchrecMixture => Self::TorchrecMixture,
+            ImportFrom::Transact => Self::TransAct,
+            ImportFrom::TwitterMasknet => Self::TwitterMaskNet,
+            ImportFrom::TorchTransformer => Self::TorchTransformer,
         }
     }
 }
@@ -166,7 +175,7 @@ enum Command {
         /// The rankstack layer config (JSON) that reproduces the peer module.
         #[arg(long)]
         config: PathBuf,
-        /// The layer's input width (torchrec cross networks, Twitter MaskNet, nn.TransformerEncoder).
+        /// The layer's input width (torchrec cross networks, Twitter MaskNet).
         #[arg(long)]
         input_dim: Option<usize>,
         /// The checkpoint directory to write.

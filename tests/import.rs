@@ -7,8 +7,9 @@ mod support;
 
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device, Module};
+use candle_core::{DType, Device, Module, Tensor};
 use rankstack::nn::testing::{assert_close, fixture_paths, fixtures_root, Fixture};
+use rankstack::sequence_transformer::SequenceBatch;
 use support::cli::{fails, ok};
 
 /// The fixture's rankstack config as a JSON file in `dir`.
@@ -47,6 +48,65 @@ fn torchrec_state_dicts_import_with_one_command_and_score_like_torchrec() {
         let scores = net.forward(&fixture.tensor("input.x").to_dtype(DType::F32).unwrap()).unwrap();
         // torchrec's own float32 run, and the float64 truth.
         assert_close(&format!("{}: vs torchrec f32", fixture.name()), &scores, fixture.tensor("f32.output"), 1e-5);
+        assert_close(&format!("{}: vs float64", fixture.name()), &scores, fixture.tensor("output"), 1e-5);
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// The imported checkpoint's output on the fixture's inputs, in f32.
+fn score_peer(checkpoint: &Path, fixture: &Fixture) -> Tensor {
+    let f32_input = |name: &str| {
+        let t = fixture.tensor(&format!("input.{name}"));
+        if t.dtype().is_float() {
+            t.to_dtype(DType::F32).unwrap()
+        } else {
+            t.clone()
+        }
+    };
+    let (dtype, cpu) = (DType::F32, &Device::Cpu);
+    match fixture.meta("layer").as_deref() {
+        Some("SequenceTransformer") => {
+            let (model, _) =
+                rankstack::sequence_transformer::load_sequence_transformer(checkpoint, dtype, cpu).unwrap();
+            model
+                .forward(&SequenceBatch {
+                    action_types: f32_input("action_types"),
+                    item_embeddings: f32_input("item_embeddings"),
+                    timestamps: f32_input("timestamps"),
+                    request_time: f32_input("request_time"),
+                    candidate: f32_input("candidate"),
+                })
+                .unwrap()
+        }
+        Some("ParallelMaskNet") => {
+            let (net, _) = rankstack::masknet::load_parallel_masknet(checkpoint, dtype, cpu).unwrap();
+            net.forward(&f32_input("x")).unwrap()
+        }
+        Some("SerialMaskNet") => {
+            let (net, _) = rankstack::masknet::load_serial_masknet(checkpoint, dtype, cpu).unwrap();
+            net.forward(&f32_input("x")).unwrap()
+        }
+        Some("TransformerEncoder") => {
+            let (encoder, _) =
+                rankstack::sequence_transformer::load_transformer_encoder(checkpoint, dtype, cpu).unwrap();
+            let padded = f32_input("mask").to_dtype(dtype).unwrap();
+            let key_mask = (padded * f64::from(f32::MIN)).unwrap(); // 1 → hidden (softmax weight 0)
+            encoder.forward_t(&f32_input("x"), Some(&key_mask), false).unwrap()
+        }
+        other => panic!("{}: unexpected layer {other:?}", fixture.name()),
+    }
+}
+
+#[test]
+fn transact_twitter_and_torch_transformer_state_dicts_import_with_one_command() {
+    let dir = support::tmpdir("import-peers");
+    let paths = fixture_paths("peers");
+    assert_eq!(paths.len(), 7, "2 TransAct, 3 Twitter MaskNet, 2 nn.TransformerEncoder");
+    for path in paths {
+        let fixture = Fixture::load(&path).unwrap();
+        let checkpoint = import(&dir, "peers", &fixture);
+        let scores = score_peer(&checkpoint, &fixture);
+        assert_close(&format!("{}: vs the peer in f32", fixture.name()), &scores, fixture.tensor("f32.output"), 1e-5);
         assert_close(&format!("{}: vs float64", fixture.name()), &scores, fixture.tensor("output"), 1e-5);
     }
     std::fs::remove_dir_all(&dir).ok();

@@ -15,6 +15,12 @@ pub enum ImportSource {
     TorchrecLowRank,
     /// torchrec `LowRankMixtureCrossNet`.
     TorchrecMixture,
+    /// Pinterest's TransAct module.
+    TransAct,
+    /// Twitter's recap MaskNet (parallel or serial, without its top MLP).
+    TwitterMaskNet,
+    /// `torch.nn.TransformerEncoder`.
+    TorchTransformer,
 }
 
 impl ImportSource {
@@ -24,6 +30,9 @@ impl ImportSource {
             Self::TorchrecCrossNet => "torchrec-crossnet",
             Self::TorchrecLowRank => "torchrec-lowrank",
             Self::TorchrecMixture => "torchrec-mixture",
+            Self::TransAct => "transact",
+            Self::TwitterMaskNet => "twitter-masknet",
+            Self::TorchTransformer => "torch-transformer",
         }
     }
 }
@@ -35,7 +44,8 @@ pub struct ImportArgs<'a> {
     pub state_dict: &'a Path,
     /// The rankstack layer config (JSON) that reproduces the peer module.
     pub config: &'a Path,
-    /// The layer's input width, for layers whose constructor takes one.
+    /// The layer's input width: the torchrec cross networks and Twitter's MaskNet take one
+    /// (TransAct's and `nn.TransformerEncoder`'s widths are in their configs).
     pub input_dim: Option<usize>,
     /// The checkpoint directory to write.
     pub out: &'a Path,
@@ -47,6 +57,22 @@ pub struct ImportArgs<'a> {
 fn read_config<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
     let text = std::fs::read_to_string(path).map_err(Error::io_at(path))?;
     serde_json::from_str(&text).map_err(|e| Error::input("import", path.display().to_string(), e.to_string()))
+}
+
+/// A MaskNet config file: a parallel one (`num_blocks`, `block`) or a serial one (`blocks`).
+fn read_masknet_config(path: &Path) -> Result<masknet::MaskNetConfig> {
+    let value: serde_json::Value = read_config(path)?;
+    let parallel = serde_json::from_value(value.clone()).map(masknet::MaskNetConfig::Parallel);
+    let serial = || serde_json::from_value(value).map(masknet::MaskNetConfig::Serial);
+    parallel.or_else(|p| {
+        serial().map_err(|s| {
+            Error::input(
+                "import",
+                path.display().to_string(),
+                format!("neither a ParallelMaskNet config ({p}) nor a SerialMaskNet config ({s})"),
+            )
+        })
+    })
 }
 
 fn input_dim(source: ImportSource, args: &ImportArgs) -> Result<usize> {
@@ -75,6 +101,40 @@ pub fn import(source: ImportSource, args: &ImportArgs) -> Result<String> {
             let tensors = dcnv2::from_torchrec_state_dict(d, &config, state)?;
             let peer = format!("torchrec {}", dcnv2::torchrec_class(&config));
             dcnv2::save_cross_net(args.out, d, &config, &tensors, Some(peer.clone()), args.force)?;
+            (peer, tensors.len())
+        }
+        ImportSource::TransAct => {
+            let config: sequence_transformer::SequenceTransformerConfig = read_config(args.config)?;
+            let tensors = sequence_transformer::from_transact_state_dict(&config, state)?;
+            let peer = "TransAct".to_string();
+            sequence_transformer::save_sequence_transformer(
+                args.out,
+                &config,
+                &tensors,
+                Some(peer.clone()),
+                args.force,
+            )?;
+            (peer, tensors.len())
+        }
+        ImportSource::TwitterMaskNet => {
+            let config = read_masknet_config(args.config)?;
+            let d = input_dim(source, args)?;
+            let tensors = masknet::from_twitter_state_dict(d, &config, state)?;
+            let peer = "Twitter MaskNet".to_string();
+            masknet::save_masknet(args.out, d, &config, &tensors, Some(peer.clone()), args.force)?;
+            (peer, tensors.len())
+        }
+        ImportSource::TorchTransformer => {
+            let config: sequence_transformer::TorchTransformerConfig = read_config(args.config)?;
+            let tensors = sequence_transformer::from_torch_transformer_state_dict(&config, state)?;
+            let peer = "nn.TransformerEncoder".to_string();
+            sequence_transformer::save_transformer_encoder(
+                args.out,
+                &config,
+                &tensors,
+                Some(peer.clone()),
+                args.force,
+            )?;
             (peer, tensors.len())
         }
     };
