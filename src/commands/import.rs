@@ -100,42 +100,29 @@ pub fn import(source: ImportSource, args: &ImportArgs) -> Result<String> {
             let d = input_dim(source, args)?;
             let tensors = dcnv2::from_torchrec_state_dict(d, &config, state)?;
             let peer = format!("torchrec {}", dcnv2::torchrec_class(&config));
-            dcnv2::save_cross_net(args.out, d, &config, &tensors, Some(peer.clone()), args.force)?;
-            (peer, tensors.len())
+            written(peer, &tensors, |src| dcnv2::save_cross_net(args.out, d, &config, &tensors, src, args.force))?
         }
         ImportSource::TransAct => {
             let config: sequence_transformer::SequenceTransformerConfig = read_config(args.config)?;
             let tensors = sequence_transformer::from_transact_state_dict(&config, state)?;
-            let peer = "TransAct".to_string();
-            sequence_transformer::save_sequence_transformer(
-                args.out,
-                &config,
-                &tensors,
-                Some(peer.clone()),
-                args.force,
-            )?;
-            (peer, tensors.len())
+            written("TransAct".into(), &tensors, |src| {
+                sequence_transformer::save_sequence_transformer(args.out, &config, &tensors, src, args.force)
+            })?
         }
         ImportSource::TwitterMaskNet => {
             let config = read_masknet_config(args.config)?;
             let d = input_dim(source, args)?;
             let tensors = masknet::from_twitter_state_dict(d, &config, state)?;
-            let peer = "Twitter MaskNet".to_string();
-            masknet::save_masknet(args.out, d, &config, &tensors, Some(peer.clone()), args.force)?;
-            (peer, tensors.len())
+            written("Twitter MaskNet".into(), &tensors, |src| {
+                masknet::save_masknet(args.out, d, &config, &tensors, src, args.force)
+            })?
         }
         ImportSource::TorchTransformer => {
             let config: sequence_transformer::TorchTransformerConfig = read_config(args.config)?;
             let tensors = sequence_transformer::from_torch_transformer_state_dict(&config, state)?;
-            let peer = "nn.TransformerEncoder".to_string();
-            sequence_transformer::save_transformer_encoder(
-                args.out,
-                &config,
-                &tensors,
-                Some(peer.clone()),
-                args.force,
-            )?;
-            (peer, tensors.len())
+            written("nn.TransformerEncoder".into(), &tensors, |src| {
+                sequence_transformer::save_transformer_encoder(args.out, &config, &tensors, src, args.force)
+            })?
         }
     };
     Ok(format!(
@@ -143,6 +130,16 @@ pub fn import(source: ImportSource, args: &ImportArgs) -> Result<String> {
         args.state_dict.display(),
         args.out.display()
     ))
+}
+
+/// Runs `save` with `peer` as the checkpoint's source; the peer and the number of tensors written.
+fn written(
+    peer: String,
+    tensors: &std::collections::HashMap<String, candle_core::Tensor>,
+    save: impl FnOnce(Option<String>) -> Result<()>,
+) -> Result<(String, usize)> {
+    save(Some(peer.clone()))?;
+    Ok((peer, tensors.len()))
 }
 
 /// `--from torchrec-…` names the module; the config's layer kind must be the one it reproduces.

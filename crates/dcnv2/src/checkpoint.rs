@@ -28,9 +28,7 @@ pub fn save_cross_net(
     source: Option<String>,
     replace: bool,
 ) -> Result<()> {
-    let spec = cross_net_spec(input_dim, config, source);
-    layer_checkpoint::check_builds(&spec, tensors, |spec, vb| build(spec, vb))?;
-    layer_checkpoint::save(dir, &spec, tensors, replace)
+    layer_checkpoint::save_checked(dir, &cross_net_spec(input_dim, config, source), tensors, replace, build)
 }
 
 /// Loads a [`CrossNet`] checkpoint with trainable variables in `dtype` on `device`.

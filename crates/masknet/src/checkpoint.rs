@@ -26,15 +26,16 @@ pub fn save_masknet(
     source: Option<String>,
     replace: bool,
 ) -> Result<()> {
-    let spec = match config {
-        MaskNetConfig::Parallel(c) => LayerSpec::new(PARALLEL_MASKNET_LAYER, Some(input_dim), c, source),
-        MaskNetConfig::Serial(c) => LayerSpec::new(SERIAL_MASKNET_LAYER, Some(input_dim), c, source),
-    };
     match config {
-        MaskNetConfig::Parallel(_) => layer_checkpoint::check_builds(&spec, tensors, build_parallel)?,
-        MaskNetConfig::Serial(_) => layer_checkpoint::check_builds(&spec, tensors, build_serial)?,
+        MaskNetConfig::Parallel(c) => {
+            let spec = LayerSpec::new(PARALLEL_MASKNET_LAYER, Some(input_dim), c, source);
+            layer_checkpoint::save_checked(dir, &spec, tensors, replace, build_parallel)
+        }
+        MaskNetConfig::Serial(c) => {
+            let spec = LayerSpec::new(SERIAL_MASKNET_LAYER, Some(input_dim), c, source);
+            layer_checkpoint::save_checked(dir, &spec, tensors, replace, build_serial)
+        }
     }
-    layer_checkpoint::save(dir, &spec, tensors, replace)
 }
 
 /// Loads a [`ParallelMaskNet`] checkpoint with trainable variables in `dtype` on `device`.

@@ -174,6 +174,18 @@ pub fn check_builds<M>(
     frozen.finish(&[])
 }
 
+/// [`check_builds`], then [`save`]: the checkpoint of the layer `build` constructs from `spec`.
+pub fn save_checked<M>(
+    dir: &Path,
+    spec: &LayerSpec,
+    tensors: &HashMap<String, Tensor>,
+    replace: bool,
+    build: impl FnOnce(&LayerSpec, VarBuilder) -> Result<M>,
+) -> Result<()> {
+    check_builds(spec, tensors, build)?;
+    save(dir, spec, tensors, replace)
+}
+
 /// Builds the layer a checkpoint holds, with trainable variables starting from its tensors (float
 /// tensors converted to `dtype`): [`load`], then `build(spec, var_builder)`, then a check that the
 /// layer asked for exactly the file's tensors with the file's shapes (every mismatch at once).

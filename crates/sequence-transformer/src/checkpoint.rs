@@ -26,8 +26,7 @@ pub fn save_sequence_transformer(
     replace: bool,
 ) -> Result<()> {
     let spec = LayerSpec::new(SEQUENCE_TRANSFORMER_LAYER, None, config, source);
-    layer_checkpoint::check_builds(&spec, tensors, build_sequence_transformer)?;
-    layer_checkpoint::save(dir, &spec, tensors, replace)
+    layer_checkpoint::save_checked(dir, &spec, tensors, replace, build_sequence_transformer)
 }
 
 /// Loads a [`SequenceTransformer`] checkpoint with trainable variables in `dtype` on `device`.
@@ -49,8 +48,7 @@ pub fn save_transformer_encoder(
     replace: bool,
 ) -> Result<()> {
     let spec = LayerSpec::new(TRANSFORMER_ENCODER_LAYER, Some(config.d_model), config, source);
-    layer_checkpoint::check_builds(&spec, tensors, build_transformer_encoder)?;
-    layer_checkpoint::save(dir, &spec, tensors, replace)
+    layer_checkpoint::save_checked(dir, &spec, tensors, replace, build_transformer_encoder)
 }
 
 /// Loads a [`TransformerEncoder`] checkpoint with trainable variables in `dtype` on `device`.
