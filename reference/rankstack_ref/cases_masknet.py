@@ -20,6 +20,10 @@ BLOCK_CASES = [
     ("block_b1_m1_z1_q3", 1, 1, 1, block(3), 1.0),
     ("block_b2_m5_ratio1.5_q4", 2, 5, 5, block(4, projection_ratio=1.5), 1.0),
     ("block_large_b4_m8_q6", 4, 8, 8, block(6), 1e3),
+    # Twitter's recap MaskBlock: int() truncation of the aggregation width (1.25 x 10 = 12, not 13),
+    # bias on the hidden projection, no activation after the LayerNorm.
+    ("block_twitter_truncate_b3_m10_rf1.25_bias_identity", 3, 10, 10,
+     block(6, projection_ratio=1.25, aggregation_rounding="truncate", hidden_bias=True, activation="identity"), 1.0),
 ]
 
 # (case, batch, m, config)
@@ -28,6 +32,15 @@ PARALLEL_CASES = [
     ("parallel_u2_b4_m6_q4_top_mlp", 4, 6, {"num_blocks": 2, "block": block(4),
      "top_mlp": {"dims": [5, 3], "activation": "relu", "activate_last": False, "normalization": "layer_norm", "dropout": 0.0}}),
     ("parallel_u1_b1_m1_q2", 1, 1, {"num_blocks": 1, "block": block(2), "top_mlp": None}),
+    # Per-block configs (Twitter's `mask_blocks` list): different widths, ratios, rounding, norms.
+    ("parallel_per_block_twitter_b3_m10", 3, 10, {"blocks": [
+        block(6, projection_ratio=1.25, aggregation_rounding="truncate", hidden_bias=True, activation="identity",
+              input_layer_norm=True),
+        block(4, aggregation_dim=5),
+        block(3, projection_ratio=0.75, aggregation_rounding="truncate", hidden_bias=True, activation="identity")],
+        "top_mlp": None}),
+    ("parallel_per_block_top_mlp_b2_m6", 2, 6, {"blocks": [block(4), block(2, projection_ratio=1.5)],
+     "top_mlp": {"dims": [3], "activation": "relu", "activate_last": False, "normalization": "none", "dropout": 0.0}}),
 ]
 
 SERIAL_CASES = [

@@ -33,6 +33,21 @@ BASELINE = {
     "mlp": {"dims": [8, 4]}, "tasks": TASKS,
 }
 
+# The peer variants end to end: TransAct's public-code options and torch.nn.TransformerEncoder's
+# (GELU, bias=False, final norm) in the sequence encoder, Twitter's per-block MaskNet with int()
+# truncation of the aggregation width.
+PEER_VARIANTS = {
+    "features": FEATURES, "input_skip": False,
+    "sequence": {**SEQ, "num_heads": 1, "fusion": "none", "max_pool": "all_positions", "future_mask": "after",
+                 "action_vocab": [2, 1, 4, 3], "all_output_positions": True, "num_output_positions": 0,
+                 "activation": "gelu", "bias": False, "final_norm": True},
+    "backbone": [{"type": "parallel_masknet", "config": {"blocks": [
+        {"output_dim": 6, "projection_ratio": 1.25, "aggregation_rounding": "truncate", "hidden_bias": True,
+         "activation": "identity"},
+        {"output_dim": 4, "projection_ratio": 0.5, "aggregation_rounding": "truncate", "input_layer_norm": True}]}}],
+    "mlp": {"dims": [8, 4]}, "tasks": TASKS,
+}
+
 
 def make_inputs(gen, b):
     s = SEQ["max_len"]
@@ -60,7 +75,8 @@ def make_inputs(gen, b):
 
 
 def generate(out_dir):
-    for seed, (case, config) in enumerate([("homefeed_small", HOMEFEED), ("baseline_small", BASELINE)]):
+    cases = [("homefeed_small", HOMEFEED), ("baseline_small", BASELINE), ("peer_variants_small", PEER_VARIANTS)]
+    for seed, (case, config) in enumerate(cases):
         # Training mode (BatchNorm batch statistics), dropout 0 and no time window: deterministic.
         emit_case(out_dir, "ranker", case, 6000 + seed, layer="Ranker", config=config, module=Ranker(config),
                   make_inputs=lambda gen: make_inputs(gen, 6), forward=lambda m, i: m(i))

@@ -15,6 +15,7 @@ GROUPS = {
     "masknet": cases_masknet.generate,
     "feature_encoders": cases_feature_encoders.generate,
     "sequence_transformer": cases_sequence_transformer.generate,
+    "transformer_encoder": cases_sequence_transformer.generate_encoder,
     "ranker": cases_ranker.generate,
     "torchrec": cases_torchrec.generate,
     "peers": cases_peers.generate,

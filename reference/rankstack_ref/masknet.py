@@ -2,10 +2,12 @@
 
 MaskBlock(v_emb of width m, h of width z):
   mask = W2 relu(W1 v_emb + b1) + b2          W1: t x m (aggregation), W2: z x t (projection)
-  t    = round(projection_ratio * m), or aggregation_dim when given
+  t    = round(projection_ratio * m) (aggregation_rounding "truncate": int(projection_ratio * m), as
+         Twitter's recap MaskNet), or aggregation_dim when given
   h'   = LN_in(h) if input_layer_norm else h
   out  = act(LN(W_h (mask * h')))              W_h: q x z, bias optional (off by default)
-ParallelMaskNet: u blocks on (v_emb, v_emb), outputs concatenated (u*q), optional top MLP.
+ParallelMaskNet: u blocks on (v_emb, v_emb), outputs concatenated (u*q), optional top MLP; or one config
+per block ("blocks": [...]), outputs concatenated (sum of q_i).
 SerialMaskNet: block 1 on (v_emb, v_emb); block k on (v_emb, out_{k-1}).
 """
 
@@ -20,7 +22,10 @@ from .common import ACTIVATIONS, Mlp
 def aggregation_dim(m, block):
     if block.get("aggregation_dim") is not None:
         return block["aggregation_dim"]
-    return int(math.floor(block.get("projection_ratio", 2.0) * m + 0.5))
+    product = block.get("projection_ratio", 2.0) * m
+    if block.get("aggregation_rounding", "round") == "truncate":
+        return int(product)
+    return int(math.floor(product + 0.5))
 
 
 class InstanceMask(nn.Module):
@@ -51,13 +56,14 @@ class MaskBlock(nn.Module):
 
 
 class ParallelMaskNet(nn.Module):
-    """config: {"num_blocks": u, "block": {...}, "top_mlp": Mlp config or null}"""
+    """config: {"num_blocks": u, "block": {...}} or {"blocks": [{...}, ...]}, and "top_mlp": Mlp config or null"""
 
     def __init__(self, m, config):
         super().__init__()
-        self.blocks = nn.ModuleList([MaskBlock(m, m, config["block"]) for _ in range(config["num_blocks"])])
+        blocks = config.get("blocks") or [config["block"]] * config["num_blocks"]
+        self.blocks = nn.ModuleList([MaskBlock(m, m, b) for b in blocks])
         top = config.get("top_mlp")
-        self.top_mlp = Mlp(config["num_blocks"] * config["block"]["output_dim"], top) if top else None
+        self.top_mlp = Mlp(sum(b["output_dim"] for b in blocks), top) if top else None
 
     def forward(self, v):
         y = torch.cat([b(v, v) for b in self.blocks], dim=1)

@@ -18,7 +18,7 @@ from .common import Mlp
 from .dcnv2 import CrossNet, ParallelCrossNet
 from .feature_encoders import FeatureEncoder
 from .masknet import ParallelMaskNet, SerialMaskNet
-from .sequence_transformer import SequenceTransformer
+from .sequence_transformer import SequenceTransformer, output_dim
 
 SEQUENCE_BLOCK = "user_sequence"
 
@@ -39,6 +39,8 @@ def stage_output(stage, width):
     if stage["type"] == "parallel_masknet":
         if c.get("top_mlp"):
             return c["top_mlp"]["dims"][-1]
+        if c.get("blocks"):
+            return sum(b["output_dim"] for b in c["blocks"])
         return c["num_blocks"] * c["block"]["output_dim"]
     if stage["type"] == "serial_masknet":
         return c["blocks"][-1]["output_dim"]
@@ -64,9 +66,7 @@ class Ranker(nn.Module):
         features = json.loads(json.dumps(config["features"]))
         if config.get("sequence") is not None:
             self.sequence = SequenceTransformer(config["sequence"])
-            seq = {**self.sequence.c}
-            d = seq["action_dim"] + (2 if seq["fusion"] == "concat" else 1) * seq["item_dim"]
-            features.setdefault("extra", []).append({"name": SEQUENCE_BLOCK, "dim": (seq["num_output_positions"] + 1) * d})
+            features.setdefault("extra", []).append({"name": SEQUENCE_BLOCK, "dim": output_dim(self.sequence.c)})
         else:
             self.sequence = None
         self.features = FeatureEncoder(features)

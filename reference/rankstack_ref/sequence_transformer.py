@@ -4,10 +4,14 @@ Fixtures run with autograd enabled (they backpropagate), so nn.TransformerEncode
 "slow path" in both train and eval mode: masked positions still get outputs (the no-grad inference
 fast path would zero them). The Rust crate implements this path.
 
-  tokens_j = [action_emb(type_j) || item_j || candidate]        (concat; append: extra token)
-  mask_j   = type_j == 0 or t_j >= request or (window given and request - t_j < window), mask_0 = False
-  H        = TransformerEncoder(tokens (+ pos_emb), src_key_padding_mask=mask)
+  type_j   = index of the raw id in action_vocab, plus 1 (0 when not listed)   (only with action_vocab)
+  tokens_j = [action_emb(type_j) || item_j || candidate]        (concat; append: extra token; none: no candidate)
+  mask_j   = type_j == 0 or t_j >= request (future_mask "after": t_j > request)
+             or (window given and request - t_j < window), mask_0 = False
+  H        = TransformerEncoder(tokens (+ pos_emb), src_key_padding_mask=mask)   (activation, bias, final norm)
   out      = [pool_proj(max over unmasked H) || H_0 || ... || H_{K-1}]
+             (max_pool "all_positions": max over every position; "none": no pooled block;
+              all_output_positions: K = max_len)
 """
 
 import torch
@@ -29,11 +33,33 @@ DEFAULTS = {
     "num_output_positions": 10,
     "time_window_ms": 3600000.0,
     "seed": 0,
+    "max_pool": "unmasked",
+    "future_mask": "at_or_after",
+    "all_output_positions": False,
+    "action_vocab": None,
+    "activation": "relu",
+    "bias": True,
+    "final_norm": False,
+    "time_window_sampling": "per_example",
 }
 
 
 def model_dim(c):
     return c["action_dim"] + (2 if c["fusion"] == "concat" else 1) * c["item_dim"]
+
+
+def output_dim(c):
+    """(K + 1) * d, or K * d without a max-pool; K = max_len with all_output_positions."""
+    k = c["max_len"] if c["all_output_positions"] else c["num_output_positions"]
+    return (k + (0 if c["max_pool"] == "none" else 1)) * model_dim(c)
+
+
+def remap(types, vocab):
+    """Raw id vocab[i] -> i + 1, every other id -> 0 (padding)."""
+    out = torch.zeros_like(types)
+    for i, raw in enumerate(vocab):
+        out[types == raw] = i + 1
+    return out
 
 
 class SequenceTransformer(nn.Module):
@@ -49,10 +75,12 @@ class SequenceTransformer(nn.Module):
         if c["fusion"] == "append":
             self.candidate_token = nn.Parameter(torch.zeros(c["action_dim"]))
         layer = nn.TransformerEncoderLayer(d, c["num_heads"], dim_feedforward=c["ff_dim"], dropout=c["dropout"],
-                                           activation="relu", layer_norm_eps=c["layer_norm_eps"], batch_first=True,
-                                           norm_first=c["norm_first"])
-        self.encoder = nn.TransformerEncoder(layer, c["num_layers"], enable_nested_tensor=False)
-        self.pool_proj = nn.Linear(d, d)
+                                           activation=c["activation"], layer_norm_eps=c["layer_norm_eps"],
+                                           batch_first=True, norm_first=c["norm_first"], bias=c["bias"])
+        norm = nn.LayerNorm(d, eps=c["layer_norm_eps"], bias=c["bias"]) if c["final_norm"] else None
+        self.encoder = nn.TransformerEncoder(layer, c["num_layers"], norm=norm, enable_nested_tensor=False)
+        if c["max_pool"] != "none":
+            self.pool_proj = nn.Linear(d, d)
 
     def forward(self, inputs):
         c = self.c
@@ -67,13 +95,21 @@ class SequenceTransformer(nn.Module):
             types = torch.cat([types, torch.zeros(b, pad, dtype=types.dtype)], 1)
             ts = torch.cat([ts, torch.zeros(b, pad, dtype=ts.dtype)], 1)
             items = torch.cat([items, torch.zeros(b, pad, items.shape[2], dtype=items.dtype)], 1)
-        mask = (types == 0) | (ts >= req[:, None])
+        if c["action_vocab"] is not None:
+            types = remap(types, c["action_vocab"])
+        future = ts > req[:, None] if c["future_mask"] == "after" else ts >= req[:, None]
+        mask = (types == 0) | future
         if "window_ms" in inputs:
             mask = mask | ((req[:, None] - ts) < inputs["window_ms"][:, None])
         mask[:, 0] = False
-        a = self.action_emb(types)
+        # Padding (type 0) gets a zero action embedding whatever row 0 holds (a state dict may carry
+        # a non-zero padding row), as in the Rust crate; padded positions matter to the max-pool
+        # over all positions and to all_output_positions.
+        a = self.action_emb(types) * (types != 0)[:, :, None].to(self.action_emb.weight.dtype)
         if c["fusion"] == "concat":
             x = torch.cat([a, items, cand[:, None, :].expand(b, s, cand.shape[1])], 2)
+        elif c["fusion"] == "none":
+            x = torch.cat([a, items], 2)
         else:
             tok = torch.cat([self.candidate_token.expand(b, 1, -1), cand[:, None, :]], 2)
             x = torch.cat([torch.cat([a, items], 2), tok], 1)
@@ -81,9 +117,15 @@ class SequenceTransformer(nn.Module):
         if c["positional"] == "learned":
             x = x + self.pos_emb.weight[None]
         h = self.encoder(x, src_key_padding_mask=mask)
-        pooled = self.pool_proj(h.masked_fill(mask[:, :, None], float("-inf")).amax(1))
-        k = c["num_output_positions"]
-        return torch.cat([pooled, h[:, :k].reshape(b, -1)], 1)
+        parts = []
+        if c["max_pool"] == "unmasked":
+            parts.append(self.pool_proj(h.masked_fill(mask[:, :, None], float("-inf")).amax(1)))
+        elif c["max_pool"] == "all_positions":
+            parts.append(self.pool_proj(h.max(1).values))  # gradient to the first maximal position
+        k = s if c["all_output_positions"] else c["num_output_positions"]
+        if k > 0:
+            parts.append(h[:, :k].reshape(b, -1))
+        return torch.cat(parts, 1)
 
 
 class TransActPeer(nn.Module):

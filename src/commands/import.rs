@@ -59,22 +59,6 @@ fn read_config<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
     serde_json::from_str(&text).map_err(|e| Error::input("import", path.display().to_string(), e.to_string()))
 }
 
-/// A MaskNet config file: a parallel one (`num_blocks`, `block`) or a serial one (`blocks`).
-fn read_masknet_config(path: &Path) -> Result<masknet::MaskNetConfig> {
-    let value: serde_json::Value = read_config(path)?;
-    let parallel = serde_json::from_value(value.clone()).map(masknet::MaskNetConfig::Parallel);
-    let serial = || serde_json::from_value(value).map(masknet::MaskNetConfig::Serial);
-    parallel.or_else(|p| {
-        serial().map_err(|s| {
-            Error::input(
-                "import",
-                path.display().to_string(),
-                format!("neither a ParallelMaskNet config ({p}) nor a SerialMaskNet config ({s})"),
-            )
-        })
-    })
-}
-
 fn input_dim(source: ImportSource, args: &ImportArgs) -> Result<usize> {
     args.input_dim.ok_or_else(|| {
         Error::input("import", "--input-dim", format!("{} needs the layer's input width", source.name()))
@@ -110,7 +94,7 @@ pub fn import(source: ImportSource, args: &ImportArgs) -> Result<String> {
             })?
         }
         ImportSource::TwitterMaskNet => {
-            let config = read_masknet_config(args.config)?;
+            let config: masknet::MaskNetConfig = read_config(args.config)?;
             let d = input_dim(source, args)?;
             let tensors = masknet::from_twitter_state_dict(d, &config, state)?;
             written("Twitter MaskNet".into(), &tensors, |src| {

@@ -9,10 +9,12 @@
 //! out  = act(LN(W_h · (mask ⊙ h)))            W_h: q×z, bias optional (off by default)
 //! ```
 //!
-//! with `t = round(projection_ratio · m)` unless `aggregation_dim` is given, an optional LayerNorm on
+//! with `t = round(projection_ratio · m)` (or truncated, as Twitter's recap code does:
+//! [`AggregationRounding`]) unless `aggregation_dim` is given, an optional LayerNorm on
 //! `h` before masking, and dropout on the output in training only. [`ParallelMaskNet`] runs `u`
 //! blocks on the same embedding and concatenates them (the Pinterest configuration: 3 blocks,
-//! ratio 2.0, 512 outputs each, [`ParallelMaskNetConfig::paper`]); [`SerialMaskNet`] chains them,
+//! ratio 2.0, 512 outputs each, [`ParallelMaskNetConfig::paper`]; or one config per block,
+//! `blocks`); [`SerialMaskNet`] chains them,
 //! each block masking the previous block's output with a mask generated from the embedding.
 //!
 //! Twitter's recap MaskNet imports with [`from_twitter_state_dict`]; [`save_masknet`],
@@ -41,7 +43,7 @@ mod twitter;
 pub use checkpoint::{
     load_parallel_masknet, load_serial_masknet, save_masknet, PARALLEL_MASKNET_LAYER, SERIAL_MASKNET_LAYER,
 };
-pub use config::{MaskBlockConfig, ParallelMaskNetConfig, SerialMaskNetConfig};
+pub use config::{AggregationRounding, MaskBlockConfig, ParallelMaskNetConfig, SerialMaskNetConfig};
 pub use mask_block::MaskBlock;
 pub use parallel::ParallelMaskNet;
 pub use serial::SerialMaskNet;

@@ -7,8 +7,9 @@ use rankstack_nn::{shape::expect_matrix, Error, Mlp, Reseed};
 
 use crate::{MaskBlock, ParallelMaskNetConfig};
 
-/// `u` [`MaskBlock`]s on the same input (`h = v_emb`), outputs concatenated to `[batch, u·q]`, then
-/// an optional top MLP. Parameters: `blocks.{i}.…` and `top_mlp.…`.
+/// `u` [`MaskBlock`]s on the same input (`h = v_emb`), outputs concatenated to `[batch, Σ q_i]`
+/// (`u·q` when they share one config), then an optional top MLP. Parameters: `blocks.{i}.…` and
+/// `top_mlp.…`.
 ///
 /// ```
 /// # use candle_core::{DType, Device, Tensor};
@@ -31,13 +32,15 @@ impl ParallelMaskNet {
     /// A parallel MaskNet on `input_dim` features.
     pub fn new(input_dim: usize, config: &ParallelMaskNetConfig, vb: VarBuilder) -> rankstack_nn::Result<Self> {
         const LAYER: &str = "ParallelMaskNet";
-        if config.num_blocks == 0 {
-            return Err(Error::config(LAYER, "num_blocks", "must be > 0"));
-        }
-        let blocks = (0..config.num_blocks)
-            .map(|i| MaskBlock::with_name(input_dim, input_dim, &config.block, vb.pp("blocks").pp(i), LAYER, "block."))
+        let blocks = config
+            .block_configs(LAYER)?
+            .iter()
+            .enumerate()
+            .map(|(i, (block, prefix))| {
+                MaskBlock::with_name(input_dim, input_dim, block, vb.pp("blocks").pp(i), LAYER, prefix)
+            })
             .collect::<rankstack_nn::Result<Vec<_>>>()?;
-        let concat_dim = config.num_blocks * config.block.output_dim;
+        let concat_dim = blocks.iter().map(MaskBlock::output_dim).sum();
         let top_mlp = match &config.top_mlp {
             Some(mlp) => Some(Mlp::new(concat_dim, mlp, vb.pp("top_mlp")).map_err(|e| match e {
                 Error::Config { field, reason, .. } => Error::config(LAYER, format!("top_mlp.{field}"), reason),

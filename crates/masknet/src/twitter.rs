@@ -10,9 +10,11 @@
 //! | `_mask_blocks.{i}._input_layer_norm.{weight,bias}` `[z]` | `input_norm.{weight,bias}` |
 //!
 //! A rankstack block reproduces Twitter's with `hidden_bias: true` and `activation: "identity"`.
-//! Twitter's aggregation width is `int(reduction_factor · m)` (truncated) where rankstack rounds
-//! `projection_ratio · m`: state the width with `aggregation_dim` where the two differ (rf 1.5 on
-//! m = 5: Twitter 7, rankstack's ratio 8). Twitter's optional top MLP is not imported.
+//! Twitter's aggregation width is `int(reduction_factor · m)` (truncated): use
+//! `aggregation_rounding: "truncate"` with `projection_ratio: rf`, or state the width with
+//! `aggregation_dim` (rf 1.5 on m = 5: Twitter 7, rankstack's default rounding 8). Twitter's
+//! blocks may differ from each other: a parallel config lists them in `blocks`. Twitter's optional
+//! top MLP is not imported.
 
 use std::collections::HashMap;
 
@@ -25,8 +27,10 @@ use crate::{MaskBlockConfig, ParallelMaskNetConfig, SerialMaskNetConfig};
 const LAYER: &str = "Twitter MaskNet import";
 
 /// The rankstack MaskNet a Twitter MaskNet imports into: `use_parallel: true` is a
-/// [`crate::ParallelMaskNet`] (every block alike), `false` a [`crate::SerialMaskNet`].
-#[derive(Debug, Clone, PartialEq)]
+/// [`crate::ParallelMaskNet`], `false` a [`crate::SerialMaskNet`]. As JSON (`rankstack import
+/// --config`): `{"parallel": {…ParallelMaskNetConfig}}` or `{"serial": {…SerialMaskNetConfig}}`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum MaskNetConfig {
     /// Twitter's `use_parallel: true`.
     Parallel(ParallelMaskNetConfig),
@@ -45,16 +49,16 @@ pub fn from_twitter_state_dict(
     state: HashMap<String, Tensor>,
 ) -> Result<HashMap<String, Tensor>> {
     // (mask input width, masked input width, block config) per block.
-    let blocks: Vec<(usize, &MaskBlockConfig)> = match config {
+    let blocks: Vec<(usize, MaskBlockConfig)> = match config {
         MaskNetConfig::Parallel(c) => {
             if c.top_mlp.is_some() {
                 return Err(Error::config(LAYER, "top_mlp", "Twitter's MaskNet MLP is not imported; leave it out"));
             }
-            (0..c.num_blocks).map(|_| (input_dim, &c.block)).collect()
+            c.block_configs(LAYER)?.into_iter().map(|(block, _)| (input_dim, block)).collect()
         }
         MaskNetConfig::Serial(c) => {
             let widths = std::iter::once(input_dim).chain(c.blocks.iter().map(|b| b.output_dim));
-            widths.zip(&c.blocks).collect()
+            widths.zip(c.blocks.iter().cloned()).collect()
         }
     };
     if blocks.is_empty() {

@@ -68,6 +68,7 @@ fn dropout_only_in_training_and_reproducible() {
     let config = ParallelMaskNetConfig {
         num_blocks: 2,
         block: MaskBlockConfig { dropout: 0.5, ..MaskBlockConfig::new(16) },
+        blocks: vec![],
         top_mlp: None,
     };
     let build = || {
@@ -112,7 +113,7 @@ fn invalid_configs_fail_at_construction_naming_the_field() {
     for (config, field) in cases {
         let msg = err(MaskBlock::new(8, 8, &config, vb.clone()));
         assert!(msg.starts_with("MaskBlock: invalid config") && msg.contains(field), "{msg}");
-        let parallel = ParallelMaskNetConfig { num_blocks: 3, block: config.clone(), top_mlp: None };
+        let parallel = ParallelMaskNetConfig { num_blocks: 3, block: config.clone(), blocks: vec![], top_mlp: None };
         let msg = err(ParallelMaskNet::new(8, &parallel, vb.clone()));
         assert!(
             msg.starts_with("ParallelMaskNet: invalid config") && msg.contains(&format!("`block.{}", &field[1..])),
@@ -128,6 +129,7 @@ fn invalid_configs_fail_at_construction_naming_the_field() {
     let bad_mlp = ParallelMaskNetConfig {
         num_blocks: 1,
         block: MaskBlockConfig::new(4),
+        blocks: vec![],
         top_mlp: Some(MlpConfig::relu(vec![0])),
     };
     assert!(err(ParallelMaskNet::new(8, &bad_mlp, vb.clone())).contains("`top_mlp.dims[0]`"));
@@ -148,7 +150,7 @@ fn wrong_inputs_are_errors_naming_layer_and_shapes() {
     assert!(msg.contains("MaskBlock") && msg.contains("batch size 3"), "{msg}");
     let par = ParallelMaskNet::new(
         6,
-        &ParallelMaskNetConfig { num_blocks: 2, block: MaskBlockConfig::new(3), top_mlp: None },
+        &ParallelMaskNetConfig { num_blocks: 2, block: MaskBlockConfig::new(3), blocks: vec![], top_mlp: None },
         vb.pp("p"),
     )
     .unwrap();
@@ -173,7 +175,7 @@ fn every_parameter_gets_a_finite_nonzero_gradient() {
     };
     let net = ParallelMaskNet::new(
         6,
-        &ParallelMaskNetConfig { num_blocks: 3, block: full.clone(), top_mlp: Some(top) },
+        &ParallelMaskNetConfig { num_blocks: 3, block: full.clone(), blocks: vec![], top_mlp: Some(top) },
         store.var_builder(DType::F32, &DEV),
     )
     .unwrap();
@@ -188,7 +190,8 @@ fn every_parameter_gets_a_finite_nonzero_gradient() {
 fn same_seed_gives_bit_identical_weights() {
     let bits = |seed| {
         let store = SeededVarMap::new(seed);
-        let config = ParallelMaskNetConfig { num_blocks: 2, block: MaskBlockConfig::new(4), top_mlp: None };
+        let config =
+            ParallelMaskNetConfig { num_blocks: 2, block: MaskBlockConfig::new(4), blocks: vec![], top_mlp: None };
         ParallelMaskNet::new(6, &config, store.var_builder(DType::F32, &DEV)).unwrap();
         parameter_bits(&store)
     };
@@ -210,6 +213,7 @@ fn reseeding_makes_dropout_a_function_of_the_seed() {
     let config = ParallelMaskNetConfig {
         num_blocks: 2,
         block: MaskBlockConfig { dropout: 0.5, ..MaskBlockConfig::new(8) },
+        blocks: vec![],
         top_mlp: None,
     };
     let store = SeededVarMap::new(1);

@@ -8,7 +8,8 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};
 use masknet::{
-    from_twitter_state_dict, MaskBlockConfig, MaskNetConfig, ParallelMaskNet, ParallelMaskNetConfig, SerialMaskNet,
+    from_twitter_state_dict, AggregationRounding, MaskBlockConfig, MaskNetConfig, ParallelMaskNet,
+    ParallelMaskNetConfig, SerialMaskNet,
 };
 use rankstack_nn::testing::{check_reference, fixture_paths, Fixture};
 use rankstack_nn::Activation;
@@ -19,7 +20,7 @@ fn twitter_fixtures() -> Vec<Fixture> {
         .map(|p| Fixture::load(p).unwrap())
         .filter(|f| f.meta("peer").as_deref() == Some("twitter-masknet"))
         .collect();
-    assert_eq!(fixtures.len(), 3, "parallel, parallel with truncation and input LayerNorm, serial");
+    assert_eq!(fixtures.len(), 4, "parallel, parallel with truncation and input LayerNorm, per-block parallel, serial");
     fixtures
 }
 
@@ -68,7 +69,9 @@ fn twitter_block() -> MaskBlockConfig {
 
 #[test]
 fn configs_that_differ_from_twitter_are_refused_with_the_fix() {
-    let parallel = |block| MaskNetConfig::Parallel(ParallelMaskNetConfig { num_blocks: 1, block, top_mlp: None });
+    let parallel = |block| {
+        MaskNetConfig::Parallel(ParallelMaskNetConfig { num_blocks: 1, block, blocks: Vec::new(), top_mlp: None })
+    };
     let relu = MaskBlockConfig { activation: Activation::Relu, ..twitter_block() };
     let err = from_twitter_state_dict(6, &parallel(relu), HashMap::new()).unwrap_err().to_string();
     assert!(err.contains("blocks[0].activation") && err.contains("identity"), "{err}");
@@ -96,5 +99,11 @@ fn configs_that_differ_from_twitter_are_refused_with_the_fix() {
         "{err}"
     );
     let stated = MaskBlockConfig { aggregation_dim: Some(7), ..twitter_block() };
-    assert_eq!(from_twitter_state_dict(5, &parallel(stated), state).unwrap().len(), 8);
+    assert_eq!(from_twitter_state_dict(5, &parallel(stated), state.clone()).unwrap().len(), 8);
+    let truncated = MaskBlockConfig {
+        projection_ratio: 1.5,
+        aggregation_rounding: AggregationRounding::Truncate,
+        ..twitter_block()
+    };
+    assert_eq!(from_twitter_state_dict(5, &parallel(truncated), state).unwrap().len(), 8);
 }

@@ -65,6 +65,15 @@ impl LayerNorm {
         };
         Ok(Self { weight, bias, eps: config.eps })
     }
+
+    /// A LayerNorm over `dim` features with a scale `weight` but no `bias`, as
+    /// `torch.nn.LayerNorm(dim, bias=False)` (what `torch.nn.TransformerEncoderLayer(bias=False)`
+    /// uses).
+    pub fn without_bias(dim: usize, eps: f64, vb: VarBuilder) -> crate::Result<Self> {
+        let mut norm = Self::new(dim, LayerNormConfig { eps, affine: false }, vb.clone())?;
+        norm.weight = Some(vb.get_with_hints(dim, "weight", Init::Const(1.0))?);
+        Ok(norm)
+    }
 }
 
 impl Module for LayerNorm {

@@ -19,7 +19,7 @@ use std::fmt;
 use dcnv2::{Combine, CrossLayerKind, CrossNetConfig};
 use masknet::MaskBlockConfig;
 use rankstack_nn::{MlpConfig, Normalization};
-use sequence_transformer::{Fusion, PositionalEncoding, SequenceTransformerConfig};
+use sequence_transformer::{Fusion, MaxPool, PositionalEncoding, SequenceTransformerConfig};
 
 use crate::{Ranker, StageConfig};
 
@@ -198,7 +198,7 @@ fn mlp_cost(input: usize, cfg: &MlpConfig) -> (usize, usize, usize, usize) {
 }
 
 fn mask_block_cost(m: usize, z: usize, cfg: &MaskBlockConfig) -> (usize, usize, usize) {
-    let t = cfg.aggregation_dim.unwrap_or_else(|| (cfg.projection_ratio * m as f64).round() as usize);
+    let t = cfg.aggregation_width_unchecked(m);
     let q = cfg.output_dim;
     let (p1, f1) = linear(m, t, true);
     let (p2, f2) = linear(t, z, true);
@@ -235,8 +235,16 @@ fn sequence_cost(cfg: &SequenceTransformerConfig) -> (usize, usize, usize) {
     let n = cfg.num_tokens();
     let (h, ff) = (cfg.num_heads, cfg.ff_dim);
     let mut params = cfg.num_action_types * cfg.action_dim;
-    params += cfg.num_layers * ((3 * d * d + 3 * d) + (d * d + d) + (ff * d + ff) + (d * ff + d) + 4 * d);
-    params += d * d + d; // pool projection
+    // Per layer: in_proj, out_proj, linear1, linear2 weights, the two LayerNorms' weights, and
+    // (unless `bias` is off) every bias; then the optional final norm.
+    let biases = if cfg.bias { 3 * d + d + ff + d + 2 * d } else { 0 };
+    params += cfg.num_layers * (3 * d * d + d * d + ff * d + d * ff + 2 * d + biases);
+    if cfg.final_norm {
+        params += if cfg.bias { 2 * d } else { d };
+    }
+    if cfg.max_pool != MaxPool::None {
+        params += d * d + d; // pool projection
+    }
     if cfg.positional == PositionalEncoding::Learned {
         params += n * d;
     }
@@ -244,7 +252,8 @@ fn sequence_cost(cfg: &SequenceTransformerConfig) -> (usize, usize, usize) {
         params += cfg.action_dim;
     }
     let per_layer_flops = 2 * n * 3 * d * d + 2 * 2 * n * n * d + 2 * n * d * d + 2 * 2 * n * d * ff;
-    let flops = cfg.num_layers * per_layer_flops + 2 * d * d;
+    let pool_flops = if cfg.max_pool != MaxPool::None { 2 * d * d } else { 0 };
+    let flops = cfg.num_layers * per_layer_flops + pool_flops;
     // tokens; per layer: qkv, scores, softmax (exp, sum-normalised), attention output, out proj,
     // residual + LN (4), ff hidden + activation, ff out, residual + LN (4); then pool + output.
     let per_layer_acts = 3 * n * d + 3 * h * n * n + n * d + n * d + 4 * n * d + 2 * n * ff + n * d + 4 * n * d;
@@ -298,11 +307,13 @@ impl Ranker {
         for (i, (stage, built)) in config.backbone.iter().zip(self.stages()).enumerate() {
             let (params, flops, acts) = match stage {
                 StageConfig::ParallelMasknet { config: c, .. } => {
-                    let (p, f, a) = mask_block_cost(width, width, &c.block);
-                    let (mut p, mut f, mut a) =
-                        (c.num_blocks * p, c.num_blocks * f, c.num_blocks * a + c.num_blocks * c.block.output_dim);
+                    let (mut p, mut f, mut a) = (0, 0, 0);
+                    for (block, _) in c.block_configs("ParallelMaskNet").unwrap_or_default() {
+                        let (bp, bf, ba) = mask_block_cost(width, width, &block);
+                        (p, f, a) = (p + bp, f + bf, a + ba + block.output_dim);
+                    }
                     if let Some(top) = &c.top_mlp {
-                        let (tp, tf, ta, _) = mlp_cost(c.num_blocks * c.block.output_dim, top);
+                        let (tp, tf, ta, _) = mlp_cost(c.concat_dim(), top);
                         (p, f, a) = (p + tp, f + tf, a + ta);
                     }
                     (p, f, a)

@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use candle_core::{Module, Result, Tensor};
+use candle_core::{Module, ModuleT, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 
 use rankstack_nn::{init::xavier_uniform, linear_xavier, Dropout, Error, Linear};
@@ -18,7 +18,9 @@ const LAYER: &str = "MultiHeadAttention";
 /// `M` is an additive key mask (`0` keep, `−∞` drop) broadcast over heads and queries; dropout is
 /// applied to the attention weights in training. Parameters, under PyTorch's names:
 /// `in_proj_weight` `[3d, d]` (Xavier uniform), `in_proj_bias` `[3d]` (0), `out_proj.weight`
-/// `[d, d]` (Xavier normal), `out_proj.bias` `[d]` (0).
+/// `[d, d]` (Xavier normal), `out_proj.bias` `[d]` (0); without biases
+/// ([`MultiHeadAttention::with_bias`], PyTorch's `bias=False`) there is no `in_proj_bias` and no
+/// `out_proj.bias`.
 ///
 /// ```
 /// # use candle_core::{Device, DType, Tensor};
@@ -48,21 +50,35 @@ pub struct MultiHeadAttention {
 impl MultiHeadAttention {
     /// Self-attention over width `dim` with `num_heads` heads (`dim % num_heads == 0`).
     pub fn new(dim: usize, num_heads: usize, dropout: f64, seed: u64, vb: VarBuilder) -> rankstack_nn::Result<Self> {
+        Self::with_bias(dim, num_heads, dropout, seed, true, vb)
+    }
+
+    /// [`MultiHeadAttention::new`] with or without the projection biases.
+    pub fn with_bias(
+        dim: usize,
+        num_heads: usize,
+        dropout: f64,
+        seed: u64,
+        bias: bool,
+        vb: VarBuilder,
+    ) -> rankstack_nn::Result<Self> {
         if dim == 0 || num_heads == 0 || !dim.is_multiple_of(num_heads) {
             return Err(Error::config(LAYER, "num_heads", format!("{num_heads} heads do not divide the width {dim}")));
         }
         let dropout = Dropout::new(dropout, seed ^ rankstack_nn::rng::hash_name(&format!("{}.dropout", vb.prefix())))
             .map_err(|_| Error::config(LAYER, "dropout", format!("must be in [0, 1), got {dropout}")))?;
         let in_proj_weight = vb.get_with_hints((3 * dim, dim), "in_proj_weight", xavier_uniform(dim, 3 * dim))?;
-        let in_proj_bias = vb.get_with_hints(3 * dim, "in_proj_bias", Init::Const(0.0))?;
+        let in_proj_bias =
+            if bias { Some(vb.get_with_hints(3 * dim, "in_proj_bias", Init::Const(0.0))?) } else { None };
         let block = |i: usize| -> candle_core::Result<Linear> {
-            Ok(Linear::new(in_proj_weight.narrow(0, i * dim, dim)?, Some(in_proj_bias.narrow(0, i * dim, dim)?)))
+            let b = in_proj_bias.as_ref().map(|b| b.narrow(0, i * dim, dim)).transpose()?;
+            Ok(Linear::new(in_proj_weight.narrow(0, i * dim, dim)?, b))
         };
         Ok(Self {
             q_proj: block(0)?,
             k_proj: block(1)?,
             v_proj: block(2)?,
-            out_proj: linear_xavier(dim, dim, true, vb.pp("out_proj"))?,
+            out_proj: linear_xavier(dim, dim, bias, vb.pp("out_proj"))?,
             dropout,
             dim,
             num_heads,
@@ -91,6 +107,32 @@ impl MultiHeadAttention {
             packed_attention(&q, &k, &v, sequences, self.num_heads, dropout)?
         };
         self.out_proj.forward(&out)
+    }
+
+    /// Attends the rows `x` `[B·S, d]` of a dense batch to the keys of their own sequence, with
+    /// the additive `bias` `[B or 1, H or 1, S, S]` on the scores (a caller's `src_mask` plus the
+    /// key mask; see [`crate::AttentionMask`]); composed of candle operations.
+    pub(crate) fn forward_rows_with_bias(
+        &self,
+        x: &Tensor,
+        batch: usize,
+        seq: usize,
+        bias: &Tensor,
+        train: bool,
+    ) -> Result<Tensor> {
+        let (h, dh) = (self.num_heads, self.dim / self.num_heads);
+        let heads = |t: Tensor| t.reshape((batch, seq, h, dh))?.transpose(1, 2)?.contiguous();
+        let q = (heads(self.q_proj.forward(x)?)? * (1.0 / (dh as f64).sqrt()))?;
+        let (k, v) = (heads(self.k_proj.forward(x)?)?, heads(self.v_proj.forward(x)?)?);
+        let scores = q.matmul(&k.t()?.contiguous()?)?.broadcast_add(bias)?;
+        let weights = self.dropout.forward_t(&rankstack_nn::softmax::softmax_last_dim(&scores)?, train)?;
+        let context = weights.matmul(&v)?.transpose(1, 2)?.reshape((batch * seq, self.dim))?;
+        self.out_proj.forward(&context)
+    }
+
+    /// The number of heads.
+    pub fn num_heads(&self) -> usize {
+        self.num_heads
     }
 
     /// The attention-weight dropout's generator state (for checkpointing).

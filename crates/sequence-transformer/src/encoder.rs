@@ -5,10 +5,11 @@ use std::sync::Arc;
 use candle_core::{Module, ModuleT, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 
-use rankstack_nn::{Dropout, Error, LayerNorm, LayerNormConfig, Linear};
+use rankstack_nn::{Activation, Dropout, Error, LayerNorm, LayerNormConfig, Linear};
 
 use crate::packed::forward_dense;
-use crate::{MultiHeadAttention, PackedSequences};
+use crate::src_mask::forward_dense_with_src_mask;
+use crate::{AttentionMask, MultiHeadAttention, PackedSequences};
 
 const LAYER: &str = "TransformerEncoderLayer";
 const ENCODER: &str = "TransformerEncoder";
@@ -28,23 +29,45 @@ pub struct EncoderLayerConfig {
     pub layer_norm_eps: f64,
     /// Seed of the dropout streams (mixed with each parameter path).
     pub seed: u64,
+    /// Feed-forward activation (PyTorch's `activation`: `relu`, or `gelu` in its erf form).
+    pub activation: Activation,
+    /// Biases on every projection and LayerNorm (PyTorch's `bias`; `false` removes them all).
+    pub bias: bool,
 }
 
-/// One `torch.nn.TransformerEncoderLayer` (ReLU feed-forward, `batch_first`):
+impl Default for EncoderLayerConfig {
+    /// PyTorch's defaults except the widths: 1 head, feed-forward 2048, dropout 0.1, post-norm,
+    /// eps 1e-5, ReLU, biases.
+    fn default() -> Self {
+        Self {
+            num_heads: 1,
+            ff_dim: 2048,
+            dropout: 0.1,
+            norm_first: false,
+            layer_norm_eps: 1e-5,
+            seed: 0,
+            activation: Activation::Relu,
+            bias: true,
+        }
+    }
+}
+
+/// One `torch.nn.TransformerEncoderLayer` (`batch_first`):
 ///
 /// - post-norm (default): `x ← norm1(x + drop1(MHA(x)))`, `x ← norm2(x + drop2(FF(x)))`;
 /// - pre-norm: `x ← x + drop1(MHA(norm1(x)))`, `x ← x + drop2(FF(norm2(x)))`;
 ///
-/// with `FF(x) = linear2(drop(relu(linear1(x))))`. Parameters under PyTorch's names:
-/// `self_attn.*` ([`MultiHeadAttention`]), `linear1.{weight,bias}` `[ff, d]`, `linear2.{weight,bias}`
-/// `[d, ff]` (PyTorch's default `U(±1/√fan_in)` init), `norm1.*`, `norm2.*`.
+/// with `FF(x) = linear2(drop(act(linear1(x))))` (`act`: ReLU by default, or GELU). Parameters under
+/// PyTorch's names: `self_attn.*` ([`MultiHeadAttention`]), `linear1.{weight,bias}` `[ff, d]`,
+/// `linear2.{weight,bias}` `[d, ff]` (PyTorch's default `U(±1/√fan_in)` init), `norm1.*`,
+/// `norm2.*`; with `bias: false` every `bias` is absent, as with PyTorch's `bias=False`.
 ///
 /// ```
 /// # use candle_core::{Device, DType, Tensor};
 /// # use rankstack_nn::SeededVarMap;
 /// # use sequence_transformer::{EncoderLayerConfig, TransformerEncoderLayer};
 /// let params = SeededVarMap::new(0);
-/// let cfg = EncoderLayerConfig { num_heads: 2, ff_dim: 16, dropout: 0.1, norm_first: false, layer_norm_eps: 1e-5, seed: 0 };
+/// let cfg = EncoderLayerConfig { num_heads: 2, ff_dim: 16, ..Default::default() };
 /// let layer = TransformerEncoderLayer::new(8, &cfg, params.var_builder(DType::F32, &Device::Cpu))?;
 /// assert_eq!(layer.forward_t(&Tensor::zeros((2, 4, 8), DType::F32, &Device::Cpu)?, None, true)?.dims(), &[2, 4, 8]);
 /// # Ok::<(), Box<dyn std::error::Error>>(())
@@ -60,16 +83,24 @@ pub struct TransformerEncoderLayer {
     dropout1: Dropout,
     dropout2: Dropout,
     norm_first: bool,
+    activation: Activation,
     dim: usize,
 }
 
-fn torch_linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
+fn torch_linear(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> Result<Linear> {
     let a = 1.0 / (in_dim as f64).sqrt();
     let init = Init::Uniform { lo: -a, up: a };
-    Ok(Linear::new(
-        vb.get_with_hints((out_dim, in_dim), "weight", init)?,
-        Some(vb.get_with_hints(out_dim, "bias", init)?),
-    ))
+    let bias = if bias { Some(vb.get_with_hints(out_dim, "bias", init)?) } else { None };
+    Ok(Linear::new(vb.get_with_hints((out_dim, in_dim), "weight", init)?, bias))
+}
+
+/// A LayerNorm over `dim` with PyTorch's `bias` switch.
+fn layer_norm(dim: usize, eps: f64, bias: bool, vb: VarBuilder) -> rankstack_nn::Result<LayerNorm> {
+    if bias {
+        LayerNorm::new(dim, LayerNormConfig { eps, affine: true }, vb)
+    } else {
+        LayerNorm::without_bias(dim, eps, vb)
+    }
 }
 
 impl TransformerEncoderLayer {
@@ -78,27 +109,35 @@ impl TransformerEncoderLayer {
         if config.ff_dim == 0 {
             return Err(Error::config(LAYER, "ff_dim", "must be > 0"));
         }
-        let ln = LayerNormConfig { eps: config.layer_norm_eps, affine: true };
+        let (eps, bias) = (config.layer_norm_eps, config.bias);
         let drop = |name: &str| {
             Dropout::new(config.dropout, config.seed ^ rankstack_nn::rng::hash_name(&format!("{}.{name}", vb.prefix())))
                 .map_err(|_| Error::config(LAYER, "dropout", format!("must be in [0, 1), got {}", config.dropout)))
         };
         Ok(Self {
-            self_attn: MultiHeadAttention::new(dim, config.num_heads, config.dropout, config.seed, vb.pp("self_attn"))?,
-            linear1: torch_linear(dim, config.ff_dim, vb.pp("linear1"))?,
-            linear2: torch_linear(config.ff_dim, dim, vb.pp("linear2"))?,
-            norm1: LayerNorm::new(dim, ln, vb.pp("norm1"))?,
-            norm2: LayerNorm::new(dim, ln, vb.pp("norm2"))?,
+            self_attn: MultiHeadAttention::with_bias(
+                dim,
+                config.num_heads,
+                config.dropout,
+                config.seed,
+                bias,
+                vb.pp("self_attn"),
+            )?,
+            linear1: torch_linear(dim, config.ff_dim, bias, vb.pp("linear1"))?,
+            linear2: torch_linear(config.ff_dim, dim, bias, vb.pp("linear2"))?,
+            norm1: layer_norm(dim, eps, bias, vb.pp("norm1"))?,
+            norm2: layer_norm(dim, eps, bias, vb.pp("norm2"))?,
             dropout: drop("dropout")?,
             dropout1: drop("dropout1")?,
             dropout2: drop("dropout2")?,
             norm_first: config.norm_first,
+            activation: config.activation,
             dim,
         })
     }
 
     fn feed_forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let h = self.linear1.forward(x)?.relu()?;
+        let h = self.activation.apply(&self.linear1.forward(x)?)?;
         self.linear2.forward(&self.dropout.forward_t(&h, train)?)
     }
 
@@ -112,7 +151,33 @@ impl TransformerEncoderLayer {
     /// padding rows.
     pub fn forward_packed(&self, x: &Tensor, sequences: &Arc<PackedSequences>, train: bool) -> Result<Tensor> {
         rankstack_nn::shape::expect_dims(LAYER, "packed input", x, &[Some(sequences.num_rows()), Some(self.dim)])?;
-        let attend = |x: &Tensor| self.self_attn.forward_packed(x, sequences, train);
+        self.residual_blocks(x, |x| self.self_attn.forward_packed(x, sequences, train), train)
+    }
+
+    /// Encodes `x` `[B, S, d]` with a caller's attention mask `src_mask` (PyTorch's `src_mask`)
+    /// and optionally an additive key mask `[B, S]` (0 keep, −∞ masked; `src_key_padding_mask`).
+    /// Dense attention composed of candle operations (every row attends over all `S` keys).
+    pub fn forward_with_src_mask(
+        &self,
+        x: &Tensor,
+        src_mask: &AttentionMask,
+        key_mask: Option<&Tensor>,
+        train: bool,
+    ) -> Result<Tensor> {
+        let heads = self.self_attn.num_heads();
+        forward_dense_with_src_mask(LAYER, x, (self.dim, heads), src_mask, key_mask, |rows, b, s, bias| {
+            self.forward_rows_with_bias(rows, b, s, bias, train)
+        })
+    }
+
+    /// One layer on the rows `[B·S, d]` of a dense batch, attention biased by `bias`
+    /// `[B or 1, H or 1, S, S]`.
+    fn forward_rows_with_bias(&self, x: &Tensor, b: usize, s: usize, bias: &Tensor, train: bool) -> Result<Tensor> {
+        self.residual_blocks(x, |x| self.self_attn.forward_rows_with_bias(x, b, s, bias, train), train)
+    }
+
+    /// The residual structure around `attend` and the feed-forward block, post- or pre-norm.
+    fn residual_blocks(&self, x: &Tensor, attend: impl Fn(&Tensor) -> Result<Tensor>, train: bool) -> Result<Tensor> {
         if self.norm_first {
             let x = (x + self.dropout1.forward_t(&attend(&self.norm1.forward(x)?)?, train)?)?;
             &x + self.dropout2.forward_t(&self.feed_forward(&self.norm2.forward(&x)?, train)?, train)?
@@ -128,16 +193,19 @@ impl TransformerEncoderLayer {
     }
 }
 
-/// `x ↦ layer_{N−1}(… layer_0(x))`: a stack of [`TransformerEncoderLayer`]s with parameters
-/// `layers.{i}.*`, as `torch.nn.TransformerEncoder` without a final norm, so a PyTorch encoder's
-/// `state_dict` loads directly (every layer shares one additive key mask).
+/// `x ↦ norm(layer_{N−1}(… layer_0(x)))`: a stack of [`TransformerEncoderLayer`]s with parameters
+/// `layers.{i}.*` and, optionally ([`TransformerEncoder::with_final_norm`]), a final LayerNorm
+/// `norm.*` (PyTorch's `norm` argument; without a bias when the layers have none), as
+/// `torch.nn.TransformerEncoder`, so a PyTorch encoder's `state_dict` loads directly (every layer
+/// shares one additive key mask, and one `src_mask` in
+/// [`TransformerEncoder::forward_with_src_mask`]).
 ///
 /// ```
 /// # use candle_core::{Device, DType, Tensor};
 /// # use rankstack_nn::SeededVarMap;
 /// # use sequence_transformer::{EncoderLayerConfig, TransformerEncoder};
 /// let params = SeededVarMap::new(0);
-/// let cfg = EncoderLayerConfig { num_heads: 2, ff_dim: 32, dropout: 0.1, norm_first: false, layer_norm_eps: 1e-5, seed: 0 };
+/// let cfg = EncoderLayerConfig { num_heads: 2, ff_dim: 32, ..Default::default() };
 /// let enc = TransformerEncoder::new(96, 2, &cfg, params.var_builder(DType::F32, &Device::Cpu).pp("encoder"))?;
 /// // Key mask: 0 keeps a position, −∞ hides it from attention (here: the last of 3 positions).
 /// let mask = Tensor::new(&[[0f32, 0., f32::NEG_INFINITY]], &Device::Cpu)?;
@@ -148,14 +216,27 @@ impl TransformerEncoderLayer {
 #[derive(Debug)]
 pub struct TransformerEncoder {
     layers: Vec<TransformerEncoderLayer>,
+    norm: Option<LayerNorm>,
 }
 
 impl TransformerEncoder {
-    /// `num_layers` layers over width `dim`.
+    /// `num_layers` layers over width `dim`, no final norm.
     pub fn new(
         dim: usize,
         num_layers: usize,
         config: &EncoderLayerConfig,
+        vb: VarBuilder,
+    ) -> rankstack_nn::Result<Self> {
+        Self::with_final_norm(dim, num_layers, config, false, vb)
+    }
+
+    /// `num_layers` layers over width `dim`, then a LayerNorm `norm.*` if `final_norm` (same
+    /// epsilon and bias setting as the layers).
+    pub fn with_final_norm(
+        dim: usize,
+        num_layers: usize,
+        config: &EncoderLayerConfig,
+        final_norm: bool,
         vb: VarBuilder,
     ) -> rankstack_nn::Result<Self> {
         if num_layers == 0 {
@@ -164,7 +245,11 @@ impl TransformerEncoder {
         let layers = (0..num_layers)
             .map(|i| TransformerEncoderLayer::new(dim, config, vb.pp("layers").pp(i)))
             .collect::<rankstack_nn::Result<_>>()?;
-        Ok(Self { layers })
+        let norm = match final_norm {
+            true => Some(layer_norm(dim, config.layer_norm_eps, config.bias, vb.pp("norm"))?),
+            false => None,
+        };
+        Ok(Self { layers, norm })
     }
 
     /// Runs every layer; see [`TransformerEncoderLayer::forward_t`].
@@ -174,7 +259,48 @@ impl TransformerEncoder {
 
     /// Runs every layer on packed sequences; see [`TransformerEncoderLayer::forward_packed`].
     pub fn forward_packed(&self, x: &Tensor, sequences: &Arc<PackedSequences>, train: bool) -> Result<Tensor> {
-        self.layers.iter().try_fold(x.clone(), |h, l| l.forward_packed(&h, sequences, train))
+        let h = self.layers.iter().try_fold(x.clone(), |h, l| l.forward_packed(&h, sequences, train))?;
+        self.final_norm(h)
+    }
+
+    /// Runs every layer with a caller's attention mask; see
+    /// [`TransformerEncoderLayer::forward_with_src_mask`].
+    ///
+    /// ```
+    /// # use candle_core::{Device, DType, Tensor};
+    /// # use rankstack_nn::SeededVarMap;
+    /// # use sequence_transformer::{AttentionMask, EncoderLayerConfig, TransformerEncoder};
+    /// let params = SeededVarMap::new(0);
+    /// let cfg = EncoderLayerConfig { num_heads: 2, ff_dim: 8, dropout: 0.0, ..Default::default() };
+    /// let enc = TransformerEncoder::new(4, 1, &cfg, params.var_builder(DType::F32, &Device::Cpu))?;
+    /// // A causal mask: position i may not look at j > i (true = not allowed, as in PyTorch).
+    /// let causal = Tensor::new(&[[0u8, 1, 1], [0, 0, 1], [0, 0, 0]], &Device::Cpu)?;
+    /// let x = Tensor::ones((2, 3, 4), DType::F32, &Device::Cpu)?;
+    /// let h = enc.forward_with_src_mask(&x, &AttentionMask::Boolean(causal), None, false)?;
+    /// assert_eq!(h.dims(), &[2, 3, 4]);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn forward_with_src_mask(
+        &self,
+        x: &Tensor,
+        src_mask: &AttentionMask,
+        key_mask: Option<&Tensor>,
+        train: bool,
+    ) -> Result<Tensor> {
+        let first = &self.layers[0];
+        let shape = (first.dim, first.self_attn.num_heads());
+        forward_dense_with_src_mask(ENCODER, x, shape, src_mask, key_mask, |rows, b, s, bias| {
+            let h =
+                self.layers.iter().try_fold(rows.clone(), |h, l| l.forward_rows_with_bias(&h, b, s, bias, train))?;
+            self.final_norm(h)
+        })
+    }
+
+    fn final_norm(&self, h: Tensor) -> Result<Tensor> {
+        match &self.norm {
+            Some(norm) => norm.forward(&h),
+            None => Ok(h),
+        }
     }
 
     /// The layers.

@@ -4,7 +4,9 @@
 //!   ([`Fusion`]), masking ([`key_mask`], [`TimeWindowSampler`]), a [`TransformerEncoder`] and the
 //!   `[max-pool ‖ first K]` output compression.
 //! - [`TransformerEncoder`] / [`TransformerEncoderLayer`] / [`MultiHeadAttention`]: PyTorch
-//!   `nn.TransformerEncoder(Layer)` / `nn.MultiheadAttention` semantics and parameter names.
+//!   `nn.TransformerEncoder(Layer)` / `nn.MultiheadAttention` semantics and parameter names
+//!   (options: ReLU or GELU, `bias=False`, a final `norm`, and a caller's `src_mask`
+//!   ([`AttentionMask`], [`src_mask`])).
 //! - [`PackedSequences`] and [`packed_attention()`]: variable-length sequences stored back to back
 //!   as the rows of one tensor, and attention over them in one fused CPU kernel; TransAct drops the
 //!   rows no output depends on (padding), and every encoder layer runs on the packed rows.
@@ -27,21 +29,29 @@ pub mod heads;
 pub mod mask;
 pub mod packed;
 pub mod packed_attention;
+pub mod pool_all;
 pub mod pooling;
+pub mod src_mask;
 mod torch_transformer;
 mod transact;
 pub mod transformer;
+pub mod vocab;
 
 pub use attention::MultiHeadAttention;
 pub use checkpoint::{
     load_sequence_transformer, load_transformer_encoder, save_sequence_transformer, save_transformer_encoder,
     SEQUENCE_TRANSFORMER_LAYER, TRANSFORMER_ENCODER_LAYER,
 };
-pub use config::{Fusion, PositionalEncoding, SequenceTransformerConfig, MAX_ACTION_TYPES, MAX_SEQUENCE_LEN};
+pub use config::{
+    Fusion, FutureMask, MaxPool, PositionalEncoding, SequenceTransformerConfig, TimeWindowSampling, DAY_MS,
+    MAX_ACTION_TYPES, MAX_SEQUENCE_LEN,
+};
 pub use encoder::{EncoderLayerConfig, TransformerEncoder, TransformerEncoderLayer};
-pub use mask::{key_mask, TimeWindowSampler};
+pub use mask::{key_mask, key_mask_with, TimeWindowSampler};
 pub use packed::PackedSequences;
 pub use packed_attention::{packed_attention, packed_attention_with_device_dropout};
+pub use src_mask::AttentionMask;
 pub use torch_transformer::{from_torch_transformer_state_dict, TorchTransformerConfig};
 pub use transact::from_transact_state_dict;
 pub use transformer::{SequenceBatch, SequenceTransformer};
+pub use vocab::ActionVocab;

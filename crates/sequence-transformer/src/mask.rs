@@ -4,6 +4,8 @@ use std::sync::Mutex;
 
 use rankstack_nn::rng::Rng;
 
+use crate::{FutureMask, TimeWindowSampling, DAY_MS};
+
 /// The key mask of a batch (`true` = masked), row-major `[B, S]`, for `action_types`, `timestamps`
 /// (both `[B, S]`, row-major, newest first) and `request_time` `[B]`, all in milliseconds.
 ///
@@ -31,19 +33,47 @@ pub fn key_mask(
     seq_len: usize,
     window: Option<&[f64]>,
 ) -> Vec<bool> {
+    key_mask_with(action_types, timestamps, request_time, seq_len, window, FutureMask::AtOrAfter)
+}
+
+/// [`key_mask`] with a choice of future mask: [`FutureMask::After`] masks `timestamps[b, j] >
+/// request_time[b]` only, so an action at exactly the request time stays visible (outside a
+/// training window).
+///
+/// ```
+/// use sequence_transformer::{key_mask_with, FutureMask};
+/// // The second action carries exactly the request time.
+/// let m = key_mask_with(&[3, 5], &[90, 100], &[100], 2, None, FutureMask::AtOrAfter);
+/// assert_eq!(m, vec![false, true]);
+/// let m = key_mask_with(&[3, 5], &[90, 100], &[100], 2, None, FutureMask::After);
+/// assert_eq!(m, vec![false, false]);
+/// ```
+pub fn key_mask_with(
+    action_types: &[i64],
+    timestamps: &[i64],
+    request_time: &[i64],
+    seq_len: usize,
+    window: Option<&[f64]>,
+    future: FutureMask,
+) -> Vec<bool> {
     let mut mask = Vec::with_capacity(action_types.len());
     for (b, &req) in request_time.iter().enumerate() {
         for j in 0..seq_len {
             let i = b * seq_len + j;
             let t = timestamps[i];
             let in_window = window.is_some_and(|w| ((req - t) as f64) < w[b]);
-            mask.push(j > 0 && (action_types[i] == 0 || t >= req || in_window));
+            let not_past = match future {
+                FutureMask::AtOrAfter => t >= req,
+                FutureMask::After => t > req,
+            };
+            mask.push(j > 0 && (action_types[i] == 0 || not_past || in_window));
         }
     }
     mask
 }
 
-/// Draws the training time windows `T_b ~ U[0, max_ms]`, one per example, from its own seeded
+/// Draws the training time windows `T_b ~ U[0, max_ms]`, one per example (or, with
+/// [`TimeWindowSampling::PerBatchDays`], one whole number of days per batch), from its own seeded
 /// [`Rng`], so training is reproducible; the state can be saved and restored.
 ///
 /// ```
@@ -58,13 +88,26 @@ pub fn key_mask(
 #[derive(Debug)]
 pub struct TimeWindowSampler {
     max_ms: f64,
+    sampling: TimeWindowSampling,
     rng: Mutex<Rng>,
 }
 
 impl TimeWindowSampler {
-    /// A sampler of windows up to `max_ms`, seeded by `seed`.
+    /// A sampler of windows up to `max_ms`, one per example, seeded by `seed`.
     pub fn new(max_ms: f64, seed: u64) -> Self {
-        Self { max_ms, rng: Mutex::new(Rng::new(seed)) }
+        Self::with_sampling(max_ms, TimeWindowSampling::PerExample, seed)
+    }
+
+    /// A sampler of windows up to `max_ms` drawn as `sampling` says, seeded by `seed`.
+    ///
+    /// ```
+    /// # use sequence_transformer::{TimeWindowSampler, TimeWindowSampling, DAY_MS};
+    /// let sampler = TimeWindowSampler::with_sampling(3.0 * DAY_MS, TimeWindowSampling::PerBatchDays, 7);
+    /// let w = sampler.sample(5);
+    /// assert!(w.iter().all(|&t| t == w[0]) && [0.0, 1.0, 2.0, 3.0].contains(&(w[0] / DAY_MS)));
+    /// ```
+    pub fn with_sampling(max_ms: f64, sampling: TimeWindowSampling, seed: u64) -> Self {
+        Self { max_ms, sampling, rng: Mutex::new(Rng::new(seed)) }
     }
 
     /// The upper bound.
@@ -75,7 +118,15 @@ impl TimeWindowSampler {
     /// `batch` windows in milliseconds.
     pub fn sample(&self, batch: usize) -> Vec<f64> {
         let mut rng = self.rng.lock().expect("time-window rng lock poisoned");
-        (0..batch).map(|_| rng.uniform() * self.max_ms).collect()
+        match self.sampling {
+            TimeWindowSampling::PerExample => (0..batch).map(|_| rng.uniform() * self.max_ms).collect(),
+            TimeWindowSampling::PerBatchDays => {
+                // n uniform on {0, …, max_days}: ⌊u · (max_days + 1)⌋, u ∈ [0, 1).
+                let max_days = (self.max_ms / DAY_MS).floor();
+                let days = (rng.uniform() * (max_days + 1.0)).floor().min(max_days);
+                vec![days * DAY_MS; batch]
+            }
+        }
     }
 
     /// The generator state.

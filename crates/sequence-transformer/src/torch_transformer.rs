@@ -1,20 +1,21 @@
-//! Importing a `torch.nn.TransformerEncoder` (ReLU feed-forward, `batch_first=True`, no final
-//! `norm`): its parameter names are rankstack's, so the import checks every tensor's presence,
-//! shape, dtype and values against the config and hands them on unchanged.
+//! Importing a `torch.nn.TransformerEncoder` (`batch_first=True`; ReLU or GELU, with or without
+//! biases, with or without a final `norm`): its parameter names are rankstack's, so the import
+//! checks every tensor's presence, shape, dtype and values against the config and hands them on
+//! unchanged.
 
 use std::collections::HashMap;
 
 use candle_core::Tensor;
 use rankstack_nn::state_dict::StateDictImport;
-use rankstack_nn::{Error, Result};
+use rankstack_nn::{Activation, Error, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::EncoderLayerConfig;
 
 /// A `torch.nn.TransformerEncoder` of `num_layers` copies of
-/// `nn.TransformerEncoderLayer(d_model, nhead, dim_feedforward, dropout, layer_norm_eps,
-/// batch_first=True, norm_first)`, under PyTorch's argument names; builds a
-/// [`crate::TransformerEncoder`] of width `d_model`.
+/// `nn.TransformerEncoderLayer(d_model, nhead, dim_feedforward, dropout, activation,
+/// layer_norm_eps, batch_first=True, norm_first, bias)` with an optional final LayerNorm (`norm`),
+/// under PyTorch's argument names; builds a [`crate::TransformerEncoder`] of width `d_model`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TorchTransformerConfig {
@@ -35,9 +36,23 @@ pub struct TorchTransformerConfig {
     /// LayerNorm epsilon (PyTorch's default 1e-5).
     #[serde(default = "default_eps")]
     pub layer_norm_eps: f64,
+    /// Feed-forward activation: `relu` (PyTorch's default) or `gelu`.
+    #[serde(default)]
+    pub activation: Activation,
+    /// Biases on every projection and LayerNorm (PyTorch's default `true`).
+    #[serde(default = "default_bias")]
+    pub bias: bool,
+    /// A final LayerNorm after the last layer (`nn.TransformerEncoder(…, norm=LayerNorm(d_model))`),
+    /// tensors `norm.*`.
+    #[serde(default)]
+    pub final_norm: bool,
     /// Seed of the dropout streams.
     #[serde(default)]
     pub seed: u64,
+}
+
+fn default_bias() -> bool {
+    true
 }
 
 fn default_dropout() -> f64 {
@@ -58,14 +73,16 @@ impl TorchTransformerConfig {
             norm_first: self.norm_first,
             layer_norm_eps: self.layer_norm_eps,
             seed: self.seed,
+            activation: self.activation,
+            bias: self.bias,
         }
     }
 }
 
 /// The tensors of one `nn.TransformerEncoderLayer` of width `d` and feed-forward width `ff`, by
-/// their names under the layer, with their shapes (shared by the TransAct importer).
-pub(crate) fn encoder_layer_tensors(d: usize, ff: usize) -> [(&'static str, Vec<usize>); 12] {
-    [
+/// their names under the layer, with their shapes; without `bias`, the weights only.
+fn encoder_layer_tensors(d: usize, ff: usize, bias: bool) -> Vec<(&'static str, Vec<usize>)> {
+    let all = [
         ("self_attn.in_proj_weight", vec![3 * d, d]),
         ("self_attn.in_proj_bias", vec![3 * d]),
         ("self_attn.out_proj.weight", vec![d, d]),
@@ -78,21 +95,31 @@ pub(crate) fn encoder_layer_tensors(d: usize, ff: usize) -> [(&'static str, Vec<
         ("norm1.bias", vec![d]),
         ("norm2.weight", vec![d]),
         ("norm2.bias", vec![d]),
-    ]
+    ];
+    all.into_iter().filter(|(name, _)| bias || !name.ends_with("bias")).collect()
 }
 
-/// Renames every encoder layer's tensors from `{from}layers.{i}.…` to `{to}layers.{i}.…`.
-pub(crate) fn import_encoder_layers(
-    import: &mut StateDictImport,
-    from: &str,
-    to: &str,
-    num_layers: usize,
-    d: usize,
-    ff: usize,
-) {
-    for i in 0..num_layers {
-        for (name, shape) in encoder_layer_tensors(d, ff) {
-            import.rename(&format!("{from}layers.{i}.{name}"), &shape, format!("{to}layers.{i}.{name}"));
+/// The layout of an encoder's tensors: what [`import_encoder`] expects.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct EncoderShape {
+    pub d: usize,
+    pub ff: usize,
+    pub num_layers: usize,
+    pub bias: bool,
+    pub final_norm: bool,
+}
+
+/// Renames an encoder's tensors from `{from}layers.{i}.…` (and `{from}norm.*`) to `{to}…`.
+pub(crate) fn import_encoder(import: &mut StateDictImport, from: &str, to: &str, shape: EncoderShape) {
+    for i in 0..shape.num_layers {
+        for (name, dims) in encoder_layer_tensors(shape.d, shape.ff, shape.bias) {
+            import.rename(&format!("{from}layers.{i}.{name}"), &dims, format!("{to}layers.{i}.{name}"));
+        }
+    }
+    if shape.final_norm {
+        import.rename(&format!("{from}norm.weight"), &[shape.d], format!("{to}norm.weight"));
+        if shape.bias {
+            import.rename(&format!("{from}norm.bias"), &[shape.d], format!("{to}norm.bias"));
         }
     }
 }
@@ -112,6 +139,13 @@ pub fn from_torch_transformer_state_dict(
         }
     }
     let mut import = StateDictImport::new("nn.TransformerEncoder", state);
-    import_encoder_layers(&mut import, "", "", config.num_layers, config.d_model, config.dim_feedforward);
+    let shape = EncoderShape {
+        d: config.d_model,
+        ff: config.dim_feedforward,
+        num_layers: config.num_layers,
+        bias: config.bias,
+        final_norm: config.final_norm,
+    };
+    import_encoder(&mut import, "", "", shape);
     import.finish()
 }

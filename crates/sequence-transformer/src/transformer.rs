@@ -10,8 +10,8 @@ use rankstack_nn::{linear_xavier, Error, Linear};
 
 use crate::pooling::masked_max_pool;
 use crate::{
-    key_mask, EncoderLayerConfig, Fusion, PackedSequences, PositionalEncoding, SequenceTransformerConfig,
-    TimeWindowSampler, TransformerEncoder,
+    key_mask_with, ActionVocab, EncoderLayerConfig, Fusion, MaxPool, PackedSequences, PositionalEncoding,
+    SequenceTransformerConfig, TimeWindowSampler, TransformerEncoder,
 };
 
 const LAYER: &str = "SequenceTransformer";
@@ -40,16 +40,25 @@ pub struct SequenceBatch {
 /// ```
 ///
 /// Inputs longer than `S` keep the newest `S` actions; shorter ones are padded with type 0. The key
-/// mask ([`key_mask`]) hides padding, actions at or after the request time and, in training only, a
-/// random recent window `T ~ U[0, time_window_ms]` per example (drawn by a seeded
-/// [`TimeWindowSampler`]); position 0 is never masked. Masked positions still produce encoder
+/// mask ([`crate::key_mask`]) hides padding, actions at or after the request time (or only after
+/// it: [`crate::FutureMask`]) and, in training only, a random recent window `T ~ U[0,
+/// time_window_ms]` per example (or one whole number of days per batch:
+/// [`crate::TimeWindowSampling`]; drawn by a seeded [`TimeWindowSampler`]); position 0 is never
+/// masked. Masked positions still produce encoder
 /// outputs (as PyTorch's autograd "slow path" does; the inference fast path would zero them), and
 /// those of the first `K` appear in the output as computed.
+///
+/// Options reproducing TransAct's public code (see [`SequenceTransformerConfig`]): the max-pool
+/// over every position ([`MaxPool::AllPositions`]) or none ([`MaxPool::None`]), no candidate
+/// fusion ([`Fusion::None`]), every position in the output (`all_output_positions`), raw action ids
+/// through an `action_vocab` (unknown ones become padding), and the encoder's `activation`, `bias`
+/// and `final_norm`.
 ///
 /// Parameters, under the names of the PyTorch reference (`reference/rankstack_ref/sequence_transformer.py`):
 /// `action_emb.weight` `[num_action_types, action_dim]` (row 0 = padding: initialised to zero,
 /// never read, no gradient), `encoder.layers.{i}.*` ([`TransformerEncoder`], the state dict of a
-/// `torch.nn.TransformerEncoder`), `pool_proj.{weight,bias}` `[d, d]`, and optionally
+/// `torch.nn.TransformerEncoder`), `pool_proj.{weight,bias}` `[d, d]` (absent with
+/// [`MaxPool::None`]), and optionally
 /// `pos_emb.weight` `[tokens, d]` and `candidate_token` `[action_dim]`.
 ///
 /// ```
@@ -78,8 +87,9 @@ pub struct SequenceTransformer {
     pos_emb: Option<Tensor>,
     candidate_token: Option<Tensor>,
     encoder: TransformerEncoder,
-    pool_proj: Linear,
+    pool_proj: Option<Linear>,
     window: TimeWindowSampler,
+    vocab: Option<ActionVocab>,
 }
 
 struct Prepared {
@@ -110,7 +120,7 @@ impl SequenceTransformer {
             )?),
         };
         let candidate_token = match config.fusion {
-            Fusion::Concat => None,
+            Fusion::Concat | Fusion::None => None,
             Fusion::Append => Some(vb.get_with_hints(
                 config.action_dim,
                 "candidate_token",
@@ -124,9 +134,15 @@ impl SequenceTransformer {
             norm_first: config.norm_first,
             layer_norm_eps: config.layer_norm_eps,
             seed: config.seed,
+            activation: config.activation,
+            bias: config.bias,
         };
-        let encoder = TransformerEncoder::new(d, config.num_layers, &layer, vb.pp("encoder"))?;
-        let pool_proj = linear_xavier(d, d, true, vb.pp("pool_proj"))?;
+        let encoder =
+            TransformerEncoder::with_final_norm(d, config.num_layers, &layer, config.final_norm, vb.pp("encoder"))?;
+        let pool_proj = match config.max_pool {
+            MaxPool::None => None,
+            MaxPool::Unmasked | MaxPool::AllPositions => Some(linear_xavier(d, d, true, vb.pp("pool_proj"))?),
+        };
         let window_seed = config.seed ^ rankstack_nn::rng::hash_name(&format!("{}.time_window", vb.prefix()));
         Ok(Self {
             config: config.clone(),
@@ -135,7 +151,8 @@ impl SequenceTransformer {
             candidate_token,
             encoder,
             pool_proj,
-            window: TimeWindowSampler::new(config.time_window_ms, window_seed),
+            window: TimeWindowSampler::with_sampling(config.time_window_ms, config.time_window_sampling, window_seed),
+            vocab: config.action_vocab.as_deref().map(ActionVocab::new),
         })
     }
 
@@ -199,6 +216,11 @@ impl SequenceTransformer {
             t.flatten_all()?.to_vec1::<i64>()
         };
         let types = host(&batch.action_types)?;
+        // Raw ids through the vocabulary: unknown ones become padding.
+        let types = match &self.vocab {
+            Some(vocab) => vocab.map(&types),
+            None => types,
+        };
         if let Some((i, &t)) = types.iter().enumerate().find(|(_, &t)| t < 0 || t as usize >= c.num_action_types) {
             return Err(Error::input(
                 LAYER,
@@ -235,9 +257,9 @@ impl SequenceTransformer {
                 );
             }
         }
-        let m = key_mask(&p.types, &p.timestamps, &p.request, s, window);
+        let m = key_mask_with(&p.types, &p.timestamps, &p.request, s, window, self.config.future_mask);
         Ok(match self.config.fusion {
-            Fusion::Concat => m,
+            Fusion::Concat | Fusion::None => m,
             // The appended candidate token (index S) is never masked.
             Fusion::Append => m.chunks(s).flat_map(|row| row.iter().copied().chain([false])).collect(),
         })
@@ -247,10 +269,15 @@ impl SequenceTransformer {
     ///
     /// Only the unmasked rows and the first K feed the output (a masked row is never a key, so it
     /// reaches no other row): the encoder runs on those rows alone, packed, and its output is
-    /// scattered back (zeros elsewhere, which the pooling skips).
+    /// scattered back (zeros elsewhere, which the pooling skips). With [`MaxPool::AllPositions`]
+    /// every row feeds the pool, so every row is encoded.
     fn encode(&self, x: &Tensor, masked: &[bool], train: bool) -> Result<Tensor> {
         let (b, n, d) = x.dims3()?;
-        let (sequences, rows) = PackedSequences::compact(masked, b, n, self.config.num_output_positions)?;
+        let keep_first = match self.config.max_pool {
+            MaxPool::AllPositions => n,
+            MaxPool::Unmasked | MaxPool::None => self.config.output_positions(),
+        };
+        let (sequences, rows) = PackedSequences::compact(masked, b, n, keep_first)?;
         // Distinct rows both ways: gathers, not candle's serial CUDA index_add (see distinct_rows).
         let packed = gather_rows(&x.reshape((b * n, d))?, &rows)?;
         let packed = self.encoder.forward_packed(&packed, &Arc::new(sequences), train)?;
@@ -284,6 +311,7 @@ impl SequenceTransformer {
         let actions = self.action_emb.embedding(&ids)?.broadcast_mul(&not_pad)?.reshape((b, s, c.action_dim))?;
         let candidate = candidate.unsqueeze(1)?;
         let mut x = match (&self.candidate_token, c.fusion) {
+            (_, Fusion::None) => Tensor::cat(&[&actions, &p.items], 2)?,
             (_, Fusion::Concat) => {
                 let cand = candidate.broadcast_as((b, s, c.item_dim))?.contiguous()?;
                 Tensor::cat(&[&actions, &p.items, &cand], 2)?
@@ -302,21 +330,32 @@ impl SequenceTransformer {
         Ok(x)
     }
 
-    /// `[max-pool ‖ first K]` of the encoder output `h` `[B, n, d]`.
+    /// `[max-pool ‖ first K]` of the encoder output `h` `[B, n, d]` (either block may be absent,
+    /// not both: the config checks).
     fn compress(&self, h: &Tensor, masked: &[bool]) -> Result<Tensor> {
         let (b, _, d) = h.dims3()?;
-        // Max-pool over unmasked positions (position 0 is never masked, so the max is finite).
-        let pooled = self.pool_proj.forward(&masked_max_pool(h, masked)?)?;
-        let k = self.config.num_output_positions;
-        if k == 0 {
-            return Ok(pooled);
+        let mut parts = Vec::with_capacity(2);
+        if let Some(pool_proj) = &self.pool_proj {
+            // Over unmasked positions (position 0 is never masked, so the max is finite), or all.
+            let pooled = match self.config.max_pool {
+                MaxPool::AllPositions => crate::pool_all::max_pool_first(h)?,
+                MaxPool::Unmasked | MaxPool::None => masked_max_pool(h, masked)?,
+            };
+            parts.push(pool_proj.forward(&pooled)?);
         }
-        let first = h.narrow(1, 0, k)?.reshape((b, k * d))?;
-        Tensor::cat(&[&pooled, &first], 1)
+        let k = self.config.output_positions();
+        if k > 0 {
+            parts.push(h.narrow(1, 0, k)?.reshape((b, k * d))?);
+        }
+        match parts.len() {
+            1 => Ok(parts.remove(0)),
+            _ => Tensor::cat(&parts, 1),
+        }
     }
 
     /// Forward pass; in training (`train = true`) each example gets a random time window (if
-    /// `time_window_ms > 0`) and dropout is active.
+    /// `time_window_ms > 0`; per example, or one per batch: `time_window_sampling`) and dropout is
+    /// active.
     pub fn forward_t(&self, batch: &SequenceBatch, train: bool) -> Result<Tensor> {
         if train && self.config.time_window_ms > 0.0 {
             let b = batch.action_types.dims().first().copied().unwrap_or(0);
@@ -352,7 +391,7 @@ impl rankstack_nn::Reseed for SequenceTransformer {
 impl rankstack_nn::LinearLayers for SequenceTransformer {
     fn linear_layers_mut(&mut self) -> Vec<&mut Linear> {
         let mut layers = self.encoder.linear_layers_mut();
-        layers.push(&mut self.pool_proj);
+        layers.extend(self.pool_proj.as_mut());
         layers
     }
 }

@@ -12,7 +12,8 @@
 use std::collections::HashMap;
 
 use candle_core::{DType, Tensor};
-use rankstack_nn::testing::{check_reference, fixture_paths, Fixture};
+use rankstack_nn::checkpoint::read_safetensors;
+use rankstack_nn::testing::{check_reference, fixture_paths, fixtures_root, Fixture};
 use sequence_transformer::{
     from_torch_transformer_state_dict, from_transact_state_dict, SequenceBatch, SequenceTransformer,
     SequenceTransformerConfig, TorchTransformerConfig, TransformerEncoder,
@@ -65,14 +66,22 @@ fn check_torch_transformer(peer: &Fixture, dtype: DType, rtol: f64) {
         &fixture,
         dtype,
         rtol,
-        |vb| TransformerEncoder::new(config.d_model, config.num_layers, &config.layer_config(), vb),
+        |vb| {
+            TransformerEncoder::with_final_norm(
+                config.d_model,
+                config.num_layers,
+                &config.layer_config(),
+                config.final_norm,
+                vb,
+            )
+        },
         |encoder, i| encoder.forward_t(&i["x"], Some(&key_mask(&i["mask"], i["x"].dtype())?), false),
     );
 }
 
 #[test]
 fn imported_transact_matches_in_f64_and_f32() {
-    for fixture in peer_fixtures("transact", 2) {
+    for fixture in peer_fixtures("transact", 4) {
         check_transact(&fixture, DType::F64, 1e-10);
         check_transact(&fixture, DType::F32, 1e-5);
     }
@@ -80,7 +89,7 @@ fn imported_transact_matches_in_f64_and_f32() {
 
 #[test]
 fn imported_torch_transformer_encoders_match_in_f64_and_f32() {
-    for fixture in peer_fixtures("torch-transformer", 2) {
+    for fixture in peer_fixtures("torch-transformer", 3) {
         check_torch_transformer(&fixture, DType::F64, 1e-10);
         check_torch_transformer(&fixture, DType::F32, 1e-5);
     }
@@ -88,7 +97,7 @@ fn imported_torch_transformer_encoders_match_in_f64_and_f32() {
 
 #[test]
 fn transact_state_dicts_are_checked_in_full() {
-    let fixture = &peer_fixtures("transact", 2)[0];
+    let fixture = &peer_fixtures("transact", 4)[0];
     let config: SequenceTransformerConfig = fixture.config();
     let mut state: HashMap<String, Tensor> = fixture.with_prefix("param.");
     state.remove("out_linear.bias");
@@ -109,4 +118,22 @@ fn transact_state_dicts_are_checked_in_full() {
     let append = SequenceTransformerConfig { fusion: sequence_transformer::Fusion::Append, ..config };
     let err = from_transact_state_dict(&append, HashMap::new()).unwrap_err().to_string();
     assert!(err.contains("invalid config `fusion`"), "{err}");
+}
+
+#[test]
+fn transact_action_lookup_must_agree_with_the_action_vocab() {
+    let fixture =
+        Fixture::load(fixtures_root().join("peers/transact_pool_all_strict_mask_vocab_b4_s6.safetensors")).unwrap();
+    let config: SequenceTransformerConfig = fixture.config();
+    assert_eq!(config.action_vocab.as_deref(), Some(&[7, 3, 11, 5][..]));
+    let state_dict = fixtures_root().join("peers/state_dicts/transact_pool_all_strict_mask_vocab_b4_s6.safetensors");
+    let state = read_safetensors(&state_dict).unwrap().tensors;
+    assert_eq!(state["action_type_lookup"].dtype(), DType::I64);
+    assert!(from_transact_state_dict(&config, state.clone()).is_ok());
+    let unset = SequenceTransformerConfig { action_vocab: None, ..config.clone() };
+    let err = from_transact_state_dict(&unset, state.clone()).unwrap_err().to_string();
+    assert!(err.contains("action_type_lookup") && err.contains("set action_vocab = [7, 3, 11, 5]"), "{err}");
+    let swapped = SequenceTransformerConfig { action_vocab: Some(vec![3, 7, 11, 5]), ..config };
+    let err = from_transact_state_dict(&swapped, state).unwrap_err().to_string();
+    assert!(err.contains("implies action_vocab = [7, 3, 11, 5], the config has [3, 7, 11, 5]"), "{err}");
 }

@@ -60,3 +60,24 @@ fn fixtures_cover_the_required_cases() {
         assert!(names.iter().any(|n| n.contains(needle)), "no fixture case for `{needle}`: {names:?}");
     }
 }
+
+#[test]
+fn fixtures_cover_the_peer_variants() {
+    let names: Vec<String> =
+        fixture_paths("sequence_transformer").iter().map(|p| Fixture::load(p).unwrap().name()).collect();
+    for needle in [
+        "pool_all",
+        "per_batch_day_window",
+        "strict_mask",
+        "vocab",
+        "no_candidate",
+        "no_pool",
+        "all_positions",
+        "gelu",
+        "no_bias",
+        "final_norm",
+        "prenorm_final_norm",
+    ] {
+        assert!(names.iter().any(|n| n.contains(needle)), "no fixture case for `{needle}`: {names:?}");
+    }
+}
