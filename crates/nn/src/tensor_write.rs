@@ -40,7 +40,7 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
 pub const CONFIG_CHECKSUM_KEY: &str = "rankstack.config_crc32";
 
 /// Writes named tensors (and optional string metadata) to a safetensors file, atomically, with a
-/// checksum of the tensors in the metadata ([`rankstack_nn::checkpoint::CHECKSUM_KEY`], verified
+/// checksum of the tensors in the metadata ([`crate::checkpoint::CHECKSUM_KEY`], verified
 /// on reading).
 pub fn write_safetensors(
     path: &Path,

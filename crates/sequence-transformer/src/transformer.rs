@@ -237,7 +237,7 @@ impl SequenceTransformer {
     }
 
     /// The key mask `[B, tokens]` (u8, 1 = masked) the encoder would use for `batch`, with the
-    /// given training windows (`None`: no window masking). See [`key_mask`].
+    /// given training windows (`None`: no window masking). See [`crate::key_mask`].
     pub fn mask(&self, batch: &SequenceBatch, window: Option<&[f64]>) -> Result<Tensor> {
         let p = self.prepare(batch)?;
         let m = self.mask_of(&p, window)?;
