@@ -67,12 +67,5 @@ fn build_sequence_transformer(spec: &LayerSpec, vb: candle_nn::VarBuilder) -> Re
 
 fn build_transformer_encoder(spec: &LayerSpec, vb: candle_nn::VarBuilder) -> Result<TransformerEncoder> {
     spec.expect_layer(TRANSFORMER_ENCODER_LAYER)?;
-    let config: TorchTransformerConfig = spec.config()?;
-    TransformerEncoder::with_final_norm(
-        config.d_model,
-        config.num_layers,
-        &config.layer_config(),
-        config.final_norm,
-        vb,
-    )
+    spec.config::<TorchTransformerConfig>()?.build(vb)
 }

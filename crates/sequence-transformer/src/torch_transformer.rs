@@ -64,6 +64,17 @@ fn default_eps() -> f64 {
 }
 
 impl TorchTransformerConfig {
+    /// The [`crate::TransformerEncoder`] this config describes (with its final norm if any).
+    pub fn build(&self, vb: candle_nn::VarBuilder) -> Result<crate::TransformerEncoder> {
+        crate::TransformerEncoder::with_final_norm(
+            self.d_model,
+            self.num_layers,
+            &self.layer_config(),
+            self.final_norm,
+            vb,
+        )
+    }
+
     /// The options of each [`crate::TransformerEncoderLayer`].
     pub fn layer_config(&self) -> EncoderLayerConfig {
         EncoderLayerConfig {

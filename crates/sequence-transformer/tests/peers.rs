@@ -16,7 +16,7 @@ use rankstack_nn::checkpoint::read_safetensors;
 use rankstack_nn::testing::{check_reference, fixture_paths, fixtures_root, Fixture};
 use sequence_transformer::{
     from_torch_transformer_state_dict, from_transact_state_dict, SequenceBatch, SequenceTransformer,
-    SequenceTransformerConfig, TorchTransformerConfig, TransformerEncoder,
+    SequenceTransformerConfig, TorchTransformerConfig,
 };
 
 fn peer_fixtures(peer: &str, expected: usize) -> Vec<Fixture> {
@@ -66,15 +66,7 @@ fn check_torch_transformer(peer: &Fixture, dtype: DType, rtol: f64) {
         &fixture,
         dtype,
         rtol,
-        |vb| {
-            TransformerEncoder::with_final_norm(
-                config.d_model,
-                config.num_layers,
-                &config.layer_config(),
-                config.final_norm,
-                vb,
-            )
-        },
+        |vb| config.build(vb),
         |encoder, i| encoder.forward_t(&i["x"], Some(&key_mask(&i["mask"], i["x"].dtype())?), false),
     );
 }
