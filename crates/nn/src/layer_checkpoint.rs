@@ -76,15 +76,19 @@ impl LayerSpec {
     }
 }
 
-/// Writes a single-layer checkpoint to `dir`. An existing `dir` is refused unless `replace`; a
-/// non-finite tensor is refused (naming it) before anything is written.
+/// Writes a single-layer checkpoint to `dir`. An existing `dir` is refused unless `replace`, and
+/// even then unless it is a single-layer checkpoint or empty (`--force` must not delete a user's
+/// other files); a non-finite tensor is refused (naming it) before anything is written.
 pub fn save(dir: &Path, spec: &LayerSpec, tensors: &HashMap<String, Tensor>, replace: bool) -> Result<()> {
-    if dir.exists() && !replace {
-        return Err(Error::input(
-            "checkpoint",
-            dir.display().to_string(),
-            "already exists; pass --force to replace it",
-        ));
+    if dir.exists() {
+        let refuse = |reason: &str| Err(Error::input("checkpoint", dir.display().to_string(), reason));
+        if !replace {
+            return refuse("already exists; pass --force to replace it");
+        }
+        let empty = std::fs::read_dir(dir).map(|mut entries| entries.next().is_none()).unwrap_or(false);
+        if !dir.is_dir() || !(empty || dir.join(LAYER_FILE).is_file()) {
+            return refuse("exists and is not a single-layer checkpoint; refusing to replace it");
+        }
     }
     let mut named: Vec<(String, Tensor)> = tensors.iter().map(|(n, t)| (n.clone(), t.clone())).collect();
     named.sort_by(|a, b| a.0.cmp(&b.0));
@@ -235,6 +239,19 @@ mod tests {
         let err = save(&dir, &spec(), &tensors, false).unwrap_err().to_string();
         assert!(err.contains("already exists; pass --force"), "{err}");
         save(&dir, &spec(), &tensors, true).unwrap();
+        // --force replaces a checkpoint, never another file or a directory of other files.
+        let other = root.join("notes");
+        std::fs::create_dir_all(&other).unwrap();
+        std::fs::write(other.join("a.txt"), "keep").unwrap();
+        let file = root.join("file.txt");
+        std::fs::write(&file, "keep").unwrap();
+        for target in [&other, &file] {
+            let err = save(target, &spec(), &tensors, true).unwrap_err().to_string();
+            assert!(err.contains("is not a single-layer checkpoint"), "{err}");
+        }
+        assert_eq!(std::fs::read_to_string(other.join("a.txt")).unwrap(), "keep");
+        std::fs::remove_dir_all(&other).unwrap();
+        std::fs::remove_file(&file).unwrap();
         let (read, loaded) = load(&dir).unwrap();
         assert_eq!(read, spec());
         assert_eq!(loaded["w"].to_vec2::<f32>().unwrap(), [[1.0, 2.0], [3.0, 4.0]]);
