@@ -175,7 +175,8 @@ enum Command {
         /// The rankstack layer config (JSON) that reproduces the peer module.
         #[arg(long)]
         config: PathBuf,
-        /// The layer's input width (torchrec cross networks, Twitter MaskNet).
+        /// The layer's input width (torchrec cross networks, Twitter MaskNet; read off the state dict
+        /// when left out).
         #[arg(long)]
         input_dim: Option<usize>,
         /// The checkpoint directory to write.

@@ -137,11 +137,22 @@ fn import_errors_are_one_line_and_never_overwrite() {
     let err = fails(&[&base[..], &["--input-dim", "9"]].concat());
     assert!(err.contains("torchrec LowRankCrossNet state dict does not fit the config"), "{err}");
     assert!(err.contains("tensor `W_kernels.0` has shape [8, 2], the model expects [9, 2]"), "{err}");
-    let err = fails(&base);
-    assert!(err.contains("--input-dim"), "{err}");
     let err =
         fails(&["import", "--from", "torchrec-mixture", &sd, "--config", &cfg, "--out", &other, "--input-dim", "8"]);
     assert!(err.contains("needs a layer of type `mixture`"), "{err}");
+    // A pickle is refused with the way to convert it; --input-dim where the config has the width too.
+    let pickle = dir.join("model.pt");
+    std::fs::write(&pickle, b"not read").unwrap();
+    let pickle = pickle.display().to_string();
+    let err = fails(&["import", "--from", "torchrec-lowrank", &pickle, "--config", &cfg, "--out", &other]);
+    assert!(err.contains("PyTorch pickle") && err.contains("save_file"), "{err}");
+    let err = fails(&["import", "--from", "transact", &sd, "--config", &cfg, "--out", &other, "--input-dim", "8"]);
+    assert!(err.contains("--input-dim") && err.contains("not used by --from transact"), "{err}");
     assert!(!Path::new(&other).exists());
+    // Without --input-dim the width is read off the state dict (torchrec's `bias.0`).
+    let summary = ok(&base);
+    assert!(summary.contains("imported torchrec LowRankCrossNet"), "{summary}");
+    let (net, _) = rankstack::dcnv2::load_cross_net(Path::new(&other), DType::F32, &Device::Cpu).unwrap();
+    assert_eq!(net.input_dim(), 8);
     std::fs::remove_dir_all(&dir).ok();
 }

@@ -1,7 +1,10 @@
 //! `rankstack import`: a peer framework's PyTorch state dict (saved as safetensors) → a rankstack
 //! single-layer checkpoint (`rankstack_nn::layer_checkpoint`; `docs/compatibility.md`).
 
+use std::collections::HashMap;
 use std::path::Path;
+
+use candle_core::Tensor;
 
 use rankstack_nn::checkpoint::read_safetensors;
 use rankstack_nn::{Error, Result};
@@ -44,8 +47,8 @@ pub struct ImportArgs<'a> {
     pub state_dict: &'a Path,
     /// The rankstack layer config (JSON) that reproduces the peer module.
     pub config: &'a Path,
-    /// The layer's input width: the torchrec cross networks and Twitter's MaskNet take one
-    /// (TransAct's and `nn.TransformerEncoder`'s widths are in their configs).
+    /// The layer's input width, for the torchrec cross networks and Twitter's MaskNet (read off the
+    /// state dict when absent); TransAct's and `nn.TransformerEncoder`'s widths are in their configs.
     pub input_dim: Option<usize>,
     /// The checkpoint directory to write.
     pub out: &'a Path,
@@ -59,10 +62,58 @@ fn read_config<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
     serde_json::from_str(&text).map_err(|e| Error::input("import", path.display().to_string(), e.to_string()))
 }
 
-fn input_dim(source: ImportSource, args: &ImportArgs) -> Result<usize> {
-    args.input_dim.ok_or_else(|| {
-        Error::input("import", "--input-dim", format!("{} needs the layer's input width", source.name()))
-    })
+impl ImportSource {
+    /// The state-dict tensor whose dimension `axis` is the layer's input width, for the peers
+    /// whose rankstack layer takes one (`None`: the width is in the config).
+    fn input_width_tensor(self) -> Option<(&'static str, usize)> {
+        match self {
+            Self::TorchrecCrossNet | Self::TorchrecLowRank | Self::TorchrecMixture => Some(("bias.0", 0)),
+            Self::TwitterMaskNet => Some(("_mask_blocks.0._mask_layer.0.weight", 1)),
+            Self::TransAct | Self::TorchTransformer => None,
+        }
+    }
+}
+
+/// The layer's input width: `--input-dim` when given, else read off the state dict (the first
+/// layer's bias for torchrec, the first mask layer's input for Twitter). `--input-dim` for a peer
+/// whose width is in its config is refused rather than ignored.
+fn input_dim(source: ImportSource, args: &ImportArgs, state: &HashMap<String, Tensor>) -> Result<Option<usize>> {
+    let Some((name, axis)) = source.input_width_tensor() else {
+        return match args.input_dim {
+            Some(_) => Err(Error::input(
+                "import",
+                "--input-dim",
+                format!("is not used by --from {}: the width is in the config", source.name()),
+            )),
+            None => Ok(None),
+        };
+    };
+    if args.input_dim.is_some() {
+        return Ok(args.input_dim);
+    }
+    match state.get(name).and_then(|t| t.dims().get(axis).copied()) {
+        Some(d) => Ok(Some(d)),
+        None => Err(Error::input(
+            "import",
+            "--input-dim",
+            format!("is needed: the state dict has no `{name}` to read the input width from"),
+        )),
+    }
+}
+
+/// Refuses a PyTorch pickle (`.pt`, `.pth`, `.bin`, `.ckpt`) up front with the way to convert it.
+fn check_state_dict_format(path: &Path) -> Result<()> {
+    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
+    if ["pt", "pth", "bin", "ckpt"].contains(&ext.as_str()) {
+        return Err(Error::input(
+            "import",
+            path.display().to_string(),
+            "looks like a PyTorch pickle, which is not read; save the state dict as safetensors: \
+             safetensors.torch.save_file({k: v.contiguous() for k, v in module.state_dict().items()}, PATH) \
+             (docs/compatibility.md)",
+        ));
+    }
+    Ok(())
 }
 
 /// Imports `args.state_dict` as a `source` module configured by `args.config` and writes the
@@ -75,13 +126,15 @@ pub fn import(source: ImportSource, args: &ImportArgs) -> Result<String> {
             format!("{} already exists; pass --force to replace it", args.out.display()),
         ));
     }
+    check_state_dict_format(args.state_dict)?;
     let state = read_safetensors(args.state_dict)?.tensors;
     let peer_count = state.len();
+    let input_dim = input_dim(source, args, &state)?;
     let (peer, written) = match source {
         ImportSource::TorchrecCrossNet | ImportSource::TorchrecLowRank | ImportSource::TorchrecMixture => {
             let config: dcnv2::CrossNetConfig = read_config(args.config)?;
             check_torchrec_kind(source, &config, args.config)?;
-            let d = input_dim(source, args)?;
+            let d = input_dim.expect("torchrec layers take an input width");
             let tensors = dcnv2::from_torchrec_state_dict(d, &config, state)?;
             let peer = format!("torchrec {}", dcnv2::torchrec_class(&config));
             written(peer, &tensors, |src| dcnv2::save_cross_net(args.out, d, &config, &tensors, src, args.force))?
@@ -95,7 +148,7 @@ pub fn import(source: ImportSource, args: &ImportArgs) -> Result<String> {
         }
         ImportSource::TwitterMaskNet => {
             let config: masknet::MaskNetConfig = read_config(args.config)?;
-            let d = input_dim(source, args)?;
+            let d = input_dim.expect("MaskNet takes an input width");
             let tensors = masknet::from_twitter_state_dict(d, &config, state)?;
             written("Twitter MaskNet".into(), &tensors, |src| {
                 masknet::save_masknet(args.out, d, &config, &tensors, src, args.force)
@@ -119,7 +172,7 @@ pub fn import(source: ImportSource, args: &ImportArgs) -> Result<String> {
 /// Runs `save` with `peer` as the checkpoint's source; the peer and the number of tensors written.
 fn written(
     peer: String,
-    tensors: &std::collections::HashMap<String, candle_core::Tensor>,
+    tensors: &HashMap<String, Tensor>,
     save: impl FnOnce(Option<String>) -> Result<()>,
 ) -> Result<(String, usize)> {
     save(Some(peer.clone()))?;
