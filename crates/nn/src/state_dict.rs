@@ -126,7 +126,7 @@ impl StateDictImport {
     /// the `k`-th named `to(k)` (e.g. torchrec's stacked experts, one rankstack tensor each).
     pub fn split(&mut self, from: &str, stored: &[usize], to: impl Fn(usize) -> String) {
         let Some(t) = self.take(from, stored) else { return };
-        for k in 0..stored[0] {
+        for k in 0..stored.first().copied().unwrap_or(0) {
             match t.get(k).and_then(|part| part.contiguous()) {
                 Ok(part) => self.put(to(k), part),
                 Err(e) => {
