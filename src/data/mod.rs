@@ -211,7 +211,8 @@ impl DataSchema {
     /// - with a sequence: `max_len`, `num_action_types` and `item_dim` come from the data, the
     ///   other TransAct settings from the config (its defaults if the config had no sequence
     ///   encoder); `num_output_positions` is capped at `max_len`; `item_embedding` is set to the
-    ///   item cardinality for id sequences and removed for embedding sequences;
+    ///   item cardinality for id sequences and removed for embedding sequences; a config with an
+    ///   `action_vocab` (raw ids) is an error, the data's types being mapped already;
     /// - without a sequence: the sequence encoder and the item table are removed.
     ///
     /// The result is validated ([`RankerConfig::validate`]).
@@ -230,6 +231,14 @@ impl DataSchema {
             }
             Some(seq) => {
                 let mut cfg = config.sequence.take().unwrap_or_default();
+                if cfg.action_vocab.is_some() {
+                    // Data files hold action types 1..N already; remapping them again would be wrong.
+                    return Err(Error::config(
+                        LAYER,
+                        "sequence.action_vocab",
+                        "remaps raw action ids, but data files hold action types 1..num_action_types already; remove it",
+                    ));
+                }
                 cfg.max_len = seq.max_len;
                 cfg.num_action_types = seq.num_action_types;
                 cfg.item_dim = seq.items.dim();
@@ -338,6 +347,14 @@ mod tests {
         let data = DataSchema { sequence: None, ..data };
         data.apply(&mut config).unwrap();
         assert!(config.sequence.is_none() && config.item_embedding.is_none());
+    }
+
+    #[test]
+    fn apply_refuses_an_action_vocab_because_data_types_are_mapped_already() {
+        let mut config = presets::preset("pinterest-homefeed").unwrap();
+        config.sequence.as_mut().unwrap().action_vocab = Some(vec![7, 3, 9]);
+        let e = schema(SequenceItemSpec::Embeddings { dim: 8 }).apply(&mut config).unwrap_err().to_string();
+        assert!(e.contains("`sequence.action_vocab`") && e.contains("hold action types 1..num_action_types"), "{e}");
     }
 
     #[test]
