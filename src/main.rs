@@ -79,6 +79,36 @@ struct ScoringArgs {
     device: DeviceSpec,
 }
 
+/// `rankstack import --from`.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum ImportFrom {
+    /// torchrec CrossNet or VectorCrossNet.
+    TorchrecCrossnet,
+    /// torchrec LowRankCrossNet.
+    TorchrecLowrank,
+    /// torchrec LowRankMixtureCrossNet.
+    TorchrecMixture,
+    /// Pinterest's TransAct module.
+    Transact,
+    /// Twitter's recap MaskNet (parallel or serial).
+    TwitterMasknet,
+    /// torch.nn.TransformerEncoder.
+    TorchTransformer,
+}
+
+impl From<ImportFrom> for commands::ImportSource {
+    fn from(value: ImportFrom) -> Self {
+        match value {
+            ImportFrom::TorchrecCrossnet => Self::TorchrecCrossNet,
+            ImportFrom::TorchrecLowrank => Self::TorchrecLowRank,
+            ImportFrom::TorchrecMixture => Self::TorchrecMixture,
+            ImportFrom::Transact => Self::TransAct,
+            ImportFrom::TwitterMasknet => Self::TwitterMaskNet,
+            ImportFrom::TorchTransformer => Self::TorchTransformer,
+        }
+    }
+}
+
 #[derive(Debug, Subcommand)]
 enum Command {
     /// List the model presets.
@@ -144,6 +174,28 @@ enum Command {
     /// Make training data.
     #[command(subcommand)]
     Data(DataCmd),
+    /// Import a peer framework's PyTorch state dict (saved as safetensors) into a single-layer
+    /// rankstack checkpoint (docs/compatibility.md).
+    Import {
+        /// The peer module the state dict comes from.
+        #[arg(long, value_enum)]
+        from: ImportFrom,
+        /// The state dict, saved with `safetensors.torch.save_file(module.state_dict(), PATH)`.
+        state_dict: PathBuf,
+        /// The rankstack layer config (JSON) that reproduces the peer module.
+        #[arg(long)]
+        config: PathBuf,
+        /// The layer's input width (torchrec cross networks, Twitter MaskNet; read off the state dict
+        /// when left out).
+        #[arg(long)]
+        input_dim: Option<usize>,
+        /// The checkpoint directory to write.
+        #[arg(long)]
+        out: PathBuf,
+        /// Replace an existing checkpoint directory.
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 /// `rankstack serve` (docs/serving.md).
@@ -381,6 +433,10 @@ fn run(cli: Cli) -> rankstack::nn::Result<String> {
         Command::Data(DataCmd::Movielens { input, out_dir, force }) => {
             commands::data_movielens(&input, &out_dir, force)
         }
+        Command::Import { from, state_dict, config, input_dim, out, force } => commands::import(
+            from.into(),
+            &commands::ImportArgs { state_dict: &state_dict, config: &config, input_dim, out: &out, force },
+        ),
     }
 }
 

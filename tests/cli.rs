@@ -9,7 +9,7 @@ use support::cli::{fails, ok};
 fn version_and_help() {
     assert_eq!(ok(&["--version"]).trim(), format!("rankstack {}", env!("CARGO_PKG_VERSION")));
     let help = ok(&["--help"]);
-    for sub in ["presets", "train", "eval", "score", "serve", "inspect", "data"] {
+    for sub in ["presets", "train", "eval", "score", "serve", "inspect", "data", "import"] {
         assert!(help.contains(sub), "{help}");
     }
 }

@@ -6,6 +6,7 @@ from .dcnv2 import CrossNet, ParallelCrossNet
 from .fixture import emit_case, randn
 
 FULL = {"type": "full_rank"}
+VECTOR = {"type": "vector"}
 
 
 def low(r):
@@ -37,6 +38,10 @@ CROSS_CASES = [
     ("mixture_e3_r2_relu_shared_gates_b4_d6_l3", 4, 6, {"num_layers": 3, "layer": mix(2, 3, shared_gates=True)}, 1.0, 1.0),
     # Large inputs saturate the gate softmax: the max-shifted softmax must stay finite.
     ("mixture_e4_r2_relu_large_b4_d8_l1", 4, 8, {"num_layers": 1, "layer": mix(2, 4)}, 1e3, 1.0),
+    # DCN-V1 (torchrec's VectorCrossNet): x0 (x^T w) + b + x.
+    ("vector_b4_d8_l3", 4, 8, {"num_layers": 3, "layer": VECTOR}, 1.0, 1.0),
+    ("vector_b1_d1_l2", 1, 1, {"num_layers": 2, "layer": VECTOR}, 1.0, 1.0),
+    ("vector_deep_b3_d6_l12", 3, 6, {"num_layers": 12, "layer": VECTOR}, 0.5, 0.3),
 ]
 
 # (case, batch, d, config)

@@ -6,6 +6,8 @@ x0: input of the first cross layer, x: input of layer l, * element-wise.
   mixture:    x_{l+1} = sum_i g_i(x) * x0 * (U_i f(C_i f(V_i x)) + b + s x) + x
               g = softmax_i(G_i x) over experts (G_i: d -> 1, no bias); one expert: g = 1;
               G_i per layer, or one set for the whole stack with shared_gates (torchrec)
+  vector:     x_{l+1} = x0 (x^T w) + b + x                              w: d (DCN-V1; torchrec VectorCrossNet;
+              the bias is outside the product with x0; no diag_scale)
 s is diag_scale (0 by default). Parameter names follow the Rust crate.
 """
 
@@ -36,6 +38,16 @@ class LowRankCross(nn.Module):
 
     def forward(self, x0, x):
         return x0 * (self.u(self.v(x)) + self.bias + self.diag_scale * x) + x
+
+
+class VectorCross(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(1, d))
+        self.bias = nn.Parameter(torch.zeros(d))
+
+    def forward(self, x0, x):
+        return x0 * (x @ self.weight.T) + self.bias + x
 
 
 class Expert(nn.Module):
@@ -78,6 +90,8 @@ def make_layer(d, config, shared_gates=None):
         return FullRankCross(d, s)
     if kind["type"] == "low_rank":
         return LowRankCross(d, kind["rank"], s)
+    if kind["type"] == "vector":
+        return VectorCross(d)
     if kind["type"] == "mixture":
         return MixtureCross(d, kind["rank"], kind["num_experts"], kind.get("activation", "relu"), s, shared_gates)
     raise ValueError(kind)

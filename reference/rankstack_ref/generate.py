@@ -7,7 +7,8 @@ import sys
 
 import torch
 
-from . import cases_dcnv2, cases_feature_encoders, cases_masknet, cases_ranker, cases_sequence_transformer
+from . import (cases_dcnv2, cases_feature_encoders, cases_masknet, cases_peers, cases_ranker,
+               cases_sequence_transformer, cases_torchrec)
 
 GROUPS = {
     "dcnv2": cases_dcnv2.generate,
@@ -16,6 +17,8 @@ GROUPS = {
     "sequence_transformer": cases_sequence_transformer.generate,
     "transformer_encoder": cases_sequence_transformer.generate_encoder,
     "ranker": cases_ranker.generate,
+    "torchrec": cases_torchrec.generate,
+    "peers": cases_peers.generate,
 }
 
 

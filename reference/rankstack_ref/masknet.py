@@ -86,3 +86,53 @@ class SerialMaskNet(nn.Module):
         for b in self.blocks:
             h = b(v, h)
         return h
+
+
+class TwitterMaskBlock(nn.Module):
+    """A MaskBlock as Twitter's recap code computes it (the-algorithm-ml, projects/home/recap/model/
+    mask_net.py), written from that code, with its parameter names: no activation after the output
+    LayerNorm, a bias on the hidden layer, the aggregation width `int(reduction_factor * m)`
+    (truncated) or `aggregation_size`, an optional LayerNorm on the masked input.
+
+    block: {"output_size": q, "reduction_factor": r | "aggregation_size": t, "input_layer_norm": bool}
+    """
+
+    def __init__(self, block, input_dim, mask_input_dim):
+        super().__init__()
+        self._input_layer_norm = nn.LayerNorm(input_dim) if block.get("input_layer_norm") else None
+        if block.get("reduction_factor"):
+            aggregation_size = int(mask_input_dim * block["reduction_factor"])
+        else:
+            aggregation_size = block["aggregation_size"]
+        self._mask_layer = nn.Sequential(nn.Linear(mask_input_dim, aggregation_size), nn.ReLU(),
+                                         nn.Linear(aggregation_size, input_dim))
+        self._hidden_layer = nn.Linear(input_dim, block["output_size"])
+        self._layer_norm = nn.LayerNorm(block["output_size"])
+
+    def forward(self, net, mask_input):
+        if self._input_layer_norm is not None:
+            net = self._input_layer_norm(net)
+        return self._layer_norm(self._hidden_layer(net * self._mask_layer(mask_input)))
+
+
+class TwitterMaskNet(nn.Module):
+    """Twitter's MaskNet without its optional top MLP. config: {"use_parallel": bool, "mask_blocks": [block, ...]}.
+    Returns {"output": ..., "shared_layer": ...} as Twitter's module does."""
+
+    def __init__(self, config, in_features):
+        super().__init__()
+        self.use_parallel = config["use_parallel"]
+        blocks, size = [], in_features
+        for block in config["mask_blocks"]:
+            blocks.append(TwitterMaskBlock(block, in_features if self.use_parallel else size, in_features))
+            size = block["output_size"]
+        self._mask_blocks = nn.ModuleList(blocks)
+
+    def forward(self, inputs):
+        if self.use_parallel:
+            out = torch.cat([b(net=inputs, mask_input=inputs) for b in self._mask_blocks], dim=1)
+        else:
+            out = inputs
+            for b in self._mask_blocks:
+                out = b(net=out, mask_input=inputs)
+        return {"output": out, "shared_layer": out}

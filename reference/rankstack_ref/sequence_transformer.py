@@ -126,3 +126,63 @@ class SequenceTransformer(nn.Module):
         if k > 0:
             parts.append(h[:, :k].reshape(b, -1))
         return torch.cat(parts, 1)
+
+
+class TransActPeer(nn.Module):
+    """Pinterest's TransAct module as its public code computes it (transformer_user_action,
+    transact.py), written from that code, with its parameter names: `action_emb_module`,
+    `transformer_encoder`, `out_linear`, and the buffer `action_type_lookup` (raw action id -> row of
+    the action table; unknown ids -> 0, padding). Its quirks, kept here:
+      - the max-pool runs over all S positions, padded and masked ones included;
+      - the future mask is strict: `t > request_time` (an action at the request time is kept);
+      - action ids are remapped through `action_vocab`;
+      - the training window is one random integer number of milliseconds per batch.
+    With no padded position and no action at or after the request time, the default rankstack
+    config computes the same function (`cases_peers.py`).
+    """
+
+    def __init__(self, action_vocab, action_emb_dim, item_emb_dim, seq_len, time_window_ms=3_600_000,
+                 latest_n_emb=10, nhead=2, num_encoder_layers=2, dim_feedforward=32, dropout=0.0,
+                 concat_candidate_emb=True, concat_max_pool=True):
+        super().__init__()
+        self.seq_len = seq_len
+        self.time_window_ms = time_window_ms
+        self.latest_n_emb = latest_n_emb
+        self.concat_candidate_emb = concat_candidate_emb
+        self.concat_max_pool = concat_max_pool
+        lookup = torch.zeros(max(action_vocab) + 1, dtype=torch.int64)
+        for idx, action in enumerate(action_vocab):
+            lookup[action] = idx
+        self.register_buffer("action_type_lookup", lookup)
+        self.action_emb_module = nn.Embedding(len(action_vocab), action_emb_dim, padding_idx=0)
+        d = action_emb_dim + item_emb_dim + (item_emb_dim if concat_candidate_emb else 0)
+        layer = nn.TransformerEncoderLayer(d_model=d, nhead=nhead, dim_feedforward=dim_feedforward, dropout=dropout,
+                                           activation="relu", batch_first=True)
+        self.transformer_encoder = nn.TransformerEncoder(layer, num_layers=num_encoder_layers,
+                                                         enable_nested_tensor=False)
+        if concat_max_pool:
+            self.out_linear = nn.Linear(d, d)
+
+    def forward(self, action_type_seq, item_embedding_seq, action_time_seq, request_time, item_embedding):
+        action_type_seq = self.action_type_lookup[action_type_seq[:, : self.seq_len]]
+        item_embedding_seq = item_embedding_seq[:, : self.seq_len]
+        action_time_seq = action_time_seq[:, : self.seq_len]
+        action_emb = self.action_emb_module(action_type_seq)
+        key_padding_mask = action_type_seq <= 0
+        request = request_time.unsqueeze(-1).expand(-1, action_type_seq.shape[1])
+        if self.training:
+            window = int(torch.randint(0, self.time_window_ms + 1, ()).item())
+            key_padding_mask = key_padding_mask | ((request - action_time_seq) < window)
+        else:
+            key_padding_mask = key_padding_mask | ((request - action_time_seq) < 0)
+        x = torch.cat((action_emb, item_embedding_seq), dim=2)
+        if self.concat_candidate_emb:
+            x = torch.cat((x, item_embedding.unsqueeze(1).expand(-1, x.shape[1], -1)), dim=2)
+        out = self.transformer_encoder(src=x, src_key_padding_mask=key_padding_mask)
+        parts = []
+        if self.concat_max_pool:
+            parts.append(self.out_linear(out.max(dim=1)[0]))
+        if self.latest_n_emb > 0:
+            out = out[:, : self.latest_n_emb]
+        parts.append(out.flatten(1))
+        return torch.cat(parts, dim=1)

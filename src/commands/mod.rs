@@ -1,7 +1,8 @@
 //! The `rankstack` command line's subcommands, as library functions (the binary only parses
-//! arguments and prints errors): train, eval, score, serve, inspect, presets, data.
+//! arguments and prints errors): train, eval, score, serve, inspect, presets, data, import.
 
 mod data;
+mod import;
 mod memory_check;
 mod output;
 mod predict;
@@ -9,6 +10,7 @@ mod serve;
 mod train;
 
 pub use data::{data_movielens, data_synthetic};
+pub use import::{import, ImportArgs, ImportSource};
 pub use memory_check::{check_batch_memory, check_config_memory, Workload};
 pub use output::check_output;
 pub use predict::{eval, score};

@@ -14,9 +14,18 @@ pub fn venv_python() -> PathBuf {
     root().join("reference/.venv/bin/python")
 }
 
-/// Creates `reference/.venv` if missing and installs the pinned requirements into it.
+/// Creates `reference/.venv` if missing and installs the pinned requirements into it, then the
+/// packages of `reference/requirements-no-deps.txt` without their dependencies (torchrec: the
+/// fixtures use a module of it that needs torch only, and its declared fbgemm-gpu is 2.7 GB that
+/// does not load beside the pinned torch).
 pub fn ensure_venv() -> Result<()> {
-    python_venv("reference/.venv", "pinned reference requirements", &["-r", "reference/requirements.txt"]).map(drop)
+    python_venv("reference/.venv", "pinned reference requirements", &["-r", "reference/requirements.txt"])?;
+    python_venv(
+        "reference/.venv",
+        "pinned reference packages without their dependencies",
+        &["--no-deps", "-r", "reference/requirements-no-deps.txt"],
+    )
+    .map(drop)
 }
 
 fn generate_into(out: &Path) -> Result<()> {

@@ -39,6 +39,7 @@ pub fn generator_sources(root: &Path) -> Result<Vec<PathBuf>> {
     let mut files = Vec::new();
     files_with_ext(&root.join("reference/rankstack_ref"), "py", &mut files)?;
     files.push(root.join("reference/requirements.txt"));
+    files.push(root.join("reference/requirements-no-deps.txt"));
     files.sort();
     Ok(files)
 }

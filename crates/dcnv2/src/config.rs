@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 
 /// Which cross layer to stack. Serialised with a `type` tag:
 /// `{"type": "full_rank"}`, `{"type": "low_rank", "rank": 64}`,
-/// `{"type": "mixture", "rank": 64, "num_experts": 4, "activation": "relu"}`.
+/// `{"type": "mixture", "rank": 64, "num_experts": 4, "activation": "relu"}`, `{"type": "vector"}`.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum CrossLayerKind {
@@ -30,6 +30,10 @@ pub enum CrossLayerKind {
         #[serde(default)]
         shared_gates: bool,
     },
+    /// DCN-V1's vector cross layer (torchrec's `VectorCrossNet`): `x' = x0 (xᵀw) + b + x`, one
+    /// weight vector `w` (`weight` `[1, d]`) per layer; the bias is added outside the product with
+    /// `x0`. `diag_scale` is not defined for it.
+    Vector,
 }
 
 /// A stack of cross layers of one kind.
@@ -54,6 +58,11 @@ impl CrossNetConfig {
     /// `num_layers` low-rank layers of rank `rank`.
     pub fn low_rank(num_layers: usize, rank: usize) -> Self {
         Self { num_layers, layer: CrossLayerKind::LowRank { rank }, diag_scale: 0.0 }
+    }
+
+    /// `num_layers` DCN-V1 vector layers.
+    pub fn vector(num_layers: usize) -> Self {
+        Self { num_layers, layer: CrossLayerKind::Vector, diag_scale: 0.0 }
     }
 
     /// `num_layers` mixture layers with `num_experts` ReLU experts of rank `rank`.
@@ -83,6 +92,13 @@ impl CrossNetConfig {
         }
         match self.layer {
             CrossLayerKind::FullRank => {}
+            CrossLayerKind::Vector if self.diag_scale != 0.0 => {
+                return Err(Error::config(
+                    layer,
+                    field("diag_scale"),
+                    "is not defined for the vector cross layer (DCN-V1); leave it at 0",
+                ));
+            }
             CrossLayerKind::LowRank { rank } | CrossLayerKind::Mixture { rank, .. } if rank == 0 => {
                 return Err(Error::config(layer, field("layer.rank"), "must be >= 1"));
             }

@@ -37,6 +37,8 @@ impl LowRankMap {
 enum Interaction {
     /// `W x` with `W` stored `[d, d]`.
     FullRank { weight: Linear },
+    /// `xᵀw` with `w` stored `[1, d]` (DCN-V1).
+    Vector { weight: Linear },
     /// `U (V x)`.
     LowRank(LowRankMap),
     /// `Σᵢ gᵢ Uᵢ φ(Cᵢ φ(Vᵢ x))`; `gates` holds the `[1, d]` gate rows (empty for E = 1). They are
@@ -54,7 +56,7 @@ pub(crate) fn gate_rows(dim: usize, num_experts: usize, vb: &VarBuilder) -> Resu
 }
 
 /// One cross layer, `x' = x0 ⊙ (f(x) + b + s·x) + x`, where `f` is the full-rank, low-rank or
-/// mixture map of [`CrossLayerKind`] (see the crate docs for the formulas and parameter names).
+/// mixture map of [`CrossLayerKind`], or DCN-V1's vector layer `x' = x0 (xᵀw) + b + x` (see the crate docs for the formulas and parameter names).
 ///
 /// The mixture is computed as `x0 ⊙ (Σᵢ gᵢ fᵢ(x) + b + s·x) + x`, which equals the published
 /// `Σᵢ gᵢ · x0 ⊙ (fᵢ(x) + b + s·x) + x` because the gates sum to one, and needs one product with
@@ -81,6 +83,9 @@ impl CrossLayer {
             CrossLayerKind::FullRank => Interaction::FullRank {
                 weight: Linear::new(vb.get_with_hints((dim, dim), "weight", xavier_normal(dim, dim))?, None),
             },
+            CrossLayerKind::Vector => Interaction::Vector {
+                weight: Linear::new(vb.get_with_hints((1, dim), "weight", xavier_normal(dim, 1))?, None),
+            },
             CrossLayerKind::LowRank { rank } => Interaction::LowRank(LowRankMap::new(dim, rank, false, &vb)?),
             CrossLayerKind::Mixture { rank, num_experts, activation, .. } => {
                 let experts = (0..num_experts)
@@ -102,9 +107,15 @@ impl CrossLayer {
         self.dim
     }
 
-    /// `x0 ⊙ (f(x) + b + s·x) + x` for `x0`, `x` of shape `[batch, dim]` (checked by the caller).
+    /// `x0 ⊙ (f(x) + b + s·x) + x` for `x0`, `x` of shape `[batch, dim]` (checked by the caller);
+    /// for the vector layer `x0 (xᵀw) + b + x`.
     pub fn forward(&self, x0: &Tensor, x: &Tensor) -> Result<Tensor> {
         let fx = match &self.interaction {
+            Interaction::Vector { weight } => {
+                // [batch, 1]: one scalar per example scales the whole of x0.
+                let scale = weight.forward(x)?;
+                return x0.broadcast_mul(&scale)?.broadcast_add(&self.bias)? + x;
+            }
             Interaction::FullRank { weight } => weight.forward(x)?,
             Interaction::LowRank(map) => map.forward(x, Activation::Identity)?,
             Interaction::Mixture { experts, gates, activation } => match gates.as_slice() {
@@ -144,7 +155,7 @@ impl rankstack_nn::LinearLayers for LowRankMap {
 impl rankstack_nn::LinearLayers for CrossLayer {
     fn linear_layers_mut(&mut self) -> Vec<&mut Linear> {
         match &mut self.interaction {
-            Interaction::FullRank { weight } => vec![weight],
+            Interaction::FullRank { weight } | Interaction::Vector { weight } => vec![weight],
             Interaction::LowRank(map) => map.linear_layers_mut(),
             Interaction::Mixture { experts, .. } => experts.linear_layers_mut(),
         }

@@ -51,6 +51,32 @@ fn low_rank_by_hand() {
     assert_eq!(run(&net, &[1.0, 2.0]), vec![4.0, 14.0]);
 }
 
+#[test]
+fn vector_two_layers_by_hand() {
+    // DCN-V1: x' = x0 (xᵀw) + b + x, w = [1, 1], b = [1, −1], x0 = [1, 2].
+    // Layer 1: x0ᵀw = 3; x0·3 = [3, 6]; + b = [4, 5]; + x0 = [5, 7].
+    // Layer 2: x1ᵀw = 12; x0·12 = [12, 24]; + b = [13, 23]; + x1 = [18, 30].
+    let store = SeededVarMap::new(0);
+    let net = CrossNet::new(2, &CrossNetConfig::vector(2), store.var_builder(DType::F64, &DEV)).unwrap();
+    for l in 0..2 {
+        set(&store, &format!("layers.{l}.weight"), &[&[1.0, 1.0]]);
+        set(&store, &format!("layers.{l}.bias"), &[&[1.0, -1.0]]);
+    }
+    assert_eq!(run(&net, &[1.0, 2.0]), vec![18.0, 30.0]);
+    assert_eq!(
+        store.named_vars().iter().map(|(n, v)| (n.as_str(), v.dims().to_vec())).collect::<Vec<_>>(),
+        [
+            ("layers.0.bias", vec![2]),
+            ("layers.0.weight", vec![1, 2]),
+            ("layers.1.bias", vec![2]),
+            ("layers.1.weight", vec![1, 2]),
+        ]
+    );
+    let config = CrossNetConfig { diag_scale: 0.5, ..CrossNetConfig::vector(1) };
+    let err = CrossNet::new(2, &config, SeededVarMap::new(0).var_builder(DType::F64, &DEV)).unwrap_err().to_string();
+    assert!(err.contains("invalid config `diag_scale`") && err.contains("vector"), "{err}");
+}
+
 fn two_expert_net(activation: Activation) -> (SeededVarMap, CrossNet) {
     // Two rank-1 experts with zero gates, so g = [1/2, 1/2]. Expert 0: V = [1 0], expert 1: V = [0 −1];
     // both C = [1], U = [1 1]ᵀ; b = 0.

@@ -17,6 +17,10 @@
 //! `blocks`); [`SerialMaskNet`] chains them,
 //! each block masking the previous block's output with a mask generated from the embedding.
 //!
+//! Twitter's recap MaskNet imports with [`from_twitter_state_dict`]; [`save_masknet`],
+//! [`load_parallel_masknet`] and [`load_serial_masknet`] keep a MaskNet as a single-layer
+//! checkpoint (`docs/compatibility.md`).
+//!
 //! ```
 //! use candle_core::{DType, Device, Tensor};
 //! use masknet::{ParallelMaskNet, ParallelMaskNetConfig};
@@ -31,12 +35,18 @@
 
 #![forbid(unsafe_code)]
 
+mod checkpoint;
 mod config;
 mod mask_block;
 mod parallel;
 mod serial;
+mod twitter;
 
+pub use checkpoint::{
+    load_parallel_masknet, load_serial_masknet, save_masknet, PARALLEL_MASKNET_LAYER, SERIAL_MASKNET_LAYER,
+};
 pub use config::{AggregationRounding, MaskBlockConfig, ParallelMaskNetConfig, SerialMaskNetConfig};
 pub use mask_block::MaskBlock;
 pub use parallel::ParallelMaskNet;
 pub use serial::SerialMaskNet;
+pub use twitter::{from_twitter_state_dict, MaskNetConfig};

@@ -57,7 +57,8 @@ pub fn bytes_checksum(bytes: &[u8]) -> String {
     format!("{:08x}", crc32fast::hash(bytes))
 }
 
-/// Reads a safetensors file. A missing file is an [`Error::Io`]; a truncated or corrupt one, or
+/// Reads a safetensors file. `BOOL` tensors are read as `u8` (0 or 1), since candle has no boolean
+/// dtype. A missing file is an [`Error::Io`]; a truncated or corrupt one, or
 /// one whose [`CHECKSUM_KEY`] does not match its tensors, is an [`Error::Corrupt`] naming the path.
 pub fn read_safetensors(path: impl AsRef<Path>) -> Result<TensorFile> {
     let path = path.as_ref();
@@ -81,8 +82,27 @@ pub fn read_safetensors(path: impl AsRef<Path>) -> Result<TensorFile> {
             )));
         }
     }
-    let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu).map_err(|e| corrupt(e.to_string()))?;
+    let file = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| corrupt(e.to_string()))?;
+    let tensors = file
+        .tensors()
+        .into_iter()
+        .map(|(name, view)| {
+            let tensor = load_view(&view).map_err(|e| corrupt(format!("tensor `{name}`: {e}")))?;
+            Ok((name, tensor))
+        })
+        .collect::<Result<HashMap<_, _>>>()?;
     Ok(TensorFile { tensors, metadata })
+}
+
+/// One stored tensor on the CPU. candle 0.11 has no boolean dtype, so a `BOOL` tensor (a mask saved
+/// by PyTorch) becomes `u8` holding 0 and 1; every other dtype loads as candle loads it.
+fn load_view(view: &safetensors::tensor::TensorView<'_>) -> candle_core::Result<Tensor> {
+    use candle_core::safetensors::Load;
+    if view.dtype() == safetensors::Dtype::BOOL {
+        let bits: Vec<u8> = view.data().iter().map(|&b| u8::from(b != 0)).collect();
+        return Tensor::from_vec(bits, view.shape(), &Device::Cpu);
+    }
+    view.load(&Device::Cpu)
 }
 
 /// Compares a model's variables with a set of named tensors and lists every mismatch: missing,
@@ -290,6 +310,20 @@ mod tests {
         assert!(err.contains("nope.safetensors"), "{err}");
         assert_eq!(read_safetensors(&good).unwrap().tensors["w"].dims(), &[4, 4]);
         std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn bool_tensors_written_by_pytorch_read_as_u8() {
+        // `input.mask` is a torch.bool src_key_padding_mask saved by safetensors.torch
+        // (reference/rankstack_ref/cases_peers.py): padded positions (0, 4), (1, 2..5).
+        let path = crate::testing::fixtures_root().join("peers/torch_transformer_post_norm_b3_s5_d8.safetensors");
+        let file = read_safetensors(&path).unwrap();
+        let mask = &file.tensors["input.mask"];
+        assert_eq!(mask.dtype(), DType::U8);
+        let expected: Vec<Vec<u8>> = vec![vec![0, 0, 0, 0, 1], vec![0, 0, 1, 1, 1], vec![0, 0, 0, 0, 0]];
+        assert_eq!(mask.to_vec2::<u8>().unwrap(), expected);
+        // The float tensors of the same file load as before.
+        assert_eq!(file.tensors["input.x"].dtype(), DType::F64);
     }
 
     #[test]

@@ -18,6 +18,10 @@ pub enum Error {
     /// Tensors that do not fit the model they are loaded into; every mismatch is listed.
     #[error("checkpoint does not match the model:\n{}", .0.iter().map(|m| format!("  - {m}")).collect::<Vec<_>>().join("\n"))]
     Checkpoint(Vec<TensorMismatch>),
+    /// A peer framework's state dict that does not fit the rankstack config it is imported into;
+    /// every problem is listed, under the peer's tensor names.
+    #[error("{peer} state dict does not fit the config:\n{}", .problems.iter().map(|m| format!("  - {m}")).collect::<Vec<_>>().join("\n"))]
+    Import { peer: String, problems: Vec<TensorMismatch> },
     /// An input value outside what the layer accepts (e.g. a negative id).
     #[error("{layer}: invalid input `{what}`: {reason}")]
     Input { layer: String, what: String, reason: String },
@@ -43,6 +47,8 @@ pub enum TensorMismatch {
     Shape { name: String, expected: Vec<usize>, actual: Vec<usize> },
     /// Present on both sides with different element types.
     DType { name: String, expected: String, actual: String },
+    /// Holds an infinity or a NaN (a diverged or damaged model).
+    NonFinite { name: String },
 }
 
 impl fmt::Display for TensorMismatch {
@@ -56,6 +62,7 @@ impl fmt::Display for TensorMismatch {
             Self::DType { name, expected, actual } => {
                 write!(f, "tensor `{name}` has dtype {actual}, the model expects {expected}")
             }
+            Self::NonFinite { name } => write!(f, "tensor `{name}` holds non-finite values"),
         }
     }
 }

@@ -16,6 +16,10 @@
 //! - [`Mlp`]: a stack of linear layers with activation, optional normalisation and dropout.
 //! - [`shape`]: input-shape checks that produce errors naming the layer.
 //! - [`checkpoint`]: loading named tensors into a parameter store, reporting every mismatch at once.
+//! - [`tensor_write`]: atomic, checksummed, byte-reproducible safetensors writing.
+//! - [`layer_checkpoint`]: a single layer saved on its own (`layer.json` + `model.safetensors`).
+//! - [`state_dict`]: importing a peer framework's state dict (renaming, reshaping, splitting,
+//!   checking every tensor) and single-layer checkpoints.
 //! - [`finite`]: which named tensor holds an infinity or a NaN, checked on the tensors' device.
 //! - [`Linear`]: linear layers whose weights a serving model packs once, in f32 or bf16, for the
 //!   AVX-512 kernel ([`pack_linear_layers`], [`LinearLayers`], [`packed_matmul`]); in training the
@@ -39,6 +43,7 @@ pub mod dropout;
 pub mod error;
 pub mod finite;
 pub mod init;
+pub mod layer_checkpoint;
 pub mod layer_norm;
 pub mod linear;
 pub mod loss;
@@ -49,6 +54,8 @@ pub mod row_sparse;
 pub mod shape;
 pub mod softmax;
 mod standardize;
+pub mod state_dict;
+pub mod tensor_write;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
 

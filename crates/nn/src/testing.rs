@@ -137,6 +137,31 @@ pub fn check_fixtures(group: &str, dtype: DType, rtol: f64, check: impl Fn(&Fixt
     }
 }
 
+impl Fixture {
+    /// The same fixture with its parameters and their gradients (`param.*`, `grad.param.*`,
+    /// `f32.grad.param.*`) renamed by `import`: for a fixture written from a peer module (torchrec,
+    /// a TransAct module), whose tensors carry the peer's names, `import` is the layer crate's
+    /// state-dict importer, and [`check_reference`] then tests importer and layer together.
+    pub fn with_imported_params(
+        &self,
+        import: impl Fn(HashMap<String, Tensor>) -> crate::Result<HashMap<String, Tensor>>,
+    ) -> crate::Result<Fixture> {
+        const FAMILIES: [&str; 3] = ["param.", "grad.param.", "f32.grad.param."];
+        let mut tensors: HashMap<String, Tensor> = self
+            .file
+            .tensors
+            .iter()
+            .filter(|(name, _)| !FAMILIES.iter().any(|family| name.starts_with(family)))
+            .map(|(name, t)| (name.clone(), t.clone()))
+            .collect();
+        for family in FAMILIES {
+            let renamed = import(self.with_prefix(family))?;
+            tensors.extend(renamed.into_iter().map(|(name, t)| (format!("{family}{name}"), t)));
+        }
+        Ok(Fixture { path: self.path.clone(), file: TensorFile { tensors, metadata: self.file.metadata.clone() } })
+    }
+}
+
 /// Maximum absolute difference between two tensors, and the largest magnitude in `expected`.
 pub fn max_error(actual: &Tensor, expected: &Tensor) -> (f64, f64) {
     assert_eq!(actual.dims(), expected.dims(), "shape mismatch");

@@ -216,6 +216,8 @@ fn crossnet_cost(d: usize, cfg: &CrossNetConfig) -> (usize, usize, usize) {
     match cfg.layer {
         CrossLayerKind::FullRank => (l * (d * d + d), l * 2 * d * d, l * (4 * d + diag)),
         CrossLayerKind::LowRank { rank: r } => (l * (2 * r * d + d), l * 4 * r * d, l * (r + 4 * d + diag)),
+        // xᵀw (one value per row), x0 · it, + b, + x
+        CrossLayerKind::Vector => (l * 2 * d, l * 4 * d, l * (1 + 3 * d)),
         CrossLayerKind::Mixture { rank: r, num_experts: e, shared_gates, .. } => {
             let gates = if e > 1 { e * d } else { 0 };
             let per_layer_gates = if shared_gates { 0 } else { gates };

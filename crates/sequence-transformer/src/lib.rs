@@ -12,6 +12,10 @@
 //!   `rankstack-kernels`); TransAct drops the rows no output depends on (padding), and every
 //!   encoder layer runs on the packed rows.
 //! - [`pooling`]: the masked max-pool of the output.
+//! - Importing peers: [`from_transact_state_dict`] (Pinterest's TransAct module) and
+//!   [`from_torch_transformer_state_dict`] (`torch.nn.TransformerEncoder`), with single-layer
+//!   checkpoints ([`save_sequence_transformer`], [`load_sequence_transformer`],
+//!   [`save_transformer_encoder`], [`load_transformer_encoder`]; `docs/compatibility.md`).
 //!
 //! Numerics are checked against `torch.nn.TransformerEncoder` itself on its autograd ("slow")
 //! path, the path every training step takes; the inference fast path differs only in zeroing the
@@ -20,6 +24,7 @@
 #![forbid(unsafe_code)]
 
 pub mod attention;
+mod checkpoint;
 pub mod config;
 pub mod encoder;
 pub mod mask;
@@ -28,10 +33,16 @@ pub mod packed_attention;
 pub mod pool_all;
 pub mod pooling;
 pub mod src_mask;
+mod torch_transformer;
+mod transact;
 pub mod transformer;
 pub mod vocab;
 
 pub use attention::MultiHeadAttention;
+pub use checkpoint::{
+    load_sequence_transformer, load_transformer_encoder, save_sequence_transformer, save_transformer_encoder,
+    SEQUENCE_TRANSFORMER_LAYER, TRANSFORMER_ENCODER_LAYER,
+};
 pub use config::{
     Fusion, FutureMask, MaxPool, PositionalEncoding, SequenceTransformerConfig, TimeWindowSampling, DAY_MS,
     MAX_ACTION_TYPES, MAX_SEQUENCE_LEN,
@@ -41,5 +52,7 @@ pub use mask::{key_mask, key_mask_with, TimeWindowSampler};
 pub use packed::PackedSequences;
 pub use packed_attention::{packed_attention, packed_attention_with_device_dropout};
 pub use src_mask::AttentionMask;
+pub use torch_transformer::{from_torch_transformer_state_dict, TorchTransformerConfig};
+pub use transact::from_transact_state_dict;
 pub use transformer::{SequenceBatch, SequenceTransformer};
 pub use vocab::ActionVocab;
