@@ -48,10 +48,13 @@ fn main() {
     // Ablation switches for docs/performance.md (each undoes one optimisation):
     // BENCH_MMAP=1 keeps glibc's default mmap behaviour; BENCH_TRAINABLE_LOAD=1 scores with the
     // trainable (variable) model instead of the serving one; BENCH_DENSE_EMBEDDINGS=1 trains with
-    // dense embedding gradients; BENCH_UNPACKED=1 scores without packing the linear weights.
+    // dense embedding gradients; BENCH_UNPACKED=1 scores without packing the linear weights;
+    // CANDLE_NUM_THREADS=2 gives candle's element-wise pool its second thread back.
     if !flag("BENCH_MMAP") {
         rankstack::memory::retain_freed_memory();
     }
+    // As the `rankstack` binary does.
+    rankstack::cpu_threads::single_threaded_elementwise_ops();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match (args.first().map(String::as_str), args.get(1)) {
         (Some("prepare"), Some(dir)) => prepare(Path::new(dir)),

@@ -456,6 +456,8 @@ fn main() -> ExitCode {
     }));
     // Tensor intermediates are large and short-lived: keep freed memory for reuse (see the docs).
     rankstack::memory::retain_freed_memory();
+    // candle's spinning element-wise pool stalls when another process has a core (see the docs).
+    rankstack::cpu_threads::single_threaded_elementwise_ops();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) if matches!(e.kind(), clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion) => {
