@@ -4,11 +4,12 @@ use candle_core::{Result, Tensor};
 
 /// `y[b, j] = max_{t : ¬masked[b, t]} h[b, t, j]` for `h` `[B, n, d]` and `masked` row-major
 /// `[B, n]` (`true` = masked). Every row must keep at least one position (TransAct never masks
-/// position 0). The gradient goes to every unmasked position that attains the maximum (candle's
-/// rule for `max`).
+/// position 0). The gradient goes to the unmasked positions that attain the maximum, split equally
+/// among them when several tie (PyTorch's rule for `amax`; TransAct has no positional encoding, so
+/// two actions of the same type on the same item give equal rows and tie in every column).
 ///
-/// On the CPU one fused op ([`rankstack_kernels::cpu::masked_max`]); elsewhere `where_cond` with
-/// a `−∞` tensor, then `max`.
+/// On the CPU one fused op ([`rankstack_kernels::cpu::masked_max`]); elsewhere composed of candle
+/// operations with the same values and gradient rule.
 pub fn masked_max_pool(h: &Tensor, masked: &[bool]) -> Result<Tensor> {
     let (b, n, d) = h.dims3()?;
     if masked.len() != b * n {
@@ -20,11 +21,23 @@ pub fn masked_max_pool(h: &Tensor, masked: &[bool]) -> Result<Tensor> {
     if let Some(y) = rankstack_kernels::cpu::masked_max::masked_max_pool_fused(h, masked)? {
         return Ok(y);
     }
+    composed_max_pool(h, masked, (b, n, d))
+}
+
+/// [`masked_max_pool`] from candle's operations (other devices and dtypes): the value is the
+/// maximum, the gradient that of the mean over the tied positions, as `y + (share − share)` with
+/// `share` that mean and the second term detached.
+fn composed_max_pool(h: &Tensor, masked: &[bool], (b, n, d): (usize, usize, usize)) -> Result<Tensor> {
     let mask = Tensor::from_vec(masked.iter().map(|&m| u8::from(m)).collect::<Vec<_>>(), (b, n, 1), h.device())?
         .broadcast_as((b, n, d))?
         .contiguous()?;
     let neg_inf = Tensor::full(f64::NEG_INFINITY, (b, n, d), h.device())?.to_dtype(h.dtype())?;
-    mask.where_cond(&neg_inf, h)?.max(1)
+    let candidates = mask.where_cond(&neg_inf, h)?;
+    let y = candidates.max(1)?.detach();
+    let selected = candidates.broadcast_eq(&y.unsqueeze(1)?)?;
+    let count = selected.to_dtype(h.dtype())?.sum(1)?;
+    let share = selected.where_cond(h, &h.zeros_like()?)?.sum(1)?.div(&count)?;
+    y + (&share - share.detach())?
 }
 
 #[cfg(test)]
@@ -33,8 +46,14 @@ mod tests {
 
     use super::*;
 
+    /// `∂(Σ y)/∂h`, flat.
+    fn run_tied(y: Tensor, h: &Var) -> Vec<f64> {
+        let g = y.sum_all().unwrap().backward().unwrap();
+        g.get(h.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap()
+    }
+
     /// The fused CPU op against the composed fallback (what other devices run), in value and
-    /// gradient, and the errors for bad masks.
+    /// gradient (ties included), and the errors for bad masks.
     #[test]
     fn the_fused_op_matches_the_composed_fallback() {
         let (b, n, d) = (3, 5, 4);
@@ -47,12 +66,13 @@ mod tests {
             (flat(&y), flat(g.get(h.as_tensor()).unwrap()))
         };
         let fused = run(masked_max_pool(h.as_tensor(), &masked).unwrap());
-        let mask = Tensor::from_vec(masked.iter().map(|&m| u8::from(m)).collect::<Vec<_>>(), (b, n, 1), &Device::Cpu)
-            .unwrap()
-            .broadcast_as((b, n, d))
-            .unwrap();
-        let neg_inf = Tensor::full(f64::NEG_INFINITY, (b, n, d), &Device::Cpu).unwrap();
-        assert_eq!(fused, run(mask.where_cond(&neg_inf, h.as_tensor()).unwrap().max(1).unwrap()));
+        assert_eq!(fused, run(composed_max_pool(h.as_tensor(), &masked, (b, n, d)).unwrap()));
+        // Ties: positions 0 and 2 share column 0's gradient in both versions.
+        let h = Var::new(&[[[3f64, -2.], [9., 9.], [3., -5.]]], &Device::Cpu).unwrap();
+        let tied = [false, true, false];
+        let fused = run_tied(masked_max_pool(h.as_tensor(), &tied).unwrap(), &h);
+        assert_eq!(fused, vec![0.5, 1.0, 0.0, 0.0, 0.5, 0.0]);
+        assert_eq!(fused, run_tied(composed_max_pool(h.as_tensor(), &tied, (1, 3, 2)).unwrap(), &h));
         let h = Tensor::new(&[[[1f32, -2.], [9., 9.], [3., -5.]]], &Device::Cpu).unwrap();
         assert!(masked_max_pool(&h, &[false, true]).is_err());
         assert!(masked_max_pool(&h, &[true, true, true]).is_err());

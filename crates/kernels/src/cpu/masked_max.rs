@@ -13,8 +13,8 @@ use crate::KernelFloat;
 /// not apply (not the CPU, not f32/f64), so the caller falls back to composed operations.
 ///
 /// The caller checks that `masked` has `B·n` entries and that every row keeps a position. The
-/// gradient goes to every unmasked position that attains the maximum (candle's rule for `max`). A
-/// NaN never wins a comparison, so it is ignored unless it is the only unmasked value (then the
+/// gradient goes to the unmasked positions that attain the maximum, split equally among them when
+/// several tie (PyTorch's rule for `amax`). A NaN never wins a comparison, so it is ignored unless it is the only unmasked value (then the
 /// result is `−∞`); ±∞ take part like any value.
 pub fn masked_max_pool_fused(h: &Tensor, masked: &[bool]) -> Result<Option<Tensor>> {
     let (b, n, _) = h.dims3()?;
@@ -50,10 +50,18 @@ fn unpool<T: KernelFloat>(h: &[T], y: &[T], g: &[T], masked: &[bool], (n, d): (u
     let mut dx = vec![T::ZERO; h.len()];
     dx.par_chunks_mut(n * d).zip(h.par_chunks(n * d)).enumerate().for_each(|(b, (dx, h))| {
         let (y, g, m) = (&y[b * d..][..d], &g[b * d..][..d], &masked[b * n..][..n]);
+        // Positions tied at the maximum share its gradient equally (PyTorch's `amax` rule: a
+        // subgradient, where giving each the whole gradient would count it once per tie).
+        let mut ties = vec![0usize; d];
+        for t in (0..n).filter(|&t| !m[t]) {
+            for j in 0..d {
+                ties[j] += usize::from(h[t * d + j] == y[j]);
+            }
+        }
         for t in (0..n).filter(|&t| !m[t]) {
             for j in 0..d {
                 if h[t * d + j] == y[j] {
-                    dx[t * d + j] = g[j];
+                    dx[t * d + j] = if ties[j] == 1 { g[j] } else { g[j] / T::from_f64(ties[j] as f64) };
                 }
             }
         }
@@ -127,7 +135,7 @@ mod tests {
     use crate::oracle::{f64s, tensor};
 
     /// The formula in f64: per row and column, the maximum over unmasked positions, and the
-    /// gradient `r` at every unmasked position attaining it.
+    /// gradient `r` split equally over the unmasked positions attaining it.
     fn oracle(h: &[f64], r: &[f64], masked: &[bool], (b, n, d): (usize, usize, usize)) -> (Vec<f64>, Vec<f64>) {
         let (mut y, mut dh) = (vec![f64::NEG_INFINITY; b * d], vec![0.0; h.len()]);
         for i in 0..b {
@@ -135,8 +143,10 @@ mod tests {
                 for t in (0..n).filter(|&t| !masked[i * n + t]) {
                     y[i * d + j] = y[i * d + j].max(h[(i * n + t) * d + j]);
                 }
-                for t in (0..n).filter(|&t| !masked[i * n + t] && h[(i * n + t) * d + j] == y[i * d + j]) {
-                    dh[(i * n + t) * d + j] = r[i * d + j];
+                let at: Vec<usize> =
+                    (0..n).filter(|&t| !masked[i * n + t] && h[(i * n + t) * d + j] == y[i * d + j]).collect();
+                for t in &at {
+                    dh[(i * n + t) * d + j] = r[i * d + j] / at.len() as f64;
                 }
             }
         }
@@ -158,13 +168,18 @@ mod tests {
         }
     }
 
-    /// The masked position 1 holds the largest value but is skipped.
+    /// The masked position 1 holds the largest value but is skipped; positions 0 and 2 tie in
+    /// column 0 and share its gradient.
     #[test]
     fn hand_checkable_case_and_bad_masks() {
-        let h = Tensor::new(&[[[1f32, -2.], [9., 9.], [3., -5.]]], &Device::Cpu).unwrap();
-        let y = masked_max_pool_fused(&h, &[false, true, false]).unwrap().unwrap();
+        let h = Var::new(&[[[3f32, -2.], [9., 9.], [3., -5.]]], &Device::Cpu).unwrap();
+        let y = masked_max_pool_fused(h.as_tensor(), &[false, true, false]).unwrap().unwrap();
         assert_eq!(y.to_vec2::<f32>().unwrap(), vec![vec![3., -2.]]);
-        assert!(masked_max_pool_fused(&h, &[false, true]).is_err());
+        let g = y.sum_all().unwrap().backward().unwrap();
+        let dh = g.get(h.as_tensor()).unwrap().to_vec3::<f32>().unwrap();
+        assert_eq!(dh, vec![vec![vec![0.5, 1.0], vec![0.0, 0.0], vec![0.5, 0.0]]]);
+        let h = h.as_tensor();
+        assert!(masked_max_pool_fused(h, &[false, true]).is_err());
         assert!(masked_max_pool_fused(&h.to_dtype(DType::BF16).unwrap(), &[false; 3]).unwrap().is_none());
     }
 }
