@@ -10,15 +10,16 @@ use rankstack_nn::KernelFloat;
 
 /// `y[b, j] = max_{t : ¬masked[b, t]} h[b, t, j]` for `h` `[B, n, d]` and `masked` row-major
 /// `[B, n]` (`true` = masked). Every row must keep at least one position (TransAct never masks
-/// position 0). The gradient goes to every unmasked position that attains the maximum (candle's
-/// rule for `max`). A NaN never wins a comparison, so it is ignored unless it is the only
+/// position 0). The gradient goes to the unmasked positions that attain the maximum, split equally
+/// among them when several tie (PyTorch's rule for `amax`; TransAct has no positional encoding, so
+/// two actions of the same type on the same item give equal rows and tie in every column). A NaN never wins a comparison, so it is ignored unless it is the only
 /// unmasked value (then the result is `−∞`); ±∞ take part like any value.
 ///
 /// On the CPU (f32/f64) one kernel forward and one backward; the composed version
 /// (`where_cond` with a `−∞` tensor, then `max`) records two nodes whose backward passes build
 /// several `[B, n, d]` temporaries, including a gradient for the constant `−∞` tensor.
 pub fn masked_max_pool(h: &Tensor, masked: &[bool]) -> Result<Tensor> {
-    let (b, n, d) = h.dims3()?;
+    let (b, n, _) = h.dims3()?;
     if masked.len() != b * n {
         candle_core::bail!("masked max-pool: {} mask entries for [{b}, {n}]", masked.len());
     }
@@ -28,11 +29,25 @@ pub fn masked_max_pool(h: &Tensor, masked: &[bool]) -> Result<Tensor> {
     if h.device().is_cpu() && matches!(h.dtype(), DType::F32 | DType::F64) {
         return h.contiguous()?.apply_op1(MaskedMax(Arc::new(masked.to_vec())));
     }
+    composed_max_pool(h, masked)
+}
+
+/// [`masked_max_pool`] from candle's ops, for other devices and dtypes (same values, same
+/// gradient rule).
+fn composed_max_pool(h: &Tensor, masked: &[bool]) -> Result<Tensor> {
+    let (b, n, d) = h.dims3()?;
     let mask = Tensor::from_vec(masked.iter().map(|&m| u8::from(m)).collect::<Vec<_>>(), (b, n, 1), h.device())?
         .broadcast_as((b, n, d))?
         .contiguous()?;
     let neg_inf = Tensor::full(f64::NEG_INFINITY, (b, n, d), h.device())?.to_dtype(h.dtype())?;
-    mask.where_cond(&neg_inf, h)?.max(1)
+    let candidates = mask.where_cond(&neg_inf, h)?;
+    let y = candidates.max(1)?.detach();
+    // The value is the max; the gradient that of the mean over the tied positions (the CPU
+    // kernel's rule): y + (share − share), with `share` the mean of the selected entries.
+    let selected = candidates.broadcast_eq(&y.unsqueeze(1)?)?;
+    let count = selected.to_dtype(h.dtype())?.sum(1)?;
+    let share = selected.where_cond(h, &h.zeros_like()?)?.sum(1)?.div(&count)?;
+    y + (&share - share.detach())?
 }
 
 // What the kernels' error messages call their inputs.
@@ -63,10 +78,18 @@ fn unpool<T: KernelFloat>(h: &[T], y: &[T], g: &[T], masked: &[bool], (n, d): (u
     let mut dx = vec![T::ZERO; h.len()];
     dx.par_chunks_mut(n * d).zip(h.par_chunks(n * d)).enumerate().for_each(|(b, (dx, h))| {
         let (y, g, m) = (&y[b * d..][..d], &g[b * d..][..d], &masked[b * n..][..n]);
+        // Positions tied at the maximum share its gradient equally (PyTorch's `amax` rule: a
+        // subgradient, where giving each the whole gradient would count it once per tie).
+        let mut ties = vec![0usize; d];
+        for t in (0..n).filter(|&t| !m[t]) {
+            for j in 0..d {
+                ties[j] += usize::from(h[t * d + j] == y[j]);
+            }
+        }
         for t in (0..n).filter(|&t| !m[t]) {
             for j in 0..d {
                 if h[t * d + j] == y[j] {
-                    dx[t * d + j] = g[j];
+                    dx[t * d + j] = if ties[j] == 1 { g[j] } else { g[j] / T::from_f64(ties[j] as f64) };
                 }
             }
         }
@@ -160,6 +183,16 @@ mod tests {
             let neg_inf = Tensor::full(f64::NEG_INFINITY, (b, n, d), &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
             let composed = run(mask.where_cond(&neg_inf, h.as_tensor()).unwrap().max(1).unwrap());
             assert_eq!(fused, composed);
+            assert_eq!(fused, run(composed_max_pool(h.as_tensor(), &masked).unwrap()));
+        }
+        // By hand: positions 0 and 2 tie in column 0 and share its gradient, in both versions.
+        let h = Var::from_tensor(&Tensor::new(&[[[3f64, -2.], [9., 9.], [3., -5.]]], &Device::Cpu).unwrap()).unwrap();
+        for pool in [masked_max_pool, composed_max_pool] {
+            let y = pool(h.as_tensor(), &[false, true, false]).unwrap();
+            assert_eq!(y.to_vec2::<f64>().unwrap(), vec![vec![3., -2.]]);
+            let g = y.sum_all().unwrap().backward().unwrap();
+            let dh = g.get(h.as_tensor()).unwrap().to_vec3::<f64>().unwrap();
+            assert_eq!(dh, vec![vec![vec![0.5, 1.0], vec![0.0, 0.0], vec![0.5, 0.0]]]);
         }
         // By hand: the masked position 1 holds the largest value but is skipped.
         let h = Tensor::new(&[[[1f32, -2.], [9., 9.], [3., -5.]]], &Device::Cpu).unwrap();
