@@ -7,7 +7,7 @@ import sys
 
 import torch
 
-from . import cases_dcnv2, cases_feature_encoders, cases_masknet, cases_ranker, cases_sequence_transformer
+from . import cases_dcnv2, cases_feature_encoders, cases_masknet, cases_ranker, cases_sequence_transformer, cases_trajectory
 
 GROUPS = {
     "dcnv2": cases_dcnv2.generate,
@@ -15,6 +15,7 @@ GROUPS = {
     "feature_encoders": cases_feature_encoders.generate,
     "sequence_transformer": cases_sequence_transformer.generate,
     "ranker": cases_ranker.generate,
+    "trajectory": cases_trajectory.generate,
 }
 
 

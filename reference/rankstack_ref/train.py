@@ -82,6 +82,19 @@ def take(x, idx):
     return out
 
 
+def warmup_cosine(peak, warmup, total, min_ratio):
+    """The learning rate of (0-based) step t: linear warm-up to `peak` over `warmup` steps, then cosine
+    decay to `peak * min_ratio` at `total` (rankstack's WarmupCosine, src/train/schedule.rs)."""
+
+    def lr_at(t):
+        if t < warmup:
+            return peak * (t + 1) / warmup
+        prog = min(1.0, (t - warmup) / max(1, total - warmup))
+        return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * prog)))
+
+    return lr_at
+
+
 def loss_fn(logits, labels, weights):
     mask = ~torch.isnan(labels)
     y = torch.where(mask, labels, torch.zeros_like(labels))
@@ -145,11 +158,7 @@ def main():
     warmup = max(1, min(a.warmup, total // 2))
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=a.weight_decay)
 
-    def lr_at(t):
-        if t < warmup:
-            return a.lr * (t + 1) / warmup
-        prog = min(1.0, (t - warmup) / max(1, total - warmup))
-        return a.lr * (a.min_lr_ratio + (1 - a.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * prog)))
+    lr_at = warmup_cosine(a.lr, warmup, total, a.min_lr_ratio)
 
     step, examples, start = 0, 0, time.perf_counter()
     gen = torch.Generator().manual_seed(a.seed)
