@@ -4,7 +4,7 @@ cosine decay, gradient-norm clipping), and reports per-task test AUC / log loss 
 
     python -m rankstack_ref.train --config RUN/checkpoint/config.json --train train.parquet \
         --test test.parquet --epochs 1 --batch-size 256 --lr 2e-3 --seed 0 [--threads 2] \
-        [--max-steps N] [--no-eval]
+        [--max-steps N] [--no-eval] [--init-from CHECKPOINT_DIR]
 
 Prints one JSON line: examples/s of the training loop (data already in memory; evaluation excluded)
 and, unless --no-eval, per-task test AUC and log loss. The column convention is that of rankstack's `data` module.
@@ -18,7 +18,7 @@ import time
 import pyarrow.parquet as pq
 import torch
 
-from .ranker import Ranker
+from .ranker import Ranker, load
 
 
 def load(path, config):
@@ -137,17 +137,22 @@ def main():
     ap.add_argument("--clip", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--init-from", default=None, help="start from this rankstack checkpoint's weights")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     torch.set_num_interop_threads(1)
     torch.manual_seed(a.seed)
     config = json.load(open(a.config))
-    model = Ranker(config)
-    for name, p in model.named_parameters():  # Xavier-normal matrices, zero biases, as rankstack
-        if p.dim() >= 2 and "norm" not in name:
-            torch.nn.init.xavier_normal_(p)
-        elif name.endswith("bias"):
-            torch.nn.init.zeros_(p)
+    if a.init_from:
+        # Initialisation-matched runs: the weights rankstack drew (a rankstack checkpoint).
+        model = load(a.init_from)
+    else:
+        model = Ranker(config)
+        for name, p in model.named_parameters():  # rankstack's --init xavier-normal convention
+            if p.dim() >= 2 and "norm" not in name:
+                torch.nn.init.xavier_normal_(p)
+            elif name.endswith("bias"):
+                torch.nn.init.zeros_(p)
     weights = torch.tensor([t.get("weight", 1.0) for t in config["tasks"]])
     x, y, n = load(a.train, config)
     xt, yt, nt = load(a.test, config)

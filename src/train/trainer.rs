@@ -11,7 +11,7 @@ use ranker_model::{Ranker, RankerConfig};
 use rankstack_nn::checkpoint::read_safetensors;
 use rankstack_nn::finite::first_non_finite;
 use rankstack_nn::reseed::child_seed;
-use rankstack_nn::{Error, Reseed, Result, SeededVarMap};
+use rankstack_nn::{Error, InitScheme, Reseed, Result, SeededVarMap};
 use serde::Serialize;
 
 use super::checkpoints::{latest_checkpoint, publish};
@@ -98,6 +98,10 @@ pub struct TrainOptions {
     /// f32 accumulation in cuBLAS, output widened), with f32 master weights, optimizer, loss and
     /// everything else ([`rankstack_nn::Linear::set_autocast`]).
     pub bf16_autocast: bool,
+    /// How a fresh run draws its initial weights ([`InitScheme`]; a resumed run loads them).
+    /// Default: Xavier-normal matrices and tables with zero biases, the PyTorch reference's
+    /// convention (docs/trajectory.md has the measurements).
+    pub init: InitScheme,
 }
 
 impl Default for TrainOptions {
@@ -118,6 +122,7 @@ impl Default for TrainOptions {
             row_sparse_embeddings: true,
             device: DeviceSpec::Cpu,
             bf16_autocast: false,
+            init: InitScheme::XavierNormal,
         }
     }
 }
@@ -233,7 +238,7 @@ impl Trainer {
             ));
         }
         let device = options.device.open()?;
-        let store = SeededVarMap::new(options.seed);
+        let store = SeededVarMap::new(options.seed).with_scheme(options.init);
         let mut ranker = Ranker::new(config, store.var_builder(DType::F32, &device))?;
         // Only a valid config creates the run directory.
         std::fs::create_dir_all(&run_dir).map_err(Error::io_at(&run_dir))?;
