@@ -167,6 +167,8 @@ def main():
 
     step, examples, start = 0, 0, time.perf_counter()
     gen = torch.Generator().manual_seed(a.seed)
+    window_gen = torch.Generator().manual_seed(a.seed + 1)
+    window_ms = (config.get("sequence") or {}).get("time_window_ms", 0.0) or 0.0
     for _ in range(a.epochs):
         model.train()
         perm = torch.randperm(n, generator=gen)
@@ -176,7 +178,12 @@ def main():
             idx = perm[b * a.batch_size:(b + 1) * a.batch_size]
             for g in opt.param_groups:
                 g["lr"] = lr_at(step)
-            loss = loss_fn(model(take(x, idx)), y[idx], weights)
+            batch = take(x, idx)
+            if window_ms > 0:
+                # TransAct's training-time mask of a random recent window, T_b ~ U[0, max) per
+                # example (rankstack's sequence_transformer::mask); never at evaluation.
+                batch["seq.window_ms"] = torch.rand(len(idx), generator=window_gen, dtype=torch.float64) * window_ms
+            loss = loss_fn(model(batch), y[idx], weights)
             opt.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), a.clip)
