@@ -248,3 +248,41 @@ fn dense_and_lazy_updates_are_told_apart() {
         assert!(drift > 1e-6, "{}: the other embedding update gives the same weights ({drift:.2e})", fixture.name());
     }
 }
+
+/// The long run outside CI (docs/trajectory.md): a trajectory file written by
+/// `reference/rankstack_ref/trajectory_movielens.py` (e.g. 200 steps of `pinterest-homefeed` on
+/// MovieLens), named by `RANKSTACK_TRAJECTORY`, replayed in float32 and float64. Prints the
+/// per-step relative differences of loss and gradient norm from the float64 reference for both
+/// frameworks' float32 runs, and holds both frameworks to the bounds of the short fixtures.
+///
+/// `RANKSTACK_TRAJECTORY=data/trajectory/pinterest-homefeed.safetensors cargo test --test trajectory -- --ignored --nocapture`
+#[test]
+#[ignore = "needs RANKSTACK_TRAJECTORY, a trajectory file from rankstack_ref.trajectory_movielens"]
+fn movielens_trajectory() {
+    let path = std::env::var("RANKSTACK_TRAJECTORY").expect("RANKSTACK_TRAJECTORY names a trajectory file");
+    let fixture = Fixture::load(&path).unwrap();
+    let (truth, torch32, r) = (reference_run(&fixture, "f64"), reference_run(&fixture, "f32"), recipe(&fixture));
+    let ours32 = replay(&fixture, DType::F32, r);
+    let ours64 = replay(&fixture, DType::F64, r);
+    println!("step loss(f64) | relative loss difference: rankstack f64, rankstack f32, PyTorch f32 | same for the gradient norm");
+    for t in 0..truth.loss.len() {
+        println!(
+            "{t:4} {:.5} | {:.1e} {:.1e} {:.1e} | {:.1e} {:.1e} {:.1e}",
+            truth.loss[t],
+            relative(ours64.loss[t], truth.loss[t]),
+            relative(ours32.loss[t], truth.loss[t]),
+            relative(torch32.loss[t], truth.loss[t]),
+            relative(ours64.grad_norm[t], truth.grad_norm[t]),
+            relative(ours32.grad_norm[t], truth.grad_norm[t]),
+            relative(torch32.grad_norm[t], truth.grad_norm[t]),
+        );
+    }
+    let (d64, n64) = tensor_drift(&ours64, &truth);
+    let ((d32, n32), (t32, _)) = (tensor_drift(&ours32, &truth), tensor_drift(&torch32, &truth));
+    println!(
+        "final tensors: rankstack f64 {d64:.2e} (`{n64}`), rankstack f32 {d32:.2e} (`{n32}`), PyTorch f32 {t32:.2e}"
+    );
+    assert!(d64 <= 1e-9, "float64 `{n64}` differs by {d64:.2e} after {} steps", r.total);
+    let bound = (F32_DRIFT_FACTOR * t32).max(F32_DRIFT_FLOOR);
+    assert!(d32 <= bound, "float32 `{n32}` drift {d32:.2e} exceeds {bound:.2e}");
+}

@@ -95,6 +95,19 @@ def warmup_cosine(peak, warmup, total, min_ratio):
     return lr_at
 
 
+def xavier_normal_init(model):
+    """rankstack's `--init xavier-normal` convention (rankstack_nn::InitScheme): every parameter of
+    two or more dimensions whose name does not contain "norm" Xavier-normal, every bias zero, the
+    rest as constructed. Draws from torch's global generator. Returns the model."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2 and "norm" not in name:
+                torch.nn.init.xavier_normal_(p)
+            elif name.endswith("bias"):
+                torch.nn.init.zeros_(p)
+    return model
+
+
 def loss_fn(logits, labels, weights):
     mask = ~torch.isnan(labels)
     y = torch.where(mask, labels, torch.zeros_like(labels))
@@ -147,12 +160,7 @@ def main():
         # Initialisation-matched runs: the weights rankstack drew (a rankstack checkpoint).
         model = load(a.init_from)
     else:
-        model = Ranker(config)
-        for name, p in model.named_parameters():  # rankstack's --init xavier-normal convention
-            if p.dim() >= 2 and "norm" not in name:
-                torch.nn.init.xavier_normal_(p)
-            elif name.endswith("bias"):
-                torch.nn.init.zeros_(p)
+        model = xavier_normal_init(Ranker(config))
     weights = torch.tensor([t.get("weight", 1.0) for t in config["tasks"]])
     x, y, n = load(a.train, config)
     xt, yt, nt = load(a.test, config)
