@@ -18,7 +18,8 @@ import time
 import pyarrow.parquet as pq
 import torch
 
-from .ranker import Ranker, load
+from .ranker import Ranker
+from .ranker import load as load_checkpoint
 
 
 def load(path, config):
@@ -158,7 +159,7 @@ def main():
     config = json.load(open(a.config))
     if a.init_from:
         # Initialisation-matched runs: the weights rankstack drew (a rankstack checkpoint).
-        model = load(a.init_from)
+        model = load_checkpoint(a.init_from)
     else:
         model = xavier_normal_init(Ranker(config))
     weights = torch.tensor([t.get("weight", 1.0) for t in config["tasks"]])
