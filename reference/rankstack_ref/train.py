@@ -4,7 +4,7 @@ cosine decay, gradient-norm clipping), and reports per-task test AUC / log loss 
 
     python -m rankstack_ref.train --config RUN/checkpoint/config.json --train train.parquet \
         --test test.parquet --epochs 1 --batch-size 256 --lr 2e-3 --seed 0 [--threads 2] \
-        [--max-steps N] [--no-eval] [--init-from CHECKPOINT_DIR]
+        [--max-steps N] [--no-eval] [--init xavier-normal|layers | --init-from CHECKPOINT_DIR]
 
 Prints one JSON line: examples/s of the training loop (data already in memory; evaluation excluded)
 and, unless --no-eval, per-task test AUC and log loss. The column convention is that of rankstack's `data` module.
@@ -109,6 +109,32 @@ def xavier_normal_init(model):
     return model
 
 
+def layers_init(model):
+    """rankstack's `--init layers` convention (each layer's own initialisation, as the Rust layers
+    document it), drawn from torch's global generator: Xavier-normal matrices and zero biases
+    (xavier_normal_init), except feature tables and action-type embeddings N(0, 1/dim) (padding rows
+    zero), the attention input projection Xavier-uniform, and the transformer's feed-forward layers
+    PyTorch's default U(+-1/sqrt(in)), biases included. Returns the model."""
+    xavier_normal_init(model)
+    with torch.no_grad():
+        for name, table in model.features.sparse.items():
+            table.weight.normal_(0.0, table.weight.shape[1] ** -0.5)
+        model.features.zero_padding_rows()
+        if model.sequence is not None:
+            emb = model.sequence.action_emb.weight
+            emb.normal_(0.0, emb.shape[1] ** -0.5)
+            emb[0] = 0.0
+            for layer in model.sequence.encoder.layers:
+                torch.nn.init.xavier_uniform_(layer.self_attn.in_proj_weight)
+                layer.linear1.reset_parameters()
+                layer.linear2.reset_parameters()
+    return model
+
+
+INITS = {"xavier-normal": xavier_normal_init, "layers": layers_init}
+DEFAULT_INIT = "xavier-normal"  # rankstack's TrainOptions::init
+
+
 def loss_fn(logits, labels, weights):
     mask = ~torch.isnan(labels)
     y = torch.where(mask, labels, torch.zeros_like(labels))
@@ -151,6 +177,8 @@ def main():
     ap.add_argument("--clip", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--init", choices=sorted(INITS), default=DEFAULT_INIT,
+                    help="initialisation convention, as rankstack train --init")
     ap.add_argument("--init-from", default=None, help="start from this rankstack checkpoint's weights")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -161,7 +189,7 @@ def main():
         # Initialisation-matched runs: the weights rankstack drew (a rankstack checkpoint).
         model = load_checkpoint(a.init_from)
     else:
-        model = xavier_normal_init(Ranker(config))
+        model = INITS[a.init](Ranker(config))
     weights = torch.tensor([t.get("weight", 1.0) for t in config["tasks"]])
     x, y, n = load(a.train, config)
     xt, yt, nt = load(a.test, config)
