@@ -7,8 +7,8 @@
 #   OUT=data/results  EPOCHS=1  SEEDS="0 1 2"  BATCH=256  LR=2e-3  THROUGHPUT_STEPS=100
 #   PRESETS="mlp dcnv2 ..." (default: all five)  LANES="rankstack pytorch" (which frameworks run)
 #   INITS="xavier-normal layers" (rankstack's --init conventions to run; the PyTorch reference runs
-#   its own Xavier-normal draw for xavier-normal, and starts from rankstack's drawn weights for
-#   layers: the initialisation-matched column)  BIN=path/to/rankstack (default: a release build)
+#   its own Xavier-normal draw for xavier-normal, and starts from the very weights rankstack drew
+#   for layers: the initialisation-matched runs)  BIN=path/to/rankstack (default: a release build)
 #
 # In the accuracy runs rankstack trains with --dense-embedding-gradients: the update PyTorch's nn.Embedding + AdamW
 # makes, so that the two frameworks run the same algorithm (rankstack's default row-sparse, lazy
@@ -91,7 +91,7 @@ print(json.dumps({"framework": "rankstack", "preset": p, "seed": int(seed), "thr
 torch_run() { # preset seed threads init [extra args...]
     local p="$1" seed="$2" threads="$3" init="$4"
     shift 4
-    local start=()
+    local start=(--init "$init")
     if [[ "$init" == layers ]]; then
         # Initialisation-matched: start from the weights rankstack draws with --init layers.
         local dir="$out/runs/init-$p-seed$seed-layers"

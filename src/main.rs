@@ -314,10 +314,10 @@ struct TrainCmd {
     /// nn.Embedding with AdamW) instead of the default row-sparse, lazy updates.
     #[arg(long)]
     dense_embedding_gradients: bool,
-    /// Initial weights of a fresh run: `xavier-normal` (every matrix and embedding table
-    /// Xavier-normal, zero biases: the PyTorch reference's convention) or `layers` (each layer's
-    /// own initialisation, e.g. feature tables N(0, 1/dim)).
-    #[arg(long, default_value = "xavier-normal", value_parser = parse_init)]
+    /// Initial weights of a fresh run: `layers` (each layer's own initialisation, e.g. feature
+    /// tables N(0, 1/dim)) or `xavier-normal` (every matrix and embedding table Xavier-normal, zero
+    /// biases). The PyTorch reference trainer draws the same conventions (its --init).
+    #[arg(long, default_value = "layers", value_parser = parse_init)]
     init: InitScheme,
 }
 

@@ -96,16 +96,16 @@ fn a_new_run_refuses_a_directory_that_holds_one_and_bad_options_are_errors() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
-/// `TrainOptions::init` picks the initial weights' convention: Xavier-normal (the default, the
-/// PyTorch reference trainer's) draws a `[rows, dim]` feature table with std `sqrt(2 / (rows +
-/// dim))` and zero biases; `layers` keeps each layer's own (feature tables `N(0, 1/dim)`).
+/// `TrainOptions::init` picks the initial weights' convention: `layers` (the default) keeps each
+/// layer's own (feature tables `N(0, 1/dim)`); Xavier-normal draws a `[rows, dim]` feature table
+/// with std `sqrt(2 / (rows + dim))`.
 #[test]
 fn the_init_option_chooses_the_initial_weights_convention() {
     use rankstack::nn::InitScheme;
     let dir = tmpdir("init");
     let (train, _) = write_data(&dir, 300, 100);
     let config = tiny_config(&train);
-    assert_eq!(TrainOptions::default().init, InitScheme::XavierNormal);
+    assert_eq!(TrainOptions::default().init, InitScheme::Layers);
     let std_of = |init: InitScheme, name: &str| {
         let t = Trainer::new(&config, TrainOptions { init, ..options() }, dir.join(init.name())).unwrap();
         let (_, var) = t.store().named_vars().into_iter().find(|(n, _)| n == name).unwrap();

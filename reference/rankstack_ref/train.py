@@ -132,7 +132,7 @@ def layers_init(model):
 
 
 INITS = {"xavier-normal": xavier_normal_init, "layers": layers_init}
-DEFAULT_INIT = "xavier-normal"  # rankstack's TrainOptions::init
+DEFAULT_INIT = "layers"  # rankstack's TrainOptions::init
 
 
 def loss_fn(logits, labels, weights):

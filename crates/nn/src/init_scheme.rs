@@ -11,10 +11,10 @@ use candle_nn::Init;
 ///   `N(0, 2 / (fan_in + fan_out))` with PyTorch's fans (`fan_in = shape[1]·r`,
 ///   `fan_out = shape[0]·r`, `r` the product of the remaining dimensions); every parameter whose
 ///   name ends in `bias` starts at zero; everything else (norm scales, learned tokens) as its layer
-///   says. This is the PyTorch reference trainer's (`reference/rankstack_ref/train.py`), so both
-///   frameworks start from the same distribution. For a `[rows, dim]` table it gives small rows,
-///   `std = sqrt(2 / (rows + dim))`.
-/// - `Layers` (what [`crate::SeededVarMap::new`] uses): each layer's own initialisation, as documented on the layer: Xavier-normal linear,
+///   says (the PyTorch reference trainer's `--init xavier-normal`). For a `[rows, dim]` table it
+///   gives small rows, `std = sqrt(2 / (rows + dim))`.
+/// - `Layers` (what [`crate::SeededVarMap::new`] uses, and the trainer's default; the PyTorch
+///   reference trainer's `--init layers` draws the same): each layer's own initialisation, as documented on the layer: Xavier-normal linear,
 ///   cross and item-table weights, Xavier-uniform attention input projection, PyTorch's default
 ///   `U(±1/sqrt(in))` for the transformer's feed-forward layers (biases included), feature tables
 ///   and action-type embeddings `N(0, 1/dim)` (unit-norm rows on average), zero biases elsewhere.
