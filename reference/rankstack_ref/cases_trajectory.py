@@ -13,12 +13,9 @@ and metadata "fixture" = {layer, case, config (the RankerConfig), recipe}.
 """
 
 import copy
-import json
 import os
 
 import torch
-from safetensors.torch import save_file
-
 from . import trajectory
 from .cases_ranker import FEATURES, SEQ, TASKS
 from .fixture import init_params, randn
@@ -90,18 +87,7 @@ def case(out_dir, name, seed, lazy):
     params = {k: v.detach().clone() for k, v in model.named_parameters()}
     batches = [make_batch(gen) for _ in range(STEPS)]
     recipe = {**RECIPE, "lazy": lazy}
-    tensors = {f"param.{k}": v.contiguous() for k, v in params.items()}
-    for step, (inputs, labels) in enumerate(batches):
-        for k, v in inputs.items():
-            tensors[f"batch.{step}.{k}"] = (v.double() if v.is_floating_point() else v).contiguous()
-        tensors[f"batch.{step}.labels"] = labels.double().contiguous()
-    for prefix, dtype in [("f64", torch.float64), ("f32", torch.float32)]:
-        for k, v in trajectory.run(copy.deepcopy(CONFIG), params, batches, recipe, dtype).items():
-            tensors[f"{prefix}.{k}"] = v.contiguous()
-    fields = {"layer": "Trajectory", "case": name, "config": CONFIG, "recipe": json.dumps(recipe, sort_keys=True)}
-    path = os.path.join(out_dir, "trajectory")
-    os.makedirs(path, exist_ok=True)
-    save_file(tensors, os.path.join(path, f"{name}.safetensors"), metadata={"fixture": json.dumps(fields, sort_keys=True)})
+    trajectory.write(os.path.join(out_dir, "trajectory", f"{name}.safetensors"), name, CONFIG, params, batches, recipe)
 
 
 def generate(out_dir):

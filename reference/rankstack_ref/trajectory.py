@@ -21,9 +21,13 @@ Dropout is off (the config's rates are 0): rankstack draws its masks from its ow
 each layer, and the reference has no hook to receive them (see docs/trajectory.md).
 """
 
+import copy
+import json
 import math
+import os
 
 import torch
+from safetensors.torch import save_file
 
 from .ranker import Ranker
 from .train import loss_fn, warmup_cosine
@@ -129,3 +133,20 @@ def relative_divergence(a, b):
     num = max(float((a[k] - b[k].to(a[k].dtype)).abs().max()) for k in b if k.startswith("param."))
     den = max(float(b[k].abs().max()) for k in b if k.startswith("param."))
     return num / den if den > 0 else math.inf
+
+
+def write(path, case, config, params, batches, recipe):
+    """Runs `config` from `params` on `batches` with `recipe` in float64 and float32 and writes the
+    trajectory file (the layout of cases_trajectory.py: param.*, batch.<step>.*, f64.*, f32.*, and
+    metadata "fixture" = {layer, case, config, recipe})."""
+    tensors = {f"param.{k}": v.contiguous() for k, v in params.items()}
+    for step, (inputs, labels) in enumerate(batches):
+        for k, v in inputs.items():
+            tensors[f"batch.{step}.{k}"] = (v.double() if v.is_floating_point() else v).contiguous()
+        tensors[f"batch.{step}.labels"] = labels.double().contiguous()
+    for prefix, dtype in [("f64", torch.float64), ("f32", torch.float32)]:
+        for k, v in run(copy.deepcopy(config), params, batches, recipe, dtype).items():
+            tensors[f"{prefix}.{k}"] = v.contiguous()
+    fields = {"layer": "Trajectory", "case": case, "config": config, "recipe": json.dumps(recipe, sort_keys=True)}
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    save_file(tensors, path, metadata={"fixture": json.dumps(fields, sort_keys=True)})

@@ -17,7 +17,6 @@ import json
 import os
 
 import torch
-from safetensors.torch import save_file
 
 from . import trajectory
 from .fixture import round_to_f32
@@ -71,20 +70,7 @@ def main():
                for t in range(a.steps)]
     recipe = {"lr": 2e-3, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 0.01, "warmup": 50,
               "total": a.steps, "min_lr_ratio": 0.1, "clip": 1.0, "lazy": False}
-    tensors = {f"param.{k}": v.contiguous() for k, v in params.items()}
-    for step, (inputs, labels) in enumerate(batches):
-        for k, v in inputs.items():
-            tensors[f"batch.{step}.{k}"] = (v.double() if v.is_floating_point() else v).contiguous()
-        tensors[f"batch.{step}.labels"] = labels.double().contiguous()
-    for prefix, dtype in [("f64", torch.float64), ("f32", torch.float32)]:
-        for k, v in trajectory.run(copy.deepcopy(config), params, batches, recipe, dtype).items():
-            tensors[f"{prefix}.{k}"] = v.contiguous()
-        print(f"{prefix} run done", flush=True)
-    fields = {"layer": "Trajectory", "case": os.path.basename(a.out), "config": config,
-              "recipe": json.dumps(recipe, sort_keys=True)}
-    os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
-    save_file(tensors, a.out, metadata={"fixture": json.dumps(fields, sort_keys=True)})
-
+    trajectory.write(a.out, os.path.basename(a.out), config, params, batches, recipe)
 
 if __name__ == "__main__":
     main()
