@@ -30,7 +30,7 @@ def mean_std(values):
     return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
 
 
-INITS = [("xavier-normal", "Xavier-normal"), ("layers", "rankstack layers")]
+INITS = [("xavier-normal", "Xavier-normal"), ("layers", "layers")]
 
 
 def accuracy_table(rows):
@@ -51,6 +51,8 @@ def accuracy_table(rows):
                         and r.get("init", "xavier-normal") == init]
                 if not runs:
                     continue
+                if key == "pytorch" and init == "layers":
+                    init_label = "layers (rankstack's drawn weights)"
                 cells = [f"`{p}`", label, init_label, str(len(runs))]
                 for t in tasks:
                     cells.append(mean_std([r["tasks"][t]["auc"] for r in runs if t in r["tasks"]]))

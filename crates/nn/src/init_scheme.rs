@@ -71,7 +71,10 @@ mod tests {
             other => panic!("expected a normal init, got {other:?}"),
         };
         // [rows, dim] = [10, 6]: fan_in 6, fan_out 10.
-        assert_eq!(std(s.init("features.sparse.country.weight", &Shape::from((10, 6)), layer)), (0.0, 0.25));
+        assert_eq!(
+            std(s.init("features.sparse.country.weight", &Shape::from((10, 6)), layer)),
+            (0.0, (2.0f64 / 16.0).sqrt())
+        );
         assert!(matches!(s.init("mlp.layers.0.bias", &Shape::from(4), layer), Init::Const(c) if c == 0.0));
         assert_eq!(std(s.init("mlp.norms.0.weight", &Shape::from(4), layer)), (0.0, 0.5));
         assert_eq!(std(s.init("encoder.norm.weight", &Shape::from((3, 3)), layer)), (0.0, 0.5));
