@@ -249,11 +249,20 @@ fn dense_and_lazy_updates_are_told_apart() {
     }
 }
 
+/// Steps of the long run over which float64 must stay within 1e-9: training a 21.7M-parameter
+/// model is chaotic, and round-off differences (1e-16) grow about tenfold every ten steps until
+/// the two float64 runs part (measured: ≤ 6.5e-10 up to step 50, 5e-7 at step 80, 3e-3 at 120).
+const F64_HORIZON: usize = 50;
+/// Over the long run, rankstack's float32 loss and gradient norm may depart from the float64 run,
+/// on average, by at most this multiple of PyTorch's own float32 departure (measured: 0.55 for the
+/// loss, 0.64 for the gradient norm).
+const F32_MEAN_DRIFT_FACTOR: f64 = 3.0;
+
 /// The long run outside CI (docs/trajectory.md): a trajectory file written by
 /// `reference/rankstack_ref/trajectory_movielens.py` (e.g. 200 steps of `pinterest-homefeed` on
 /// MovieLens), named by `RANKSTACK_TRAJECTORY`, replayed in float32 and float64. Prints the
-/// per-step relative differences of loss and gradient norm from the float64 reference for both
-/// frameworks' float32 runs, and holds both frameworks to the bounds of the short fixtures.
+/// per-step relative differences of loss and gradient norm from PyTorch's float64 run for
+/// rankstack's float64 and float32 runs and PyTorch's float32 run, and the final tensors' drift.
 ///
 /// `RANKSTACK_TRAJECTORY=data/trajectory/pinterest-homefeed.safetensors cargo test --test trajectory -- --ignored --nocapture`
 #[test]
@@ -265,24 +274,42 @@ fn movielens_trajectory() {
     let ours32 = replay(&fixture, DType::F32, r);
     let ours64 = replay(&fixture, DType::F64, r);
     println!("step loss(f64) | relative loss difference: rankstack f64, rankstack f32, PyTorch f32 | same for the gradient norm");
+    let (mut ours_mean, mut theirs_mean) = ([0.0; 2], [0.0; 2]);
     for t in 0..truth.loss.len() {
+        let loss = [ours64.loss[t], ours32.loss[t], torch32.loss[t]].map(|x| relative(x, truth.loss[t]));
+        let norm =
+            [ours64.grad_norm[t], ours32.grad_norm[t], torch32.grad_norm[t]].map(|x| relative(x, truth.grad_norm[t]));
         println!(
             "{t:4} {:.5} | {:.1e} {:.1e} {:.1e} | {:.1e} {:.1e} {:.1e}",
-            truth.loss[t],
-            relative(ours64.loss[t], truth.loss[t]),
-            relative(ours32.loss[t], truth.loss[t]),
-            relative(torch32.loss[t], truth.loss[t]),
-            relative(ours64.grad_norm[t], truth.grad_norm[t]),
-            relative(ours32.grad_norm[t], truth.grad_norm[t]),
-            relative(torch32.grad_norm[t], truth.grad_norm[t]),
+            truth.loss[t], loss[0], loss[1], loss[2], norm[0], norm[1], norm[2]
         );
+        if t < F64_HORIZON {
+            assert!(
+                loss[0] <= 1e-9 && norm[0] <= 1e-9,
+                "float64 step {t}: loss {:.1e}, gradient norm {:.1e}",
+                loss[0],
+                norm[0]
+            );
+        }
+        let n = truth.loss.len() as f64;
+        ours_mean = [ours_mean[0] + loss[1] / n, ours_mean[1] + norm[1] / n];
+        theirs_mean = [theirs_mean[0] + loss[2] / n, theirs_mean[1] + norm[2] / n];
     }
     let (d64, n64) = tensor_drift(&ours64, &truth);
     let ((d32, n32), (t32, _)) = (tensor_drift(&ours32, &truth), tensor_drift(&torch32, &truth));
     println!(
         "final tensors: rankstack f64 {d64:.2e} (`{n64}`), rankstack f32 {d32:.2e} (`{n32}`), PyTorch f32 {t32:.2e}"
     );
-    assert!(d64 <= 1e-9, "float64 `{n64}` differs by {d64:.2e} after {} steps", r.total);
-    let bound = (F32_DRIFT_FACTOR * t32).max(F32_DRIFT_FLOOR);
-    assert!(d32 <= bound, "float32 `{n32}` drift {d32:.2e} exceeds {bound:.2e}");
+    println!(
+        "mean float32 departure (loss, gradient norm): rankstack {:.2e} {:.2e}, PyTorch {:.2e} {:.2e}",
+        ours_mean[0], ours_mean[1], theirs_mean[0], theirs_mean[1]
+    );
+    for (what, ours, theirs) in
+        [("loss", ours_mean[0], theirs_mean[0]), ("gradient norm", ours_mean[1], theirs_mean[1])]
+    {
+        assert!(
+            ours <= F32_MEAN_DRIFT_FACTOR * theirs,
+            "float32 {what}: mean departure {ours:.2e}, PyTorch's {theirs:.2e}"
+        );
+    }
 }
