@@ -133,11 +133,11 @@ accuracy() {
 throughput() {
     mkdir -p "$out/runs"
     for p in "${presets[@]}"; do
-        RUN_TAG=-dense rust_run "$p" 0 2 xavier-normal --max-steps "$throughput_steps" --dense-embedding-gradients |
+        RUN_TAG=-dense rust_run "$p" 0 2 layers --max-steps "$throughput_steps" --dense-embedding-gradients |
             with_field embedding_updates dense >>"$out/throughput.jsonl"
-        RUN_TAG=-sparse rust_run "$p" 0 2 xavier-normal --max-steps "$throughput_steps" |
+        RUN_TAG=-sparse rust_run "$p" 0 2 layers --max-steps "$throughput_steps" |
             with_field embedding_updates row-sparse >>"$out/throughput.jsonl"
-        torch_run "$p" 0 2 xavier-normal --max-steps "$throughput_steps" --no-eval >>"$out/throughput.jsonl"
+        torch_run "$p" 0 2 layers --max-steps "$throughput_steps" --no-eval >>"$out/throughput.jsonl"
         echo "throughput $p done" >&2
     done
 }
