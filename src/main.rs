@@ -9,10 +9,19 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 use rankstack::commands;
 use rankstack::device::DeviceSpec;
+use rankstack::nn::InitScheme;
 use rankstack::train::{AdamWConfig, TrainOptions};
 
 fn parse_device(s: &str) -> Result<DeviceSpec, String> {
     s.parse().map_err(|e: rankstack::nn::Error| e.to_string())
+}
+
+/// `--init xavier-normal|layers`.
+fn parse_init(s: &str) -> Result<InitScheme, String> {
+    [InitScheme::XavierNormal, InitScheme::Layers]
+        .into_iter()
+        .find(|scheme| scheme.name() == s)
+        .ok_or_else(|| format!("unknown initialisation `{s}` (expected xavier-normal or layers)"))
 }
 
 /// `--batch-size N|auto`.
@@ -367,6 +376,11 @@ struct TrainCmd {
     /// nn.Embedding with AdamW) instead of the default row-sparse, lazy updates.
     #[arg(long)]
     dense_embedding_gradients: bool,
+    /// Initial weights of a fresh run: `layers` (each layer's own initialisation, e.g. feature
+    /// tables N(0, 1/dim)) or `xavier-normal` (every matrix and embedding table Xavier-normal, zero
+    /// biases). The PyTorch reference trainer draws the same conventions (its --init).
+    #[arg(long, default_value = "layers", value_parser = parse_init)]
+    init: InitScheme,
 }
 
 impl TrainCmd {
@@ -390,6 +404,7 @@ impl TrainCmd {
             stop_after: self.stop_after,
             quiet: self.quiet,
             row_sparse_embeddings: !self.dense_embedding_gradients,
+            init: self.init,
             ..TrainOptions::default()
         };
         commands::TrainArgs {

@@ -120,6 +120,11 @@ fn device_and_batch_size_options() {
     // --device cpu is the default and changes nothing; a bad name is a one-line error.
     assert!(run(train("cpu", &["--batch-size", "128", "--device", "cpu"])).contains("finished after 3 steps"));
     assert!(fail(train("bad", &["--device", "gpu0"])).contains("expected cpu, cuda or cuda:N"));
+    // --init picks the initialisation convention (default layers); an unknown one is a one-line error.
+    assert!(
+        run(train("xavier", &["--batch-size", "128", "--init", "xavier-normal"])).contains("finished after 3 steps")
+    );
+    assert!(fail(train("badinit", &["--init", "glorot"])).contains("unknown initialisation `glorot`"));
     // CUDA in a CPU-only build says how to get it, for every command that takes --device.
     if !cfg!(feature = "cuda") {
         let msg = fail(train("cuda", &["--device", "cuda"]));

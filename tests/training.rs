@@ -95,3 +95,37 @@ fn a_new_run_refuses_a_directory_that_holds_one_and_bad_options_are_errors() {
     assert!(e.contains("no checkpoint"), "{e}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// `TrainOptions::init` picks the initial weights' convention: `layers` (the default) keeps each
+/// layer's own (feature tables `N(0, 1/dim)`); Xavier-normal draws a `[rows, dim]` feature table
+/// with std `sqrt(2 / (rows + dim))`.
+#[test]
+fn the_init_option_chooses_the_initial_weights_convention() {
+    use rankstack::nn::InitScheme;
+    let dir = tmpdir("init");
+    let (train, _) = write_data(&dir, 300, 100);
+    let config = tiny_config(&train);
+    assert_eq!(TrainOptions::default().init, InitScheme::Layers);
+    let std_of = |init: InitScheme, name: &str| {
+        let t = Trainer::new(&config, TrainOptions { init, ..options() }, dir.join(init.name())).unwrap();
+        let (_, var) = t.store().named_vars().into_iter().find(|(n, _)| n == name).unwrap();
+        let v: Vec<f64> =
+            var.as_tensor().flatten_all().unwrap().to_dtype(candle_core::DType::F64).unwrap().to_vec1().unwrap();
+        let (rows, dim) = var.as_tensor().dims2().unwrap_or((v.len(), 1));
+        ((v.iter().map(|x| x * x).sum::<f64>() / v.len() as f64).sqrt(), rows, dim)
+    };
+    let table = config
+        .features
+        .sparse
+        .iter()
+        .max_by_key(|f| f.num_rows())
+        .map(|f| format!("features.sparse.{}.weight", f.name))
+        .expect("the tiny config has a sparse feature");
+    let (xavier, rows, dim) = std_of(InitScheme::XavierNormal, &table);
+    let (layers, _, _) = std_of(InitScheme::Layers, &table);
+    let expected = (2.0 / (rows + dim) as f64).sqrt();
+    assert!((xavier / expected - 1.0).abs() < 0.15, "{table}: rms {xavier:.4}, Xavier-normal std {expected:.4}");
+    let per_layer = 1.0 / (dim as f64).sqrt();
+    assert!((layers / per_layer - 1.0).abs() < 0.15, "{table}: rms {layers:.4}, N(0, 1/dim) std {per_layer:.4}");
+    std::fs::remove_dir_all(&dir).ok();
+}

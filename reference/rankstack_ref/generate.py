@@ -8,7 +8,7 @@ import sys
 import torch
 
 from . import (cases_dcnv2, cases_feature_encoders, cases_masknet, cases_peers, cases_ranker,
-               cases_sequence_transformer, cases_torchrec)
+               cases_sequence_transformer, cases_torchrec, cases_trajectory)
 
 GROUPS = {
     "dcnv2": cases_dcnv2.generate,
@@ -19,6 +19,7 @@ GROUPS = {
     "ranker": cases_ranker.generate,
     "torchrec": cases_torchrec.generate,
     "peers": cases_peers.generate,
+    "trajectory": cases_trajectory.generate,
 }
 
 

@@ -30,22 +30,35 @@ def mean_std(values):
     return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
 
 
+INITS = [("xavier-normal", "Xavier-normal"), ("layers", "layers")]
+
+
 def accuracy_table(rows):
+    """One row per preset, framework and initialisation convention (`init`: `xavier-normal`, or
+    `layers` — for PyTorch, started from rankstack's `--init layers` weights), with the commits the
+    runs came from. Presets beyond the five (config variants in OUT/configs) follow them."""
     tasks = sorted({t for r in rows for t in r["tasks"]})
-    head = ["preset", "framework", "seeds"]
+    head = ["preset", "framework", "initialisation", "seeds"]
     for t in tasks:
         head += [f"{t} AUC", f"{t} log loss"]
+    head.append("commit")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for p in PRESETS:
+    presets = PRESETS + sorted({r["preset"] for r in rows} - set(PRESETS))
+    for p in presets:
         for key, label in FRAMEWORKS:
-            runs = [r for r in rows if r["preset"] == p and r["framework"] == key and r["tasks"]]
-            if not runs:
-                continue
-            cells = [f"`{p}`", label, str(len(runs))]
-            for t in tasks:
-                cells.append(mean_std([r["tasks"][t]["auc"] for r in runs if t in r["tasks"]]))
-                cells.append(mean_std([r["tasks"][t]["log_loss"] for r in runs if t in r["tasks"]]))
-            lines.append("| " + " | ".join(cells) + " |")
+            for init, init_label in INITS:
+                runs = [r for r in rows if r["preset"] == p and r["framework"] == key and r["tasks"]
+                        and r.get("init", "xavier-normal") == init]
+                if not runs:
+                    continue
+                if key == "pytorch" and init == "layers":
+                    init_label = "layers (rankstack's drawn weights)"
+                cells = [f"`{p}`", label, init_label, str(len(runs))]
+                for t in tasks:
+                    cells.append(mean_std([r["tasks"][t]["auc"] for r in runs if t in r["tasks"]]))
+                    cells.append(mean_std([r["tasks"][t]["log_loss"] for r in runs if t in r["tasks"]]))
+                cells.append(", ".join(sorted({r.get("commit") or "?" for r in runs})))
+                lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -4,7 +4,7 @@ cosine decay, gradient-norm clipping), and reports per-task test AUC / log loss 
 
     python -m rankstack_ref.train --config RUN/checkpoint/config.json --train train.parquet \
         --test test.parquet --epochs 1 --batch-size 256 --lr 2e-3 --seed 0 [--threads 2] \
-        [--max-steps N] [--no-eval]
+        [--max-steps N] [--no-eval] [--init xavier-normal|layers | --init-from CHECKPOINT_DIR]
 
 Prints one JSON line: examples/s of the training loop (data already in memory; evaluation excluded)
 and, unless --no-eval, per-task test AUC and log loss. The column convention is that of rankstack's `data` module.
@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 import torch
 
 from .ranker import Ranker
+from .ranker import load as load_checkpoint
 
 
 def load(path, config):
@@ -82,6 +83,58 @@ def take(x, idx):
     return out
 
 
+def warmup_cosine(peak, warmup, total, min_ratio):
+    """The learning rate of (0-based) step t: linear warm-up to `peak` over `warmup` steps, then cosine
+    decay to `peak * min_ratio` at `total` (rankstack's WarmupCosine, src/train/schedule.rs)."""
+
+    def lr_at(t):
+        if t < warmup:
+            return peak * (t + 1) / warmup
+        prog = min(1.0, (t - warmup) / max(1, total - warmup))
+        return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * prog)))
+
+    return lr_at
+
+
+def xavier_normal_init(model):
+    """rankstack's `--init xavier-normal` convention (rankstack_nn::InitScheme): every parameter of
+    two or more dimensions whose name does not contain "norm" Xavier-normal, every bias zero, the
+    rest as constructed. Draws from torch's global generator. Returns the model."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2 and "norm" not in name:
+                torch.nn.init.xavier_normal_(p)
+            elif name.endswith("bias"):
+                torch.nn.init.zeros_(p)
+    return model
+
+
+def layers_init(model):
+    """rankstack's `--init layers` convention (each layer's own initialisation, as the Rust layers
+    document it), drawn from torch's global generator: Xavier-normal matrices and zero biases
+    (xavier_normal_init), except feature tables and action-type embeddings N(0, 1/dim) (padding rows
+    zero), the attention input projection Xavier-uniform, and the transformer's feed-forward layers
+    PyTorch's default U(+-1/sqrt(in)), biases included. Returns the model."""
+    xavier_normal_init(model)
+    with torch.no_grad():
+        for name, table in model.features.sparse.items():
+            table.weight.normal_(0.0, table.weight.shape[1] ** -0.5)
+        model.features.zero_padding_rows()
+        if model.sequence is not None:
+            emb = model.sequence.action_emb.weight
+            emb.normal_(0.0, emb.shape[1] ** -0.5)
+            emb[0] = 0.0
+            for layer in model.sequence.encoder.layers:
+                torch.nn.init.xavier_uniform_(layer.self_attn.in_proj_weight)
+                layer.linear1.reset_parameters()
+                layer.linear2.reset_parameters()
+    return model
+
+
+INITS = {"xavier-normal": xavier_normal_init, "layers": layers_init}
+DEFAULT_INIT = "layers"  # rankstack's TrainOptions::init
+
+
 def loss_fn(logits, labels, weights):
     mask = ~torch.isnan(labels)
     y = torch.where(mask, labels, torch.zeros_like(labels))
@@ -124,17 +177,19 @@ def main():
     ap.add_argument("--clip", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--init", choices=sorted(INITS), default=DEFAULT_INIT,
+                    help="initialisation convention, as rankstack train --init")
+    ap.add_argument("--init-from", default=None, help="start from this rankstack checkpoint's weights")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     torch.set_num_interop_threads(1)
     torch.manual_seed(a.seed)
     config = json.load(open(a.config))
-    model = Ranker(config)
-    for name, p in model.named_parameters():  # Xavier-normal matrices, zero biases, as rankstack
-        if p.dim() >= 2 and "norm" not in name:
-            torch.nn.init.xavier_normal_(p)
-        elif name.endswith("bias"):
-            torch.nn.init.zeros_(p)
+    if a.init_from:
+        # Initialisation-matched runs: the weights rankstack drew (a rankstack checkpoint).
+        model = load_checkpoint(a.init_from)
+    else:
+        model = INITS[a.init](Ranker(config))
     weights = torch.tensor([t.get("weight", 1.0) for t in config["tasks"]])
     x, y, n = load(a.train, config)
     xt, yt, nt = load(a.test, config)
@@ -145,14 +200,12 @@ def main():
     warmup = max(1, min(a.warmup, total // 2))
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=a.weight_decay)
 
-    def lr_at(t):
-        if t < warmup:
-            return a.lr * (t + 1) / warmup
-        prog = min(1.0, (t - warmup) / max(1, total - warmup))
-        return a.lr * (a.min_lr_ratio + (1 - a.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * prog)))
+    lr_at = warmup_cosine(a.lr, warmup, total, a.min_lr_ratio)
 
     step, examples, start = 0, 0, time.perf_counter()
     gen = torch.Generator().manual_seed(a.seed)
+    window_gen = torch.Generator().manual_seed(a.seed + 1)
+    window_ms = (config.get("sequence") or {}).get("time_window_ms", 0.0) or 0.0
     for _ in range(a.epochs):
         model.train()
         perm = torch.randperm(n, generator=gen)
@@ -162,7 +215,12 @@ def main():
             idx = perm[b * a.batch_size:(b + 1) * a.batch_size]
             for g in opt.param_groups:
                 g["lr"] = lr_at(step)
-            loss = loss_fn(model(take(x, idx)), y[idx], weights)
+            batch = take(x, idx)
+            if window_ms > 0:
+                # TransAct's training-time mask of a random recent window, T_b ~ U[0, max) per
+                # example (rankstack's sequence_transformer::mask); never at evaluation.
+                batch["seq.window_ms"] = torch.rand(len(idx), generator=window_gen, dtype=torch.float64) * window_ms
+            loss = loss_fn(model(batch), y[idx], weights)
             opt.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), a.clip)

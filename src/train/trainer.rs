@@ -12,7 +12,7 @@ use ranker_model::checkpoint::{self, write_safetensors};
 use ranker_model::{Ranker, RankerConfig};
 use rankstack_nn::checkpoint::read_safetensors;
 use rankstack_nn::finite::first_non_finite;
-use rankstack_nn::{Error, Result, SeededVarMap};
+use rankstack_nn::{Error, InitScheme, Result, SeededVarMap};
 use serde::Serialize;
 
 use super::checkpoints::{latest_checkpoint, publish};
@@ -96,6 +96,12 @@ pub struct TrainOptions {
     /// f32 accumulation in cuBLAS, output widened), with f32 master weights, optimizer, loss and
     /// everything else ([`rankstack_nn::Linear::set_autocast`]).
     pub bf16_autocast: bool,
+    /// How a fresh run draws its initial weights ([`InitScheme`]; a resumed run loads them).
+    /// Default: each layer's own initialisation ([`InitScheme::Layers`]; feature tables
+    /// `N(0, 1/dim)`), which the PyTorch reference trainer also draws by default; on MovieLens it
+    /// is as good as Xavier-normal without TransAct's time window and much better with it
+    /// (docs/trajectory.md has the measurements).
+    pub init: InitScheme,
 }
 
 impl Default for TrainOptions {
@@ -116,6 +122,7 @@ impl Default for TrainOptions {
             row_sparse_embeddings: true,
             device: DeviceSpec::Cpu,
             bf16_autocast: false,
+            init: InitScheme::Layers,
         }
     }
 }
@@ -216,7 +223,7 @@ impl Trainer {
             ));
         }
         let device = options.device.open()?;
-        let store = SeededVarMap::new(options.seed);
+        let store = SeededVarMap::new(options.seed).with_scheme(options.init);
         let mut ranker = Ranker::new(config, store.var_builder(DType::F32, &device))?;
         // Only a valid config creates the run directory.
         std::fs::create_dir_all(&run_dir).map_err(Error::io_at(&run_dir))?;

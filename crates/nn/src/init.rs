@@ -4,6 +4,7 @@ use candle_core::{DType, Device, Result, Shape, Tensor, Var};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::{Init, VarBuilder, VarMap};
 
+use crate::init_scheme::InitScheme;
 use crate::rng::Rng;
 
 /// Xavier/Glorot normal standard deviation, `gain · sqrt(2 / (fan_in + fan_out))`.
@@ -36,6 +37,8 @@ pub fn xavier_uniform(fan_in: usize, fan_out: usize) -> Init {
 pub struct SeededVarMap {
     vars: VarMap,
     seed: u64,
+    /// How variables drawn from the seed are initialised.
+    scheme: InitScheme,
     /// Starting values by name, taken (and dropped from here) when the variable is created.
     initial: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, Tensor>>>,
 }
@@ -58,7 +61,25 @@ impl SeededVarMap {
     /// drawn from `seed` as in [`SeededVarMap::new`]. A tensor of another shape is ignored here:
     /// checking a checkpoint against the model is the loader's job.
     pub fn with_initial_values(seed: u64, values: std::collections::HashMap<String, Tensor>) -> Self {
-        Self { vars: VarMap::new(), seed, initial: std::sync::Arc::new(std::sync::Mutex::new(values)) }
+        Self {
+            vars: VarMap::new(),
+            seed,
+            scheme: InitScheme::Layers,
+            initial: std::sync::Arc::new(std::sync::Mutex::new(values)),
+        }
+    }
+
+    /// This store drawing new variables with `scheme` (see [`InitScheme`]; without it, each
+    /// layer's own initialisation, [`InitScheme::Layers`]). Starting values given with
+    /// [`SeededVarMap::with_initial_values`] are used as they are.
+    pub fn with_scheme(mut self, scheme: InitScheme) -> Self {
+        self.scheme = scheme;
+        self
+    }
+
+    /// The initialisation scheme of variables drawn from the seed.
+    pub fn scheme(&self) -> InitScheme {
+        self.scheme
     }
 
     /// Drops the starting values that no variable has taken (see
@@ -125,7 +146,7 @@ impl SimpleBackend for SeededVarMap {
         let t = match given {
             Some(t) if t.shape() == &s && t.dtype().is_float() => t.to_dtype(dtype)?.to_device(dev)?,
             _ => {
-                let values = self.initial_values(&s, name, h);
+                let values = self.initial_values(&s, name, self.scheme.init(name, &s, h));
                 Tensor::from_vec(values, s, &Device::Cpu)?.to_dtype(dtype)?.to_device(dev)?
             }
         };

@@ -35,5 +35,5 @@ pub use heads::TaskHeads;
 pub use item_table::ItemTable;
 pub use loss::{calibrated_probability, multitask_loss};
 pub use model::{Ranker, RankerBatch, SequenceItems, UserSequence};
-pub use random_batch::{random_batch, random_labels, reference_inputs};
+pub use random_batch::{batch_from_reference_inputs, random_batch, random_labels, reference_inputs};
 pub use stage::Stage;

@@ -3,6 +3,7 @@
 use candle_core::{DType, Device, Result, Tensor};
 use feature_encoders::{FeatureBatch, SparseInput};
 use rankstack_nn::rng::Rng;
+use rankstack_nn::Error;
 
 use crate::{RankerBatch, RankerConfig, SequenceItems, UserSequence};
 
@@ -120,4 +121,54 @@ pub fn reference_inputs(config: &RankerConfig, batch: &RankerBatch) -> Result<Ve
         }
     }
     Ok(out)
+}
+
+/// The inverse of [`reference_inputs`]: a batch from named tensors in the PyTorch reference's
+/// layout (fixture inputs, exported batches), with float inputs converted to `dtype`. A missing
+/// key is an error naming it.
+pub fn batch_from_reference_inputs(
+    config: &RankerConfig,
+    inputs: &std::collections::HashMap<String, Tensor>,
+    dtype: DType,
+) -> Result<RankerBatch> {
+    let get = |key: &str| -> Result<&Tensor> {
+        inputs.get(key).ok_or_else(|| {
+            Error::input("Ranker", "reference inputs", format!("no tensor `{key}` for this config")).into()
+        })
+    };
+    let float = |key: &str| get(key)?.to_dtype(dtype);
+    let ints = |key: &str| get(key)?.to_dtype(DType::I64)?.to_vec1::<i64>();
+    let sparse = config
+        .features
+        .sparse
+        .iter()
+        .map(|f| {
+            let ids = ints(&format!("sparse.{}.ids", f.name))?;
+            let offsets = ints(&format!("sparse.{}.offsets", f.name))?.into_iter().map(|o| o as usize).collect();
+            Ok(SparseInput::new(ids, offsets)?)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let embedding =
+        config.features.embedding.iter().map(|f| float(&format!("embedding.{}", f.name))).collect::<Result<_>>()?;
+    let dense = if config.features.dense.is_empty() { None } else { Some(float("dense")?) };
+    let sequence = match &config.sequence {
+        None => None,
+        Some(_) => Some(UserSequence {
+            action_types: get("seq.action_types")?.clone(),
+            timestamps: get("seq.timestamps")?.clone(),
+            request_time: get("seq.request_time")?.clone(),
+            items: if config.item_embedding.is_some() {
+                SequenceItems::Ids {
+                    sequence: get("seq.item_ids")?.clone(),
+                    candidate: get("seq.candidate_id")?.clone(),
+                }
+            } else {
+                SequenceItems::Embeddings {
+                    sequence: float("seq.item_embeddings")?,
+                    candidate: float("seq.candidate")?,
+                }
+            },
+        }),
+    };
+    Ok(RankerBatch { features: FeatureBatch { dense, sparse, embedding, extra: vec![] }, sequence })
 }

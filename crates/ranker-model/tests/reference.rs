@@ -6,42 +6,24 @@
 use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};
-use feature_encoders::{FeatureBatch, SparseInput};
-use ranker_model::{checkpoint, Ranker, RankerBatch, RankerConfig, SequenceItems, UserSequence};
+use ranker_model::{batch_from_reference_inputs, checkpoint, Ranker, RankerBatch, RankerConfig};
 use rankstack_nn::testing::{assert_close, check_fixtures, check_reference, fixtures_root, Fixture};
 
-/// The fixture's inputs as a [`RankerBatch`] (keys as in `reference/rankstack_ref/ranker.py`).
-fn batch(config: &RankerConfig, i: &HashMap<String, Tensor>) -> candle_core::Result<RankerBatch> {
-    let ints = |k: &str| -> candle_core::Result<Vec<i64>> { i[k].to_dtype(DType::I64)?.to_vec1::<i64>() };
-    let sparse = config
-        .features
-        .sparse
-        .iter()
-        .map(|f| {
-            let ids = ints(&format!("sparse.{}.ids", f.name))?;
-            let offsets = ints(&format!("sparse.{}.offsets", f.name))?.into_iter().map(|o| o as usize).collect();
-            Ok(SparseInput::new(ids, offsets)?)
-        })
-        .collect::<candle_core::Result<Vec<_>>>()?;
-    let embedding = config.features.embedding.iter().map(|f| i[&format!("embedding.{}", f.name)].clone()).collect();
-    let sequence = config.sequence.as_ref().map(|_| UserSequence {
-        action_types: i["seq.action_types"].clone(),
-        timestamps: i["seq.timestamps"].clone(),
-        request_time: i["seq.request_time"].clone(),
-        items: SequenceItems::Embeddings {
-            sequence: i["seq.item_embeddings"].clone(),
-            candidate: i["seq.candidate"].clone(),
-        },
-    });
-    Ok(RankerBatch {
-        features: FeatureBatch { dense: i.get("dense").cloned(), sparse, embedding, extra: vec![] },
-        sequence,
-    })
+/// The fixture's inputs as a [`RankerBatch`] (keys as in `reference/rankstack_ref/ranker.py`; float
+/// inputs are already in `dtype`, so they stay the variables the gradients are taken against).
+fn batch(config: &RankerConfig, i: &HashMap<String, Tensor>, dtype: DType) -> candle_core::Result<RankerBatch> {
+    batch_from_reference_inputs(config, i, dtype)
 }
 
 fn check(fixture: &Fixture, dtype: DType, rtol: f64) {
     let config: RankerConfig = fixture.config();
-    check_reference(fixture, dtype, rtol, |vb| Ranker::new(&config, vb), |m, i| m.forward_t(&batch(&config, i)?, true));
+    check_reference(
+        fixture,
+        dtype,
+        rtol,
+        |vb| Ranker::new(&config, vb),
+        |m, i| m.forward_t(&batch(&config, i, dtype)?, true),
+    );
 }
 
 /// float64: ~1e-13 in practice; the bound leaves room for the depth (encoder, transformer, MaskNet,
@@ -68,7 +50,7 @@ fn a_pytorch_export_loads_and_scores_identically() {
         .iter()
         .filter_map(|(k, v)| k.strip_prefix("input.").map(|k| (k.to_string(), v.clone())))
         .collect();
-    let probabilities = ranker.predict(&batch(ranker.config(), &inputs).unwrap()).unwrap();
+    let probabilities = ranker.predict(&batch(ranker.config(), &inputs, DType::F32).unwrap()).unwrap();
     // Same float32 weights and inputs, eval mode (BatchNorm running statistics from the export).
     assert_close("exported model probabilities", &probabilities, &expected.tensors["probabilities"], 1e-5);
 }
