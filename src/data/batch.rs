@@ -10,7 +10,7 @@ use rankstack_nn::Result;
 pub struct LabeledBatch {
     /// The model inputs.
     pub batch: RankerBatch,
-    /// `[B, T]` f32 labels in [`DataSchema::tasks`] order; NaN marks a missing label (mask it out of
+    /// `[B, T]` f32 labels in [`DataSchema::tasks`](crate::data::DataSchema::tasks) order; NaN marks a missing label (mask it out of
     /// the loss and the metrics).
     pub labels: Tensor,
     /// `[B]` f32 per-example loss weights, when the file has an `example_weight` column.

@@ -10,7 +10,7 @@ use feature_encoders::FeatureSchema;
 const LAYER: &str = "DataSchema";
 
 /// What a data file holds: the features, the optional user sequence and the tasks (label columns).
-/// Serialised as JSON into the Parquet file's metadata; column names follow [`columns`].
+/// Serialised as JSON into the Parquet file's metadata; column names follow [`columns`](crate::data::columns).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DataSchema {

@@ -17,7 +17,7 @@
 //!   - [`cpu::scale_by_mask`]: dropout's multiply by host-drawn multipliers.
 //!   - [`cpu::adamw`]: the AdamW update of one f32 tensor in place.
 //!   - [`cpu::allocator`]: the allocator setting that keeps freed tensor memory for reuse.
-//! - [`cuda`] (feature `cuda`): the CUDA side: the memory pool's high-water mark.
+//! - `cuda` (feature `cuda`): the CUDA side: the memory pool's high-water mark.
 //! - [`distinct_rows`]: gathering and scattering distinct rows with gathers both ways (any device:
 //!   candle's CUDA `index_add` runs serially over the rows).
 //! - [`float`]: the `f32`/`f64` element types ([`KernelFloat`]) the CPU kernels are written over,

@@ -26,7 +26,7 @@
 //!   same engine runs the forward and backward products (`rankstack_kernels::cpu::linear`).
 //! - [`row_sparse`]: row-sparse gradients for embedding tables ([`RowGather`], [`RowGradient`]).
 //! - [`device_memory`]: a device's capacity and the peak memory its tensors used (CUDA and CPU).
-//! - [`testing`] (feature `testing`, for tests and benchmarks): fixture loading and closeness
+//! - `testing` (feature `testing`, for tests and benchmarks): fixture loading and closeness
 //!   checks for the PyTorch reference tests.
 //!
 //! Every layer constructor in the workspace takes a config and a [`candle_nn::VarBuilder`], returns

@@ -189,9 +189,9 @@ impl ParquetDataset {
         &self.missing_labels
     }
 
-    /// Streams the file as [`LabeledBatch`]es of `batch_size` rows (the last one may be smaller);
+    /// Streams the file as [`LabeledBatch`](crate::data::LabeledBatch)es of `batch_size` rows (the last one may be smaller);
     /// with `shuffle`, row groups are visited in a seeded random order and rows pass through a
-    /// seeded [`ShuffleBuffer`]. Every row appears exactly once. After an error the stream ends.
+    /// seeded [`ShuffleBuffer`](crate::data::ShuffleBuffer). Every row appears exactly once. After an error the stream ends.
     pub fn batches(&self, batch_size: usize, shuffle: Option<Shuffle>) -> Result<RowBatches> {
         if batch_size == 0 {
             return Err(Error::config(LAYER, "batch_size", "must be > 0"));

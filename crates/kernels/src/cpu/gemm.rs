@@ -12,8 +12,8 @@
 //! A micro-tile of up to [`MR`] rows × [`NR`] columns keeps its 2·[`MR`] accumulator registers
 //! for a whole sweep over `k`, then stores once. Threads take blocks of rows × panels, with row
 //! blocks large enough that each panel, once in L2, serves up to 16 micro-tiles. Sweeps longer
-//! than [`MAX_K_BLOCK`] steps (a longer panel would not stay in L2), or for a column-major `A`
-//! than [`COLUMN_MAJOR_K_BLOCK`], are split into equal blocks: the first block stores, the later
+//! than `MAX_K_BLOCK` steps (a longer panel would not stay in L2), or for a column-major `A`
+//! than `COLUMN_MAJOR_K_BLOCK`, are split into equal blocks: the first block stores, the later
 //! ones add to what is stored, the last one adds the bias.
 //!
 //! Results are deterministic: each element is summed by one thread in a fixed order.

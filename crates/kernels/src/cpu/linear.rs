@@ -34,7 +34,7 @@ use crate::float::contiguous_storage;
 const MIN_ROWS: usize = 16;
 
 /// Whether [`linear`] runs the fused op for these operands: f32 on the CPU, with the AVX-512
-/// kernel, and at least [`MIN_ROWS`] rows.
+/// kernel, and at least `MIN_ROWS` (16) rows.
 pub fn applies(x: &Tensor, w: &Tensor) -> bool {
     let rows = x.dims().split_last().map_or(0, |(_, lead)| lead.iter().product::<usize>());
     x.device().is_cpu()
