@@ -42,7 +42,7 @@ kernel_float!(f64);
 /// The elements a contiguous `layout` covers in `values` (a storage's whole buffer). A strided
 /// layout is an error, "`{what}` must be contiguous": the kernels index rows directly, so their
 /// callers hand them contiguous tensors.
-pub fn contiguous<'a, T>(values: &'a [T], layout: &Layout, what: &str) -> Result<&'a [T]> {
+pub fn contiguous<'a, T>(values: &'a [T], layout: &Layout, what: impl std::fmt::Display) -> Result<&'a [T]> {
     match layout.contiguous_offsets() {
         Some((start, end)) => Ok(&values[start..end]),
         None => candle_core::bail!("{what} must be contiguous"),
@@ -50,7 +50,11 @@ pub fn contiguous<'a, T>(values: &'a [T], layout: &Layout, what: &str) -> Result
 }
 
 /// As [`contiguous`], for a buffer the kernel updates in place.
-pub fn contiguous_mut<'a, T>(values: &'a mut [T], layout: &Layout, what: &str) -> Result<&'a mut [T]> {
+pub fn contiguous_mut<'a, T>(
+    values: &'a mut [T],
+    layout: &Layout,
+    what: impl std::fmt::Display,
+) -> Result<&'a mut [T]> {
     match layout.contiguous_offsets() {
         Some((start, end)) => Ok(&mut values[start..end]),
         None => candle_core::bail!("{what} must be contiguous"),
@@ -59,7 +63,11 @@ pub fn contiguous_mut<'a, T>(values: &'a mut [T], layout: &Layout, what: &str) -
 
 /// As [`contiguous`], for a CPU storage that must hold elements of type `T`: another dtype is an
 /// error naming `what` and both dtypes.
-pub fn contiguous_storage<'a, T: WithDType>(storage: &'a CpuStorage, layout: &Layout, what: &str) -> Result<&'a [T]> {
+pub fn contiguous_storage<'a, T: WithDType>(
+    storage: &'a CpuStorage,
+    layout: &Layout,
+    what: impl std::fmt::Display,
+) -> Result<&'a [T]> {
     match T::cpu_storage_as_slice(storage) {
         Ok(values) => contiguous(values, layout, what),
         Err(_) => candle_core::bail!("{what} must be {:?}, got {:?}", T::DTYPE, storage.dtype()),
@@ -84,7 +92,8 @@ pub fn dispatch<K: FloatKernel>(kernel: &K, inputs: &[(&CpuStorage, &Layout)]) -
     fn typed<T: KernelFloat, K: FloatKernel>(kernel: &K, inputs: &[(&CpuStorage, &Layout)]) -> Result<Vec<T>> {
         let mut values = Vec::with_capacity(inputs.len());
         for (i, (storage, layout)) in inputs.iter().enumerate() {
-            values.push(contiguous_storage::<T>(storage, layout, &format!("{}: input {i}", K::NAME))?);
+            // The name is formatted only if there is an error to report.
+            values.push(contiguous_storage::<T>(storage, layout, format_args!("{}: input {i}", K::NAME))?);
         }
         kernel.run(&values)
     }

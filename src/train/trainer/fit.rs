@@ -259,11 +259,11 @@ impl Trainer {
         run: &mut RunState,
         progress: &ProgressBar,
     ) -> Result<Next> {
-        let o = self.options.clone();
+        let (batch_size, quiet) = (self.options.batch_size, self.options.quiet);
         let epoch_done = self.step.is_multiple_of(plan.steps_per_epoch) || self.step == plan.total;
-        let interrupted = o.stop_after == Some(self.step);
+        let interrupted = self.options.stop_after == Some(self.step);
         let checkpoint_due =
-            epoch_done || interrupted || o.checkpoint_every.is_some_and(|k| self.step.is_multiple_of(k));
+            epoch_done || interrupted || self.options.checkpoint_every.is_some_and(|k| self.step.is_multiple_of(k));
         let pause_started = Instant::now();
         if checkpoint_due {
             if let Err(e) = self.check_finite_state(run.last_checkpoint.as_deref()) {
@@ -273,10 +273,10 @@ impl Trainer {
         }
         if epoch_done {
             if let Some(eval) = eval {
-                let report = evaluate(&self.ranker, eval, o.batch_size, (epoch + 1) as usize, self.step)?;
+                let report = evaluate(&self.ranker, eval, batch_size, (epoch + 1) as usize, self.step)?;
                 let line = serde_json::json!({"kind": "eval", "step": self.step, "epoch": epoch + 1, "loss": report.loss, "tasks": report.tasks});
                 self.log(&line)?;
-                if !o.quiet {
+                if !quiet {
                     let summary: Vec<String> =
                         report.tasks.iter().map(|(n, m)| format!("{n} AUC {:.4}", m.auc)).collect();
                     progress.println(format!(
