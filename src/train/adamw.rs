@@ -3,7 +3,7 @@
 use std::collections::{HashMap, HashSet};
 
 use candle_core::{backprop::GradStore, DType, Result, Tensor, TensorId, Var};
-use rankstack_kernels::cpu::adamw::{adamw_update_in_place, AdamWCoefficients};
+use rankstack_kernels::cpu::adamw::{adamw_update_in_place, bias_corrections, AdamWCoefficients};
 use rankstack_nn::RowGradient;
 
 /// AdamW hyper-parameters (PyTorch defaults except the learning rate).
@@ -142,9 +142,10 @@ impl AdamW {
     fn coefficients(&self, lr: f64) -> Coefficients {
         let c = self.config;
         let t = self.step as i32;
+        let (bc1, bc2) = bias_corrections(c.beta1, c.beta2, t);
         Coefficients {
-            bc1: 1.0 - c.beta1.powi(t),
-            bc2: 1.0 - c.beta2.powi(t),
+            bc1,
+            bc2,
             step_lr: lr,
             fused: AdamWCoefficients::new(c.beta1, c.beta2, c.eps, c.weight_decay, lr, t),
         }

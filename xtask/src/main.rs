@@ -21,9 +21,12 @@
 //!   that `tests/serve.rs` drives `rankstack serve` with (`verify` makes it before the tests).
 //! - `serve-bench [--seconds S] [--no-pytorch]`: `rankstack serve` under `wrk` at 1, 64 and 512
 //!   candidates per request, against a PyTorch FastAPI baseline (see `docs/serving.md`).
+//! - `arm64-test`: the kernels and the layer crates' tests cross-compiled for arm64 and run under
+//!   QEMU (needs `gcc-aarch64-linux-gnu` and `qemu-user`; see `xtask/src/arm64_test.rs`).
 
 #![forbid(unsafe_code)]
 
+mod arm64_test;
 mod bench_compare;
 mod fixtures;
 mod gpu_bundle;
@@ -49,9 +52,10 @@ fn main() -> ExitCode {
         Some("invariants") => invariants::check(&root()),
         Some("serve-venv") => serve_venv().map(|_| ()),
         Some("serve-bench") => serve_bench::serve_bench(&args[1..]),
+        Some("arm64-test") => arm64_test::arm64_test(&args[1..]),
         _ => {
             eprintln!(
-                "usage: cargo xtask <verify|invariants|fixtures|venv|tensorboard-venv|serve-venv|bench-compare|gpu-bundle|gpu-bench|serve-bench|manifest>"
+                "usage: cargo xtask <verify|invariants|fixtures|venv|tensorboard-venv|serve-venv|bench-compare|gpu-bundle|gpu-bench|serve-bench|arm64-test|manifest>"
             );
             return ExitCode::from(2);
         }
@@ -104,7 +108,7 @@ fn serve_venv() -> Result<PathBuf> {
     python_venv("target/serve-venv", "the Triton HTTP client", &["tritonclient[http]==2.73.0"])
 }
 
-fn cargo() -> Command {
+pub(crate) fn cargo() -> Command {
     Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string()))
 }
 

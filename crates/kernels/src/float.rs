@@ -17,12 +17,15 @@ pub trait KernelFloat: WithDType {
     const NEG_INFINITY: Self;
     /// `eˣ`.
     fn exp(self) -> Self;
+    /// `eˣ` in a form the compiler can vectorise: for f32 a polynomial within 2 ulp (1 ulp
+    /// typical; `0` below `e⁻⁸⁷·³³⁶⁵`, where the result would be subnormal); for f64 libm's `exp`.
+    fn exp_lanes(self) -> Self;
     /// The larger of two values (the other one where one is NaN, as [`f32::max`]).
     fn max(self, other: Self) -> Self;
 }
 
 macro_rules! kernel_float {
-    ($t:ty) => {
+    ($t:ty, $exp_lanes:expr) => {
         impl KernelFloat for $t {
             const ZERO: Self = 0.0;
             const ONE: Self = 1.0;
@@ -30,14 +33,50 @@ macro_rules! kernel_float {
             fn exp(self) -> Self {
                 <$t>::exp(self)
             }
+            #[inline(always)]
+            fn exp_lanes(self) -> Self {
+                $exp_lanes(self)
+            }
             fn max(self, other: Self) -> Self {
                 <$t>::max(self, other)
             }
         }
     };
 }
-kernel_float!(f32);
-kernel_float!(f64);
+kernel_float!(f32, exp_f32);
+kernel_float!(f64, f64::exp);
+
+/// `eˣ` for f32 without a call or a branch, so that loops over it vectorise: `x = n·ln 2 + r`
+/// with `n = ⌊x·log₂e + ½⌋` and `ln 2` split in two (Cody and Waite; `n·ln2_hi` is exact), then
+/// `eʳ ≈ 1 + r + r²·P(r)` on `|r| ≤ ln 2 / 2` with the degree-5 minimax `P` of the Cephes library's
+/// `expf`, scaled by `2ⁿ` through the exponent bits. Below `−87.3365` (where `eˣ` leaves the normal
+/// range) the result is `0`, above `88.3762` `+∞`; NaN stays NaN.
+#[inline(always)]
+fn exp_f32(x: f32) -> f32 {
+    const LOG2_E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    const P: [f32; 6] = [1.987_569_2e-4, 1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 0.166_666_65, 0.5];
+    const LOW: f32 = -87.336_5;
+    const HIGH: f32 = 88.376_2;
+    let xc = x.clamp(LOW, HIGH);
+    let n = (xc * LOG2_E + 0.5).floor();
+    let r = (xc - n * LN2_HI) - n * LN2_LO;
+    let poly = P.iter().skip(1).fold(P[0], |acc, &c| acc * r + c);
+    let y = poly * (r * r) + r + 1.0;
+    // n ∈ [−126, 128): 2ⁿ by the exponent field (n = 128 only at the clamp, overflowing below).
+    let two_n = f32::from_bits(((n as i32 + 127).clamp(1, 254) as u32) << 23);
+    let e = y * two_n;
+    if x.is_nan() {
+        x
+    } else if x < LOW {
+        0.0
+    } else if x > HIGH {
+        f32::INFINITY
+    } else {
+        e
+    }
+}
 
 /// The elements a contiguous `layout` covers in `values` (a storage's whole buffer). A strided
 /// layout is an error, "`{what}` must be contiguous": the kernels index rows directly, so their

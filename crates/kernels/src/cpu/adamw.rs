@@ -23,11 +23,17 @@ pub struct AdamWCoefficients {
     lr: f32,
 }
 
+/// AdamW's bias corrections of step `t ≥ 1`: `(1 − β₁ᵗ, 1 − β₂ᵗ)`, in f64 (the one definition the
+/// fused update and the tensor version share).
+pub fn bias_corrections(beta1: f64, beta2: f64, t: i32) -> (f64, f64) {
+    (1.0 - beta1.powi(t), 1.0 - beta2.powi(t))
+}
+
 impl AdamWCoefficients {
-    /// The constants of step `t ≥ 1` with learning rate `lr`: bias corrections `1 − β₁ᵗ`,
-    /// `1 − β₂ᵗ`, and the decoupled weight decay `1 − lr · weight_decay`.
+    /// The constants of step `t ≥ 1` with learning rate `lr`: [`bias_corrections`] and the
+    /// decoupled weight decay `1 − lr · weight_decay`.
     pub fn new(beta1: f64, beta2: f64, eps: f64, weight_decay: f64, lr: f64, t: i32) -> Self {
-        let (bc1, bc2) = (1.0 - beta1.powi(t), 1.0 - beta2.powi(t));
+        let (bc1, bc2) = bias_corrections(beta1, beta2, t);
         Self {
             beta1: beta1 as f32,
             one_minus_beta1: (1.0 - beta1) as f32,

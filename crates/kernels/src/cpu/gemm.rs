@@ -289,6 +289,10 @@ impl Panels {
             let (c_ptr, a_ptr) = (&c_ptr, &a_ptr);
             let (chunk, group) = (task / groups, task % groups);
             let (r0, r1) = (chunk * chunk_rows, m.min((chunk + 1) * chunk_rows));
+            // Widened bf16 panels of a task with many rows are widened once into an f32 panel
+            // that the f32 micro-kernel then reads for every row (see `WIDEN_ONCE_ROWS`).
+            let widen_once = path == KernelPath::Bf16WidenedAvx2 && r1 - r0 >= WIDEN_ONCE_ROWS;
+            let mut widened = Vec::new();
             // k blocks outermost: the task's block of A stays in cache across its panels.
             for (block, s0) in (0..steps).step_by(k_block).enumerate() {
                 let len = k_block.min(steps - s0);
@@ -296,7 +300,16 @@ impl Panels {
                 // An odd k leaves the last bf16 pair without a second value to read from A.
                 let odd_tail = per_step == 2 && last && self.k % 2 == 1;
                 for q in group * panels_per_group..num_panels.min((group + 1) * panels_per_group) {
-                    let panel = &self.lines[(q * steps + s0) * 2..][..len * 2];
+                    let mut panel = &self.lines[(q * steps + s0) * 2..][..len * 2];
+                    let (mut tile_path, mut tile_steps, mut tile_odd_tail) = (path, len, odd_tail);
+                    if widen_once {
+                        // The same FMA chain per element as the widening micro-kernel (values
+                        // 2p and 2p + 1 of each pair, in order): bit-identical results.
+                        widen_panel(panel, &mut widened);
+                        tile_steps = 2 * len - usize::from(odd_tail);
+                        panel = &widened[..tile_steps * 2];
+                        (tile_path, tile_odd_tail) = (KernelPath::F32Avx2, false);
+                    }
                     let cols = NR.min(n - q * NR);
                     for r in (r0..r1).step_by(MR) {
                         // SAFETY: the kernel is available (asserted above); A's reads stay in
@@ -305,13 +318,13 @@ impl Panels {
                         // of its block before later blocks read it back, all before set_len.
                         unsafe {
                             kernel::tile(
-                                path,
+                                tile_path,
                                 MR.min(r1 - r),
                                 a_ptr.0.add(r * row_stride + s0 * per_step * step_stride),
                                 row_stride,
                                 step_stride,
-                                len,
-                                odd_tail,
+                                tile_steps,
+                                tile_odd_tail,
                                 panel.as_ptr().cast(),
                                 c_ptr.0.add(r * n + q * NR),
                                 n,
@@ -330,6 +343,33 @@ impl Panels {
         // valid columns.
         unsafe { c.set_len(m * n) };
         c
+    }
+}
+
+/// Rows from which a task on [`KernelPath::Bf16WidenedAvx2`] widens each bf16 panel block to
+/// f32 once (into a task-local buffer the size of an f32 panel block) and runs the f32
+/// micro-kernel over it, instead of widening in the micro-kernel for every sub-tile of rows. The
+/// widening kernel holds 4 widened weight vectors and so only 4 rows of accumulators, against 6
+/// for f32, and repeats the widening every 4 rows: it is the faster choice only for a few rows
+/// (it never writes the f32 panel), and measured 4–9% slower than f32 from batch 64 on. 12 rows
+/// are two sub-tiles of the f32 kernel (6 rows) or three of the widening one.
+const WIDEN_ONCE_ROWS: usize = 12;
+
+/// Widens a block of bf16-pair steps of one panel (`2 · pairs` lines) into `out`: f32 steps `2p`
+/// and `2p + 1` are the low and high halves of pair `p` (bf16 → f32 is exact). A zero-padded
+/// last pair (odd `k`) widens to a zero step that the caller does not sweep.
+fn widen_panel(pairs: &[Line], out: &mut Vec<Line>) {
+    out.clear();
+    out.resize(2 * pairs.len(), Line::default());
+    for (step, widened) in pairs.chunks_exact(2).zip(out.chunks_exact_mut(4)) {
+        let (lo, hi) = widened.split_at_mut(2);
+        for h in 0..2 {
+            for c in 0..16 {
+                let word = step[h].0[c];
+                lo[h].0[c] = word << 16;
+                hi[h].0[c] = word & 0xffff_0000;
+            }
+        }
     }
 }
 
@@ -390,6 +430,7 @@ unsafe impl Sync for SendConstPtr {}
 /// How a micro-tile stores its accumulators: `acc (+ stored, if accumulate) (+ bias, if not
 /// null)` into the first `cols ≤ NR` columns.
 #[derive(Clone, Copy)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // read only by the x86-64 kernels
 struct Store {
     bias: *const f32,
     accumulate: bool,

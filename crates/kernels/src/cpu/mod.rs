@@ -19,6 +19,8 @@ pub mod masked_max;
 pub mod packed_attention;
 pub mod packed_matmul;
 pub mod scale_by_mask;
+mod small_product;
+mod softmax_rows;
 
 pub use gemm::{bf16_path_description, packed_kernel_available, KernelPath, WeightPrecision};
 pub use isa::{for_each_supported_isa, with_isa, Isa};

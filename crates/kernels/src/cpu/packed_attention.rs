@@ -9,6 +9,9 @@ use std::sync::Arc;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
+use super::isa::Isa;
+use super::small_product::{product, View};
+use super::softmax_rows::softmax_rows;
 use crate::float::{contiguous_storage, dispatch, FloatKernel};
 use crate::KernelFloat;
 
@@ -118,66 +121,6 @@ impl<T> SharedOut<T> {
     }
 }
 
-/// A row-major view: element `(i, j)` at `ptr + i·rs + j·cs`.
-#[derive(Clone, Copy)]
-struct View<T> {
-    ptr: *const T,
-    rs: isize,
-    cs: isize,
-}
-
-impl<T> View<T> {
-    fn rows(ptr: *const T, rs: usize) -> Self {
-        Self { ptr, rs: rs as isize, cs: 1 }
-    }
-    fn t(self) -> Self {
-        Self { ptr: self.ptr, rs: self.cs, cs: self.rs }
-    }
-}
-
-/// `dst (m × n, row stride dst_rs) = scale · a (m × k) · b (k × n)`, single-threaded.
-///
-/// # Safety
-/// The views must address `m × k` and `k × n` valid elements and `dst` `m × n` writable ones that
-/// no other thread touches.
-#[allow(clippy::too_many_arguments)]
-unsafe fn product<T: KernelFloat>(
-    m: usize,
-    n: usize,
-    k: usize,
-    dst: *mut T,
-    dst_rs: usize,
-    a: View<T>,
-    b: View<T>,
-    scale: T,
-) {
-    // SAFETY: the caller guarantees the views' and `dst`'s extents (above); `gemm` reads and
-    // writes only within them, on this thread (`Parallelism::None`).
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst,
-            1,
-            dst_rs as isize,
-            false,
-            a.ptr,
-            a.cs,
-            a.rs,
-            b.ptr,
-            b.cs,
-            b.rs,
-            T::ZERO,
-            scale,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        )
-    }
-}
-
 impl<S: SequenceLayout> PackedAttention<S> {
     fn tasks(&self) -> Vec<Task> {
         let offsets = self.sequences.row_offsets();
@@ -193,33 +136,33 @@ impl<S: SequenceLayout> PackedAttention<S> {
         tasks
     }
 
-    /// `p = softmax(scale · Q_h K_hᵀ + M)` of one task into `p` (`len × len`).
+    /// `p = softmax(scale · Q_h K_hᵀ + M)` of one task into `p` (`len × len`), on the `isa` path.
     ///
     /// # Safety
-    /// `q` and `k` hold the packed `[R, d]` rows the task addresses; `p` has `len²` elements.
-    unsafe fn weights<T: KernelFloat>(&self, t: Task, q: &[T], k: &[T], d: usize, p: &mut [T]) {
+    /// `q` and `k` hold the packed `[R, d]` rows the task addresses; `p` has `len²` elements;
+    /// `isa` is supported.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn weights<T: KernelFloat>(
+        &self,
+        isa: Isa,
+        t: Task,
+        q: &[T],
+        k: &[T],
+        d: usize,
+        p: &mut [T],
+        scratch: &mut Vec<T>,
+    ) {
         let (l, dh) = (t.len, d / self.num_heads);
         // SAFETY: the task's block starts inside the packed rows (caller's contract).
         let at = |x: &[T]| View::rows(unsafe { x.as_ptr().add(t.start * d + t.head * dh) }, d);
         let scale = T::from_f64(1.0 / (dh as f64).sqrt());
         // SAFETY: `l` rows of `dh` columns (stride `d`) of q and k lie in the packed rows; `p` is
         // `l × l`, owned by this task.
-        unsafe { product(l, l, dh, p.as_mut_ptr(), l, at(q), at(k).t(), scale) };
-        let bias = &self.sequences.key_bias()[t.start..t.start + l];
-        for row in p.chunks_mut(l) {
-            let mut max = T::NEG_INFINITY;
-            for (s, &b) in row.iter_mut().zip(bias) {
-                *s += T::from_f64(b);
-                max = KernelFloat::max(max, *s);
-            }
-            let mut sum = T::ZERO;
-            for s in row.iter_mut() {
-                *s = (*s - max).exp();
-                sum += *s;
-            }
-            let inv = T::ONE / sum;
-            row.iter_mut().for_each(|s| *s *= inv);
-        }
+        unsafe { product(isa, (l, l, dh), p.as_mut_ptr(), l, at(q), at(k).t(), scale, scratch) };
+        let bias: &mut Vec<T> = scratch;
+        bias.clear();
+        bias.extend(self.sequences.key_bias()[t.start..t.start + l].iter().map(|&b| T::from_f64(b)));
+        softmax_rows(isa, p, bias);
     }
 
     fn multipliers(&self, t: Task) -> Option<&[f32]> {
@@ -230,19 +173,25 @@ impl<S: SequenceLayout> PackedAttention<S> {
         let dh = d / self.num_heads;
         let mut out = vec![T::ZERO; q.len()];
         let dst = SharedOut(out.as_mut_ptr());
-        self.tasks().into_par_iter().filter(|t| t.len > 0).for_each_init(Vec::new, |p: &mut Vec<T>, t| {
-            let l = t.len;
-            p.resize(l * l, T::ZERO);
-            // SAFETY: q, k, v are the packed rows; the task writes only its own block of `out`.
-            unsafe {
-                self.weights(t, q, k, d, p);
-                if let Some(m) = self.multipliers(t) {
-                    p.iter_mut().zip(m).for_each(|(x, &m)| *x *= T::from_f64(f64::from(m)));
+        // Read on the calling thread: `with_isa` overrides are per thread.
+        let isa = Isa::active();
+        self.tasks().into_par_iter().filter(|t| t.len > 0).for_each_init(
+            || (Vec::new(), Vec::new()),
+            |(p, scratch): &mut (Vec<T>, Vec<T>), t| {
+                let l = t.len;
+                p.resize(l * l, T::ZERO);
+                // SAFETY: q, k, v are the packed rows; the task writes only its own block of `out`.
+                unsafe {
+                    self.weights(isa, t, q, k, d, p, scratch);
+                    if let Some(m) = self.multipliers(t) {
+                        p.iter_mut().zip(m).for_each(|(x, &m)| *x *= T::from_f64(f64::from(m)));
+                    }
+                    let vh = View::rows(v.as_ptr().add(t.start * d + t.head * dh), d);
+                    let o = dst.at(t.start * d + t.head * dh);
+                    product(isa, (l, dh, l), o, d, View::rows(p.as_ptr(), l), vh, T::ONE, scratch);
                 }
-                let vh = View::rows(v.as_ptr().add(t.start * d + t.head * dh), d);
-                product(l, dh, l, dst.at(t.start * d + t.head * dh), d, View::rows(p.as_ptr(), l), vh, T::ONE);
-            }
-        });
+            },
+        );
         out
     }
 
@@ -255,16 +204,17 @@ impl<S: SequenceLayout> PackedAttention<S> {
         let (mut dq, mut dk, mut dv) = (vec![T::ZERO; q.len()], vec![T::ZERO; q.len()], vec![T::ZERO; q.len()]);
         let (dq_out, dk_out, dv_out) =
             (SharedOut(dq.as_mut_ptr()), SharedOut(dk.as_mut_ptr()), SharedOut(dv.as_mut_ptr()));
+        let isa = Isa::active();
         self.tasks().into_par_iter().filter(|t| t.len > 0).for_each_init(
-            || (Vec::new(), Vec::new(), Vec::new()),
-            |(p, dropped, dp): &mut (Vec<T>, Vec<T>, Vec<T>), t| {
+            || (Vec::new(), Vec::new(), Vec::new(), Vec::new()),
+            |(p, dropped, dp, scratch): &mut (Vec<T>, Vec<T>, Vec<T>, Vec<T>), t| {
                 let l = t.len;
                 let block = t.start * d + t.head * dh;
                 p.resize(l * l, T::ZERO);
                 dp.resize(l * l, T::ZERO);
                 // SAFETY: the inputs are the packed rows; the task writes only its own blocks.
                 unsafe {
-                    self.weights(t, q, k, d, p);
+                    self.weights(isa, t, q, k, d, p, scratch);
                     let m = self.multipliers(t);
                     let p_used: &[T] = match m {
                         Some(m) => {
@@ -275,8 +225,9 @@ impl<S: SequenceLayout> PackedAttention<S> {
                         None => p,
                     };
                     let rows = |x: &[T]| View::rows(x.as_ptr().add(block), d);
-                    product(l, dh, l, dv_out.at(block), d, View::rows(p_used.as_ptr(), l).t(), rows(g), T::ONE);
-                    product(l, l, dh, dp.as_mut_ptr(), l, rows(g), rows(v).t(), T::ONE);
+                    let p_used = View::rows(p_used.as_ptr(), l).t();
+                    product(isa, (l, dh, l), dv_out.at(block), d, p_used, rows(g), T::ONE, scratch);
+                    product(isa, (l, l, dh), dp.as_mut_ptr(), l, rows(g), rows(v).t(), T::ONE, scratch);
                     if let Some(m) = m {
                         dp.iter_mut().zip(m).for_each(|(x, &m)| *x *= T::from_f64(f64::from(m)));
                     }
@@ -284,8 +235,9 @@ impl<S: SequenceLayout> PackedAttention<S> {
                         let dot = dpr.iter().zip(pr).fold(T::ZERO, |acc, (&a, &b)| acc + a * b);
                         dpr.iter_mut().zip(pr).for_each(|(x, &pv)| *x = (*x - dot) * pv);
                     }
-                    product(l, dh, l, dq_out.at(block), d, View::rows(dp.as_ptr(), l), rows(k), scale);
-                    product(l, dh, l, dk_out.at(block), d, View::rows(dp.as_ptr(), l).t(), rows(q), scale);
+                    let ds = View::rows(dp.as_ptr(), l);
+                    product(isa, (l, dh, l), dq_out.at(block), d, ds, rows(k), scale, scratch);
+                    product(isa, (l, dh, l), dk_out.at(block), d, ds.t(), rows(q), scale, scratch);
                 }
             },
         );
@@ -434,9 +386,13 @@ mod tests {
     }
 
     /// Value against the formula; every gradient of `L = Σ O ⊙ R` against central differences of
-    /// the formula (f64).
+    /// the formula (f64), on every path this CPU has.
     #[test]
     fn matches_the_f64_oracle_in_value_and_gradient() {
+        crate::cpu::for_each_supported_isa("packed attention f64 oracle", |_| oracle_case());
+    }
+
+    fn oracle_case() {
         let (seqs, h, d) = (layout(), 2, 6);
         for dropout in [None, Some(multipliers(&layout(), 2))] {
             let m = dropout.as_deref().map(|m| m.as_slice());
@@ -472,6 +428,10 @@ mod tests {
 
     #[test]
     fn f32_matches_f64() {
+        crate::cpu::for_each_supported_isa("packed attention f32 against f64", |_| f32_case());
+    }
+
+    fn f32_case() {
         let (seqs, h, d) = (layout(), 3, 6);
         let x = [5, 6, 7].map(|s| tensor(s, &[9, d], DType::F64));
         let out = |dt: DType| {
@@ -494,8 +454,10 @@ mod tests {
         let seqs = Arc::new(TestLayout { offsets: vec![0, 3], bias: vec![0.0, INF, 0.0] });
         let zeros = Tensor::zeros((3, 2), DType::F32, &Device::Cpu).unwrap();
         let v = Tensor::new(&[[1f32, 10.], [100., 1000.], [3., 30.]], &Device::Cpu).unwrap();
-        let o = packed_attention_fused(&zeros, &zeros, &v, &seqs, 1, None).unwrap().unwrap();
-        assert_eq!(o.to_vec2::<f32>().unwrap(), vec![vec![2.0, 20.0]; 3]);
+        crate::cpu::for_each_supported_isa("packed attention hand-checkable case", |isa| {
+            let o = packed_attention_fused(&zeros, &zeros, &v, &seqs, 1, None).unwrap().unwrap();
+            assert_eq!(o.to_vec2::<f32>().unwrap(), vec![vec![2.0, 20.0]; 3], "{isa:?}");
+        });
     }
 
     #[test]

@@ -279,6 +279,30 @@ mod tests {
         assert_eq!(run(Isa::Avx512), run(Isa::Avx2));
     }
 
+    /// On the widened bf16 path a row's result does not depend on the batch around it: a lone row
+    /// is widened in the micro-kernel, a batch's panels are widened once for the f32 kernel
+    /// (`WIDEN_ONCE_ROWS`), and both run the same FMA chain, also across k blocks and an odd k.
+    #[test]
+    fn widened_bf16_rows_are_bit_identical_alone_and_in_a_batch() {
+        if !Isa::Avx2.supported() {
+            return super::super::skipped("widened bf16 batch invariance", "AVX2 and FMA");
+        }
+        super::super::with_isa(Isa::Avx2, || {
+            // k = 9301: 4651 pairs, two k blocks, the last pair half empty.
+            for (rows, k, n) in [(40, 9301, 45), (13, 33, 70), (64, 300, 33)] {
+                let x = seeded(rows as u64, &[rows, k]);
+                let w = seeded(k as u64, &[n, k]);
+                let b = seeded(n as u64, &[n]);
+                let packed = PackedWeight::pack(&w, WeightPrecision::Bf16).unwrap();
+                let batch = packed.matmul_t(&x, Some(&b)).unwrap().to_vec2::<f32>().unwrap();
+                for (r, row) in batch.iter().enumerate() {
+                    let alone = packed.matmul_t(&x.narrow(0, r, 1).unwrap(), Some(&b)).unwrap();
+                    assert_eq!(&alone.to_vec2::<f32>().unwrap()[0], row, "[{rows}, {k}] x [{n}, {k}]ᵀ row {r}");
+                }
+            }
+        });
+    }
+
     #[test]
     fn large_product_and_batched_input_match_the_reference() {
         // Several row chunks and panel groups, as in MaskNet; leading dimensions are flattened.
