@@ -15,8 +15,6 @@ pub trait KernelFloat: WithDType {
     const ONE: Self;
     /// `−∞`.
     const NEG_INFINITY: Self;
-    /// `eˣ`.
-    fn exp(self) -> Self;
     /// `eˣ` in a form the compiler can vectorise: for f32 a polynomial within 2 ulp (1 ulp
     /// typical; `0` below `e⁻⁸⁷·³³⁶⁵`, where the result would be subnormal); for f64 libm's `exp`.
     fn exp_lanes(self) -> Self;
@@ -30,9 +28,6 @@ macro_rules! kernel_float {
             const ZERO: Self = 0.0;
             const ONE: Self = 1.0;
             const NEG_INFINITY: Self = <$t>::NEG_INFINITY;
-            fn exp(self) -> Self {
-                <$t>::exp(self)
-            }
             #[inline(always)]
             fn exp_lanes(self) -> Self {
                 $exp_lanes(self)

@@ -36,6 +36,12 @@ impl<T> View<T> {
     pub fn t(self) -> Self {
         Self { ptr: self.ptr, rs: self.cs, cs: self.rs }
     }
+
+    /// The same view of the same memory as `U` (the caller knows the element type).
+    #[cfg(target_arch = "x86_64")]
+    fn cast<U>(self) -> View<U> {
+        View { ptr: self.ptr.cast(), rs: self.rs, cs: self.cs }
+    }
 }
 
 /// `dst (m × n, row stride dst_rs) = scale · A (m × k) · B (k × n)` on the `isa` path, using
@@ -59,6 +65,9 @@ pub(crate) unsafe fn product<T: KernelFloat>(
         return;
     }
     let out = Out { ptr: dst, rs: dst_rs, scale };
+    // Only x86 has vector kernels to pick from.
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = isa;
     // SAFETY: the caller's contract; each arm runs on a path the CPU has (`isa` is supported).
     // f32 takes the explicit vector kernels on x86; f64 (the exactness tests) and the generic
     // path take the portable blocks.
@@ -84,13 +93,6 @@ fn f32_scratch<T: KernelFloat>(scratch: &mut Vec<T>) -> &mut Vec<f32> {
     assert_eq!(T::DTYPE, candle_core::DType::F32, "an f32 product");
     // SAFETY: `T` is f32 (asserted), so the vector is a `Vec<f32>`.
     unsafe { &mut *(scratch as *mut Vec<T>).cast::<Vec<f32>>() }
-}
-
-impl<T> View<T> {
-    /// The same view of the same memory as `U` (the caller knows the element type).
-    fn cast<U>(self) -> View<U> {
-        View { ptr: self.ptr.cast(), rs: self.rs, cs: self.cs }
-    }
 }
 
 impl<T: KernelFloat> Out<T> {
