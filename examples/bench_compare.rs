@@ -50,6 +50,7 @@ fn main() {
     // trainable (variable) model instead of the serving one; BENCH_DENSE_EMBEDDINGS=1 trains with
     // dense embedding gradients; BENCH_UNPACKED=1 scores without packing the linear weights;
     // CANDLE_NUM_THREADS=2 gives candle's element-wise pool its second thread back.
+    // BENCH_BATCHES=1,64 times scoring at those batch sizes only (for quick A/B runs).
     if !flag("BENCH_MMAP") {
         rankstack::memory::retain_freed_memory();
     }
@@ -139,6 +140,20 @@ fn threads() -> usize {
     candle_core::utils::get_num_threads()
 }
 
+/// The scoring batch sizes: `BENCH_BATCHES` (comma-separated) or all of [`INFER_BATCHES`].
+fn infer_batches() -> Result<Vec<usize>> {
+    match std::env::var("BENCH_BATCHES") {
+        Ok(list) => list
+            .split(',')
+            .map(|b| match b.trim().parse::<usize>() {
+                Ok(b) if INFER_BATCHES.contains(&b) => Ok(b),
+                _ => Err(format!("BENCH_BATCHES: `{b}` is not one of {INFER_BATCHES:?}").into()),
+            })
+            .collect(),
+        Err(_) => Ok(INFER_BATCHES.to_vec()),
+    }
+}
+
 fn infer(dir: &Path, precision: WeightPrecision) -> Result<()> {
     let ranker = if flag("BENCH_TRAINABLE_LOAD") {
         checkpoint::load(checkpoint_dir(dir), DType::F32, &Device::Cpu)?.0
@@ -150,7 +165,7 @@ fn infer(dir: &Path, precision: WeightPrecision) -> Result<()> {
     let expected = rankstack::nn::checkpoint::read_safetensors(dir.join("expected.safetensors"))?.tensors;
     let mut rows = Vec::new();
     let mut max_diff = 0f32;
-    for b in INFER_BATCHES {
+    for b in infer_batches()? {
         let batch = inputs(&ranker, b)?;
         let p = ranker.predict(&batch)?;
         if let Some(want) = expected.get(&format!("probabilities.{b}")) {
@@ -185,43 +200,58 @@ fn train(dir: &Path) -> Result<()> {
     // BENCH_PHASES=1 prints each step's phases (forward, backward, update) to stderr.
     let phases = flag("BENCH_PHASES");
     let (median, runs) = median_seconds(Duration::from_secs(10), || {
-        let faults0 = minor_page_faults();
-        let t0 = Instant::now();
-        let logits = ranker.forward_t(&batch, true)?;
-        let loss = ranker.loss(&logits, &labels, None)?;
-        let t1 = Instant::now();
-        let grads = loss.backward()?;
-        let t2 = Instant::now();
-        let rows = ranker.take_row_gradients(&grads)?;
-        optimizer.step(&grads, &rows, 1e-4)?;
-        drop(grads);
-        if phases {
-            let ms = |a: Instant, b: Instant| (b - a).as_secs_f64() * 1e3;
-            let t3 = Instant::now();
-            // The encoder's share of the forward pass (features and sequence), timed apart.
-            let encoded = ranker.encode(&batch, true)?;
-            let t4 = Instant::now();
-            let encode_backward = encoded.sum_all()?.backward()?;
-            let t5 = Instant::now();
-            ranker.take_row_gradients(&encode_backward)?; // clears this extra pass's record
-            eprintln!(
-                "forward {:.0} ms (encoder {:.0}), backward {:.0} ms (encoder alone {:.0}), update {:.0} ms, \
-                 {} minor page faults",
-                ms(t0, t1),
-                ms(t3, t4),
-                ms(t1, t2),
-                ms(t4, t5),
-                ms(t2, t3),
-                minor_page_faults() - faults0
-            );
-        }
-        Ok(())
+        // On the kernels' worker pool, as the trainer runs its steps.
+        rankstack::nn::on_worker_pool(|| train_step(&ranker, &batch, &labels, &mut optimizer, phases))
+            .map_err(|e| e as Box<dyn std::error::Error>)
     })?;
     println!(
         "{}",
         json!({"framework": "rankstack", "mode": "train", "dtype": "f32", "threads": threads(), "row_sparse_embeddings": row_sparse,
                "rows": [{"batch": TRAIN_BATCH, "median_ms": median * 1e3, "runs": runs}], "peak_rss_bytes": peak_rss_bytes()})
     );
+    Ok(())
+}
+
+type SendResult<T> = std::result::Result<T, Box<dyn std::error::Error + Send + Sync>>;
+
+/// One training step (forward, loss, backward, AdamW); with `phases`, each phase's time to stderr.
+fn train_step(
+    ranker: &Ranker,
+    batch: &RankerBatch,
+    labels: &Tensor,
+    optimizer: &mut AdamW,
+    phases: bool,
+) -> SendResult<()> {
+    let faults0 = minor_page_faults();
+    let t0 = Instant::now();
+    let logits = ranker.forward_t(batch, true)?;
+    let loss = ranker.loss(&logits, labels, None)?;
+    let t1 = Instant::now();
+    let grads = loss.backward()?;
+    let t2 = Instant::now();
+    let rows = ranker.take_row_gradients(&grads)?;
+    optimizer.step(&grads, &rows, 1e-4)?;
+    drop(grads);
+    if phases {
+        let ms = |a: Instant, b: Instant| (b - a).as_secs_f64() * 1e3;
+        let t3 = Instant::now();
+        // The encoder's share of the forward pass (features and sequence), timed apart.
+        let encoded = ranker.encode(batch, true)?;
+        let t4 = Instant::now();
+        let encode_backward = encoded.sum_all()?.backward()?;
+        let t5 = Instant::now();
+        ranker.take_row_gradients(&encode_backward)?; // clears this extra pass's record
+        eprintln!(
+            "forward {:.0} ms (encoder {:.0}), backward {:.0} ms (encoder alone {:.0}), update {:.0} ms, \
+             {} minor page faults",
+            ms(t0, t1),
+            ms(t3, t4),
+            ms(t1, t2),
+            ms(t4, t5),
+            ms(t2, t3),
+            minor_page_faults() - faults0
+        );
+    }
     Ok(())
 }
 

@@ -81,7 +81,10 @@ def infer(d, fastpath, bf16):
     expected = load_file(os.path.join(d, "expected.safetensors"))
     rows = []
     worst = 0.0
-    for b in INFER_BATCHES:
+    # BENCH_BATCHES=1,64 times those batch sizes only (quick A/B runs), as the rankstack side.
+    only = os.environ.get("BENCH_BATCHES")
+    batches = [int(b) for b in only.split(",")] if only else INFER_BATCHES
+    for b in batches:
         x, _ = load_inputs(d, b)
         with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             p = torch.sigmoid(model(x)).float()

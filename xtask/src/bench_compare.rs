@@ -12,9 +12,11 @@
 //! another's: rankstack through `RANKSTACK_CPU`, PyTorch through `ATEN_CPU_CAPABILITY` (its own
 //! kernels), `ONEDNN_MAX_CPU_ISA` (oneDNN) and `MKL_ENABLE_INSTRUCTIONS` (MKL's GEMM).
 //!
-//! `--load` runs the whole comparison with one core kept busy by another process (a shell busy
-//! loop, bounded to an hour and killed when the comparison ends): how much each framework slows
-//! down when it does not have the machine to itself. Compare with a run without `--load`.
+//! `--load` adds to every round a second pass of the same processes with one core kept busy by
+//! another process (a shell busy loop, bounded to an hour and killed after the pass), right after
+//! the idle pass, and a table of each framework's slowdown (loaded / idle time within a round, the
+//! median over rounds): how much each slows down when it does not have the machine to itself. The
+//! pairing within a round keeps the drift of a shared machine's memory bandwidth out of the ratio.
 
 use std::collections::BTreeMap;
 use std::process::Command;
@@ -60,6 +62,53 @@ fn median(mut v: Vec<f64>) -> f64 {
     } else {
         v[mid]
     }
+}
+
+/// The suffix of the report keys of the passes under load.
+const LOADED: &str = "@loaded";
+
+/// Per round, the time of the row at `batch` under `key` + `suffix` (for PyTorch's scoring,
+/// `pt_infer`: the faster of its two paths, as in the main table).
+fn round_times(reports: &BTreeMap<String, Vec<Report>>, key: &str, suffix: &str, batch: u64) -> Vec<f64> {
+    let at = |k: &str| -> Vec<f64> {
+        reports
+            .get(&format!("{k}{suffix}"))
+            .map_or(Vec::new(), |v| v.iter().map(|r| r.ms(batch).unwrap_or(f64::NAN)).collect())
+    };
+    if key == "pt_infer" {
+        at("pt_infer_slow").into_iter().zip(at("pt_infer_fast")).map(|(s, f)| s.min(f)).collect()
+    } else {
+        at(key)
+    }
+}
+
+/// `--load`: each framework's slowdown with one core busy, from the idle and loaded passes of the
+/// same rounds (the median of the rounds' loaded / idle ratios), against the issue's target that
+/// rankstack slows down no more than PyTorch.
+fn load_table(reports: &BTreeMap<String, Vec<Report>>, rounds: usize) -> String {
+    let mut t = String::from(
+        "\n### Under load\n\nEvery round also ran each process with one core kept busy by another process (a shell \
+         busy loop started after the round's idle pass and stopped after its loaded pass). Slowdown: the median over \
+         the rounds of loaded ms / idle ms of the same round.\n\n\
+         | row | rankstack idle → loaded ms | slowdown | PyTorch idle → loaded ms | slowdown | rankstack slows down no more |\n\
+         |---|---|---|---|---|---|\n",
+    );
+    let rows = [1u64, 64, 512, 2048].map(|b| (format!("scoring f32, batch {b}"), "rs_infer", "pt_infer", b));
+    let train = ("training step f32, batch 512".to_string(), "rs_train", "pt_train", 512);
+    for (name, rs, pt, b) in rows.into_iter().chain([train]) {
+        let side = |key: &str| {
+            let (idle, loaded) = (round_times(reports, key, "", b), round_times(reports, key, LOADED, b));
+            let slowdown = median(idle.iter().zip(&loaded).map(|(i, l)| l / i).collect());
+            (median(idle), median(loaded), slowdown)
+        };
+        let ((ri, rl, rs_slow), (pi, pl, pt_slow)) = (side(rs), side(pt));
+        t.push_str(&format!(
+            "| {name} | {ri:.2} → {rl:.2} | {rs_slow:.2}× | {pi:.2} → {pl:.2} | {pt_slow:.2}× | {} |\n",
+            if rs_slow <= pt_slow { "yes" } else { "no" }
+        ));
+    }
+    t.push_str(&format!("\n({rounds} rounds; idle columns as in the table above.)\n"));
+    t
 }
 
 /// Another process spinning on one core, killed when dropped (and ending by itself after an hour).
@@ -158,32 +207,39 @@ pub fn bench_compare(args: &[String]) -> Result<()> {
         capture(what, &mut cmd)
     };
 
-    // Started after the build and the venv, so that it loads only the timed processes.
-    let _load = if load { Some(BusyLoop::start()?) } else { None };
     let model = rust("rankstack: write checkpoint and inputs", "prepare")?;
     let check = torch("PyTorch: check the outputs agree", "check", &[])?;
     let gemm_rust = rust("rankstack: f32 GEMM rate", "gemm")?;
     let gemm_torch = torch("PyTorch: f32 GEMM rate", "gemm", &[])?;
 
-    let mut reports: BTreeMap<&str, Vec<Report>> = BTreeMap::new();
+    // One pass of every timed process, its reports filed under `key + suffix`.
+    let pass = |reports: &mut BTreeMap<String, Vec<Report>>, r: &str, suffix: &str| -> Result<()> {
+        let mut add = |key: &str, v: Value| reports.entry(format!("{key}{suffix}")).or_default().push(Report(v));
+        add("rs_infer", rust(&format!("{r}: rankstack scoring"), "infer")?);
+        add("rs_infer_bf16", rust(&format!("{r}: rankstack scoring, bf16 weights"), "infer-bf16")?);
+        add("pt_infer_slow", torch(&format!("{r}: PyTorch scoring"), "infer", &[])?);
+        add("pt_infer_fast", torch(&format!("{r}: PyTorch scoring, fast path"), "infer", &["--fastpath"])?);
+        add(
+            "pt_infer_bf16",
+            torch(&format!("{r}: PyTorch scoring, bf16 autocast"), "infer", &["--fastpath", "--bf16"])?,
+        );
+        add("rs_train", rust(&format!("{r}: rankstack training step"), "train")?);
+        add("pt_train", torch(&format!("{r}: PyTorch training step"), "train", &[])?);
+        Ok(())
+    };
+    let mut reports: BTreeMap<String, Vec<Report>> = BTreeMap::new();
     for round in 1..=rounds {
         let r = format!("round {round}/{rounds}");
-        reports.entry("rs_infer").or_default().push(Report(rust(&format!("{r}: rankstack scoring"), "infer")?));
-        let bf16 = rust(&format!("{r}: rankstack scoring, bf16 weights"), "infer-bf16")?;
-        reports.entry("rs_infer_bf16").or_default().push(Report(bf16));
-        let slow = torch(&format!("{r}: PyTorch scoring"), "infer", &[])?;
-        reports.entry("pt_infer_slow").or_default().push(Report(slow));
-        let fast = torch(&format!("{r}: PyTorch scoring, fast path"), "infer", &["--fastpath"])?;
-        reports.entry("pt_infer_fast").or_default().push(Report(fast));
-        let bf16 = torch(&format!("{r}: PyTorch scoring, bf16 autocast"), "infer", &["--fastpath", "--bf16"])?;
-        reports.entry("pt_infer_bf16").or_default().push(Report(bf16));
-        reports.entry("rs_train").or_default().push(Report(rust(&format!("{r}: rankstack training step"), "train")?));
-        reports.entry("pt_train").or_default().push(Report(torch(
-            &format!("{r}: PyTorch training step"),
-            "train",
-            &[],
-        )?));
+        pass(&mut reports, &r, "")?;
+        if load {
+            // The loaded pass right after the idle one, so that both see the same machine.
+            let _busy = BusyLoop::start()?;
+            pass(&mut reports, &format!("{r}, one core loaded"), LOADED)?;
+        }
     }
+    // Every report first, so that nothing measured is lost if a table cannot be made.
+    let raw: Vec<String> = reports.iter().flat_map(|(k, v)| v.iter().map(move |r| format!("{k}\t{}", r.0))).collect();
+    std::fs::write(dir.join("raw.tsv"), raw.join("\n") + "\n").map_err(|e| format!("raw.tsv: {e}"))?;
     let ms = |key: &str, batch: u64| median(reports[key].iter().filter_map(|r| r.ms(batch)).collect());
     let rss = |key: &str| median(reports[key].iter().map(Report::rss).collect());
 
@@ -194,9 +250,6 @@ pub fn bench_compare(args: &[String]) -> Result<()> {
     let mut t = String::new();
     if let Some(cpu) = &cpu {
         t.push_str(&format!("CPU path: `{cpu}` on both sides (`--cpu {cpu}`).\n\n"));
-    }
-    if load {
-        t.push_str("Under load: one core kept busy by another process throughout (`--load`).\n\n");
     }
     t.push_str(&format!(
         "Model `homefeed-bench`: {:.1}M parameters, {:.1} MFLOP per candidate (forward). {threads} threads each, \
@@ -269,9 +322,48 @@ pub fn bench_compare(args: &[String]) -> Result<()> {
         "\nTime ratios are PyTorch ms / rankstack ms (above 1: rankstack is faster); memory ratios are \
          rankstack / PyTorch (below 1: rankstack uses less).\n",
     );
-    let raw: Vec<String> = reports.iter().flat_map(|(k, v)| v.iter().map(move |r| format!("{k}\t{}", r.0))).collect();
-    std::fs::write(dir.join("raw.tsv"), raw.join("\n") + "\n").map_err(|e| format!("raw.tsv: {e}"))?;
+    if load {
+        t.push_str(&load_table(&reports, rounds));
+    }
     std::fs::write(dir.join("table.md"), &t).map_err(|e| format!("table.md: {e}"))?;
     println!("{t}");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    /// Reports of one process per round: `ms[round]` at every batch.
+    fn reports(ms: &[f64]) -> Vec<Report> {
+        ms.iter()
+            .map(|&m| {
+                let rows: Vec<Value> = [1, 64, 512, 2048].iter().map(|b| json!({"batch": b, "median_ms": m})).collect();
+                Report(json!({ "rows": rows }))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_load_table_pairs_each_round_and_takes_pytorchs_faster_path() {
+        let mut r: BTreeMap<String, Vec<Report>> = BTreeMap::new();
+        r.insert("rs_infer".into(), reports(&[10.0, 20.0]));
+        r.insert(format!("rs_infer{LOADED}"), reports(&[12.0, 26.0])); // 1.2×, 1.3×
+        r.insert("pt_infer_slow".into(), reports(&[40.0, 40.0]));
+        r.insert("pt_infer_fast".into(), reports(&[30.0, 50.0])); // faster per round: 30, 40
+        r.insert(format!("pt_infer_slow{LOADED}"), reports(&[45.0, 60.0]));
+        r.insert(format!("pt_infer_fast{LOADED}"), reports(&[33.0, 70.0])); // 33 / 30, 60 / 40
+        r.insert("rs_train".into(), reports(&[100.0, 100.0]));
+        r.insert(format!("rs_train{LOADED}"), reports(&[300.0, 300.0]));
+        r.insert("pt_train".into(), reports(&[200.0, 200.0]));
+        r.insert(format!("pt_train{LOADED}"), reports(&[400.0, 400.0]));
+        let t = load_table(&r, 2);
+        assert!(t.contains("| scoring f32, batch 1 | 15.00 → 19.00 | 1.25× | 35.00 → 46.50 | 1.30× | yes |"), "{t}");
+        assert!(
+            t.contains("| training step f32, batch 512 | 100.00 → 300.00 | 3.00× | 200.00 → 400.00 | 2.00× | no |"),
+            "{t}"
+        );
+    }
 }

@@ -60,6 +60,7 @@ pub mod tensor_write;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
 
+pub use rankstack_kernels::cpu::on_worker_pool;
 /// Weights packed once for the CPU serving kernel (re-exported from `rankstack-kernels`).
 pub use rankstack_kernels::cpu::packed_matmul;
 pub use rankstack_kernels::cpu::WeightPrecision;

@@ -232,8 +232,18 @@ impl Ranker {
     }
 
     /// Logits `[batch, tasks]`; `train` enables dropout, BatchNorm batch statistics and the
-    /// sequence encoder's random time window.
+    /// sequence encoder's random time window. On the CPU it runs on the kernels' worker pool
+    /// ([`rankstack_nn::on_worker_pool`]): its hundreds of kernel calls then start without a
+    /// cross-thread wake-up each. (A GPU's kernels gain nothing from it, so there it runs here.)
     pub fn forward_t(&self, batch: &RankerBatch, train: bool) -> Result<Tensor> {
+        if self.device().is_cpu() {
+            rankstack_nn::on_worker_pool(|| self.forward_on_this_thread(batch, train))
+        } else {
+            self.forward_on_this_thread(batch, train)
+        }
+    }
+
+    fn forward_on_this_thread(&self, batch: &RankerBatch, train: bool) -> Result<Tensor> {
         let encoded = self.encode(batch, train)?;
         let mut z = encoded.clone();
         for stage in &self.stages {

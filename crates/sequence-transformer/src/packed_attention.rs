@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use candle_core::{Result, Tensor, D};
 
-use rankstack_kernels::cpu::packed_attention::{check, packed_attention_fused, SequenceLayout};
+use rankstack_kernels::cpu::packed_attention::{check, head_blocks, packed_attention_fused, SequenceLayout};
 use rankstack_kernels::distinct_rows::{gather_rows, scatter_rows};
 
 use crate::PackedSequences;
@@ -88,29 +88,7 @@ struct Composed {
     device_dropout: f64,
 }
 
-/// One (sequence, head) pair: the sequence's rows `start..start + len`, and the offset of its
-/// dropout multipliers.
-struct Task {
-    seq: usize,
-    len: usize,
-    head: usize,
-    mask_offset: usize,
-}
-
 impl Composed {
-    /// The (sequence, head) pairs in the order the dropout multipliers are laid out.
-    fn tasks(&self) -> Vec<Task> {
-        let mut tasks = Vec::new();
-        let mut mask_offset = 0;
-        for (seq, len) in self.sequences.lengths().enumerate() {
-            for head in 0..self.num_heads {
-                tasks.push(Task { seq, len, head, mask_offset });
-                mask_offset += len * len;
-            }
-        }
-        tasks
-    }
-
     /// The same attention composed of candle operations on a dense, padded `[B, H, L, L]` batch
     /// (devices and dtypes the fused kernel does not cover).
     fn composed(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
@@ -147,8 +125,8 @@ impl Composed {
         if let Some(m) = &self.dropout {
             // Sequence s's multipliers fill the top-left L_s × L_s block of each of its heads.
             let mut dense = vec![0f32; b * h * l * l];
-            for t in self.tasks() {
-                let base = (t.seq * h + t.head) * l * l;
+            for t in head_blocks(self.sequences.as_ref(), h) {
+                let base = (t.sequence * h + t.head) * l * l;
                 for (i, row) in m[t.mask_offset..t.mask_offset + t.len * t.len].chunks(t.len.max(1)).enumerate() {
                     dense[base + i * l..base + i * l + t.len].copy_from_slice(row);
                 }

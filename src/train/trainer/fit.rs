@@ -179,7 +179,23 @@ impl Trainer {
 
     /// One optimizer step on `b`: forward, loss, backward, clipping, AdamW. A non-finite loss or
     /// gradient stops before the update spreads it.
+    ///
+    /// On the CPU it runs on the kernels' worker pool, so that the step's kernel calls (forward,
+    /// backward, AdamW) start without a cross-thread wake-up each ([`crate::nn::on_worker_pool`]).
     fn train_step(&mut self, b: &LabeledBatch, params: &[(String, Var)], plan: &RunPlan) -> Result<StepOutcome> {
+        if self.device.is_cpu() {
+            crate::nn::on_worker_pool(|| self.train_step_on_this_thread(b, params, plan))
+        } else {
+            self.train_step_on_this_thread(b, params, plan)
+        }
+    }
+
+    fn train_step_on_this_thread(
+        &mut self,
+        b: &LabeledBatch,
+        params: &[(String, Var)],
+        plan: &RunPlan,
+    ) -> Result<StepOutcome> {
         let o = &self.options;
         self.ranker.reseed(child_seed(o.seed, &format!("step-{}", self.step)));
         if !self.device.is_cpu() {

@@ -20,6 +20,7 @@
 
 use rayon::prelude::*;
 
+use super::allocator::advise_huge_pages;
 use super::isa::Isa;
 
 /// Output columns of one packed panel: two AVX-512 registers of f32 accumulators.
@@ -146,6 +147,30 @@ impl Panels {
     /// # Panics
     /// If the strides reach outside `src`.
     pub fn pack(src: &[f32], k: usize, n: usize, k_stride: usize, n_stride: usize, precision: WeightPrecision) -> Self {
+        Self::pack_with(src, (k, n), (k_stride, n_stride), precision, false)
+    }
+
+    /// [`Panels::pack`] for an operand that stays and is read whole by every product (a serving
+    /// weight): its memory asks for transparent huge pages ([`advise_huge_pages`]), which speed
+    /// up the weight streaming that dominates small batches.
+    pub fn pack_resident(
+        src: &[f32],
+        k: usize,
+        n: usize,
+        k_stride: usize,
+        n_stride: usize,
+        precision: WeightPrecision,
+    ) -> Self {
+        Self::pack_with(src, (k, n), (k_stride, n_stride), precision, true)
+    }
+
+    fn pack_with(
+        src: &[f32],
+        (k, n): (usize, usize),
+        (k_stride, n_stride): (usize, usize),
+        precision: WeightPrecision,
+        huge_pages: bool,
+    ) -> Self {
         assert!(k > 0 && n > 0, "packing an empty operand");
         assert!((k - 1) * k_stride + (n - 1) * n_stride < src.len(), "packed operand out of bounds");
         let steps = match precision {
@@ -190,6 +215,9 @@ impl Panels {
                 }
             }
         });
+        if huge_pages {
+            advise_huge_pages(&mut lines);
+        }
         Self { precision, k, n, steps, lines }
     }
 
@@ -645,6 +673,14 @@ mod avx2 {
         (cols > 0).then_some(Store { bias, accumulate: store.accumulate, cols })
     }
 
+    /// The sub-tiles of a tile of `rows` rows, `sub_rows` rows at a time, times the panel's two
+    /// 16-column halves that have columns to store: `(first row, rows, half, store)`.
+    fn sub_tiles(rows: usize, sub_rows: usize, store: Store) -> impl Iterator<Item = (usize, usize, usize, Store)> {
+        (0..rows).step_by(sub_rows).flat_map(move |r0| {
+            (0..2).filter_map(move |half| half_store(store, half).map(|st| (r0, sub_rows.min(rows - r0), half, st)))
+        })
+    }
+
     /// An f32 tile of `rows ≤ MR` rows (see [`super::kernel::tile`]).
     ///
     /// # Safety
@@ -664,21 +700,18 @@ mod avx2 {
         ldy: usize,
         store: Store,
     ) {
-        for r0 in (0..rows).step_by(F32_ROWS) {
-            for half in 0..2 {
-                let Some(st) = half_store(store, half) else { continue };
-                // SAFETY: the sub-tile's rows, columns and bias lie within the tile's (caller's
-                // contract); the half panel starts 16 floats (64 bytes) into each aligned step.
-                unsafe {
-                    let (a, p, y) = (a.add(r0 * rs), panel.add(16 * half), y.add(r0 * ldy + 16 * half));
-                    match rows - r0 {
-                        1 => f32_sub::<1>(a, rs, ss, steps, p, y, ldy, st),
-                        2 => f32_sub::<2>(a, rs, ss, steps, p, y, ldy, st),
-                        3 => f32_sub::<3>(a, rs, ss, steps, p, y, ldy, st),
-                        4 => f32_sub::<4>(a, rs, ss, steps, p, y, ldy, st),
-                        5 => f32_sub::<5>(a, rs, ss, steps, p, y, ldy, st),
-                        _ => f32_sub::<F32_ROWS>(a, rs, ss, steps, p, y, ldy, st),
-                    }
+        for (r0, sub_rows, half, st) in sub_tiles(rows, F32_ROWS, store) {
+            // SAFETY: the sub-tile's rows, columns and bias lie within the tile's (caller's
+            // contract); the half panel starts 16 floats (64 bytes) into each aligned step.
+            unsafe {
+                let (a, p, y) = (a.add(r0 * rs), panel.add(16 * half), y.add(r0 * ldy + 16 * half));
+                match sub_rows {
+                    1 => f32_sub::<1>(a, rs, ss, steps, p, y, ldy, st),
+                    2 => f32_sub::<2>(a, rs, ss, steps, p, y, ldy, st),
+                    3 => f32_sub::<3>(a, rs, ss, steps, p, y, ldy, st),
+                    4 => f32_sub::<4>(a, rs, ss, steps, p, y, ldy, st),
+                    5 => f32_sub::<5>(a, rs, ss, steps, p, y, ldy, st),
+                    _ => f32_sub::<F32_ROWS>(a, rs, ss, steps, p, y, ldy, st),
                 }
             }
         }
@@ -740,18 +773,15 @@ mod avx2 {
         ldy: usize,
         store: Store,
     ) {
-        for r0 in (0..rows).step_by(BF16_ROWS) {
-            for half in 0..2 {
-                let Some(st) = half_store(store, half) else { continue };
-                // SAFETY: as in `tile_f32`.
-                unsafe {
-                    let (a, p, y) = (a.add(r0 * rs), panel.add(16 * half), y.add(r0 * ldy + 16 * half));
-                    match rows - r0 {
-                        1 => bf16_sub::<1>(a, rs, ss, pairs, odd_tail, p, y, ldy, st),
-                        2 => bf16_sub::<2>(a, rs, ss, pairs, odd_tail, p, y, ldy, st),
-                        3 => bf16_sub::<3>(a, rs, ss, pairs, odd_tail, p, y, ldy, st),
-                        _ => bf16_sub::<BF16_ROWS>(a, rs, ss, pairs, odd_tail, p, y, ldy, st),
-                    }
+        for (r0, sub_rows, half, st) in sub_tiles(rows, BF16_ROWS, store) {
+            // SAFETY: as in `tile_f32`.
+            unsafe {
+                let (a, p, y) = (a.add(r0 * rs), panel.add(16 * half), y.add(r0 * ldy + 16 * half));
+                match sub_rows {
+                    1 => bf16_sub::<1>(a, rs, ss, pairs, odd_tail, p, y, ldy, st),
+                    2 => bf16_sub::<2>(a, rs, ss, pairs, odd_tail, p, y, ldy, st),
+                    3 => bf16_sub::<3>(a, rs, ss, pairs, odd_tail, p, y, ldy, st),
+                    _ => bf16_sub::<BF16_ROWS>(a, rs, ss, pairs, odd_tail, p, y, ldy, st),
                 }
             }
         }

@@ -63,6 +63,11 @@ impl Isa {
         OVERRIDE.with(Cell::get).unwrap_or_else(|| *PROCESS.get_or_init(from_environment))
     }
 
+    /// The path [`with_isa`] forces on this thread, if any.
+    pub fn override_on_this_thread() -> Option<Isa> {
+        OVERRIDE.with(Cell::get)
+    }
+
     /// Every path this CPU supports, fastest first: what the kernel tests run under.
     pub fn all_supported() -> Vec<Isa> {
         Isa::ALL.into_iter().filter(|i| i.supported()).collect()
@@ -125,7 +130,14 @@ fn from_environment() -> Isa {
 /// If this CPU does not support `isa`.
 pub fn with_isa<R>(isa: Isa, f: impl FnOnce() -> R) -> R {
     assert!(isa.supported(), "this CPU cannot run the {} path", isa.name());
-    let previous = OVERRIDE.with(|o| o.replace(Some(isa)));
+    with_isa_override(Some(isa), f)
+}
+
+/// Runs `f` with this thread's override set to `isa` (`None`: the process-wide path), restoring
+/// the previous one afterwards, also when `f` panics. What [`with_isa`] and the worker pool's
+/// hand-over ([`on_worker_pool`](super::on_worker_pool)) share.
+pub(crate) fn with_isa_override<R>(isa: Option<Isa>, f: impl FnOnce() -> R) -> R {
+    let previous = OVERRIDE.with(|o| o.replace(isa));
     struct Restore(Option<Isa>);
     impl Drop for Restore {
         fn drop(&mut self) {

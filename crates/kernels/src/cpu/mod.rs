@@ -21,9 +21,11 @@ pub mod packed_matmul;
 pub mod scale_by_mask;
 mod small_product;
 mod softmax_rows;
+mod worker_pool;
 
 pub use gemm::{bf16_path_description, packed_kernel_available, KernelPath, WeightPrecision};
 pub use isa::{for_each_supported_isa, with_isa, Isa};
+pub use worker_pool::on_worker_pool;
 
 /// Reports, on the test process's real standard error (past the test harness's capture), that
 /// `test` was skipped because this CPU lacks `what`. For tests of ISA-specific paths.

@@ -92,14 +92,38 @@ struct PackedAttention<S> {
     dropout: Option<Arc<Vec<f32>>>,
 }
 
-/// One (sequence, head) pair: the sequence at rows `start..start + len`, columns of head `head`, and the offset
-/// of its dropout multipliers.
-#[derive(Clone, Copy)]
-struct Task {
-    start: usize,
-    len: usize,
-    head: usize,
-    mask_offset: usize,
+/// One (sequence, head) pair of packed attention.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeadBlock {
+    /// The sequence's index in the batch.
+    pub sequence: usize,
+    /// Its first packed row.
+    pub start: usize,
+    /// Its length (rows).
+    pub len: usize,
+    /// The head (columns `head · d/H ..` of the packed rows).
+    pub head: usize,
+    /// Where its `len × len` attention weights (and dropout multipliers) start in the layout
+    /// [`head_blocks`] defines.
+    pub mask_offset: usize,
+}
+
+/// Every (sequence, head) pair, sequence by sequence and head by head within a sequence: the
+/// order in which the attention weights, and the dropout multipliers that [`packed_attention_fused`]
+/// takes, are laid out (`len²` values each, row-major; [`weight_count`] in all). The composed
+/// attention of other devices places the same multipliers through it.
+pub fn head_blocks<S: SequenceLayout + ?Sized>(sequences: &S, num_heads: usize) -> Vec<HeadBlock> {
+    let offsets = sequences.row_offsets();
+    let mut blocks = Vec::with_capacity(offsets.len().saturating_sub(1) * num_heads);
+    let mut mask_offset = 0;
+    for (sequence, w) in offsets.windows(2).enumerate() {
+        let (start, len) = (w[0], w[1] - w[0]);
+        for head in 0..num_heads {
+            blocks.push(HeadBlock { sequence, start, len, head, mask_offset });
+            mask_offset += len * len;
+        }
+    }
+    blocks
 }
 
 /// A pointer into an output buffer that tasks write disjoint blocks of.
@@ -122,18 +146,8 @@ impl<T> SharedOut<T> {
 }
 
 impl<S: SequenceLayout> PackedAttention<S> {
-    fn tasks(&self) -> Vec<Task> {
-        let offsets = self.sequences.row_offsets();
-        let mut tasks = Vec::with_capacity(offsets.len().saturating_sub(1) * self.num_heads);
-        let mut mask_offset = 0;
-        for w in offsets.windows(2) {
-            let (start, len) = (w[0], w[1] - w[0]);
-            for head in 0..self.num_heads {
-                tasks.push(Task { start, len, head, mask_offset });
-                mask_offset += len * len;
-            }
-        }
-        tasks
+    fn tasks(&self) -> Vec<HeadBlock> {
+        head_blocks(self.sequences.as_ref(), self.num_heads)
     }
 
     /// `p = softmax(scale · Q_h K_hᵀ + M)` of one task into `p` (`len × len`), on the `isa` path.
@@ -145,7 +159,7 @@ impl<S: SequenceLayout> PackedAttention<S> {
     unsafe fn weights<T: KernelFloat>(
         &self,
         isa: Isa,
-        t: Task,
+        t: HeadBlock,
         q: &[T],
         k: &[T],
         d: usize,
@@ -165,7 +179,7 @@ impl<S: SequenceLayout> PackedAttention<S> {
         softmax_rows(isa, p, bias);
     }
 
-    fn multipliers(&self, t: Task) -> Option<&[f32]> {
+    fn multipliers(&self, t: HeadBlock) -> Option<&[f32]> {
         self.dropout.as_ref().map(|m| &m[t.mask_offset..t.mask_offset + t.len * t.len])
     }
 
@@ -344,6 +358,21 @@ mod tests {
     fn layout() -> Arc<TestLayout> {
         let bias = vec![0.0, INF, 0.0, /* */ 0.0, 0.0, INF, INF, 0.0, /* */ 0.0];
         Arc::new(TestLayout { offsets: vec![0, 3, 3, 8, 9], bias })
+    }
+
+    #[test]
+    fn head_blocks_lay_out_sequences_then_heads() {
+        let blocks = head_blocks(layout().as_ref(), 2);
+        let got: Vec<_> = blocks.iter().map(|b| (b.sequence, b.start, b.len, b.head, b.mask_offset)).collect();
+        #[rustfmt::skip]
+        let want = vec![
+            (0, 0, 3, 0, 0), (0, 0, 3, 1, 9),
+            (1, 3, 0, 0, 18), (1, 3, 0, 1, 18),
+            (2, 3, 5, 0, 18), (2, 3, 5, 1, 43),
+            (3, 8, 1, 0, 68), (3, 8, 1, 1, 69),
+        ];
+        assert_eq!(got, want);
+        assert_eq!(weight_count(layout().as_ref(), 2), 70, "the layout covers every weight once");
     }
 
     /// The formula with plain loops, f64: per sequence and head, softmax over the keys, dropout,

@@ -66,7 +66,7 @@ impl PackedWeight {
         }
         let w = weight.to_dtype(DType::F32)?.to_device(&candle_core::Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?;
         // Wᵀ[s, j] = W[j, s]: step stride 1, column stride k.
-        Ok(Self { panels: Panels::pack(&w, in_dim, out_dim, 1, in_dim, precision) })
+        Ok(Self { panels: Panels::pack_resident(&w, in_dim, out_dim, 1, in_dim, precision) })
     }
 
     /// How the weight is stored.
