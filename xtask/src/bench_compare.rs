@@ -107,7 +107,10 @@ fn load_table(reports: &BTreeMap<String, Vec<Report>>, rounds: usize) -> String 
             if rs_slow <= pt_slow { "yes" } else { "no" }
         ));
     }
-    t.push_str(&format!("\n({rounds} rounds; idle columns as in the table above.)\n"));
+    t.push_str(&format!(
+        "\n({rounds} rounds. The idle columns are the same runs as the table above; for PyTorch's scoring they \
+         take the faster of its two paths round by round, where the table above compares the paths' medians.)\n"
+    ));
     t
 }
 

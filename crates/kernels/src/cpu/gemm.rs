@@ -387,7 +387,8 @@ const WIDEN_ONCE_ROWS: usize = 12;
 /// and `2p + 1` are the low and high halves of pair `p` (bf16 → f32 is exact). A zero-padded
 /// last pair (odd `k`) widens to a zero step that the caller does not sweep.
 fn widen_panel(pairs: &[Line], out: &mut Vec<Line>) {
-    out.clear();
+    // Every line of `out` is written below (a step is two lines, so `pairs` has an even length):
+    // resizing keeps the last block's lines instead of zeroing them first.
     out.resize(2 * pairs.len(), Line::default());
     for (step, widened) in pairs.chunks_exact(2).zip(out.chunks_exact_mut(4)) {
         let (lo, hi) = widened.split_at_mut(2);
