@@ -51,8 +51,16 @@ fn main() {
     // dense embedding gradients; BENCH_UNPACKED=1 scores without packing the linear weights;
     // CANDLE_NUM_THREADS=2 gives candle's element-wise pool its second thread back.
     // BENCH_BATCHES=1,64 times scoring at those batch sizes only (for quick A/B runs).
+    // BENCH_PIN_THREADS=1 pins each kernel worker to its own CPU, as `rankstack serve
+    // --pin-threads` does; BENCH_IDLE_MS=N pauses N ms (untimed) before each timed call.
     if !flag("BENCH_MMAP") {
         rankstack::memory::retain_freed_memory();
+    }
+    if flag("BENCH_PIN_THREADS") {
+        if let Err(e) = rankstack::cpu_threads::pin_kernel_workers() {
+            eprintln!("bench_compare: {e}");
+            std::process::exit(1);
+        }
     }
     // As the `rankstack` binary does.
     rankstack::cpu_threads::single_threaded_elementwise_ops();
@@ -116,7 +124,10 @@ fn prepare(dir: &Path) -> Result<()> {
 
 /// Median seconds of `f` after one warm-up call, over at least 3 calls and about `budget`.
 fn median_seconds(budget: Duration, f: impl FnMut() -> Result<()>) -> Result<(f64, usize)> {
-    timing::median_seconds(Timing { warmups: 1, min_runs: 3, max_runs: 200, budget }, f)
+    // BENCH_IDLE_MS=N: an untimed N ms pause before each call (a server's first batch after a gap).
+    let idle_ms = std::env::var("BENCH_IDLE_MS").ok().and_then(|v| v.parse().ok()).unwrap_or(0);
+    let idle_before_each = Duration::from_millis(idle_ms);
+    timing::median_seconds(Timing { warmups: 1, min_runs: 3, max_runs: 200, budget, idle_before_each }, f)
 }
 
 /// Minor page faults of this process so far (Linux; 0 elsewhere).

@@ -99,7 +99,10 @@ fn prepare(dir: &Path) -> Result<()> {
 
 /// Median seconds of `f` after two warm-up calls, over at least 5 calls and about `budget`.
 fn median_seconds(budget: Duration, f: impl FnMut() -> Result<()>) -> Result<(f64, usize)> {
-    timing::median_seconds(Timing { warmups: 2, min_runs: 5, max_runs: 100, budget }, f)
+    timing::median_seconds(
+        Timing { warmups: 2, min_runs: 5, max_runs: 100, budget, idle_before_each: Duration::ZERO },
+        f,
+    )
 }
 
 fn set_tf32(on: bool) {

@@ -21,3 +21,12 @@ pub fn single_threaded_elementwise_ops() -> bool {
     std::env::set_var("CANDLE_NUM_THREADS", "1");
     true
 }
+
+/// Starts the kernels' worker pool with each worker pinned to its own CPU
+/// ([`rankstack_kernels::cpu::pinning`]: why, and what it costs when other processes compete for
+/// the cores) and returns each worker's CPU. `rankstack serve --pin-threads` calls it before
+/// loading the model; it fails if any kernel has run already.
+pub fn pin_kernel_workers() -> rankstack_nn::Result<Vec<usize>> {
+    rankstack_kernels::cpu::start_pinned_pool()
+        .map_err(|e| rankstack_nn::Error::config("serve", "pin-threads", e.to_string()))
+}

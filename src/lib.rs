@@ -14,7 +14,7 @@
 //! | [`data`] | (this crate) | training data: Parquet I/O, the synthetic data set, MovieLens-100k |
 //! | [`serve`] | (this crate) | `rankstack serve`: the Open Inference Protocol server with dynamic batching |
 //! | [`metrics`] | (this crate) | evaluation metrics for binary tasks: AUC, log loss, normalised entropy, calibration |
-//! | [`cpu_threads`] | (this crate) | candle's element-wise pool kept to the calling thread (binaries and benchmarks) |
+//! | [`cpu_threads`] | (this crate) | candle's element-wise pool kept to the calling thread (binaries and benchmarks); opt-in worker pinning for `serve` |
 //! | [`memory`] | (this crate) | the allocator setting binaries and benchmarks apply at start-up |
 //!
 //! Each layer crate can also be used alone. See `docs/ARCHITECTURE.md` for where things live.

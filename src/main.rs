@@ -240,6 +240,10 @@ struct ServeCmd {
     /// Device: cpu, cuda or cuda:N (CUDA needs a build with `--features cuda`).
     #[arg(long, default_value = "cpu", value_parser = parse_device)]
     device: DeviceSpec,
+    /// Pin each kernel worker thread to its own CPU (Linux): faster answers after idle gaps on
+    /// dedicated cores, slower when other processes compete for the cores (docs/serving.md).
+    #[arg(long)]
+    pin_threads: bool,
 }
 
 impl ServeCmd {
@@ -257,6 +261,7 @@ impl ServeCmd {
             },
             max_body_bytes: self.max_body_bytes,
             http_threads: self.http_threads,
+            pin_threads: self.pin_threads,
         })
     }
 }

@@ -827,6 +827,37 @@ fn a_reload_without_a_path_follows_the_runs_latest() {
     server.no_panic();
 }
 
+/// `--pin-threads` (Linux): the log names each worker's CPU, one of the CPUs this process may use,
+/// and the scores are the same bits as unpinned.
+#[cfg(target_os = "linux")]
+#[test]
+fn pinned_worker_threads_score_the_same_bits() {
+    let w = world("pinned");
+    let server = Server::start(&w.dir.join("a"), w.dir.join("a.log"), &["--pin-threads"]);
+    let reply = server.post_json("/v2/models/ranker/infer", &infer_body(&w.signature, &w.rows));
+    assert_eq!(bits(&probabilities(&reply)), bits(&scored(&w, "a")));
+    let log = server.log();
+    let pinned: Value = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|l| l["event"] == "worker_threads_pinned")
+        .unwrap_or_else(|| panic!("no worker_threads_pinned event in:\n{log}"));
+    let cpus = pinned["cpus"].as_array().unwrap();
+    assert_eq!(cpus.len(), 1, "RAYON_NUM_THREADS=1 gives one worker: {pinned}");
+    // The CPUs this test may run on (the server inherits them), from /proc: e.g. "0-3,8".
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let list = status.lines().find_map(|l| l.strip_prefix("Cpus_allowed_list:")).unwrap().trim();
+    let allowed: Vec<u64> = list
+        .split(',')
+        .flat_map(|part| {
+            let (a, b) = part.split_once('-').unwrap_or((part, part));
+            a.parse::<u64>().unwrap()..=b.parse::<u64>().unwrap()
+        })
+        .collect();
+    assert_eq!(cpus[0].as_u64(), Some(allowed[0]), "the first worker takes the first allowed CPU: {pinned}");
+    server.no_panic();
+}
+
 #[test]
 fn bad_options_and_bad_checkpoints_are_one_line_errors() {
     let w = world("options");

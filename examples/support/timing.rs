@@ -13,6 +13,9 @@ pub struct Timing {
     pub max_runs: usize,
     /// Keep calling until this much time has passed (within the run bounds).
     pub budget: Duration,
+    /// An untimed pause before each timed call (zero: back to back), for the first call after an
+    /// idle gap, as a server between requests sees it.
+    pub idle_before_each: Duration,
 }
 
 /// The median seconds of `f` over the runs of `timing`, and the number of timed runs.
@@ -23,6 +26,9 @@ pub fn median_seconds<E>(timing: Timing, mut f: impl FnMut() -> Result<(), E>) -
     let mut times = Vec::new();
     let started = Instant::now();
     while times.len() < timing.min_runs || (started.elapsed() < timing.budget && times.len() < timing.max_runs) {
+        if !timing.idle_before_each.is_zero() {
+            std::thread::sleep(timing.idle_before_each);
+        }
         let t = Instant::now();
         f()?;
         times.push(t.elapsed().as_secs_f64());

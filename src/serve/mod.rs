@@ -56,6 +56,10 @@ pub struct ServeOptions {
     pub max_body_bytes: usize,
     /// Threads answering HTTP (scoring has its own thread and the model's thread pool).
     pub http_threads: usize,
+    /// Pin each of the kernels' worker threads to its own CPU before loading the model
+    /// ([`crate::cpu_threads::pin_kernel_workers`]): lower latency on dedicated cores, slower when
+    /// other processes compete for them.
+    pub pin_threads: bool,
 }
 
 impl ServeOptions {
@@ -86,6 +90,10 @@ impl ServeOptions {
 /// the socket is bound (the tests and scripts read the port from it).
 pub fn serve(options: ServeOptions) -> Result<String> {
     options.validate()?;
+    if options.pin_threads {
+        let cpus = crate::cpu_threads::pin_kernel_workers()?;
+        log::log("info", "worker_threads_pinned", json!({"cpus": cpus}));
+    }
     let started = std::time::Instant::now();
     let model = ServedModel::load(&options.checkpoint, options.weights, &options.device, 1)?;
     log::log(

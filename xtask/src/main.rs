@@ -19,8 +19,9 @@
 //! - `manifest`: rewrites `fixtures/MANIFEST.json` from the current files (after a deliberate change).
 //! - `serve-venv`: creates (or updates) `target/serve-venv` with the pinned Python Triton client
 //!   that `tests/serve.rs` drives `rankstack serve` with (`verify` makes it before the tests).
-//! - `serve-bench [--seconds S] [--no-pytorch]`: `rankstack serve` under `wrk` at 1, 64 and 512
-//!   candidates per request, against a PyTorch FastAPI baseline (see `docs/serving.md`).
+//! - `serve-bench [--seconds S] [--weights f32|bf16] [--no-pytorch] [--pin-threads]`:
+//!   `rankstack serve` under `wrk` at 1, 64 and 512 candidates per request, against a PyTorch
+//!   FastAPI baseline (see `docs/serving.md`).
 //! - `arm64-test`: the kernels and the layer crates' tests cross-compiled for arm64 and run under
 //!   QEMU (needs `gcc-aarch64-linux-gnu` and `qemu-user`; see `xtask/src/arm64_test.rs`).
 

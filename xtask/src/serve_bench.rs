@@ -1,6 +1,7 @@
-//! `cargo xtask serve-bench [--seconds S] [--weights f32|bf16] [--no-pytorch]`: `rankstack serve` with the `homefeed-bench` model
-//! under a real HTTP load generator (`wrk`, Debian package `wrk`), with requests of 1, 64 and 512
-//! candidates (`examples/serve_bench.rs` writes the model and the bodies):
+//! `cargo xtask serve-bench [--seconds S] [--weights f32|bf16] [--no-pytorch] [--pin-threads]`:
+//! `rankstack serve` with the `homefeed-bench` model under a real HTTP load generator (`wrk`,
+//! Debian package `wrk`), with requests of 1, 64 and 512 candidates (`examples/serve_bench.rs`
+//! writes the model and the bodies):
 //!
 //! - saturation: a fixed number of connections sending back to back (closed loop);
 //! - a fixed offered load at about half the saturation rate: the same connections, each pausing
@@ -15,7 +16,8 @@
 //!
 //! Throughput and p50/p99/p999 latency come from wrk's own histogram (a Lua `done` hook prints
 //! them). The table goes to stdout and `target/serve-bench/results.md`. Threads: the model's pool
-//! gets `RAYON_NUM_THREADS=2`; wrk runs one thread. Run it on a quiet machine.
+//! gets `RAYON_NUM_THREADS=2`; wrk runs one thread. Run it on a quiet machine. `--pin-threads`
+//! starts rankstack's servers with that option (each kernel worker on its own CPU).
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -179,8 +181,9 @@ fn row(server: &str, what: &str, b: usize, connections: usize, load: &Load) -> S
 
 /// `cargo xtask serve-bench`.
 pub fn serve_bench(args: &[String]) -> Result<()> {
-    let usage = "usage: cargo xtask serve-bench [--seconds S] [--weights f32|bf16] [--no-pytorch]";
+    let usage = "usage: cargo xtask serve-bench [--seconds S] [--weights f32|bf16] [--no-pytorch] [--pin-threads]";
     let (mut seconds, mut with_pytorch, mut weights) = (10u64, true, "f32".to_string());
+    let mut pin_threads = false;
     let mut rest = args.iter();
     while let Some(arg) = rest.next() {
         match arg.as_str() {
@@ -189,6 +192,7 @@ pub fn serve_bench(args: &[String]) -> Result<()> {
                 seconds = v.parse().map_err(|_| format!("--seconds {v}: not a number"))?;
             }
             "--no-pytorch" => with_pytorch = false,
+            "--pin-threads" => pin_threads = true,
             "--weights" => weights = rest.next().ok_or(usage)?.clone(),
             _ => return Err(usage.into()),
         }
@@ -224,10 +228,12 @@ pub fn serve_bench(args: &[String]) -> Result<()> {
     // connections / pause ≈ half of rankstack's saturation rate (the same pause for PyTorch:
     // equal offered load). The achieved rate is lower by the latency's share of each cycle.
     let shapes = [(1usize, 64usize, 16usize), (64, 4, 2), (512, 2, 1)];
+    // rankstack's server only: `--pin-threads` (PyTorch's baseline has no such switch).
+    let pin: &[&str] = if pin_threads { &["--pin-threads"] } else { &[] };
     let mut pauses = Vec::new();
     let mut saturated_single = None;
     {
-        let server = Server::start(&binary, &checkpoint, &["--weights", &weights])?;
+        let server = Server::start(&binary, &checkpoint, &[&["--weights", weights.as_str()], pin][..].concat())?;
         for &(b, connections, paced) in &shapes {
             let body = dir.join(format!("request-{b}.json"));
             wrk(&server.url, &body, connections, 2, 0.0, &script)?; // warm-up, not reported
@@ -259,7 +265,11 @@ pub fn serve_bench(args: &[String]) -> Result<()> {
     eprintln!("==> rankstack, 1 candidate, no batching (--max-batch 1): saturation");
     let body = dir.join("request-1.json");
     let unbatched = {
-        let server = Server::start(&binary, &checkpoint, &["--max-batch", "1", "--weights", &weights])?;
+        let server = Server::start(
+            &binary,
+            &checkpoint,
+            &[&["--max-batch", "1", "--weights", weights.as_str()], pin][..].concat(),
+        )?;
         wrk(&server.url, &body, 64, 2, 0.0, &script)?;
         wrk(&server.url, &body, 64, seconds, 0.0, &script)?
     };
@@ -297,7 +307,8 @@ pub fn serve_bench(args: &[String]) -> Result<()> {
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
         .unwrap_or_default();
     let report = format!(
-        "`cargo xtask serve-bench --seconds {seconds} --weights {weights}`: {}, {} cores, RAYON_NUM_THREADS=2, wrk 1 thread, {date}, commit {commit}; load average before {load_before}, after {}.\n\n{table}\nBatcher lift at 1-candidate requests (saturation, default batching vs --max-batch 1): {lift:.2}x\n",
+        "`cargo xtask serve-bench --seconds {seconds} --weights {weights}{}`: {}, {} cores, RAYON_NUM_THREADS=2, wrk 1 thread, {date}, commit {commit}; load average before {load_before}, after {}.\n\n{table}\nBatcher lift at 1-candidate requests (saturation, default batching vs --max-batch 1): {lift:.2}x\n",
+        if pin_threads { " --pin-threads" } else { "" },
         cpu_name(),
         std::thread::available_parallelism().map_or(0, |n| n.get()),
         loadavg(),

@@ -18,6 +18,7 @@ pub mod linear;
 pub mod masked_max;
 pub mod packed_attention;
 pub mod packed_matmul;
+pub mod pinning;
 pub mod scale_by_mask;
 mod small_product;
 mod softmax_rows;
@@ -25,6 +26,7 @@ mod worker_pool;
 
 pub use gemm::{bf16_path_description, packed_kernel_available, KernelPath, WeightPrecision};
 pub use isa::{for_each_supported_isa, with_isa, Isa};
+pub use pinning::{start_pinned_pool, PinError};
 pub use worker_pool::on_worker_pool;
 
 /// Reports, on the test process's real standard error (past the test harness's capture), that
