@@ -1,9 +1,9 @@
 //! Project automation: `cargo xtask <command>`.
 //!
 //! - `verify`: everything CI checks — formatting, clippy with warnings denied, all tests, the doc
-//!   build, the fixture manifest's freshness, and (when the reference venv exists) a regeneration of
-//!   every fixture into a temporary directory compared with the committed ones; and first the
-//!   architecture invariants (`invariants`).
+//!   build, the `cuda` feature's check (`cuda-check`), the fixture manifest's freshness, and (when
+//!   the reference venv exists) a regeneration of every fixture into a temporary directory compared
+//!   with the committed ones; and first the architecture invariants (`invariants`).
 //! - `invariants`: only the architecture invariants: the crate graph from `cargo metadata`, `unsafe`
 //!   only in `crates/kernels`, a `tests/reference.rs` in every layer crate (`xtask/src/invariants.rs`).
 //! - `fixtures`: creates the reference venv (`reference/.venv`, pinned `reference/requirements.txt`)
@@ -13,6 +13,9 @@
 //!   that `tests/observability.rs` reads the trainer's event files with (`verify` creates it first).
 //! - `bench-compare [--rounds N] [--threads T]`: the `homefeed-bench` model in rankstack and in
 //!   PyTorch, outputs checked to agree, then timed side by side (see `docs/performance.md`).
+//! - `cuda-check`: clippy (warnings denied) over the whole workspace with the `cuda` feature and the
+//!   pinned CUDA toolkit wheels: candle's kernels compiled to PTX, every CUDA-gated line checked,
+//!   nothing linked or run; no GPU needed (`xtask/src/gpu_bundle.rs`).
 //! - `gpu-bundle [DIR]` (alias `gpu-bench`): the reference tests, the device tests, the CLI and the
 //!   GPU benchmark built with the `cuda` feature (no GPU or CUDA needed here), packed with `run.sh`
 //!   (checks) and `bench.sh` (benchmark against PyTorch) into `DIR` (default `.gpu/`).
@@ -54,9 +57,10 @@ fn main() -> ExitCode {
         Some("serve-venv") => serve_venv().map(|_| ()),
         Some("serve-bench") => serve_bench::serve_bench(&args[1..]),
         Some("arm64-test") => arm64_test::arm64_test(&args[1..]),
+        Some("cuda-check") => gpu_bundle::cuda_check(true),
         _ => {
             eprintln!(
-                "usage: cargo xtask <verify|invariants|fixtures|venv|tensorboard-venv|serve-venv|bench-compare|gpu-bundle|gpu-bench|serve-bench|arm64-test|manifest>"
+                "usage: cargo xtask <verify|invariants|fixtures|venv|tensorboard-venv|serve-venv|bench-compare|cuda-check|gpu-bundle|gpu-bench|serve-bench|arm64-test|manifest>"
             );
             return ExitCode::from(2);
         }
@@ -131,6 +135,8 @@ fn verify() -> Result<()> {
     }
     run("cargo test", cargo().args(["test", "--workspace"]))?;
     run("cargo doc", cargo().args(["doc", "--workspace", "--no-deps"]).env("RUSTDOCFLAGS", "-D warnings"))?;
+    // The GPU build must not rot where there is no GPU; CI must have the toolkit (from PyPI).
+    gpu_bundle::cuda_check(std::env::var("CI").is_ok_and(|v| v == "true"))?;
     eprintln!("==> fixture manifest");
     manifest::check(&root())?;
     eprintln!("fixture manifest is fresh");
