@@ -121,6 +121,35 @@ fn a_training_step_on_the_gpu_equals_the_cpu_step() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
+/// The embedding lookup's gradient (`rankstack_kernels::repeated_rows`: on CUDA one block per
+/// row, `cuda/segment_sum.cu`) equals the CPU's bit for bit: both add each row's positions in
+/// ascending order. One row repeated 2 858 times, rows never looked up, width 96.
+#[test]
+fn repeated_row_gradients_on_the_gpu_equal_the_cpu_bit_for_bit() {
+    let Some(gpu) = gpu("repeated_row_gradients_on_the_gpu_equal_the_cpu_bit_for_bit") else { return };
+    let (n, d, positions) = (500usize, 96usize, 20_000usize);
+    let table: Vec<f32> = (0..n * d).map(|i| ((i * 7919 % 1000) as f32 - 500.0) / 250.0).collect();
+    // Row 3 at every 7th position; the others spread over rows 0..449; rows 450.. never read.
+    let rows: Vec<u32> = (0..positions).map(|i| if i % 7 == 0 { 3 } else { (i * i % 449) as u32 }).collect();
+    let weights: Vec<f32> = (0..positions * d).map(|i| ((i * 31 % 997) as f32 - 498.0) * 1e-2).collect();
+    let run = |device: &Device| {
+        let w = candle_core::Var::from_tensor(&Tensor::from_slice(&table, (n, d), device).unwrap()).unwrap();
+        let y = rankstack::kernels::repeated_rows::gather_repeated_rows(w.as_tensor(), &rows).unwrap();
+        let c = Tensor::from_slice(&weights, (positions, d), device).unwrap();
+        // ∂loss/∂y = c exactly, so only the segmented sums can differ.
+        let grads = (y * c).unwrap().sum_all().unwrap().backward().unwrap();
+        let g = grads.get(w.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        g.iter().map(|v| v.to_bits()).collect::<Vec<u32>>()
+    };
+    let (cpu, dev) = (run(&Device::Cpu), run(&gpu));
+    let differing = cpu.iter().zip(&dev).filter(|(a, b)| a != b).count();
+    eprintln!(
+        "repeated-row gradient, {positions} positions into {n} rows of {d}: {differing} of {} values differ",
+        cpu.len()
+    );
+    assert_eq!(differing, 0);
+}
+
 #[test]
 fn adamw_on_the_gpu_equals_the_cpu_kernel() {
     let Some(gpu) = gpu("adamw_on_the_gpu_equals_the_cpu_kernel") else { return };

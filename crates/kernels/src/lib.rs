@@ -20,6 +20,9 @@
 //! - `cuda` (feature `cuda`): the CUDA side: the memory pool's high-water mark.
 //! - [`distinct_rows`]: gathering and scattering distinct rows with gathers both ways (any device:
 //!   candle's CUDA `index_add` runs serially over the rows).
+//! - [`repeated_rows`]: gathering rows that repeat (embedding lookups) with a segmented-sum backward
+//!   pass, bit-equal to `index_add`'s; on CUDA one block per row (`cuda/segment_sum.cu`, compiled by
+//!   `build.rs`).
 //! - [`float`]: the `f32`/`f64` element types ([`KernelFloat`]) the CPU kernels are written over,
 //!   reading a tensor's CPU values, and one dispatch from a storage to the typed kernel.
 #![deny(unsafe_op_in_unsafe_fn, clippy::undocumented_unsafe_blocks, missing_docs)]
@@ -31,5 +34,6 @@ pub mod distinct_rows;
 pub mod float;
 #[cfg(test)]
 mod oracle;
+pub mod repeated_rows;
 
 pub use float::KernelFloat;

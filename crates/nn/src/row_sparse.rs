@@ -9,13 +9,15 @@
 //! optimizer update. The table itself is not part of the graph in this mode.
 //!
 //! `∂loss/∂L` equals the rows `U` of the dense gradient bit for bit: both accumulate the same
-//! per-position gradients in the same order.
+//! per-position gradients in the same order (the leaf's lookup is
+//! `rankstack_kernels::repeated_rows`, whose segmented sums add each row's positions in ascending
+//! order, as `index_add` does, without `index_add`'s serial loop on CUDA).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
 use candle_core::backprop::GradStore;
-use candle_core::{Result, Tensor, Var};
+use candle_core::{DType, Result, Tensor, Var};
 
 /// The gradient of some rows of a table: `grad[i]` belongs to row `rows[i]` of `table`.
 #[derive(Debug, Clone)]
@@ -26,6 +28,22 @@ pub struct RowGradient {
     pub rows: Vec<u32>,
     /// `[rows.len(), dim]`.
     pub grad: Tensor,
+}
+
+/// `table[rows]`, differentiable, with the gradient summed per row as segments
+/// (`rankstack_kernels::repeated_rows`: bit-equal to `index_select`'s `index_add`, which runs
+/// serially over all positions on CUDA) where that kernel has the dtype; else `index_select`.
+fn gather_with_segmented_gradient(table: &Tensor, rows: &[u32]) -> Result<Tensor> {
+    let segmented = match table.dtype() {
+        DType::F32 => true,
+        DType::F64 => table.device().is_cpu(),
+        _ => false,
+    };
+    if segmented {
+        rankstack_kernels::repeated_rows::gather_repeated_rows(table, rows)
+    } else {
+        table.index_select(&Tensor::from_slice(rows, rows.len(), table.device())?, 0)
+    }
 }
 
 /// The lookups of one table since the last [`RowGather::take`], when row-sparse mode is on.
@@ -57,12 +75,17 @@ impl RowGather {
     }
 
     /// `table[rows]` `[rows.len(), dim]`. With `track` and row-sparse mode on, the lookup goes
-    /// through a leaf of the distinct rows, recorded for [`RowGather::take`]; otherwise it is a
-    /// plain differentiable `index_select` of the table.
+    /// through a leaf of the distinct rows, recorded for [`RowGather::take`]; with `track` in dense
+    /// mode the table gets a dense gradient, summed per row as segments; without `track` it is a
+    /// plain `index_select` of the table.
     pub fn lookup(&self, table: &Tensor, rows: &[u32], track: bool) -> Result<Tensor> {
         let device = table.device();
-        if !(track && self.enabled()) {
+        if !track {
             return table.index_select(&Tensor::from_slice(rows, rows.len(), device)?, 0);
+        }
+        if !self.enabled() {
+            // Dense mode: the table's gradient, summed per row as segments.
+            return gather_with_segmented_gradient(table, rows);
         }
         let mut unique = rows.to_vec();
         unique.sort_unstable();
@@ -71,7 +94,7 @@ impl RowGather {
             rows.iter().map(|r| unique.binary_search(r).expect("row is in the set") as u32).collect();
         let gathered = table.detach().index_select(&Tensor::from_slice(&unique, unique.len(), device)?, 0)?;
         let leaf = Var::from_tensor(&gathered)?;
-        let out = leaf.as_tensor().index_select(&Tensor::from_vec(inverse, rows.len(), device)?, 0)?;
+        let out = gather_with_segmented_gradient(leaf.as_tensor(), &inverse)?;
         self.pending.lock().expect("lock poisoned").push((unique, leaf));
         Ok(out)
     }
