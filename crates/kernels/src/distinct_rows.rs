@@ -16,8 +16,9 @@
 //! Values are exact copies, so results equal `index_select` / `zeros.index_add` (up to the sign
 //! of zeros) on every device.
 
-use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Storage, Tensor};
+use candle_core::{Result, Tensor};
+
+use crate::row_gather_op::RowGatherOp;
 
 /// `x[rows]` for a 2-D `x` `[n, d]` and distinct `rows` (each `< n`): `[rows.len(), d]`.
 pub fn gather_rows(x: &Tensor, rows: &[u32]) -> Result<Tensor> {
@@ -59,55 +60,18 @@ fn inverse(rows: &[u32], n: usize, op: &str) -> Result<Vec<u32>> {
 /// reads more than once is constant (the zero row of `scatter_rows`).
 fn apply(x: &Tensor, forward: &[u32], back: &[u32]) -> Result<Tensor> {
     let device = x.device();
-    let op = DistinctGather {
-        forward: Tensor::from_slice(forward, forward.len(), device)?,
-        back: Tensor::from_slice(back, back.len(), device)?,
+    // `[in_rows]` u32: the output row each input row's gradient comes from (`out_rows`: none).
+    let back = Tensor::from_slice(back, back.len(), device)?;
+    let op = RowGatherOp {
+        name: "distinct-rows-gather",
+        index: Tensor::from_slice(forward, forward.len(), device)?,
+        backward: Box::new(move |grad: &Tensor| {
+            let (_, d) = grad.dims2()?;
+            let zero = Tensor::zeros((1, d), grad.dtype(), grad.device())?;
+            Tensor::cat(&[grad, &zero], 0)?.index_select(&back, 0)
+        }),
     };
     x.apply_op1(op)
-}
-
-struct DistinctGather {
-    /// `[out_rows]` u32: the input row each output row copies.
-    forward: Tensor,
-    /// `[in_rows]` u32: the output row each input row's gradient comes from (`out_rows`: none).
-    back: Tensor,
-}
-
-impl DistinctGather {
-    fn shape(&self, layout: &Layout) -> Result<Shape> {
-        let (_, d) = layout.shape().dims2()?;
-        Ok(Shape::from((self.forward.dim(0)?, d)))
-    }
-}
-
-impl CustomOp1 for DistinctGather {
-    fn name(&self) -> &'static str {
-        "distinct-rows-gather"
-    }
-
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (ids, ids_layout) = self.forward.storage_and_layout();
-        let Storage::Cpu(ids) = &*ids else { candle_core::bail!("distinct-rows-gather: index not on the CPU") };
-        Ok((storage.index_select(ids, layout, ids_layout, 0)?, self.shape(layout)?))
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        storage: &candle_core::CudaStorage,
-        layout: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let (ids, ids_layout) = self.forward.storage_and_layout();
-        let Storage::Cuda(ids) = &*ids else { candle_core::bail!("distinct-rows-gather: index not on the GPU") };
-        Ok((storage.index_select(ids, layout, ids_layout, 0)?, self.shape(layout)?))
-    }
-
-    fn bwd(&self, _x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let (_, d) = grad.dims2()?;
-        let zero = Tensor::zeros((1, d), grad.dtype(), grad.device())?;
-        let extended = Tensor::cat(&[grad, &zero], 0)?;
-        Ok(Some(extended.index_select(&self.back, 0)?))
-    }
 }
 
 #[cfg(test)]

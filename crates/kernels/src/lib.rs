@@ -35,5 +35,6 @@ pub mod float;
 #[cfg(test)]
 mod oracle;
 pub mod repeated_rows;
+mod row_gather_op;
 
 pub use float::KernelFloat;

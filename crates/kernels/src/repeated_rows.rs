@@ -19,19 +19,23 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
+use crate::row_gather_op::RowGatherOp;
+
 /// `x[rows]` for a 2-D `x` `[n, d]` and `rows` (each `< n`, repeats allowed): `[rows.len(), d]`,
-/// whose gradient with respect to `x` is summed per row by [`SegmentSum`] (see the module
+/// whose gradient with respect to `x` is summed per row as segments (see the module
 /// documentation). f32 and f64 on the CPU, f32 on CUDA.
 pub fn gather_repeated_rows(x: &Tensor, rows: &[u32]) -> Result<Tensor> {
     let (n, _) = x.dims2()?;
     let segments = Segments::new(rows, n)?;
     let device = x.device();
-    let op = RepeatedGather {
+    let sum = SegmentSum {
+        order: Tensor::from_vec(segments.order, rows.len(), device)?,
+        starts: Tensor::from_vec(segments.starts, n + 1, device)?,
+    };
+    let op = RowGatherOp {
+        name: "repeated-rows-gather",
         index: Tensor::from_slice(rows, rows.len(), device)?,
-        back: SegmentSum {
-            order: Tensor::from_vec(segments.order, rows.len(), device)?,
-            starts: Tensor::from_vec(segments.starts, n + 1, device)?,
-        },
+        backward: Box::new(move |grad: &Tensor| grad.contiguous()?.apply_op1_no_bwd(&sum)),
     };
     x.contiguous()?.apply_op1(op)
 }
@@ -66,47 +70,6 @@ impl Segments {
             next[r as usize] += 1;
         }
         Ok(Self { order, starts })
-    }
-}
-
-struct RepeatedGather {
-    /// `[positions]` u32: the row of `x` each output row copies.
-    index: Tensor,
-    /// The backward pass.
-    back: SegmentSum,
-}
-
-impl RepeatedGather {
-    fn shape(&self, layout: &Layout) -> Result<Shape> {
-        let (_, d) = layout.shape().dims2()?;
-        Ok(Shape::from((self.index.dim(0)?, d)))
-    }
-}
-
-impl CustomOp1 for RepeatedGather {
-    fn name(&self) -> &'static str {
-        "repeated-rows-gather"
-    }
-
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (ids, ids_layout) = self.index.storage_and_layout();
-        let Storage::Cpu(ids) = &*ids else { candle_core::bail!("repeated-rows-gather: index not on the CPU") };
-        Ok((storage.index_select(ids, layout, ids_layout, 0)?, self.shape(layout)?))
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        storage: &candle_core::CudaStorage,
-        layout: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let (ids, ids_layout) = self.index.storage_and_layout();
-        let Storage::Cuda(ids) = &*ids else { candle_core::bail!("repeated-rows-gather: index not on the GPU") };
-        Ok((storage.index_select(ids, layout, ids_layout, 0)?, self.shape(layout)?))
-    }
-
-    fn bwd(&self, _x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(grad.contiguous()?.apply_op1_no_bwd(&self.back)?))
     }
 }
 
