@@ -43,8 +43,13 @@ impl std::error::Error for PinError {}
 
 /// The CPU of each of `threads` workers: the allowed CPUs in order, wrapping around.
 pub fn pinning_plan(allowed: &[usize], threads: usize) -> Vec<usize> {
+    (0..threads).map(|i| cpu_of_worker(allowed, i)).collect()
+}
+
+/// Worker `i`'s CPU in [`pinning_plan`].
+fn cpu_of_worker(allowed: &[usize], i: usize) -> usize {
     assert!(!allowed.is_empty(), "a process may always run on at least one CPU");
-    (0..threads).map(|i| allowed[i % allowed.len()]).collect()
+    allowed[i % allowed.len()]
 }
 
 /// Starts rayon's global pool (its usual size: `RAYON_NUM_THREADS`, else one worker per CPU) with
@@ -53,28 +58,19 @@ pub fn pinning_plan(allowed: &[usize], threads: usize) -> Vec<usize> {
 /// before any kernel runs; the pool cannot be rebuilt afterwards.
 pub fn start_pinned_pool() -> Result<Vec<usize>, PinError> {
     let allowed = affinity::allowed_cpus().map_err(|e| PinError::Affinity(e.to_string()))?;
-    let plan = pinning_plan(&allowed, default_pool_size());
-    pinned_builder(plan.clone()).build_global().map_err(|e| PinError::PoolAlreadyStarted(e.to_string()))?;
-    check_workers(rayon::broadcast(|_| affinity::current_thread_cpus()), &plan)?;
+    // rayon sizes the pool as usual; each worker takes its CPU from its index as it starts.
+    pinned_builder(allowed.clone()).build_global().map_err(|e| PinError::PoolAlreadyStarted(e.to_string()))?;
+    let seen = rayon::broadcast(|_| affinity::current_thread_cpus());
+    let plan = pinning_plan(&allowed, seen.len());
+    check_workers(seen, &plan)?;
     Ok(plan)
 }
 
-/// The size rayon gives its global pool: `RAYON_NUM_THREADS` when set to a positive number, else
-/// one worker per CPU available to the process.
-fn default_pool_size() -> usize {
-    std::env::var("RAYON_NUM_THREADS")
-        .ok()
-        .and_then(|v| v.parse::<usize>().ok())
-        .filter(|&n| n > 0)
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
-}
-
-/// A pool builder whose worker `i` pins itself to `plan[i]` as it starts (a failure there is
-/// found by [`check_workers`]).
-fn pinned_builder(plan: Vec<usize>) -> rayon::ThreadPoolBuilder {
-    let threads = plan.len();
-    rayon::ThreadPoolBuilder::new().num_threads(threads).start_handler(move |i| {
-        let _ = affinity::pin_current_thread(plan[i]);
+/// A pool builder whose worker `i` pins itself to its CPU in [`pinning_plan`] over `allowed` as it
+/// starts (a failure there is found by [`check_workers`]).
+fn pinned_builder(allowed: Vec<usize>) -> rayon::ThreadPoolBuilder {
+    rayon::ThreadPoolBuilder::new().start_handler(move |i| {
+        let _ = affinity::pin_current_thread(cpu_of_worker(&allowed, i));
     })
 }
 
@@ -179,8 +175,9 @@ mod tests {
     #[test]
     fn pinned_workers_run_on_their_cpu_alone() {
         let allowed = affinity::allowed_cpus().unwrap();
-        let plan = pinning_plan(&allowed, allowed.len().min(4) + 1); // wraps at least once
-        let pool = pinned_builder(plan.clone()).build().unwrap();
+        let threads = allowed.len().min(4) + 1; // wraps at least once
+        let plan = pinning_plan(&allowed, threads);
+        let pool = pinned_builder(allowed.clone()).num_threads(threads).build().unwrap();
         check_workers(pool.broadcast(|_| affinity::current_thread_cpus()), &plan).unwrap();
         assert_eq!(affinity::current_thread_cpus().unwrap(), allowed);
     }
