@@ -12,7 +12,18 @@
 //!                              memory, and the largest probability difference from f32 → JSON
 //! gpu_bench train DIR f32|bf16 one training step (forward, backward, row-sparse AdamW) at each
 //!                              training batch size, planned and measured peak memory → JSON
+//! gpu_bench parts DIR f32|tf32 where the time goes: scoring at each batch size and the f32
+//!                              training step, part by part (rankstack_nn::probe): each part's
+//!                              median ms and the tensor memory it left allocated, beside the
+//!                              median of unrecorded calls → JSON
 //! ```
+//!
+//! `GPU_BENCH_DEVICE=cpu` runs any of them on the CPU instead (to try the bundle's commands on a
+//! machine without a GPU; the times are then the CPU's); `GPU_BENCH_BATCHES=64,256` replaces the
+//! batch sizes of `infer`, `train` and `parts`. The program counts its heap
+//! ([`CountingAllocator`]), so on the CPU the peak memory is the tensors' heap peak; with
+//! `RANKSTACK_CPU=candle` as well (the CPU kernels off) it is the peak of the very graph a GPU
+//! runs: the GPU's tensor memory, measured without a GPU.
 //!
 //! Times are medians of at least 5 calls after 2 warm-up calls, each call ending with the result
 //! read back to the host (which waits for the GPU); the inputs are on the GPU before timing starts.
@@ -28,8 +39,10 @@ use timing::Timing;
 
 use candle_core::{DType, Device};
 use rankstack::data::inputs_to_device;
+use rankstack::kernels::cpu::heap_count::CountingAllocator;
 use rankstack::nn::device_memory::{peak_tensor_bytes, reset_peak};
 use rankstack::nn::packed_matmul::WeightPrecision;
+use rankstack::nn::probe::{mark, record_parts, PartTime};
 use rankstack::nn::SeededVarMap;
 use rankstack::ranker_model::{checkpoint, presets, random_batch, random_labels, reference_inputs, Ranker};
 use rankstack::train::{AdamW, AdamWConfig};
@@ -42,6 +55,11 @@ const TRAIN_BATCHES: [usize; 2] = [2048, 8192];
 /// Seed of the model's initialisation (the same as `bench_compare`'s).
 const MODEL_SEED: u64 = 2024;
 
+/// Counts heap bytes: on the CPU the peak memory figures are then the tensors' (see the module
+/// documentation).
+#[global_allocator]
+static HEAP: CountingAllocator = CountingAllocator;
+
 type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
 
 fn main() {
@@ -51,7 +69,11 @@ fn main() {
         (Some("prepare"), Some(dir), _) => prepare(Path::new(dir)),
         (Some("infer"), Some(dir), Some(dtype)) => infer(Path::new(dir), dtype),
         (Some("train"), Some(dir), Some(dtype)) => train(Path::new(dir), dtype),
-        _ => Err("usage: gpu_bench <prepare DIR | infer DIR f32|tf32|bf16 | train DIR f32|bf16>".into()),
+        (Some("parts"), Some(dir), Some(dtype)) => parts(Path::new(dir), dtype),
+        _ => {
+            Err("usage: gpu_bench <prepare DIR | infer DIR f32|tf32|bf16 | train DIR f32|bf16 | parts DIR f32|tf32>"
+                .into())
+        }
     };
     if let Err(e) = result {
         eprintln!("gpu_bench: {e}");
@@ -59,8 +81,13 @@ fn main() {
     }
 }
 
+/// The first GPU, or the CPU with `GPU_BENCH_DEVICE=cpu`.
 fn gpu() -> Result<Device> {
-    Ok(rankstack::device::DeviceSpec::Cuda(0).open()?)
+    match std::env::var("GPU_BENCH_DEVICE").as_deref() {
+        Ok("cpu") => Ok(Device::Cpu),
+        Ok(other) if other != "cuda" => Err(format!("GPU_BENCH_DEVICE={other}: expected cpu or cuda").into()),
+        _ => Ok(rankstack::device::DeviceSpec::Cuda(0).open()?),
+    }
 }
 
 fn checkpoint_dir(dir: &Path) -> PathBuf {
@@ -126,7 +153,7 @@ fn infer(dir: &Path, dtype: &str) -> Result<()> {
     let expected = rankstack::nn::checkpoint::read_safetensors(dir.join("expected.safetensors"))?.tensors;
     let mut rows = Vec::new();
     let mut max_diff = 0f32;
-    for b in INFER_BATCHES {
+    for b in batch_sizes(&INFER_BATCHES)? {
         let batch = inputs_to_device(random_batch(ranker.config(), b, b as u64)?, &device)?;
         if let Some(want) = expected.get(&format!("probabilities.{b}")) {
             let p = ranker.predict(&batch)?.to_device(&Device::Cpu)?;
@@ -155,7 +182,7 @@ fn infer(dir: &Path, dtype: &str) -> Result<()> {
 fn train(dir: &Path, dtype: &str) -> Result<()> {
     let device = gpu()?;
     let mut rows = Vec::new();
-    for b in TRAIN_BATCHES {
+    for b in batch_sizes(&TRAIN_BATCHES)? {
         let (mut ranker, store) = checkpoint::load(checkpoint_dir(dir), DType::F32, &device)?;
         ranker.set_row_sparse_gradients(true);
         rankstack::nn::autocast_linear_layers(&mut ranker, (dtype == "bf16").then_some(DType::BF16));
@@ -184,4 +211,101 @@ fn train(dir: &Path, dtype: &str) -> Result<()> {
     }
     println!("{}", json!({"framework": "rankstack", "mode": "train", "dtype": dtype, "rows": rows}));
     Ok(())
+}
+
+/// Scoring at every batch size and the f32 training step at every training batch size, part by
+/// part: the median of each part over recorded calls ([`record_parts`]), and the median of as
+/// many unrecorded calls (recording waits for the device at every mark, so the parts' sum is the
+/// larger).
+fn parts(dir: &Path, dtype: &str) -> Result<()> {
+    let device = gpu()?;
+    match dtype {
+        "f32" | "tf32" => set_tf32(dtype == "tf32"),
+        other => return Err(format!("parts: unknown dtype {other} (f32 or tf32)").into()),
+    }
+    let timing =
+        Timing { warmups: 2, min_runs: 5, max_runs: 5, budget: Duration::ZERO, idle_before_each: Duration::ZERO };
+    let ranker = checkpoint::load_for_serving(checkpoint_dir(dir), DType::F32, &device)?;
+    let mut rows = Vec::new();
+    for b in batch_sizes(&INFER_BATCHES)? {
+        let batch = inputs_to_device(random_batch(ranker.config(), b, b as u64)?, &device)?;
+        let call = || -> candle_core::Result<()> {
+            ranker.predict(&batch)?.to_device(&Device::Cpu)?;
+            Ok(())
+        };
+        rows.push(part_row("infer", b, timing, &device, call));
+    }
+    drop(ranker);
+    for b in batch_sizes(&TRAIN_BATCHES)? {
+        let (ranker, store) = checkpoint::load(checkpoint_dir(dir), DType::F32, &device)?;
+        ranker.set_row_sparse_gradients(true);
+        let batch = inputs_to_device(random_batch(ranker.config(), b, b as u64)?, &device)?;
+        let labels = random_labels(ranker.config(), b, 1)?.to_device(&device)?;
+        let mut optimizer = AdamW::new(store.named_vars(), AdamWConfig { lr: 1e-4, ..AdamWConfig::default() })?;
+        let step = || -> candle_core::Result<()> {
+            let logits = ranker.forward_t(&batch, true)?;
+            let loss = ranker.loss(&logits, &labels, None)?;
+            loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            mark("loss", &loss)?;
+            let grads = loss.backward()?;
+            let row_grads = ranker.take_row_gradients(&grads)?;
+            mark("backward", &loss)?;
+            optimizer.step(&grads, &row_grads, 1e-4)?;
+            mark("optimizer", &loss)?;
+            Ok(())
+        };
+        rows.push(part_row("train", b, timing, &device, step));
+    }
+    println!(
+        "{}",
+        json!({"framework": "rankstack", "mode": "parts", "dtype": dtype, "device": format!("{device:?}"), "rows": rows})
+    );
+    Ok(())
+}
+
+/// `GPU_BENCH_BATCHES` (comma-separated sizes, for every mode), else `default`.
+fn batch_sizes(default: &[usize]) -> Result<Vec<usize>> {
+    match std::env::var("GPU_BENCH_BATCHES") {
+        Ok(list) => Ok(list.split(',').map(|b| b.trim().parse()).collect::<std::result::Result<_, _>>()?),
+        Err(_) => Ok(default.to_vec()),
+    }
+}
+
+/// One row of [`parts`]: `call` timed unrecorded, then recorded part by part (medians in ms).
+fn part_row(
+    mode: &str,
+    batch: usize,
+    timing: Timing,
+    device: &Device,
+    mut call: impl FnMut() -> candle_core::Result<()>,
+) -> serde_json::Value {
+    let outcome = (|| -> Result<serde_json::Value> {
+        let (unrecorded, runs) = timing::median_seconds(timing, &mut call)?;
+        let mut recorded: Vec<Vec<PartTime>> = Vec::new();
+        timing::median_seconds(timing, || {
+            recorded.push(record_parts(device, &mut call)?.1);
+            Ok::<_, candle_core::Error>(())
+        })?;
+        let recorded = &recorded[timing.warmups..];
+        let names: Vec<&str> = recorded[0].iter().map(|p| p.name.as_str()).collect();
+        let median_ms = |name: &str| -> f64 {
+            let mut v: Vec<f64> =
+                recorded.iter().filter_map(|r| r.iter().find(|p| p.name == name)).map(|p| p.seconds * 1e3).collect();
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        let parts: Vec<serde_json::Value> = names
+            .iter()
+            .map(|&name| {
+                let part = recorded[0].iter().find(|p| p.name == name);
+                json!({"part": name, "median_ms": median_ms(name), "count": part.map_or(0, |p| p.count),
+                       "memory_growth_bytes": part.and_then(|p| p.memory_growth),
+                       "peak_bytes": part.and_then(|p| p.peak_bytes)})
+            })
+            .collect();
+        let sum: f64 = names.iter().map(|&n| median_ms(n)).sum();
+        Ok(json!({"mode": mode, "batch": batch, "unrecorded_median_ms": unrecorded * 1e3, "runs": runs,
+                  "parts_sum_ms": sum, "parts": parts}))
+    })();
+    outcome.unwrap_or_else(|e| json!({"mode": mode, "batch": batch, "error": e.to_string()}))
 }

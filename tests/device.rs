@@ -3,7 +3,8 @@
 //!
 //! These run on the device of `RANKSTACK_TEST_DEVICE` (`cargo xtask gpu-bundle` builds them with
 //! the `cuda` feature and its `run.sh` sets `cuda`). On the CPU they have nothing to compare and
-//! say so in their output.
+//! say so in their output, except one: the GPU's graph of candle operations, run on the CPU with
+//! the CPU kernels off, against the kernels.
 
 mod support;
 
@@ -12,6 +13,7 @@ use std::collections::HashMap;
 use candle_core::{DType, Device, Tensor};
 use rankstack::data::ParquetDataset;
 use rankstack::device::DeviceSpec;
+use rankstack::kernels::cpu::{with_isa, Isa};
 use rankstack::nn::{Reseed, SeededVarMap};
 use rankstack::ranker_model::{Ranker, RankerConfig};
 use rankstack::train::{evaluate, AdamW, AdamWConfig, BatchSource, TrainOptions, Trainer};
@@ -92,13 +94,34 @@ fn a_training_step_on_the_gpu_equals_the_cpu_step() {
     let (train, _) = write_data(&dir, 256, 10);
     let config = config(&train);
     let (cpu, dev) = (step(&config, &train, &Device::Cpu), step(&config, &train, &gpu));
-    assert!((cpu.loss - dev.loss).abs() <= 1e-5 * cpu.loss.abs(), "loss: CPU {} vs GPU {}", cpu.loss, dev.loss);
-    assert_eq!(cpu.grads.len(), dev.grads.len(), "the same parameters receive gradients");
+    assert_steps_agree(&cpu, &dev, "GPU");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// The graph of candle operations that a GPU runs, run on the CPU with rankstack's CPU kernels off
+/// (`RANKSTACK_CPU=candle`, here `with_isa(Isa::Candle)`), equals the kernels' step: the composed
+/// attention, LayerNorm, pooling, linear products and the tensor formulation of AdamW are checked
+/// on every machine, GPU or not. (This is also the graph whose memory `gpu_bench` measures on a CPU.)
+#[test]
+fn the_gpu_graph_run_on_the_cpu_equals_the_cpu_kernels_step() {
+    let dir = tmpdir("device-graph-on-cpu");
+    let (train, _) = write_data(&dir, 256, 10);
+    let config = config(&train);
+    let kernels = step(&config, &train, &Device::Cpu);
+    let composed = with_isa(Isa::Candle, || step(&config, &train, &Device::Cpu));
+    assert_steps_agree(&kernels, &composed, "candle-only CPU graph");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// `other`'s step (loss, every gradient, the weights after AdamW) against the CPU kernels' step.
+fn assert_steps_agree(cpu: &Step, other: &Step, what: &str) {
+    assert!((cpu.loss - other.loss).abs() <= 1e-5 * cpu.loss.abs(), "loss: CPU {} vs {what} {}", cpu.loss, other.loss);
+    assert_eq!(cpu.grads.len(), other.grads.len(), "the same parameters receive gradients");
     let mut worst = (0f64, String::new());
     for (name, g) in &cpu.grads {
-        let other = dev.grads.get(name).unwrap_or_else(|| panic!("no GPU gradient for {name}"));
-        let r = relative(g, other);
-        assert!(r <= 1e-4, "gradient of {name}: relative difference {r:.3e}");
+        let theirs = other.grads.get(name).unwrap_or_else(|| panic!("no {what} gradient for {name}"));
+        let r = relative(g, theirs);
+        assert!(r <= 1e-4, "gradient of {name}: relative difference {r:.3e} ({what})");
         if r > worst.0 {
             worst = (r, name.clone());
         }
@@ -107,18 +130,17 @@ fn a_training_step_on_the_gpu_equals_the_cpu_step() {
     // difference of round-off size changes the update by up to a whole step. So the weights are
     // only bounded here; `adamw_on_the_gpu_equals_the_cpu_kernel` checks the optimizer itself.
     for (name, w) in &cpu.weights {
-        let worst = w.iter().zip(&dev.weights[name]).fold(0f64, |m, (a, b)| m.max((a - b).abs()));
-        assert!(worst <= 2.0 * LR, "{name} after AdamW: moved {worst:.3e} apart, more than two steps of {LR}");
+        let worst = w.iter().zip(&other.weights[name]).fold(0f64, |m, (a, b)| m.max((a - b).abs()));
+        assert!(worst <= 2.0 * LR, "{name} after AdamW: moved {worst:.3e} apart, more than two steps of {LR} ({what})");
     }
     eprintln!(
-        "GPU step = CPU step: loss {:.6} vs {:.6}; {} gradients, worst {:.2e} ({})",
+        "{what} step = CPU step: loss {:.6} vs {:.6}; {} gradients, worst {:.2e} ({})",
         cpu.loss,
-        dev.loss,
+        other.loss,
         cpu.grads.len(),
         worst.0,
         worst.1
     );
-    std::fs::remove_dir_all(&dir).ok();
 }
 
 /// The embedding lookup's gradient (`rankstack_kernels::repeated_rows`: on CUDA one block per

@@ -4,6 +4,7 @@ use std::collections::{HashMap, HashSet};
 
 use candle_core::{backprop::GradStore, DType, Result, Tensor, TensorId, Var};
 use rankstack_kernels::cpu::adamw::{adamw_update_in_place, bias_corrections, AdamWCoefficients};
+use rankstack_kernels::cpu::kernels_enabled;
 use rankstack_nn::RowGradient;
 
 /// AdamW hyper-parameters (PyTorch defaults except the learning rate).
@@ -49,7 +50,8 @@ impl Default for AdamWConfig {
 /// On the CPU with `f32` parameters the update is one fused pass over parameter, gradient and
 /// moments, in place (the tensor version allocates about fifteen temporaries per parameter per
 /// step); its arithmetic is the tensor version's, operation for operation, so results are the
-/// same bits. Other devices and dtypes use the tensor version.
+/// same bits. Other devices and dtypes use the tensor version (and so does the CPU with its kernels
+/// off, `RANKSTACK_CPU=candle`).
 #[derive(Debug)]
 pub struct AdamW {
     params: Vec<(String, Var)>,
@@ -154,7 +156,7 @@ impl AdamW {
     /// Updates `var` (all of it, or the rows `rows` of `g`) with the step's constants `k`.
     fn update(&mut self, name: &str, var: &Var, g: &Tensor, rows: Option<&[u32]>, k: &Coefficients) -> Result<()> {
         let g = g.to_dtype(var.dtype())?;
-        let fused = self.fused && var.device().is_cpu() && var.dtype() == DType::F32;
+        let fused = self.fused && var.device().is_cpu() && kernels_enabled() && var.dtype() == DType::F32;
         if !self.moments.contains_key(name) {
             let moments = if fused {
                 let n = var.elem_count();
@@ -278,7 +280,7 @@ impl AdamW {
             }
             if slot == "m" {
                 let Some(v) = state.get(&format!("v.{name}")) else { return Err(unexpected(key)) };
-                let fused = self.fused && var.device().is_cpu() && var.dtype() == DType::F32;
+                let fused = self.fused && var.device().is_cpu() && kernels_enabled() && var.dtype() == DType::F32;
                 let entry = if fused {
                     let flat = |t: &Tensor| t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>();
                     Moments::Host { m: flat(t)?, v: flat(v)?, dims: var.dims().to_vec() }

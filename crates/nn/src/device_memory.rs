@@ -9,11 +9,19 @@
 //!   `CU_MEMPOOL_ATTR_USED_MEM_HIGH` attribute is the high-water mark of the bytes handed out to
 //!   tensors: that is the peak reported here. It excludes the CUDA context and cuBLAS's workspace,
 //!   which the planner does not model either.
-//! - **CPU**: capacity and free bytes are `MemTotal` and `MemAvailable` of `/proc/meminfo`; the
-//!   peak is the process's peak resident memory (`VmHWM` of `/proc/self/status`), which also counts
-//!   the program itself.
+//! - **CPU**: capacity and free bytes are `MemTotal` and `MemAvailable` of `/proc/meminfo`. The
+//!   peak is the peak of live heap bytes where the program counts them
+//!   ([`CountingAllocator`] as its global allocator, as
+//!   `gpu_bench` does): the tensors' own peak, resettable like a GPU's. Otherwise it is the
+//!   process's peak resident memory (`VmHWM` of `/proc/self/status`), which also counts the
+//!   program itself and cannot be reset.
 
 use candle_core::Device;
+use rankstack_kernels::cpu::heap_count::{heap_bytes, reset_heap_peak};
+
+/// The counting global allocator that makes the CPU's figures the tensors' own (re-exported from
+/// the kernels, where all `unsafe` code lives).
+pub use rankstack_kernels::cpu::heap_count::CountingAllocator;
 #[cfg(feature = "cuda")]
 use rankstack_kernels::cuda::memory_pool;
 
@@ -52,10 +60,14 @@ pub fn device_memory(device: &Device) -> Result<DeviceMemory> {
 }
 
 /// The peak bytes this process's tensors have used on `device` since the start or the last
-/// [`reset_peak`] (on the CPU: the peak resident memory of the whole process, which cannot be reset).
+/// [`reset_peak`] (on the CPU: the peak of live heap bytes where the program counts them, else the
+/// peak resident memory of the whole process, which cannot be reset).
 pub fn peak_tensor_bytes(device: &Device) -> Result<u64> {
     match device {
         Device::Cpu => {
+            if let Some(counts) = heap_bytes() {
+                return Ok(counts.peak as u64);
+            }
             let text = std::fs::read_to_string("/proc/self/status")
                 .map_err(Error::io_at(std::path::Path::new("/proc/self/status")))?;
             meminfo_bytes(&text, "VmHWM:")
@@ -68,13 +80,37 @@ pub fn peak_tensor_bytes(device: &Device) -> Result<u64> {
     }
 }
 
-/// Starts a new peak measurement for [`peak_tensor_bytes`] (a no-op on the CPU).
+/// Starts a new peak measurement for [`peak_tensor_bytes`] (on the CPU only where the program
+/// counts its heap).
 pub fn reset_peak(device: &Device) -> Result<()> {
     match device {
+        Device::Cpu => {
+            reset_heap_peak();
+            Ok(())
+        }
         #[cfg(feature = "cuda")]
         Device::Cuda(d) => memory_pool::reset_peak(d).map_err(cuda_error),
+        #[allow(unreachable_patterns)]
         _ => Ok(()),
     }
+}
+
+/// The bytes this process's tensors hold on `device` now, where that is known: on CUDA the
+/// default pool's bytes in use, on the CPU the live heap bytes where the program counts them
+/// (`None` otherwise).
+pub fn tensor_bytes_in_use(device: &Device) -> Result<Option<u64>> {
+    match device {
+        Device::Cpu => Ok(heap_bytes().map(|c| c.live as u64)),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(d) => memory_pool::used_bytes(d).map(Some).map_err(cuda_error),
+        #[allow(unreachable_patterns)]
+        _ => Ok(None),
+    }
+}
+
+/// Whether [`peak_tensor_bytes`] on the CPU is the counted heap peak (else the process's peak RSS).
+pub fn cpu_peak_is_counted() -> bool {
+    heap_bytes().is_some()
 }
 
 /// `name` of a `/proc` status file (`"MemTotal:   1024 kB"`), in bytes.

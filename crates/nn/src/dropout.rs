@@ -65,8 +65,21 @@ impl Dropout {
 /// The dropout multipliers for `like` (its shape, dtype and device) drawn on its device: `0` with
 /// probability `p`, `1 / (1 − p)` otherwise, from the device's random generator.
 pub fn device_mask(p: f64, like: &Tensor) -> Result<Tensor> {
-    let keep = Tensor::rand(0f32, 1f32, like.shape(), like.device())?.ge(p)?;
-    keep.to_dtype(like.dtype())?.affine(1.0 / (1.0 - p), 0.0)
+    device_multipliers(&device_keep_mask(p, like.shape(), like.device())?, p, like.dtype())
+}
+
+/// Which elements of a tensor of `shape` on `device` dropout keeps (`u8`: 1 keep, 0 drop, drawn
+/// with probability `1 − p` of keeping by the device's random generator): a quarter of
+/// [`device_mask`]'s memory where the mask has to be kept (the recomputed attention keeps it for
+/// its backward pass). [`device_multipliers`] turns it into the mask.
+pub fn device_keep_mask(p: f64, shape: &candle_core::Shape, device: &candle_core::Device) -> Result<Tensor> {
+    Tensor::rand(0f32, 1f32, shape, device)?.ge(p)
+}
+
+/// The dropout multipliers (`0` or `1 / (1 − p)`, in `dtype`) of a keep mask from
+/// [`device_keep_mask`]; the same values as [`device_mask`].
+pub fn device_multipliers(keep: &Tensor, p: f64, dtype: candle_core::DType) -> Result<Tensor> {
+    keep.to_dtype(dtype)?.affine(1.0 / (1.0 - p), 0.0)
 }
 
 impl ModuleT for Dropout {

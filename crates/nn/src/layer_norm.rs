@@ -4,6 +4,8 @@ use candle_core::{Module, Result, Tensor, D};
 use candle_nn::{Init, VarBuilder};
 use serde::{Deserialize, Serialize};
 
+use crate::recompute::recompute_in_backward;
+
 /// LayerNorm options (PyTorch defaults).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -85,10 +87,25 @@ impl Module for LayerNorm {
                 return Ok(y);
             }
         }
-        let centred = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
-        let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
-        crate::standardize::standardize(&centred, &var, self.eps, self.weight.as_ref(), self.bias.as_ref())
+        // Composed, its four full-size intermediates recomputed in the backward pass rather than
+        // kept: on a GPU they were a large share of a training step's memory.
+        let eps = self.eps;
+        match (&self.weight, &self.bias) {
+            (Some(w), Some(b)) => {
+                recompute_in_backward(&[x, w, b], move |t| composed(&t[0], Some(&t[1]), Some(&t[2]), eps))
+            }
+            (Some(w), None) => recompute_in_backward(&[x, w], move |t| composed(&t[0], Some(&t[1]), None, eps)),
+            (None, Some(b)) => recompute_in_backward(&[x, b], move |t| composed(&t[0], None, Some(&t[1]), eps)),
+            (None, None) => recompute_in_backward(&[x], move |t| composed(&t[0], None, None, eps)),
+        }
     }
+}
+
+/// LayerNorm of differentiable primitives: `(x − mean) / √(var + eps) · weight + bias`.
+fn composed(x: &Tensor, weight: Option<&Tensor>, bias: Option<&Tensor>, eps: f64) -> Result<Tensor> {
+    let centred = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
+    let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
+    crate::standardize::standardize(&centred, &var, eps, weight, bias)
 }
 
 #[cfg(test)]

@@ -26,6 +26,10 @@
 //!   same engine runs the forward and backward products (`rankstack_kernels::cpu::linear`).
 //! - [`row_sparse`]: row-sparse gradients for embedding tables ([`RowGather`], [`RowGradient`]).
 //! - [`device_memory`]: a device's capacity and the peak memory its tensors used (CUDA and CPU).
+//! - [`recompute`]: a part of the graph recomputed in the backward pass instead of keeping its
+//!   intermediates (activation checkpointing; the composed attention uses it).
+//! - [`probe`]: marks between the parts of a forward pass, and [`probe::record_parts`], the time
+//!   each part takes on its device; [`on_worker_pool`] carries a recording over to the CPU pool.
 //! - `testing` (feature `testing`, for tests and benchmarks): fixture loading and closeness
 //!   checks for the PyTorch reference tests.
 //!
@@ -49,6 +53,8 @@ pub mod layer_norm;
 pub mod linear;
 pub mod loss;
 pub mod mlp;
+pub mod probe;
+pub mod recompute;
 pub mod reseed;
 pub mod rng;
 pub mod row_sparse;
@@ -59,8 +65,8 @@ pub mod state_dict;
 pub mod tensor_write;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
+mod worker_pool;
 
-pub use rankstack_kernels::cpu::on_worker_pool;
 /// Weights packed once for the CPU serving kernel (re-exported from `rankstack-kernels`).
 pub use rankstack_kernels::cpu::packed_matmul;
 pub use rankstack_kernels::cpu::WeightPrecision;
@@ -77,3 +83,4 @@ pub use mlp::{Mlp, MlpConfig, Normalization};
 pub use reseed::Reseed;
 pub use row_sparse::{RowGather, RowGradient};
 pub use softmax::softmax;
+pub use worker_pool::on_worker_pool;

@@ -4,6 +4,7 @@ use candle_core::backprop::GradStore;
 use candle_core::{ModuleT, Result, Tensor, Var};
 use candle_nn::VarBuilder;
 use feature_encoders::{ExtraFeature, FeatureBatch, FeatureEncoder};
+use rankstack_nn::probe::mark;
 use rankstack_nn::reseed::child_seed;
 use rankstack_nn::{Error, Mlp, Reseed, RowGradient};
 use sequence_transformer::{SequenceBatch, SequenceTransformer};
@@ -196,7 +197,9 @@ impl Ranker {
             }
             (None, None) => {}
         }
-        self.encoder.forward_t(&features, train)
+        let encoded = self.encoder.forward_t(&features, train)?;
+        mark("features", &encoded)?;
+        Ok(encoded)
     }
 
     fn sequence_batch(&self, s: &UserSequence, train: bool) -> Result<SequenceBatch> {
@@ -232,7 +235,10 @@ impl Ranker {
     }
 
     /// Logits `[batch, tasks]`; `train` enables dropout, BatchNorm batch statistics and the
-    /// sequence encoder's random time window. On the CPU it runs on the kernels' worker pool
+    /// sequence encoder's random time window. Its parts mark their ends for
+    /// [`rankstack_nn::probe::record_parts`]: `transact.*` and `transformer.*` (the sequence
+    /// encoder), `features` (the feature encoder), each backbone stage by its type
+    /// ([`crate::StageConfig::type_name`]), `mlp`, `heads`. On the CPU it runs on the kernels' worker pool
     /// ([`rankstack_nn::on_worker_pool`]): its hundreds of kernel calls then start without a
     /// cross-thread wake-up each. (A GPU's kernels gain nothing from it, so there it runs here.)
     pub fn forward_t(&self, batch: &RankerBatch, train: bool) -> Result<Tensor> {
@@ -246,14 +252,18 @@ impl Ranker {
     fn forward_on_this_thread(&self, batch: &RankerBatch, train: bool) -> Result<Tensor> {
         let encoded = self.encode(batch, train)?;
         let mut z = encoded.clone();
-        for stage in &self.stages {
+        for (stage, config) in self.stages.iter().zip(&self.config.backbone) {
             z = stage.forward_t(&z, train)?;
+            mark(config.type_name(), &z)?;
         }
         if self.config.input_skip {
             z = Tensor::cat(&[&z, &encoded], 1)?;
         }
         let h = self.mlp.forward_t(&z, train)?;
-        self.heads.forward_t(&h, train)
+        mark("mlp", &h)?;
+        let logits = self.heads.forward_t(&h, train)?;
+        mark("heads", &logits)?;
+        Ok(logits)
     }
 
     /// Evaluation-mode logits.

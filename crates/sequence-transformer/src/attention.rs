@@ -5,6 +5,7 @@ use std::sync::Arc;
 use candle_core::{Module, ModuleT, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 
+use rankstack_kernels::cpu::kernels_enabled;
 use rankstack_nn::{init::xavier_uniform, linear_xavier, Dropout, Error, Linear};
 
 use crate::packed::forward_dense;
@@ -98,8 +99,9 @@ impl MultiHeadAttention {
         rankstack_nn::shape::expect_dims(LAYER, "packed input", x, &[Some(sequences.num_rows()), Some(self.dim)])?;
         let (q, k, v) = (self.q_proj.forward(x)?, self.k_proj.forward(x)?, self.v_proj.forward(x)?);
         let p = if train { self.dropout.p() } else { 0.0 };
-        let out = if p > 0.0 && !q.device().is_cpu() {
-            // On a GPU the mask is drawn there (see `Dropout`'s device masks).
+        let out = if p > 0.0 && (!q.device().is_cpu() || !kernels_enabled()) {
+            // On a GPU the mask is drawn there (see `Dropout`'s device masks); so it is on the
+            // CPU with its kernels off, which runs the GPU's graph (`RANKSTACK_CPU=candle`).
             packed_attention_with_device_dropout(&q, &k, &v, sequences, self.num_heads, p)?
         } else {
             let dropout =

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use candle_core::{Module, ModuleT, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 
+use rankstack_nn::probe::mark;
 use rankstack_nn::{Activation, Dropout, Error, LayerNorm, LayerNormConfig, Linear};
 
 use crate::packed::forward_dense;
@@ -177,14 +178,23 @@ impl TransformerEncoderLayer {
     }
 
     /// The residual structure around `attend` and the feed-forward block, post- or pre-norm.
+    /// Probe marks ([`rankstack_nn::probe`]): `transformer.attention` after the attention block,
+    /// `transformer.feed_forward` after the rest of the layer (feed-forward, norms, residuals).
     fn residual_blocks(&self, x: &Tensor, attend: impl Fn(&Tensor) -> Result<Tensor>, train: bool) -> Result<Tensor> {
-        if self.norm_first {
+        let attend = |x: &Tensor| {
+            let a = attend(x)?;
+            mark("transformer.attention", &a)?;
+            Ok::<_, candle_core::Error>(a)
+        };
+        let out = if self.norm_first {
             let x = (x + self.dropout1.forward_t(&attend(&self.norm1.forward(x)?)?, train)?)?;
-            &x + self.dropout2.forward_t(&self.feed_forward(&self.norm2.forward(&x)?, train)?, train)?
+            (&x + self.dropout2.forward_t(&self.feed_forward(&self.norm2.forward(&x)?, train)?, train)?)?
         } else {
             let x = self.norm1.forward(&(x + self.dropout1.forward_t(&attend(x)?, train)?)?)?;
-            self.norm2.forward(&(&x + self.dropout2.forward_t(&self.feed_forward(&x, train)?, train)?)?)
-        }
+            self.norm2.forward(&(&x + self.dropout2.forward_t(&self.feed_forward(&x, train)?, train)?)?)?
+        };
+        mark("transformer.feed_forward", &out)?;
+        Ok(out)
     }
 
     /// The dropout layers (attention, feed-forward, residual 1, residual 2), for RNG checkpointing.

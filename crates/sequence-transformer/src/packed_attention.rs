@@ -8,6 +8,8 @@ use candle_core::{Result, Tensor, D};
 
 use rankstack_kernels::cpu::packed_attention::{check, head_blocks, packed_attention_fused, SequenceLayout};
 use rankstack_kernels::distinct_rows::{gather_rows, scatter_rows};
+use rankstack_nn::dropout::{device_keep_mask, device_multipliers};
+use rankstack_nn::recompute::{recompute_in_backward, with_backward};
 
 use crate::PackedSequences;
 
@@ -56,7 +58,8 @@ pub fn packed_attention(
     if let Some(out) = packed_attention_fused(q, k, v, sequences, num_heads, dropout.clone())? {
         return Ok(out);
     }
-    Composed { sequences: sequences.clone(), num_heads, dropout, device_dropout: 0.0 }.composed(q, k, v)
+    Composed { sequences: sequences.clone(), num_heads, dropout, device_dropout: 0.0, chunk_weights: CHUNK_WEIGHTS }
+        .composed(q, k, v)
 }
 
 /// [`packed_attention`] with dropout of probability `p` on the attention weights, its mask drawn
@@ -75,7 +78,8 @@ pub fn packed_attention_with_device_dropout(
         candle_core::bail!("packed attention: dropout {p} is outside [0, 1)");
     }
     check(q, k, v, sequences.as_ref(), num_heads)?;
-    Composed { sequences: sequences.clone(), num_heads, dropout: None, device_dropout: p }.composed(q, k, v)
+    Composed { sequences: sequences.clone(), num_heads, dropout: None, device_dropout: p, chunk_weights: CHUNK_WEIGHTS }
+        .composed(q, k, v)
 }
 
 /// The attention composed of candle operations on a dense, padded `[B, H, L, L]` batch.
@@ -86,15 +90,21 @@ struct Composed {
     dropout: Option<Arc<Vec<f32>>>,
     /// Dropout drawn on the device; 0: none.
     device_dropout: f64,
+    /// [`CHUNK_WEIGHTS`], smaller in tests.
+    chunk_weights: usize,
 }
 
 impl Composed {
     /// The same attention composed of candle operations on a dense, padded `[B, H, L, L]` batch
-    /// (devices and dtypes the fused kernel does not cover).
+    /// (devices and dtypes the fused kernel does not cover). In training its intermediates are
+    /// not kept for the backward pass, which computes them again ([`recompute_in_backward`]), as
+    /// the fused CPU kernel does, and the `[B, H, L, L]` core has an analytic backward pass
+    /// ([`AttentionCore`]): kept and back-propagated, they were most of a GPU training step's
+    /// memory. A dropout mask is drawn once and kept (`u8` when drawn on the device), so that
+    /// every computation uses the same one.
     fn composed(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
         let seqs = &self.sequences;
         let (b, d, h) = (seqs.batch_size(), q.dim(1)?, self.num_heads);
-        let dh = d / h;
         let l = seqs.lengths().max().unwrap_or(0);
         // Row r of sequence s goes to dense row s·L + (r − start); padding rows are hidden keys.
         let mut index = Vec::with_capacity(seqs.num_rows());
@@ -106,47 +116,188 @@ impl Composed {
             }
         }
         let dev = q.device();
+        let dropout = match &self.dropout {
+            Some(m) => {
+                // Sequence s's multipliers fill the top-left L_s × L_s block of each of its heads.
+                let mut dense = vec![0f32; b * h * l * l];
+                for t in head_blocks(self.sequences.as_ref(), h) {
+                    let base = (t.sequence * h + t.head) * l * l;
+                    for (i, row) in m[t.mask_offset..t.mask_offset + t.len * t.len].chunks(t.len.max(1)).enumerate() {
+                        dense[base + i * l..base + i * l + t.len].copy_from_slice(row);
+                    }
+                }
+                Some(DenseDropout::Multipliers(Tensor::from_vec(dense, (b, h, l, l), dev)?.to_dtype(q.dtype())?))
+            }
+            None if self.device_dropout > 0.0 => {
+                let keep = device_keep_mask(self.device_dropout, &(b, h, l, l).into(), dev)?;
+                Some(DenseDropout::Keep { keep, p: self.device_dropout })
+            }
+            None => None,
+        };
+        let bias = Tensor::from_vec(bias, (b, 1, 1, l), dev)?.to_dtype(q.dtype())?;
+        // Uniform lengths: the packed rows are the dense batch already.
         let uniform = seqs.uniform_length().is_some();
+        // Chunks of whole sequences, each at most `chunk_weights` attention weights.
+        let per_chunk = (self.chunk_weights / (h * l * l).max(1)).clamp(1, b.max(1));
+        let offsets = seqs.offsets();
+        let mut outputs = Vec::with_capacity(b.div_ceil(per_chunk));
+        for first in (0..b.max(1)).step_by(per_chunk) {
+            let n = per_chunk.min(b - first);
+            let rows = offsets[first]..offsets[first + n];
+            let whole = n == b;
+            let dense = DenseAttention {
+                shape: (n, l, h, d),
+                index: (!uniform).then(|| index[rows.clone()].iter().map(|&i| i - (first * l) as u32).collect()),
+                core: Arc::new(AttentionCore {
+                    bias: if whole { bias.clone() } else { bias.narrow(0, first, n)? },
+                    dropout: match &dropout {
+                        Some(drop) if !whole => Some(drop.narrow(first, n)?),
+                        other => other.clone(),
+                    },
+                }),
+            };
+            let part = |x: &Tensor| if whole { Ok(x.clone()) } else { x.narrow(0, rows.start, rows.len()) };
+            let (q, k, v) = (part(q)?, part(k)?, part(v)?);
+            outputs.push(recompute_in_backward(&[&q, &k, &v], move |x| dense.attend(&x[0], &x[1], &x[2]))?);
+        }
+        match outputs.len() {
+            1 => Ok(outputs.remove(0)),
+            _ => Tensor::cat(&outputs, 0),
+        }
+    }
+}
+
+/// At most this many attention weights (`Σ H · L²` over a chunk's sequences) in one dense
+/// computation: the composed attention runs larger batches in chunks of whole sequences, so that
+/// its `[B, H, L, L]` tensors stay within about 256 MiB each (f32) at any batch size (scoring
+/// batch 32 768 of `homefeed-bench` would otherwise hold 2.6 GB tensors).
+const CHUNK_WEIGHTS: usize = 1 << 26;
+
+/// The dropout of the dense attention weights.
+#[derive(Clone)]
+enum DenseDropout {
+    /// Multipliers `[B, H, L, L]` in the weights' dtype (from host-drawn values).
+    Multipliers(Tensor),
+    /// A `u8` keep mask drawn on the device ([`device_keep_mask`]).
+    Keep { keep: Tensor, p: f64 },
+}
+
+impl DenseDropout {
+    /// The masks of sequences `first .. first + n`.
+    fn narrow(&self, first: usize, n: usize) -> Result<Self> {
+        Ok(match self {
+            Self::Multipliers(m) => Self::Multipliers(m.narrow(0, first, n)?),
+            Self::Keep { keep, p } => Self::Keep { keep: keep.narrow(0, first, n)?, p: *p },
+        })
+    }
+}
+
+/// What the dense attention needs besides `Q`, `K`, `V`, prepared once for both of its
+/// computations (forward, and again in the backward pass).
+struct DenseAttention {
+    /// `(B, L, H, d)`.
+    shape: (usize, usize, usize, usize),
+    /// The dense row of each packed row (`None`: the packed rows are the dense batch).
+    index: Option<Vec<u32>>,
+    core: Arc<AttentionCore>,
+}
+
+/// `O = drop(softmax(Q Kᵀ + M)) V` on dense heads `[B, H, L, d_h]` (`Q` scaled already), one
+/// graph node with the analytic backward pass ([`with_backward`]):
+///
+/// ```text
+/// P = softmax(Q Kᵀ + M),  P_d = P ⊙ D
+/// ∂V = P_dᵀ ∂O,  ∂P = (∂O Vᵀ) ⊙ D,  ∂S = P ⊙ (∂P − rowsum(∂P ⊙ P)),  ∂Q = ∂S K,  ∂K = ∂Sᵀ Q
+/// ```
+///
+/// It recomputes `P` and holds about four `[B, H, L, L]` tensors at once, where back-propagation
+/// through the composed operations held about twenty-five (every intermediate's gradient, and
+/// candle's zero-initialised accumulators): at training batch 512 that was 1 GiB per layer.
+struct AttentionCore {
+    /// The key bias `M` `[B, 1, 1, L]`.
+    bias: Tensor,
+    dropout: Option<DenseDropout>,
+}
+
+impl AttentionCore {
+    fn apply(self: &Arc<Self>, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+        let (forward, backward) = (self.clone(), self.clone());
+        with_backward(
+            &[q, k, v],
+            move |x| forward.forward(&x[0], &x[1], &x[2]),
+            move |x, grad| backward.backward(&x[0], &x[1], &x[2], grad),
+        )
+    }
+
+    /// `P`.
+    fn weights(&self, q: &Tensor, k: &Tensor) -> Result<Tensor> {
+        rankstack_nn::softmax(&q.matmul(&k.t()?)?.broadcast_add(&self.bias)?, D::Minus1)
+    }
+
+    /// `D`, if any.
+    fn multipliers(&self, dtype: candle_core::DType) -> Result<Option<Tensor>> {
+        match &self.dropout {
+            Some(DenseDropout::Multipliers(m)) => Ok(Some(m.clone())),
+            Some(DenseDropout::Keep { keep, p }) => device_multipliers(keep, *p, dtype).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    fn forward(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+        let weights = self.weights(q, k)?;
+        let weights = match self.multipliers(weights.dtype())? {
+            Some(m) => weights.mul(&m)?,
+            None => weights,
+        };
+        weights.matmul(v)
+    }
+
+    fn backward(&self, q: &Tensor, k: &Tensor, v: &Tensor, grad: &Tensor) -> Result<Vec<Option<Tensor>>> {
+        let p = self.weights(q, k)?;
+        let m = self.multipliers(p.dtype())?;
+        let dv = match &m {
+            Some(m) => p.mul(m)?.t()?.matmul(grad)?,
+            None => p.t()?.matmul(grad)?,
+        };
+        let mut dp = grad.matmul(&v.t()?)?;
+        if let Some(m) = m {
+            dp = dp.mul(&m)?;
+        }
+        let row = dp.mul(&p)?.sum_keepdim(D::Minus1)?;
+        let ds = p.mul(&dp.broadcast_sub(&row)?)?;
+        drop((p, dp));
+        let dq = ds.matmul(k)?;
+        let dk = ds.t()?.matmul(q)?;
+        Ok(vec![Some(dq), Some(dk), Some(dv)])
+    }
+}
+
+impl DenseAttention {
+    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+        let (b, l, h, d) = self.shape;
+        let dh = d / h;
         // Distinct rows both ways: gathers, not candle's serial CUDA index_add (see distinct_rows).
         let dense = |x: &Tensor| -> Result<Tensor> {
-            match uniform {
-                true => x.reshape((b, l, d)),
-                false => scatter_rows(x, &index, b * l)?.reshape((b, l, d)),
+            match &self.index {
+                None => x.reshape((b, l, d)),
+                Some(index) => scatter_rows(x, index, b * l)?.reshape((b, l, d)),
             }
         };
-        let (qd, kd, vd) = (dense(q)?, dense(k)?, dense(v)?);
         // [B, L, d] → [B, H, L, dh].
-        let heads = |x: &Tensor| x.reshape((b, l, h, dh))?.transpose(1, 2)?.contiguous();
-        let q = (heads(&qd)? * (1.0 / (dh as f64).sqrt()))?;
-        let (k, v) = (heads(&kd)?, heads(&vd)?);
-        let bias = Tensor::from_vec(bias, (b, 1, 1, l), dev)?.to_dtype(q.dtype())?;
-        let scores = q.matmul(&k.t()?)?.broadcast_add(&bias)?;
-        let mut weights = rankstack_nn::softmax(&scores, D::Minus1)?;
-        if let Some(m) = &self.dropout {
-            // Sequence s's multipliers fill the top-left L_s × L_s block of each of its heads.
-            let mut dense = vec![0f32; b * h * l * l];
-            for t in head_blocks(self.sequences.as_ref(), h) {
-                let base = (t.sequence * h + t.head) * l * l;
-                for (i, row) in m[t.mask_offset..t.mask_offset + t.len * t.len].chunks(t.len.max(1)).enumerate() {
-                    dense[base + i * l..base + i * l + t.len].copy_from_slice(row);
-                }
-            }
-            weights = weights.mul(&Tensor::from_vec(dense, (b, h, l, l), dev)?.to_dtype(weights.dtype())?)?;
-        }
-        if self.device_dropout > 0.0 {
-            weights = weights.mul(&rankstack_nn::dropout::device_mask(self.device_dropout, &weights)?)?;
-        }
-        let out = weights.matmul(&v)?.transpose(1, 2)?.reshape((b * l, d))?;
-        if uniform {
-            Ok(out)
-        } else {
-            gather_rows(&out, &index)
+        let heads = |x: &Tensor| dense(x)?.reshape((b, l, h, dh))?.transpose(1, 2)?.contiguous();
+        let q = (heads(q)? * (1.0 / (dh as f64).sqrt()))?;
+        let (k, v) = (heads(k)?, heads(v)?);
+        let out = self.core.apply(&q, &k, &v)?.transpose(1, 2)?.reshape((b * l, d))?;
+        match &self.index {
+            None => Ok(out),
+            Some(index) => gather_rows(&out, index),
         }
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use candle_core::backprop::GradStore;
     use candle_core::{DType, Var};
     use rankstack_nn::testing::seeded_randn;
 
@@ -172,20 +323,72 @@ mod tests {
             let x = [1, 2, 3].map(|s| Var::from_tensor(&seeded_randn(s, &[9, d], DType::F64)).unwrap());
             let [q, k, v] = [0, 1, 2].map(|i| x[i].as_tensor());
             let fused = packed_attention(q, k, v, &seqs, h, dropout.clone()).unwrap();
-            let op = Composed { sequences: seqs.clone(), num_heads: h, dropout: dropout.clone(), device_dropout: 0.0 };
-            let composed = op.composed(q, k, v).unwrap();
-            for (a, b) in flat(&fused).iter().zip(flat(&composed)) {
-                assert!((a - b).abs() <= 1e-13, "dropout {}: {a} vs {b}", dropout.is_some());
-            }
             let r = seeded_randn(4, &[9, d], DType::F64);
-            let g1 = (fused * &r).unwrap().sum_all().unwrap().backward().unwrap();
-            let g2 = (composed * &r).unwrap().sum_all().unwrap().backward().unwrap();
-            for (i, name) in ["q", "k", "v"].iter().enumerate() {
-                let (a, b) = (flat(g1.get(x[i].as_tensor()).unwrap()), flat(g2.get(x[i].as_tensor()).unwrap()));
-                assert!(a.iter().any(|v| *v != 0.0), "∂{name} is zero");
-                for (a, b) in a.iter().zip(&b) {
-                    assert!((a - b).abs() <= 1e-13, "∂{name}, dropout {}: {a} vs {b}", dropout.is_some());
+            let g1 = (&fused * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            // The whole batch at once, and in chunks of one, two and three sequences (L = 5:
+            // 50 weights per sequence), the second sequence (empty) a chunk of its own.
+            for chunk_weights in [CHUNK_WEIGHTS, 50, 100, 150] {
+                let case = format!("dropout {}, chunks of {chunk_weights} weights", dropout.is_some());
+                let op = Composed {
+                    sequences: seqs.clone(),
+                    num_heads: h,
+                    dropout: dropout.clone(),
+                    device_dropout: 0.0,
+                    chunk_weights,
+                };
+                let composed = op.composed(q, k, v).unwrap();
+                for (a, b) in flat(&fused).iter().zip(flat(&composed)) {
+                    assert!((a - b).abs() <= 1e-13, "{case}: {a} vs {b}");
                 }
+                let g2 = (composed * &r).unwrap().sum_all().unwrap().backward().unwrap();
+                assert_same_gradients(&g1, &g2, &x, &case);
+            }
+        }
+    }
+
+    /// The core's analytic backward pass against back-propagation through its own forward
+    /// operations, without dropout, with host multipliers and with a device keep mask.
+    #[test]
+    fn the_cores_backward_pass_is_the_derivative_of_its_forward_pass() {
+        let (b, h, l, dh) = (2, 2, 4, 3);
+        let cpu = candle_core::Device::Cpu;
+        // The last key of the second sequence is hidden.
+        let bias = Tensor::new(&[0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, INF], &cpu).unwrap().reshape((b, 1, 1, l)).unwrap();
+        let n = b * h * l * l;
+        let keep: Vec<u8> = (0..n).map(|i| u8::from(i % 4 != 1)).collect();
+        let multipliers: Vec<f64> = (0..n).map(|i| if i % 3 == 0 { 0.0 } else { 1.5 }).collect();
+        let dropouts = [
+            None,
+            Some(DenseDropout::Multipliers(Tensor::from_vec(multipliers, (b, h, l, l), &cpu).unwrap())),
+            Some(DenseDropout::Keep { keep: Tensor::from_vec(keep, (b, h, l, l), &cpu).unwrap(), p: 0.25 }),
+        ];
+        for dropout in dropouts {
+            let what = match &dropout {
+                None => "none",
+                Some(DenseDropout::Multipliers(_)) => "multipliers",
+                Some(DenseDropout::Keep { .. }) => "keep mask",
+            };
+            let core = Arc::new(AttentionCore { bias: bias.clone(), dropout });
+            let x = [5, 6, 7].map(|s| Var::from_tensor(&seeded_randn(s, &[b, h, l, dh], DType::F64)).unwrap());
+            let [q, k, v] = [0, 1, 2].map(|i| x[i].as_tensor());
+            let r = seeded_randn(8, &[b, h, l, dh], DType::F64);
+            let analytic = core.apply(q, k, v).unwrap();
+            let composed = core.forward(q, k, v).unwrap();
+            assert!(composed.track_op() && analytic.track_op());
+            assert_eq!(flat(&analytic), flat(&composed), "{what}: values");
+            let g1 = (analytic * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            let g2 = (composed * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            assert_same_gradients(&g1, &g2, &x, what);
+        }
+    }
+
+    /// The gradients of `q`, `k`, `v` (`x`) in `g1` and `g2` agree within 1e-13 and are not zero.
+    fn assert_same_gradients(g1: &GradStore, g2: &GradStore, x: &[Var; 3], case: &str) {
+        for (i, name) in ["q", "k", "v"].iter().enumerate() {
+            let (a, b) = (flat(g1.get(x[i].as_tensor()).unwrap()), flat(g2.get(x[i].as_tensor()).unwrap()));
+            assert!(a.iter().any(|v| *v != 0.0), "∂{name} is zero ({case})");
+            for (a, b) in a.iter().zip(&b) {
+                assert!((a - b).abs() <= 1e-13, "∂{name} ({case}): {a} vs {b}");
             }
         }
     }

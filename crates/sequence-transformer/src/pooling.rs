@@ -1,6 +1,9 @@
 //! Max-pooling over the unmasked positions of a sequence (TransAct's output compression).
 
+use std::sync::Arc;
+
 use candle_core::{Result, Tensor};
+use rankstack_nn::recompute::with_backward;
 
 /// `y[b, j] = max_{t : ¬masked[b, t]} h[b, t, j]` for `h` `[B, n, d]` and `masked` row-major
 /// `[B, n]` (`true` = masked). Every row must keep at least one position (TransAct never masks
@@ -24,20 +27,32 @@ pub fn masked_max_pool(h: &Tensor, masked: &[bool]) -> Result<Tensor> {
     composed_max_pool(h, masked, (b, n, d))
 }
 
-/// [`masked_max_pool`] from candle's operations (other devices and dtypes): the value is the
-/// maximum, the gradient that of the mean over the tied positions, as `y + (share − share)` with
-/// `share` that mean and the second term detached.
+/// [`masked_max_pool`] from candle's operations (other devices and dtypes), one graph node
+/// ([`with_backward`]) whose backward pass sends `∂y / count` to each unmasked position that
+/// attains the maximum (`count` of them): it keeps nothing of `[B, n, d]` size for the backward
+/// pass, which recomputes the candidates.
 fn composed_max_pool(h: &Tensor, masked: &[bool], (b, n, d): (usize, usize, usize)) -> Result<Tensor> {
-    let mask = Tensor::from_vec(masked.iter().map(|&m| u8::from(m)).collect::<Vec<_>>(), (b, n, 1), h.device())?
-        .broadcast_as((b, n, d))?
-        .contiguous()?;
+    let mask =
+        Arc::new(Tensor::from_vec(masked.iter().map(|&m| u8::from(m)).collect::<Vec<_>>(), (b, n, 1), h.device())?);
+    let again = mask.clone();
+    with_backward(
+        &[h],
+        move |x| candidates(&x[0], &mask, (b, n, d))?.max(1),
+        move |x, grad| {
+            let h = &x[0];
+            let candidates = candidates(h, &again, (b, n, d))?;
+            let selected = candidates.broadcast_eq(&candidates.max_keepdim(1)?)?;
+            let count = selected.to_dtype(h.dtype())?.sum_keepdim(1)?;
+            let share = grad.unsqueeze(1)?.div(&count)?.broadcast_as((b, n, d))?;
+            Ok(vec![Some(selected.where_cond(&share, &h.zeros_like()?)?)])
+        },
+    )
+}
+
+/// `h` with the masked positions at `−∞`.
+fn candidates(h: &Tensor, mask: &Tensor, (b, n, d): (usize, usize, usize)) -> Result<Tensor> {
     let neg_inf = Tensor::full(f64::NEG_INFINITY, (b, n, d), h.device())?.to_dtype(h.dtype())?;
-    let candidates = mask.where_cond(&neg_inf, h)?;
-    let y = candidates.max(1)?.detach();
-    let selected = candidates.broadcast_eq(&y.unsqueeze(1)?)?;
-    let count = selected.to_dtype(h.dtype())?.sum(1)?;
-    let share = selected.where_cond(h, &h.zeros_like()?)?.sum(1)?.div(&count)?;
-    y + (&share - share.detach())?
+    mask.broadcast_as((b, n, d))?.where_cond(&neg_inf, h)
 }
 
 #[cfg(test)]

@@ -6,6 +6,7 @@ use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 
 use rankstack_kernels::distinct_rows::{gather_rows, scatter_rows};
+use rankstack_nn::probe::mark;
 use rankstack_nn::{linear_xavier, Error, Linear};
 
 use crate::pooling::masked_max_pool;
@@ -280,8 +281,11 @@ impl SequenceTransformer {
         let (sequences, rows) = PackedSequences::compact(masked, b, n, keep_first)?;
         // Distinct rows both ways: gathers, not candle's serial CUDA index_add (see distinct_rows).
         let packed = gather_rows(&x.reshape((b * n, d))?, &rows)?;
+        mark("transact.pack", &packed)?;
         let packed = self.encoder.forward_packed(&packed, &Arc::new(sequences), train)?;
-        scatter_rows(&packed, &rows, b * n)?.reshape((b, n, d))
+        let h = scatter_rows(&packed, &rows, b * n)?.reshape((b, n, d))?;
+        mark("transact.unpack", &h)?;
+        Ok(h)
     }
 
     /// Forward pass with explicit training windows (`None`: no window masking, as in evaluation);
@@ -289,8 +293,13 @@ impl SequenceTransformer {
     pub fn forward_with_window(&self, batch: &SequenceBatch, window: Option<&[f64]>, train: bool) -> Result<Tensor> {
         let p = self.prepare(batch)?;
         let masked = self.mask_of(&p, window)?;
-        let h = self.encode(&self.tokens(&p, &batch.candidate)?, &masked, train)?;
-        self.compress(&h, &masked)
+        mark("transact.prepare", &batch.candidate)?;
+        let tokens = self.tokens(&p, &batch.candidate)?;
+        mark("transact.tokens", &tokens)?;
+        let h = self.encode(&tokens, &masked, train)?;
+        let out = self.compress(&h, &masked)?;
+        mark("transact.pool", &out)?;
+        Ok(out)
     }
 
     /// The encoder's input tokens `[B, n, d]`: action embedding ‖ item embedding, fused with the

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use candle_core::{DType, Var};
 use indicatif::ProgressBar;
+use rankstack_nn::probe::mark;
 use rankstack_nn::reseed::child_seed;
 use rankstack_nn::{Error, Reseed, Result};
 
@@ -206,12 +207,14 @@ impl Trainer {
         let logits = self.ranker.forward_t(&b.batch, true)?;
         let loss = self.ranker.loss(&logits, &b.labels, b.example_weights.as_ref())?;
         let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        mark("loss", &loss)?;
         if !value.is_finite() {
             let reason = format!("non-finite loss ({value}) at step {}", self.step + 1);
             return Ok(StepOutcome::NonFinite { what: "loss", reason });
         }
         let mut grads = loss.backward()?;
         let mut rows = self.ranker.take_row_gradients(&grads)?;
+        mark("backward", &loss)?;
         // The global gradient norm before clipping, every step: a growing norm warns of
         // divergence, and a non-finite one stops training before the update spreads it.
         let norm = match o.grad_clip_norm {
@@ -223,8 +226,10 @@ impl Trainer {
             let reason = format!("non-finite gradient of `{name}` at step {}", self.step + 1);
             return Ok(StepOutcome::NonFinite { what: "gradients", reason });
         }
+        mark("grad_norm", &loss)?;
         let lr = plan.schedule.lr(self.step);
         self.optimizer.step(&grads, &rows, lr)?;
+        mark("optimizer", &loss)?;
         self.step += 1;
         self.window.add(value);
         Ok(StepOutcome::Updated(StepResult { loss: value, grad_norm: norm, lr }))

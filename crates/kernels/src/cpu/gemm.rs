@@ -72,7 +72,7 @@ impl KernelPath {
     /// The path for `precision` on the active [`Isa`], if the engine has one there.
     pub fn for_precision(precision: WeightPrecision) -> Option<Self> {
         match (precision, Isa::active()) {
-            (_, Isa::Generic) => None,
+            (_, Isa::Generic | Isa::Candle) => None,
             (WeightPrecision::F32, Isa::Avx512) => Some(Self::F32Avx512),
             (WeightPrecision::F32, Isa::Avx2) => Some(Self::F32Avx2),
             (WeightPrecision::Bf16, Isa::Avx512) if Isa::has_avx512_bf16() => Some(Self::Bf16DotAvx512),

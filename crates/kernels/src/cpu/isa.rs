@@ -6,10 +6,21 @@
 //! | [`Isa::Avx512`] | x86-64 AVX-512F | 12 × 32 micro-tiles of 512-bit FMAs; bf16 weights by AVX512-BF16 dot products where the CPU has them |
 //! | [`Isa::Avx2`] | x86-64 AVX2 + FMA | 6 × 16 micro-tiles of 256-bit FMAs; bf16 weights widened to f32 in the kernel |
 //! | [`Isa::Generic`] | anything (arm64 included) | none: the callers take candle's own product |
+//! | [`Isa::Candle`] | anything | none, and no other rankstack CPU kernel either (see below) |
 //!
 //! The path is, in order: the innermost [`with_isa`] on the calling thread (tests), the
-//! environment variable `RANKSTACK_CPU=avx512|avx2|generic` (read once; a path this CPU lacks
-//! falls back to the best one it has, with one warning on stderr), or the best path detected.
+//! environment variable `RANKSTACK_CPU=avx512|avx2|generic|candle` (read once; a path this CPU
+//! lacks falls back to the best one it has, with one warning on stderr), or the best path detected.
+//!
+//! [`Isa::Candle`] is not a path to run in production: it turns off every rankstack CPU kernel
+//! ([`kernels_enabled`]): LayerNorm, packed attention, masked max-pooling, dropout's fused mask,
+//! the fused linear products and the fused optimizer update. The layers then build the graph of
+//! candle operations that they build on a GPU, so that the CPU can check that graph against the
+//! kernels (`tests` of the top crate) and measure its tensor memory (`examples/gpu_bench.rs` with
+//! `GPU_BENCH_DEVICE=cpu`). It is never detected and not in [`Isa::ALL`]: kernel tests that run
+//! "under every path" do not run under it. Like a GPU, it draws the attention's dropout masks
+//! with the device's generator, which on the CPU cannot be seeded: training with dropout is not
+//! reproducible on this path.
 //! The f32 products of the two SIMD paths are bit-identical: each output element is one fused
 //! multiply-add chain over `k` in the same order.
 
@@ -25,6 +36,8 @@ pub enum Isa {
     Avx2,
     /// AVX-512F (x86-64).
     Avx512,
+    /// No rankstack CPU kernel at all: candle's operations everywhere, as on other devices.
+    Candle,
 }
 
 impl Isa {
@@ -37,13 +50,14 @@ impl Isa {
             Isa::Avx512 => "avx512",
             Isa::Avx2 => "avx2",
             Isa::Generic => "generic",
+            Isa::Candle => "candle",
         }
     }
 
     /// Whether this CPU can run the path.
     pub fn supported(self) -> bool {
         match self {
-            Isa::Generic => true,
+            Isa::Generic | Isa::Candle => true,
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2 => std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma"),
             #[cfg(target_arch = "x86_64")]
@@ -92,8 +106,9 @@ impl std::str::FromStr for Isa {
     fn from_str(s: &str) -> Result<Self, String> {
         Isa::ALL
             .into_iter()
+            .chain([Isa::Candle])
             .find(|i| i.name() == s.trim().to_ascii_lowercase())
-            .ok_or_else(|| format!("unknown CPU path `{s}` (expected avx512, avx2 or generic)"))
+            .ok_or_else(|| format!("unknown CPU path `{s}` (expected avx512, avx2, generic or candle)"))
     }
 }
 
@@ -121,6 +136,13 @@ fn from_environment() -> Isa {
             Isa::detected()
         }
     }
+}
+
+/// Whether rankstack's CPU kernels run at all on this thread: every path but [`Isa::Candle`].
+/// Each kernel's entry point checks it and returns `None` (the caller composes candle operations)
+/// where it is off.
+pub fn kernels_enabled() -> bool {
+    Isa::active() != Isa::Candle
 }
 
 /// Runs `f` with the kernels on `isa` on this thread (the kernels read the path on the calling
@@ -170,6 +192,10 @@ mod tests {
             assert_eq!(isa.name().parse::<Isa>().unwrap(), isa);
         }
         assert!("sse".parse::<Isa>().is_err());
+        assert_eq!("candle".parse::<Isa>().unwrap(), Isa::Candle);
+        assert!(!Isa::ALL.contains(&Isa::Candle) && Isa::detected() != Isa::Candle);
+        assert!(kernels_enabled() || Isa::active() == Isa::Candle);
+        with_isa(Isa::Candle, || assert!(!kernels_enabled()));
         assert!(Isa::Generic.supported());
         let outer = Isa::active();
         with_isa(Isa::Generic, || {

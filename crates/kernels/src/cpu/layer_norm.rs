@@ -19,7 +19,11 @@ use crate::KernelFloat;
 /// for each, which dominates a transformer layer's training step. Returns `None` where the fused
 /// kernel does not apply (other devices or dtypes), so the caller can fall back.
 pub fn layer_norm_fused(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Option<Tensor>> {
-    if !x.device().is_cpu() || !matches!(x.dtype(), DType::F32 | DType::F64) || x.rank() == 0 {
+    if !x.device().is_cpu()
+        || !super::kernels_enabled()
+        || !matches!(x.dtype(), DType::F32 | DType::F64)
+        || x.rank() == 0
+    {
         return Ok(None);
     }
     let d = x.dim(candle_core::D::Minus1)?;

@@ -39,6 +39,7 @@ pub fn applies(x: &Tensor, w: &Tensor) -> bool {
     let rows = x.dims().split_last().map_or(0, |(_, lead)| lead.iter().product::<usize>());
     x.device().is_cpu()
         && w.device().is_cpu()
+        && super::kernels_enabled()
         && x.dtype() == DType::F32
         && w.dtype() == DType::F32
         && w.rank() == 2

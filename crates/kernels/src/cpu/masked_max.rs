@@ -21,7 +21,7 @@ pub fn masked_max_pool_fused(h: &Tensor, masked: &[bool]) -> Result<Option<Tenso
     if masked.len() != b * n {
         candle_core::bail!("masked max-pool: {} mask entries for [{b}, {n}]", masked.len());
     }
-    if !h.device().is_cpu() || !matches!(h.dtype(), DType::F32 | DType::F64) {
+    if !h.device().is_cpu() || !super::kernels_enabled() || !matches!(h.dtype(), DType::F32 | DType::F64) {
         return Ok(None);
     }
     h.contiguous()?.apply_op1(MaskedMax(Arc::new(masked.to_vec()))).map(Some)

@@ -3,7 +3,8 @@
 //! candle operations elsewhere.
 //!
 //! The packed matrix-product engine ([`gemm`]) has an AVX-512 and an AVX2 + FMA path ([`isa`]:
-//! detected at run time, forced with `RANKSTACK_CPU=avx512|avx2|generic`);
+//! detected at run time, forced with `RANKSTACK_CPU=avx512|avx2|generic`; `candle` turns every
+//! kernel off, for the graph a GPU runs: [`kernels_enabled`]);
 //! [`gemm::packed_kernel_available`] says whether the active path has a kernel, and the callers
 //! take candle's own product where it does not (the generic path, arm64). Kernel tests run under
 //! every path this CPU supports ([`isa::for_each_supported_isa`]) and say which they skipped
@@ -12,6 +13,7 @@
 pub mod adamw;
 pub mod allocator;
 pub mod gemm;
+pub mod heap_count;
 pub mod isa;
 pub mod layer_norm;
 pub mod linear;
@@ -25,7 +27,7 @@ mod softmax_rows;
 mod worker_pool;
 
 pub use gemm::{bf16_path_description, packed_kernel_available, KernelPath, WeightPrecision};
-pub use isa::{for_each_supported_isa, with_isa, Isa};
+pub use isa::{for_each_supported_isa, kernels_enabled, with_isa, Isa};
 pub use pinning::{start_pinned_pool, PinError};
 pub use worker_pool::on_worker_pool;
 

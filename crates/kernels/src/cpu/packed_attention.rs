@@ -47,7 +47,7 @@ pub fn packed_attention_fused<S: SequenceLayout>(
             candle_core::bail!("packed attention: {} dropout multipliers, expected {expected}", mask.len());
         }
     }
-    if !q.device().is_cpu() || !matches!(q.dtype(), DType::F32 | DType::F64) {
+    if !q.device().is_cpu() || !super::kernels_enabled() || !matches!(q.dtype(), DType::F32 | DType::F64) {
         return Ok(None);
     }
     let op = PackedAttention { sequences: sequences.clone(), num_heads, dropout };

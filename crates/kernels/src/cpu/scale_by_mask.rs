@@ -12,7 +12,7 @@ use crate::KernelFloat;
 /// the gradient by the same mask (a plain `x * mask` node would also compute and accumulate a
 /// gradient for the mask); `None` where the kernel does not apply (not the CPU, not f32/f64).
 pub fn scale_by_mask(x: &Tensor, mask: Arc<Vec<f32>>) -> Result<Option<Tensor>> {
-    if !x.device().is_cpu() || !matches!(x.dtype(), DType::F32 | DType::F64) {
+    if !x.device().is_cpu() || !super::kernels_enabled() || !matches!(x.dtype(), DType::F32 | DType::F64) {
         return Ok(None);
     }
     if x.elem_count() != mask.len() {

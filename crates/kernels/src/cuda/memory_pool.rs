@@ -16,6 +16,12 @@ pub fn peak_bytes(d: &CudaDevice) -> Result<u64> {
     pool_attribute(d, sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH, None)
 }
 
+/// The bytes handed out to tensors by the device's default pool now
+/// (`CU_MEMPOOL_ATTR_USED_MEM_CURRENT`).
+pub fn used_bytes(d: &CudaDevice) -> Result<u64> {
+    pool_attribute(d, sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_CURRENT, None)
+}
+
 /// Starts a new peak measurement for [`peak_bytes`].
 pub fn reset_peak(d: &CudaDevice) -> Result<()> {
     pool_attribute(d, sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH, Some(0)).map(|_| ())

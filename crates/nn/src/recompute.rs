@@ -1,0 +1,303 @@
+//! Recomputing a part of the graph in the backward pass instead of keeping its intermediates
+//! (activation checkpointing), on any device; and a part with a backward pass of its own
+//! ([`with_backward`]).
+//!
+//! candle keeps every intermediate tensor of a forward pass alive until the backward pass is done:
+//! each op's result holds its inputs. For a part whose intermediates are much larger than its
+//! inputs and output, such as attention composed of candle operations (its `[B, H, L, L]` scores,
+//! exponentials, weights and dropout mask against `[R, d]` inputs), that is most of a training
+//! step's memory. [`recompute_in_backward`] runs such a part on detached inputs, so its
+//! intermediates are freed as soon as its output exists, and records one graph node in their
+//! place; the node's backward pass runs the part again, with gradient tracking, and
+//! back-propagates the incoming gradient through it. The values and the gradients are the same
+//! bits as the part's own graph would give (the same operations run, in the same order); the price
+//! is one more forward computation of the part in the backward pass, and one copy of its output.
+//!
+//! The part must compute the same function both times: anything random in it (a dropout mask) is
+//! drawn once, outside, and captured.
+//!
+//! ```
+//! # use candle_core::{Device, Tensor, Var};
+//! use rankstack_nn::recompute::recompute_in_backward;
+//! let a = Var::new(&[1f32, 2., 3.], &Device::Cpu)?;
+//! let b = Var::new(&[4f32, 5., 6.], &Device::Cpu)?;
+//! // exp(a) · b, its `exp(a)` not kept for the backward pass.
+//! let y = recompute_in_backward(&[a.as_tensor(), b.as_tensor()], |x| x[0].exp()?.mul(&x[1]))?;
+//! let grads = y.sum_all()?.backward()?;
+//! let da: Vec<f32> = grads.get(a.as_tensor()).unwrap().to_vec1()?;
+//! assert_eq!(da, [4. * 1f32.exp(), 5. * 2f32.exp(), 6. * 3f32.exp()]);
+//! # Ok::<(), candle_core::Error>(())
+//! ```
+
+use std::sync::{Arc, Mutex};
+
+use candle_core::backend::{BackendDevice, BackendStorage};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Storage, Tensor, Var};
+
+/// The backward pass of a part: the gradients of its inputs (given detached, in order) from the
+/// gradient of its output; `None` for an input that gets none.
+type Backward = dyn Fn(&[Tensor], &Tensor) -> Result<Vec<Option<Tensor>>> + Send + Sync;
+
+/// `part(inputs)` (one to three inputs), its intermediates freed at once and recomputed in the
+/// backward pass (see the module documentation). Where no input takes part in a graph (inference)
+/// it is simply `part(inputs)`.
+pub fn recompute_in_backward(
+    inputs: &[&Tensor],
+    part: impl Fn(&[Tensor]) -> Result<Tensor> + Send + Sync + 'static,
+) -> Result<Tensor> {
+    let part = Arc::new(part);
+    let again = part.clone();
+    with_backward(inputs, move |x| part(x), move |x, grad| autograd_through(again.as_ref(), x, grad))
+}
+
+/// `forward(inputs)` (one to three inputs) as one graph node whose backward pass is `backward`
+/// (inputs detached, the output's gradient → the inputs' gradients), its intermediates freed at
+/// once: for a part whose gradient has a cheaper formula than back-propagation through its
+/// operations (fewer large temporaries). `backward` must be the derivative of `forward`; gradients
+/// of inputs outside the graph are dropped. Where no input takes part in a graph it is simply
+/// `forward(inputs)`.
+pub fn with_backward(
+    inputs: &[&Tensor],
+    forward: impl Fn(&[Tensor]) -> Result<Tensor>,
+    backward: impl Fn(&[Tensor], &Tensor) -> Result<Vec<Option<Tensor>>> + Send + Sync + 'static,
+) -> Result<Tensor> {
+    if !inputs.iter().any(|t| t.track_op()) {
+        let owned: Vec<Tensor> = inputs.iter().map(|t| (*t).clone()).collect();
+        return forward(&owned);
+    }
+    let detached: Vec<Tensor> = inputs.iter().map(|t| t.detach()).collect();
+    let output = forward(&detached)?;
+    let op = Recomputed {
+        backward: Arc::new(backward),
+        output: Mutex::new(Some(output)),
+        tracked: inputs.iter().map(|t| t.track_op()).collect(),
+    };
+    match inputs {
+        [a] => a.apply_op1(op),
+        [a, b] => a.apply_op2(b, op),
+        [a, b, c] => a.apply_op3(b, c, op),
+        _ => candle_core::bail!("recompute_in_backward: 1 to 3 inputs, got {}", inputs.len()),
+    }
+}
+
+/// The inputs' gradients of `part` at `inputs` for the output gradient `grad`: the part run again
+/// with tracking, `grad` back-propagated through it.
+fn autograd_through(
+    part: &(dyn Fn(&[Tensor]) -> Result<Tensor> + Send + Sync),
+    inputs: &[Tensor],
+    grad: &Tensor,
+) -> Result<Vec<Option<Tensor>>> {
+    let vars = inputs.iter().map(Var::from_tensor).collect::<Result<Vec<_>>>()?;
+    let leaves: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    let out = part(&leaves)?;
+    // d/d(out) of Σ out ⊙ grad is `grad` exactly.
+    let grads = out.mul(grad)?.sum_all()?.backward()?;
+    Ok(vars.iter().map(|v| grads.get(v.as_tensor()).cloned()).collect())
+}
+
+/// The graph node standing for the part.
+struct Recomputed {
+    backward: Arc<Backward>,
+    /// The output computed on the detached inputs, until the node's forward pass copies it into
+    /// the graph (then dropped: the graph keeps the copy only).
+    output: Mutex<Option<Tensor>>,
+    /// Which inputs take part in the graph (the others get no gradient).
+    tracked: Vec<bool>,
+}
+
+impl Recomputed {
+    fn take_output(&self) -> Result<Tensor> {
+        self.output
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("recompute: lock poisoned".into()))?
+            .take()
+            .ok_or_else(|| candle_core::Error::Msg("recompute: the node's forward pass ran twice".into()))
+    }
+
+    /// The output's values as fresh contiguous storage of the input's backend.
+    fn output_storage<S>(&self, device: &S::Device, pick: impl Fn(&Storage) -> Option<&S>) -> Result<(S, Shape)>
+    where
+        S: BackendStorage,
+        S::Device: BackendDevice<Storage = S>,
+    {
+        let out = self.take_output()?;
+        let (storage, layout) = out.storage_and_layout();
+        let Some(src) = pick(&storage) else {
+            candle_core::bail!("recompute: the part's output is on another device than its inputs");
+        };
+        let mut dst = device.zeros_impl(layout.shape(), src.dtype())?;
+        src.copy_strided_src(&mut dst, 0, layout)?;
+        Ok((dst, layout.shape().clone()))
+    }
+
+    fn cpu_output(&self) -> Result<(CpuStorage, Shape)> {
+        self.output_storage::<CpuStorage>(&candle_core::cpu_backend::CpuDevice, |s| match s {
+            Storage::Cpu(s) => Some(s),
+            _ => None,
+        })
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_output(&self, like: &candle_core::CudaStorage) -> Result<(candle_core::CudaStorage, Shape)> {
+        self.output_storage::<candle_core::CudaStorage>(like.device(), |s| match s {
+            Storage::Cuda(s) => Some(s),
+            _ => None,
+        })
+    }
+
+    /// The gradients of the inputs (`None` for those outside the graph).
+    fn gradients(&self, inputs: &[&Tensor], grad: &Tensor) -> Result<Vec<Option<Tensor>>> {
+        let detached: Vec<Tensor> = inputs.iter().map(|t| t.detach()).collect();
+        let grads = (self.backward)(&detached, &grad.detach())?;
+        if grads.len() != inputs.len() {
+            candle_core::bail!("recompute: {} gradients for {} inputs", grads.len(), inputs.len());
+        }
+        Ok(grads.into_iter().zip(&self.tracked).map(|(g, &tracked)| g.filter(|_| tracked)).collect())
+    }
+}
+
+impl CustomOp1 for Recomputed {
+    fn name(&self) -> &'static str {
+        "rankstack-recomputed"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        self.cpu_output()
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s: &candle_core::CudaStorage, _: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+        self.cuda_output(s)
+    }
+
+    fn bwd(&self, a: &Tensor, _: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let mut g = self.gradients(&[a], grad)?;
+        Ok(g.remove(0))
+    }
+}
+
+impl CustomOp2 for Recomputed {
+    fn name(&self) -> &'static str {
+        "rankstack-recomputed"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        self.cpu_output()
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        self.cuda_output(s)
+    }
+
+    fn bwd(&self, a: &Tensor, b: &Tensor, _: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let mut g = self.gradients(&[a, b], grad)?.into_iter();
+        Ok((g.next().flatten(), g.next().flatten()))
+    }
+}
+
+impl CustomOp3 for Recomputed {
+    fn name(&self) -> &'static str {
+        "rankstack-recomputed"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.cpu_output()
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        self.cuda_output(s)
+    }
+
+    fn bwd(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        c: &Tensor,
+        _: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let mut g = self.gradients(&[a, b, c], grad)?.into_iter();
+        Ok((g.next().flatten(), g.next().flatten(), g.next().flatten()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, D};
+
+    fn bits(t: &Tensor) -> Vec<u64> {
+        t.flatten_all().unwrap().to_vec1::<f64>().unwrap().into_iter().map(f64::to_bits).collect()
+    }
+
+    /// A part with large intermediates: softmax(a bᵀ) c, as attention.
+    fn attention(x: &[Tensor]) -> Result<Tensor> {
+        crate::softmax(&x[0].matmul(&x[1].t()?)?, D::Minus1)?.matmul(&x[2])
+    }
+
+    #[test]
+    fn values_and_gradients_are_the_parts_own_bits() {
+        let var =
+            |seed, dims: &[usize]| Var::from_tensor(&crate::testing::seeded_randn(seed, dims, DType::F64)).unwrap();
+        let (q, k, v) = (var(1, &[5, 3]), var(2, &[4, 3]), var(3, &[4, 2]));
+        let weight = crate::testing::seeded_randn(4, &[5, 2], DType::F64);
+        let loss = |y: &Tensor| y.mul(&weight).unwrap().sum_all().unwrap();
+        let inputs = [q.as_tensor(), k.as_tensor(), v.as_tensor()];
+
+        let plain = attention(&[q.as_tensor().clone(), k.as_tensor().clone(), v.as_tensor().clone()]).unwrap();
+        let plain_grads = loss(&plain).backward().unwrap();
+        let recomputed = recompute_in_backward(&inputs, attention).unwrap();
+        assert_eq!(bits(&recomputed), bits(&plain));
+        let grads = loss(&recomputed).backward().unwrap();
+        for t in inputs {
+            assert_eq!(bits(grads.get(t).unwrap()), bits(plain_grads.get(t).unwrap()));
+        }
+
+        // An input outside the graph gets no gradient; with none in a graph it is a plain call.
+        let constant = v.as_tensor().detach();
+        let y = recompute_in_backward(&[q.as_tensor(), k.as_tensor(), &constant], attention).unwrap();
+        let g = loss(&y).backward().unwrap();
+        assert!(g.get(&constant).is_none() && g.get(q.as_tensor()).is_some());
+        let detached: Vec<Tensor> = inputs.iter().map(|t| t.detach()).collect();
+        let refs: Vec<&Tensor> = detached.iter().collect();
+        let y = recompute_in_backward(&refs, attention).unwrap();
+        assert!(!y.track_op());
+        assert_eq!(bits(&y), bits(&plain));
+
+        // One and two inputs, and a strided (transposed) output.
+        let y = recompute_in_backward(&[q.as_tensor()], |x| x[0].exp()?.t()).unwrap();
+        assert_eq!(y.dims(), &[3, 5]);
+        let g = y.sum_all().unwrap().backward().unwrap();
+        assert_eq!(bits(g.get(q.as_tensor()).unwrap()), bits(&q.as_tensor().exp().unwrap()));
+        let y = recompute_in_backward(&[q.as_tensor(), k.as_tensor()], |x| x[0].matmul(&x[1].t()?)).unwrap();
+        let g = y.sum_all().unwrap().backward().unwrap();
+        assert_eq!(g.get(k.as_tensor()).unwrap().dims(), &[4, 3]);
+        let four = [q.as_tensor(), k.as_tensor(), v.as_tensor(), q.as_tensor()];
+        let e = recompute_in_backward(&four, |x| x[0].exp()).unwrap_err().to_string();
+        assert!(e.contains("1 to 3 inputs"), "{e}");
+    }
+}
