@@ -169,9 +169,11 @@ impl Composed {
 
 /// At most this many attention weights (`Σ H · L²` over a chunk's sequences) in one dense
 /// computation: the composed attention runs larger batches in chunks of whole sequences, so that
-/// its `[B, H, L, L]` tensors stay within about 256 MiB each (f32) at any batch size (scoring
-/// batch 32 768 of `homefeed-bench` would otherwise hold 2.6 GB tensors).
-const CHUNK_WEIGHTS: usize = 1 << 26;
+/// its `[B, H, L, L]` tensors stay within 64 MiB each (f32) at any batch size, and so does what
+/// its backward pass recomputes (839 `homefeed-bench` sequences a chunk; scoring batch 32 768
+/// would otherwise hold 2.6 GB tensors). Smaller chunks would save little more and launch more
+/// GPU kernels (40 chunks per layer at batch 32 768 already).
+const CHUNK_WEIGHTS: usize = 1 << 24;
 
 /// The dropout of the dense attention weights.
 #[derive(Clone)]
