@@ -95,7 +95,9 @@ fn autograd_through(
     Ok(vars.iter().map(|v| grads.get(v.as_tensor()).cloned()).collect())
 }
 
-/// The graph node standing for the part.
+/// The graph node standing for the part. Its CUDA forward pass is compiled whenever candle's is
+/// (with candle's stand-in types otherwise), so a layer crate used on a GPU needs no feature of
+/// this crate to run it.
 struct Recomputed {
     backward: Arc<Backward>,
     /// The output computed on the detached inputs, until the node's forward pass copies it into
@@ -137,7 +139,6 @@ impl Recomputed {
         })
     }
 
-    #[cfg(feature = "cuda")]
     fn cuda_output(&self, like: &candle_core::CudaStorage) -> Result<(candle_core::CudaStorage, Shape)> {
         self.output_storage::<candle_core::CudaStorage>(like.device(), |s| match s {
             Storage::Cuda(s) => Some(s),
@@ -165,7 +166,6 @@ impl CustomOp1 for Recomputed {
         self.cpu_output()
     }
 
-    #[cfg(feature = "cuda")]
     fn cuda_fwd(&self, s: &candle_core::CudaStorage, _: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
         self.cuda_output(s)
     }
@@ -185,7 +185,6 @@ impl CustomOp2 for Recomputed {
         self.cpu_output()
     }
 
-    #[cfg(feature = "cuda")]
     fn cuda_fwd(
         &self,
         s: &candle_core::CudaStorage,
@@ -219,7 +218,6 @@ impl CustomOp3 for Recomputed {
         self.cpu_output()
     }
 
-    #[cfg(feature = "cuda")]
     fn cuda_fwd(
         &self,
         s: &candle_core::CudaStorage,
