@@ -37,14 +37,16 @@ use std::time::Duration;
 mod timing;
 use timing::Timing;
 
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Tensor};
 use rankstack::data::inputs_to_device;
 use rankstack::kernels::cpu::heap_count::CountingAllocator;
 use rankstack::nn::device_memory::{peak_tensor_bytes, reset_peak};
 use rankstack::nn::packed_matmul::WeightPrecision;
 use rankstack::nn::probe::{mark, record_parts, PartTime};
 use rankstack::nn::SeededVarMap;
-use rankstack::ranker_model::{checkpoint, presets, random_batch, random_labels, reference_inputs, Ranker};
+use rankstack::ranker_model::{
+    checkpoint, presets, random_batch, random_labels, reference_inputs, Ranker, RankerBatch,
+};
 use rankstack::train::{AdamW, AdamWConfig};
 use serde_json::json;
 
@@ -183,25 +185,15 @@ fn train(dir: &Path, dtype: &str) -> Result<()> {
     let device = gpu()?;
     let mut rows = Vec::new();
     for b in batch_sizes(&TRAIN_BATCHES)? {
-        let (mut ranker, store) = checkpoint::load(checkpoint_dir(dir), DType::F32, &device)?;
-        ranker.set_row_sparse_gradients(true);
-        rankstack::nn::autocast_linear_layers(&mut ranker, (dtype == "bf16").then_some(DType::BF16));
-        let batch = inputs_to_device(random_batch(ranker.config(), b, b as u64)?, &device)?;
-        let labels = random_labels(ranker.config(), b, 1)?.to_device(&device)?;
-        let mut optimizer = AdamW::new(store.named_vars(), AdamWConfig { lr: 1e-4, ..AdamWConfig::default() })?;
+        let mut step = TrainingStep::load(dir, &device, b)?;
+        rankstack::nn::autocast_linear_layers(&mut step.ranker, (dtype == "bf16").then_some(DType::BF16));
         reset_peak(&device)?;
         let mut last_loss = f64::NAN;
         let outcome = median_seconds(Duration::from_secs(5), || {
-            let logits = ranker.forward_t(&batch, true)?;
-            let loss = ranker.loss(&logits, &labels, None)?;
-            let grads = loss.backward()?;
-            let row_grads = ranker.take_row_gradients(&grads)?;
-            optimizer.step(&grads, &row_grads, 1e-4)?;
-            // The loss read back, as the trainer does every step (waits for the GPU).
-            last_loss = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            last_loss = step.run()?;
             Ok(())
         });
-        let planned = ranker.cost(b).training_bytes();
+        let planned = step.ranker.cost(b).training_bytes();
         match outcome {
             Ok((median, runs)) => rows.push(json!({"batch": b, "median_ms": median * 1e3, "runs": runs,
                 "examples_per_second": b as f64 / median, "loss": last_loss,
@@ -211,6 +203,41 @@ fn train(dir: &Path, dtype: &str) -> Result<()> {
     }
     println!("{}", json!({"framework": "rankstack", "mode": "train", "dtype": dtype, "rows": rows}));
     Ok(())
+}
+
+/// One training step of the checkpoint's model on a seeded batch: row-sparse AdamW (lr 1e-4).
+struct TrainingStep {
+    ranker: Ranker,
+    batch: RankerBatch,
+    labels: Tensor,
+    optimizer: AdamW,
+}
+
+impl TrainingStep {
+    /// The checkpoint in `dir` on `device`, with batch `b`'s inputs and labels there.
+    fn load(dir: &Path, device: &Device, b: usize) -> Result<Self> {
+        let (ranker, store) = checkpoint::load(checkpoint_dir(dir), DType::F32, device)?;
+        ranker.set_row_sparse_gradients(true);
+        let batch = inputs_to_device(random_batch(ranker.config(), b, b as u64)?, device)?;
+        let labels = random_labels(ranker.config(), b, 1)?.to_device(device)?;
+        let optimizer = AdamW::new(store.named_vars(), AdamWConfig { lr: 1e-4, ..AdamWConfig::default() })?;
+        Ok(Self { ranker, batch, labels, optimizer })
+    }
+
+    /// Forward, loss, backward, AdamW; the loss read back at the end, as the trainer does every
+    /// step (which waits for the GPU). Its marks name the probe's `loss`, `backward` and
+    /// `optimizer` parts (nothing outside a recording).
+    fn run(&mut self) -> candle_core::Result<f64> {
+        let logits = self.ranker.forward_t(&self.batch, true)?;
+        let loss = self.ranker.loss(&logits, &self.labels, None)?;
+        mark("loss", &loss)?;
+        let grads = loss.backward()?;
+        let row_grads = self.ranker.take_row_gradients(&grads)?;
+        mark("backward", &loss)?;
+        self.optimizer.step(&grads, &row_grads, 1e-4)?;
+        mark("optimizer", &loss)?;
+        loss.to_dtype(DType::F64)?.to_scalar::<f64>()
+    }
 }
 
 /// Scoring at every batch size and the f32 training step at every training batch size, part by
@@ -237,24 +264,8 @@ fn parts(dir: &Path, dtype: &str) -> Result<()> {
     }
     drop(ranker);
     for b in batch_sizes(&TRAIN_BATCHES)? {
-        let (ranker, store) = checkpoint::load(checkpoint_dir(dir), DType::F32, &device)?;
-        ranker.set_row_sparse_gradients(true);
-        let batch = inputs_to_device(random_batch(ranker.config(), b, b as u64)?, &device)?;
-        let labels = random_labels(ranker.config(), b, 1)?.to_device(&device)?;
-        let mut optimizer = AdamW::new(store.named_vars(), AdamWConfig { lr: 1e-4, ..AdamWConfig::default() })?;
-        let step = || -> candle_core::Result<()> {
-            let logits = ranker.forward_t(&batch, true)?;
-            let loss = ranker.loss(&logits, &labels, None)?;
-            loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-            mark("loss", &loss)?;
-            let grads = loss.backward()?;
-            let row_grads = ranker.take_row_gradients(&grads)?;
-            mark("backward", &loss)?;
-            optimizer.step(&grads, &row_grads, 1e-4)?;
-            mark("optimizer", &loss)?;
-            Ok(())
-        };
-        rows.push(part_row("train", b, timing, &device, step));
+        let mut step = TrainingStep::load(dir, &device, b)?;
+        rows.push(part_row("train", b, timing, &device, || step.run().map(|_| ())));
     }
     println!(
         "{}",

@@ -108,11 +108,6 @@ pub fn tensor_bytes_in_use(device: &Device) -> Result<Option<u64>> {
     }
 }
 
-/// Whether [`peak_tensor_bytes`] on the CPU is the counted heap peak (else the process's peak RSS).
-pub fn cpu_peak_is_counted() -> bool {
-    heap_bytes().is_some()
-}
-
 /// `name` of a `/proc` status file (`"MemTotal:   1024 kB"`), in bytes.
 fn meminfo_bytes(text: &str, name: &str) -> Option<u64> {
     let line = text.lines().find(|l| l.starts_with(name))?;

@@ -89,15 +89,14 @@ impl Module for LayerNorm {
         }
         // Composed, its four full-size intermediates recomputed in the backward pass rather than
         // kept: on a GPU they were a large share of a training step's memory.
-        let eps = self.eps;
-        match (&self.weight, &self.bias) {
-            (Some(w), Some(b)) => {
-                recompute_in_backward(&[x, w, b], move |t| composed(&t[0], Some(&t[1]), Some(&t[2]), eps))
-            }
-            (Some(w), None) => recompute_in_backward(&[x, w], move |t| composed(&t[0], Some(&t[1]), None, eps)),
-            (None, Some(b)) => recompute_in_backward(&[x, b], move |t| composed(&t[0], None, Some(&t[1]), eps)),
-            (None, None) => recompute_in_backward(&[x], move |t| composed(&t[0], None, None, eps)),
-        }
+        // The inputs are `x`, then whichever of weight and bias the norm has.
+        let (eps, has_weight, has_bias) = (self.eps, self.weight.is_some(), self.bias.is_some());
+        let inputs: Vec<&Tensor> = [Some(x), self.weight.as_ref(), self.bias.as_ref()].into_iter().flatten().collect();
+        recompute_in_backward(&inputs, move |t| {
+            let weight = has_weight.then(|| &t[1]);
+            let bias = has_bias.then(|| &t[t.len() - 1]);
+            composed(&t[0], weight, bias, eps)
+        })
     }
 }
 

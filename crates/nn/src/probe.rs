@@ -92,9 +92,16 @@ impl Recording {
     fn charge(&mut self, name: &str, now: Instant) -> Result<()> {
         let seconds = now.duration_since(self.last).as_secs_f64();
         let bytes = bytes_in_use(&self.device)?;
-        // The pool's (or heap's) high-water mark since the previous mark, which reset it; a mark
-        // after no allocation at all may read 0, so the bytes at either end bound it from below.
-        let peak = part_peak(&self.device)?.map(|p| p.max(bytes.unwrap_or(0)).max(self.last_bytes.unwrap_or(0)));
+        // Where the device counts its tensors: the pool's (or heap's) high-water mark since the
+        // previous mark, which reset it; a mark after no allocation at all may read 0, so the bytes
+        // at either end bound it from below.
+        let peak = match bytes {
+            Some(now) => {
+                let high = crate::device_memory::peak_tensor_bytes(&self.device).map_err(memory_error)?;
+                Some(high.max(now).max(self.last_bytes.unwrap_or(0)))
+            }
+            None => None,
+        };
         let growth = match (bytes, self.last_bytes) {
             (Some(now), Some(before)) => Some(now as i64 - before as i64),
             _ => None,
@@ -121,18 +128,6 @@ impl Recording {
 
 fn bytes_in_use(device: &Device) -> Result<Option<u64>> {
     crate::device_memory::tensor_bytes_in_use(device).map_err(memory_error)
-}
-
-/// The device's tensor high-water mark since the last [`reset_part_peak`], where the device's
-/// tensors are counted (a GPU; the CPU only with a counting heap, not the process's peak RSS).
-fn part_peak(device: &Device) -> Result<Option<u64>> {
-    if device.is_cpu() && !crate::device_memory::cpu_peak_is_counted() {
-        return Ok(None);
-    }
-    match bytes_in_use(device)? {
-        Some(_) => crate::device_memory::peak_tensor_bytes(device).map(Some).map_err(memory_error),
-        None => Ok(None),
-    }
 }
 
 fn reset_part_peak(device: &Device) -> Result<()> {

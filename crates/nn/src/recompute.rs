@@ -65,6 +65,9 @@ pub fn with_backward(
         let owned: Vec<Tensor> = inputs.iter().map(|t| (*t).clone()).collect();
         return forward(&owned);
     }
+    if !(1..=3).contains(&inputs.len()) {
+        candle_core::bail!("recompute: 1 to 3 inputs, got {}", inputs.len());
+    }
     let detached: Vec<Tensor> = inputs.iter().map(|t| t.detach()).collect();
     let output = forward(&detached)?;
     let op = Recomputed {
@@ -76,7 +79,7 @@ pub fn with_backward(
         [a] => a.apply_op1(op),
         [a, b] => a.apply_op2(b, op),
         [a, b, c] => a.apply_op3(b, c, op),
-        _ => candle_core::bail!("recompute_in_backward: 1 to 3 inputs, got {}", inputs.len()),
+        _ => unreachable!("the count is checked above"),
     }
 }
 

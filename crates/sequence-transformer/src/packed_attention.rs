@@ -106,14 +106,11 @@ impl Composed {
         let seqs = &self.sequences;
         let (b, d, h) = (seqs.batch_size(), q.dim(1)?, self.num_heads);
         let l = seqs.lengths().max().unwrap_or(0);
-        // Row r of sequence s goes to dense row s·L + (r − start); padding rows are hidden keys.
-        let mut index = Vec::with_capacity(seqs.num_rows());
+        let offsets = seqs.offsets();
+        // The key bias of dense row s·L + i: row `start + i` of sequence s, or hidden padding.
         let mut bias = vec![f64::NEG_INFINITY; b * l];
-        for (s, (start, len)) in seqs.offsets().iter().copied().zip(seqs.lengths()).enumerate() {
-            for i in 0..len {
-                index.push((s * l + i) as u32);
-                bias[s * l + i] = seqs.key_bias()[start + i];
-            }
+        for (s, (start, len)) in offsets.iter().copied().zip(seqs.lengths()).enumerate() {
+            bias[s * l..s * l + len].copy_from_slice(&seqs.key_bias()[start..start + len]);
         }
         let dev = q.device();
         let dropout = match &self.dropout {
@@ -137,26 +134,28 @@ impl Composed {
         let bias = Tensor::from_vec(bias, (b, 1, 1, l), dev)?.to_dtype(q.dtype())?;
         // Uniform lengths: the packed rows are the dense batch already.
         let uniform = seqs.uniform_length().is_some();
-        // Chunks of whole sequences, each at most `chunk_weights` attention weights.
+        // Chunks of whole sequences, each at most `chunk_weights` attention weights (a narrow over
+        // a whole dimension is the tensor itself: one chunk costs nothing).
         let per_chunk = (self.chunk_weights / (h * l * l).max(1)).clamp(1, b.max(1));
-        let offsets = seqs.offsets();
         let mut outputs = Vec::with_capacity(b.div_ceil(per_chunk));
         for first in (0..b.max(1)).step_by(per_chunk) {
             let n = per_chunk.min(b - first);
             let rows = offsets[first]..offsets[first + n];
-            let whole = n == b;
+            // Row i of the chunk's s-th sequence goes to dense row s·L + i.
+            let index = (!uniform).then(|| {
+                (0..n)
+                    .flat_map(|s| (0..offsets[first + s + 1] - offsets[first + s]).map(move |i| (s * l + i) as u32))
+                    .collect()
+            });
             let dense = DenseAttention {
                 shape: (n, l, h, d),
-                index: (!uniform).then(|| index[rows.clone()].iter().map(|&i| i - (first * l) as u32).collect()),
+                index,
                 core: Arc::new(AttentionCore {
-                    bias: if whole { bias.clone() } else { bias.narrow(0, first, n)? },
-                    dropout: match &dropout {
-                        Some(drop) if !whole => Some(drop.narrow(first, n)?),
-                        other => other.clone(),
-                    },
+                    bias: bias.narrow(0, first, n)?,
+                    dropout: dropout.as_ref().map(|drop| drop.narrow(first, n)).transpose()?,
                 }),
             };
-            let part = |x: &Tensor| if whole { Ok(x.clone()) } else { x.narrow(0, rows.start, rows.len()) };
+            let part = |x: &Tensor| x.narrow(0, rows.start, rows.len());
             let (q, k, v) = (part(q)?, part(k)?, part(v)?);
             outputs.push(recompute_in_backward(&[&q, &k, &v], move |x| dense.attend(&x[0], &x[1], &x[2]))?);
         }
@@ -176,7 +175,6 @@ impl Composed {
 const CHUNK_WEIGHTS: usize = 1 << 24;
 
 /// The dropout of the dense attention weights.
-#[derive(Clone)]
 enum DenseDropout {
     /// Multipliers `[B, H, L, L]` in the weights' dtype (from host-drawn values).
     Multipliers(Tensor),
