@@ -111,7 +111,7 @@ impl MaskBlock {
 
     /// The instance-guided mask `W2 · ReLU(W1 · v + b1) + b2`, `[batch, z]`.
     pub fn mask(&self, mask_input: &Tensor) -> Result<Tensor> {
-        self.projection.forward(&self.aggregation.forward(mask_input)?.relu()?)
+        self.projection.forward(&self.aggregation.forward_activated(mask_input, Activation::Relu)?)
     }
 
     /// Forward pass; `train` enables dropout. Shapes are checked.

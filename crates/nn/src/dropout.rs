@@ -2,10 +2,12 @@
 
 use std::sync::{Arc, Mutex};
 
+use rankstack_kernels::cpu::kernels_run_on;
 use rankstack_kernels::cpu::scale_by_mask::scale_by_mask;
 
-use candle_core::{ModuleT, Result, Tensor};
+use candle_core::{DType, ModuleT, Result, Tensor};
 
+use crate::recompute::with_backward;
 use crate::rng::Rng;
 
 /// Inverted dropout: in training each element is zeroed with probability `p` and the survivors are
@@ -14,10 +16,12 @@ use crate::rng::Rng;
 /// On the CPU the mask comes from this layer's own [`Rng`] (candle's CPU RNG cannot be seeded), so
 /// a training run is reproducible; [`Dropout::rng_state`] / [`Dropout::set_rng_state`] let a
 /// trainer checkpoint it. On the CPU (f32/f64) the product is one fused op whose backward pass
-/// reuses the mask. On a GPU the mask is drawn there ([`device_mask`]), by the device's generator:
-/// drawing tens of millions of values a step on the host and copying them over would cost more
-/// than the step. Seed the device (`Device::set_seed`, as the trainer does every step) for a
-/// reproducible run; its masks differ from the CPU's.
+/// reuses the mask. On a GPU the mask is drawn there ([`device_keep_mask`]), by the device's
+/// generator: drawing tens of millions of values a step on the host and copying them over would
+/// cost more than the step. Seed the device (`Device::set_seed`, as the trainer does every step)
+/// for a reproducible run; its masks differ from the CPU's. Off the fused op (a GPU, bf16, or the
+/// CPU with its kernels off) the product is one graph node that keeps the mask for the backward
+/// pass as `u8` ([`drop_with_keep_mask`]), a quarter of a float mask.
 #[derive(Debug)]
 pub struct Dropout {
     p: f64,
@@ -60,26 +64,42 @@ impl Dropout {
         let mut rng = self.rng.lock().expect("dropout rng lock poisoned");
         (0..n).map(|_| if rng.uniform() < self.p { 0.0 } else { keep_scale }).collect()
     }
-}
 
-/// The dropout multipliers for `like` (its shape, dtype and device) drawn on its device: `0` with
-/// probability `p`, `1 / (1 − p)` otherwise, from the device's random generator.
-pub fn device_mask(p: f64, like: &Tensor) -> Result<Tensor> {
-    device_multipliers(&device_keep_mask(p, like.shape(), like.device())?, p, like.dtype())
+    /// Which of `n` elements one training call keeps (`1`) or drops (`0`), from this layer's
+    /// stream: the draws of [`Dropout::multipliers`].
+    fn keep_draws(&self, n: usize) -> Vec<u8> {
+        let mut rng = self.rng.lock().expect("dropout rng lock poisoned");
+        (0..n).map(|_| u8::from(rng.uniform() >= self.p)).collect()
+    }
 }
 
 /// Which elements of a tensor of `shape` on `device` dropout keeps (`u8`: 1 keep, 0 drop, drawn
-/// with probability `1 − p` of keeping by the device's random generator): a quarter of
-/// [`device_mask`]'s memory where the mask has to be kept (the recomputed attention keeps it for
-/// its backward pass). [`device_multipliers`] turns it into the mask.
+/// with probability `1 − p` of keeping by the device's random generator): a quarter of a float
+/// mask's memory where the mask has to be kept for the backward pass. [`device_multipliers`]
+/// turns it into the multipliers.
 pub fn device_keep_mask(p: f64, shape: &candle_core::Shape, device: &candle_core::Device) -> Result<Tensor> {
     Tensor::rand(0f32, 1f32, shape, device)?.ge(p)
 }
 
 /// The dropout multipliers (`0` or `1 / (1 − p)`, in `dtype`) of a keep mask from
-/// [`device_keep_mask`]; the same values as [`device_mask`].
+/// [`device_keep_mask`].
 pub fn device_multipliers(keep: &Tensor, p: f64, dtype: candle_core::DType) -> Result<Tensor> {
     keep.to_dtype(dtype)?.affine(1.0 / (1.0 - p), 0.0)
+}
+
+/// `x ⊙ D` for the multipliers `D` of the keep mask `keep` (`u8`, `x`'s shape; see
+/// [`device_multipliers`]). Where `x` takes part in a graph it is one node whose backward pass
+/// (`∂x = ∂y ⊙ D`) forms `D` again from `keep`: the graph keeps the `u8` mask, not `D`.
+pub fn drop_with_keep_mask(x: &Tensor, keep: &Tensor, p: f64) -> Result<Tensor> {
+    if keep.shape() != x.shape() {
+        candle_core::bail!("dropout: keep mask {:?} for input {:?}", keep.dims(), x.dims());
+    }
+    let kept = keep.clone();
+    with_backward(
+        &[x],
+        |t| t[0].mul(&device_multipliers(keep, p, t[0].dtype())?),
+        move |_, _, grad| Ok(vec![Some(grad.mul(&device_multipliers(&kept, p, grad.dtype())?)?)]),
+    )
 }
 
 impl ModuleT for Dropout {
@@ -87,16 +107,20 @@ impl ModuleT for Dropout {
         if !train || self.p == 0.0 {
             return Ok(x.clone());
         }
-        if !x.device().is_cpu() {
-            return x.mul(&device_mask(self.p, x)?);
-        }
-        let mask = Arc::new(self.multipliers(x.elem_count()));
-        // f32/f64: one fused pass whose backward pass reuses the mask.
-        if let Some(y) = scale_by_mask(x, mask.clone())? {
-            return Ok(y);
-        }
-        let mask = Arc::try_unwrap(mask).unwrap_or_else(|m| m.as_ref().clone());
-        x.mul(&Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?)
+        let keep = if kernels_run_on(x.device()) && matches!(x.dtype(), DType::F32 | DType::F64) {
+            // One fused pass whose backward pass reuses the multipliers.
+            let multipliers = Arc::new(self.multipliers(x.elem_count()));
+            if let Some(y) = scale_by_mask(x, multipliers.clone())? {
+                return Ok(y);
+            }
+            let keep: Vec<u8> = multipliers.iter().map(|&m| u8::from(m != 0.0)).collect();
+            Tensor::from_vec(keep, x.shape(), x.device())?
+        } else if x.device().is_cpu() {
+            Tensor::from_vec(self.keep_draws(x.elem_count()), x.shape(), x.device())?
+        } else {
+            device_keep_mask(self.p, x.shape(), x.device())?
+        };
+        drop_with_keep_mask(x, &keep, self.p)
     }
 }
 
@@ -147,5 +171,32 @@ mod tests {
         d.set_rng_state(state);
         let b = d.forward_t(&ones.to_dtype(DType::BF16).unwrap(), true).unwrap();
         assert_eq!(a, b.to_dtype(DType::F32).unwrap().to_vec1::<f32>().unwrap());
+    }
+
+    /// On the GPU's graph (here the CPU with its kernels off) dropout is one node keeping a `u8`
+    /// mask: from the same stream state, the fused op's values and gradient bit for bit.
+    #[test]
+    fn the_keep_mask_node_equals_the_fused_op() {
+        use rankstack_kernels::cpu::{with_isa, Isa};
+        for dtype in [DType::F32, DType::F64] {
+            let x = candle_core::Var::from_tensor(&crate::testing::seeded_randn(5, &[3, 1001], dtype)).unwrap();
+            let w = crate::testing::seeded_randn(6, &[3, 1001], dtype);
+            let d = Dropout::new(0.5, 11).unwrap();
+            let state = d.rng_state();
+            let run = |y: Tensor| {
+                let g = y.mul(&w).unwrap().sum_all().unwrap().backward().unwrap();
+                let flat =
+                    |t: &Tensor| t.flatten_all().unwrap().to_dtype(DType::F64).unwrap().to_vec1::<f64>().unwrap();
+                (flat(&y), flat(g.get(x.as_tensor()).unwrap()))
+            };
+            let fused = run(d.forward_t(x.as_tensor(), true).unwrap());
+            d.set_rng_state(state);
+            let node = run(with_isa(Isa::Candle, || d.forward_t(x.as_tensor(), true)).unwrap());
+            assert_eq!(fused, node, "{dtype:?}");
+            assert!(fused.0.contains(&0.0) && fused.0.iter().any(|&v| v != 0.0));
+        }
+        let x = Tensor::ones((2, 3), DType::F32, &Device::Cpu).unwrap();
+        let e = drop_with_keep_mask(&x, &Tensor::ones(6, DType::U8, &Device::Cpu).unwrap(), 0.5).unwrap_err();
+        assert!(e.to_string().contains("keep mask [6] for input [2, 3]"), "{e}");
     }
 }

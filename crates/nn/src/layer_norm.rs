@@ -4,7 +4,7 @@ use candle_core::{Module, Result, Tensor, D};
 use candle_nn::{Init, VarBuilder};
 use serde::{Deserialize, Serialize};
 
-use crate::recompute::recompute_in_backward;
+use crate::recompute::with_backward;
 
 /// LayerNorm options (PyTorch defaults).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -87,16 +87,18 @@ impl Module for LayerNorm {
                 return Ok(y);
             }
         }
-        // Composed, its four full-size intermediates recomputed in the backward pass rather than
-        // kept: on a GPU they were a large share of a training step's memory.
-        // The inputs are `x`, then whichever of weight and bias the norm has.
+        // Composed, as one graph node with the gradient written out (see `composed_backward`): its
+        // intermediates are not kept for the backward pass, and that pass makes a third of the
+        // full-size temporaries that back-propagation through the composed operations did (on a
+        // GPU, a TransAct LayerNorm's backward pass was a training step's peak). The inputs are
+        // `x`, then whichever of weight and bias the norm has.
         let (eps, has_weight, has_bias) = (self.eps, self.weight.is_some(), self.bias.is_some());
         let inputs: Vec<&Tensor> = [Some(x), self.weight.as_ref(), self.bias.as_ref()].into_iter().flatten().collect();
-        recompute_in_backward(&inputs, move |t| {
-            let weight = has_weight.then(|| &t[1]);
-            let bias = has_bias.then(|| &t[t.len() - 1]);
-            composed(&t[0], weight, bias, eps)
-        })
+        with_backward(
+            &inputs,
+            |t| composed(&t[0], has_weight.then(|| &t[1]), has_bias.then(|| &t[t.len() - 1]), eps),
+            move |t, _, grad| composed_backward(&t[0], has_weight.then(|| &t[1]), has_bias, eps, grad),
+        )
     }
 }
 
@@ -105,6 +107,44 @@ fn composed(x: &Tensor, weight: Option<&Tensor>, bias: Option<&Tensor>, eps: f64
     let centred = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
     let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
     crate::standardize::standardize(&centred, &var, eps, weight, bias)
+}
+
+/// The gradients of [`composed`]'s inputs (`x`, then `weight` and `bias` where present) for the
+/// output gradient `g`, with `x̂ = (x − mean) / σ`, `σ = √(var + eps)` recomputed:
+///
+/// ```text
+/// ∂x̂ = g ⊙ weight,  ∂x = (∂x̂ − mean(∂x̂) − x̂ ⊙ mean(∂x̂ ⊙ x̂)) / σ,
+/// ∂weight = Σ_rows g ⊙ x̂,  ∂bias = Σ_rows g
+/// ```
+fn composed_backward(
+    x: &Tensor,
+    weight: Option<&Tensor>,
+    has_bias: bool,
+    eps: f64,
+    g: &Tensor,
+) -> Result<Vec<Option<Tensor>>> {
+    let d = x.dim(D::Minus1)?;
+    let rows = x.elem_count() / d.max(1);
+    let (x2, g) = (x.reshape((rows, d))?, g.reshape((rows, d))?);
+    let centred = x2.broadcast_sub(&x2.mean_keepdim(D::Minus1)?)?;
+    let sigma = (centred.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?;
+    let x_hat = centred.broadcast_div(&sigma)?;
+    drop(centred);
+    let dx_hat = match weight {
+        Some(w) => g.broadcast_mul(w)?,
+        None => g.clone(),
+    };
+    let mean_dx_hat = dx_hat.mean_keepdim(D::Minus1)?;
+    let mean_dx_hat_x_hat = dx_hat.mul(&x_hat)?.mean_keepdim(D::Minus1)?;
+    let dx = dx_hat
+        .broadcast_sub(&mean_dx_hat)?
+        .sub(&x_hat.broadcast_mul(&mean_dx_hat_x_hat)?)?
+        .broadcast_div(&sigma)?
+        .reshape(x.shape())?;
+    drop(dx_hat);
+    let dw = weight.map(|_| g.mul(&x_hat)?.sum(0)).transpose()?;
+    let db = has_bias.then(|| g.sum(0)).transpose()?;
+    Ok([Some(dx)].into_iter().chain(weight.map(|_| dw)).chain(has_bias.then_some(db)).collect())
 }
 
 #[cfg(test)]
@@ -123,6 +163,43 @@ mod tests {
         let y: Vec<Vec<f64>> =
             ln.forward(&Tensor::new(&[[1f64, 3.0]], &Device::Cpu).unwrap()).unwrap().to_vec2().unwrap();
         assert!((y[0][0] + 1.0).abs() < 1e-10 && (y[0][1] - 1.0).abs() < 1e-10);
+    }
+
+    /// The composed path (what a GPU runs: one node with its gradient written out) against
+    /// back-propagation through `composed`'s operations, f64, rank 2 and 3, with and without
+    /// weight and bias, and a row with a large mean.
+    #[test]
+    fn the_written_out_gradient_is_the_composed_operations_gradient() {
+        use rankstack_kernels::cpu::{with_isa, Isa};
+        let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        for dims in [vec![4, 6], vec![2, 3, 6]] {
+            for (with_weight, with_bias) in [(true, true), (true, false), (false, false)] {
+                let var = |seed, dims: &[usize]| {
+                    Var::from_tensor(&crate::testing::seeded_randn(seed, dims, DType::F64)).unwrap()
+                };
+                let x = Var::from_tensor(&(crate::testing::seeded_randn(1, &dims, DType::F64) + 1e3).unwrap()).unwrap();
+                let (w, b) = (var(2, &[6]), var(3, &[6]));
+                let norm = LayerNorm {
+                    weight: with_weight.then(|| w.as_tensor().clone()),
+                    bias: with_bias.then(|| b.as_tensor().clone()),
+                    eps: 1e-5,
+                };
+                let r = crate::testing::seeded_randn(4, &dims, DType::F64);
+                let node = with_isa(Isa::Candle, || norm.forward(x.as_tensor())).unwrap();
+                let plain = composed(x.as_tensor(), norm.weight.as_ref(), norm.bias.as_ref(), 1e-5).unwrap();
+                assert_eq!(flat(&node), flat(&plain));
+                let g1 = node.mul(&r).unwrap().sum_all().unwrap().backward().unwrap();
+                let g2 = plain.mul(&r).unwrap().sum_all().unwrap().backward().unwrap();
+                let params = [(with_weight, &w), (with_bias, &b)];
+                for v in [&x].into_iter().chain(params.iter().filter(|p| p.0).map(|p| p.1)) {
+                    let (a, c) = (flat(g1.get(v.as_tensor()).unwrap()), flat(g2.get(v.as_tensor()).unwrap()));
+                    let scale = c.iter().fold(0f64, |m, v| m.max(v.abs()));
+                    for (a, c) in a.iter().zip(&c) {
+                        assert!((a - c).abs() <= 1e-12 * scale, "{dims:?} {with_weight} {with_bias}: {a} vs {c}");
+                    }
+                }
+            }
+        }
     }
 
     #[test]

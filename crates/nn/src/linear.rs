@@ -5,6 +5,10 @@ use std::sync::Arc;
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 
+use crate::recompute::with_backward;
+use crate::Activation;
+
+use rankstack_kernels::cpu::kernels_run_on;
 use rankstack_kernels::cpu::linear as fused_linear;
 use rankstack_kernels::cpu::packed_matmul::{packed_kernel_available, PackedWeight, WeightPrecision};
 
@@ -14,7 +18,9 @@ use rankstack_kernels::cpu::packed_matmul::{packed_kernel_available, PackedWeigh
 /// product is one differentiable op on the crate's packed kernel (`fused_linear`: forward and a
 /// backward pass that forms `∂W` directly in its layout; the same values as candle's product up
 /// to f32 summation order); elsewhere, and for products of fewer than 16 rows (where candle's
-/// matrix-vector path is faster), it is `candle_nn::Linear`. A serving model can
+/// matrix-vector path is faster), it is `candle_nn::Linear`; in training on the graph a GPU runs
+/// (a GPU, or the CPU with its kernels off) it is one graph node that keeps neither the product
+/// nor, with [`Linear::forward_activated`], the pre-activation. A serving model can
 /// [`Linear::pack`] its weight once into a [`PackedWeight`]: f32
 /// (no per-call repacking, bias added in the kernel) or bf16 (half the memory and twice the
 /// multiply-add rate on CPUs with AVX512-BF16). A packed layer takes f32 inputs on the CPU and its
@@ -62,6 +68,11 @@ impl Linear {
     /// full-precision weight (the master copy). For bf16 training on a GPU; `None` turns it off.
     pub fn set_autocast(&mut self, dtype: Option<DType>) {
         self.autocast = dtype;
+    }
+
+    /// The autocast dtype ([`Linear::set_autocast`]), if any.
+    pub fn autocast(&self) -> Option<DType> {
+        self.autocast
     }
 
     /// The weight tensor, or `None` once packed.
@@ -160,6 +171,9 @@ impl Module for Linear {
             Inner::Tensor(layer) if fused_linear::applies(x, layer.weight()) => {
                 fused_linear::linear(x, layer.weight(), layer.bias())
             }
+            Inner::Tensor(layer) if trains_on_device_graph(x, layer) => {
+                device_graph_node(x, layer.weight(), layer.bias(), false)
+            }
             // candle 0.11's CPU product folds a batch-broadcast weight into one GEMM assuming the
             // input's rows are adjacent, which gives wrong values for a transposed [b, l, d] view
             // (huggingface/candle#3744, fix proposed in #3758), so it gets a contiguous input (a
@@ -168,6 +182,78 @@ impl Module for Linear {
             Inner::Packed { weight, bias } => weight.matmul_t(x, bias.as_ref()),
         }
     }
+}
+
+impl Linear {
+    /// `activation(x Wᵀ + b)`. In training on a GPU's graph (see [`Linear`]) a ReLU is part of
+    /// the layer's one graph node, so that neither the product nor the pre-activation is kept for
+    /// the backward pass; its gradient then follows PyTorch's rule (none where the output is 0,
+    /// so none at a pre-activation of exactly 0, where candle's `relu` lets it through).
+    /// Elsewhere it is `activation.apply(self.forward(x))`.
+    pub fn forward_activated(&self, x: &Tensor, activation: Activation) -> Result<Tensor> {
+        match &self.inner {
+            Inner::Tensor(layer)
+                if activation == Activation::Relu
+                    && self.autocast.is_none_or(|d| d == x.dtype())
+                    && layer.weight().dtype() == x.dtype()
+                    && trains_on_device_graph(x, layer) =>
+            {
+                device_graph_node(x, layer.weight(), layer.bias(), true)
+            }
+            _ => activation.apply(&self.forward(x)?),
+        }
+    }
+}
+
+/// Whether `x · layer` is a training step's product on the graph a GPU runs (a GPU, or the CPU
+/// with its kernels off): an input or the weight takes part in a graph.
+fn trains_on_device_graph(x: &Tensor, layer: &candle_nn::Linear) -> bool {
+    !kernels_run_on(x.device()) && (x.track_op() || layer.weight().track_op())
+}
+
+/// `x Wᵀ + b` (then ReLU where `relu`) as one graph node with its backward pass written out
+/// ([`with_backward`]):
+///
+/// ```text
+/// y = x Wᵀ + b,  ∂x = ∂y W,  ∂W = ∂yᵀ x,  ∂b = Σ_rows ∂y      (∂y ⊙ [y > 0] first, for ReLU)
+/// ```
+///
+/// candle's own graph of `matmul` then `broadcast_add` keeps the product `x Wᵀ` (an input of the
+/// addition) until the backward pass, though no gradient needs its values; with a ReLU the sum
+/// too. On a GPU these were the largest tensors a training step kept (MaskNet's `[B, 4288]`
+/// aggregation, TransAct's `[R, 3d]` in-projection). The node keeps its inputs and its output only.
+/// `x` `[..., in]` runs as one `[rows, in]` product.
+fn device_graph_node(x: &Tensor, w: &Tensor, b: Option<&Tensor>, relu: bool) -> Result<Tensor> {
+    let (out_dim, in_dim) = w.dims2()?;
+    let Some((&last, lead)) = x.dims().split_last() else { candle_core::bail!("linear: a scalar input") };
+    if last != in_dim {
+        candle_core::bail!("linear: expected input [..., {in_dim}], got {:?}", x.dims());
+    }
+    let rows = lead.iter().product::<usize>();
+    let out_shape: Vec<usize> = lead.iter().copied().chain([out_dim]).collect();
+    let x2 = x.contiguous()?.reshape((rows, in_dim))?;
+    let inputs: Vec<&Tensor> = [Some(&x2), Some(w), b].into_iter().flatten().collect();
+    let has_bias = b.is_some();
+    let y = with_backward(
+        &inputs,
+        |t| {
+            let y = t[0].matmul(&t[1].t()?)?;
+            let y = if has_bias { y.broadcast_add(&t[2])? } else { y };
+            if relu {
+                y.relu()
+            } else {
+                Ok(y)
+            }
+        },
+        move |t, y, grad| {
+            let grad = if relu { grad.mul(&y.gt(0.0)?.to_dtype(grad.dtype())?)? } else { grad.clone() };
+            let dx = grad.matmul(&t[1])?;
+            let dw = grad.t()?.matmul(&t[0])?;
+            let db = if has_bias { Some(grad.sum(0)?) } else { None };
+            Ok([Some(dx), Some(dw)].into_iter().chain(has_bias.then_some(db)).collect())
+        },
+    )?;
+    y.reshape(out_shape)
 }
 
 /// A module built (in part) from [`Linear`] layers, so that a serving model can pack all of them
@@ -225,7 +311,7 @@ pub fn linear_xavier(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::Var;
+    use candle_core::{Device, Var};
 
     /// Autocast to bf16: the product of the bf16-rounded operands (exact here: small integers),
     /// the bias added in f32, the output in f32, and gradients reaching the f32 weight and bias.
@@ -285,6 +371,54 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// On the GPU's graph (here the CPU with its kernels off) a training product is one node
+    /// (`device_graph_node`): the values and gradients of candle's own graph (product, bias, ReLU)
+    /// for inputs of rank 2 to 4, with and without bias, and ReLU's gradient by PyTorch's rule at
+    /// a pre-activation of exactly 0.
+    #[test]
+    fn the_device_graph_node_matches_candles_graph() {
+        use rankstack_kernels::cpu::{with_isa, Isa};
+        let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let close = |a: &Tensor, b: &Tensor, what: &str| {
+            let (a, b) = (flat(a), flat(b));
+            let scale = b.iter().fold(1e-300f64, |m, v| m.max(v.abs()));
+            let err = a.iter().zip(&b).fold(0f64, |m, (x, y)| m.max((x - y).abs()));
+            assert!(a.len() == b.len() && err <= 1e-14 * scale, "{what}: {err} against {scale}");
+        };
+        for dims in [vec![5, 7], vec![2, 5, 7], vec![2, 3, 5, 7]] {
+            for bias in [true, false] {
+                for relu in [false, true] {
+                    let what = format!("{dims:?}, bias {bias}, relu {relu}");
+                    let var = |seed, dims: &[usize]| {
+                        Var::from_tensor(&crate::testing::seeded_randn(seed, dims, DType::F64)).unwrap()
+                    };
+                    let (x, w, b) = (var(1, &dims), var(2, &[4, 7]), var(3, &[4]));
+                    let b = bias.then_some(b);
+                    let layer = Linear::new(w.as_tensor().clone(), b.as_ref().map(|b| b.as_tensor().clone()));
+                    let activation = if relu { Activation::Relu } else { Activation::Identity };
+                    let node = with_isa(Isa::Candle, || layer.forward_activated(x.as_tensor(), activation)).unwrap();
+                    let theirs =
+                        candle_nn::Linear::new(w.as_tensor().clone(), b.as_ref().map(|b| b.as_tensor().clone()));
+                    let plain = activation.apply(&theirs.forward(x.as_tensor()).unwrap()).unwrap();
+                    assert_eq!(node.dims(), plain.dims(), "{what}");
+                    close(&node, &plain, &what);
+                    let g1 = node.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+                    let g2 = plain.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+                    for v in [Some(&x), Some(&w), b.as_ref()].into_iter().flatten() {
+                        close(g1.get(v.as_tensor()).unwrap(), g2.get(v.as_tensor()).unwrap(), &what);
+                    }
+                }
+            }
+        }
+        // x Wᵀ = [0, 2]: no gradient through the 0 (PyTorch's `relu` backward), one through the 2.
+        let x = Var::new(&[[1f64, 1.]], &Device::Cpu).unwrap();
+        let layer = Linear::new(Tensor::new(&[[1f64, -1.], [1., 1.]], &Device::Cpu).unwrap(), None);
+        let y = with_isa(Isa::Candle, || layer.forward_activated(x.as_tensor(), Activation::Relu)).unwrap();
+        assert_eq!(y.to_vec2::<f64>().unwrap(), vec![vec![0., 2.]]);
+        let g = y.sum_all().unwrap().backward().unwrap();
+        assert_eq!(g.get(x.as_tensor()).unwrap().to_vec2::<f64>().unwrap(), vec![vec![1., 1.]]);
     }
 
     /// A transposed view as input gives the product of its values on both paths (candle 0.11's

@@ -171,14 +171,24 @@ impl ModuleT for Mlp {
         crate::shape::expect_matrix("Mlp", "input", x, self.input_dim)?;
         let mut h = x.clone();
         for layer in &self.layers {
-            h = layer.linear.forward(&h)?;
-            match &layer.norm {
-                Some(Norm::Layer(norm)) => h = norm.forward(&h)?,
-                Some(Norm::Batch(norm)) => h = norm.forward_t(&h, train)?,
-                None => {}
-            }
+            h = match (&layer.norm, layer.activate) {
+                // Unnormalised: the activation is part of the product's node (Linear::forward_activated).
+                (None, true) => layer.linear.forward_activated(&h, self.activation)?,
+                (norm, activate) => {
+                    h = layer.linear.forward(&h)?;
+                    match norm {
+                        Some(Norm::Layer(norm)) => h = norm.forward(&h)?,
+                        Some(Norm::Batch(norm)) => h = norm.forward_t(&h, train)?,
+                        None => {}
+                    }
+                    if activate {
+                        self.activation.apply(&h)?
+                    } else {
+                        h
+                    }
+                }
+            };
             if layer.activate {
-                h = self.activation.apply(&h)?;
                 h = self.dropout.forward_t(&h, train)?;
             }
         }

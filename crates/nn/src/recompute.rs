@@ -34,9 +34,9 @@ use std::sync::{Arc, Mutex};
 use candle_core::backend::{BackendDevice, BackendStorage};
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Storage, Tensor, Var};
 
-/// The backward pass of a part: the gradients of its inputs (given detached, in order) from the
-/// gradient of its output; `None` for an input that gets none.
-type Backward = dyn Fn(&[Tensor], &Tensor) -> Result<Vec<Option<Tensor>>> + Send + Sync;
+/// The backward pass of a part: the gradients of its inputs from the inputs and the output (both
+/// detached) and the gradient of the output; `None` for an input that gets none.
+type Backward = dyn Fn(&[Tensor], &Tensor, &Tensor) -> Result<Vec<Option<Tensor>>> + Send + Sync;
 
 /// `part(inputs)` (one to three inputs), its intermediates freed at once and recomputed in the
 /// backward pass (see the module documentation). Where no input takes part in a graph (inference)
@@ -47,19 +47,19 @@ pub fn recompute_in_backward(
 ) -> Result<Tensor> {
     let part = Arc::new(part);
     let again = part.clone();
-    with_backward(inputs, move |x| part(x), move |x, grad| autograd_through(again.as_ref(), x, grad))
+    with_backward(inputs, move |x| part(x), move |x, _, grad| backprop_through(again.as_ref(), x, grad))
 }
 
 /// `forward(inputs)` (one to three inputs) as one graph node whose backward pass is `backward`
-/// (inputs detached, the output's gradient → the inputs' gradients), its intermediates freed at
-/// once: for a part whose gradient has a cheaper formula than back-propagation through its
-/// operations (fewer large temporaries). `backward` must be the derivative of `forward`; gradients
-/// of inputs outside the graph are dropped. Where no input takes part in a graph it is simply
-/// `forward(inputs)`.
+/// (`(inputs, output, output's gradient)`, the inputs and output detached → the inputs'
+/// gradients), its intermediates freed at once: for a part whose gradient has a cheaper formula
+/// than back-propagation through its operations (fewer large temporaries). `backward` must be the
+/// derivative of `forward`; gradients of inputs outside the graph are dropped. Where no input
+/// takes part in a graph it is simply `forward(inputs)`.
 pub fn with_backward(
     inputs: &[&Tensor],
     forward: impl Fn(&[Tensor]) -> Result<Tensor>,
-    backward: impl Fn(&[Tensor], &Tensor) -> Result<Vec<Option<Tensor>>> + Send + Sync + 'static,
+    backward: impl Fn(&[Tensor], &Tensor, &Tensor) -> Result<Vec<Option<Tensor>>> + Send + Sync + 'static,
 ) -> Result<Tensor> {
     if !inputs.iter().any(|t| t.track_op()) {
         let owned: Vec<Tensor> = inputs.iter().map(|t| (*t).clone()).collect();
@@ -84,8 +84,9 @@ pub fn with_backward(
 }
 
 /// The inputs' gradients of `part` at `inputs` for the output gradient `grad`: the part run again
-/// with tracking, `grad` back-propagated through it.
-fn autograd_through(
+/// with tracking, `grad` back-propagated through it (`None` for an input the part does not use).
+/// For a [`with_backward`] node that back-propagates through its part piece by piece.
+pub fn backprop_through(
     part: &(dyn Fn(&[Tensor]) -> Result<Tensor> + Send + Sync),
     inputs: &[Tensor],
     grad: &Tensor,
@@ -150,9 +151,9 @@ impl Recomputed {
     }
 
     /// The gradients of the inputs (`None` for those outside the graph).
-    fn gradients(&self, inputs: &[&Tensor], grad: &Tensor) -> Result<Vec<Option<Tensor>>> {
+    fn gradients(&self, inputs: &[&Tensor], output: &Tensor, grad: &Tensor) -> Result<Vec<Option<Tensor>>> {
         let detached: Vec<Tensor> = inputs.iter().map(|t| t.detach()).collect();
-        let grads = (self.backward)(&detached, &grad.detach())?;
+        let grads = (self.backward)(&detached, &output.detach(), &grad.detach())?;
         if grads.len() != inputs.len() {
             candle_core::bail!("recompute: {} gradients for {} inputs", grads.len(), inputs.len());
         }
@@ -173,8 +174,8 @@ impl CustomOp1 for Recomputed {
         self.cuda_output(s)
     }
 
-    fn bwd(&self, a: &Tensor, _: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let mut g = self.gradients(&[a], grad)?;
+    fn bwd(&self, a: &Tensor, output: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let mut g = self.gradients(&[a], output, grad)?;
         Ok(g.remove(0))
     }
 }
@@ -198,8 +199,8 @@ impl CustomOp2 for Recomputed {
         self.cuda_output(s)
     }
 
-    fn bwd(&self, a: &Tensor, b: &Tensor, _: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let mut g = self.gradients(&[a, b], grad)?.into_iter();
+    fn bwd(&self, a: &Tensor, b: &Tensor, output: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let mut g = self.gradients(&[a, b], output, grad)?.into_iter();
         Ok((g.next().flatten(), g.next().flatten()))
     }
 }
@@ -238,10 +239,10 @@ impl CustomOp3 for Recomputed {
         a: &Tensor,
         b: &Tensor,
         c: &Tensor,
-        _: &Tensor,
+        output: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let mut g = self.gradients(&[a, b, c], grad)?.into_iter();
+        let mut g = self.gradients(&[a, b, c], output, grad)?.into_iter();
         Ok((g.next().flatten(), g.next().flatten(), g.next().flatten()))
     }
 }

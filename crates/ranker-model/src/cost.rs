@@ -48,14 +48,15 @@ pub struct CostReport {
 const F32: usize = 4;
 
 /// The peak tensor memory per candidate of a training step on a CUDA GPU over the planner's
-/// activation estimate: 1, i.e. none (`docs/cost-planner.md`, calibration). Measured on the GPU's
-/// graph of operations run on the CPU with the CPU kernels off (`RANKSTACK_CPU=candle`, counted
-/// heap: `examples/gpu_bench.rs`) at batch 512 to 4096 for `homefeed-bench` in f32, after the
-/// composed attention, LayerNorm and max-pooling stopped keeping their intermediates for the
-/// backward pass and the attention began to run in chunks: the planner's own figure is within
-/// −3 … +10% of those peaks. The GPU itself last measured 2.65 (f32) and 2.7 (bf16 autocast),
-/// before that change. `--batch-size auto` on a GPU divides by this.
-pub const CUDA_TRAINING_ACTIVATIONS: f64 = 1.0;
+/// activation estimate: 0.52 (`docs/cost-planner.md`, calibration). Measured on the GPU's graph of
+/// operations run on the CPU with the CPU kernels off (`RANKSTACK_CPU=candle`, counted heap:
+/// `examples/gpu_bench.rs`) at batch 512, 2048 and 8192 for `homefeed-bench` in f32, since every
+/// product, dropout and LayerNorm of that graph became one node that keeps only what its backward
+/// pass reads and the attention keeps nothing of its projections: the planner's figure with this
+/// factor lies within 0 … +4% of those peaks (on the safe side at the large batches that
+/// `--batch-size auto` picks). The GPU itself last measured 2.65 (f32) and 2.7 (bf16 autocast),
+/// two changes before. `--batch-size auto` on a GPU divides by this.
+pub const CUDA_TRAINING_ACTIVATIONS: f64 = 0.52;
 
 /// The activation factor of training memory on `device`: [`CUDA_TRAINING_ACTIVATIONS`] on a GPU,
 /// 1 on the CPU (where the measured figure, the process's peak RSS, is not a tensor figure).
@@ -119,10 +120,11 @@ impl CostReport {
         self.max_training_batch_calibrated(device_bytes, fraction, 1.0)
     }
 
-    /// [`CostReport::training_bytes`] with the activations counted `activation_factor` (≥ 1) times.
+    /// [`CostReport::training_bytes`] with the activations counted `activation_factor` times (a
+    /// factor that is not positive and finite counts them once).
     pub fn calibrated_training_bytes(&self, activation_factor: f64) -> usize {
         let fixed = 4 * self.parameter_bytes();
-        let activations = self.training_bytes().saturating_sub(fixed) as f64 * activation_factor.max(1.0);
+        let activations = self.training_bytes().saturating_sub(fixed) as f64 * usable(activation_factor);
         fixed.saturating_add(activations as usize) // `as` saturates at usize::MAX
     }
 
@@ -130,12 +132,21 @@ impl CostReport {
     /// a device's measured peak per candidate over the planner's (see [`CUDA_TRAINING_ACTIVATIONS`]).
     pub fn max_training_batch_calibrated(&self, device_bytes: usize, fraction: f64, activation_factor: f64) -> usize {
         let budget = fraction * device_bytes as f64 - (4 * self.parameter_bytes()) as f64;
-        let per_candidate = (F32 * self.total().activations_per_candidate).max(1) as f64 * activation_factor.max(1.0);
+        let per_candidate = (F32 * self.total().activations_per_candidate).max(1) as f64 * usable(activation_factor);
         if budget <= 0.0 {
             0
         } else {
             (budget / per_candidate).floor() as usize
         }
+    }
+}
+
+/// `factor` where it is positive and finite, else 1.
+fn usable(factor: f64) -> f64 {
+    if factor.is_finite() && factor > 0.0 {
+        factor
+    } else {
+        1.0
     }
 }
 

@@ -44,6 +44,16 @@ fn tiny_model_by_hand() {
     assert!(!cost.training_fits(cost.training_bytes(), 0.99));
     let max = cost.max_training_batch(cost.training_bytes(), 1.0);
     assert_eq!(max, 10);
+    // A device factor counts the activations that many times, below 1 as well (a GPU's graph
+    // that keeps fewer intermediates than the planner counts); a factor that is not positive and
+    // finite counts them once.
+    assert_eq!(cost.calibrated_training_bytes(0.5), 4 * 204 + 2 * 10 * acts);
+    assert_eq!(cost.calibrated_training_bytes(2.0), 4 * 204 + 8 * 10 * acts);
+    assert_eq!(cost.max_training_batch_calibrated(cost.training_bytes(), 1.0, 0.5), 20);
+    for odd in [0.0, -1.0, f64::NAN, f64::INFINITY] {
+        assert_eq!(cost.calibrated_training_bytes(odd), cost.training_bytes(), "{odd}");
+        assert_eq!(cost.max_training_batch_calibrated(cost.training_bytes(), 1.0, odd), 10, "{odd}");
+    }
 }
 
 #[test]

@@ -5,10 +5,11 @@ use std::sync::Arc;
 use candle_core::{Module, ModuleT, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 
-use rankstack_kernels::cpu::kernels_enabled;
+use rankstack_kernels::cpu::kernels_run_on;
 use rankstack_nn::{init::xavier_uniform, linear_xavier, Dropout, Error, Linear};
 
 use crate::packed::forward_dense;
+use crate::packed_attention::packed_self_attention_with_device_dropout;
 use crate::{packed_attention, packed_attention_with_device_dropout, PackedSequences};
 
 const LAYER: &str = "MultiHeadAttention";
@@ -42,6 +43,10 @@ pub struct MultiHeadAttention {
     q_proj: Linear,
     k_proj: Linear,
     v_proj: Linear,
+    /// The whole parameters, for the GPU graph's training node
+    /// ([`packed_self_attention_with_device_dropout`]), which projects by itself.
+    in_proj_weight: Tensor,
+    in_proj_bias: Option<Tensor>,
     out_proj: Linear,
     dropout: Dropout,
     dim: usize,
@@ -80,6 +85,8 @@ impl MultiHeadAttention {
             k_proj: block(1)?,
             v_proj: block(2)?,
             out_proj: linear_xavier(dim, dim, bias, vb.pp("out_proj"))?,
+            in_proj_weight,
+            in_proj_bias,
             dropout,
             dim,
             num_heads,
@@ -97,9 +104,22 @@ impl MultiHeadAttention {
     /// of different sequences never see each other.
     pub fn forward_packed(&self, x: &Tensor, sequences: &Arc<PackedSequences>, train: bool) -> Result<Tensor> {
         rankstack_nn::shape::expect_dims(LAYER, "packed input", x, &[Some(sequences.num_rows()), Some(self.dim)])?;
-        let (q, k, v) = (self.q_proj.forward(x)?, self.k_proj.forward(x)?, self.v_proj.forward(x)?);
         let p = if train { self.dropout.p() } else { 0.0 };
-        let out = if p > 0.0 && (!q.device().is_cpu() || !kernels_enabled()) {
+        let on_device_graph = !kernels_run_on(x.device());
+        if on_device_graph && (x.track_op() || self.in_proj_weight.track_op()) && self.q_proj.autocast().is_none() {
+            // Training on a GPU's graph: one node that keeps nothing of the projections.
+            let out = packed_self_attention_with_device_dropout(
+                x,
+                &self.in_proj_weight,
+                self.in_proj_bias.as_ref(),
+                sequences,
+                self.num_heads,
+                p,
+            )?;
+            return self.out_proj.forward(&out);
+        }
+        let (q, k, v) = (self.q_proj.forward(x)?, self.k_proj.forward(x)?, self.v_proj.forward(x)?);
+        let out = if p > 0.0 && on_device_graph {
             // On a GPU the mask is drawn there (see `Dropout`'s device masks); so it is on the
             // CPU with its kernels off, which runs the GPU's graph (`RANKSTACK_CPU=candle`).
             packed_attention_with_device_dropout(&q, &k, &v, sequences, self.num_heads, p)?

@@ -138,7 +138,7 @@ impl TransformerEncoderLayer {
     }
 
     fn feed_forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let h = self.activation.apply(&self.linear1.forward(x)?)?;
+        let h = self.linear1.forward_activated(x, self.activation)?;
         self.linear2.forward(&self.dropout.forward_t(&h, train)?)
     }
 

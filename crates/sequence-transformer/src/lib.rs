@@ -50,7 +50,9 @@ pub use config::{
 pub use encoder::{EncoderLayerConfig, TransformerEncoder, TransformerEncoderLayer};
 pub use mask::{key_mask, key_mask_with, TimeWindowSampler};
 pub use packed::PackedSequences;
-pub use packed_attention::{packed_attention, packed_attention_with_device_dropout};
+pub use packed_attention::{
+    packed_attention, packed_attention_with_device_dropout, packed_self_attention_with_device_dropout,
+};
 pub use src_mask::AttentionMask;
 pub use torch_transformer::{from_torch_transformer_state_dict, TorchTransformerConfig};
 pub use transact::from_transact_state_dict;

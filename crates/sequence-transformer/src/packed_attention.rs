@@ -9,7 +9,7 @@ use candle_core::{Result, Tensor, D};
 use rankstack_kernels::cpu::packed_attention::{check, head_blocks, packed_attention_fused, SequenceLayout};
 use rankstack_kernels::distinct_rows::{gather_rows, scatter_rows};
 use rankstack_nn::dropout::{device_keep_mask, device_multipliers};
-use rankstack_nn::recompute::{recompute_in_backward, with_backward};
+use rankstack_nn::recompute::{backprop_through, recompute_in_backward, with_backward};
 
 use crate::PackedSequences;
 
@@ -63,7 +63,7 @@ pub fn packed_attention(
 }
 
 /// [`packed_attention`] with dropout of probability `p` on the attention weights, its mask drawn
-/// on the inputs' device by the device's random generator ([`rankstack_nn::dropout::device_mask`])
+/// on the inputs' device by the device's random generator ([`rankstack_nn::dropout::device_keep_mask`])
 /// instead of from host multipliers: for GPUs, where drawing `B·H·ΣL²` values on the host and
 /// copying them over would cost more than the attention itself. Always the composed path.
 pub fn packed_attention_with_device_dropout(
@@ -74,12 +74,32 @@ pub fn packed_attention_with_device_dropout(
     num_heads: usize,
     p: f64,
 ) -> Result<Tensor> {
-    if !(0.0..1.0).contains(&p) {
-        candle_core::bail!("packed attention: dropout {p} is outside [0, 1)");
+    Composed::with_device_dropout([q, k, v], sequences, num_heads, p)?.composed(q, k, v)
+}
+
+/// Self-attention of the packed rows `x` `[R, d]` with PyTorch's packed in-projection: `Q`, `K`,
+/// `V` are `x` times the three row blocks of `in_proj_weight` `[3d, d]` (plus those of
+/// `in_proj_bias` `[3d]`), then [`packed_attention_with_device_dropout`] of them. Composed of
+/// candle operations (what a GPU runs), as one graph node whose backward pass projects and
+/// attends again, chunk by chunk: a training step keeps only its `[R, d]` output, not the three
+/// `[R, d]` projections nor anything of the attention.
+pub fn packed_self_attention_with_device_dropout(
+    x: &Tensor,
+    in_proj_weight: &Tensor,
+    in_proj_bias: Option<&Tensor>,
+    sequences: &Arc<PackedSequences>,
+    num_heads: usize,
+    p: f64,
+) -> Result<Tensor> {
+    let op = Composed::with_device_dropout([x, x, x], sequences, num_heads, p)?;
+    let d = x.dim(1)?;
+    if in_proj_weight.dims() != [3 * d, d] {
+        candle_core::bail!("packed attention: in_proj_weight {:?}, expected [{}, {d}]", in_proj_weight.dims(), 3 * d);
     }
-    check(q, k, v, sequences.as_ref(), num_heads)?;
-    Composed { sequences: sequences.clone(), num_heads, dropout: None, device_dropout: p, chunk_weights: CHUNK_WEIGHTS }
-        .composed(q, k, v)
+    if let Some(b) = in_proj_bias.filter(|b| b.dims() != [3 * d]) {
+        candle_core::bail!("packed attention: in_proj_bias {:?}, expected [{}]", b.dims(), 3 * d);
+    }
+    op.projected(x, in_proj_weight, in_proj_bias)
 }
 
 /// The attention composed of candle operations on a dense, padded `[B, H, L, L]` batch.
@@ -95,6 +115,27 @@ struct Composed {
 }
 
 impl Composed {
+    /// The attention of `q`, `k`, `v` (checked against `sequences`) with dropout `p` drawn on the
+    /// device.
+    fn with_device_dropout(
+        [q, k, v]: [&Tensor; 3],
+        sequences: &Arc<PackedSequences>,
+        num_heads: usize,
+        p: f64,
+    ) -> Result<Self> {
+        if !(0.0..1.0).contains(&p) {
+            candle_core::bail!("packed attention: dropout {p} is outside [0, 1)");
+        }
+        check(q, k, v, sequences.as_ref(), num_heads)?;
+        Ok(Self {
+            sequences: sequences.clone(),
+            num_heads,
+            dropout: None,
+            device_dropout: p,
+            chunk_weights: CHUNK_WEIGHTS,
+        })
+    }
+
     /// The same attention composed of candle operations on a dense, padded `[B, H, L, L]` batch
     /// (devices and dtypes the fused kernel does not cover). In training its intermediates are
     /// not kept for the backward pass, which computes them again ([`recompute_in_backward`]), as
@@ -103,16 +144,99 @@ impl Composed {
     /// memory. A dropout mask is drawn once and kept (`u8` when drawn on the device), so that
     /// every computation uses the same one.
     fn composed(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+        let mut outputs = Vec::new();
+        let prepared = self.prepare(q.dtype(), q.device())?;
+        for Chunk { rows, dense } in self.chunks(&prepared, q.dim(1)?, self.chunk_weights)? {
+            let part = |x: &Tensor| x.narrow(0, rows.start, rows.len());
+            let (q, k, v) = (part(q)?, part(k)?, part(v)?);
+            outputs.push(recompute_in_backward(&[&q, &k, &v], move |x| dense.attend(&x[0], &x[1], &x[2]))?);
+        }
+        match outputs.len() {
+            1 => Ok(outputs.remove(0)),
+            _ => Tensor::cat(&outputs, 0),
+        }
+    }
+
+    /// The attention of the projections `[Q ‖ K ‖ V] = x W_inᵀ + b_in` (`w` `[3d, d]`, `b` `[3d]`)
+    /// as one graph node over `x`, `w` and `b`: in training it keeps nothing but its output for
+    /// the backward pass, which projects and attends again chunk by chunk and back-propagates
+    /// through each chunk alone, in chunks of a quarter of the forward pass's size (its
+    /// transient memory, about nine `[chunk, H, L, L]`-sized tensors, was the largest of a GPU
+    /// training step). Each chunk projects its own rows, by the three row blocks of `w` (a
+    /// `[rows, 3d]` product split into three would give three zero-padded `[rows, 3d]` gradients
+    /// in the backward pass).
+    fn projected(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+        let d = x.dim(1)?;
+        let prepared = self.prepare(x.dtype(), x.device())?;
+        // A chunk of empty sequences has no rows: nothing to compute, nothing to send back.
+        let plan = |chunk_weights: usize| -> Result<Vec<Chunk>> {
+            Ok(self.chunks(&prepared, d, chunk_weights)?.into_iter().filter(|c| !c.rows.is_empty()).collect())
+        };
+        let forward_chunks = plan(self.chunk_weights)?;
+        let backward_chunks = Arc::new(plan((self.chunk_weights / 4).max(1))?);
+        let has_bias = b.is_some();
+        // Inputs: the chunk's rows of x, w, and b if any.
+        let attend = move |chunk: &Chunk, t: &[Tensor]| -> Result<Tensor> {
+            let project = |i: usize| -> Result<Tensor> {
+                let y = t[0].matmul(&t[1].narrow(0, i * d, d)?.t()?)?;
+                if has_bias {
+                    y.broadcast_add(&t[2].narrow(0, i * d, d)?)
+                } else {
+                    Ok(y)
+                }
+            };
+            chunk.dense.attend(&project(0)?, &project(1)?, &project(2)?)
+        };
+        let rows_of = |chunk: &Chunk, t: &[Tensor]| -> Result<Vec<Tensor>> {
+            let mut inputs = t.to_vec();
+            inputs[0] = t[0].narrow(0, chunk.rows.start, chunk.rows.len())?;
+            Ok(inputs)
+        };
+        let inputs: Vec<&Tensor> = [Some(x), Some(w), b].into_iter().flatten().collect();
+        with_backward(
+            &inputs,
+            move |t| {
+                let outputs = forward_chunks.iter().map(|c| attend(c, &rows_of(c, t)?)).collect::<Result<Vec<_>>>()?;
+                match outputs.len() {
+                    0 => Tensor::zeros((0, d), t[0].dtype(), t[0].device()),
+                    _ => Tensor::cat(&outputs, 0),
+                }
+            },
+            move |t, _, grad| {
+                let mut dx = Vec::with_capacity(backward_chunks.len());
+                let mut sums: Vec<Option<Tensor>> = vec![None; t.len() - 1];
+                for chunk in backward_chunks.iter() {
+                    let g = grad.narrow(0, chunk.rows.start, chunk.rows.len())?;
+                    let grads = backprop_through(&|x| attend(chunk, x), &rows_of(chunk, t)?, &g)?;
+                    let mut grads = grads.into_iter();
+                    dx.push(grads.next().flatten().ok_or_else(|| candle_core::Error::Msg("attention: no ∂x".into()))?);
+                    for (sum, g) in sums.iter_mut().zip(grads) {
+                        *sum = match (sum.take(), g) {
+                            (Some(a), Some(g)) => Some((a + g)?),
+                            (a, g) => a.or(g),
+                        };
+                    }
+                }
+                let dx = match dx.len() {
+                    0 => t[0].zeros_like()?,
+                    _ => Tensor::cat(&dx, 0)?,
+                };
+                Ok([Some(dx)].into_iter().chain(sums).collect())
+            },
+        )
+    }
+
+    /// What every chunk shares: the dense key bias `[B, 1, 1, L]` and the dropout of the whole
+    /// batch (drawn here, once, so that every computation of a chunk uses the same mask).
+    fn prepare(&self, dtype: candle_core::DType, dev: &candle_core::Device) -> Result<Prepared> {
         let seqs = &self.sequences;
-        let (b, d, h) = (seqs.batch_size(), q.dim(1)?, self.num_heads);
+        let (b, h) = (seqs.batch_size(), self.num_heads);
         let l = seqs.lengths().max().unwrap_or(0);
-        let offsets = seqs.offsets();
         // The key bias of dense row s·L + i: row `start + i` of sequence s, or hidden padding.
         let mut bias = vec![f64::NEG_INFINITY; b * l];
-        for (s, (start, len)) in offsets.iter().copied().zip(seqs.lengths()).enumerate() {
+        for (s, (start, len)) in seqs.offsets().iter().copied().zip(seqs.lengths()).enumerate() {
             bias[s * l..s * l + len].copy_from_slice(&seqs.key_bias()[start..start + len]);
         }
-        let dev = q.device();
         let dropout = match &self.dropout {
             Some(m) => {
                 // Sequence s's multipliers fill the top-left L_s × L_s block of each of its heads.
@@ -123,7 +247,7 @@ impl Composed {
                         dense[base + i * l..base + i * l + t.len].copy_from_slice(row);
                     }
                 }
-                Some(DenseDropout::Multipliers(Tensor::from_vec(dense, (b, h, l, l), dev)?.to_dtype(q.dtype())?))
+                Some(DenseDropout::Multipliers(Tensor::from_vec(dense, (b, h, l, l), dev)?.to_dtype(dtype)?))
             }
             None if self.device_dropout > 0.0 => {
                 let keep = device_keep_mask(self.device_dropout, &(b, h, l, l).into(), dev)?;
@@ -131,16 +255,23 @@ impl Composed {
             }
             None => None,
         };
-        let bias = Tensor::from_vec(bias, (b, 1, 1, l), dev)?.to_dtype(q.dtype())?;
+        Ok(Prepared { bias: Tensor::from_vec(bias, (b, 1, 1, l), dev)?.to_dtype(dtype)?, dropout })
+    }
+
+    /// The dense attentions of the batch for inputs of width `d`: chunks of whole sequences, each
+    /// at most `chunk_weights` attention weights.
+    fn chunks(&self, prepared: &Prepared, d: usize, chunk_weights: usize) -> Result<Vec<Chunk>> {
+        let seqs = &self.sequences;
+        let (b, h) = (seqs.batch_size(), self.num_heads);
+        let l = seqs.lengths().max().unwrap_or(0);
+        let offsets = seqs.offsets();
         // Uniform lengths: the packed rows are the dense batch already.
         let uniform = seqs.uniform_length().is_some();
-        // Chunks of whole sequences, each at most `chunk_weights` attention weights (a narrow over
-        // a whole dimension is the tensor itself: one chunk costs nothing).
-        let per_chunk = (self.chunk_weights / (h * l * l).max(1)).clamp(1, b.max(1));
-        let mut outputs = Vec::with_capacity(b.div_ceil(per_chunk));
+        // A narrow over a whole dimension is the tensor itself: one chunk costs nothing.
+        let per_chunk = (chunk_weights / (h * l * l).max(1)).clamp(1, b.max(1));
+        let mut chunks = Vec::with_capacity(b.div_ceil(per_chunk));
         for first in (0..b.max(1)).step_by(per_chunk) {
             let n = per_chunk.min(b - first);
-            let rows = offsets[first]..offsets[first + n];
             // Row i of the chunk's s-th sequence goes to dense row s·L + i.
             let index = (!uniform).then(|| {
                 (0..n)
@@ -151,19 +282,26 @@ impl Composed {
                 shape: (n, l, h, d),
                 index,
                 core: Arc::new(AttentionCore {
-                    bias: bias.narrow(0, first, n)?,
-                    dropout: dropout.as_ref().map(|drop| drop.narrow(first, n)).transpose()?,
+                    bias: prepared.bias.narrow(0, first, n)?,
+                    dropout: prepared.dropout.as_ref().map(|drop| drop.narrow(first, n)).transpose()?,
                 }),
             };
-            let part = |x: &Tensor| x.narrow(0, rows.start, rows.len());
-            let (q, k, v) = (part(q)?, part(k)?, part(v)?);
-            outputs.push(recompute_in_backward(&[&q, &k, &v], move |x| dense.attend(&x[0], &x[1], &x[2]))?);
+            chunks.push(Chunk { rows: offsets[first]..offsets[first + n], dense });
         }
-        match outputs.len() {
-            1 => Ok(outputs.remove(0)),
-            _ => Tensor::cat(&outputs, 0),
-        }
+        Ok(chunks)
     }
+}
+
+/// What the chunks of one composed attention share ([`Composed::prepare`]).
+struct Prepared {
+    bias: Tensor,
+    dropout: Option<DenseDropout>,
+}
+
+/// One chunk of the composed attention: its packed rows and its dense attention.
+struct Chunk {
+    rows: std::ops::Range<usize>,
+    dense: DenseAttention,
 }
 
 /// At most this many attention weights (`Σ H · L²` over a chunk's sequences) in one dense
@@ -225,7 +363,7 @@ impl AttentionCore {
         with_backward(
             &[q, k, v],
             move |x| forward.forward(&x[0], &x[1], &x[2]),
-            move |x, grad| backward.backward(&x[0], &x[1], &x[2], grad),
+            move |x, _, grad| backward.backward(&x[0], &x[1], &x[2], grad),
         )
     }
 
@@ -309,16 +447,34 @@ mod tests {
         t.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1().unwrap()
     }
 
+    /// Sequences of lengths 3, 0, 5, 1 (9 rows) with some hidden keys, 2 heads, width 6, and
+    /// host dropout multipliers for their attention weights.
+    fn sequences_heads_width_and_multipliers() -> (Arc<PackedSequences>, usize, usize, Arc<Vec<f32>>) {
+        let bias = vec![0.0, INF, 0.0, /* */ 0.0, 0.0, INF, INF, 0.0, /* */ 0.0];
+        let seqs = Arc::new(PackedSequences::new(&[3, 0, 5, 1], bias).unwrap());
+        let h = 2;
+        let n = seqs.attention_weight_count(h);
+        let multipliers = Arc::new((0..n).map(|i| if i % 3 == 1 { 0.0 } else { 1.5 }).collect::<Vec<f32>>());
+        (seqs, h, 6, multipliers)
+    }
+
+    /// The composed attention of `seqs` with `h` heads, dropout from host multipliers (none set).
+    fn host_dropout(seqs: &Arc<PackedSequences>, h: usize) -> Composed {
+        Composed {
+            sequences: seqs.clone(),
+            num_heads: h,
+            dropout: None,
+            device_dropout: 0.0,
+            chunk_weights: CHUNK_WEIGHTS,
+        }
+    }
+
     /// The composed path (what GPUs run) against the fused CPU kernel (itself checked against the
     /// formula in `rankstack-kernels`), in value and every gradient, with and without dropout, on
     /// sequences of lengths 3, 0, 5, 1 with some hidden keys.
     #[test]
     fn the_composed_path_matches_the_fused_kernel_in_value_and_gradient() {
-        let bias = vec![0.0, INF, 0.0, /* */ 0.0, 0.0, INF, INF, 0.0, /* */ 0.0];
-        let seqs = Arc::new(PackedSequences::new(&[3, 0, 5, 1], bias).unwrap());
-        let (h, d) = (2, 6);
-        let n = seqs.attention_weight_count(h);
-        let multipliers = Arc::new((0..n).map(|i| if i % 3 == 1 { 0.0 } else { 1.5 }).collect::<Vec<f32>>());
+        let (seqs, h, d, multipliers) = sequences_heads_width_and_multipliers();
         for dropout in [None, Some(multipliers)] {
             let x = [1, 2, 3].map(|s| Var::from_tensor(&seeded_randn(s, &[9, d], DType::F64)).unwrap());
             let [q, k, v] = [0, 1, 2].map(|i| x[i].as_tensor());
@@ -329,13 +485,7 @@ mod tests {
             // 50 weights per sequence), the second sequence (empty) a chunk of its own.
             for chunk_weights in [CHUNK_WEIGHTS, 50, 100, 150] {
                 let case = format!("dropout {}, chunks of {chunk_weights} weights", dropout.is_some());
-                let op = Composed {
-                    sequences: seqs.clone(),
-                    num_heads: h,
-                    dropout: dropout.clone(),
-                    device_dropout: 0.0,
-                    chunk_weights,
-                };
+                let op = Composed { dropout: dropout.clone(), chunk_weights, ..host_dropout(&seqs, h) };
                 let composed = op.composed(q, k, v).unwrap();
                 for (a, b) in flat(&fused).iter().zip(flat(&composed)) {
                     assert!((a - b).abs() <= 1e-13, "{case}: {a} vs {b}");
@@ -344,6 +494,52 @@ mod tests {
                 assert_same_gradients(&g1, &g2, &x, &case);
             }
         }
+    }
+
+    /// The projecting node (what a GPU trains with) against the fused CPU kernel of the
+    /// projections: value and the gradients of `x`, `W_in` and `b_in`, with and without dropout,
+    /// whole and in chunks (an empty sequence a chunk of its own), with and without bias.
+    #[test]
+    fn the_projecting_node_matches_the_fused_kernel_of_the_projections() {
+        let (seqs, h, d, multipliers) = sequences_heads_width_and_multipliers();
+        for dropout in [None, Some(multipliers)] {
+            for with_bias in [true, false] {
+                let var = |seed, dims: &[usize]| Var::from_tensor(&seeded_randn(seed, dims, DType::F64)).unwrap();
+                let (x, w, b) = (var(1, &[9, d]), var(2, &[3 * d, d]), var(3, &[3 * d]));
+                let b = with_bias.then_some(b);
+                let project = |i: usize| {
+                    let y = x.as_tensor().matmul(&w.as_tensor().narrow(0, i * d, d).unwrap().t().unwrap()).unwrap();
+                    match &b {
+                        Some(b) => y.broadcast_add(&b.as_tensor().narrow(0, i * d, d).unwrap()).unwrap(),
+                        None => y,
+                    }
+                };
+                let fused = packed_attention(&project(0), &project(1), &project(2), &seqs, h, dropout.clone()).unwrap();
+                let r = seeded_randn(4, &[9, d], DType::F64);
+                let g1 = (&fused * &r).unwrap().sum_all().unwrap().backward().unwrap();
+                for chunk_weights in [CHUNK_WEIGHTS, 50, 100] {
+                    let case = format!("dropout {}, bias {with_bias}, chunks of {chunk_weights}", dropout.is_some());
+                    let op = Composed { dropout: dropout.clone(), chunk_weights, ..host_dropout(&seqs, h) };
+                    let node = op.projected(x.as_tensor(), w.as_tensor(), b.as_ref().map(Var::as_tensor)).unwrap();
+                    for (a, c) in flat(&fused).iter().zip(flat(&node)) {
+                        assert!((a - c).abs() <= 1e-13, "{case}: {a} vs {c}");
+                    }
+                    let g2 = (node * &r).unwrap().sum_all().unwrap().backward().unwrap();
+                    for (name, v) in [("x", Some(&x)), ("W", Some(&w)), ("b", b.as_ref())] {
+                        let Some(v) = v else { continue };
+                        let (a, c) = (flat(g1.get(v.as_tensor()).unwrap()), flat(g2.get(v.as_tensor()).unwrap()));
+                        assert!(a.len() == c.len() && a.iter().any(|v| *v != 0.0), "∂{name} ({case})");
+                        for (a, c) in a.iter().zip(&c) {
+                            assert!((a - c).abs() <= 1e-12, "∂{name} ({case}): {a} vs {c}");
+                        }
+                    }
+                }
+            }
+        }
+        // Shapes are checked.
+        let t = |dims: &[usize]| Tensor::zeros(dims, DType::F32, &candle_core::Device::Cpu).unwrap();
+        let e = packed_self_attention_with_device_dropout(&t(&[9, 6]), &t(&[12, 6]), None, &seqs, 2, 0.0).unwrap_err();
+        assert!(e.to_string().contains("in_proj_weight [12, 6], expected [18, 6]"), "{e}");
     }
 
     /// The core's analytic backward pass against back-propagation through its own forward

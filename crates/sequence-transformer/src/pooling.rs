@@ -38,7 +38,7 @@ fn composed_max_pool(h: &Tensor, masked: &[bool], (b, n, d): (usize, usize, usiz
     with_backward(
         &[h],
         move |x| candidates(&x[0], &mask, (b, n, d))?.max(1),
-        move |x, grad| {
+        move |x, _, grad| {
             let h = &x[0];
             let candidates = candidates(h, &again, (b, n, d))?;
             let selected = candidates.broadcast_eq(&candidates.max_keepdim(1)?)?;

@@ -145,6 +145,13 @@ pub fn kernels_enabled() -> bool {
     Isa::active() != Isa::Candle
 }
 
+/// Whether rankstack's CPU kernels run for tensors on `device`: on the CPU with the kernels on.
+/// Where they do not (a GPU, or the CPU under `RANKSTACK_CPU=candle`), the layers build the graph
+/// of candle operations that a GPU runs.
+pub fn kernels_run_on(device: &candle_core::Device) -> bool {
+    device.is_cpu() && kernels_enabled()
+}
+
 /// Runs `f` with the kernels on `isa` on this thread (the kernels read the path on the calling
 /// thread and hand it to their worker threads). For tests and benchmarks of each path.
 ///

@@ -27,7 +27,7 @@ mod softmax_rows;
 mod worker_pool;
 
 pub use gemm::{bf16_path_description, packed_kernel_available, KernelPath, WeightPrecision};
-pub use isa::{for_each_supported_isa, kernels_enabled, with_isa, Isa};
+pub use isa::{for_each_supported_isa, kernels_enabled, kernels_run_on, with_isa, Isa};
 pub use pinning::{start_pinned_pool, PinError};
 pub use worker_pool::on_worker_pool;
 
