@@ -212,8 +212,7 @@ done
 if [ -n "$candle" ] && [ -n "$out" ]; then
   case "$mode" in
     object) : > "$out"; exit 0 ;;
-    archive) printf '!<arch>
-' > "$out"; exit 0 ;;
+    archive) printf '!<arch>\n' > "$out"; exit 0 ;;
   esac
 fi
 exec "@NVCC@" "$@"

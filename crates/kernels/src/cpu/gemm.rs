@@ -328,7 +328,7 @@ impl Panels {
             // A column-major A on the AVX2 path is copied block by block into tiles of MR rows
             // (see `pack_column_major_block`): its 6-row sub-tiles each read every line of the
             // strided block again, and the copy made the backward products of MaskNet's wide
-            // layers 9–12% faster there (batch 512, 2 threads, AMD EPYC family 25, 2026-12-06).
+            // layers 6–12% faster there (batch 512, 2 threads, AMD EPYC family 25, 2026-12-06).
             // On the AVX-512 path (one 12-row sweep per panel) it measured no faster.
             let pack_a = column_major && path == KernelPath::F32Avx2;
             let mut packed_a: Vec<u32> = Vec::new();
