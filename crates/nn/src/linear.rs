@@ -225,10 +225,8 @@ fn trains_on_device_graph(x: &Tensor, layer: &candle_nn::Linear) -> bool {
 /// `x` `[..., in]` runs as one `[rows, in]` product.
 fn device_graph_node(x: &Tensor, w: &Tensor, b: Option<&Tensor>, relu: bool) -> Result<Tensor> {
     let (out_dim, in_dim) = w.dims2()?;
-    let Some((&last, lead)) = x.dims().split_last() else { candle_core::bail!("linear: a scalar input") };
-    if last != in_dim {
-        candle_core::bail!("linear: expected input [..., {in_dim}], got {:?}", x.dims());
-    }
+    fused_linear::expect_input_width(x, in_dim)?;
+    let lead = &x.dims()[..x.rank() - 1];
     let rows = lead.iter().product::<usize>();
     let out_shape: Vec<usize> = lead.iter().copied().chain([out_dim]).collect();
     let x2 = x.contiguous()?.reshape((rows, in_dim))?;

@@ -330,7 +330,7 @@ impl Panels {
             // strided block again, and the copy made the backward products of MaskNet's wide
             // layers 6–12% faster there (batch 512, 2 threads, AMD EPYC family 25, 2026-12-06).
             // On the AVX-512 path (one 12-row sweep per panel) it measured no faster.
-            let pack_a = column_major && path == KernelPath::F32Avx2;
+            let pack_a = column_major && row_stride == 1 && path == KernelPath::F32Avx2;
             let mut packed_a: Vec<u32> = Vec::new();
             // k blocks outermost: the task's block of A stays in cache across its panels.
             for (block, s0) in (0..steps).step_by(k_block).enumerate() {
@@ -340,9 +340,7 @@ impl Panels {
                 let odd_tail = per_step == 2 && last && self.k % 2 == 1;
                 if pack_a {
                     // SAFETY: the rows r0..r1 and steps s0..s0 + len of A are in bounds (asserted above).
-                    unsafe {
-                        pack_column_major_block(a_ptr.0, row_stride, step_stride, r0..r1, s0..s0 + len, &mut packed_a)
-                    };
+                    unsafe { pack_column_major_block(a_ptr.0, step_stride, r0..r1, s0..s0 + len, &mut packed_a) };
                 }
                 for q in group * panels_per_group..num_panels.min((group + 1) * panels_per_group) {
                     let mut panel = &self.lines[(q * steps + s0) * 2..][..len * 2];
@@ -395,8 +393,8 @@ impl Panels {
     }
 }
 
-/// Copies rows `rows` × steps `steps` of a column-major `A` (`a[r · row_stride + s ·
-/// step_stride]`, unit row stride) into `out` as tiles of [`MR`] rows, each tile `steps.len()`
+/// Copies rows `rows` × steps `steps` of a column-major `A` (`a[r + s · step_stride]`) into
+/// `out` as tiles of [`MR`] rows, each tile `steps.len()`
 /// steps of [`MR`] consecutive words (the last tile's missing rows left as they are: no kernel
 /// reads them). The micro-kernel then reads one tile's values in order instead of one new cache
 /// line per step.
@@ -405,7 +403,6 @@ impl Panels {
 /// `a` must be readable at every `(r, s)` of `rows × steps`.
 unsafe fn pack_column_major_block(
     a: *const u32,
-    row_stride: usize,
     step_stride: usize,
     rows: std::ops::Range<usize>,
     steps: std::ops::Range<usize>,
@@ -419,16 +416,9 @@ unsafe fn pack_column_major_block(
         let tile_rows = MR.min(rows.end - r);
         let dst = &mut out[t * MR * len..][..MR * len];
         for (i, s) in steps.clone().enumerate() {
-            let dst = &mut dst[i * MR..][..tile_rows];
-            if row_stride == 1 {
-                // SAFETY: (r .. r + tile_rows, s) lies in rows × steps (caller's contract).
-                dst.copy_from_slice(unsafe { std::slice::from_raw_parts(a.add(r + s * step_stride), tile_rows) });
-            } else {
-                for (j, d) in dst.iter_mut().enumerate() {
-                    // SAFETY: (r + j, s) lies in rows × steps (caller's contract).
-                    *d = unsafe { *a.add((r + j) * row_stride + s * step_stride) };
-                }
-            }
+            // SAFETY: (r .. r + tile_rows, s) lies in rows × steps (caller's contract).
+            let src = unsafe { std::slice::from_raw_parts(a.add(r + s * step_stride), tile_rows) };
+            dst[i * MR..][..tile_rows].copy_from_slice(src);
         }
     }
 }

@@ -48,13 +48,21 @@ pub fn applies(x: &Tensor, w: &Tensor) -> bool {
         && packed_kernel_available(WeightPrecision::F32)
 }
 
-/// `x Wᵀ (+ b)` for `x` `[..., in]`, `W` `[out, in]`, `b` `[out]`; requires [`applies`].
-pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
-    let (out_dim, in_dim) = w.dims2()?;
+/// An error unless `x` is `[..., in_dim]`, the input of a linear layer whose weight is
+/// `[out, in_dim]` (this op's check, and that of the layer's other paths).
+pub fn expect_input_width(x: &Tensor, in_dim: usize) -> Result<()> {
     let dims = x.dims();
     if dims.last() != Some(&in_dim) {
         candle_core::bail!("linear: expected input [..., {in_dim}], got {dims:?}");
     }
+    Ok(())
+}
+
+/// `x Wᵀ (+ b)` for `x` `[..., in]`, `W` `[out, in]`, `b` `[out]`; requires [`applies`].
+pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    let (out_dim, in_dim) = w.dims2()?;
+    expect_input_width(x, in_dim)?;
+    let dims = x.dims();
     let bias = match b {
         Some(b) if b.dims() == [out_dim] => b.to_dtype(DType::F32)?,
         Some(b) => candle_core::bail!("linear: expected bias [{out_dim}], got {:?}", b.dims()),
