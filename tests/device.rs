@@ -3,8 +3,9 @@
 //!
 //! These run on the device of `RANKSTACK_TEST_DEVICE` (`cargo xtask gpu-bundle` builds them with
 //! the `cuda` feature and its `run.sh` sets `cuda`). On the CPU they have nothing to compare and
-//! say so in their output, except one: the GPU's graph of candle operations, run on the CPU with
-//! the CPU kernels off, against the kernels.
+//! say so in their output, except two that run the GPU's graph of candle operations on the CPU
+//! with the CPU kernels off: its training step against the kernels', and the count of what a
+//! training step and an evaluation read back to the host.
 
 mod support;
 
@@ -14,6 +15,7 @@ use candle_core::{DType, Device, Tensor};
 use rankstack::data::ParquetDataset;
 use rankstack::device::DeviceSpec;
 use rankstack::kernels::cpu::{with_isa, Isa};
+use rankstack::nn::host_read::{record_reads, HostRead, Origin};
 use rankstack::nn::{Reseed, SeededVarMap};
 use rankstack::ranker_model::{Ranker, RankerConfig};
 use rankstack::train::{evaluate, AdamW, AdamWConfig, BatchSource, TrainOptions, Trainer};
@@ -268,5 +270,76 @@ fn the_trainer_runs_on_the_gpu_and_stays_close_to_the_cpu_run() {
         .unwrap();
     eprintln!("GPU run: {} steps, worst weight difference {worst:.2e}; memory line {memory}", dev.steps);
     assert!(memory["measured_peak_bytes"].as_u64().unwrap() > 0);
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// What training and evaluation read back to the host ([`rankstack::nn::host_read`]), counted on
+/// the GPU's graph run on the CPU (every machine) and on the GPU: a training step reads one pair of
+/// computed values, the loss and the squared gradient norm; an evaluation batch one vector, the loss
+/// and the probabilities; everything else they read is input that the data pipeline keeps on the
+/// host (never copied back from a device); the checkpoint at the end reads the finiteness sums
+/// (twice: the model's tensors, the optimizer's moments) and the tensors it writes. The config pools over every position (the pooling that looks for the
+/// first maximum) and normalises its dense features with BatchNorm (whose batch counter is a
+/// device tensor), the two parts that read activations or buffers back before.
+#[test]
+fn training_and_evaluation_read_back_one_computed_value_set_per_batch() {
+    let dir = tmpdir("device-reads");
+    let (train, eval) = write_data(&dir, 192, 130);
+    let text = config(&train).to_toml_string();
+    assert!(text.contains("max_pool = \"unmasked\"") && text.contains("batch_norm = true"), "{text}");
+    let config =
+        RankerConfig::from_toml_str(&text.replace("max_pool = \"unmasked\"", "max_pool = \"all_positions\"")).unwrap();
+    let mut runs = vec![("the GPU's graph on the CPU", DeviceSpec::Cpu, true)];
+    if gpu("training_and_evaluation_read_back_one_computed_value_set_per_batch (GPU part)").is_some() {
+        runs.push(("the GPU", DeviceSpec::Cuda(0), false));
+    }
+    for (what, device, candle_graph) in runs {
+        let options =
+            TrainOptions { epochs: 1, batch_size: 64, quiet: true, seed: 7, device, ..TrainOptions::default() };
+        let run = || {
+            let mut trainer = Trainer::new(&config, options, dir.join(format!("run-{candle_graph}"))).unwrap();
+            let (report, training) = record_reads(|| trainer.fit(&train, None).unwrap());
+            let (eval_report, evaluation) =
+                record_reads(|| evaluate(trainer.ranker(), &eval as &dyn BatchSource, 64, 1, report.steps).unwrap());
+            (report.steps, eval_report, training, evaluation)
+        };
+        let (steps, eval_report, training, evaluation) = if candle_graph { with_isa(Isa::Candle, run) } else { run() };
+        let computed = |reads: &[HostRead]| -> Vec<(&'static str, usize)> {
+            reads.iter().filter(|r| r.origin == Origin::Computed).map(|r| (r.what, r.elements)).collect()
+        };
+        let from_device: Vec<&HostRead> =
+            training.iter().chain(&evaluation).filter(|r| r.origin == Origin::Input && r.from_device).collect();
+        assert!(from_device.is_empty(), "{what}: inputs read back from the device: {from_device:?}");
+
+        // Training: one read per step, then the checkpoint's.
+        assert_eq!(steps, 3);
+        let train_reads = computed(&training);
+        assert_eq!(train_reads[..3], [("loss and squared gradient norm", 2); 3], "{what}: {train_reads:?}");
+        let at_checkpoint = &train_reads[3..];
+        assert!(
+            at_checkpoint.iter().all(|(w, _)| ["finiteness sums", "tensor written to a file"].contains(w)),
+            "{what}: {at_checkpoint:?}"
+        );
+        assert!(
+            at_checkpoint.iter().any(|(w, _)| *w == "tensor written to a file"),
+            "{what}: a checkpoint was written"
+        );
+        // One finiteness read for the model's tensors, one for the optimizer's moments.
+        let finiteness = at_checkpoint.iter().filter(|(w, _)| *w == "finiteness sums").count();
+        assert_eq!(finiteness, 2, "{what}: {at_checkpoint:?}");
+
+        // Evaluation: 130 rows in batches of 64 are 3 batches, each one read of the loss and
+        // rows × tasks probabilities.
+        let tasks = eval_report.tasks.len();
+        let expected: Vec<_> = [64, 64, 2].iter().map(|rows| ("loss and probabilities", 1 + rows * tasks)).collect();
+        assert_eq!(computed(&evaluation), expected, "{what}");
+        assert!(eval_report.loss.is_finite());
+        eprintln!(
+            "{what}: {} reads in 3 training steps and the checkpoint ({} of inputs kept on the host), {} in evaluation",
+            training.len(),
+            training.iter().filter(|r| r.origin == Origin::Input).count(),
+            evaluation.len()
+        );
+    }
     std::fs::remove_dir_all(&dir).ok();
 }

@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use candle_core::DType;
 use ranker_model::checkpoint;
+use rankstack_nn::host_read::read_computed;
 use rankstack_nn::packed_matmul::WeightPrecision;
 use rankstack_nn::{Error, Result};
 
@@ -110,9 +111,9 @@ pub fn score(
     let mut columns: Vec<Vec<f32>> = vec![Vec::new(); tasks.len()];
     for item in BatchSource::batches(&data, batch_size, None)? {
         let b = item?.to_device(ranker.device())?;
-        let p: Vec<Vec<f32>> = ranker.predict(&b.batch)?.to_dtype(DType::F32)?.to_vec2()?;
-        for (row, index) in p.into_iter().zip(&b.row_index) {
-            for (t, v) in row.into_iter().enumerate() {
+        let p = read_computed::<f32>(&ranker.predict(&b.batch)?.to_dtype(DType::F32)?, "probabilities")?;
+        for (row, index) in p.chunks(tasks.len()).zip(&b.row_index) {
+            for (t, &v) in row.iter().enumerate() {
                 if !v.is_finite() {
                     return Err(non_finite_score("score", f64::from(v), *index, &tasks[t]));
                 }

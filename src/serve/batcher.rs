@@ -22,6 +22,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use candle_core::DType;
+use rankstack_nn::host_read::read_computed;
 use tokio::sync::oneshot;
 
 use super::metrics::Metrics;
@@ -246,9 +247,11 @@ fn predict(model: &ServedModel, rows: &[&Example]) -> Result<Vec<Vec<f32>>, Stri
         if !model.device.is_cpu() {
             batch = batch.to_device(&model.device)?;
         }
-        let p = model.ranker.predict(&batch.batch)?.to_dtype(DType::F32)?.to_device(&candle_core::Device::Cpu)?;
-        let p: Vec<Vec<f32>> = p.t()?.contiguous()?.to_vec2()?;
-        Ok(p)
+        // Task-major: one row of probabilities per task.
+        let p = model.ranker.predict(&batch.batch)?.to_dtype(DType::F32)?.t()?;
+        let (tasks, rows) = p.dims2()?;
+        let p = read_computed::<f32>(&p, "probabilities")?;
+        Ok((0..tasks).map(|t| p[t * rows..(t + 1) * rows].to_vec()).collect())
     };
     match catch_unwind(AssertUnwindSafe(run)) {
         Ok(Ok(p)) => Ok(p),

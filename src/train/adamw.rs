@@ -5,6 +5,7 @@ use std::collections::{HashMap, HashSet};
 use candle_core::{backprop::GradStore, DType, Result, Tensor, TensorId, Var};
 use rankstack_kernels::cpu::adamw::{adamw_update_in_place, bias_corrections, AdamWCoefficients};
 use rankstack_kernels::cpu::kernels_enabled;
+use rankstack_nn::host_read::{read_computed, read_input};
 use rankstack_nn::RowGradient;
 
 /// AdamW hyper-parameters (PyTorch defaults except the learning rate).
@@ -235,17 +236,30 @@ impl AdamW {
 
     /// The first optimizer moment (`m.<param>` or `v.<param>`, in parameter order) holding a
     /// non-finite value, if any: checked before the state is saved (host moments on the host,
-    /// tensor moments on their device).
+    /// tensor moments on their device, all of them in one check: one read back).
     pub fn first_non_finite_state(&self) -> rankstack_nn::Result<Option<String>> {
         use rankstack_nn::finite::{first_non_finite, first_non_finite_host};
+        let tensors: Vec<(String, &Tensor)> = self
+            .params
+            .iter()
+            .filter_map(|(name, _)| match self.moments.get(name) {
+                Some(Moments::Tensors { m, v }) => Some([(format!("m.{name}"), m), (format!("v.{name}"), v)]),
+                _ => None,
+            })
+            .flatten()
+            .collect();
+        let on_device = first_non_finite(tensors.iter().map(|(n, t)| (n.as_str(), *t)))?;
         for (name, _) in &self.params {
             let found = match self.moments.get(name) {
                 None => None,
-                Some(Moments::Host { m, v, .. }) => first_non_finite_host([("m", m.as_slice()), ("v", v.as_slice())]),
-                Some(Moments::Tensors { m, v }) => first_non_finite([("m", m), ("v", v)])?,
+                Some(Moments::Host { m, v, .. }) => first_non_finite_host([("m", m.as_slice()), ("v", v.as_slice())])
+                    .map(|slot| format!("{slot}.{name}")),
+                Some(Moments::Tensors { .. }) => {
+                    on_device.clone().filter(|n| n.split_once('.').is_some_and(|(_, param)| param == name))
+                }
             };
-            if let Some(slot) = found {
-                return Ok(Some(format!("{slot}.{name}")));
+            if found.is_some() {
+                return Ok(found);
             }
         }
         Ok(None)
@@ -263,7 +277,8 @@ impl AdamW {
         let mut step = 0;
         for (key, t) in state {
             if key == "step" {
-                step = t.to_dtype(DType::I64)?.to_vec1::<i64>()?.first().copied().unwrap_or(0) as u64;
+                step =
+                    read_input::<i64>(&t.to_dtype(DType::I64)?, "optimizer step")?.first().copied().unwrap_or(0) as u64;
                 continue;
             }
             let (slot, name) = key.split_once('.').unwrap_or(("", key));
@@ -282,7 +297,7 @@ impl AdamW {
                 let Some(v) = state.get(&format!("v.{name}")) else { return Err(unexpected(key)) };
                 let fused = self.fused && var.device().is_cpu() && kernels_enabled() && var.dtype() == DType::F32;
                 let entry = if fused {
-                    let flat = |t: &Tensor| t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>();
+                    let flat = |t: &Tensor| read_input::<f32>(&t.to_dtype(DType::F32)?, "optimizer moments");
                     Moments::Host { m: flat(t)?, v: flat(v)?, dims: var.dims().to_vec() }
                 } else {
                     let to = |t: &Tensor| t.to_dtype(var.dtype())?.to_device(var.device());
@@ -301,10 +316,20 @@ impl AdamW {
 
 /// The global L2 norm of all gradients of `params`: the dense ones in `grads` and the row
 /// gradients `rows` (a row gradient counts as the dense gradient that is zero outside its rows).
-/// Summed in f64.
+/// Summed in f64 ([`squared_grad_norm`], read back).
 pub fn grad_norm(params: &[(String, Var)], grads: &GradStore, rows: &[RowGradient]) -> Result<f64> {
+    Ok(match squared_grad_norm(params, grads, rows)? {
+        None => 0.0,
+        Some(t) => read_computed::<f64>(&t, "squared gradient norm")?[0].sqrt(),
+    })
+}
+
+/// The square of [`grad_norm`] as an f64 scalar tensor on the gradients' device (`None` without
+/// gradients), for a caller that reads it back together with other values (the trainer reads it
+/// with the loss: one wait for a GPU per step).
+pub fn squared_grad_norm(params: &[(String, Var)], grads: &GradStore, rows: &[RowGradient]) -> Result<Option<Tensor>> {
     // The squared sums stay on the gradients' device and are added there, in f64, in parameter
-    // order: one value is read back per call, not one per parameter (each read waits for a GPU).
+    // order: one value, not one per parameter.
     let mut total: Option<Tensor> = None;
     let mut add = |g: &Tensor| -> Result<()> {
         let s = g.to_dtype(DType::F64)?.sqr()?.sum_all()?;
@@ -322,10 +347,7 @@ pub fn grad_norm(params: &[(String, Var)], grads: &GradStore, rows: &[RowGradien
             add(&r.grad)?;
         }
     }
-    Ok(match total {
-        None => 0.0,
-        Some(t) => t.to_scalar::<f64>()?.sqrt(),
-    })
+    Ok(total)
 }
 
 /// Scales all gradients — dense ones in `grads` and the row gradients `rows` — so that their
@@ -338,6 +360,19 @@ pub fn clip_grad_norm(
     max_norm: f64,
 ) -> Result<f64> {
     let norm = grad_norm(params, grads, rows)?;
+    clip_to_norm(params, grads, rows, norm, max_norm)?;
+    Ok(norm)
+}
+
+/// The scaling of [`clip_grad_norm`] for gradients whose global norm `norm` is known already:
+/// when `norm > max_norm`, multiplies every gradient by `max_norm / (norm + 1e-6)`.
+pub fn clip_to_norm(
+    params: &[(String, Var)],
+    grads: &mut GradStore,
+    rows: &mut [RowGradient],
+    norm: f64,
+    max_norm: f64,
+) -> Result<()> {
     if norm > max_norm {
         let scale = max_norm / (norm + 1e-6);
         for (_, var) in params {
@@ -349,7 +384,7 @@ pub fn clip_grad_norm(
             r.grad = (&r.grad * scale)?;
         }
     }
-    Ok(norm)
+    Ok(())
 }
 
 #[cfg(test)]
@@ -422,6 +457,35 @@ mod tests {
             let got = w.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
             for i in 0..6 {
                 assert!((f64::from(got[i]) - theta[i]).abs() <= 1e-6 * (1.0 + theta[i].abs()), "step {t}, {i}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_first_non_finite_moment_is_named_in_parameter_order_on_either_path() {
+        for fused in [true, false] {
+            let vars: Vec<(String, Var)> = ["a", "b", "c"]
+                .iter()
+                .zip(1..)
+                .map(|(n, seed)| (n.to_string(), var(&values(6, seed), (2, 3))))
+                .collect();
+            let mut opt = AdamW::new(vars.clone(), AdamWConfig::default()).unwrap();
+            opt.fused = fused;
+            let loss = vars
+                .iter()
+                .map(|(_, v)| v.as_tensor().sqr().unwrap().sum_all().unwrap())
+                .reduce(|a, b| (a + b).unwrap());
+            opt.step(&loss.unwrap().backward().unwrap(), &[], 0.1).unwrap();
+            assert_eq!(opt.first_non_finite_state().unwrap(), None, "fused {fused}");
+            for ((name, slot), expected) in [(("c", "m"), "m.c"), (("b", "v"), "v.b")] {
+                match opt.moments.get_mut(name).unwrap() {
+                    Moments::Host { m, v, .. } => (if slot == "m" { m } else { v })[4] = f32::NAN,
+                    Moments::Tensors { m, v } => {
+                        let t = if slot == "m" { m } else { v };
+                        *t = t.affine(f64::NAN, 0.0).unwrap();
+                    }
+                }
+                assert_eq!(opt.first_non_finite_state().unwrap().as_deref(), Some(expected), "fused {fused}");
             }
         }
     }

@@ -1,7 +1,8 @@
 //! Evaluation: the weighted loss and per-task metrics of a model over a data set.
 
-use candle_core::DType;
+use candle_core::{DType, Tensor};
 use ranker_model::Ranker;
+use rankstack_nn::host_read::{read_computed, read_input};
 use rankstack_nn::{Error, Result};
 use serde::Serialize;
 
@@ -48,8 +49,12 @@ pub fn evaluate(
     for item in data.batches(batch_size, None)? {
         let b = item?.to_device(&device)?;
         let logits = ranker.forward(&b.batch)?;
-        let loss =
-            ranker.loss(&logits, &b.labels, b.example_weights.as_ref())?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        let loss = ranker.loss(&logits, &b.labels, b.example_weights.as_ref())?.to_dtype(DType::F64)?.reshape(1)?;
+        let p = ranker.probabilities(&logits)?.to_dtype(DType::F64)?.flatten_all()?;
+        // One read per batch (on a GPU each read waits for the device): the loss, then the
+        // probabilities, row by row.
+        let values = read_computed::<f64>(&Tensor::cat(&[&loss, &p], 0)?, "loss and probabilities")?;
+        let (loss, p) = (values[0], &values[1..]);
         if !loss.is_finite() {
             let (first, last) = (b.row_index.first().copied().unwrap_or(0), b.row_index.last().copied().unwrap_or(0));
             return Err(Error::input(
@@ -60,9 +65,8 @@ pub fn evaluate(
         }
         loss_sum += loss * b.rows as f64;
         rows += b.rows;
-        let p: Vec<Vec<f64>> = ranker.probabilities(&logits)?.to_dtype(DType::F64)?.to_vec2()?;
-        let y: Vec<Vec<f64>> = b.labels.to_dtype(DType::F64)?.to_vec2()?;
-        for ((pr, yr), row) in p.iter().zip(&y).zip(&b.row_index) {
+        let y = read_input::<f64>(&b.labels.to_dtype(DType::F64)?, "labels")?;
+        for ((pr, yr), row) in p.chunks(tasks.len()).zip(y.chunks(tasks.len())).zip(&b.row_index) {
             for t in 0..tasks.len() {
                 if !pr[t].is_finite() {
                     return Err(non_finite_score("eval", pr[t], *row, &tasks[t]));

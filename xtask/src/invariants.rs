@@ -9,6 +9,9 @@
 //!    `#![forbid(unsafe_code)]` (which the compiler enforces), and no other source file of the
 //!    workspace mentions an `unsafe` block, fn or impl.
 //! 3. Every layer crate has `tests/reference.rs` (its check against the PyTorch fixtures).
+//! 4. Tensor values reach the host only through `rankstack_nn::host_read` (which counts them):
+//!    outside it, the kernels (CPU-only code) and test code, no source file of the crates or of the
+//!    top package calls candle's `to_vec*`/`to_scalar` or copies a tensor to the CPU.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -51,6 +54,7 @@ const LAYER_CRATES: &[&str] = &["dcnv2", "masknet", "feature-encoders", "sequenc
 pub fn check(root: &Path) -> Result<()> {
     let mut problems = crate_graph(root)?;
     problems.extend(unsafe_code(root)?);
+    problems.extend(host_reads(root)?);
     for name in LAYER_CRATES {
         if !root.join("crates").join(name).join("tests/reference.rs").is_file() {
             problems.push(format!("crates/{name} has no tests/reference.rs"));
@@ -130,6 +134,59 @@ fn unsafe_code(root: &Path) -> Result<Vec<String>> {
     Ok(problems)
 }
 
+/// The files where a tensor's values may be read to the host directly: the one place that counts
+/// the reads, the kernels (CPU tensors only), and the test support.
+const DIRECT_READS_ALLOWED: &[&str] = &["crates/nn/src/host_read.rs", "crates/kernels/", "crates/nn/src/testing.rs"];
+
+/// Calls that read a tensor's values to the host.
+const DIRECT_READS: &[&str] = &[
+    ".to_vec0",
+    ".to_vec1",
+    ".to_vec2",
+    ".to_vec3",
+    ".to_scalar",
+    "to_device(&Device::Cpu)",
+    "to_device(&candle_core::Device::Cpu)",
+];
+
+/// Direct reads of tensor values (`DIRECT_READS`) in the library code of `src/` and the crates,
+/// outside `DIRECT_READS_ALLOWED` and outside `#[cfg(test)]` modules.
+fn host_reads(root: &Path) -> Result<Vec<String>> {
+    let mut files = Vec::new();
+    collect_rust_files(&root.join("src"), &mut files)?;
+    let crates = root.join("crates");
+    if crates.is_dir() {
+        for entry in std::fs::read_dir(&crates).map_err(|e| format!("{}: {e}", crates.display()))? {
+            let dir = entry.map_err(|e| format!("{}: {e}", crates.display()))?.path();
+            collect_rust_files(&dir.join("src"), &mut files)?;
+        }
+    }
+    files.sort();
+    let mut problems = Vec::new();
+    for file in files {
+        let rel = file.strip_prefix(root).unwrap_or(&file).to_string_lossy().replace('\\', "/");
+        if DIRECT_READS_ALLOWED.iter().any(|allowed| rel.starts_with(allowed)) {
+            continue;
+        }
+        let text = std::fs::read_to_string(&file).map_err(|e| format!("{}: {e}", file.display()))?;
+        let mut previous = "";
+        for (number, line) in text.lines().enumerate() {
+            if previous.trim() == "#[cfg(test)]" && line.trim_start().starts_with("mod ") {
+                break;
+            }
+            previous = line;
+            let code = code_of_line(line);
+            if let Some(call) = DIRECT_READS.iter().find(|p| code.contains(*p)) {
+                problems.push(format!(
+                    "{rel}:{}: `{call}` reads a tensor to the host; use rankstack_nn::host_read",
+                    number + 1
+                ));
+            }
+        }
+    }
+    Ok(problems)
+}
+
 /// A line without its comment and the contents of its string literals (a crude lexer: enough for
 /// the patterns searched here, which never span lines).
 fn code_of_line(line: &str) -> String {
@@ -180,6 +237,33 @@ mod tests {
     #[test]
     fn the_workspace_keeps_its_invariants() {
         check(&crate::root()).unwrap();
+    }
+
+    #[test]
+    fn direct_host_reads_outside_host_read_and_tests_are_found() {
+        let dir = std::env::temp_dir().join(format!("rankstack-host-reads-{}", std::process::id()));
+        let write = |rel: &str, text: &str| {
+            let path = dir.join(rel);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(path, text).unwrap();
+        };
+        write("crates/nn/src/host_read.rs", "fn r(t: &Tensor) { t.to_vec1::<f32>(); }\n");
+        write("crates/kernels/src/a.rs", "fn r(t: &Tensor) { t.to_scalar::<f32>(); }\n");
+        write(
+            "crates/masknet/src/lib.rs",
+            "/// t.to_vec2()\nfn f(t: &Tensor) { let s = \".to_scalar\"; }\n#[cfg(test)]\nmod tests { fn g(t: &Tensor) { t.to_vec1::<f32>(); } }\n",
+        );
+        write("crates/dcnv2/src/cross.rs", "fn f(t: &Tensor) {\n    let v = t.to_vec1::<f32>();\n}\n");
+        write("src/serve/x.rs", "fn f(t: &Tensor) { t.to_device(&candle_core::Device::Cpu); }\n");
+        let problems = host_reads(&dir).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(
+            problems,
+            [
+                "crates/dcnv2/src/cross.rs:2: `.to_vec1` reads a tensor to the host; use rankstack_nn::host_read",
+                "src/serve/x.rs:1: `to_device(&candle_core::Device::Cpu)` reads a tensor to the host; use rankstack_nn::host_read",
+            ]
+        );
     }
 
     #[test]

@@ -4,6 +4,7 @@ use candle_core::backprop::GradStore;
 use candle_core::{DType, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 
+use rankstack_nn::host_read::read_input;
 use rankstack_nn::{Error, RowGather, RowGradient};
 
 use crate::schema::{OovPolicy, Pooling, SparseFeature};
@@ -54,8 +55,8 @@ impl SparseInput {
 
     /// From integer tensors `ids` `[N]` and `offsets` `[B]` (as PyTorch's `EmbeddingBag`).
     pub fn from_tensors(ids: &Tensor, offsets: &Tensor) -> rankstack_nn::Result<Self> {
-        let ids: Vec<i64> = ids.to_dtype(DType::I64)?.flatten_all()?.to_vec1()?;
-        let offsets: Vec<i64> = offsets.to_dtype(DType::I64)?.flatten_all()?.to_vec1()?;
+        let ids = read_input::<i64>(&ids.to_dtype(DType::I64)?, "sparse ids")?;
+        let offsets = read_input::<i64>(&offsets.to_dtype(DType::I64)?, "sparse offsets")?;
         if offsets.iter().any(|&o| o < 0) {
             return Err(Error::input(LAYER, "offsets", "must be ≥ 0"));
         }

@@ -1,6 +1,6 @@
 //! BatchNorm over the feature dimension of a `[batch, features]` matrix, with running statistics.
 
-use candle_core::{DType, ModuleT, Result, Tensor, Var};
+use candle_core::{ModuleT, Result, Tensor, Var};
 use candle_nn::{Init, VarBuilder};
 use serde::{Deserialize, Serialize};
 
@@ -140,8 +140,8 @@ impl BatchNorm {
         let new_var = ((self.running_var.as_tensor() * (1.0 - m))? + (unbiased * m)?)?;
         self.running_mean.set(&new_mean)?;
         self.running_var.set(&new_var)?;
-        let n = self.num_batches_tracked.as_tensor().to_dtype(DType::I64)?.to_scalar::<i64>()?;
-        self.num_batches_tracked.set(&Tensor::new(n + 1, self.num_batches_tracked.device())?)
+        // Counted on the device: reading the count back would make a GPU wait at every step.
+        self.num_batches_tracked.set(&self.num_batches_tracked.as_tensor().affine(1.0, 1.0)?)
     }
 }
 
@@ -183,7 +183,7 @@ impl BatchNorm {
 mod tests {
     use super::*;
     use crate::SeededVarMap;
-    use candle_core::Device;
+    use candle_core::{DType, Device};
 
     fn v1(t: &Tensor) -> Vec<f64> {
         t.to_dtype(DType::F64).unwrap().to_vec1().unwrap()

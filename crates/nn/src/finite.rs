@@ -47,7 +47,7 @@ fn per_tensor(
         .iter()
         .map(|(_, t)| reduce(t)?.to_dtype(DType::F32)?.to_device(device))
         .collect::<candle_core::Result<Vec<_>>>()?;
-    Ok(Tensor::stack(&sums, 0)?.to_vec1::<f32>()?)
+    Ok(crate::host_read::read_computed::<f32>(&Tensor::stack(&sums, 0)?, "finiteness sums")?)
 }
 
 /// The name of the first non-finite slice among host-side `f32` buffers (e.g. optimizer moments

@@ -30,6 +30,8 @@
 //!   intermediates (activation checkpointing; the composed attention uses it).
 //! - [`probe`]: marks between the parts of a forward pass, and [`probe::record_parts`], the time
 //!   each part takes on its device; [`on_worker_pool`] carries a recording over to the CPU pool.
+//! - [`host_read`]: every read of a tensor's values back to the host, through one place, so that a
+//!   test can count a step's reads (on a GPU each one is a transfer and a wait).
 //! - `testing` (feature `testing`, for tests and benchmarks): fixture loading and closeness
 //!   checks for the PyTorch reference tests.
 //!
@@ -46,6 +48,7 @@ pub mod device_memory;
 pub mod dropout;
 pub mod error;
 pub mod finite;
+pub mod host_read;
 pub mod init;
 pub mod init_scheme;
 pub mod layer_checkpoint;
@@ -83,4 +86,4 @@ pub use mlp::{Mlp, MlpConfig, Normalization};
 pub use reseed::Reseed;
 pub use row_sparse::{RowGather, RowGradient};
 pub use softmax::softmax;
-pub use worker_pool::on_worker_pool;
+pub use worker_pool::{on_worker_pool, on_worker_pool_for};

@@ -6,9 +6,10 @@ use std::collections::HashMap;
 use std::io::Write;
 use std::path::Path;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 
 use crate::checkpoint::{TensorChecksum, CHECKSUM_KEY};
+use crate::host_read::read_computed;
 use crate::{Error, Result};
 
 /// Writes `bytes` to `path` atomically: a temporary file in the same directory, fsync, rename. A
@@ -104,19 +105,30 @@ struct HostTensor<'a>(&'a Tensor, safetensors::Dtype, Vec<u8>);
 
 impl<'a> HostTensor<'a> {
     fn new(name: &str, tensor: &'a Tensor) -> Result<Self> {
-        let t = tensor.flatten_all()?.to_device(&Device::Cpu)?;
+        const WHAT: &str = "tensor written to a file";
+        let t = tensor;
         let (dtype, bytes) = match t.dtype() {
-            DType::F64 => (safetensors::Dtype::F64, t.to_vec1::<f64>()?.iter().flat_map(|v| v.to_le_bytes()).collect()),
-            DType::F32 => (safetensors::Dtype::F32, t.to_vec1::<f32>()?.iter().flat_map(|v| v.to_le_bytes()).collect()),
-            DType::F16 => {
-                (safetensors::Dtype::F16, t.to_vec1::<half::f16>()?.iter().flat_map(|v| v.to_le_bytes()).collect())
+            DType::F64 => {
+                (safetensors::Dtype::F64, read_computed::<f64>(t, WHAT)?.iter().flat_map(|v| v.to_le_bytes()).collect())
             }
-            DType::BF16 => {
-                (safetensors::Dtype::BF16, t.to_vec1::<half::bf16>()?.iter().flat_map(|v| v.to_le_bytes()).collect())
+            DType::F32 => {
+                (safetensors::Dtype::F32, read_computed::<f32>(t, WHAT)?.iter().flat_map(|v| v.to_le_bytes()).collect())
             }
-            DType::I64 => (safetensors::Dtype::I64, t.to_vec1::<i64>()?.iter().flat_map(|v| v.to_le_bytes()).collect()),
-            DType::U32 => (safetensors::Dtype::U32, t.to_vec1::<u32>()?.iter().flat_map(|v| v.to_le_bytes()).collect()),
-            DType::U8 => (safetensors::Dtype::U8, t.to_vec1::<u8>()?),
+            DType::F16 => (
+                safetensors::Dtype::F16,
+                read_computed::<half::f16>(t, WHAT)?.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            ),
+            DType::BF16 => (
+                safetensors::Dtype::BF16,
+                read_computed::<half::bf16>(t, WHAT)?.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            ),
+            DType::I64 => {
+                (safetensors::Dtype::I64, read_computed::<i64>(t, WHAT)?.iter().flat_map(|v| v.to_le_bytes()).collect())
+            }
+            DType::U32 => {
+                (safetensors::Dtype::U32, read_computed::<u32>(t, WHAT)?.iter().flat_map(|v| v.to_le_bytes()).collect())
+            }
+            DType::U8 => (safetensors::Dtype::U8, read_computed::<u8>(t, WHAT)?),
             other => {
                 return Err(Error::input(
                     "checkpoint",

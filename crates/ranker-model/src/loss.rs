@@ -1,7 +1,7 @@
 //! The multi-task training loss.
 
 use candle_core::{DType, Result, Tensor};
-use rankstack_nn::{loss::bce_with_logits, shape::expect_dims, Error};
+use rankstack_nn::{host_read::read_input, loss::bce_with_logits, shape::expect_dims, Error};
 
 const LAYER: &str = "multitask_loss";
 
@@ -28,7 +28,7 @@ pub fn multitask_loss(
             Error::input(LAYER, "task_weights", format!("{} weights for {tasks} tasks", task_weights.len())).into()
         );
     }
-    let values: Vec<f64> = labels.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?;
+    let values = read_input::<f64>(&labels.to_dtype(DType::F64)?, "labels")?;
     if let Some(i) = values.iter().position(|v| !v.is_nan() && !(0.0..=1.0).contains(v)) {
         return Err(Error::input(
             LAYER,
@@ -47,7 +47,7 @@ pub fn multitask_loss(
     let mut counts = mask;
     if let Some(w) = example_weights {
         expect_dims(LAYER, "example_weights", w, &[Some(batch)])?;
-        let wv: Vec<f64> = w.to_dtype(DType::F64)?.to_vec1()?;
+        let wv = read_input::<f64>(&w.to_dtype(DType::F64)?, "example weights")?;
         if let Some(i) = wv.iter().position(|v| !(v.is_finite() && *v >= 0.0)) {
             return Err(Error::input(
                 LAYER,

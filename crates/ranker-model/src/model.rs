@@ -239,14 +239,10 @@ impl Ranker {
     /// [`rankstack_nn::probe::record_parts`]: `transact.*` and `transformer.*` (the sequence
     /// encoder), `features` (the feature encoder), each backbone stage by its type
     /// ([`crate::StageConfig::type_name`]), `mlp`, `heads`. On the CPU it runs on the kernels' worker pool
-    /// ([`rankstack_nn::on_worker_pool`]): its hundreds of kernel calls then start without a
+    /// ([`rankstack_nn::on_worker_pool_for`]): its hundreds of kernel calls then start without a
     /// cross-thread wake-up each. (A GPU's kernels gain nothing from it, so there it runs here.)
     pub fn forward_t(&self, batch: &RankerBatch, train: bool) -> Result<Tensor> {
-        if self.device().is_cpu() {
-            rankstack_nn::on_worker_pool(|| self.forward_on_this_thread(batch, train))
-        } else {
-            self.forward_on_this_thread(batch, train)
-        }
+        rankstack_nn::on_worker_pool_for(self.device(), || self.forward_on_this_thread(batch, train))
     }
 
     fn forward_on_this_thread(&self, batch: &RankerBatch, train: bool) -> Result<Tensor> {

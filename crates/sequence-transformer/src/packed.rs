@@ -74,7 +74,7 @@ impl PackedSequences {
         let bias = match key_mask {
             Some(m) => {
                 rankstack_nn::shape::expect_dims(layer, "key mask", m, &[Some(batch), Some(len)])?;
-                Some(m.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?)
+                Some(rankstack_nn::host_read::read_input::<f64>(&m.to_dtype(DType::F64)?, "key mask")?)
             }
             None => None,
         };

@@ -1,6 +1,8 @@
 //! The max-pool over every position of TransAct's public code (`tfmr_out.max(dim=1).values`).
 
 use candle_core::{DType, Result, Tensor};
+use rankstack_kernels::cpu::kernels_run_on;
+use rankstack_nn::host_read::read_computed;
 
 /// `y[b, j] = max_t h[b, t, j]` over every position of `h` `[B, n, d]`, with the gradient going to
 /// the *first* position attaining the maximum, as `torch.max(dim).values` does.
@@ -19,11 +21,19 @@ use candle_core::{DType, Result, Tensor};
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 pub fn max_pool_first(h: &Tensor) -> Result<Tensor> {
-    let (b, n, d) = h.dims3()?;
+    let (_, n, _) = h.dims3()?;
     if n == 0 {
         candle_core::bail!("max-pool over all positions: the sequence is empty");
     }
-    let values = h.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
+    let index = if kernels_run_on(h.device()) { first_max_on_host(h)? } else { first_max_with_tensors(h)? };
+    h.contiguous()?.gather(&index, 1)?.squeeze(1)
+}
+
+/// `[B, 1, d]` u32: for each `(b, j)` the first `t` where `h[b, t, j]` is largest among the
+/// non-NaN values (0 when every value is NaN), by a scan on the host.
+fn first_max_on_host(h: &Tensor) -> Result<Tensor> {
+    let (b, n, d) = h.dims3()?;
+    let values = read_computed::<f64>(&h.to_dtype(DType::F64)?, "max-pool positions")?;
     let mut index = vec![0u32; b * d];
     for (bi, seq) in values.chunks(n * d).enumerate() {
         for j in 0..d {
@@ -37,6 +47,58 @@ pub fn max_pool_first(h: &Tensor) -> Result<Tensor> {
             index[bi * d + j] = best as u32;
         }
     }
-    let index = Tensor::from_vec(index, (b, 1, d), h.device())?;
-    h.contiguous()?.gather(&index, 1)?.squeeze(1)
+    Tensor::from_vec(index, (b, 1, d), h.device())
+}
+
+/// [`first_max_on_host`]'s indices with tensor operations on `h`'s device: NaN becomes −∞ for the
+/// maximum, the first non-NaN position equal to it wins, and a column with none (all NaN) gets 0.
+fn first_max_with_tensors(h: &Tensor) -> Result<Tensor> {
+    let (b, n, d) = h.dims3()?;
+    let h = h.detach();
+    let is_nan = h.ne(&h)?;
+    let clean = is_nan.where_cond(&h.zeros_like()?.affine(1.0, f64::NEG_INFINITY)?, &h)?;
+    let top = clean.max_keepdim(1)?;
+    let hit = is_nan.where_cond(&is_nan.zeros_like()?, &clean.broadcast_eq(&top)?)?;
+    let positions = Tensor::arange(0u32, n as u32, h.device())?.reshape((1, n, 1))?.broadcast_as((b, n, d))?;
+    let none = positions.affine(0.0, n as f64)?;
+    let first = hit.where_cond(&positions, &none)?.min_keepdim(1)?;
+    first.eq(n as u32)?.where_cond(&first.zeros_like()?, &first)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn the_tensor_argmax_equals_the_host_scan_with_ties_nans_and_infinities() {
+        let (nan, inf) = (f32::NAN, f32::INFINITY);
+        // [B = 2, n = 4, d = 5]: each column a case.
+        let h = Tensor::new(
+            &[
+                [
+                    [1f32, nan, nan, -inf, 2.],
+                    [3., nan, 1., -inf, 2.],
+                    [3., nan, nan, nan, inf],
+                    [0., nan, 4., -inf, inf],
+                ],
+                [[-1f32, 5., 0., 7., nan], [-1., 5., 0., 7., -inf], [-2., 6., 0., nan, -inf], [-1., 6., 0., 8., nan]],
+            ],
+            &Device::Cpu,
+        )
+        .unwrap();
+        let host = first_max_on_host(&h).unwrap().flatten_all().unwrap().to_vec1::<u32>().unwrap();
+        let tensors = first_max_with_tensors(&h).unwrap().flatten_all().unwrap().to_vec1::<u32>().unwrap();
+        assert_eq!(host, [1, 0, 3, 0, 2, 0, 2, 0, 3, 1]);
+        assert_eq!(tensors, host);
+        // Random data, f64 and f32, with many ties (values rounded to a few levels).
+        let mut rng = rankstack_nn::rng::Rng::new(5);
+        let values: Vec<f64> = (0..3 * 7 * 6).map(|_| (rng.normal() * 2.0).round()).collect();
+        for dtype in [DType::F64, DType::F32] {
+            let h = Tensor::from_vec(values.clone(), (3, 7, 6), &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
+            let a = first_max_on_host(&h).unwrap().flatten_all().unwrap().to_vec1::<u32>().unwrap();
+            let b = first_max_with_tensors(&h).unwrap().flatten_all().unwrap().to_vec1::<u32>().unwrap();
+            assert_eq!(a, b, "{dtype:?}");
+        }
+    }
 }

@@ -6,6 +6,7 @@ use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 
 use rankstack_kernels::distinct_rows::{gather_rows, scatter_rows};
+use rankstack_nn::host_read::read_input;
 use rankstack_nn::probe::mark;
 use rankstack_nn::{linear_xavier, Error, Linear};
 
@@ -211,12 +212,12 @@ impl SequenceTransformer {
         }
         let s = c.max_len;
         let keep = s_in.min(s);
-        let host = |t: &Tensor| -> Result<Vec<i64>> {
+        let host = |t: &Tensor, what| -> Result<Vec<i64>> {
             let t = t.narrow(1, 0, keep)?.to_dtype(DType::I64)?;
             let t = if keep < s { t.pad_with_zeros(1, 0, s - keep)? } else { t };
-            t.flatten_all()?.to_vec1::<i64>()
+            read_input::<i64>(&t, what)
         };
-        let types = host(&batch.action_types)?;
+        let types = host(&batch.action_types, "action types")?;
         // Raw ids through the vocabulary: unknown ones become padding.
         let types = match &self.vocab {
             Some(vocab) => vocab.map(&types),
@@ -230,8 +231,8 @@ impl SequenceTransformer {
             )
             .into());
         }
-        let timestamps = host(&batch.timestamps)?;
-        let request = batch.request_time.to_dtype(DType::I64)?.to_vec1::<i64>()?;
+        let timestamps = host(&batch.timestamps, "timestamps")?;
+        let request = read_input::<i64>(&batch.request_time.to_dtype(DType::I64)?, "request times")?;
         let items = batch.item_embeddings.narrow(1, 0, keep)?;
         let items = if keep < s { items.pad_with_zeros(1, 0, s - keep)? } else { items };
         Ok(Prepared { types, timestamps, request, items, batch: b })

@@ -6,8 +6,9 @@ use std::cell::Cell;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use candle_core::{DType, Var};
+use candle_core::{DType, Tensor, Var};
 use indicatif::ProgressBar;
+use rankstack_nn::host_read::read_computed;
 use rankstack_nn::probe::mark;
 use rankstack_nn::reseed::child_seed;
 use rankstack_nn::{Error, Reseed, Result};
@@ -15,7 +16,7 @@ use rankstack_nn::{Error, Reseed, Result};
 use super::{first_non_finite_gradient, stopped, BatchSource, LossWindow, TrainReport, Trainer};
 use crate::data::LabeledBatch;
 use crate::train::checkpoints::latest_checkpoint;
-use crate::train::{clip_grad_norm, evaluate, grad_norm, EvalReport, WarmupCosine};
+use crate::train::{clip_to_norm, evaluate, squared_grad_norm, EvalReport, WarmupCosine};
 
 /// How a run is laid out: steps per epoch, the step count to reach, the learning-rate schedule.
 struct RunPlan {
@@ -181,14 +182,15 @@ impl Trainer {
     /// One optimizer step on `b`: forward, loss, backward, clipping, AdamW. A non-finite loss or
     /// gradient stops before the update spreads it.
     ///
+    /// The step reads back from the device once: the loss and the squared gradient norm together,
+    /// after the backward pass (on a GPU every read waits for the queued kernels). A non-finite
+    /// loss is reported as such although its backward pass ran.
+    ///
     /// On the CPU it runs on the kernels' worker pool, so that the step's kernel calls (forward,
     /// backward, AdamW) start without a cross-thread wake-up each ([`crate::nn::on_worker_pool`]).
     fn train_step(&mut self, b: &LabeledBatch, params: &[(String, Var)], plan: &RunPlan) -> Result<StepOutcome> {
-        if self.device.is_cpu() {
-            crate::nn::on_worker_pool(|| self.train_step_on_this_thread(b, params, plan))
-        } else {
-            self.train_step_on_this_thread(b, params, plan)
-        }
+        let device = self.device.clone();
+        crate::nn::on_worker_pool_for(&device, || self.train_step_on_this_thread(b, params, plan))
     }
 
     fn train_step_on_this_thread(
@@ -206,25 +208,30 @@ impl Trainer {
         }
         let logits = self.ranker.forward_t(&b.batch, true)?;
         let loss = self.ranker.loss(&logits, &b.labels, b.example_weights.as_ref())?;
-        let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         mark("loss", &loss)?;
-        if !value.is_finite() {
-            let reason = format!("non-finite loss ({value}) at step {}", self.step + 1);
-            return Ok(StepOutcome::NonFinite { what: "loss", reason });
-        }
         let mut grads = loss.backward()?;
         let mut rows = self.ranker.take_row_gradients(&grads)?;
         mark("backward", &loss)?;
         // The global gradient norm before clipping, every step: a growing norm warns of
         // divergence, and a non-finite one stops training before the update spreads it.
-        let norm = match o.grad_clip_norm {
-            Some(max) => clip_grad_norm(params, &mut grads, &mut rows, max)?,
-            None => grad_norm(params, &grads, &rows)?,
+        let loss_f64 = loss.to_dtype(DType::F64)?.reshape(1)?;
+        let read = match squared_grad_norm(params, &grads, &rows)? {
+            Some(squared) => Tensor::cat(&[&loss_f64, &squared.reshape(1)?], 0)?,
+            None => loss_f64,
         };
+        let read = read_computed::<f64>(&read, "loss and squared gradient norm")?;
+        let (value, norm) = (read[0], read.get(1).map_or(0.0, |s| s.sqrt()));
+        if !value.is_finite() {
+            let reason = format!("non-finite loss ({value}) at step {}", self.step + 1);
+            return Ok(StepOutcome::NonFinite { what: "loss", reason });
+        }
         if !norm.is_finite() {
             let name = first_non_finite_gradient(params, &grads, &rows)?.unwrap_or_else(|| "?".into());
             let reason = format!("non-finite gradient of `{name}` at step {}", self.step + 1);
             return Ok(StepOutcome::NonFinite { what: "gradients", reason });
+        }
+        if let Some(max) = o.grad_clip_norm {
+            clip_to_norm(params, &mut grads, &mut rows, norm, max)?;
         }
         mark("grad_norm", &loss)?;
         let lr = plan.schedule.lr(self.step);
