@@ -16,30 +16,97 @@
 //! Values are exact copies, so results equal `index_select` / `zeros.index_add` (up to the sign
 //! of zeros) on every device.
 
-use candle_core::{Result, Tensor};
+//!
+//! Where the same rows move several times (TransAct's attention scatters its query, key and value
+//! rows into the padded layout and gathers the output back, in the forward pass and again when the
+//! backward pass recomputes it), [`DistinctRows`] builds the index tensors once.
+
+use candle_core::{Device, Result, Tensor};
 
 use crate::row_gather_op::RowGatherOp;
 
 /// `x[rows]` for a 2-D `x` `[n, d]` and distinct `rows` (each `< n`): `[rows.len(), d]`.
 pub fn gather_rows(x: &Tensor, rows: &[u32]) -> Result<Tensor> {
     let (n, _) = x.dims2()?;
-    let back = inverse(rows, n, "gather_rows")?;
-    apply(&x.contiguous()?, rows, &back)
+    DistinctRows::new(rows, n, x.device(), "gather_rows")?.gather(x)
 }
 
 /// `[n, d]` zeros with row `rows[i]` set to `src[i]`, for a 2-D `src` `[rows.len(), d]` and
 /// distinct `rows` (each `< n`).
 pub fn scatter_rows(src: &Tensor, rows: &[u32], n: usize) -> Result<Tensor> {
-    let (m, d) = src.dims2()?;
+    let (m, _) = src.dims2()?;
     if rows.len() != m {
         candle_core::bail!("scatter_rows: {} rows for a source of {m}", rows.len());
     }
-    // Output row j reads source row inverse[j]; rows not written read an appended zero row (m).
-    let forward = inverse(rows, n, "scatter_rows")?;
-    let extended = Tensor::cat(&[&src.contiguous()?, &Tensor::zeros((1, d), src.dtype(), src.device())?], 0)?;
-    // The zero row's gradient is discarded: it reads the sentinel row n of the extended gradient.
-    let back: Vec<u32> = rows.iter().copied().chain([n as u32]).collect();
-    apply(&extended, &forward, &back)?.narrow(0, 0, n)
+    DistinctRows::new(rows, n, src.device(), "scatter_rows")?.scatter(src)
+}
+
+/// `m` distinct rows of an `n`-row matrix, with the index tensors of both directions on a device,
+/// for gathering and scattering the same rows several times ([`DistinctRows::gather`] is
+/// [`gather_rows`], [`DistinctRows::scatter`] is [`scatter_rows`]).
+///
+/// ```
+/// # use candle_core::{Device, Tensor};
+/// use rankstack_kernels::distinct_rows::DistinctRows;
+/// let rows = DistinctRows::new(&[2, 0], 3, &Device::Cpu, "example")?;
+/// let x = Tensor::new(&[[1f32], [2.], [3.]], &Device::Cpu)?;
+/// let picked = rows.gather(&x)?;
+/// assert_eq!(picked.to_vec2::<f32>()?, [[3.], [1.]]);
+/// assert_eq!(rows.scatter(&picked)?.to_vec2::<f32>()?, [[1.], [0.], [3.]]);
+/// # Ok::<(), candle_core::Error>(())
+/// ```
+#[derive(Debug, Clone)]
+pub struct DistinctRows {
+    /// `n`, the rows of the full matrix.
+    n: usize,
+    /// `[m + 1]` u32: the rows, then `n` (a sentinel: the extra row of a scatter's source).
+    rows_then_n: Tensor,
+    /// `[n]` u32: where each row of the full matrix is among the rows, `m` where it is not.
+    inverse: Tensor,
+}
+
+impl DistinctRows {
+    /// The rows `rows` (distinct, each `< n`) on `device`; `op` names the caller in errors.
+    pub fn new(rows: &[u32], n: usize, device: &Device, op: &str) -> Result<Self> {
+        let inverse = inverse(rows, n, op)?;
+        let rows_then_n: Vec<u32> = rows.iter().copied().chain([n as u32]).collect();
+        Ok(Self {
+            n,
+            rows_then_n: Tensor::from_vec(rows_then_n, rows.len() + 1, device)?,
+            inverse: Tensor::from_vec(inverse, n, device)?,
+        })
+    }
+
+    /// The number of rows `m`.
+    pub fn len(&self) -> usize {
+        self.rows_then_n.dim(0).map_or(0, |len| len - 1)
+    }
+
+    /// Whether there are no rows.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// `x[rows]` for `x` `[n, d]`: `[m, d]`; its gradient goes back by a gather with the inverse.
+    pub fn gather(&self, x: &Tensor) -> Result<Tensor> {
+        let (n, _) = x.dims2()?;
+        if n != self.n {
+            candle_core::bail!("gather_rows: a matrix of {n} rows for rows of a {}-row matrix", self.n);
+        }
+        apply(&x.contiguous()?, &self.rows_then_n.narrow(0, 0, self.len())?, &self.inverse)
+    }
+
+    /// `[n, d]` zeros with row `rows[i]` set to `src[i]`, for `src` `[m, d]`.
+    pub fn scatter(&self, src: &Tensor) -> Result<Tensor> {
+        let (m, d) = src.dims2()?;
+        if m != self.len() {
+            candle_core::bail!("scatter_rows: {} rows for a source of {m}", self.len());
+        }
+        // Output row j reads source row inverse[j]; rows not written read an appended zero row (m).
+        let extended = Tensor::cat(&[&src.contiguous()?, &Tensor::zeros((1, d), src.dtype(), src.device())?], 0)?;
+        // The zero row's gradient is discarded: it reads the sentinel row n of the extended gradient.
+        apply(&extended, &self.inverse, &self.rows_then_n)?.narrow(0, 0, self.n)
+    }
 }
 
 /// For `rows` distinct and `< n`: `inv[rows[i]] = i`, and `rows.len()` (a sentinel) elsewhere.
@@ -57,14 +124,13 @@ fn inverse(rows: &[u32], n: usize, op: &str) -> Result<Vec<u32>> {
 }
 
 /// `y = x[forward]` with `∂x = [∂y ; 0][back]`: exact when every row of `x` that `forward`
-/// reads more than once is constant (the zero row of `scatter_rows`).
-fn apply(x: &Tensor, forward: &[u32], back: &[u32]) -> Result<Tensor> {
-    let device = x.device();
-    // `[in_rows]` u32: the output row each input row's gradient comes from (`out_rows`: none).
-    let back = Tensor::from_slice(back, back.len(), device)?;
+/// reads more than once is constant (the zero row of a scatter). `back` `[in_rows]` u32: the
+/// output row each input row's gradient comes from (`out_rows`: none).
+fn apply(x: &Tensor, forward: &Tensor, back: &Tensor) -> Result<Tensor> {
+    let back = back.clone();
     let op = RowGatherOp {
         name: "distinct-rows-gather",
-        index: Tensor::from_slice(forward, forward.len(), device)?,
+        index: forward.clone(),
         backward: Box::new(move |grad: &Tensor| {
             let (_, d) = grad.dims2()?;
             let zero = Tensor::zeros((1, d), grad.dtype(), grad.device())?;
@@ -114,6 +180,24 @@ mod tests {
             g.get(s.as_tensor()).unwrap().to_vec2::<f64>().unwrap(),
             g_want.get(s.as_tensor()).unwrap().to_vec2::<f64>().unwrap()
         );
+    }
+
+    #[test]
+    fn one_set_of_rows_moves_many_matrices_and_checks_their_sizes() {
+        let rows = DistinctRows::new(&[3, 1], 4, &Device::Cpu, "test").unwrap();
+        assert_eq!((rows.len(), rows.is_empty()), (2, false));
+        for seed in 0..3 {
+            let x = Tensor::from_vec((0..8).map(|i| (i * (seed + 1)) as f32).collect::<Vec<_>>(), (4, 2), &Device::Cpu)
+                .unwrap();
+            let y = rows.gather(&x).unwrap();
+            assert_eq!(y.to_vec2::<f32>().unwrap(), gather_rows(&x, &[3, 1]).unwrap().to_vec2::<f32>().unwrap());
+            let back = rows.scatter(&y).unwrap();
+            assert_eq!(back.to_vec2::<f32>().unwrap(), scatter_rows(&y, &[3, 1], 4).unwrap().to_vec2::<f32>().unwrap());
+        }
+        let wrong = Tensor::zeros((5, 2), DType::F32, &Device::Cpu).unwrap();
+        assert!(rows.gather(&wrong).unwrap_err().to_string().contains("5 rows for rows of a 4-row matrix"));
+        assert!(rows.scatter(&wrong).unwrap_err().to_string().contains("2 rows for a source of 5"));
+        assert!(DistinctRows::new(&[], 0, &Device::Cpu, "test").unwrap().is_empty());
     }
 
     #[test]

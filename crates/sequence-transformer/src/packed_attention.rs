@@ -7,7 +7,7 @@ use std::sync::Arc;
 use candle_core::{Result, Tensor, D};
 
 use rankstack_kernels::cpu::packed_attention::{check, head_blocks, packed_attention_fused, SequenceLayout};
-use rankstack_kernels::distinct_rows::{gather_rows, scatter_rows};
+use rankstack_kernels::distinct_rows::DistinctRows;
 use rankstack_nn::dropout::{device_keep_mask, device_multipliers};
 use rankstack_nn::recompute::{backprop_through, recompute_in_backward, with_backward};
 
@@ -273,11 +273,14 @@ impl Composed {
         for first in (0..b.max(1)).step_by(per_chunk) {
             let n = per_chunk.min(b - first);
             // Row i of the chunk's s-th sequence goes to dense row s·L + i.
-            let index = (!uniform).then(|| {
-                (0..n)
+            let index = if uniform {
+                None
+            } else {
+                let rows: Vec<u32> = (0..n)
                     .flat_map(|s| (0..offsets[first + s + 1] - offsets[first + s]).map(move |i| (s * l + i) as u32))
-                    .collect()
-            });
+                    .collect();
+                Some(DistinctRows::new(&rows, n * l, prepared.bias.device(), "packed attention")?)
+            };
             let dense = DenseAttention {
                 shape: (n, l, h, d),
                 index,
@@ -335,8 +338,10 @@ impl DenseDropout {
 struct DenseAttention {
     /// `(B, L, H, d)`.
     shape: (usize, usize, usize, usize),
-    /// The dense row of each packed row (`None`: the packed rows are the dense batch).
-    index: Option<Vec<u32>>,
+    /// The dense row of each packed row (`None`: the packed rows are the dense batch), with its
+    /// index tensors built once for the chunk: every `attend` (forward, and each recomputation in
+    /// the backward pass) scatters `Q`, `K`, `V` and gathers the output through them.
+    index: Option<DistinctRows>,
     core: Arc<AttentionCore>,
 }
 
@@ -418,7 +423,7 @@ impl DenseAttention {
         let dense = |x: &Tensor| -> Result<Tensor> {
             match &self.index {
                 None => x.reshape((b, l, d)),
-                Some(index) => scatter_rows(x, index, b * l)?.reshape((b, l, d)),
+                Some(index) => index.scatter(x)?.reshape((b, l, d)),
             }
         };
         // [B, L, d] → [B, H, L, dh].
@@ -428,7 +433,7 @@ impl DenseAttention {
         let out = self.core.apply(&q, &k, &v)?.transpose(1, 2)?.reshape((b * l, d))?;
         match &self.index {
             None => Ok(out),
-            Some(index) => gather_rows(&out, index),
+            Some(index) => index.gather(&out),
         }
     }
 }

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 
-use rankstack_kernels::distinct_rows::{gather_rows, scatter_rows};
+use rankstack_kernels::distinct_rows::DistinctRows;
 use rankstack_nn::host_read::read_input;
 use rankstack_nn::probe::mark;
 use rankstack_nn::{linear_xavier, Error, Linear};
@@ -281,10 +281,11 @@ impl SequenceTransformer {
         };
         let (sequences, rows) = PackedSequences::compact(masked, b, n, keep_first)?;
         // Distinct rows both ways: gathers, not candle's serial CUDA index_add (see distinct_rows).
-        let packed = gather_rows(&x.reshape((b * n, d))?, &rows)?;
+        let rows = DistinctRows::new(&rows, b * n, x.device(), "TransAct packing")?;
+        let packed = rows.gather(&x.reshape((b * n, d))?)?;
         mark("transact.pack", &packed)?;
         let packed = self.encoder.forward_packed(&packed, &Arc::new(sequences), train)?;
-        let h = scatter_rows(&packed, &rows, b * n)?.reshape((b, n, d))?;
+        let h = rows.scatter(&packed)?.reshape((b, n, d))?;
         mark("transact.unpack", &h)?;
         Ok(h)
     }
