@@ -239,22 +239,32 @@ mod tests {
         check(&crate::root()).unwrap();
     }
 
-    #[test]
-    fn direct_host_reads_outside_host_read_and_tests_are_found() {
-        let dir = std::env::temp_dir().join(format!("rankstack-host-reads-{}", std::process::id()));
-        let write = |rel: &str, text: &str| {
+    /// A scratch source tree of `files` (path, text) under the temporary directory, named `name`.
+    fn scratch_tree(name: &str, files: &[(&str, &str)]) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("rankstack-{name}-{}", std::process::id()));
+        for (rel, text) in files {
             let path = dir.join(rel);
             std::fs::create_dir_all(path.parent().unwrap()).unwrap();
             std::fs::write(path, text).unwrap();
-        };
-        write("crates/nn/src/host_read.rs", "fn r(t: &Tensor) { t.to_vec1::<f32>(); }\n");
-        write("crates/kernels/src/a.rs", "fn r(t: &Tensor) { t.to_scalar::<f32>(); }\n");
-        write(
-            "crates/masknet/src/lib.rs",
-            "/// t.to_vec2()\nfn f(t: &Tensor) { let s = \".to_scalar\"; }\n#[cfg(test)]\nmod tests { fn g(t: &Tensor) { t.to_vec1::<f32>(); } }\n",
+        }
+        dir
+    }
+
+    #[test]
+    fn direct_host_reads_outside_host_read_and_tests_are_found() {
+        let dir = scratch_tree(
+            "host-reads",
+            &[
+                ("crates/nn/src/host_read.rs", "fn r(t: &Tensor) { t.to_vec1::<f32>(); }\n"),
+                ("crates/kernels/src/a.rs", "fn r(t: &Tensor) { t.to_scalar::<f32>(); }\n"),
+                (
+                    "crates/masknet/src/lib.rs",
+                    "/// t.to_vec2()\nfn f(t: &Tensor) { let s = \".to_scalar\"; }\n#[cfg(test)]\nmod tests { fn g(t: &Tensor) { t.to_vec1::<f32>(); } }\n",
+                ),
+                ("crates/dcnv2/src/cross.rs", "fn f(t: &Tensor) {\n    let v = t.to_vec1::<f32>();\n}\n"),
+                ("src/serve/x.rs", "fn f(t: &Tensor) { t.to_device(&candle_core::Device::Cpu); }\n"),
+            ],
         );
-        write("crates/dcnv2/src/cross.rs", "fn f(t: &Tensor) {\n    let v = t.to_vec1::<f32>();\n}\n");
-        write("src/serve/x.rs", "fn f(t: &Tensor) { t.to_device(&candle_core::Device::Cpu); }\n");
         let problems = host_reads(&dir).unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
         assert_eq!(
@@ -268,16 +278,15 @@ mod tests {
 
     #[test]
     fn unsafe_code_outside_the_kernels_and_a_missing_forbid_are_found() {
-        let dir = std::env::temp_dir().join(format!("rankstack-invariants-{}", std::process::id()));
-        let write = |rel: &str, text: &str| {
-            let path = dir.join(rel);
-            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-            std::fs::write(path, text).unwrap();
-        };
-        write("crates/kernels/src/lib.rs", "pub fn f() { unsafe {} }");
-        write("crates/masknet/src/lib.rs", "#![forbid(unsafe_code)]\n// unsafe { in a comment }\n");
-        write("crates/dcnv2/src/lib.rs", "pub fn g() {}\n");
-        write("src/lib.rs", "#![forbid(unsafe_code)]\nfn h() { unsafe { } }\n");
+        let dir = scratch_tree(
+            "invariants",
+            &[
+                ("crates/kernels/src/lib.rs", "pub fn f() { unsafe {} }"),
+                ("crates/masknet/src/lib.rs", "#![forbid(unsafe_code)]\n// unsafe { in a comment }\n"),
+                ("crates/dcnv2/src/lib.rs", "pub fn g() {}\n"),
+                ("src/lib.rs", "#![forbid(unsafe_code)]\nfn h() { unsafe { } }\n"),
+            ],
+        );
         let mut problems = unsafe_code(&dir).unwrap();
         problems.sort();
         std::fs::remove_dir_all(&dir).unwrap();
