@@ -5,6 +5,7 @@ use std::collections::{HashMap, HashSet};
 use candle_core::{backprop::GradStore, DType, Result, Tensor, TensorId, Var};
 use rankstack_kernels::cpu::adamw::{adamw_update_in_place, bias_corrections, AdamWCoefficients};
 use rankstack_kernels::cpu::kernels_enabled;
+use rankstack_kernels::cpu::sum_of_squares::sum_of_squares;
 use rankstack_nn::host_read::{read_computed, read_input};
 use rankstack_nn::RowGradient;
 
@@ -327,25 +328,44 @@ pub fn grad_norm(params: &[(String, Var)], grads: &GradStore, rows: &[RowGradien
 /// The square of [`grad_norm`] as an f64 scalar tensor on the gradients' device (`None` without
 /// gradients), for a caller that reads it back together with other values (the trainer reads it
 /// with the loss: one wait for a GPU per step).
+///
+/// On the CPU each gradient's sum of squares is one pass of
+/// [`rankstack_kernels::cpu::sum_of_squares`] (the tensor formulation below writes two f64
+/// copies of every gradient first); the sums are added in parameter order either way.
 pub fn squared_grad_norm(params: &[(String, Var)], grads: &GradStore, rows: &[RowGradient]) -> Result<Option<Tensor>> {
+    let gradients: Vec<&Tensor> = params
+        .iter()
+        .flat_map(|(_, var)| {
+            let id = var.as_tensor().id();
+            grads
+                .get(var.as_tensor())
+                .into_iter()
+                .chain(rows.iter().filter(move |r| r.table.id() == id).map(|r| &r.grad))
+        })
+        .collect();
+    if gradients.is_empty() {
+        return Ok(None);
+    }
+    let mut host = Vec::with_capacity(gradients.len());
+    for g in &gradients {
+        match sum_of_squares(g)? {
+            Some(s) => host.push(s),
+            None => break,
+        }
+    }
+    if host.len() == gradients.len() {
+        let total = host.into_iter().fold(0.0, |total, s| total + s);
+        return Ok(Some(Tensor::new(total, gradients[0].device())?));
+    }
     // The squared sums stay on the gradients' device and are added there, in f64, in parameter
     // order: one value, not one per parameter.
     let mut total: Option<Tensor> = None;
-    let mut add = |g: &Tensor| -> Result<()> {
+    for g in gradients {
         let s = g.to_dtype(DType::F64)?.sqr()?.sum_all()?;
-        total = Some(match total.take() {
+        total = Some(match total {
             None => s,
             Some(t) => (t + s)?,
         });
-        Ok(())
-    };
-    for (_, var) in params {
-        if let Some(g) = grads.get(var.as_tensor()) {
-            add(g)?;
-        }
-        for r in rows.iter().filter(|r| r.table.id() == var.as_tensor().id()) {
-            add(&r.grad)?;
-        }
     }
     Ok(total)
 }
@@ -537,6 +557,22 @@ mod tests {
         let r = RowGradient { table: other.as_tensor().clone(), rows: vec![0], grad: other.as_tensor().clone() };
         let none = Tensor::zeros(1, DType::F32, &Device::Cpu).unwrap().sum_all().unwrap().backward().unwrap();
         assert!(opt.step(&none, &[r], 0.1).unwrap_err().to_string().contains("not one of the optimizer's parameters"));
+    }
+
+    #[test]
+    fn the_gradient_norm_of_the_cpu_kernel_equals_the_tensor_formulation() {
+        use rankstack_kernels::cpu::{with_isa, Isa};
+        let (w, b) = (var(&values(300 * 70, 1), (300, 70)), var(&values(70, 2), (1, 70)));
+        let table = var(&values(50 * 8, 3), (50, 8));
+        let params = vec![("w".to_string(), w.clone()), ("t".to_string(), table.clone()), ("b".to_string(), b.clone())];
+        let x = Tensor::from_slice(&values(300, 4), (1, 300), &Device::Cpu).unwrap();
+        let loss = x.matmul(w.as_tensor()).unwrap().broadcast_add(b.as_tensor()).unwrap().sqr().unwrap().sum_all();
+        let grads = loss.unwrap().backward().unwrap();
+        let grad = Tensor::from_slice(&values(3 * 8, 5), (3, 8), &Device::Cpu).unwrap();
+        let rows = vec![RowGradient { table: table.as_tensor().clone(), rows: vec![4, 9, 30], grad }];
+        let kernel = grad_norm(&params, &grads, &rows).unwrap();
+        let tensors = with_isa(Isa::Candle, || grad_norm(&params, &grads, &rows).unwrap());
+        assert!(kernel > 0.0 && (kernel - tensors).abs() <= 1e-14 * tensors, "{kernel} vs {tensors}");
     }
 
     #[test]

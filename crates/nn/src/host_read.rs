@@ -172,10 +172,34 @@ mod tests {
             read_computed::<f32>(&x, "back here").unwrap();
         });
         assert_eq!(reads.iter().map(|r| r.what).collect::<Vec<_>>(), ["on a worker", "back here"]);
-        // The pool's threads record nothing once the hand-over has returned.
-        for _ in 0..4 {
-            assert!(rankstack_kernels::cpu::on_worker_pool(|| LOG.with(|log| log.borrow().is_none())));
-        }
+    }
+
+    #[test]
+    fn concurrent_recordings_on_the_worker_pool_keep_their_own_reads() {
+        use rayon::prelude::*;
+        // Threads hand work to the same pool at once; a worker waiting in a join runs another
+        // thread's hand-over meanwhile, which must not take over (or drop) the recording of the
+        // work it interrupted.
+        std::thread::scope(|scope| {
+            for thread in 0..4usize {
+                scope.spawn(move || {
+                    let x = Tensor::new(&[thread as f32], &Device::Cpu).unwrap();
+                    for round in 0..200 {
+                        let ((), reads) = record_reads(|| {
+                            crate::on_worker_pool(|| {
+                                let spin: u64 = (0..64u64)
+                                    .into_par_iter()
+                                    .map(|i| (0..2000u64).fold(i, |a, b| a.wrapping_mul(31).wrapping_add(b)))
+                                    .reduce(|| 0, u64::wrapping_add);
+                                std::hint::black_box(spin);
+                                read_computed::<f32>(&x, "mine").unwrap();
+                            });
+                        });
+                        assert_eq!(reads.len(), 1, "thread {thread}, round {round}: {reads:?}");
+                    }
+                });
+            }
+        });
     }
 
     #[test]

@@ -18,9 +18,14 @@ pub fn on_worker_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     let reads = crate::host_read::take();
     let (out, reads) = rankstack_kernels::cpu::on_worker_pool(move || {
         crate::probe::with_recording_on_this_thread(records, || {
+            // The worker may be inside another hand-over (it runs stolen work while it waits
+            // in a join): that one's recording is set aside, not overwritten, and put back.
+            let outer = crate::host_read::take();
             crate::host_read::give_back(reads);
             let out = f();
-            (out, crate::host_read::take())
+            let reads = crate::host_read::take();
+            crate::host_read::give_back(outer);
+            (out, reads)
         })
     });
     crate::host_read::give_back(reads);

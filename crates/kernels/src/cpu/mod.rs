@@ -24,6 +24,7 @@ pub mod pinning;
 pub mod scale_by_mask;
 mod small_product;
 mod softmax_rows;
+pub mod sum_of_squares;
 mod worker_pool;
 
 pub use gemm::{bf16_path_description, packed_kernel_available, KernelPath, WeightPrecision};
