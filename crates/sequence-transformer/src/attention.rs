@@ -39,14 +39,12 @@ pub struct MultiHeadAttention {
     /// The `Q`, `K` and `V` projections: row blocks of `in_proj_weight` / `in_proj_bias` (views,
     /// so each parameter stays one tensor, as PyTorch stores it). Three products instead of one
     /// `[Q ‖ K ‖ V]` product that is then split: the split's backward pass would build three
-    /// zero-padded gradients of the full `[B·S, 3d]` width and add them up.
+    /// zero-padded gradients of the full `[B·S, 3d]` width and add them up. They are the only
+    /// handle on the parameters: the GPU graph's training node, which projects by itself, gets
+    /// the whole `[3d, d]` weight back from them ([`MultiHeadAttention::in_proj`]).
     q_proj: Linear,
     k_proj: Linear,
     v_proj: Linear,
-    /// The whole parameters, for the GPU graph's training node
-    /// ([`packed_self_attention_with_device_dropout`]), which projects by itself.
-    in_proj_weight: Tensor,
-    in_proj_bias: Option<Tensor>,
     out_proj: Linear,
     dropout: Dropout,
     dim: usize,
@@ -85,8 +83,6 @@ impl MultiHeadAttention {
             k_proj: block(1)?,
             v_proj: block(2)?,
             out_proj: linear_xavier(dim, dim, bias, vb.pp("out_proj"))?,
-            in_proj_weight,
-            in_proj_bias,
             dropout,
             dim,
             num_heads,
@@ -106,17 +102,12 @@ impl MultiHeadAttention {
         rankstack_nn::shape::expect_dims(LAYER, "packed input", x, &[Some(sequences.num_rows()), Some(self.dim)])?;
         let p = if train { self.dropout.p() } else { 0.0 };
         let on_device_graph = !kernels_run_on(x.device());
-        if on_device_graph && (x.track_op() || self.in_proj_weight.track_op()) && self.q_proj.autocast().is_none() {
-            // Training on a GPU's graph: one node that keeps nothing of the projections.
-            let out = packed_self_attention_with_device_dropout(
-                x,
-                &self.in_proj_weight,
-                self.in_proj_bias.as_ref(),
-                sequences,
-                self.num_heads,
-                p,
-            )?;
-            return self.out_proj.forward(&out);
+        if on_device_graph && self.q_proj.autocast().is_none() {
+            if let Some((w, b)) = self.in_proj()?.filter(|(w, _)| x.track_op() || w.track_op()) {
+                // Training on a GPU's graph: one node that keeps nothing of the projections.
+                let out = packed_self_attention_with_device_dropout(x, &w, b.as_ref(), sequences, self.num_heads, p)?;
+                return self.out_proj.forward(&out);
+            }
         }
         let (q, k, v) = (self.q_proj.forward(x)?, self.k_proj.forward(x)?, self.v_proj.forward(x)?);
         let out = if p > 0.0 && on_device_graph {
@@ -150,6 +141,21 @@ impl MultiHeadAttention {
         let weights = self.dropout.forward_t(&rankstack_nn::softmax::softmax_last_dim(&scores)?, train)?;
         let context = weights.matmul(&v)?.transpose(1, 2)?.reshape((batch * seq, self.dim))?;
         self.out_proj.forward(&context)
+    }
+
+    /// PyTorch's `in_proj_weight` `[3d, d]` and `in_proj_bias` `[3d]`, put together from the three
+    /// projections (which are views of them, so gradients reach the stored parameters); `None`
+    /// once the projections are packed for serving.
+    fn in_proj(&self) -> Result<Option<(Tensor, Option<Tensor>)>> {
+        let projections = [&self.q_proj, &self.k_proj, &self.v_proj];
+        let Some(weights) = projections.iter().map(|p| p.weight()).collect::<Option<Vec<_>>>() else {
+            return Ok(None);
+        };
+        let bias = match projections.iter().map(|p| p.bias()).collect::<Option<Vec<_>>>() {
+            Some(biases) => Some(Tensor::cat(&biases, 0)?),
+            None => None,
+        };
+        Ok(Some((Tensor::cat(&weights, 0)?, bias)))
     }
 
     /// The number of heads.
