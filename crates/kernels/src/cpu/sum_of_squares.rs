@@ -73,18 +73,12 @@ mod tests {
     use super::*;
     use crate::cpu::{with_isa, Isa};
 
+    /// `n` values of both signs spread over seven decades (1e-4 … 1e3), from the oracle's
+    /// seeded generator.
     fn values(n: usize, seed: u64) -> Vec<f32> {
-        // A spread of magnitudes (1e-4 … 1e3), both signs.
-        let mut state = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-        (0..n)
-            .map(|_| {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                let unit = (state >> 11) as f64 / (1u64 << 53) as f64;
-                let sign = if state & 1 == 0 { 1.0 } else { -1.0 };
-                (sign * 10f64.powf(7.0 * unit - 4.0)) as f32
-            })
+        crate::oracle::values(seed, n)
+            .into_iter()
+            .map(|u| (u.signum() * 10f64.powf(3.5 * u.abs() - 4.0)) as f32)
             .collect()
     }
 
