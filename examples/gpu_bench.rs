@@ -10,10 +10,10 @@
 //!                              computed on the GPU)
 //! gpu_bench infer DIR f32|tf32|bf16   scoring: median ms per batch at each batch size, peak tensor
 //!                              memory, the largest probability difference from f32, and what
-//!                              the model's code read back from the device in one call → JSON
+//!                              the model's code copied between host and device in one call → JSON
 //! gpu_bench train DIR f32|bf16 one training step (forward, backward, row-sparse AdamW) at each
 //!                              training batch size, planned and measured peak memory, and what
-//!                              the model's code read back from the device in one step → JSON
+//!                              the model's code copied between host and device in one step → JSON
 //! gpu_bench parts DIR f32|tf32 where the time goes: scoring at each batch size and the f32
 //!                              training step, part by part (rankstack_nn::probe): each part's
 //!                              median ms and the tensor memory it left allocated, beside the
@@ -43,7 +43,7 @@ use candle_core::{DType, Device, Tensor};
 use rankstack::data::inputs_to_device;
 use rankstack::kernels::cpu::heap_count::CountingAllocator;
 use rankstack::nn::device_memory::{peak_tensor_bytes, reset_peak};
-use rankstack::nn::host_read::{record_reads, HostRead};
+use rankstack::nn::host_transfer::{record_transfers, Direction, Transfer};
 use rankstack::nn::packed_matmul::WeightPrecision;
 use rankstack::nn::probe::{mark, record_parts, PartTime};
 use rankstack::nn::SeededVarMap;
@@ -170,11 +170,11 @@ fn infer(dir: &Path, dtype: &str) -> Result<()> {
             ranker.predict(&batch)?.to_device(&Device::Cpu)?;
             Ok(())
         });
-        let (_, reads) = record_reads(|| ranker.predict(&batch));
+        let (_, transfers) = record_transfers(|| ranker.predict(&batch));
         match outcome {
             Ok((median, runs)) => rows.push(json!({"batch": b, "median_ms": median * 1e3, "runs": runs,
                 "candidates_per_second": b as f64 / median, "peak_tensor_bytes": peak_tensor_bytes(&device)?,
-                "model_reads_from_device": reads_from_device(&reads)})),
+                "model_transfers": transfer_summary(&transfers)})),
             Err(e) => rows.push(json!({"batch": b, "error": e.to_string()})),
         }
     }
@@ -200,12 +200,12 @@ fn train(dir: &Path, dtype: &str) -> Result<()> {
         });
         let planned = step.ranker.cost(b).training_bytes();
         let peak = peak_tensor_bytes(&device)?;
-        let (_, reads) = record_reads(|| step.run());
+        let (_, transfers) = record_transfers(|| step.run());
         match outcome {
             Ok((median, runs)) => rows.push(json!({"batch": b, "median_ms": median * 1e3, "runs": runs,
                 "examples_per_second": b as f64 / median, "loss": last_loss,
                 "peak_tensor_bytes": peak, "planned_bytes": planned,
-                "model_reads_from_device": reads_from_device(&reads)})),
+                "model_transfers": transfer_summary(&transfers)})),
             Err(e) => rows.push(json!({"batch": b, "error": e.to_string(), "planned_bytes": planned})),
         }
     }
@@ -213,15 +213,31 @@ fn train(dir: &Path, dtype: &str) -> Result<()> {
     Ok(())
 }
 
-/// The reads of one call that copied values from the device ([`rankstack::nn::host_read`]: every
-/// read of the model's, the loss's and the optimizer's code), as a count, bytes and names. The
-/// benchmark's own read of the result is outside it. On a GPU this should be zero; on the CPU it
-/// is zero by definition.
-fn reads_from_device(reads: &[HostRead]) -> serde_json::Value {
-    let from_device: Vec<&HostRead> = reads.iter().filter(|r| r.from_device).collect();
-    let bytes: usize = from_device.iter().map(|r| r.elements * r.dtype.size_in_bytes()).sum();
-    let names: Vec<&str> = from_device.iter().map(|r| r.what).collect();
-    json!({"count": from_device.len(), "bytes": bytes, "what": names, "all_reads": reads.len()})
+/// The host↔device copies of one call ([`rankstack::nn::host_transfer`]: every transfer of the
+/// model's, the loss's and the optimizer's code; the benchmark's own read of the result is outside
+/// it): the reads from the device (count, bytes, names; on a GPU there should be none when scoring
+/// and one per training step; on the CPU none by definition) and the writes to the device, by name
+/// (count, bytes, origin). Writes are listed on the CPU too, where nothing is copied
+/// (`"copied": 0`): they are what a GPU would copy.
+fn transfer_summary(transfers: &[Transfer]) -> serde_json::Value {
+    let bytes = |t: &Transfer| (t.elements * t.dtype.size_in_bytes()) as u64;
+    let reads: Vec<&Transfer> = transfers.iter().filter(|t| t.crosses && t.direction == Direction::ToHost).collect();
+    let writes: Vec<&Transfer> = transfers.iter().filter(|t| t.direction == Direction::ToDevice).collect();
+    let mut by_what = serde_json::Map::new();
+    for t in &writes {
+        let entry = by_what
+            .entry(t.what)
+            .or_insert_with(|| json!({"count": 0, "bytes": 0, "origin": format!("{:?}", t.origin)}));
+        entry["count"] = json!(entry["count"].as_u64().unwrap_or(0) + 1);
+        entry["bytes"] = json!(entry["bytes"].as_u64().unwrap_or(0) + bytes(t));
+    }
+    json!({
+        "reads_from_device": {"count": reads.len(), "bytes": reads.iter().map(|t| bytes(t)).sum::<u64>(),
+                              "what": reads.iter().map(|t| t.what).collect::<Vec<_>>()},
+        "writes_to_device": {"count": writes.len(), "bytes": writes.iter().map(|t| bytes(t)).sum::<u64>(),
+                             "copied": writes.iter().filter(|t| t.crosses).count(), "by_what": by_what},
+        "recorded": transfers.len(),
+    })
 }
 
 /// One training step of the checkpoint's model on a seeded batch: row-sparse AdamW (lr 1e-4).

@@ -15,7 +15,7 @@ use candle_core::{DType, Device, Tensor};
 use rankstack::data::ParquetDataset;
 use rankstack::device::DeviceSpec;
 use rankstack::kernels::cpu::{with_isa, Isa};
-use rankstack::nn::host_read::{record_reads, HostRead, Origin};
+use rankstack::nn::host_transfer::{record_transfers, Direction, Origin, Transfer};
 use rankstack::nn::{Reseed, SeededVarMap};
 use rankstack::ranker_model::{Ranker, RankerConfig};
 use rankstack::train::{evaluate, AdamW, AdamWConfig, BatchSource, TrainOptions, Trainer};
@@ -60,7 +60,7 @@ fn step(config: &RankerConfig, data: &ParquetDataset, device: &Device) -> Step {
     let store = SeededVarMap::new(3);
     let ranker = Ranker::new(config, store.var_builder(DType::F32, device)).unwrap();
     ranker.set_row_sparse_gradients(true);
-    let b = data.batches(64, None).unwrap().next().unwrap().unwrap().to_device(device).unwrap();
+    let b = data.batches(64, None).unwrap().next().unwrap().unwrap().into_device(device).unwrap();
     ranker.reseed(11);
     let logits = ranker.forward_t(&b.batch, true).unwrap();
     let loss = ranker.loss(&logits, &b.labels, b.example_weights.as_ref()).unwrap();
@@ -273,16 +273,22 @@ fn the_trainer_runs_on_the_gpu_and_stays_close_to_the_cpu_run() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
-/// What training and evaluation read back to the host ([`rankstack::nn::host_read`]), counted on
-/// the GPU's graph run on the CPU (every machine) and on the GPU: a training step reads one pair of
-/// computed values, the loss and the squared gradient norm; an evaluation batch one vector, the loss
-/// and the probabilities; everything else they read is input that the data pipeline keeps on the
-/// host (never copied back from a device); the checkpoint at the end reads the finiteness sums
-/// (twice: the model's tensors, the optimizer's moments) and the tensors it writes. The config pools over every position (the pooling that looks for the
-/// first maximum) and normalises its dense features with BatchNorm (whose batch counter is a
-/// device tensor), the two parts that read activations or buffers back before.
+/// What training and evaluation copy between host and device ([`rankstack::nn::host_transfer`]),
+/// listed on the GPU's graph run on the CPU (every machine) and on the GPU.
+///
+/// Reads: a training step reads one pair of computed values, the loss and the squared gradient
+/// norm; an evaluation batch one vector, the loss and the probabilities; everything else they read
+/// is input that the data pipeline keeps on the host (never copied back from a device); the
+/// checkpoint at the end reads the finiteness sums (twice: the model's tensors, the optimizer's
+/// moments) and the tensors it writes. The config pools over every position (the pooling that
+/// looks for the first maximum) and normalises its dense features with BatchNorm (whose batch
+/// counter is a device tensor), the two parts that read activations or buffers back before.
+///
+/// Writes: the batch's inputs and index tensors the host derives from its ids, and two constants
+/// of a few values (the max-pool's positions, the task weights) once per step; never a parameter,
+/// an optimizer moment or a computed value. Dropout is off here (on a GPU it draws on the device).
 #[test]
-fn training_and_evaluation_read_back_one_computed_value_set_per_batch() {
+fn training_and_evaluation_copy_inputs_in_and_read_one_computed_value_set_out_per_batch() {
     let dir = tmpdir("device-reads");
     let (train, eval) = write_data(&dir, 192, 130);
     let text = config(&train).to_toml_string();
@@ -290,25 +296,37 @@ fn training_and_evaluation_read_back_one_computed_value_set_per_batch() {
     let config =
         RankerConfig::from_toml_str(&text.replace("max_pool = \"unmasked\"", "max_pool = \"all_positions\"")).unwrap();
     let mut runs = vec![("the GPU's graph on the CPU", DeviceSpec::Cpu, true)];
-    if gpu("training_and_evaluation_read_back_one_computed_value_set_per_batch (GPU part)").is_some() {
+    if gpu("training_and_evaluation_copy_inputs_in_and_read_one_computed_value_set_out_per_batch (GPU part)").is_some()
+    {
         runs.push(("the GPU", DeviceSpec::Cuda(0), false));
     }
     for (what, device, candle_graph) in runs {
+        let on_gpu = !matches!(device, DeviceSpec::Cpu);
         let options =
             TrainOptions { epochs: 1, batch_size: 64, quiet: true, seed: 7, device, ..TrainOptions::default() };
         let run = || {
             let mut trainer = Trainer::new(&config, options, dir.join(format!("run-{candle_graph}"))).unwrap();
-            let (report, training) = record_reads(|| trainer.fit(&train, None).unwrap());
-            let (eval_report, evaluation) =
-                record_reads(|| evaluate(trainer.ranker(), &eval as &dyn BatchSource, 64, 1, report.steps).unwrap());
+            let (report, training) = record_transfers(|| trainer.fit(&train, None).unwrap());
+            let (eval_report, evaluation) = record_transfers(|| {
+                evaluate(trainer.ranker(), &eval as &dyn BatchSource, 64, 1, report.steps).unwrap()
+            });
             (report.steps, eval_report, training, evaluation)
         };
         let (steps, eval_report, training, evaluation) = if candle_graph { with_isa(Isa::Candle, run) } else { run() };
-        let computed = |reads: &[HostRead]| -> Vec<(&'static str, usize)> {
-            reads.iter().filter(|r| r.origin == Origin::Computed).map(|r| (r.what, r.elements)).collect()
+        let reads = |all: &[Transfer]| -> Vec<Transfer> {
+            all.iter().filter(|t| t.direction == Direction::ToHost).cloned().collect()
         };
-        let from_device: Vec<&HostRead> =
-            training.iter().chain(&evaluation).filter(|r| r.origin == Origin::Input && r.from_device).collect();
+        let writes = |all: &[Transfer]| -> Vec<Transfer> {
+            all.iter().filter(|t| t.direction == Direction::ToDevice).cloned().collect()
+        };
+        let computed = |all: &[Transfer]| -> Vec<(&'static str, usize)> {
+            reads(all).iter().filter(|r| r.origin == Origin::Computed).map(|r| (r.what, r.elements)).collect()
+        };
+        let from_device: Vec<Transfer> = reads(&training)
+            .into_iter()
+            .chain(reads(&evaluation))
+            .filter(|r| r.origin == Origin::Input && r.crosses)
+            .collect();
         assert!(from_device.is_empty(), "{what}: inputs read back from the device: {from_device:?}");
 
         // Training: one read per step, then the checkpoint's.
@@ -334,11 +352,40 @@ fn training_and_evaluation_read_back_one_computed_value_set_per_batch() {
         let expected: Vec<_> = [64, 64, 2].iter().map(|rows| ("loss and probabilities", 1 + rows * tasks)).collect();
         assert_eq!(computed(&evaluation), expected, "{what}");
         assert!(eval_report.loss.is_finite());
+
+        // Writes: inputs, plus the two small constants once per step (or evaluation batch).
+        for (part, all, batches) in [("training", &training, steps), ("evaluation", &evaluation, 3u64)] {
+            let writes = writes(all);
+            let not_input: Vec<&Transfer> = writes.iter().filter(|t| t.origin != Origin::Input).collect();
+            assert!(
+                not_input.iter().all(|t| t.origin == Origin::Constant
+                    && ["sequence positions", "task weights"].contains(&t.what)
+                    && t.elements <= 32),
+                "{what}, {part}: writes of other than inputs: {not_input:?}"
+            );
+            assert_eq!(not_input.len() as u64, 2 * batches, "{what}, {part}: {not_input:?}");
+            let count = |name: &str| writes.iter().filter(|t| t.what == name).count();
+            // The dense features, the sequence's item and candidate embeddings; the labels.
+            assert_eq!(count("batch input") as u64, 3 * batches, "{what}, {part}");
+            assert_eq!(count("labels") as u64, batches, "{what}, {part}");
+            assert!(writes.iter().all(|t| t.crosses == on_gpu), "{what}, {part}: crossing flags");
+        }
+        let names = |all: &[Transfer]| {
+            let mut names: Vec<&str> = writes(all).iter().map(|t| t.what).collect();
+            names.sort();
+            names.dedup();
+            names
+        };
         eprintln!(
-            "{what}: {} reads in 3 training steps and the checkpoint ({} of inputs kept on the host), {} in evaluation",
-            training.len(),
-            training.iter().filter(|r| r.origin == Origin::Input).count(),
-            evaluation.len()
+            "{what}: training: {} reads ({} of inputs kept on the host), {} writes ({} values) in {steps} steps and \
+             the checkpoint; evaluation: {} reads, {} writes; writes of training: {:?}",
+            reads(&training).len(),
+            reads(&training).iter().filter(|r| r.origin == Origin::Input).count(),
+            writes(&training).len(),
+            writes(&training).iter().map(|t| t.elements).sum::<usize>(),
+            reads(&evaluation).len(),
+            writes(&evaluation).len(),
+            names(&training),
         );
     }
     std::fs::remove_dir_all(&dir).ok();

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use candle_core::DType;
 use ranker_model::checkpoint;
-use rankstack_nn::host_read::read_computed;
+use rankstack_nn::host_transfer::read_computed;
 use rankstack_nn::packed_matmul::WeightPrecision;
 use rankstack_nn::{Error, Result};
 
@@ -110,7 +110,7 @@ pub fn score(
     let tasks = ranker.task_names().to_vec();
     let mut columns: Vec<Vec<f32>> = vec![Vec::new(); tasks.len()];
     for item in BatchSource::batches(&data, batch_size, None)? {
-        let b = item?.to_device(ranker.device())?;
+        let b = item?.into_device(ranker.device())?;
         let p = read_computed::<f32>(&ranker.predict(&b.batch)?.to_dtype(DType::F32)?, "probabilities")?;
         for (row, index) in p.chunks(tasks.len()).zip(&b.row_index) {
             for (t, &v) in row.iter().enumerate() {

@@ -3,6 +3,7 @@
 
 use candle_core::{Device, Tensor};
 use ranker_model::{RankerBatch, SequenceItems, UserSequence};
+use rankstack_nn::host_transfer::{move_to_device, Origin};
 use rankstack_nn::Result;
 
 /// One batch of training or evaluation data.
@@ -24,8 +25,8 @@ pub struct LabeledBatch {
 impl LabeledBatch {
     /// The same batch with its model inputs on `device` ([`inputs_to_device`]); the labels and
     /// example weights stay on the host (the loss validates them there and copies them once;
-    /// evaluation reads them there). A no-op on the CPU.
-    pub fn to_device(self, device: &Device) -> Result<Self> {
+    /// evaluation reads them there). Nothing is copied on the CPU.
+    pub fn into_device(self, device: &Device) -> Result<Self> {
         let batch = inputs_to_device(self.batch, device)?;
         Ok(Self { batch, ..self })
     }
@@ -36,12 +37,10 @@ impl LabeledBatch {
 /// stays there — sparse ids and the sequence's action types, timestamps, request times and item
 /// ids (validated, masked and packed on the host; only the index tensors derived from them are
 /// copied) — so one step moves one batch of inputs to the device and nothing back but the loss.
-/// A no-op on the CPU.
+/// Each tensor is one [`host_transfer`](rankstack_nn::host_transfer) write, `"batch input"`
+/// (recorded on the CPU too, where nothing is copied).
 pub fn inputs_to_device(batch: RankerBatch, device: &Device) -> Result<RankerBatch> {
-    if device.is_cpu() {
-        return Ok(batch);
-    }
-    let mv = |t: &Tensor| t.to_device(device);
+    let mv = |t: &Tensor| move_to_device(t, device, "batch input", Origin::Input);
     let f = &batch.features;
     let features = feature_encoders::FeatureBatch {
         dense: f.dense.as_ref().map(mv).transpose()?,

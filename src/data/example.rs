@@ -177,13 +177,13 @@ pub fn collate(schema: &DataSchema, rows: &[Example], row_index: &[u64]) -> Resu
         row.check(schema, index)?;
     }
     let b = rows.len();
-    let cpu = &Device::Cpu;
+    // The batch is built on the host; `inputs_to_device` copies the model inputs (counted there).
     let f = &schema.features;
     let dense = if f.dense.is_empty() {
         None
     } else {
         let values: Vec<f32> = rows.iter().flat_map(|r| r.dense.iter().copied()).collect();
-        Some(Tensor::from_vec(values, (b, f.dense.len()), cpu)?)
+        Some(Tensor::from_vec(values, (b, f.dense.len()), &Device::Cpu)?)
     };
     let sparse = (0..f.sparse.len())
         .map(|i| SparseInput::from_bags(&rows.iter().map(|r| &r.sparse[i][..]).collect::<Vec<_>>()))
@@ -194,7 +194,7 @@ pub fn collate(schema: &DataSchema, rows: &[Example], row_index: &[u64]) -> Resu
         .enumerate()
         .map(|(i, feat)| {
             let values: Vec<f32> = rows.iter().flat_map(|r| r.embedding[i].iter().copied()).collect();
-            Tensor::from_vec(values, (b, feat.dim), cpu)
+            Tensor::from_vec(values, (b, feat.dim), &Device::Cpu)
         })
         .collect::<candle_core::Result<Vec<_>>>()?;
     let sequence = match &schema.sequence {
@@ -226,8 +226,8 @@ pub fn collate(schema: &DataSchema, rows: &[Example], row_index: &[u64]) -> Resu
                         }
                     }
                     SequenceItems::Ids {
-                        sequence: Tensor::from_vec(ids, (b, s), cpu)?,
-                        candidate: Tensor::from_vec(cand, b, cpu)?,
+                        sequence: Tensor::from_vec(ids, (b, s), &Device::Cpu)?,
+                        candidate: Tensor::from_vec(cand, b, &Device::Cpu)?,
                     }
                 }
                 SequenceItemSpec::Embeddings { dim } => {
@@ -243,24 +243,24 @@ pub fn collate(schema: &DataSchema, rows: &[Example], row_index: &[u64]) -> Resu
                         }
                     }
                     SequenceItems::Embeddings {
-                        sequence: Tensor::from_vec(vecs, (b, s, e), cpu)?,
-                        candidate: Tensor::from_vec(cand, (b, e), cpu)?,
+                        sequence: Tensor::from_vec(vecs, (b, s, e), &Device::Cpu)?,
+                        candidate: Tensor::from_vec(cand, (b, e), &Device::Cpu)?,
                     }
                 }
             };
             Some(UserSequence {
-                action_types: Tensor::from_vec(types, (b, s), cpu)?,
-                timestamps: Tensor::from_vec(stamps, (b, s), cpu)?,
-                request_time: Tensor::from_vec(request, b, cpu)?,
+                action_types: Tensor::from_vec(types, (b, s), &Device::Cpu)?,
+                timestamps: Tensor::from_vec(stamps, (b, s), &Device::Cpu)?,
+                request_time: Tensor::from_vec(request, b, &Device::Cpu)?,
                 items,
             })
         }
     };
     let labels: Vec<f32> = rows.iter().flat_map(|r| r.labels.iter().copied()).collect();
-    let labels = Tensor::from_vec(labels, (b, schema.tasks.len()), cpu)?;
+    let labels = Tensor::from_vec(labels, (b, schema.tasks.len()), &Device::Cpu)?;
     let example_weights = if rows.iter().any(|r| r.example_weight.is_some()) {
         let w: Vec<f32> = rows.iter().map(|r| r.example_weight.unwrap_or(1.0)).collect();
-        Some(Tensor::from_vec(w, b, cpu)?)
+        Some(Tensor::from_vec(w, b, &Device::Cpu)?)
     } else {
         None
     };

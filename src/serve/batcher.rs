@@ -22,7 +22,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use candle_core::DType;
-use rankstack_nn::host_read::read_computed;
+use rankstack_nn::host_transfer::read_computed;
 use tokio::sync::oneshot;
 
 use super::metrics::Metrics;
@@ -243,10 +243,7 @@ fn predict(model: &ServedModel, rows: &[&Example]) -> Result<Vec<Vec<f32>>, Stri
     let run = || -> rankstack_nn::Result<Vec<Vec<f32>>> {
         let owned: Vec<Example> = rows.iter().map(|r| (*r).clone()).collect();
         let index: Vec<u64> = (0..owned.len() as u64).collect();
-        let mut batch = collate(&model.schema, &owned, &index)?;
-        if !model.device.is_cpu() {
-            batch = batch.to_device(&model.device)?;
-        }
+        let batch = collate(&model.schema, &owned, &index)?.into_device(&model.device)?;
         // Task-major: one row of probabilities per task.
         let p = model.ranker.predict(&batch.batch)?.to_dtype(DType::F32)?.t()?;
         let (tasks, rows) = p.dims2()?;

@@ -6,7 +6,7 @@ use candle_core::{backprop::GradStore, DType, Result, Tensor, TensorId, Var};
 use rankstack_kernels::cpu::adamw::{adamw_update_in_place, bias_corrections, AdamWCoefficients};
 use rankstack_kernels::cpu::kernels_enabled;
 use rankstack_kernels::cpu::sum_of_squares::sum_of_squares;
-use rankstack_nn::host_read::{read_computed, read_input};
+use rankstack_nn::host_transfer::{move_to_device, read_computed, read_input, upload, upload_slice, Origin};
 use rankstack_nn::RowGradient;
 
 /// AdamW hyper-parameters (PyTorch defaults except the learning rate).
@@ -179,7 +179,7 @@ impl AdamW {
                 let (theta, mm, vv, g) = match rows {
                     None => (var.as_tensor().clone(), m.clone(), v.clone(), g),
                     Some(r) => {
-                        let index = Tensor::from_slice(r, r.len(), var.device())?;
+                        let index = upload_slice(r, r.len(), var.device(), "row-sparse update rows", Origin::Input)?;
                         (var.index_select(&index, 0)?, m.index_select(&index, 0)?, v.index_select(&index, 0)?, g)
                     }
                 };
@@ -205,7 +205,9 @@ impl AdamW {
                                 None => candle_core::bail!("AdamW: row {row} of {name} is out of range"),
                             }
                         }
-                        let map = Tensor::from_vec(map, n, var.device())?;
+                        // n entries per table and step: on a GPU this copy grows with the table, not the
+                        // batch (a device-side scatter would avoid it; candle's is serial).
+                        let map = upload(map, n, var.device(), "row-sparse write-back map", Origin::Input)?;
                         let put = |whole: &Tensor, new: &Tensor| Tensor::cat(&[whole, new], 0)?.index_select(&map, 0);
                         var.set(&put(var.as_tensor(), &new_theta)?)?;
                         *m = put(m, &new_m)?;
@@ -301,7 +303,9 @@ impl AdamW {
                     let flat = |t: &Tensor| read_input::<f32>(&t.to_dtype(DType::F32)?, "optimizer moments");
                     Moments::Host { m: flat(t)?, v: flat(v)?, dims: var.dims().to_vec() }
                 } else {
-                    let to = |t: &Tensor| t.to_dtype(var.dtype())?.to_device(var.device());
+                    let to = |t: &Tensor| {
+                        move_to_device(&t.to_dtype(var.dtype())?, var.device(), "optimizer moments", Origin::State)
+                    };
                     Moments::Tensors { m: to(t)?, v: to(v)? }
                 };
                 moments.insert(name.to_string(), entry);
@@ -355,7 +359,8 @@ pub fn squared_grad_norm(params: &[(String, Var)], grads: &GradStore, rows: &[Ro
     }
     if host.len() == gradients.len() {
         let total = host.into_iter().fold(0.0, |total, s| total + s);
-        return Ok(Some(Tensor::new(total, gradients[0].device())?));
+        // The CPU kernels summed on the host: `gradients` are CPU tensors.
+        return Ok(Some(upload(vec![total], (), gradients[0].device(), "squared gradient norm", Origin::Computed)?));
     }
     // The squared sums stay on the gradients' device and are added there, in f64, in parameter
     // order: one value, not one per parameter.

@@ -2,7 +2,7 @@
 
 use candle_core::{DType, Tensor};
 use ranker_model::Ranker;
-use rankstack_nn::host_read::{read_computed, read_input};
+use rankstack_nn::host_transfer::{read_computed, read_input};
 use rankstack_nn::{Error, Result};
 use serde::Serialize;
 
@@ -47,7 +47,7 @@ pub fn evaluate(
     let mut labels: Vec<Vec<f64>> = vec![Vec::new(); tasks.len()];
     let (mut loss_sum, mut rows) = (0.0, 0usize);
     for item in data.batches(batch_size, None)? {
-        let b = item?.to_device(&device)?;
+        let b = item?.into_device(&device)?;
         let logits = ranker.forward(&b.batch)?;
         let loss = ranker.loss(&logits, &b.labels, b.example_weights.as_ref())?.to_dtype(DType::F64)?.reshape(1)?;
         let p = ranker.probabilities(&logits)?.to_dtype(DType::F64)?.flatten_all()?;

@@ -9,9 +9,12 @@
 //!    `#![forbid(unsafe_code)]` (which the compiler enforces), and no other source file of the
 //!    workspace mentions an `unsafe` block, fn or impl.
 //! 3. Every layer crate has `tests/reference.rs` (its check against the PyTorch fixtures).
-//! 4. Tensor values reach the host only through `rankstack_nn::host_read` (which counts them):
-//!    outside it, the kernels (CPU-only code) and test code, no source file of the crates or of the
-//!    top package calls candle's `to_vec*`/`to_scalar` or copies a tensor to the CPU.
+//! 4. Tensor values cross between host and device only through `rankstack_kernels::host_transfer`
+//!    (which lists them): outside it, the CPU kernels and test code, no source file of the crates
+//!    or of the top package calls candle's `to_vec*`/`to_scalar`, copies a tensor to another
+//!    device (`to_device`), or builds a tensor from host values (`Tensor::new`/`from_vec`/
+//!    `from_slice`/`from_iter`/`arange`) on a device other than a literal `Device::Cpu` on the
+//!    same line.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -54,7 +57,7 @@ const LAYER_CRATES: &[&str] = &["dcnv2", "masknet", "feature-encoders", "sequenc
 pub fn check(root: &Path) -> Result<()> {
     let mut problems = crate_graph(root)?;
     problems.extend(unsafe_code(root)?);
-    problems.extend(host_reads(root)?);
+    problems.extend(direct_transfers(root)?);
     for name in LAYER_CRATES {
         if !root.join("crates").join(name).join("tests/reference.rs").is_file() {
             problems.push(format!("crates/{name} has no tests/reference.rs"));
@@ -134,9 +137,15 @@ fn unsafe_code(root: &Path) -> Result<Vec<String>> {
     Ok(problems)
 }
 
-/// The files where a tensor's values may be read to the host directly: the one place that counts
-/// the reads, the kernels (CPU tensors only), and the test support.
-const DIRECT_READS_ALLOWED: &[&str] = &["crates/nn/src/host_read.rs", "crates/kernels/", "crates/nn/src/testing.rs"];
+/// The files where tensor values may cross between host and device directly: the one place that
+/// lists the transfers, the CPU kernels (CPU tensors only), the kernels' test oracle, and the test
+/// support.
+const DIRECT_TRANSFERS_ALLOWED: &[&str] = &[
+    "crates/kernels/src/host_transfer.rs",
+    "crates/kernels/src/cpu/",
+    "crates/kernels/src/oracle.rs",
+    "crates/nn/src/testing.rs",
+];
 
 /// Calls that read a tensor's values to the host.
 const DIRECT_READS: &[&str] = &[
@@ -149,9 +158,20 @@ const DIRECT_READS: &[&str] = &[
     "to_device(&candle_core::Device::Cpu)",
 ];
 
-/// Direct reads of tensor values (`DIRECT_READS`) in the library code of `src/` and the crates,
-/// outside `DIRECT_READS_ALLOWED` and outside `#[cfg(test)]` modules.
-fn host_reads(root: &Path) -> Result<Vec<String>> {
+/// Calls that place values on a tensor's device: a copy unless that device is the CPU.
+const DIRECT_WRITES: &[&str] = &[
+    "Tensor::new(",
+    "Tensor::from_vec(",
+    "Tensor::from_slice(",
+    "Tensor::from_iter(",
+    "Tensor::arange(",
+    ".to_device(",
+];
+
+/// Direct transfers (`DIRECT_READS`, and `DIRECT_WRITES` without a literal `Device::Cpu` on the
+/// line) in the library code of `src/` and the crates, outside `DIRECT_TRANSFERS_ALLOWED` and
+/// outside `#[cfg(test)]` modules.
+fn direct_transfers(root: &Path) -> Result<Vec<String>> {
     let mut files = Vec::new();
     collect_rust_files(&root.join("src"), &mut files)?;
     let crates = root.join("crates");
@@ -165,7 +185,7 @@ fn host_reads(root: &Path) -> Result<Vec<String>> {
     let mut problems = Vec::new();
     for file in files {
         let rel = file.strip_prefix(root).unwrap_or(&file).to_string_lossy().replace('\\', "/");
-        if DIRECT_READS_ALLOWED.iter().any(|allowed| rel.starts_with(allowed)) {
+        if DIRECT_TRANSFERS_ALLOWED.iter().any(|allowed| rel.starts_with(allowed)) {
             continue;
         }
         let text = std::fs::read_to_string(&file).map_err(|e| format!("{}: {e}", file.display()))?;
@@ -178,13 +198,28 @@ fn host_reads(root: &Path) -> Result<Vec<String>> {
             let code = code_of_line(line);
             if let Some(call) = DIRECT_READS.iter().find(|p| code.contains(*p)) {
                 problems.push(format!(
-                    "{rel}:{}: `{call}` reads a tensor to the host; use rankstack_nn::host_read",
+                    "{rel}:{}: `{call}` reads a tensor to the host; use rankstack_nn::host_transfer",
                     number + 1
                 ));
+            } else if let Some(call) = DIRECT_WRITES.iter().find(|p| calls(&code, p)) {
+                if call.starts_with('.') || !code.contains("Device::Cpu") {
+                    problems.push(format!(
+                        "{rel}:{}: `{call}` places values on a device; use rankstack_nn::host_transfer",
+                        number + 1
+                    ));
+                }
             }
         }
     }
     Ok(problems)
+}
+
+/// Whether `code` calls `pattern`: for a path (`Tensor::new(`), not as the tail of a longer name
+/// (`HostTensor::new(`).
+fn calls(code: &str, pattern: &str) -> bool {
+    code.match_indices(pattern).any(|(at, _)| {
+        pattern.starts_with('.') || !code[..at].chars().next_back().is_some_and(|c| c.is_alphanumeric() || c == '_')
+    })
 }
 
 /// A line without its comment and the contents of its string literals (a crude lexer: enough for
@@ -251,27 +286,38 @@ mod tests {
     }
 
     #[test]
-    fn direct_host_reads_outside_host_read_and_tests_are_found() {
+    fn direct_transfers_outside_host_transfer_and_tests_are_found() {
         let dir = scratch_tree(
-            "host-reads",
+            "host-transfers",
             &[
-                ("crates/nn/src/host_read.rs", "fn r(t: &Tensor) { t.to_vec1::<f32>(); }\n"),
-                ("crates/kernels/src/a.rs", "fn r(t: &Tensor) { t.to_scalar::<f32>(); }\n"),
+                ("crates/kernels/src/host_transfer.rs", "fn r(t: &Tensor) { t.to_vec1::<f32>(); }\n"),
+                ("crates/kernels/src/cpu/a.rs", "fn r(t: &Tensor, d: &Device) { t.to_scalar::<f32>(); Tensor::new(1f32, d); }\n"),
                 (
                     "crates/masknet/src/lib.rs",
                     "/// t.to_vec2()\nfn f(t: &Tensor) { let s = \".to_scalar\"; }\n#[cfg(test)]\nmod tests { fn g(t: &Tensor) { t.to_vec1::<f32>(); } }\n",
                 ),
                 ("crates/dcnv2/src/cross.rs", "fn f(t: &Tensor) {\n    let v = t.to_vec1::<f32>();\n}\n"),
-                ("src/serve/x.rs", "fn f(t: &Tensor) { t.to_device(&candle_core::Device::Cpu); }\n"),
+                ("crates/kernels/src/rows.rs", "fn f(d: &Device) { Tensor::from_vec(vec![1u32], 1, d); }\n"),
+                (
+                    "src/serve/x.rs",
+                    "fn f(t: &Tensor, d: &Device) {\n    t.to_device(&candle_core::Device::Cpu);\n    t.to_device(d);\n    \
+                     Tensor::from_slice(&[1f32], 1, &Device::Cpu);\n    Tensor::arange(0u32, 4, d);\n    HostTensor::new(d);\n}\n",
+                ),
             ],
         );
-        let problems = host_reads(&dir).unwrap();
+        let problems = direct_transfers(&dir).unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
+        let use_it = "use rankstack_nn::host_transfer";
         assert_eq!(
             problems,
             [
-                "crates/dcnv2/src/cross.rs:2: `.to_vec1` reads a tensor to the host; use rankstack_nn::host_read",
-                "src/serve/x.rs:1: `to_device(&candle_core::Device::Cpu)` reads a tensor to the host; use rankstack_nn::host_read",
+                format!("crates/dcnv2/src/cross.rs:2: `.to_vec1` reads a tensor to the host; {use_it}"),
+                format!("crates/kernels/src/rows.rs:1: `Tensor::from_vec(` places values on a device; {use_it}"),
+                format!(
+                    "src/serve/x.rs:2: `to_device(&candle_core::Device::Cpu)` reads a tensor to the host; {use_it}"
+                ),
+                format!("src/serve/x.rs:3: `.to_device(` places values on a device; {use_it}"),
+                format!("src/serve/x.rs:5: `Tensor::arange(` places values on a device; {use_it}"),
             ]
         );
     }

@@ -4,6 +4,7 @@ use candle_core::{ModuleT, Result, Tensor, Var};
 use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
+use rankstack_nn::host_transfer::{upload, Origin};
 use rankstack_nn::{BatchNorm, BatchNormConfig, Error};
 
 const LAYER: &str = "DenseEncoder";
@@ -143,7 +144,7 @@ impl DenseEncoder {
             None
         } else {
             let idx: Vec<u32> = indicator_columns.iter().map(|&c| c as u32).collect();
-            Some(Tensor::new(idx, &dev)?)
+            Some(upload(idx, num_indicators, &dev, "missing-value indicator columns", Origin::Constant)?)
         };
         Ok(Self {
             num_features,

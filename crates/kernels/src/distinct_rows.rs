@@ -23,6 +23,7 @@
 
 use candle_core::{Device, Result, Tensor};
 
+use crate::host_transfer::{upload, Origin};
 use crate::row_gather_op::RowGatherOp;
 
 /// `x[rows]` for a 2-D `x` `[n, d]` and distinct `rows` (each `< n`): `[rows.len(), d]`.
@@ -68,8 +69,9 @@ impl DistinctRows {
         let rows_then_n: Vec<u32> = rows.iter().copied().chain([n as u32]).collect();
         Ok(Self {
             n,
-            rows_then_n: Tensor::from_vec(rows_then_n, rows.len() + 1, device)?,
-            inverse: Tensor::from_vec(inverse, n, device)?,
+            rows_then_n: upload(rows_then_n, rows.len() + 1, device, "distinct rows", Origin::Input)?,
+            // One entry per row of the full matrix: on a GPU this copy grows with `n`.
+            inverse: upload(inverse, n, device, "distinct rows' inverse map", Origin::Input)?,
         })
     }
 

@@ -23,6 +23,8 @@
 //! - [`repeated_rows`]: gathering rows that repeat (embedding lookups) with a segmented-sum backward
 //!   pass, bit-equal to `index_add`'s; on CUDA one block per row (`cuda/segment_sum.cu`, compiled by
 //!   `build.rs`).
+//! - [`host_transfer`]: every copy of tensor values between the host and a device, through one
+//!   place, so that a test can list a step's transfers (on a GPU a read back is a copy and a wait).
 //! - [`float`]: the `f32`/`f64` element types ([`KernelFloat`]) the CPU kernels are written over,
 //!   reading a tensor's CPU values, and one dispatch from a storage to the typed kernel.
 #![deny(unsafe_op_in_unsafe_fn, clippy::undocumented_unsafe_blocks, missing_docs)]
@@ -32,6 +34,7 @@ pub mod cpu;
 pub mod cuda;
 pub mod distinct_rows;
 pub mod float;
+pub mod host_transfer;
 #[cfg(test)]
 mod oracle;
 pub mod repeated_rows;

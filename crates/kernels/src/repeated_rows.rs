@@ -19,6 +19,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
+use crate::host_transfer::{upload, upload_slice, Origin};
 use crate::row_gather_op::RowGatherOp;
 
 /// `x[rows]` for a 2-D `x` `[n, d]` and `rows` (each `< n`, repeats allowed): `[rows.len(), d]`,
@@ -29,12 +30,13 @@ pub fn gather_repeated_rows(x: &Tensor, rows: &[u32]) -> Result<Tensor> {
     let segments = Segments::new(rows, n)?;
     let device = x.device();
     let sum = SegmentSum {
-        order: Tensor::from_vec(segments.order, rows.len(), device)?,
-        starts: Tensor::from_vec(segments.starts, n + 1, device)?,
+        order: upload(segments.order, rows.len(), device, "row segments' order", Origin::Input)?,
+        // One entry per row of the table: on a GPU this copy grows with the table.
+        starts: upload(segments.starts, n + 1, device, "row segments' starts", Origin::Input)?,
     };
     let op = RowGatherOp {
         name: "repeated-rows-gather",
-        index: Tensor::from_slice(rows, rows.len(), device)?,
+        index: upload_slice(rows, rows.len(), device, "gathered rows", Origin::Input)?,
         backward: Box::new(move |grad: &Tensor| grad.contiguous()?.apply_op1_no_bwd(&sum)),
     };
     x.contiguous()?.apply_op1(op)

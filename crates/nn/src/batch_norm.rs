@@ -4,6 +4,7 @@ use candle_core::{ModuleT, Result, Tensor, Var};
 use candle_nn::{Init, VarBuilder};
 use serde::{Deserialize, Serialize};
 
+use crate::host_transfer::{upload, Origin};
 use crate::Error;
 
 /// BatchNorm options (PyTorch `BatchNorm1d` defaults).
@@ -98,7 +99,7 @@ impl BatchNorm {
             bias,
             running_mean: Var::zeros(num_features, dtype, dev)?,
             running_var: Var::ones(num_features, dtype, dev)?,
-            num_batches_tracked: Var::from_tensor(&Tensor::new(0i64, dev)?)?,
+            num_batches_tracked: Var::from_tensor(&upload(vec![0i64], (), dev, "batch counter", Origin::State)?)?,
             prefix,
             num_features,
             eps: config.eps,

@@ -10,6 +10,7 @@ use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
 
 use crate::error::{Error, Result, TensorMismatch};
+use crate::host_transfer::{move_to_device, Origin};
 
 /// Tensors and string metadata read from a safetensors file.
 #[derive(Debug)]
@@ -140,7 +141,7 @@ pub fn load_into(vars: &[(String, Var)], tensors: &HashMap<String, Tensor>) -> R
         return Err(Error::Checkpoint(problems));
     }
     for (name, var) in vars {
-        var.set(&tensors[name].to_device(var.device())?)?;
+        var.set(&move_to_device(&tensors[name], var.device(), "checkpoint tensor", Origin::State)?)?;
     }
     Ok(())
 }
@@ -234,7 +235,9 @@ impl SimpleBackend for FrozenTensors {
     fn get(&self, s: Shape, name: &str, _: candle_nn::Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
         self.inner.requested.lock().expect("lock poisoned").insert(name.to_string());
         let problem = match self.inner.tensors.get(name) {
-            Some(t) if t.shape() == &s && convertible(t.dtype(), dtype) => return t.to_dtype(dtype)?.to_device(dev),
+            Some(t) if t.shape() == &s && convertible(t.dtype(), dtype) => {
+                return move_to_device(&t.to_dtype(dtype)?, dev, "checkpoint tensor", Origin::State)
+            }
             Some(t) if t.shape() == &s => TensorMismatch::DType {
                 name: name.to_string(),
                 expected: format!("{dtype:?}"),
@@ -252,7 +255,9 @@ impl SimpleBackend for FrozenTensors {
     fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
         self.inner.requested.lock().expect("lock poisoned").insert(name.to_string());
         match self.inner.tensors.get(name) {
-            Some(t) if convertible(t.dtype(), dtype) => t.to_dtype(dtype)?.to_device(dev),
+            Some(t) if convertible(t.dtype(), dtype) => {
+                move_to_device(&t.to_dtype(dtype)?, dev, "checkpoint tensor", Origin::State)
+            }
             Some(t) => candle_core::bail!("tensor `{name}` has dtype {:?}, the model expects {dtype:?}", t.dtype()),
             None => candle_core::bail!("no tensor named `{name}`"),
         }

@@ -7,6 +7,7 @@ use rankstack_kernels::cpu::scale_by_mask::scale_by_mask;
 
 use candle_core::{DType, ModuleT, Result, Tensor};
 
+use crate::host_transfer::{upload, Origin};
 use crate::recompute::with_backward;
 use crate::rng::Rng;
 
@@ -114,9 +115,9 @@ impl ModuleT for Dropout {
                 return Ok(y);
             }
             let keep: Vec<u8> = multipliers.iter().map(|&m| u8::from(m != 0.0)).collect();
-            Tensor::from_vec(keep, x.shape(), x.device())?
+            upload(keep, x.shape(), x.device(), "dropout keep mask", Origin::Random)?
         } else if x.device().is_cpu() {
-            Tensor::from_vec(self.keep_draws(x.elem_count()), x.shape(), x.device())?
+            upload(self.keep_draws(x.elem_count()), x.shape(), x.device(), "dropout keep mask", Origin::Random)?
         } else {
             device_keep_mask(self.p, x.shape(), x.device())?
         };

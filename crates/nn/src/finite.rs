@@ -13,6 +13,7 @@
 
 use candle_core::{DType, Tensor};
 
+use crate::host_transfer::{move_to_device, read_computed, Origin};
 use crate::Result;
 
 /// The name of the first tensor (in the given order) holding a non-finite value, or `None` when
@@ -45,9 +46,17 @@ fn per_tensor(
     let device = first.device();
     let sums = tensors
         .iter()
-        .map(|(_, t)| reduce(t)?.to_dtype(DType::F32)?.to_device(device))
+        .map(|(_, t)| {
+            let sum = reduce(t)?.to_dtype(DType::F32)?;
+            // Tensors on another device than the first (never, in the trainer) join it.
+            if sum.device().same_device(device) {
+                Ok(sum)
+            } else {
+                move_to_device(&sum, device, "finiteness sum", Origin::Computed)
+            }
+        })
         .collect::<candle_core::Result<Vec<_>>>()?;
-    Ok(crate::host_read::read_computed::<f32>(&Tensor::stack(&sums, 0)?, "finiteness sums")?)
+    Ok(read_computed::<f32>(&Tensor::stack(&sums, 0)?, "finiteness sums")?)
 }
 
 /// The name of the first non-finite slice among host-side `f32` buffers (e.g. optimizer moments

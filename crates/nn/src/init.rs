@@ -4,6 +4,7 @@ use candle_core::{DType, Device, Result, Shape, Tensor, Var};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::{Init, VarBuilder, VarMap};
 
+use crate::host_transfer::{move_to_device, Origin};
 use crate::init_scheme::InitScheme;
 use crate::rng::Rng;
 
@@ -144,10 +145,13 @@ impl SimpleBackend for SeededVarMap {
         }
         let given = self.initial.lock().expect("initial values lock poisoned").remove(name);
         let t = match given {
-            Some(t) if t.shape() == &s && t.dtype().is_float() => t.to_dtype(dtype)?.to_device(dev)?,
+            Some(t) if t.shape() == &s && t.dtype().is_float() => {
+                move_to_device(&t.to_dtype(dtype)?, dev, "given initial value", Origin::State)?
+            }
             _ => {
                 let values = self.initial_values(&s, name, self.scheme.init(name, &s, h));
-                Tensor::from_vec(values, s, &Device::Cpu)?.to_dtype(dtype)?.to_device(dev)?
+                let host = Tensor::from_vec(values, s, &Device::Cpu)?.to_dtype(dtype)?;
+                move_to_device(&host, dev, "initial value", Origin::State)?
             }
         };
         let var = Var::from_tensor(&t)?;
@@ -159,7 +163,7 @@ impl SimpleBackend for SeededVarMap {
     fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> Result<Tensor> {
         let data = self.vars.data().lock().expect("var map lock poisoned");
         match data.get(name) {
-            Some(v) => v.as_tensor().to_dtype(dtype)?.to_device(dev),
+            Some(v) => move_to_device(&v.as_tensor().to_dtype(dtype)?, dev, "parameter", Origin::State),
             None => candle_core::bail!("no parameter named `{name}`"),
         }
     }

@@ -30,8 +30,8 @@
 //!   intermediates (activation checkpointing; the composed attention uses it).
 //! - [`probe`]: marks between the parts of a forward pass, and [`probe::record_parts`], the time
 //!   each part takes on its device; [`on_worker_pool`] carries a recording over to the CPU pool.
-//! - [`host_read`]: every read of a tensor's values back to the host, through one place, so that a
-//!   test can count a step's reads (on a GPU each one is a transfer and a wait).
+//! - [`host_transfer`] (from `rankstack_kernels`): every copy of tensor values between the host and
+//!   a device, through one place, so that a test can list a step's transfers.
 //! - `testing` (feature `testing`, for tests and benchmarks): fixture loading and closeness
 //!   checks for the PyTorch reference tests.
 //!
@@ -48,7 +48,6 @@ pub mod device_memory;
 pub mod dropout;
 pub mod error;
 pub mod finite;
-pub mod host_read;
 pub mod init;
 pub mod init_scheme;
 pub mod layer_checkpoint;
@@ -73,6 +72,7 @@ mod worker_pool;
 /// Weights packed once for the CPU serving kernel (re-exported from `rankstack-kernels`).
 pub use rankstack_kernels::cpu::packed_matmul;
 pub use rankstack_kernels::cpu::WeightPrecision;
+pub use rankstack_kernels::host_transfer;
 
 pub use activation::Activation;
 pub use batch_norm::{BatchNorm, BatchNormConfig};

@@ -19,6 +19,8 @@ use std::sync::Mutex;
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Result, Tensor, Var};
 
+use crate::host_transfer::{upload_slice, Origin};
+
 /// The gradient of some rows of a table: `grad[i]` belongs to row `rows[i]` of `table`.
 #[derive(Debug, Clone)]
 pub struct RowGradient {
@@ -42,7 +44,7 @@ fn gather_with_segmented_gradient(table: &Tensor, rows: &[u32]) -> Result<Tensor
     if segmented {
         rankstack_kernels::repeated_rows::gather_repeated_rows(table, rows)
     } else {
-        table.index_select(&Tensor::from_slice(rows, rows.len(), table.device())?, 0)
+        table.index_select(&upload_slice(rows, rows.len(), table.device(), "gathered rows", Origin::Input)?, 0)
     }
 }
 
@@ -81,7 +83,7 @@ impl RowGather {
     pub fn lookup(&self, table: &Tensor, rows: &[u32], track: bool) -> Result<Tensor> {
         let device = table.device();
         if !track {
-            return table.index_select(&Tensor::from_slice(rows, rows.len(), device)?, 0);
+            return table.index_select(&upload_slice(rows, rows.len(), device, "gathered rows", Origin::Input)?, 0);
         }
         if !self.enabled() {
             // Dense mode: the table's gradient, summed per row as segments.
@@ -92,7 +94,8 @@ impl RowGather {
         unique.dedup();
         let inverse: Vec<u32> =
             rows.iter().map(|r| unique.binary_search(r).expect("row is in the set") as u32).collect();
-        let gathered = table.detach().index_select(&Tensor::from_slice(&unique, unique.len(), device)?, 0)?;
+        let unique_rows = upload_slice(&unique, unique.len(), device, "distinct gathered rows", Origin::Input)?;
+        let gathered = table.detach().index_select(&unique_rows, 0)?;
         let leaf = Var::from_tensor(&gathered)?;
         let out = gather_with_segmented_gradient(leaf.as_tensor(), &inverse)?;
         self.pending.lock().expect("lock poisoned").push((unique, leaf));

@@ -9,7 +9,7 @@ use std::path::Path;
 use candle_core::{DType, Tensor};
 
 use crate::checkpoint::{TensorChecksum, CHECKSUM_KEY};
-use crate::host_read::read_computed;
+use crate::host_transfer::read_computed;
 use crate::{Error, Result};
 
 /// Writes `bytes` to `path` atomically: a temporary file in the same directory, fsync, rename. A

@@ -5,9 +5,9 @@ use candle_core::Device;
 
 /// Runs `f` on a thread of the kernels' worker pool
 /// ([`rankstack_kernels::cpu::on_worker_pool`], which carries a forced ISA path along) and also
-/// carries the calling thread's per-thread recordings: whether its [`crate::probe`] marks are
-/// recorded, so that a recorded CPU forward pass charges its parts although it runs on a worker,
-/// and its [`crate::host_read`] recording, so that the worker's reads are counted.
+/// carries whether the calling thread's its [`crate::probe`] marks are
+/// recorded, so that a recorded CPU forward pass charges its parts although it runs on a worker.
+/// (The kernels' hand-over itself carries the [`crate::host_transfer`] recording.)
 ///
 /// ```
 /// let sum: u64 = rankstack_nn::on_worker_pool(|| (1..=10u64).sum());
@@ -15,21 +15,7 @@ use candle_core::Device;
 /// ```
 pub fn on_worker_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     let records = crate::probe::recording_on_this_thread();
-    let reads = crate::host_read::take();
-    let (out, reads) = rankstack_kernels::cpu::on_worker_pool(move || {
-        crate::probe::with_recording_on_this_thread(records, || {
-            // The worker may be inside another hand-over (it runs stolen work while it waits
-            // in a join): that one's recording is set aside, not overwritten, and put back.
-            let outer = crate::host_read::take();
-            crate::host_read::give_back(reads);
-            let out = f();
-            let reads = crate::host_read::take();
-            crate::host_read::give_back(outer);
-            (out, reads)
-        })
-    });
-    crate::host_read::give_back(reads);
-    out
+    rankstack_kernels::cpu::on_worker_pool(move || crate::probe::with_recording_on_this_thread(records, f))
 }
 
 /// [`on_worker_pool`] when `device` is the CPU (its kernel calls then queue their tasks locally

@@ -44,7 +44,7 @@ impl ItemTable {
     /// Embeds integer ids of any shape `[...]` into `[..., dim]`; `train` lookups are recorded in
     /// row-sparse mode.
     pub fn lookup(&self, ids: &Tensor, train: bool) -> Result<Tensor> {
-        let flat = rankstack_nn::host_read::read_input::<i64>(&ids.to_dtype(DType::I64)?, "item ids")?;
+        let flat = rankstack_nn::host_transfer::read_input::<i64>(&ids.to_dtype(DType::I64)?, "item ids")?;
         if let Some(&bad) = flat.iter().find(|&&i| i < 0) {
             return Err(Error::input("Ranker", "item ids", format!("negative item id {bad}")).into());
         }

@@ -1,7 +1,8 @@
 //! The multi-task training loss.
 
 use candle_core::{DType, Result, Tensor};
-use rankstack_nn::{host_read::read_input, loss::bce_with_logits, shape::expect_dims, Error};
+use rankstack_nn::host_transfer::{move_to_device, read_input, upload_slice, Origin};
+use rankstack_nn::{loss::bce_with_logits, shape::expect_dims, Error};
 
 const LAYER: &str = "multitask_loss";
 
@@ -39,7 +40,7 @@ pub fn multitask_loss(
     }
     let dtype = logits.dtype();
     // Labels and weights may come on the host (validated there above): one copy to the logits' device.
-    let labels = labels.to_device(logits.device())?.to_dtype(dtype)?;
+    let labels = move_to_device(labels, logits.device(), "labels", Origin::Input)?.to_dtype(dtype)?;
     let present = labels.eq(&labels)?; // NaN != NaN
     let mask = present.to_dtype(dtype)?;
     let clean = present.where_cond(&labels, &labels.zeros_like()?)?;
@@ -56,13 +57,13 @@ pub fn multitask_loss(
             )
             .into());
         }
-        let w = w.to_device(logits.device())?.to_dtype(dtype)?.unsqueeze(1)?;
+        let w = move_to_device(w, logits.device(), "example weights", Origin::Input)?.to_dtype(dtype)?.unsqueeze(1)?;
         per = per.broadcast_mul(&w)?;
         counts = counts.broadcast_mul(&w)?;
     }
     // A task without labels has numerator 0; the floor keeps 0 / 0 out.
     let means = per.sum(0)?.div(&counts.sum(0)?.maximum(1e-30)?)?;
-    let w = Tensor::from_vec(task_weights.to_vec(), tasks, logits.device())?.to_dtype(dtype)?;
+    let w = upload_slice(task_weights, tasks, logits.device(), "task weights", Origin::Constant)?.to_dtype(dtype)?;
     (means * w)?.sum_all()
 }
 

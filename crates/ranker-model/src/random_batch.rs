@@ -138,7 +138,7 @@ pub fn batch_from_reference_inputs(
     };
     let float = |key: &str| get(key)?.to_dtype(dtype);
     let ints =
-        |key: &str| rankstack_nn::host_read::read_input::<i64>(&get(key)?.to_dtype(DType::I64)?, "reference ids");
+        |key: &str| rankstack_nn::host_transfer::read_input::<i64>(&get(key)?.to_dtype(DType::I64)?, "reference ids");
     let sparse = config
         .features
         .sparse

@@ -74,7 +74,7 @@ impl PackedSequences {
         let bias = match key_mask {
             Some(m) => {
                 rankstack_nn::shape::expect_dims(layer, "key mask", m, &[Some(batch), Some(len)])?;
-                Some(rankstack_nn::host_read::read_input::<f64>(&m.to_dtype(DType::F64)?, "key mask")?)
+                Some(rankstack_nn::host_transfer::read_input::<f64>(&m.to_dtype(DType::F64)?, "key mask")?)
             }
             None => None,
         };

@@ -9,6 +9,7 @@ use candle_core::{Result, Tensor, D};
 use rankstack_kernels::cpu::packed_attention::{check, head_blocks, packed_attention_fused, SequenceLayout};
 use rankstack_kernels::distinct_rows::DistinctRows;
 use rankstack_nn::dropout::{device_keep_mask, device_multipliers};
+use rankstack_nn::host_transfer::{upload, Origin};
 use rankstack_nn::recompute::{backprop_through, recompute_in_backward, with_backward};
 
 use crate::PackedSequences;
@@ -247,7 +248,8 @@ impl Composed {
                         dense[base + i * l..base + i * l + t.len].copy_from_slice(row);
                     }
                 }
-                Some(DenseDropout::Multipliers(Tensor::from_vec(dense, (b, h, l, l), dev)?.to_dtype(dtype)?))
+                let dense = upload(dense, (b, h, l, l), dev, "attention dropout multipliers", Origin::Random)?;
+                Some(DenseDropout::Multipliers(dense.to_dtype(dtype)?))
             }
             None if self.device_dropout > 0.0 => {
                 let keep = device_keep_mask(self.device_dropout, &(b, h, l, l).into(), dev)?;
@@ -255,7 +257,8 @@ impl Composed {
             }
             None => None,
         };
-        Ok(Prepared { bias: Tensor::from_vec(bias, (b, 1, 1, l), dev)?.to_dtype(dtype)?, dropout })
+        let bias = upload(bias, (b, 1, 1, l), dev, "attention padding bias", Origin::Input)?.to_dtype(dtype)?;
+        Ok(Prepared { bias, dropout })
     }
 
     /// The dense attentions of the batch for inputs of width `d`: chunks of whole sequences, each

@@ -2,7 +2,7 @@
 
 use candle_core::{DType, Result, Tensor};
 use rankstack_kernels::cpu::kernels_run_on;
-use rankstack_nn::host_read::read_computed;
+use rankstack_nn::host_transfer::{read_computed, upload, Origin};
 
 /// `y[b, j] = max_t h[b, t, j]` over every position of `h` `[B, n, d]`, with the gradient going to
 /// the *first* position attaining the maximum, as `torch.max(dim).values` does.
@@ -47,7 +47,7 @@ fn first_max_on_host(h: &Tensor) -> Result<Tensor> {
             index[bi * d + j] = best as u32;
         }
     }
-    Tensor::from_vec(index, (b, 1, d), h.device())
+    upload(index, (b, 1, d), h.device(), "first maximum positions", Origin::Computed)
 }
 
 /// [`first_max_on_host`]'s indices with tensor operations on `h`'s device: NaN becomes −∞ for the
@@ -59,7 +59,8 @@ fn first_max_with_tensors(h: &Tensor) -> Result<Tensor> {
     let clean = is_nan.where_cond(&h.zeros_like()?.affine(1.0, f64::NEG_INFINITY)?, &h)?;
     let top = clean.max_keepdim(1)?;
     let hit = is_nan.where_cond(&is_nan.zeros_like()?, &clean.broadcast_eq(&top)?)?;
-    let positions = Tensor::arange(0u32, n as u32, h.device())?.reshape((1, n, 1))?.broadcast_as((b, n, d))?;
+    let positions = upload((0..n as u32).collect(), (1, n, 1), h.device(), "sequence positions", Origin::Constant)?
+        .broadcast_as((b, n, d))?;
     let none = positions.affine(0.0, n as f64)?;
     let first = hit.where_cond(&positions, &none)?.min_keepdim(1)?;
     first.eq(n as u32)?.where_cond(&first.zeros_like()?, &first)

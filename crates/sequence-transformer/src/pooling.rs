@@ -3,6 +3,7 @@
 use std::sync::Arc;
 
 use candle_core::{Result, Tensor};
+use rankstack_nn::host_transfer::{upload, Origin};
 use rankstack_nn::recompute::with_backward;
 
 /// `y[b, j] = max_{t : ¬masked[b, t]} h[b, t, j]` for `h` `[B, n, d]` and `masked` row-major
@@ -32,8 +33,8 @@ pub fn masked_max_pool(h: &Tensor, masked: &[bool]) -> Result<Tensor> {
 /// attains the maximum (`count` of them): it keeps nothing of `[B, n, d]` size for the backward
 /// pass, which recomputes the candidates.
 fn composed_max_pool(h: &Tensor, masked: &[bool], (b, n, d): (usize, usize, usize)) -> Result<Tensor> {
-    let mask =
-        Arc::new(Tensor::from_vec(masked.iter().map(|&m| u8::from(m)).collect::<Vec<_>>(), (b, n, 1), h.device())?);
+    let mask = masked.iter().map(|&m| u8::from(m)).collect::<Vec<_>>();
+    let mask = Arc::new(upload(mask, (b, n, 1), h.device(), "pooling mask", Origin::Input)?);
     let again = mask.clone();
     with_backward(
         &[h],

@@ -47,7 +47,7 @@ impl AttentionMask {
                         Error::input(layer, what, format!("must be a float tensor, got {:?}", m.dtype())).into()
                     );
                 }
-                let values = rankstack_nn::host_read::read_input::<f64>(&m.to_dtype(DType::F64)?, "src_mask")?;
+                let values = rankstack_nn::host_transfer::read_input::<f64>(&m.to_dtype(DType::F64)?, "src_mask")?;
                 if let Some(v) = values.iter().find(|v| v.is_nan() || **v == f64::INFINITY) {
                     return Err(Error::input(layer, what, format!("holds {v}; use 0 to allow and −∞ to forbid")).into());
                 }

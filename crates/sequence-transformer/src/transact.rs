@@ -84,7 +84,7 @@ fn check_action_lookup(lookup: &Tensor, config: &SequenceTransformerConfig) -> R
         )));
     }
     let rows = config.num_action_types;
-    let lookup = rankstack_nn::host_read::read_input::<i64>(&lookup.to_dtype(DType::I64)?, "action type lookup")?;
+    let lookup = rankstack_nn::host_transfer::read_input::<i64>(&lookup.to_dtype(DType::I64)?, "action type lookup")?;
     // raw id of each row 1..rows, as the buffer says
     let mut raw_of_row: Vec<Option<i64>> = vec![None; rows.saturating_sub(1)];
     for (raw, &row) in lookup.iter().enumerate() {

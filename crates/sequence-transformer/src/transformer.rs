@@ -6,7 +6,7 @@ use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 
 use rankstack_kernels::distinct_rows::DistinctRows;
-use rankstack_nn::host_read::read_input;
+use rankstack_nn::host_transfer::{read_input, upload, Origin};
 use rankstack_nn::probe::mark;
 use rankstack_nn::{linear_xavier, Error, Linear};
 
@@ -243,11 +243,8 @@ impl SequenceTransformer {
     pub fn mask(&self, batch: &SequenceBatch, window: Option<&[f64]>) -> Result<Tensor> {
         let p = self.prepare(batch)?;
         let m = self.mask_of(&p, window)?;
-        Tensor::from_vec(
-            m.into_iter().map(u8::from).collect::<Vec<_>>(),
-            (p.batch, self.config.num_tokens()),
-            batch.candidate.device(),
-        )
+        let m = m.into_iter().map(u8::from).collect::<Vec<_>>();
+        upload(m, (p.batch, self.config.num_tokens()), batch.candidate.device(), "key mask", Origin::Input)
     }
 
     fn mask_of(&self, p: &Prepared, window: Option<&[f64]>) -> Result<Vec<bool>> {
@@ -312,13 +309,10 @@ impl SequenceTransformer {
         let (dtype, dev) = (self.action_emb.dtype(), self.action_emb.device());
 
         // Action embeddings; padding (type 0) is zeroed by a mask so row 0 never gets a gradient.
-        let ids = Tensor::from_vec(p.types.iter().map(|&t| t as u32).collect::<Vec<_>>(), b * s, dev)?;
-        let not_pad = Tensor::from_vec(
-            p.types.iter().map(|&t| if t == 0 { 0.0 } else { 1.0 }).collect::<Vec<f64>>(),
-            (b * s, 1),
-            dev,
-        )?
-        .to_dtype(dtype)?;
+        let ids = p.types.iter().map(|&t| t as u32).collect::<Vec<_>>();
+        let ids = upload(ids, b * s, dev, "action types", Origin::Input)?;
+        let not_pad = p.types.iter().map(|&t| if t == 0 { 0.0 } else { 1.0 }).collect::<Vec<f64>>();
+        let not_pad = upload(not_pad, (b * s, 1), dev, "action padding mask", Origin::Input)?.to_dtype(dtype)?;
         let actions = self.action_emb.embedding(&ids)?.broadcast_mul(&not_pad)?.reshape((b, s, c.action_dim))?;
         let candidate = candidate.unsqueeze(1)?;
         let mut x = match (&self.candidate_token, c.fusion) {

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use candle_core::{DType, Tensor, Var};
 use indicatif::ProgressBar;
-use rankstack_nn::host_read::read_computed;
+use rankstack_nn::host_transfer::read_computed;
 use rankstack_nn::probe::mark;
 use rankstack_nn::reseed::child_seed;
 use rankstack_nn::{Error, Reseed, Result};
@@ -175,7 +175,7 @@ impl Trainer {
         let inner = train
             .batches(self.options.batch_size, Some(order_seed))?
             .skip(skip)
-            .map(move |item| item?.to_device(&device));
+            .map(move |item| item?.into_device(&device));
         Ok(Timed { inner, waited: input_wait })
     }
 

@@ -11,9 +11,11 @@
 //! for a caller that is not running.
 //!
 //! [`on_worker_pool`] does that, and carries the calling thread's [`Isa`] override
-//! ([`with_isa`](super::with_isa)) over to the worker, so that forced paths still apply.
+//! ([`with_isa`](super::with_isa)) over to the worker, so that forced paths still apply, and its
+//! [`host_transfer`](crate::host_transfer) recording, so that the worker's transfers are counted.
 
 use super::isa::{with_isa_override, Isa};
+use crate::host_transfer;
 
 /// Runs `f` on a thread of rayon's global pool (the one the kernels use) and returns its result;
 /// on the calling thread directly when it already is such a worker. Kernel calls made by `f` then
@@ -31,8 +33,27 @@ pub fn on_worker_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
         return f();
     }
     let isa = Isa::override_on_this_thread();
+    let transfers = host_transfer::take();
     // `scope` runs its closure on a worker of the global pool when called from outside it.
-    rayon::scope(|_| with_isa_override(isa, f))
+    let (out, transfers) = rayon::scope(|_| {
+        // The worker may be inside another hand-over (it runs stolen work while it waits in a
+        // join): that one's recording is set aside, not overwritten, and put back (also when `f`
+        // panics).
+        struct PutBack(Option<Vec<host_transfer::Transfer>>);
+        impl Drop for PutBack {
+            fn drop(&mut self) {
+                host_transfer::give_back(self.0.take());
+            }
+        }
+        let outer = PutBack(host_transfer::take());
+        host_transfer::give_back(transfers);
+        let out = with_isa_override(isa, f);
+        let transfers = host_transfer::take();
+        drop(outer);
+        (out, transfers)
+    });
+    host_transfer::give_back(transfers);
+    out
 }
 
 #[cfg(test)]
