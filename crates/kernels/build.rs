@@ -6,7 +6,7 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-const SOURCES: [&str; 1] = ["segment_sum"];
+const SOURCES: [&str; 2] = ["segment_sum", "overwrite_rows"];
 
 fn main() {
     println!("cargo:rerun-if-env-changed=CARGO_FEATURE_CUDA");

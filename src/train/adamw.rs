@@ -6,7 +6,8 @@ use candle_core::{backprop::GradStore, DType, Result, Tensor, TensorId, Var};
 use rankstack_kernels::cpu::adamw::{adamw_update_in_place, bias_corrections, AdamWCoefficients};
 use rankstack_kernels::cpu::kernels_enabled;
 use rankstack_kernels::cpu::sum_of_squares::sum_of_squares;
-use rankstack_nn::host_transfer::{move_to_device, read_computed, read_input, upload, upload_slice, Origin};
+use rankstack_kernels::overwrite_rows::OverwriteRows;
+use rankstack_nn::host_transfer::{move_to_device, read_computed, read_input, upload, Origin};
 use rankstack_nn::RowGradient;
 
 /// AdamW hyper-parameters (PyTorch defaults except the learning rate).
@@ -176,11 +177,17 @@ impl AdamW {
                 adamw_update_in_place(var.as_tensor(), &g, m, v, rows.map(|r| (r, dim)), k.fused)
             }
             Moments::Tensors { m, v } => {
-                let (theta, mm, vv, g) = match rows {
-                    None => (var.as_tensor().clone(), m.clone(), v.clone(), g),
-                    Some(r) => {
-                        let index = upload_slice(r, r.len(), var.device(), "row-sparse update rows", Origin::Input)?;
-                        (var.index_select(&index, 0)?, m.index_select(&index, 0)?, v.index_select(&index, 0)?, g)
+                // A row-sparse update gathers the rows, updates them and writes them back in
+                // place: work and host→device traffic in the rows touched, not the table.
+                let rows = match rows {
+                    None => None,
+                    Some(r) => Some(OverwriteRows::new(r, var.dim(0)?, var.device(), &format!("AdamW ({name})"))?),
+                };
+                let (theta, mm, vv) = match &rows {
+                    None => (var.as_tensor().clone(), m.clone(), v.clone()),
+                    Some(rows) => {
+                        let at = |t: &Tensor| t.index_select(rows.index(), 0);
+                        (at(var.as_tensor())?, at(m)?, at(v)?)
                     }
                 };
                 let new_m = ((mm * c.beta1)? + (&g * (1.0 - c.beta1))?)?;
@@ -193,25 +200,10 @@ impl AdamW {
                         *m = new_m;
                         *v = new_v;
                     }
-                    Some(r) => {
-                        // Write the rows back as one gather from [whole ; new rows]: every row
-                        // reads itself or its new value (exact, and parallel on a GPU, where
-                        // candle's scatter kernels loop over the rows serially).
-                        let n = var.dim(0)?;
-                        let mut map: Vec<u32> = (0..n as u32).collect();
-                        for (i, &row) in r.iter().enumerate() {
-                            match map.get_mut(row as usize) {
-                                Some(slot) => *slot = (n + i) as u32,
-                                None => candle_core::bail!("AdamW: row {row} of {name} is out of range"),
-                            }
-                        }
-                        // n entries per table and step: on a GPU this copy grows with the table, not the
-                        // batch (a device-side scatter would avoid it; candle's is serial).
-                        let map = upload(map, n, var.device(), "row-sparse write-back map", Origin::Input)?;
-                        let put = |whole: &Tensor, new: &Tensor| Tensor::cat(&[whole, new], 0)?.index_select(&map, 0);
-                        var.set(&put(var.as_tensor(), &new_theta)?)?;
-                        *m = put(m, &new_m)?;
-                        *v = put(v, &new_v)?;
+                    Some(rows) => {
+                        rows.apply(var.as_tensor(), &new_theta)?;
+                        rows.apply(m, &new_m)?;
+                        rows.apply(v, &new_v)?;
                     }
                 }
                 Ok(())
@@ -219,7 +211,11 @@ impl AdamW {
         }
     }
 
-    /// The optimizer state as named tensors (`m.<param>`, `v.<param>`, `step`).
+    /// The optimizer state as named tensors (`m.<param>`, `v.<param>`, `step`). Moments kept as
+    /// device tensors are returned without a copy (a copy of every moment would double their
+    /// memory at each checkpoint): they share storage with the optimizer's, which a row-sparse
+    /// step updates in place, so read or write them before the next step (the trainer writes them
+    /// at once).
     pub fn state(&self) -> Result<HashMap<String, Tensor>> {
         let mut out = HashMap::new();
         for (k, moments) in &self.moments {
@@ -306,7 +302,9 @@ impl AdamW {
                     let to = |t: &Tensor| {
                         move_to_device(&t.to_dtype(var.dtype())?, var.device(), "optimizer moments", Origin::State)
                     };
-                    Moments::Tensors { m: to(t)?, v: to(v)? }
+                    // Own copies: row-sparse steps update them in place, and the caller's state
+                    // must not change with them.
+                    Moments::Tensors { m: to(t)?.copy()?, v: to(v)?.copy()? }
                 };
                 moments.insert(name.to_string(), entry);
             } else if !state.contains_key(&format!("m.{name}")) {

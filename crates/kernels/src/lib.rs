@@ -20,6 +20,8 @@
 //! - `cuda` (feature `cuda`): the CUDA side: the memory pool's high-water mark.
 //! - [`distinct_rows`]: gathering and scattering distinct rows with gathers both ways (any device:
 //!   candle's CUDA `index_add` runs serially over the rows).
+//! - [`overwrite_rows`]: new values written into some rows of a matrix in place (the row-sparse
+//!   optimizer's write-back on the device), one block per row on CUDA (`cuda/overwrite_rows.cu`).
 //! - [`repeated_rows`]: gathering rows that repeat (embedding lookups) with a segmented-sum backward
 //!   pass, bit-equal to `index_add`'s; on CUDA one block per row (`cuda/segment_sum.cu`, compiled by
 //!   `build.rs`).
@@ -37,6 +39,7 @@ pub mod float;
 pub mod host_transfer;
 #[cfg(test)]
 mod oracle;
+pub mod overwrite_rows;
 pub mod repeated_rows;
 mod row_gather_op;
 
