@@ -174,6 +174,35 @@ fn repeated_row_gradients_on_the_gpu_equal_the_cpu_bit_for_bit() {
     assert_eq!(differing, 0);
 }
 
+/// The row-sparse write-back (`rankstack_kernels::overwrite_rows`: on CUDA one block per row,
+/// `cuda/overwrite_rows.cu`) writes the same values as the CPU: rows in any order, a width wider
+/// than a block's threads, f32 and f64, every other row untouched.
+#[test]
+fn rows_overwritten_on_the_gpu_equal_the_cpu_bit_for_bit() {
+    let Some(gpu) = gpu("rows_overwritten_on_the_gpu_equal_the_cpu_bit_for_bit") else { return };
+    use rankstack::kernels::overwrite_rows::OverwriteRows;
+    let (n, d) = (1000usize, 300usize);
+    let rows: Vec<u32> = (0..400u32).map(|i| (i * 613) % n as u32).collect();
+    for dtype in [DType::F32, DType::F64] {
+        let run = |device: &Device| {
+            let table = Tensor::arange(0f32, (n * d) as f32, device).unwrap().reshape((n, d)).unwrap();
+            let table = table.to_dtype(dtype).unwrap();
+            let new = (Tensor::arange(0f32, (rows.len() * d) as f32, device).unwrap() * -0.5)
+                .unwrap()
+                .reshape((rows.len(), d))
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            OverwriteRows::new(&rows, n, device, "test").unwrap().apply(&table, &new).unwrap();
+            values(&table)
+        };
+        let (cpu, dev) = (run(&Device::Cpu), run(&gpu));
+        let differing = cpu.iter().zip(&dev).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+        eprintln!("rows overwritten ({dtype:?}): {differing} of {} values differ", cpu.len());
+        assert_eq!(differing, 0, "{dtype:?}");
+    }
+}
+
 #[test]
 fn adamw_on_the_gpu_equals_the_cpu_kernel() {
     let Some(gpu) = gpu("adamw_on_the_gpu_equals_the_cpu_kernel") else { return };
