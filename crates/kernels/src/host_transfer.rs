@@ -146,7 +146,7 @@ pub fn upload<T: WithDType>(
     Ok(t)
 }
 
-/// [`upload`] from a borrowed slice (copied on the CPU too).
+/// [`upload`] from a borrowed slice (copied on the CPU too, as candle's `Tensor::from_slice` does).
 pub fn upload_slice<T: WithDType>(
     values: &[T],
     shape: impl Into<Shape>,
@@ -154,16 +154,7 @@ pub fn upload_slice<T: WithDType>(
     what: &'static str,
     origin: Origin,
 ) -> Result<Tensor> {
-    let t = Tensor::from_slice(values, shape, device)?;
-    log(|| Transfer {
-        direction: Direction::ToDevice,
-        what,
-        origin,
-        crosses: !device.is_cpu(),
-        elements: values.len(),
-        dtype: T::DTYPE,
-    });
-    Ok(t)
+    upload(values.to_vec(), shape, device, what, origin)
 }
 
 /// `t` on `device`: the same tensor when it is there already, else a copy. Recorded as a write
