@@ -10,7 +10,7 @@ use rankstack_nn::packed_matmul::WeightPrecision;
 use rankstack_nn::{Error, Result};
 
 use super::{check_batch_memory, check_output, Workload};
-use crate::data::{DataSchema, ParquetDataset};
+use crate::data::{DataSchema, ParquetDataset, UploadAhead};
 use crate::device::DeviceSpec;
 use crate::train::{
     evaluate, non_finite_score, reliability_svg, resolve_checkpoint, BatchSource, TaskMetrics, RELIABILITY_MARKER,
@@ -109,8 +109,9 @@ pub fn score(
     check_batch_memory(&ranker, batch_size, data.num_rows(), Workload::Inference, "score", ranker.device())?;
     let tasks = ranker.task_names().to_vec();
     let mut columns: Vec<Vec<f32>> = vec![Vec::new(); tasks.len()];
-    for item in BatchSource::batches(&data, batch_size, None)? {
-        let b = item?.into_device(ranker.device())?;
+    // On a GPU the next batch is copied while this one is scored.
+    for item in UploadAhead::new(BatchSource::batches(&data, batch_size, None)?, ranker.device()) {
+        let b = item?;
         let p = read_computed::<f32>(&ranker.predict(&b.batch)?.to_dtype(DType::F32)?, "probabilities")?;
         for (row, index) in p.chunks(tasks.len()).zip(&b.row_index) {
             for (t, &v) in row.iter().enumerate() {

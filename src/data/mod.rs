@@ -38,6 +38,7 @@ mod schema;
 mod schema_check;
 mod shuffle;
 pub mod synthetic;
+mod upload_ahead;
 mod writer;
 
 pub use batch::{inputs_to_device, LabeledBatch};
@@ -46,6 +47,7 @@ pub use parquet::{columns, panic_is_handled, ParquetDataset, RowBatches};
 pub use prefetch::Prefetch;
 pub use schema::{DataSchema, SequenceItemSpec, SequenceSpec};
 pub use shuffle::{Shuffle, ShuffleBuffer};
+pub use upload_ahead::UploadAhead;
 pub use writer::{ParquetWriter, WriterOptions};
 
 /// The Parquet key-value metadata key holding the [`DataSchema`] as JSON.

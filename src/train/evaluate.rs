@@ -7,6 +7,7 @@ use rankstack_nn::{Error, Result};
 use serde::Serialize;
 
 use super::{task_metrics, BatchSource, Reliability, TaskMetrics, DECILES};
+use crate::data::UploadAhead;
 
 /// Metrics of one evaluation pass.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -46,8 +47,9 @@ pub fn evaluate(
     let mut probs: Vec<Vec<f64>> = vec![Vec::new(); tasks.len()];
     let mut labels: Vec<Vec<f64>> = vec![Vec::new(); tasks.len()];
     let (mut loss_sum, mut rows) = (0.0, 0usize);
-    for item in data.batches(batch_size, None)? {
-        let b = item?.into_device(&device)?;
+    // On a GPU the next batch is copied while this one is evaluated.
+    for item in UploadAhead::new(data.batches(batch_size, None)?, &device) {
+        let b = item?;
         let logits = ranker.forward(&b.batch)?;
         let loss = ranker.loss(&logits, &b.labels, b.example_weights.as_ref())?.to_dtype(DType::F64)?.reshape(1)?;
         let p = ranker.probabilities(&logits)?.to_dtype(DType::F64)?.flatten_all()?;

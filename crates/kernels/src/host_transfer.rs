@@ -177,25 +177,41 @@ pub fn move_to_device(t: &Tensor, device: &Device, what: &'static str, origin: O
 /// hands work to) made meanwhile, in order. A recording inside another one passes its transfers on
 /// to the outer one as well.
 pub fn record_transfers<R>(f: impl FnOnce() -> R) -> (R, Vec<Transfer>) {
-    /// Puts the outer recording back, with the inner transfers appended, also when `f` panics.
-    struct Restore(Option<Vec<Transfer>>);
-    impl Drop for Restore {
-        fn drop(&mut self) {
-            let outer = self.0.take();
-            LOG.with(|log| {
-                let inner = log.replace(None).unwrap_or_default();
-                *log.borrow_mut() = outer.map(|mut outer| {
-                    outer.extend(inner);
-                    outer
-                });
+    /// Ends this recording and puts the outer one back with this one's transfers appended (also
+    /// when `f` panics); returns this recording's transfers.
+    struct Restore(Option<Option<Vec<Transfer>>>);
+    impl Restore {
+        fn end(&mut self) -> Vec<Transfer> {
+            let inner = LOG.with(|log| log.replace(None)).unwrap_or_default();
+            let outer = self.0.take().flatten().map(|mut outer| {
+                outer.extend(inner.iter().cloned());
+                outer
             });
+            LOG.with(|log| *log.borrow_mut() = outer);
+            inner
         }
     }
-    let restore = Restore(LOG.with(|log| log.replace(Some(Vec::new()))));
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            if self.0.is_some() {
+                self.end();
+            }
+        }
+    }
+    let mut restore = Restore(Some(LOG.with(|log| log.replace(Some(Vec::new())))));
     let out = f();
-    let transfers = LOG.with(|log| log.borrow().clone().unwrap_or_default());
-    drop(restore);
+    let transfers = restore.end();
     (out, transfers)
+}
+
+/// Adds `transfers`, made by another thread on this thread's behalf (the batch copied ahead by
+/// a helper thread, `record_transfers` there), to this thread's running recording, if any.
+pub fn record_as_mine(transfers: impl IntoIterator<Item = Transfer>) {
+    LOG.with(|log| {
+        if let Some(log) = log.borrow_mut().as_mut() {
+            log.extend(transfers);
+        }
+    });
 }
 
 /// This thread's recording, taken away to hand to the thread that runs its work: [`give_back`] it
@@ -274,6 +290,20 @@ mod tests {
             read_computed::<f32>(&x, "back here").unwrap();
         });
         assert_eq!(transfers.iter().map(|r| r.what).collect::<Vec<_>>(), ["on a worker", "back here"]);
+    }
+
+    #[test]
+    fn transfers_of_a_helper_thread_join_the_recording_they_are_handed_to() {
+        let x = Tensor::new(&[1f32, 2.], &Device::Cpu).unwrap();
+        let (_, helper) =
+            std::thread::scope(|s| s.spawn(|| record_transfers(|| read_input::<f32>(&x, "helper"))).join().unwrap());
+        // Outside a recording they go nowhere.
+        record_as_mine(helper.clone());
+        let ((), mine) = record_transfers(|| {
+            read_input::<f32>(&x, "mine").unwrap();
+            record_as_mine(helper);
+        });
+        assert_eq!(mine.iter().map(|t| t.what).collect::<Vec<_>>(), ["mine", "helper"]);
     }
 
     #[test]

@@ -14,7 +14,7 @@ use rankstack_nn::reseed::child_seed;
 use rankstack_nn::{Error, Reseed, Result};
 
 use super::{first_non_finite_gradient, stopped, BatchSource, LossWindow, TrainReport, Trainer};
-use crate::data::LabeledBatch;
+use crate::data::{LabeledBatch, UploadAhead};
 use crate::train::checkpoints::latest_checkpoint;
 use crate::train::{clip_to_norm, evaluate, squared_grad_norm, EvalReport, WarmupCosine};
 
@@ -161,7 +161,8 @@ impl Trainer {
     }
 
     /// The rest of the current epoch's batches (in the epoch's seeded order, past the steps
-    /// already taken), on the training device, timed into `input_wait`.
+    /// already taken), on the training device (on a GPU copied one batch ahead, [`UploadAhead`]),
+    /// timed into `input_wait`.
     fn epoch_batches<'a>(
         &self,
         train: &'a dyn BatchSource,
@@ -171,12 +172,9 @@ impl Trainer {
         let epoch = self.step / plan.steps_per_epoch;
         let skip = (self.step % plan.steps_per_epoch) as usize;
         let order_seed = child_seed(self.options.seed, &format!("epoch-{epoch}"));
-        let device = self.device.clone();
-        let inner = train
-            .batches(self.options.batch_size, Some(order_seed))?
-            .skip(skip)
-            .map(move |item| item?.into_device(&device));
-        Ok(Timed { inner, waited: input_wait })
+        let inner = train.batches(self.options.batch_size, Some(order_seed))?.skip(skip);
+        // On a GPU the next batch is copied while this step runs.
+        Ok(Timed { inner: UploadAhead::new(inner, &self.device), waited: input_wait })
     }
 
     /// One optimizer step on `b`: forward, loss, backward, clipping, AdamW. A non-finite loss or
