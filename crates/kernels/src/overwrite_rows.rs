@@ -162,7 +162,7 @@ impl InplaceOp3 for Write<'_> {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> Result<()> {
-        use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+        use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
         use candle_core::cuda_backend::WrapErr;
         use candle_core::DType;
 
@@ -172,9 +172,7 @@ impl InplaceOp3 for Write<'_> {
         }
         let device = s1.device().clone();
         let rows = s2.as_cuda_slice::<u32>()?.slice(l2.start_offset()..);
-        // One block per row; its threads over the columns (a warp's multiple, at most 256).
-        let threads = d.div_ceil(32).clamp(1, 8) as u32 * 32;
-        let config = LaunchConfig { grid_dim: (m as u32, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
+        let config = crate::cuda::one_block_per_row(m, d);
         let width = d as u32;
         let (table_start, values_start) = (l1.start_offset(), l3.start_offset());
         macro_rules! launch {

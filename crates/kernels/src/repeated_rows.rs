@@ -151,7 +151,7 @@ impl CustomOp1 for SegmentSum {
         storage: &candle_core::CudaStorage,
         layout: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+        use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
         use candle_core::cuda_backend::WrapErr;
         use candle_core::DType;
 
@@ -170,9 +170,7 @@ impl CustomOp1 for SegmentSum {
         let out = device.alloc_zeros::<f32>(n * d)?;
         if n > 0 && d > 0 {
             let func = device.get_or_load_custom_func("segment_sum_rows_f32", "rankstack_segment_sum", PTX)?;
-            // One block per row; its threads over the columns (a warp's multiple, at most 256).
-            let threads = d.div_ceil(32).clamp(1, 8) as u32 * 32;
-            let config = LaunchConfig { grid_dim: (n as u32, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
+            let config = crate::cuda::one_block_per_row(n, d);
             let width = d as u32;
             let mut launch = func.builder();
             launch.arg(&src);
