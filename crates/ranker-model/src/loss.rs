@@ -22,13 +22,27 @@ pub fn multitask_loss(
     task_weights: &[f64],
     example_weights: Option<&Tensor>,
 ) -> Result<Tensor> {
-    let (batch, tasks) = logits.dims2()?;
-    expect_dims(LAYER, "labels", labels, &[Some(batch), Some(tasks)])?;
+    let tasks = logits.dims2()?.1;
     if task_weights.len() != tasks {
         return Err(
             Error::input(LAYER, "task_weights", format!("{} weights for {tasks} tasks", task_weights.len())).into()
         );
     }
+    let w = upload_slice(task_weights, tasks, logits.device(), "task weights", Origin::Constant)?;
+    weighted_multitask_loss(logits, labels, &w, example_weights)
+}
+
+/// [`multitask_loss`] with the task weights already on the logits' device: a `[tasks]` float
+/// tensor (the [`crate::Ranker`] keeps its config's there, so a step copies nothing for them).
+pub(crate) fn weighted_multitask_loss(
+    logits: &Tensor,
+    labels: &Tensor,
+    task_weights: &Tensor,
+    example_weights: Option<&Tensor>,
+) -> Result<Tensor> {
+    let (batch, tasks) = logits.dims2()?;
+    expect_dims(LAYER, "labels", labels, &[Some(batch), Some(tasks)])?;
+    expect_dims(LAYER, "task_weights", task_weights, &[Some(tasks)])?;
     let values = read_input::<f64>(&labels.to_dtype(DType::F64)?, "labels")?;
     if let Some(i) = values.iter().position(|v| !v.is_nan() && !(0.0..=1.0).contains(v)) {
         return Err(Error::input(
@@ -63,8 +77,7 @@ pub fn multitask_loss(
     }
     // A task without labels has numerator 0; the floor keeps 0 / 0 out.
     let means = per.sum(0)?.div(&counts.sum(0)?.maximum(1e-30)?)?;
-    let w = upload_slice(task_weights, tasks, logits.device(), "task weights", Origin::Constant)?.to_dtype(dtype)?;
-    (means * w)?.sum_all()
+    (means * task_weights.to_dtype(dtype)?)?.sum_all()
 }
 
 /// Calibrates probabilities predicted by a model trained on negatives kept at rate `r`:

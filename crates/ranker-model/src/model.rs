@@ -4,12 +4,13 @@ use candle_core::backprop::GradStore;
 use candle_core::{ModuleT, Result, Tensor, Var};
 use candle_nn::VarBuilder;
 use feature_encoders::{ExtraFeature, FeatureBatch, FeatureEncoder};
+use rankstack_nn::host_transfer::{upload, Origin};
 use rankstack_nn::probe::mark;
 use rankstack_nn::reseed::child_seed;
 use rankstack_nn::{Error, Mlp, Reseed, RowGradient};
 use sequence_transformer::{SequenceBatch, SequenceTransformer};
 
-use crate::loss::{calibrated_probability, multitask_loss};
+use crate::loss::{calibrated_probability, weighted_multitask_loss};
 use crate::{ItemTable, RankerConfig, Stage, TaskHeads, SEQUENCE_BLOCK};
 
 /// One batch of ranker inputs.
@@ -65,6 +66,8 @@ pub struct Ranker {
     mlp: Mlp,
     heads: TaskHeads,
     item_table: Option<ItemTable>,
+    /// `[tasks]` f64, the config's task weights on the device (copied there once, not per step).
+    task_weights: Tensor,
     device: candle_core::Device,
 }
 
@@ -105,7 +108,9 @@ impl Ranker {
         let mlp = Mlp::new(mlp_input, &config.mlp, vb.pp("mlp")).map_err(|e| e.nested_in("Ranker", "mlp"))?;
         let heads = TaskHeads::new(mlp.output_dim(), &config.tasks, vb.pp("heads"))?;
         let device = vb.device().clone();
-        Ok(Self { config: config.clone(), encoder, sequence, stages, mlp, heads, item_table, device })
+        let weights: Vec<f64> = config.tasks.iter().map(|t| t.weight).collect();
+        let task_weights = upload(weights, config.tasks.len(), &device, "task weights", Origin::Constant)?;
+        Ok(Self { config: config.clone(), encoder, sequence, stages, mlp, heads, item_table, task_weights, device })
     }
 
     /// The config the model was built from.
@@ -290,8 +295,7 @@ impl Ranker {
 
     /// The weighted multi-task loss of [`crate::multitask_loss`] with this config's task weights.
     pub fn loss(&self, logits: &Tensor, labels: &Tensor, example_weights: Option<&Tensor>) -> Result<Tensor> {
-        let weights: Vec<f64> = self.config.tasks.iter().map(|t| t.weight).collect();
-        multitask_loss(logits, labels, &weights, example_weights)
+        weighted_multitask_loss(logits, labels, &self.task_weights, example_weights)
     }
 }
 
