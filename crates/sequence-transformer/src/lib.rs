@@ -12,6 +12,9 @@
 //!   `rankstack-kernels`); TransAct drops the rows no output depends on (padding), and every
 //!   encoder layer runs on the packed rows.
 //! - [`pooling`]: the masked max-pool of the output.
+//! - `action_lookup` (private): the action-type embedding's lookup, whose backward pass off the CPU
+//!   kernels is a matrix product (tables of up to 64 rows) or a segmented sum, never candle's
+//!   serial CUDA `index_add`.
 //! - Importing peers: [`from_transact_state_dict`] (Pinterest's TransAct module) and
 //!   [`from_torch_transformer_state_dict`] (`torch.nn.TransformerEncoder`), with single-layer
 //!   checkpoints ([`save_sequence_transformer`], [`load_sequence_transformer`],
@@ -23,6 +26,7 @@
 
 #![forbid(unsafe_code)]
 
+mod action_lookup;
 pub mod attention;
 mod checkpoint;
 pub mod config;

@@ -10,6 +10,7 @@ use rankstack_nn::host_transfer::{read_input, upload, Origin};
 use rankstack_nn::probe::mark;
 use rankstack_nn::{linear_xavier, Error, Linear};
 
+use crate::action_lookup::ActionLookup;
 use crate::pooling::masked_max_pool;
 use crate::{
     key_mask_with, ActionVocab, EncoderLayerConfig, Fusion, MaxPool, PackedSequences, PositionalEncoding,
@@ -86,6 +87,7 @@ pub struct SequenceBatch {
 pub struct SequenceTransformer {
     config: SequenceTransformerConfig,
     action_emb: Tensor,
+    action_lookup: ActionLookup,
     pos_emb: Option<Tensor>,
     candidate_token: Option<Tensor>,
     encoder: TransformerEncoder,
@@ -113,6 +115,7 @@ impl SequenceTransformer {
             Init::Randn { mean: 0.0, stdev: 1.0 / (config.action_dim as f64).sqrt() },
         )?;
         action_emb.slice_set(&Tensor::zeros((1, config.action_dim), action_emb.dtype(), action_emb.device())?, 0, 0)?;
+        let action_lookup = ActionLookup::new(&action_emb)?;
         let pos_emb = match config.positional {
             PositionalEncoding::None => None,
             PositionalEncoding::Learned => Some(vb.get_with_hints(
@@ -149,6 +152,7 @@ impl SequenceTransformer {
         Ok(Self {
             config: config.clone(),
             action_emb,
+            action_lookup,
             pos_emb,
             candidate_token,
             encoder,
@@ -310,10 +314,10 @@ impl SequenceTransformer {
 
         // Action embeddings; padding (type 0) is zeroed by a mask so row 0 never gets a gradient.
         let ids = p.types.iter().map(|&t| t as u32).collect::<Vec<_>>();
-        let ids = upload(ids, b * s, dev, "action types", Origin::Input)?;
         let not_pad = p.types.iter().map(|&t| if t == 0 { 0.0 } else { 1.0 }).collect::<Vec<f64>>();
         let not_pad = upload(not_pad, (b * s, 1), dev, "action padding mask", Origin::Input)?.to_dtype(dtype)?;
-        let actions = self.action_emb.embedding(&ids)?.broadcast_mul(&not_pad)?.reshape((b, s, c.action_dim))?;
+        let actions = self.action_lookup.lookup(&self.action_emb, &ids)?;
+        let actions = actions.broadcast_mul(&not_pad)?.reshape((b, s, c.action_dim))?;
         let candidate = candidate.unsqueeze(1)?;
         let mut x = match (&self.candidate_token, c.fusion) {
             (_, Fusion::None) => Tensor::cat(&[&actions, &p.items], 2)?,
