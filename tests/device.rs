@@ -313,10 +313,10 @@ fn the_trainer_runs_on_the_gpu_and_stays_close_to_the_cpu_run() {
 /// looks for the first maximum) and normalises its dense features with BatchNorm (whose batch
 /// counter is a device tensor), the two parts that read activations or buffers back before.
 ///
-/// Writes: the batch's inputs and index tensors the host derives from its ids, and one constant of
-/// a few values (the all-positions max-pool's positions) once per step; never a parameter, an
-/// optimizer moment, the task weights (on the device since the model was built) or a computed
-/// value. Dropout is off here (on a GPU it draws on the device).
+/// Writes: only the batch's inputs and the index tensors the host derives from its ids; never a
+/// parameter, an optimizer moment, a constant (the task weights, the max-pool's positions and
+/// the action table's row ids are on the device since the model was built) or a computed value.
+/// Dropout is off here (on a GPU it draws on the device).
 #[test]
 fn training_and_evaluation_copy_inputs_in_and_read_one_computed_value_set_out_per_batch() {
     let dir = tmpdir("device-reads");
@@ -383,17 +383,11 @@ fn training_and_evaluation_copy_inputs_in_and_read_one_computed_value_set_out_pe
         assert_eq!(computed(&evaluation), expected, "{what}");
         assert!(eval_report.loss.is_finite());
 
-        // Writes: inputs, plus one small constant once per step (or evaluation batch).
+        // Writes: inputs only.
         for (part, all, batches) in [("training", &training, steps), ("evaluation", &evaluation, 3u64)] {
             let writes = writes(all);
             let not_input: Vec<&Transfer> = writes.iter().filter(|t| t.origin != Origin::Input).collect();
-            assert!(
-                not_input
-                    .iter()
-                    .all(|t| t.origin == Origin::Constant && t.what == "sequence positions" && t.elements <= 32),
-                "{what}, {part}: writes of other than inputs: {not_input:?}"
-            );
-            assert_eq!(not_input.len() as u64, batches, "{what}, {part}: {not_input:?}");
+            assert!(not_input.is_empty(), "{what}, {part}: writes of other than inputs: {not_input:?}");
             let count = |name: &str| writes.iter().filter(|t| t.what == name).count();
             // The dense features, the sequence's item and candidate embeddings; the labels.
             assert_eq!(count("batch input") as u64, 3 * batches, "{what}, {part}");

@@ -11,6 +11,7 @@ use rankstack_nn::probe::mark;
 use rankstack_nn::{linear_xavier, Error, Linear};
 
 use crate::action_lookup::ActionLookup;
+use crate::pool_all::MaxPoolFirst;
 use crate::pooling::masked_max_pool;
 use crate::{
     key_mask_with, ActionVocab, EncoderLayerConfig, Fusion, MaxPool, PackedSequences, PositionalEncoding,
@@ -88,6 +89,8 @@ pub struct SequenceTransformer {
     config: SequenceTransformerConfig,
     action_emb: Tensor,
     action_lookup: ActionLookup,
+    /// The all-positions max-pool with its positions on the device (`max_pool = "all_positions"`).
+    pool_first: Option<MaxPoolFirst>,
     pos_emb: Option<Tensor>,
     candidate_token: Option<Tensor>,
     encoder: TransformerEncoder,
@@ -148,11 +151,16 @@ impl SequenceTransformer {
             MaxPool::None => None,
             MaxPool::Unmasked | MaxPool::AllPositions => Some(linear_xavier(d, d, true, vb.pp("pool_proj"))?),
         };
+        let pool_first = match config.max_pool {
+            MaxPool::AllPositions => Some(MaxPoolFirst::new(config.num_tokens(), action_emb.device())?),
+            MaxPool::Unmasked | MaxPool::None => None,
+        };
         let window_seed = config.seed ^ rankstack_nn::rng::hash_name(&format!("{}.time_window", vb.prefix()));
         Ok(Self {
             config: config.clone(),
             action_emb,
             action_lookup,
+            pool_first,
             pos_emb,
             candidate_token,
             encoder,
@@ -347,7 +355,10 @@ impl SequenceTransformer {
         if let Some(pool_proj) = &self.pool_proj {
             // Over unmasked positions (position 0 is never masked, so the max is finite), or all.
             let pooled = match self.config.max_pool {
-                MaxPool::AllPositions => crate::pool_all::max_pool_first(h)?,
+                MaxPool::AllPositions => match &self.pool_first {
+                    Some(pool) => pool.forward(h)?,
+                    None => crate::pool_all::max_pool_first(h)?,
+                },
                 MaxPool::Unmasked | MaxPool::None => masked_max_pool(h, masked)?,
             };
             parts.push(pool_proj.forward(&pooled)?);
