@@ -1,12 +1,12 @@
 //! AdamW with state that can be saved and restored (for resumable training).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 
 use candle_core::{backprop::GradStore, DType, Result, Tensor, TensorId, Var};
 use rankstack_kernels::cpu::adamw::{adamw_update_in_place, bias_corrections, AdamWCoefficients};
 use rankstack_kernels::cpu::kernels_enabled;
 use rankstack_kernels::cpu::sum_of_squares::sum_of_squares;
-use rankstack_kernels::overwrite_rows::OverwriteRows;
+use rankstack_kernels::overwrite_rows::{check_distinct_rows, OverwriteRows};
 use rankstack_nn::host_transfer::{move_to_device, read_computed, read_input, upload, Origin};
 use rankstack_nn::RowGradient;
 
@@ -58,8 +58,8 @@ impl Default for AdamWConfig {
 #[derive(Debug)]
 pub struct AdamW {
     params: Vec<(String, Var)>,
-    /// The parameters' tensor ids, to check that row gradients belong to them.
-    ids: HashSet<TensorId>,
+    /// Each parameter's position in `params` by tensor id, to find a row gradient's table.
+    index_of: HashMap<TensorId, usize>,
     moments: HashMap<String, Moments>,
     step: u64,
     config: AdamWConfig,
@@ -106,8 +106,8 @@ impl AdamW {
         if !(config.weight_decay.is_finite() && config.weight_decay >= 0.0) {
             return Err(bad("weight_decay", config.weight_decay));
         }
-        let ids = params.iter().map(|(_, v)| v.as_tensor().id()).collect();
-        Ok(Self { params, ids, moments: HashMap::new(), step: 0, config, fused: true })
+        let index_of = params.iter().enumerate().map(|(i, (_, v))| (v.as_tensor().id(), i)).collect();
+        Ok(Self { params, index_of, moments: HashMap::new(), step: 0, config, fused: true })
     }
 
     /// Steps taken so far.
@@ -124,12 +124,16 @@ impl AdamW {
     /// gradients in `grads` and the row gradients `rows` (of tables in row-sparse mode; their
     /// tables must be parameters of this optimizer).
     pub fn step(&mut self, grads: &GradStore, rows: &[RowGradient], lr: f64) -> Result<()> {
-        self.step += 1;
+        // Every row gradient is checked before anything is updated: a bad one changes nothing.
         for r in rows {
-            if !self.ids.contains(&r.table.id()) {
+            let Some(&i) = self.index_of.get(&r.table.id()) else {
                 candle_core::bail!("AdamW: a row gradient's table is not one of the optimizer's parameters");
-            }
+            };
+            let name = &self.params[i].0;
+            check_distinct_rows(&r.rows, r.table.dim(0)?, "AdamW")
+                .map_err(|e| e.context(format!("parameter {name}")))?;
         }
+        self.step += 1;
         let k = self.coefficients(lr);
         for i in 0..self.params.len() {
             let (name, var) = self.params[i].clone();
@@ -171,17 +175,19 @@ impl AdamW {
         }
         let c = self.config;
         let (bc1, bc2, lr) = (k.bc1, k.bc2, k.step_lr);
+        // A bad row (out of range, repeated) is an error naming the parameter; nothing is updated.
+        let named = |e: candle_core::Error| e.context(format!("parameter {name}"));
         match self.moments.get_mut(name).expect("inserted above") {
             Moments::Host { m, v, .. } => {
                 let dim = if var.rank() >= 2 { var.elem_count() / var.dim(0)? } else { 1 };
-                adamw_update_in_place(var.as_tensor(), &g, m, v, rows.map(|r| (r, dim)), k.fused)
+                adamw_update_in_place(var.as_tensor(), &g, m, v, rows.map(|r| (r, dim)), k.fused).map_err(named)
             }
             Moments::Tensors { m, v } => {
                 // A row-sparse update gathers the rows, updates them and writes them back in
                 // place: work and host→device traffic in the rows touched, not the table.
                 let rows = match rows {
                     None => None,
-                    Some(r) => Some(OverwriteRows::new(r, var.dim(0)?, var.device(), &format!("AdamW ({name})"))?),
+                    Some(r) => Some(OverwriteRows::new(r, var.dim(0)?, var.device(), "AdamW").map_err(named)?),
                 };
                 let (theta, mm, vv) = match &rows {
                     None => (var.as_tensor().clone(), m.clone(), v.clone()),
@@ -201,9 +207,9 @@ impl AdamW {
                         *v = new_v;
                     }
                     Some(rows) => {
-                        rows.apply(var.as_tensor(), &new_theta)?;
-                        rows.apply(m, &new_m)?;
-                        rows.apply(v, &new_v)?;
+                        rows.apply(var.as_tensor(), &new_theta).map_err(named)?;
+                        rows.apply(m, &new_m).map_err(named)?;
+                        rows.apply(v, &new_v).map_err(named)?;
                     }
                 }
                 Ok(())
@@ -560,6 +566,28 @@ mod tests {
         let r = RowGradient { table: other.as_tensor().clone(), rows: vec![0], grad: other.as_tensor().clone() };
         let none = Tensor::zeros(1, DType::F32, &Device::Cpu).unwrap().sum_all().unwrap().backward().unwrap();
         assert!(opt.step(&none, &[r], 0.1).unwrap_err().to_string().contains("not one of the optimizer's parameters"));
+    }
+
+    #[test]
+    fn a_bad_row_is_an_error_naming_the_parameter_and_changes_nothing() {
+        for fused in [true, false] {
+            for (rows, expected) in
+                [(vec![1, 4], "row 4 is out of range (a matrix of 4 rows)"), (vec![2, 0, 2], "row 2 is written twice")]
+            {
+                let w = var(&values(4 * 2, 1), (4, 2));
+                let mut opt = AdamW::new(vec![("table".into(), w.clone())], AdamWConfig::default()).unwrap();
+                opt.fused = fused;
+                let before = bits(&w);
+                let grad = Tensor::from_slice(&values(rows.len() * 2, 2), (rows.len(), 2), &Device::Cpu).unwrap();
+                let r = RowGradient { table: w.as_tensor().clone(), rows, grad };
+                let none = Tensor::zeros(1, DType::F32, &Device::Cpu).unwrap().sum_all().unwrap().backward().unwrap();
+                let err = opt.step(&none, &[r], 0.1).unwrap_err().to_string();
+                assert!(err.contains(expected), "fused {fused}: {err}");
+                assert!(err.contains("parameter table"), "fused {fused}: {err}");
+                assert_eq!(bits(&w), before, "fused {fused}: the table changed");
+                assert_eq!(opt.step_count(), 0, "fused {fused}: a rejected step is not counted");
+            }
+        }
     }
 
     #[test]

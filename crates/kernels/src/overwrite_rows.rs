@@ -38,26 +38,16 @@ pub struct OverwriteRows {
     /// `n`, the rows of the matrices written to.
     n: usize,
     /// Who asks, for errors.
-    op: String,
+    op: &'static str,
 }
 
 impl OverwriteRows {
     /// The rows `rows` of an `n`-row matrix on `device`; `op` names the caller in errors. Fails
     /// when a row repeats or is `≥ n`.
-    pub fn new(rows: &[u32], n: usize, device: &Device, op: &str) -> Result<Self> {
-        if let Some(&row) = rows.iter().find(|&&r| r as usize >= n) {
-            candle_core::bail!("{op}: row {row} of a matrix of {n} rows");
-        }
-        // The optimizer's rows come sorted; anything else is checked by sorting a copy.
-        if !rows.windows(2).all(|w| w[0] < w[1]) {
-            let mut sorted = rows.to_vec();
-            sorted.sort_unstable();
-            if let Some(w) = sorted.windows(2).find(|w| w[0] == w[1]) {
-                candle_core::bail!("{op}: row {} is written twice", w[0]);
-            }
-        }
+    pub fn new(rows: &[u32], n: usize, device: &Device, op: &'static str) -> Result<Self> {
+        check_distinct_rows(rows, n, op)?;
         let index = upload_slice(rows, rows.len(), device, "overwritten rows", Origin::Input)?;
-        Ok(Self { index, n, op: op.to_string() })
+        Ok(Self { index, n, op })
     }
 
     /// The rows as a `[m]` u32 tensor on the device (for gathering their current values).
@@ -94,17 +84,34 @@ impl OverwriteRows {
         if m == 0 || d == 0 {
             return Ok(());
         }
-        table.inplace_op3(&self.index, &values.contiguous()?, &Write { op: &self.op })
+        table.inplace_op3(&self.index, &values.contiguous()?, &Write { op: self.op })
     }
+}
+
+/// Fails unless `rows` are distinct and each `< n`: the rows a row-sparse update may write (`op`
+/// names the caller in the error). The optimizer's rows come sorted (checked in one pass);
+/// anything else is checked by sorting a copy.
+pub fn check_distinct_rows(rows: &[u32], n: usize, op: &str) -> Result<()> {
+    if let Some(&row) = rows.iter().find(|&&r| r as usize >= n) {
+        candle_core::bail!("{op}: row {row} is out of range (a matrix of {n} rows)");
+    }
+    if !rows.windows(2).all(|w| w[0] < w[1]) {
+        let mut sorted = rows.to_vec();
+        sorted.sort_unstable();
+        if let Some(w) = sorted.windows(2).find(|w| w[0] == w[1]) {
+            candle_core::bail!("{op}: row {} is written twice", w[0]);
+        }
+    }
+    Ok(())
 }
 
 /// The in-place op: `s1` the table, `s2` the rows, `s3` the values (shapes checked by
 /// [`OverwriteRows::apply`]).
-struct Write<'a> {
-    op: &'a str,
+struct Write {
+    op: &'static str,
 }
 
-impl Write<'_> {
+impl Write {
     fn dims(&self, table: &Layout, values: &Layout) -> Result<(usize, usize)> {
         match (table.dims(), values.dims()) {
             ([_, d], [m, d2]) if d == d2 => Ok((*m, *d)),
@@ -119,7 +126,7 @@ fn copy_rows<T: Copy>(table: &mut [T], rows: &[u32], values: &[T], d: usize) {
     }
 }
 
-impl InplaceOp3 for Write<'_> {
+impl InplaceOp3 for Write {
     fn name(&self) -> &'static str {
         "overwrite-rows"
     }
@@ -259,7 +266,11 @@ mod tests {
         let dev = Device::Cpu;
         let err = |r: Result<()>| r.unwrap_err().to_string();
         let new = |rows: &[u32]| OverwriteRows::new(rows, 4, &dev, "AdamW").map(|_| ());
-        assert!(err(new(&[1, 4])).contains("AdamW: row 4 of a matrix of 4 rows"), "{}", err(new(&[1, 4])));
+        assert!(
+            err(new(&[1, 4])).contains("AdamW: row 4 is out of range (a matrix of 4 rows)"),
+            "{}",
+            err(new(&[1, 4]))
+        );
         assert!(err(new(&[2, 0, 2])).contains("AdamW: row 2 is written twice"));
         assert!(new(&[3, 0, 2]).is_ok(), "distinct rows in any order");
         assert!(new(&[]).is_ok());

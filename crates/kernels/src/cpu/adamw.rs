@@ -134,11 +134,11 @@ impl InplaceOp2 for FusedUpdate<'_> {
                 if grad.len() != rows.len() * dim {
                     candle_core::bail!("adamw-fused-update: row gradient size differs");
                 }
+                // Every row checked before any is written: a bad one changes nothing.
+                let n = l1.dims().first().copied().unwrap_or(1);
+                crate::overwrite_rows::check_distinct_rows(rows, n, "adamw-fused-update")?;
                 for (k, &r) in rows.iter().enumerate() {
                     let at = r as usize * dim..(r as usize + 1) * dim;
-                    if at.end > theta.len() {
-                        candle_core::bail!("adamw-fused-update: row {r} is out of range");
-                    }
                     apply(&mut theta[at.clone()], &mut m[at.clone()], &mut v[at], &grad[k * dim..(k + 1) * dim]);
                 }
             }
