@@ -21,14 +21,13 @@
 //!
 //! The device then holds two batches of inputs at a time, the one in use and the next.
 
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
-use std::thread::JoinHandle;
+use std::sync::mpsc::{sync_channel, SyncSender};
 
 use candle_core::Device;
 use rankstack_nn::host_transfer::{record_as_mine, record_transfers, Transfer};
 use rankstack_nn::{Error, Result};
 
-use super::LabeledBatch;
+use super::{LabeledBatch, Prefetch};
 
 /// Batches of `inner` on `device`, each copied on a helper thread while the previous one is used
 /// (see the module documentation). Items come in `inner`'s order, errors included; dropping it
@@ -47,11 +46,11 @@ enum Pending {
     Failed(Error),
 }
 
-/// The helper thread and its two channels (a batch in, the batch on the device out).
+/// The helper: a [`Prefetch`] thread that copies the batches sent to it, in order. Dropping it
+/// drops `jobs` first (the fields' order), which ends the thread's loop wherever it waits.
 struct Helper {
-    jobs: Option<SyncSender<LabeledBatch>>,
-    done: Option<Receiver<(Result<LabeledBatch>, Vec<Transfer>)>>,
-    thread: Option<JoinHandle<()>>,
+    jobs: SyncSender<LabeledBatch>,
+    copied: Prefetch<(Result<LabeledBatch>, Vec<Transfer>)>,
 }
 
 impl<I: Iterator<Item = Result<LabeledBatch>>> UploadAhead<I> {
@@ -89,63 +88,43 @@ impl<I: Iterator<Item = Result<LabeledBatch>>> Iterator for UploadAhead<I> {
 impl Helper {
     fn start(device: Device) -> Self {
         let (jobs, job_queue) = sync_channel::<LabeledBatch>(1);
-        let (done_queue, done) = sync_channel(1);
-        let thread = std::thread::Builder::new()
-            .name("rankstack-upload".into())
-            .spawn(move || {
-                for batch in job_queue {
-                    let copied = record_transfers(|| -> Result<LabeledBatch> {
-                        let batch = batch.into_device(&device)?;
-                        // Every copy done before the consumer's stream may read the batch (see
-                        // the module documentation).
-                        device.synchronize()?;
-                        Ok(batch)
-                    });
-                    if done_queue.send(copied).is_err() {
-                        break;
-                    }
-                }
+        let copies = job_queue.into_iter().map(move |batch| {
+            record_transfers(|| -> Result<LabeledBatch> {
+                let batch = batch.into_device(&device)?;
+                // Every copy done before the consumer's stream may read the batch (see the
+                // module documentation).
+                device.synchronize()?;
+                Ok(batch)
             })
-            .expect("spawn the upload thread");
-        Self { jobs: Some(jobs), done: Some(done), thread: Some(thread) }
+        });
+        Self { jobs, copied: Prefetch::new(copies, 1) }
     }
 
     /// Hands `item` (a batch) to the helper; an error or the end of the data stays here.
     fn submit(&mut self, item: Option<Result<LabeledBatch>>) -> Option<Pending> {
         Some(match item? {
             Err(e) => Pending::Failed(e),
-            Ok(batch) => match self.jobs.as_ref().map(|jobs| jobs.send(batch).is_ok()) {
-                Some(true) => Pending::Copying,
-                _ => Pending::Failed(helper_stopped()),
+            Ok(batch) => match self.jobs.send(batch) {
+                Ok(()) => Pending::Copying,
+                Err(_) => Pending::Failed(helper_stopped()),
             },
         })
     }
 
     /// The batch the helper copied last, its transfers added to this thread's recording.
     fn receive(&mut self) -> Result<LabeledBatch> {
-        match self.done.as_ref().map(Receiver::recv) {
-            Some(Ok((batch, transfers))) => {
+        match self.copied.next() {
+            Some((batch, transfers)) => {
                 record_as_mine(transfers);
                 batch
             }
-            _ => Err(helper_stopped()),
+            None => Err(helper_stopped()),
         }
     }
 }
 
 fn helper_stopped() -> Error {
     Error::Candle(candle_core::Error::Msg("the thread copying batches to the device stopped (it panicked)".to_string()))
-}
-
-impl Drop for Helper {
-    fn drop(&mut self) {
-        // Closing both channels ends the thread's loop, wherever it waits.
-        drop(self.done.take());
-        drop(self.jobs.take());
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
 }
 
 impl<I> std::fmt::Debug for UploadAhead<I> {
