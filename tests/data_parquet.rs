@@ -18,12 +18,12 @@ use rankstack::data::{
     collate, DataSchema, Example, ExampleItems, ExampleSequence, LabeledBatch, ParquetDataset, ParquetWriter,
     SequenceItemSpec, SequenceSpec, Shuffle, WriterOptions, SCHEMA_METADATA_KEY,
 };
+use rankstack_nn::testing::ScratchDir;
 use rankstack_nn::SeededVarMap;
 
-fn tmp(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("rankstack-data-tests-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir.join(name)
+/// A scratch directory for one test's files, removed when the test ends.
+fn scratch() -> ScratchDir {
+    ScratchDir::new("data-tests")
 }
 
 fn schema(items: SequenceItemSpec) -> DataSchema {
@@ -145,7 +145,8 @@ fn round_trip_gives_the_same_rows_and_tensors() {
         };
         let schema = schema(items);
         let rows: Vec<Example> = (0..23).map(|i| example(i, embeddings, weights)).collect();
-        let path = tmp(&format!("round_trip_{embeddings}.parquet"));
+        let dir = scratch();
+        let path = dir.join(format!("round_trip_{embeddings}.parquet"));
         write(&path, &schema, &rows, weights, 6);
         let data = ParquetDataset::open(&path).unwrap();
         assert_eq!(data.schema(), &schema);
@@ -177,7 +178,8 @@ fn round_trip_gives_the_same_rows_and_tensors() {
 fn missing_and_mistyped_columns_are_named_up_front() {
     let schema = schema(SequenceItemSpec::Ids { cardinality: 2000, dim: 8 });
     let rows: Vec<Example> = (0..5).map(|i| example(i, false, false)).collect();
-    let path = tmp("columns.parquet");
+    let dir = scratch();
+    let path = dir.join("columns.parquet");
     write(&path, &schema, &rows, false, 100);
 
     let mut wider = schema.clone();
@@ -205,7 +207,8 @@ fn missing_and_mistyped_columns_are_named_up_front() {
     let text_schema = Arc::new(Schema::new(vec![Field::new("d0", DataType::Utf8, true)]));
     let batch =
         RecordBatch::try_new(text_schema.clone(), vec![Arc::new(StringArray::from(vec!["a"])) as ArrayRef]).unwrap();
-    let path = tmp("text.parquet");
+    let dir = scratch();
+    let path = dir.join("text.parquet");
     let mut w = ArrowWriter::try_new(std::fs::File::create(&path).unwrap(), text_schema, None).unwrap();
     w.write(&batch).unwrap();
     w.close().unwrap();
@@ -245,7 +248,8 @@ fn stream_error(corrupt: impl Fn(usize, &mut Vec<i64>, &mut Vec<i64>, &mut f64))
         .set_max_row_group_row_count(Some(4))
         .set_key_value_metadata(Some(vec![KeyValue::new(SCHEMA_METADATA_KEY.into(), schema.to_json())]))
         .build();
-    let path = tmp(&format!("corrupt_{}.parquet", std::thread::current().name().unwrap_or("x").replace("::", "_")));
+    let dir = scratch();
+    let path = dir.join("corrupt.parquet");
     let mut w = ArrowWriter::try_new(std::fs::File::create(&path).unwrap(), arrow.clone(), Some(props)).unwrap();
     for start in [0usize, 4] {
         let (mut types, mut stamps, mut ids) = (
@@ -326,7 +330,8 @@ fn order(data: &ParquetDataset, batch_size: usize, shuffle: Option<Shuffle>) -> 
 fn shuffling_is_seeded_and_complete() {
     let schema = schema(SequenceItemSpec::Ids { cardinality: 2000, dim: 8 });
     let rows: Vec<Example> = (0..103).map(|i| example(i, false, false)).collect();
-    let path = tmp("shuffle.parquet");
+    let dir = scratch();
+    let path = dir.join("shuffle.parquet");
     write(&path, &schema, &rows, false, 10);
     let data = ParquetDataset::open(&path).unwrap();
     assert_eq!(order(&data, 7, None), (0..103).collect::<Vec<_>>());
@@ -347,7 +352,8 @@ fn shuffling_is_seeded_and_complete() {
 #[test]
 fn synthetic_data_is_deterministic_and_fits_the_model() {
     let spec = SyntheticSpec { rows: 600, ..SyntheticSpec::default() };
-    let (a, b, c) = (tmp("syn_a.parquet"), tmp("syn_b.parquet"), tmp("syn_c.parquet"));
+    let dir = scratch();
+    let (a, b, c) = (dir.join("syn_a.parquet"), dir.join("syn_b.parquet"), dir.join("syn_c.parquet"));
     let summary = synthetic::generate(&spec, &a).unwrap();
     synthetic::generate(&spec, &b).unwrap();
     synthetic::generate(&SyntheticSpec { seed: 1, ..spec.clone() }, &c).unwrap();
@@ -377,7 +383,8 @@ fn synthetic_data_is_deterministic_and_fits_the_model() {
 #[test]
 #[ignore]
 fn synthetic_default_timing() {
-    let path = tmp("syn_default.parquet");
+    let dir = scratch();
+    let path = dir.join("syn_default.parquet");
     let t0 = std::time::Instant::now();
     let summary = synthetic::generate(&SyntheticSpec::default(), &path).unwrap();
     let generate = t0.elapsed();

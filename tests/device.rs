@@ -97,7 +97,6 @@ fn a_training_step_on_the_gpu_equals_the_cpu_step() {
     let config = config(&train);
     let (cpu, dev) = (step(&config, &train, &Device::Cpu), step(&config, &train, &gpu));
     assert_steps_agree(&cpu, &dev, "GPU");
-    std::fs::remove_dir_all(&dir).ok();
 }
 
 /// The graph of candle operations that a GPU runs, run on the CPU with rankstack's CPU kernels off
@@ -112,7 +111,6 @@ fn the_gpu_graph_run_on_the_cpu_equals_the_cpu_kernels_step() {
     let kernels = step(&config, &train, &Device::Cpu);
     let composed = with_isa(Isa::Candle, || step(&config, &train, &Device::Cpu));
     assert_steps_agree(&kernels, &composed, "candle-only CPU graph");
-    std::fs::remove_dir_all(&dir).ok();
 }
 
 /// `other`'s step (loss, every gradient, the weights after AdamW) against the CPU kernels' step.
@@ -252,7 +250,6 @@ fn evaluation_on_the_gpu_equals_evaluation_on_the_cpu() {
         assert!((a.auc - b.auc).abs() <= 1e-4, "{name} AUC {} vs {}", a.auc, b.auc);
         assert!((a.log_loss - b.log_loss).abs() <= 1e-5 * a.log_loss, "{name} log loss");
     }
-    std::fs::remove_dir_all(&dir).ok();
 }
 
 #[test]
@@ -299,7 +296,6 @@ fn the_trainer_runs_on_the_gpu_and_stays_close_to_the_cpu_run() {
         .unwrap();
     eprintln!("GPU run: {} steps, worst weight difference {worst:.2e}; memory line {memory}", dev.steps);
     assert!(memory["measured_peak_bytes"].as_u64().unwrap() > 0);
-    std::fs::remove_dir_all(&dir).ok();
 }
 
 /// What training and evaluation copy between host and device ([`rankstack::nn::host_transfer`]),
@@ -412,5 +408,4 @@ fn training_and_evaluation_copy_inputs_in_and_read_one_computed_value_set_out_pe
             names(&training),
         );
     }
-    std::fs::remove_dir_all(&dir).ok();
 }

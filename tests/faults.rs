@@ -19,7 +19,7 @@ use rankstack::nn::checkpoint::read_safetensors;
 use rankstack::ranker_model::checkpoint::write_safetensors;
 use rankstack::train::{latest_checkpoint, TrainOptions, Trainer};
 use support::cli::{fails, ok};
-use support::{small_world, tiny_config, tmpdir, write_data};
+use support::{small_world, tiny_config, tmpdir, write_data, ScratchDir};
 
 /// A generous bound for one CLI command of these tests (they take seconds); only a hang reaches it.
 const HANG_BOUND: Duration = Duration::from_secs(300);
@@ -54,7 +54,7 @@ fn arg(p: &Path) -> String {
 
 /// Small training and evaluation files plus the tiny architecture as a config file.
 struct Fixture {
-    dir: PathBuf,
+    dir: ScratchDir,
     train: PathBuf,
     eval: PathBuf,
     config: PathBuf,
@@ -146,7 +146,6 @@ fn non_finite_weights_stop_training_before_a_checkpoint_and_keep_the_last_good_o
     assert!(checkpoint_is_finite(&good));
     let dirs = std::fs::read_dir(run.join("checkpoints")).unwrap().count();
     assert_eq!(dirs, 1, "the finite checkpoint was pruned or a non-finite one written");
-    std::fs::remove_dir_all(&dir).ok();
 }
 
 /// The issue's reproduction: a learning rate that makes the weights overflow. Whatever is caught
@@ -168,7 +167,6 @@ fn a_diverging_run_fails_and_leaves_only_finite_checkpoints() {
     } else {
         assert!(err.contains("no checkpoint had been written yet"), "{err}");
     }
-    std::fs::remove_dir_all(&f.dir).ok();
 }
 
 // ---- 2. Non-finite model outputs -----------------------------------------------------------------
@@ -197,7 +195,6 @@ fn eval_and_score_refuse_a_checkpoint_with_non_finite_weights() {
         .expect("score hung");
     assert!(!out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
     assert!(!scores.exists());
-    std::fs::remove_dir_all(&f.dir).ok();
 }
 
 // ---- 3. Schema of data vs. checkpoint ------------------------------------------------------------
@@ -258,7 +255,6 @@ fn eval_score_and_resume_refuse_a_file_whose_schema_differs_from_the_checkpoint(
     assert!(err.contains("seed 5 (checkpoint: 0)"), "{err}");
     let summary = ok(&strs(&resume(&["--batch-size", "64", "--seed", "5", "--allow-resume-changes"])));
     assert!(summary.contains("finished after 5 steps"), "{summary}");
-    std::fs::remove_dir_all(&f.dir).ok();
 }
 
 // ---- 4. Overwriting ------------------------------------------------------------------------------
@@ -296,7 +292,6 @@ fn score_and_data_synthetic_never_overwrite_unasked_and_never_write_onto_an_inpu
     assert_eq!(ParquetDataset::open(&f.eval).unwrap().num_rows(), 10);
     assert!(fails(&["data", "synthetic", "--rows", "0", "--out", &f.path("none.parquet")]).contains("rows"));
     assert!(!f.dir.join("none.parquet").exists());
-    std::fs::remove_dir_all(&f.dir).ok();
 }
 
 // ---- 5. A one-row remainder batch ----------------------------------------------------------------
@@ -311,7 +306,6 @@ fn an_epoch_with_a_one_row_remainder_trains_and_resumes() {
     ok(&strs(&f.train_args("r", &["--epochs", "2", "--batch-size", "64", "--stop-after", "3"])));
     ok(&strs(&f.train_args("r", &["--epochs", "2", "--batch-size", "64", "--resume"])));
     assert!(support::latest_weights(&f.dir.join("r")) == support::latest_weights(&f.dir.join("run")));
-    std::fs::remove_dir_all(&f.dir).ok();
 }
 
 // ---- 6. Huge batch sizes -------------------------------------------------------------------------
@@ -341,7 +335,6 @@ fn huge_batch_sizes_never_abort() {
         .to_string();
     assert!(err.contains("out of range"), "{err}");
     assert!(check_batch_memory(&ranker, 64, 1000, Workload::Training, "train", &candle_core::Device::Cpu).is_ok());
-    std::fs::remove_dir_all(&f.dir).ok();
 }
 
 // ---- 7. inspect overflow -------------------------------------------------------------------------
@@ -377,7 +370,6 @@ fn bad_training_options_are_refused_and_write_nothing() {
     assert!(err.contains("--eval"), "{err}");
     let err = fails(&["train", "--preset", "nope", "--out", &arg(&new)]);
     assert!(err.contains("unknown preset") && !new.exists(), "{err}");
-    std::fs::remove_dir_all(&f.dir).ok();
 }
 
 /// Scoring reads features only: a label column of the wrong type (or absent) does not matter.
@@ -411,7 +403,6 @@ fn score_ignores_label_columns() {
     let out = f.path("scores.csv");
     ok(&["score", "--checkpoint", &f.path("run"), "--data", &arg(&path), "--out", &out]);
     assert_eq!(std::fs::read_to_string(&out).unwrap().lines().count(), 101);
-    std::fs::remove_dir_all(&f.dir).ok();
 }
 
 /// A run resumed between two `train` lines of `metrics.jsonl` logs the same losses as an
@@ -440,7 +431,6 @@ fn a_resume_off_a_logging_boundary_logs_what_an_uninterrupted_run_logs() {
     let (a, b) = (losses("a"), losses("b"));
     assert_eq!(a.len(), 4, "{a:?}"); // steps 4, 8, 12 and the last (14)
     assert_eq!(a, b);
-    std::fs::remove_dir_all(&dir).ok();
 }
 
 // ---- Fault injection: kill -9 ---------------------------------------------------------------------
@@ -512,7 +502,6 @@ fn kill_9_at_any_point_then_resume_gives_the_uninterrupted_weights() {
     assert!(kills >= 3, "only {kills} kills landed");
     ok(&strs(&resume));
     assert!(support::latest_weights(&run) == reference, "resumed weights differ from the uninterrupted run");
-    std::fs::remove_dir_all(&f.dir).ok();
 }
 
 // ---- Fault injection: damaged files and non-finite inputs -----------------------------------------
@@ -626,7 +615,6 @@ fn damaged_checkpoints_and_data_files_are_refused_never_misread() {
     assert_eq!((checkpoints.panics, checkpoints.silent_wrong), (0, 0), "{checkpoints:?}");
     assert_eq!(data.panics, 0, "{data:?}");
     assert!(checkpoints.refused > 100 && data.refused > 10, "{checkpoints:?} {data:?}");
-    std::fs::remove_dir_all(&f.dir).ok();
 }
 
 /// A tensor file's contents: tensors (as f32 values, by name) and metadata, both sorted.
@@ -698,7 +686,6 @@ fn non_finite_inputs_are_handled_or_refused_never_propagated() {
     }
     println!("non-finite inputs: {} cases, {handled} handled, {refused} refused", cases.len());
     assert_eq!(handled + refused, cases.len());
-    std::fs::remove_dir_all(&f.dir).ok();
 }
 
 // ---- Property tests of the parsers of untrusted input ----------------------------------------------
@@ -763,7 +750,7 @@ fn parsers_of_untrusted_input_never_panic_or_hang_on_mutated_input() {
     let config = tiny_config(&train);
     let mut results = Vec::new();
 
-    let scratch = dir.clone();
+    let scratch = dir.to_path_buf();
     let counter = std::sync::atomic::AtomicUsize::new(0);
     results.push((
         "parquet",
@@ -780,7 +767,7 @@ fn parsers_of_untrusted_input_never_panic_or_hang_on_mutated_input() {
     let run = dir.join("run");
     Trainer::new(&config, TrainOptions { max_steps: Some(1), ..options() }, &run).unwrap().fit(&train, None).unwrap();
     let weights = std::fs::read(latest_checkpoint(&run).unwrap().unwrap().join("model.safetensors")).unwrap();
-    let scratch = dir.clone();
+    let scratch = dir.to_path_buf();
     results.push((
         "safetensors",
         fuzz("safetensors", weights, 300, move |bytes| {
@@ -816,5 +803,4 @@ fn parsers_of_untrusted_input_never_panic_or_hang_on_mutated_input() {
         assert_eq!(*panics, 0, "{name}: {panics} of {cases} mutants panicked");
         assert!(*refused > 0, "{name}: no mutant was refused; the mutations do not reach the parser");
     }
-    std::fs::remove_dir_all(&dir).ok();
 }

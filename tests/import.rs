@@ -55,7 +55,6 @@ fn torchrec_state_dicts_import_with_one_command_and_score_like_torchrec() {
         assert_close(&format!("{}: vs torchrec f32", fixture.name()), &scores, fixture.tensor("f32.output"), 1e-5);
         assert_close(&format!("{}: vs float64", fixture.name()), &scores, fixture.tensor("output"), 1e-5);
     }
-    std::fs::remove_dir_all(&dir).ok();
 }
 
 /// The imported checkpoint's output on the fixture's inputs, in f32.
@@ -114,7 +113,6 @@ fn transact_twitter_and_torch_transformer_state_dicts_import_with_one_command() 
         assert_close(&format!("{}: vs the peer in f32", fixture.name()), &scores, fixture.tensor("f32.output"), 1e-5);
         assert_close(&format!("{}: vs float64", fixture.name()), &scores, fixture.tensor("output"), 1e-5);
     }
-    std::fs::remove_dir_all(&dir).ok();
 }
 
 #[test]
@@ -154,7 +152,6 @@ fn import_errors_are_one_line_and_never_overwrite() {
     assert!(summary.contains("imported torchrec LowRankCrossNet"), "{summary}");
     let (net, _) = rankstack::dcnv2::load_cross_net(Path::new(&other), DType::F32, &Device::Cpu).unwrap();
     assert_eq!(net.input_dim(), 8);
-    std::fs::remove_dir_all(&dir).ok();
 }
 
 /// Damaged state dicts (peer files carry no checksum): 8 truncations and 60 single-bit flips of a
@@ -199,5 +196,4 @@ fn damaged_state_dicts_are_refused_or_imported_as_what_they_hold() {
     eprintln!("damaged state dicts: {refused} refused, {imported} imported as the weights they hold");
     assert_eq!(refused + imported, 68);
     assert!(refused >= 8, "every truncation is refused: {refused} refused");
-    std::fs::remove_dir_all(&dir).ok();
 }

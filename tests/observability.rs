@@ -194,7 +194,6 @@ fn training_curves_have_unique_round_ticks_and_eval_writes_reliability_diagrams(
     .to_string();
     assert!(err.contains("reliability-eval.svg") && err.contains("not written by rankstack eval"), "{err}");
     assert_eq!(std::fs::read_to_string(&plot).unwrap(), "my notes");
-    std::fs::remove_dir_all(&dir).ok();
 }
 
 /// The venv with the pinned `tensorboard` package that `cargo xtask verify` creates
@@ -315,5 +314,4 @@ fn tensorboard_reads_back_every_scalar_of_metrics_jsonl_across_a_crash_and_resum
     t.fit(&train, Some(&eval)).unwrap();
     let logged = read_with_tensorboard(&python, &run.join("tensorboard"));
     assert_eq!(logged["train/loss"].iter().map(|p| p.0).collect::<Vec<_>>(), vec![2]);
-    std::fs::remove_dir_all(&dir).ok();
 }

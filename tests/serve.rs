@@ -25,7 +25,7 @@ use serde_json::{json, Value};
 /// The test world: 48 rows of synthetic data (as a Parquet file and in memory) and two tiny
 /// checkpoints `a` (seed 0) and `b` (seed 1) of the same architecture.
 struct World {
-    dir: PathBuf,
+    dir: support::ScratchDir,
     rows: Vec<Example>,
     signature: ModelSignature,
 }

@@ -54,7 +54,6 @@ fn same_seed_and_data_give_bit_identical_checkpoints_and_resume_is_exact() {
     }
     let svg = std::fs::read_to_string(dir.join("r/training_curves.svg")).unwrap();
     assert!(svg.starts_with("<svg") && svg.contains("evaluation AUC"));
-    std::fs::remove_dir_all(&dir).ok();
 }
 
 #[test]
@@ -76,7 +75,6 @@ fn a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint() {
     let latest = latest_checkpoint(&dir.join("run")).unwrap().unwrap();
     assert!(latest.ends_with("step-000000001"), "{}", latest.display());
     assert!(err.contains("step-000000001"), "{err}");
-    std::fs::remove_dir_all(&dir).ok();
 }
 
 #[test]
@@ -93,7 +91,6 @@ fn a_new_run_refuses_a_directory_that_holds_one_and_bad_options_are_errors() {
     assert!(e.contains("batch_size"), "{e}");
     let e = Trainer::resume(dir.join("nothing"), options()).err().unwrap().to_string();
     assert!(e.contains("no checkpoint"), "{e}");
-    std::fs::remove_dir_all(&dir).ok();
 }
 
 /// `TrainOptions::init` picks the initial weights' convention: `layers` (the default) keeps each
@@ -127,5 +124,4 @@ fn the_init_option_chooses_the_initial_weights_convention() {
     assert!((xavier / expected - 1.0).abs() < 0.15, "{table}: rms {xavier:.4}, Xavier-normal std {expected:.4}");
     let per_layer = 1.0 / (dim as f64).sqrt();
     assert!((layers / per_layer - 1.0).abs() < 0.15, "{table}: rms {layers:.4}, N(0, 1/dim) std {per_layer:.4}");
-    std::fs::remove_dir_all(&dir).ok();
 }

@@ -520,10 +520,8 @@ mod tests {
     use super::*;
     use crate::data::ParquetDataset;
 
-    fn tmp(name: &str) -> std::path::PathBuf {
-        let dir = std::env::temp_dir().join(format!("rankstack-movielens-{}-{name}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        dir
+    fn tmp(name: &str) -> rankstack_nn::testing::ScratchDir {
+        rankstack_nn::testing::ScratchDir::new(&format!("movielens-{name}"))
     }
 
     /// 3 users, 4 items, 20 ratings with ties in time (two ratings at t = 1000 by user 1, one of them

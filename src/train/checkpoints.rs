@@ -87,8 +87,7 @@ mod tests {
 
     #[test]
     fn publishing_prunes_through_a_rename_and_finishes_an_interrupted_pruning() {
-        let run = std::env::temp_dir().join(format!("rankstack-publish-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&run);
+        let run = rankstack_nn::testing::ScratchDir::new("publish");
         let old = checkpoint_dir(&run, "step-000000001");
         // What a kill during an earlier pruning leaves: a renamed, partly deleted directory.
         let half = checkpoint_dir(&run, ".pruning-step-000000000");
@@ -103,6 +102,5 @@ mod tests {
             .collect();
         assert_eq!(left, ["step-000000002"]);
         assert!(!old.exists() && !half.exists());
-        std::fs::remove_dir_all(&run).ok();
     }
 }

@@ -276,8 +276,7 @@ mod tests {
 
     #[test]
     fn new_files_sort_after_the_existing_ones() {
-        let dir = std::env::temp_dir().join(format!("rankstack-tensorboard-names-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
+        let dir = rankstack_nn::testing::ScratchDir::new("tensorboard-names");
         std::fs::create_dir_all(dir.join(TENSORBOARD_DIR)).unwrap();
         // Someone else's file is left alone; ours continue after the highest sequence number.
         std::fs::write(dir.join(TENSORBOARD_DIR).join("events.out.tfevents.1.host"), b"").unwrap();
@@ -294,7 +293,6 @@ mod tests {
         let fresh_name = fresh.path().file_name().unwrap().to_str().unwrap();
         assert_eq!(names, vec![fresh_name.to_string(), "events.out.tfevents.1.host".to_string()]);
         assert!(fresh_name.starts_with("events.out.tfevents.000000."));
-        std::fs::remove_dir_all(&dir).ok();
     }
 
     #[test]

@@ -4,18 +4,16 @@
 
 pub mod cli;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use rankstack::data::synthetic::{self, SyntheticSpec};
 use rankstack::data::ParquetDataset;
 use rankstack::ranker_model::RankerConfig;
+pub use rankstack_nn::testing::ScratchDir;
 
-/// A fresh temporary directory for one test.
-pub fn tmpdir(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("rankstack-test-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+/// A fresh temporary directory for one test, removed when it is dropped (kept if the test fails).
+pub fn tmpdir(tag: &str) -> ScratchDir {
+    ScratchDir::new(&format!("test-{tag}"))
 }
 
 /// The default synthetic world (200 users in 10 segments, 200 items in 10 categories), whose planted

@@ -44,8 +44,7 @@ fn imported_torchrec_modules_match_in_f32() {
 /// imported, written as a checkpoint, loaded back: scores torchrec's inputs as torchrec did.
 #[test]
 fn saved_state_dicts_import_into_checkpoints_that_score_like_torchrec() {
-    let out = std::env::temp_dir().join(format!("rankstack-torchrec-import-{}", std::process::id()));
-    std::fs::create_dir_all(&out).unwrap();
+    let out = rankstack_nn::testing::ScratchDir::new("torchrec-import");
     for path in fixture_paths("torchrec") {
         let fixture = Fixture::load(&path).unwrap();
         let (d, config): (usize, CrossNetConfig) = (input_dim(&fixture), fixture.config());
@@ -59,7 +58,6 @@ fn saved_state_dicts_import_into_checkpoints_that_score_like_torchrec() {
         let what = format!("{}: imported checkpoint vs torchrec", fixture.name());
         assert_close(&what, &scores, fixture.tensor("output"), 1e-5);
     }
-    std::fs::remove_dir_all(&out).ok();
 }
 
 fn full_rank_state(n: usize, layers: usize) -> HashMap<String, Tensor> {

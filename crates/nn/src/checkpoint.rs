@@ -300,8 +300,7 @@ mod tests {
 
     #[test]
     fn corrupt_and_missing_files_are_clear_errors() {
-        let dir = std::env::temp_dir().join(format!("rankstack-nn-ckpt-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = crate::testing::ScratchDir::new("nn-ckpt");
         let good = dir.join("good.safetensors");
         let mut ts = HashMap::new();
         ts.insert("w".to_string(), Tensor::ones((4, 4), DType::F32, &Device::Cpu).unwrap());
@@ -314,7 +313,6 @@ mod tests {
         let err = read_safetensors(dir.join("nope.safetensors")).unwrap_err().to_string();
         assert!(err.contains("nope.safetensors"), "{err}");
         assert_eq!(read_safetensors(&good).unwrap().tensors["w"].dims(), &[4, 4]);
-        std::fs::remove_dir_all(&dir).ok();
     }
 
     #[test]

@@ -218,11 +218,8 @@ pub fn build<M>(
 mod tests {
     use super::*;
 
-    fn temp_dir(tag: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("rankstack-layer-ckpt-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        dir
+    fn temp_dir(tag: &str) -> crate::testing::ScratchDir {
+        crate::testing::ScratchDir::new(&format!("layer-ckpt-{tag}"))
     }
 
     fn spec() -> LayerSpec {
@@ -263,7 +260,6 @@ mod tests {
         let err = build(&dir, DType::F32, &Device::Cpu, |_, vb| vb.get(3, "v").map_err(Error::from)).unwrap_err();
         let err = err.to_string();
         assert!(err.contains("missing tensor `v`") && err.contains("unexpected tensor `w`"), "{err}");
-        std::fs::remove_dir_all(&root).ok();
     }
 
     #[test]
@@ -280,6 +276,5 @@ mod tests {
         std::fs::write(dir.join(LAYER_FILE), edited).unwrap();
         let err = load(&dir).unwrap_err().to_string();
         assert!(err.contains("layer.json") && err.contains("damaged or modified"), "{err}");
-        std::fs::remove_dir_all(&root).ok();
     }
 }

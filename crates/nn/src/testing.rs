@@ -1,4 +1,5 @@
-//! Test support for the PyTorch reference fixtures (used by every layer crate's tests).
+//! Test support for the PyTorch reference fixtures (used by every layer crate's tests), and
+//! [`ScratchDir`], the temporary directory every test that writes files uses.
 //!
 //! A fixture is a safetensors file written by `reference/` (see `docs/ARCHITECTURE.md`) holding:
 //!
@@ -30,6 +31,9 @@ use serde::de::DeserializeOwned;
 
 use crate::checkpoint::{load_into, read_safetensors, TensorFile};
 use crate::SeededVarMap;
+
+mod scratch_dir;
+pub use scratch_dir::ScratchDir;
 
 /// The workspace's `fixtures/` directory.
 pub fn fixtures_root() -> PathBuf {

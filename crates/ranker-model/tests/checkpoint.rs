@@ -3,14 +3,36 @@
 
 mod common;
 
+use std::ops::Deref;
+use std::path::{Path, PathBuf};
+
 use candle_core::{DType, Device};
 use ranker_model::{checkpoint, random_batch, Ranker};
+use rankstack_nn::testing::ScratchDir;
 use rankstack_nn::SeededVarMap;
 
-fn tmpdir(tag: &str) -> std::path::PathBuf {
-    let d = std::env::temp_dir().join(format!("ranker-ckpt-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    d
+/// A checkpoint path (not yet created) in a scratch directory that is removed when this is dropped.
+struct CheckpointPath {
+    path: PathBuf,
+    _scratch: ScratchDir,
+}
+
+impl Deref for CheckpointPath {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl AsRef<Path> for CheckpointPath {
+    fn as_ref(&self) -> &Path {
+        &self.path
+    }
+}
+
+fn tmpdir(tag: &str) -> CheckpointPath {
+    let scratch = ScratchDir::new(&format!("ranker-ckpt-{tag}"));
+    CheckpointPath { path: scratch.join("checkpoint"), _scratch: scratch }
 }
 
 #[test]
@@ -27,12 +49,11 @@ fn round_trip_scores_identically_including_buffers() {
     let a = ranker.predict(&batch).unwrap().to_vec2::<f32>().unwrap();
     let b = loaded.predict(&batch).unwrap().to_vec2::<f32>().unwrap();
     assert_eq!(a, b);
-    std::fs::remove_dir_all(&dir).ok();
 }
 
 /// A checkpoint directory whose weights do not fit its config: MLP width 8 → 9 and the "hide"
 /// task renamed "close". Both loaders must list all three problems at once.
-fn mismatched_checkpoint(tag: &str) -> std::path::PathBuf {
+fn mismatched_checkpoint(tag: &str) -> CheckpointPath {
     let config = common::small();
     let store = SeededVarMap::new(0);
     let ranker = Ranker::new(&config, store.var_builder(DType::F32, &Device::Cpu)).unwrap();
@@ -61,7 +82,6 @@ fn assert_lists_every_mismatch(e: &str) {
 fn a_checkpoint_of_another_model_lists_every_mismatch() {
     let dir = mismatched_checkpoint("mismatch");
     assert_lists_every_mismatch(&checkpoint::load(&dir, DType::F32, &Device::Cpu).unwrap_err().to_string());
-    std::fs::remove_dir_all(&dir).ok();
 }
 
 #[test]
@@ -81,7 +101,6 @@ fn corrupt_or_missing_files_are_clear_errors() {
     assert!(e.contains("config.json"), "{e}");
     let e = checkpoint::load(dir.join("nowhere"), DType::F32, &Device::Cpu).unwrap_err().to_string();
     assert!(e.contains("nowhere"), "{e}");
-    std::fs::remove_dir_all(&dir).ok();
 }
 
 #[test]
@@ -95,7 +114,6 @@ fn a_repeated_tensor_name_is_an_error_not_a_panic() {
             .to_string();
     assert!(e.contains("`a` appears twice"), "{e}");
     assert!(!dir.join("x.safetensors").exists());
-    std::fs::remove_dir_all(&dir).ok();
 }
 
 #[test]
@@ -114,7 +132,6 @@ fn serving_load_scores_identically_without_a_backward_graph() {
     // The trainable model records the graph (it holds every intermediate); the served one does not.
     assert!(trained.track_op());
     assert!(!frozen.track_op());
-    std::fs::remove_dir_all(&dir).ok();
 }
 
 #[test]
@@ -146,14 +163,12 @@ fn packed_serving_scores_match_f32_and_bf16_stays_within_5e_3() {
             assert!(worst > 0.0, "bf16 rounding must show");
         }
     }
-    std::fs::remove_dir_all(&dir).ok();
 }
 
 #[test]
 fn serving_load_lists_every_mismatch() {
     let dir = mismatched_checkpoint("serving-mismatch");
     assert_lists_every_mismatch(&checkpoint::load_for_serving(&dir, DType::F32, &Device::Cpu).unwrap_err().to_string());
-    std::fs::remove_dir_all(&dir).ok();
 }
 
 #[test]
@@ -174,5 +189,4 @@ fn a_checkpoint_with_non_finite_weights_is_not_served() {
         let err = err.to_string();
         assert!(err.contains(&format!("`{name}`")) && err.contains("non-finite values"), "{err}");
     }
-    std::fs::remove_dir_all(&dir).ok();
 }

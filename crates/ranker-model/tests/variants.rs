@@ -79,8 +79,8 @@ fn a_ranker_with_every_variant_builds_counts_and_trains() {
 #[test]
 fn a_variant_checkpoint_round_trips() {
     let (config, store, ranker) = build(5);
-    let dir = std::env::temp_dir().join(format!("ranker-variants-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
+    let scratch = rankstack_nn::testing::ScratchDir::new("ranker-variants");
+    let dir = scratch.join("checkpoint");
     checkpoint::save(&dir, &ranker, &store).unwrap();
     let (loaded, _) = checkpoint::load(&dir, DType::F32, &Device::Cpu).unwrap();
     assert_eq!(loaded.config(), &config);
@@ -89,7 +89,6 @@ fn a_variant_checkpoint_round_trips() {
     let a = ranker.predict(&batch).unwrap().to_vec2::<f32>().unwrap();
     assert_eq!(a, loaded.predict(&batch).unwrap().to_vec2::<f32>().unwrap());
     assert_eq!(a, serving.predict(&batch).unwrap().to_vec2::<f32>().unwrap());
-    std::fs::remove_dir_all(&dir).ok();
 }
 
 #[test]
