@@ -29,6 +29,20 @@ pub struct FeatureBatch {
     pub extra: Vec<Tensor>,
 }
 
+impl FeatureBatch {
+    /// The batch size of the first input (dense, else the first sparse, embedding or extra
+    /// input), `None` for an empty batch. The encoder checks that every other input agrees.
+    pub fn rows(&self) -> Option<usize> {
+        let leading = |t: &Tensor| t.dims().first().copied();
+        self.dense
+            .as_ref()
+            .and_then(leading)
+            .or_else(|| self.sparse.first().map(SparseInput::batch_size))
+            .or_else(|| self.embedding.first().and_then(leading))
+            .or_else(|| self.extra.first().and_then(leading))
+    }
+}
+
 /// Which kind of feature a block of output columns comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BlockKind {

@@ -86,4 +86,4 @@ pub use mlp::{Mlp, MlpConfig, Normalization};
 pub use reseed::Reseed;
 pub use row_sparse::{RowGather, RowGradient};
 pub use softmax::softmax;
-pub use worker_pool::{on_worker_pool, on_worker_pool_for};
+pub use worker_pool::{on_worker_pool, on_worker_pool_for, on_worker_pool_for_rows};

@@ -18,6 +18,19 @@ pub fn on_worker_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     rankstack_kernels::cpu::on_worker_pool(move || crate::probe::with_recording_on_this_thread(records, f))
 }
 
+/// [`on_worker_pool_for`] for a pass over `rows` rows: on the CPU, a small batch gets no more
+/// workers than other processes leave CPUs free ([`rankstack_kernels::cpu::on_worker_pool_for_rows`]).
+pub fn on_worker_pool_for_rows<R: Send>(device: &Device, rows: usize, f: impl FnOnce() -> R + Send) -> R {
+    if device.is_cpu() {
+        let records = crate::probe::recording_on_this_thread();
+        rankstack_kernels::cpu::on_worker_pool_for_rows(rows, move || {
+            crate::probe::with_recording_on_this_thread(records, f)
+        })
+    } else {
+        f()
+    }
+}
+
 /// [`on_worker_pool`] when `device` is the CPU (its kernel calls then queue their tasks locally
 /// instead of waking a worker each); on a GPU `f` runs on this thread, which only queues kernels.
 pub fn on_worker_pool_for<R: Send>(device: &Device, f: impl FnOnce() -> R + Send) -> R {

@@ -244,10 +244,13 @@ impl Ranker {
     /// [`rankstack_nn::probe::record_parts`]: `transact.*` and `transformer.*` (the sequence
     /// encoder), `features` (the feature encoder), each backbone stage by its type
     /// ([`crate::StageConfig::type_name`]), `mlp`, `heads`. On the CPU it runs on the kernels' worker pool
-    /// ([`rankstack_nn::on_worker_pool_for`]): its hundreds of kernel calls then start without a
-    /// cross-thread wake-up each. (A GPU's kernels gain nothing from it, so there it runs here.)
+    /// ([`rankstack_nn::on_worker_pool_for_rows`]): its hundreds of kernel calls then start without a
+    /// cross-thread wake-up each, and a batch of a few rows takes no more workers than other
+    /// processes leave CPUs free. (A GPU's kernels gain nothing from it, so there it runs here.)
     pub fn forward_t(&self, batch: &RankerBatch, train: bool) -> Result<Tensor> {
-        rankstack_nn::on_worker_pool_for(self.device(), || self.forward_on_this_thread(batch, train))
+        // A batch without features is an error that the encoder reports; its size does not matter.
+        let rows = batch.features.rows().unwrap_or(usize::MAX);
+        rankstack_nn::on_worker_pool_for_rows(self.device(), rows, || self.forward_on_this_thread(batch, train))
     }
 
     fn forward_on_this_thread(&self, batch: &RankerBatch, train: bool) -> Result<Tensor> {

@@ -17,6 +17,7 @@ pub mod heap_count;
 pub mod isa;
 pub mod layer_norm;
 pub mod linear;
+pub mod load_elsewhere;
 pub mod masked_max;
 pub mod packed_attention;
 pub mod packed_matmul;
@@ -30,7 +31,7 @@ mod worker_pool;
 pub use gemm::{bf16_path_description, packed_kernel_available, KernelPath, WeightPrecision};
 pub use isa::{for_each_supported_isa, kernels_enabled, kernels_run_on, with_isa, Isa};
 pub use pinning::{start_pinned_pool, PinError};
-pub use worker_pool::on_worker_pool;
+pub use worker_pool::{on_worker_pool, on_worker_pool_for_rows, on_worker_pool_with_threads, SMALL_BATCH_ROWS};
 
 /// Reports, on the test process's real standard error (past the test harness's capture), that
 /// `test` was skipped because this CPU lacks `what`. For tests of ISA-specific paths.

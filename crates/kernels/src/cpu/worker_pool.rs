@@ -14,6 +14,8 @@
 //! ([`with_isa`](super::with_isa)) over to the worker, so that forced paths still apply, and its
 //! [`host_transfer`](crate::host_transfer) recording, so that the worker's transfers are counted.
 
+use std::sync::{Arc, Mutex};
+
 use super::isa::{with_isa_override, Isa};
 use crate::host_transfer;
 
@@ -29,13 +31,97 @@ use crate::host_transfer;
 /// assert_eq!(sum, 55);
 /// ```
 pub fn on_worker_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    hand_over(None, f)
+}
+
+/// The most rows [`on_worker_pool_for_rows`] counts as a small batch: one whose products are
+/// memory-bound matrix-vector products of a few rows, each split into short tasks.
+pub const SMALL_BATCH_ROWS: usize = 4;
+
+/// [`on_worker_pool`] for a pass over `rows` rows. A small batch (at most [`SMALL_BATCH_ROWS`])
+/// gets no more workers than other processes leave CPUs free
+/// ([`load_elsewhere::cpus_busy_elsewhere`](super::load_elsewhere::cpus_busy_elsewhere), rounded
+/// to the nearest CPU): each of its products is a few short tasks per worker, and a worker that
+/// shares its CPU with another process is preempted in the middle of one while the others wait for
+/// it. One thread loaded was faster than two loaded at batch 1 (`docs/performance.md`). Larger
+/// batches, an idle machine, or no figure (see [`super::load_elsewhere`]) use the whole pool.
+/// The result is the same bits either way: no kernel's arithmetic depends on how many workers
+/// share it. `RANKSTACK_LOAD_AWARE=off` turns this off (for comparisons).
+pub fn on_worker_pool_for_rows<R: Send>(rows: usize, f: impl FnOnce() -> R + Send) -> R {
+    match threads_for_rows(rows) {
+        Some(threads) => on_worker_pool_with_threads(threads, f),
+        None => on_worker_pool(f),
+    }
+}
+
+/// The size of the smaller pool a pass over `rows` rows should take, or `None` for the whole pool.
+fn threads_for_rows(rows: usize) -> Option<usize> {
+    if rows > SMALL_BATCH_ROWS || !load_aware() || rayon::current_thread_index().is_some() {
+        return None;
+    }
+    let workers = rayon::current_num_threads();
+    let cpus = std::thread::available_parallelism().map_or(workers, |n| n.get());
+    free_cpus_below(workers, cpus, super::load_elsewhere::cpus_busy_elsewhere()?)
+}
+
+/// The CPUs that `busy_elsewhere` leaves free out of `cpus` (rounded, at least 1), where that is
+/// fewer than `workers`.
+fn free_cpus_below(workers: usize, cpus: usize, busy_elsewhere: f64) -> Option<usize> {
+    let free = (cpus as f64 - busy_elsewhere).round().max(1.0) as usize;
+    (free < workers).then_some(free)
+}
+
+/// Whether `RANKSTACK_LOAD_AWARE` leaves [`on_worker_pool_for_rows`] on (anything but `off`,
+/// read once).
+fn load_aware() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("RANKSTACK_LOAD_AWARE").map_or(true, |v| v != "off"))
+}
+
+/// [`on_worker_pool`] on a pool of `threads` workers of its own (built on first use, kept for the
+/// process's life; `threads` is clamped to 1 ..= the global pool's size, and the global pool
+/// itself is used at that size). Kernel calls made by `f` split their work over those workers
+/// only.
+///
+/// ```
+/// use rankstack_kernels::cpu::on_worker_pool_with_threads;
+/// let threads = on_worker_pool_with_threads(1, rayon::current_num_threads);
+/// assert_eq!(threads, 1);
+/// ```
+pub fn on_worker_pool_with_threads<R: Send>(threads: usize, f: impl FnOnce() -> R + Send) -> R {
+    let threads = threads.clamp(1, rayon::current_num_threads().max(1));
+    if threads >= rayon::current_num_threads() || rayon::current_thread_index().is_some() {
+        return on_worker_pool(f);
+    }
+    hand_over(Some(&smaller_pool(threads)), f)
+}
+
+/// The process's pool of `threads` workers.
+fn smaller_pool(threads: usize) -> Arc<rayon::ThreadPool> {
+    static POOLS: Mutex<Vec<(usize, Arc<rayon::ThreadPool>)>> = Mutex::new(Vec::new());
+    let mut pools = POOLS.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    if let Some((_, pool)) = pools.iter().find(|(n, _)| *n == threads) {
+        return pool.clone();
+    }
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .thread_name(move |i| format!("rankstack-{threads}-worker-{i}"))
+        .build()
+        .map(Arc::new)
+        .unwrap_or_else(|e| panic!("cannot start a pool of {threads} kernel workers: {e}"));
+    pools.push((threads, pool.clone()));
+    pool
+}
+
+/// Runs `f` on a worker of `pool` (rayon's global pool when `None`), carrying the caller's ISA
+/// override and transfer recording; in place when this thread already is a worker.
+fn hand_over<R: Send>(pool: Option<&rayon::ThreadPool>, f: impl FnOnce() -> R + Send) -> R {
     if rayon::current_thread_index().is_some() {
         return f();
     }
     let isa = Isa::override_on_this_thread();
     let transfers = host_transfer::take();
-    // `scope` runs its closure on a worker of the global pool when called from outside it.
-    let (out, transfers) = rayon::scope(|_| {
+    let body = move || {
         // The worker may be inside another hand-over (it runs stolen work while it waits in a
         // join): that one's recording is set aside, not overwritten, and put back (also when `f`
         // panics).
@@ -51,7 +137,13 @@ pub fn on_worker_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
         let transfers = host_transfer::take();
         drop(outer);
         (out, transfers)
-    });
+    };
+    // `scope` runs its closure on a worker of the global pool when called from outside it;
+    // `install` does the same on a pool of its own.
+    let (out, transfers) = match pool {
+        None => rayon::scope(|_| body()),
+        Some(pool) => pool.install(body),
+    };
     host_transfer::give_back(transfers);
     out
 }
@@ -59,6 +151,43 @@ pub fn on_worker_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn small_batches_get_the_cpus_other_processes_leave_free() {
+        // 2 CPUs, 2 workers: a busy loop elsewhere leaves one; background noise leaves both.
+        assert_eq!(free_cpus_below(2, 2, 1.0), Some(1));
+        assert_eq!(free_cpus_below(2, 2, 0.9), Some(1));
+        assert_eq!(free_cpus_below(2, 2, 0.3), None);
+        assert_eq!(free_cpus_below(2, 2, 5.0), Some(1), "never fewer than one");
+        // 16 CPUs, one busy elsewhere: 15 workers.
+        assert_eq!(free_cpus_below(16, 16, 1.1), Some(15));
+        // A pool smaller than the free CPUs keeps its size.
+        assert_eq!(free_cpus_below(4, 16, 3.0), None);
+    }
+
+    #[test]
+    fn a_smaller_pool_runs_the_closure_with_that_many_workers_and_carries_the_recordings() {
+        let isa = Isa::detected();
+        let (threads, forced, transfers) = with_isa(isa, || {
+            let ((threads, forced), transfers) = host_transfer::record_transfers(|| {
+                on_worker_pool_with_threads(1, || {
+                    let x = candle_core::Tensor::new(&[1f32, 2.0], &candle_core::Device::Cpu).unwrap();
+                    host_transfer::read_computed::<f32>(&x, "in a smaller pool").unwrap();
+                    (rayon::current_num_threads(), Isa::override_on_this_thread())
+                })
+            });
+            (threads, forced, transfers)
+        });
+        assert_eq!(threads, 1);
+        assert_eq!(forced, Some(isa));
+        assert_eq!(transfers.len(), 1);
+        // Large batches and a pool of at least the global size take the global pool.
+        assert_eq!(
+            on_worker_pool_for_rows(SMALL_BATCH_ROWS + 1, rayon::current_num_threads),
+            rayon::current_num_threads()
+        );
+        assert_eq!(on_worker_pool_with_threads(usize::MAX, rayon::current_num_threads), rayon::current_num_threads());
+    }
     use crate::cpu::isa::with_isa;
 
     #[test]
