@@ -14,18 +14,20 @@ use candle_core::Device;
 /// assert_eq!(sum, 55);
 /// ```
 pub fn on_worker_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    rankstack_kernels::cpu::on_worker_pool(carrying_probe(f))
+}
+
+/// `f`, to run on a worker with the calling thread's [`crate::probe`] recording.
+fn carrying_probe<R: Send>(f: impl FnOnce() -> R + Send) -> impl FnOnce() -> R + Send {
     let records = crate::probe::recording_on_this_thread();
-    rankstack_kernels::cpu::on_worker_pool(move || crate::probe::with_recording_on_this_thread(records, f))
+    move || crate::probe::with_recording_on_this_thread(records, f)
 }
 
 /// [`on_worker_pool_for`] for a pass over `rows` rows: on the CPU, a small batch gets no more
 /// workers than other processes leave CPUs free ([`rankstack_kernels::cpu::on_worker_pool_for_rows`]).
 pub fn on_worker_pool_for_rows<R: Send>(device: &Device, rows: usize, f: impl FnOnce() -> R + Send) -> R {
     if device.is_cpu() {
-        let records = crate::probe::recording_on_this_thread();
-        rankstack_kernels::cpu::on_worker_pool_for_rows(rows, move || {
-            crate::probe::with_recording_on_this_thread(records, f)
-        })
+        rankstack_kernels::cpu::on_worker_pool_for_rows(rows, carrying_probe(f))
     } else {
         f()
     }

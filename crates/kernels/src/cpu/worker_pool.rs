@@ -151,6 +151,7 @@ fn hand_over<R: Send>(pool: Option<&rayon::ThreadPool>, f: impl FnOnce() -> R + 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cpu::isa::with_isa;
 
     #[test]
     fn small_batches_get_the_cpus_other_processes_leave_free() {
@@ -188,7 +189,6 @@ mod tests {
         );
         assert_eq!(on_worker_pool_with_threads(usize::MAX, rayon::current_num_threads), rayon::current_num_threads());
     }
-    use crate::cpu::isa::with_isa;
 
     #[test]
     fn runs_on_a_worker_and_returns_the_result() {
