@@ -108,17 +108,24 @@ fn compare_file(committed: &Path, fresh: &Path) -> Result<Vec<String>> {
 }
 
 /// Regenerates all fixtures into a temporary directory and compares them with the committed ones.
+/// The directory is removed afterwards, also when generating or comparing fails.
 pub fn compare_regenerated() -> Result<()> {
     let tmp = std::env::temp_dir().join(format!("rankstack-fixtures-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).map_err(|e| e.to_string())?;
-    generate_into(&tmp)?;
+    let outcome = regenerate_and_compare(&tmp);
+    let _ = std::fs::remove_dir_all(&tmp);
+    outcome
+}
+
+fn regenerate_and_compare(tmp: &Path) -> Result<()> {
+    generate_into(tmp)?;
     let committed_dir = root().join("fixtures");
     let rel = |base: &Path, files: Vec<PathBuf>| -> BTreeMap<String, PathBuf> {
         files.into_iter().map(|f| (f.strip_prefix(base).unwrap_or(&f).to_string_lossy().into_owned(), f)).collect()
     };
     let committed = rel(&committed_dir, manifest::fixture_files(&committed_dir)?);
-    let fresh = rel(&tmp, manifest::fixture_files(&tmp)?);
+    let fresh = rel(tmp, manifest::fixture_files(tmp)?);
     let mut problems = Vec::new();
     for name in committed.keys().filter(|k| !fresh.contains_key(*k)) {
         problems.push(format!("{name}: committed but no longer generated"));
@@ -129,7 +136,6 @@ pub fn compare_regenerated() -> Result<()> {
             Some(old) => problems.extend(compare_file(old, path)?.into_iter().map(|p| format!("{name}: {p}"))),
         }
     }
-    let _ = std::fs::remove_dir_all(&tmp);
     if problems.is_empty() {
         eprintln!("regenerated fixtures match the committed ones ({} files)", fresh.len());
         Ok(())
