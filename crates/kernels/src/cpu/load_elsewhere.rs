@@ -80,8 +80,9 @@ fn busy_elsewhere(start: &Counters, end: &Counters) -> Option<f64> {
     Some((busy.saturating_sub(ours) as f64 / all as f64 * cpus).max(0.0))
 }
 
-/// The CPUs `/proc/stat` counts, when this process may use them all; else `None`.
-fn cpus_counted() -> Option<usize> {
+/// The CPUs `/proc/stat` counts, when this process may use them all; else `None` (read once:
+/// [`cpus_busy_elsewhere`] is a figure out of these).
+pub fn cpus_counted() -> Option<usize> {
     static CPUS: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
     *CPUS.get_or_init(|| {
         let stat = std::fs::read_to_string("/proc/stat").ok()?;

@@ -59,9 +59,10 @@ fn threads_for_rows(rows: usize) -> Option<usize> {
     if rows > SMALL_BATCH_ROWS || !load_aware() || rayon::current_thread_index().is_some() {
         return None;
     }
-    let workers = rayon::current_num_threads();
-    let cpus = std::thread::available_parallelism().map_or(workers, |n| n.get());
-    free_cpus_below(workers, cpus, super::load_elsewhere::cpus_busy_elsewhere()?)
+    let busy_elsewhere = super::load_elsewhere::cpus_busy_elsewhere()?;
+    // Read once, not per call: `available_parallelism` reads cgroup files every time.
+    let cpus = super::load_elsewhere::cpus_counted()?;
+    free_cpus_below(rayon::current_num_threads(), cpus, busy_elsewhere)
 }
 
 /// The CPUs that `busy_elsewhere` leaves free out of `cpus` (rounded, at least 1), where that is
