@@ -24,6 +24,15 @@ fn presets_and_inspect() {
     assert!(rankstack::ranker_model::RankerConfig::from_toml_str(&toml).unwrap().input_skip);
     let table = ok(&["inspect", "--preset", "pinterest-homefeed", "--batch-size", "512", "--device-memory-gib", "80"]);
     assert!(table.contains("| total | 120137412 |") && table.contains("fits in 60% of 80 GiB"), "{table}");
+    // The GPU's plan (`train --batch-size auto` on CUDA): the measured activation factor, below 1,
+    // fits a larger batch than the planner's own count, the batch copied ahead included.
+    assert!(table.contains("one batch of inputs on the device: 0.007 GiB"), "{table}");
+    let largest = |gpu: bool| -> usize {
+        let line = table.lines().find(|l| l.contains("the largest batch that fits is")).unwrap();
+        let field = if gpu { line.split(" (").nth(1).unwrap() } else { line.split("fits is ").nth(1).unwrap() };
+        field.split(' ').next().unwrap().parse().unwrap()
+    };
+    assert!(largest(true) > largest(false), "{table}");
     let tight = ok(&["inspect", "--preset", "pinterest-homefeed", "--batch-size", "4096", "--device-memory-gib", "1"]);
     assert!(tight.contains("does NOT fit"), "{tight}");
 }

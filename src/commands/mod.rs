@@ -17,7 +17,7 @@ pub use predict::{eval, score};
 pub use serve::{serve, ServeOptions};
 pub use train::{train, TrainArgs};
 
-use ranker_model::{presets, Ranker, RankerConfig};
+use ranker_model::{presets, Ranker, RankerConfig, TrainingCalibration};
 use rankstack_nn::{Result, SeededVarMap};
 
 /// `rankstack presets`: one line per preset.
@@ -73,6 +73,17 @@ pub fn inspect(
         ));
     }
     let mut out = format!("{report}");
+    // What `train --device cuda` plans: the GPU's measured activation factor and the next batch's
+    // inputs, copied while a step runs (docs/cost-planner.md).
+    let gpu = TrainingCalibration::CUDA;
+    let gib_of = |bytes: usize| bytes as f64 / (1u64 << 30) as f64;
+    out.push_str(&format!(
+        "one batch of inputs on the device: {:.3} GiB; on a CUDA GPU (activations x {} as measured, \
+         plus the next batch's inputs) a training step is planned at {:.3} GiB\n",
+        gib_of(report.input_bytes()),
+        gpu.activation_factor,
+        gib_of(report.calibrated_training_bytes(gpu))
+    ));
     if let Some(gib) = device_memory_gib {
         if !(gib.is_finite() && gib > 0.0) {
             return Err(rankstack_nn::Error::config("inspect", "device-memory-gib", "must be > 0"));
@@ -80,9 +91,11 @@ pub fn inspect(
         let bytes = (gib * (1u64 << 30) as f64) as usize;
         let verdict = if report.training_fits(bytes, fraction) { "fits" } else { "does NOT fit" };
         out.push_str(&format!(
-            "training at batch {batch_size} {verdict} in {:.0}% of {gib} GiB; the largest batch that fits is {}\n",
+            "training at batch {batch_size} {verdict} in {:.0}% of {gib} GiB; the largest batch that fits is {} \
+             ({} on a CUDA GPU: what `train --batch-size auto` picks there)\n",
             fraction * 100.0,
-            report.max_training_batch(bytes, fraction)
+            report.max_training_batch(bytes, fraction),
+            report.max_training_batch_calibrated(bytes, fraction, gpu)
         ));
     }
     Ok(out)

@@ -174,17 +174,18 @@ pub fn auto_batch_size(config: &ranker_model::RankerConfig, device: DeviceSpec, 
     }
     let device = device.open()?;
     let memory = rankstack_nn::device_memory::device_memory(&device)?;
-    // On a GPU the planner's activations are scaled by their measured ratio (cost.rs).
-    plan_batch(config, memory.total, fraction, ranker_model::training_activation_factor(&device))
+    // On a GPU the planner's activations are scaled by their measured ratio and the batch copied
+    // ahead is counted (cost.rs).
+    plan_batch(config, memory.total, fraction, ranker_model::TrainingCalibration::for_device(&device))
 }
 
-/// [`auto_batch_size`] for a device of `device_bytes`, with the planner's activations counted
-/// `activation_factor` times.
+/// [`auto_batch_size`] for a device of `device_bytes`, planned as `calibration` says for that kind
+/// of device.
 pub fn plan_batch(
     config: &ranker_model::RankerConfig,
     device_bytes: u64,
     fraction: f64,
-    activation_factor: f64,
+    calibration: ranker_model::TrainingCalibration,
 ) -> Result<BatchPlan> {
     // The planner reads shapes only: a CPU model of plain zero tensors costs no initialisation.
     let ranker = ranker_model::Ranker::new(
@@ -192,7 +193,7 @@ pub fn plan_batch(
         candle_nn::VarBuilder::zeros(candle_core::DType::F32, &candle_core::Device::Cpu),
     )?;
     let bytes = usize::try_from(device_bytes).unwrap_or(usize::MAX);
-    let batch_size = ranker.cost(1).max_training_batch_calibrated(bytes, fraction, activation_factor);
+    let batch_size = ranker.cost(1).max_training_batch_calibrated(bytes, fraction, calibration);
     if batch_size == 0 {
         return Err(rankstack_nn::Error::input(
             "train",
@@ -205,7 +206,7 @@ pub fn plan_batch(
             ),
         ));
     }
-    let planned_bytes = ranker.cost(batch_size).calibrated_training_bytes(activation_factor);
+    let planned_bytes = ranker.cost(batch_size).calibrated_training_bytes(calibration);
     Ok(BatchPlan { batch_size, device_bytes, fraction, planned_bytes })
 }
 

@@ -19,7 +19,8 @@
 //! so a test counts them as the consumer's; a batch copied ahead but never taken (the run stopped
 //! before it) is in no recording.
 //!
-//! The device then holds two batches of inputs at a time, the one in use and the next.
+//! The device then holds two batches of inputs at a time, the one in use and the next; the cost
+//! planner counts the second (`ranker_model::TrainingCalibration::inputs_ahead`).
 
 use std::sync::mpsc::{sync_channel, SyncSender};
 

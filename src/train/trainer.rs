@@ -371,13 +371,13 @@ impl Trainer {
         }
         let b = self.options.batch_size;
         let plan = self.ranker.cost(b);
-        let factor = ranker_model::training_activation_factor(&self.device);
+        let calibration = ranker_model::TrainingCalibration::for_device(&self.device);
         let gib = |x: f64| x / (1u64 << 30) as f64;
         let fits = match rankstack_nn::device_memory::device_memory(&self.device) {
             Ok(m) => format!(
                 "; the largest batch the planner fits in 60% of this device's {:.1} GiB is {} (or use --batch-size auto)",
                 gib(m.total as f64),
-                plan.max_training_batch_calibrated(usize::try_from(m.total).unwrap_or(usize::MAX), 0.6, factor)
+                plan.max_training_batch_calibrated(usize::try_from(m.total).unwrap_or(usize::MAX), 0.6, calibration)
             ),
             Err(_) => String::new(),
         };
@@ -386,7 +386,7 @@ impl Trainer {
             "batch-size",
             format!(
                 "the device ran out of memory at batch {b} (the cost planner puts one training step at {:.2} GiB){fits}; device error: {}",
-                gib(plan.calibrated_training_bytes(factor) as f64),
+                gib(plan.calibrated_training_bytes(calibration) as f64),
                 e.to_string().lines().next().unwrap_or("")
             ),
         )
@@ -396,9 +396,10 @@ impl Trainer {
     /// `rows` rows,
     /// as a `metrics.jsonl` line; on a GPU a difference of more than 10% is also printed as a warning.
     fn memory_report(&self, rows: usize, progress: &indicatif::ProgressBar) -> Result<serde_json::Value> {
-        // On a GPU the planner's activations count with their measured factor (docs/cost-planner.md).
-        let factor = ranker_model::training_activation_factor(&self.device);
-        let planned = self.ranker.cost(rows).calibrated_training_bytes(factor) as f64;
+        // On a GPU the planner's activations count with their measured factor, and the next batch,
+        // copied while this step ran, is on the device too (docs/cost-planner.md).
+        let calibration = ranker_model::TrainingCalibration::for_device(&self.device);
+        let planned = self.ranker.cost(rows).calibrated_training_bytes(calibration) as f64;
         let measured = rankstack_nn::device_memory::peak_tensor_bytes(&self.device)? as f64;
         let total = rankstack_nn::device_memory::device_memory(&self.device)?.total;
         let ratio = measured / planned.max(1.0);

@@ -13,6 +13,10 @@
 //!   products. Inference keeps only the largest module's intermediates alive at once.
 //! - Memory is float32: parameters `4P` bytes; training adds gradients (`4P`) and AdamW's two
 //!   moments (`8P`), plus `4 · B · Σ activations`.
+//! - A batch's model inputs (the float tensors a batch brings to the device: dense features,
+//!   pretrained embeddings, extra blocks, the sequence's item embeddings at its longest) are
+//!   counted apart, per candidate: on a GPU the trainer holds a second batch of them, the next one,
+//!   copied while the step runs ([`TrainingCalibration::inputs_ahead`]).
 
 use std::fmt;
 
@@ -43,6 +47,10 @@ pub struct CostReport {
     pub batch_size: usize,
     /// Per-module costs, in forward order.
     pub modules: Vec<ModuleCost>,
+    /// Floats of one candidate's model inputs that a batch copies to the device (dense features,
+    /// pretrained embeddings, extra blocks, the sequence's item and candidate embeddings with the
+    /// sequence at `max_len`); ids stay on the host.
+    pub input_floats_per_candidate: usize,
 }
 
 const F32: usize = 4;
@@ -54,18 +62,45 @@ const F32: usize = 4;
 /// product, dropout and LayerNorm of that graph became one node that keeps only what its backward
 /// pass reads and the attention keeps nothing of its projections: the planner's figure with this
 /// factor lies within +1 … +5% of those peaks (re-measured 2026-12-07 after the action embedding
-/// became a one-hot product, which 0.52 then undercut by 0.2% at batch 8192). The GPU itself last
-/// measured 2.65 (f32) and 2.7 (bf16 autocast), several changes before. `--batch-size auto` on a
-/// GPU divides by this.
+/// became a one-hot product, which 0.52 then undercut by 0.2% at batch 8192). Those peaks hold the
+/// step's own batch; the next batch a GPU holds besides is [`TrainingCalibration::inputs_ahead`].
+/// The GPU itself last measured 2.65 (f32) and 2.7 (bf16 autocast), several changes before.
+/// `--batch-size auto` on a GPU divides by this.
 pub const CUDA_TRAINING_ACTIVATIONS: f64 = 0.53;
 
-/// The activation factor of training memory on `device`: [`CUDA_TRAINING_ACTIVATIONS`] on a GPU,
-/// 1 on the CPU (where the measured figure, the process's peak RSS, is not a tensor figure).
-pub fn training_activation_factor(device: &candle_core::Device) -> f64 {
-    if device.is_cpu() {
-        1.0
-    } else {
-        CUDA_TRAINING_ACTIVATIONS
+/// What the planner's training figure adds or scales on one kind of device: the measured part.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TrainingCalibration {
+    /// The device's peak activation memory over the planner's activation count (a factor that is
+    /// not positive and finite counts them once).
+    pub activation_factor: f64,
+    /// Batches of model inputs the device holds besides the one the step reads: 1 on a GPU, where
+    /// the trainer copies the next batch while the step runs (`UploadAhead` in the `rankstack`
+    /// crate), 0 on the CPU, where nothing is copied.
+    pub inputs_ahead: usize,
+}
+
+impl TrainingCalibration {
+    /// The planner's own count: activations once, no batch ahead.
+    pub const UNCALIBRATED: Self = Self { activation_factor: 1.0, inputs_ahead: 0 };
+
+    /// A CUDA GPU's: the activations [`CUDA_TRAINING_ACTIVATIONS`] times, one batch ahead.
+    pub const CUDA: Self = Self { activation_factor: CUDA_TRAINING_ACTIVATIONS, inputs_ahead: 1 };
+
+    /// The calibration of `device`: [`Self::CUDA`] on a GPU; [`Self::UNCALIBRATED`] on the CPU
+    /// (where the measured figure, the process's peak RSS, is not a tensor figure).
+    pub fn for_device(device: &candle_core::Device) -> Self {
+        if device.is_cpu() {
+            Self::UNCALIBRATED
+        } else {
+            Self::CUDA
+        }
+    }
+
+    /// Planned bytes per candidate beyond the fixed part, for `report`'s model.
+    fn bytes_per_candidate(&self, report: &CostReport) -> f64 {
+        let activations = (F32 * report.total().activations_per_candidate) as f64 * usable(self.activation_factor);
+        activations + (self.inputs_ahead * F32 * report.input_floats_per_candidate) as f64
     }
 }
 
@@ -118,22 +153,34 @@ impl CostReport {
     /// The largest batch size whose training step fits within `fraction` of `device_bytes`
     /// (0 if not even the parameters and optimiser state fit).
     pub fn max_training_batch(&self, device_bytes: usize, fraction: f64) -> usize {
-        self.max_training_batch_calibrated(device_bytes, fraction, 1.0)
+        self.max_training_batch_calibrated(device_bytes, fraction, TrainingCalibration::UNCALIBRATED)
     }
 
-    /// [`CostReport::training_bytes`] with the activations counted `activation_factor` times (a
-    /// factor that is not positive and finite counts them once).
-    pub fn calibrated_training_bytes(&self, activation_factor: f64) -> usize {
+    /// Bytes of one batch's model inputs on the device ([`Self::input_floats_per_candidate`]
+    /// for each of the batch's candidates; saturates at `usize::MAX`).
+    pub fn input_bytes(&self) -> usize {
+        F32.saturating_mul(self.batch_size).saturating_mul(self.input_floats_per_candidate)
+    }
+
+    /// [`CostReport::training_bytes`] as `calibration` plans it on a device: the activations
+    /// counted `calibration.activation_factor` times, plus `calibration.inputs_ahead` batches of
+    /// inputs ([`Self::input_bytes`]) copied ahead.
+    pub fn calibrated_training_bytes(&self, calibration: TrainingCalibration) -> usize {
         let fixed = 4 * self.parameter_bytes();
-        let activations = self.training_bytes().saturating_sub(fixed) as f64 * usable(activation_factor);
-        fixed.saturating_add(activations as usize) // `as` saturates at usize::MAX
+        let per_candidate = calibration.bytes_per_candidate(self);
+        fixed.saturating_add((per_candidate * self.batch_size as f64) as usize) // `as` saturates at usize::MAX
     }
 
-    /// [`CostReport::max_training_batch`] with the activations counted `activation_factor` times:
-    /// a device's measured peak per candidate over the planner's (see [`CUDA_TRAINING_ACTIVATIONS`]).
-    pub fn max_training_batch_calibrated(&self, device_bytes: usize, fraction: f64, activation_factor: f64) -> usize {
+    /// [`CostReport::max_training_batch`] as `calibration` plans it (see
+    /// [`Self::calibrated_training_bytes`]).
+    pub fn max_training_batch_calibrated(
+        &self,
+        device_bytes: usize,
+        fraction: f64,
+        calibration: TrainingCalibration,
+    ) -> usize {
         let budget = fraction * device_bytes as f64 - (4 * self.parameter_bytes()) as f64;
-        let per_candidate = (F32 * self.total().activations_per_candidate).max(1) as f64 * usable(activation_factor);
+        let per_candidate = calibration.bytes_per_candidate(self).max(1.0);
         if budget <= 0.0 {
             0
         } else {
@@ -275,6 +322,20 @@ fn sequence_cost(cfg: &SequenceTransformerConfig) -> (usize, usize, usize) {
     (params, flops, acts)
 }
 
+/// Floats of one candidate's model inputs on the device (see [`CostReport::input_floats_per_candidate`]).
+fn input_floats(config: &crate::RankerConfig) -> usize {
+    let f = &config.features;
+    let features =
+        f.dense.len() + f.embedding.iter().map(|e| e.dim).sum::<usize>() + f.extra.iter().map(|e| e.dim).sum::<usize>();
+    let sequence = match (&config.sequence, &config.item_embedding) {
+        // Pretrained item vectors: `[S, E]` for the sequence and `[E]` for the candidate.
+        (Some(seq), None) => (seq.max_len + 1) * seq.item_dim,
+        // Item ids, or no sequence: nothing but index tensors reaches the device.
+        _ => 0,
+    };
+    features + sequence
+}
+
 impl Ranker {
     /// The cost report of this model at `batch_size` (see the module docs for the conventions).
     pub fn cost(&self, batch_size: usize) -> CostReport {
@@ -386,6 +447,6 @@ impl Ranker {
             flops_per_candidate: flops,
             activations_per_candidate: acts + config.tasks.len(),
         });
-        CostReport { batch_size, modules }
+        CostReport { batch_size, modules, input_floats_per_candidate: input_floats(config) }
     }
 }

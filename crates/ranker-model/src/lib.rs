@@ -30,7 +30,7 @@ mod random_batch;
 mod stage;
 
 pub use config::{ItemEmbeddingConfig, RankerConfig, StageConfig, TaskConfig, SEQUENCE_BLOCK};
-pub use cost::{training_activation_factor, CostReport, ModuleCost, CUDA_TRAINING_ACTIVATIONS};
+pub use cost::{CostReport, ModuleCost, TrainingCalibration, CUDA_TRAINING_ACTIVATIONS};
 pub use heads::TaskHeads;
 pub use item_table::ItemTable;
 pub use loss::{calibrated_probability, multitask_loss};

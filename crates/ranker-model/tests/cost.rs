@@ -1,7 +1,7 @@
 //! The cost planner's formulas against hand-worked small cases and the real parameter count.
 
 use candle_core::{DType, Device};
-use ranker_model::{Ranker, RankerConfig};
+use ranker_model::{Ranker, RankerConfig, TrainingCalibration};
 use rankstack_nn::SeededVarMap;
 
 fn build(toml: &str) -> (Ranker, usize) {
@@ -47,13 +47,54 @@ fn tiny_model_by_hand() {
     // A device factor counts the activations that many times, below 1 as well (a GPU's graph
     // that keeps fewer intermediates than the planner counts); a factor that is not positive and
     // finite counts them once.
-    assert_eq!(cost.calibrated_training_bytes(0.5), 4 * 204 + 2 * 10 * acts);
-    assert_eq!(cost.calibrated_training_bytes(2.0), 4 * 204 + 8 * 10 * acts);
-    assert_eq!(cost.max_training_batch_calibrated(cost.training_bytes(), 1.0, 0.5), 20);
+    let factor = |activation_factor| TrainingCalibration { activation_factor, inputs_ahead: 0 };
+    assert_eq!(cost.calibrated_training_bytes(factor(0.5)), 4 * 204 + 2 * 10 * acts);
+    assert_eq!(cost.calibrated_training_bytes(factor(2.0)), 4 * 204 + 8 * 10 * acts);
+    assert_eq!(cost.max_training_batch_calibrated(cost.training_bytes(), 1.0, factor(0.5)), 20);
     for odd in [0.0, -1.0, f64::NAN, f64::INFINITY] {
-        assert_eq!(cost.calibrated_training_bytes(odd), cost.training_bytes(), "{odd}");
-        assert_eq!(cost.max_training_batch_calibrated(cost.training_bytes(), 1.0, odd), 10, "{odd}");
+        assert_eq!(cost.calibrated_training_bytes(factor(odd)), cost.training_bytes(), "{odd}");
+        assert_eq!(cost.max_training_batch_calibrated(cost.training_bytes(), 1.0, factor(odd)), 10, "{odd}");
     }
+    assert_eq!(cost.calibrated_training_bytes(TrainingCalibration::UNCALIBRATED), cost.training_bytes());
+    assert_eq!(TrainingCalibration::for_device(&Device::Cpu), TrainingCalibration::UNCALIBRATED);
+    // Inputs: 2 dense floats and a 3-float embedding per candidate reach the device; a batch copied
+    // ahead counts them once more per candidate.
+    assert_eq!(cost.input_floats_per_candidate, 5);
+    assert_eq!(cost.input_bytes(), 4 * 10 * 5);
+    let ahead = TrainingCalibration { activation_factor: 0.5, inputs_ahead: 1 };
+    assert_eq!(cost.calibrated_training_bytes(ahead), 4 * 204 + 2 * 10 * acts + 4 * 10 * 5);
+    let budget = 4 * 204 + 7 * (2 * acts + 4 * 5) + 3;
+    assert_eq!(cost.max_training_batch_calibrated(budget, 1.0, ahead), 7);
+}
+
+#[test]
+fn inputs_per_candidate_of_the_sequence() {
+    // Pretrained item vectors: S = max_len rows of item_dim plus the candidate's; with an item
+    // table only ids are read, on the host.
+    let vectors = r#"
+[features]
+dense = [{ name = "a" }]
+embedding = [{ name = "e", dim = 6 }]
+extra = [{ name = "x", dim = 2 }]
+[sequence]
+max_len = 4
+num_action_types = 5
+action_dim = 4
+item_dim = 3
+num_layers = 1
+num_heads = 1
+ff_dim = 8
+num_output_positions = 1
+[mlp]
+dims = [2]
+[[tasks]]
+name = "t"
+"#;
+    let (ranker, _) = build(vectors);
+    assert_eq!(ranker.cost(1).input_floats_per_candidate, 1 + 6 + 2 + (4 + 1) * 3);
+    let ids = vectors.replace("[mlp]", "[item_embedding]\ncardinality = 50\n[mlp]");
+    let (ranker, _) = build(&ids);
+    assert_eq!(ranker.cost(1).input_floats_per_candidate, 1 + 6 + 2);
 }
 
 #[test]
