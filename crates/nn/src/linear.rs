@@ -20,7 +20,8 @@ use rankstack_kernels::cpu::packed_matmul::{packed_kernel_available, PackedWeigh
 /// to f32 summation order); elsewhere, and for products of fewer than 16 rows (where candle's
 /// matrix-vector path is faster), it is `candle_nn::Linear`; in training on the graph a GPU runs
 /// (a GPU, or the CPU with its kernels off) it is one graph node that keeps neither the product
-/// nor, with [`Linear::forward_activated`], the pre-activation. A serving model can
+/// nor, with [`Linear::forward_activated`], the pre-activation, nor under autocast the rounded
+/// operands. A serving model can
 /// [`Linear::pack`] its weight once into a [`PackedWeight`]: f32
 /// (no per-call repacking, bias added in the kernel) or bf16 (half the memory and twice the
 /// multiply-add rate on CPUs with AVX512-BF16). A packed layer takes f32 inputs on the CPU and its
@@ -154,6 +155,9 @@ impl Linear {
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match &self.inner {
+            Inner::Tensor(layer) if self.trains_cast_on_device_graph(x, layer) => {
+                device_graph_node(x, layer.weight(), layer.bias(), false, self.autocast)
+            }
             Inner::Tensor(layer)
                 if self.autocast.is_some_and(|d| d != x.dtype())
                     || (layer.weight().dtype() == DType::BF16 && x.dtype() != DType::BF16) =>
@@ -172,7 +176,7 @@ impl Module for Linear {
                 fused_linear::linear(x, layer.weight(), layer.bias())
             }
             Inner::Tensor(layer) if trains_on_device_graph(x, layer) => {
-                device_graph_node(x, layer.weight(), layer.bias(), false)
+                device_graph_node(x, layer.weight(), layer.bias(), false, None)
             }
             // candle 0.11's CPU product folds a batch-broadcast weight into one GEMM assuming the
             // input's rows are adjacent, which gives wrong values for a transposed [b, l, d] view
@@ -198,10 +202,22 @@ impl Linear {
                     && layer.weight().dtype() == x.dtype()
                     && trains_on_device_graph(x, layer) =>
             {
-                device_graph_node(x, layer.weight(), layer.bias(), true)
+                device_graph_node(x, layer.weight(), layer.bias(), true, None)
+            }
+            Inner::Tensor(layer) if activation == Activation::Relu && self.trains_cast_on_device_graph(x, layer) => {
+                device_graph_node(x, layer.weight(), layer.bias(), true, self.autocast)
             }
             _ => activation.apply(&self.forward(x)?),
         }
+    }
+
+    /// Whether `x · layer` is a training product on a GPU's graph under autocast: the product in
+    /// the autocast dtype, the input, weight and bias all in another (the f32 master weights).
+    fn trains_cast_on_device_graph(&self, x: &Tensor, layer: &candle_nn::Linear) -> bool {
+        self.autocast.is_some_and(|d| d != x.dtype())
+            && layer.weight().dtype() == x.dtype()
+            && layer.bias().is_none_or(|b| b.dtype() == x.dtype())
+            && trains_on_device_graph(x, layer)
     }
 }
 
@@ -218,12 +234,18 @@ fn trains_on_device_graph(x: &Tensor, layer: &candle_nn::Linear) -> bool {
 /// y = x Wᵀ + b,  ∂x = ∂y W,  ∂W = ∂yᵀ x,  ∂b = Σ_rows ∂y      (∂y ⊙ [y > 0] first, for ReLU)
 /// ```
 ///
+/// With `cast` (autocast, [`Linear::set_autocast`]) the three products run on operands rounded to
+/// that dtype and their results return to the input's, as the casts around a product of candle's
+/// own graph (and PyTorch's autocast) do: `y = cast(x) cast(W)ᵀ + b`, `∂x = cast(∂y) cast(W)`,
+/// `∂W = cast(∂y)ᵀ cast(x)`, `∂b = Σ_rows ∂y` in the input's dtype. Nothing rounded is kept: the
+/// backward pass rounds `x` and `W` again.
+///
 /// candle's own graph of `matmul` then `broadcast_add` keeps the product `x Wᵀ` (an input of the
 /// addition) until the backward pass, though no gradient needs its values; with a ReLU the sum
 /// too. On a GPU these were the largest tensors a training step kept (MaskNet's `[B, 4288]`
 /// aggregation, TransAct's `[R, 3d]` in-projection). The node keeps its inputs and its output only.
 /// `x` `[..., in]` runs as one `[rows, in]` product.
-fn device_graph_node(x: &Tensor, w: &Tensor, b: Option<&Tensor>, relu: bool) -> Result<Tensor> {
+fn device_graph_node(x: &Tensor, w: &Tensor, b: Option<&Tensor>, relu: bool, cast: Option<DType>) -> Result<Tensor> {
     let (out_dim, in_dim) = w.dims2()?;
     fused_linear::expect_input_width(x, in_dim)?;
     let lead = &x.dims()[..x.rank() - 1];
@@ -234,8 +256,8 @@ fn device_graph_node(x: &Tensor, w: &Tensor, b: Option<&Tensor>, relu: bool) -> 
     let has_bias = b.is_some();
     let y = with_backward(
         &inputs,
-        |t| {
-            let y = t[0].matmul(&t[1].t()?)?;
+        move |t| {
+            let y = rounded(&t[0], cast)?.matmul(&rounded(&t[1], cast)?.t()?)?.to_dtype(t[0].dtype())?;
             let y = if has_bias { y.broadcast_add(&t[2])? } else { y };
             if relu {
                 y.relu()
@@ -245,13 +267,22 @@ fn device_graph_node(x: &Tensor, w: &Tensor, b: Option<&Tensor>, relu: bool) -> 
         },
         move |t, y, grad| {
             let grad = if relu { grad.mul(&y.gt(0.0)?.to_dtype(grad.dtype())?)? } else { grad.clone() };
-            let dx = grad.matmul(&t[1])?;
-            let dw = grad.t()?.matmul(&t[0])?;
+            let g = rounded(&grad, cast)?;
+            let dx = g.matmul(&rounded(&t[1], cast)?)?.to_dtype(t[0].dtype())?;
+            let dw = g.t()?.matmul(&rounded(&t[0], cast)?)?.to_dtype(t[1].dtype())?;
             let db = if has_bias { Some(grad.sum(0)?) } else { None };
             Ok([Some(dx), Some(dw)].into_iter().chain(has_bias.then_some(db)).collect())
         },
     )?;
     y.reshape(out_shape)
+}
+
+/// `t` rounded to `cast` where there is one (a product's operand under autocast).
+fn rounded(t: &Tensor, cast: Option<DType>) -> Result<Tensor> {
+    match cast {
+        Some(dtype) => t.to_dtype(dtype),
+        None => Ok(t.clone()),
+    }
 }
 
 /// A module built (in part) from [`Linear`] layers, so that a serving model can pack all of them
@@ -417,6 +448,57 @@ mod tests {
         assert_eq!(y.to_vec2::<f64>().unwrap(), vec![vec![0., 2.]]);
         let g = y.sum_all().unwrap().backward().unwrap();
         assert_eq!(g.get(x.as_tensor()).unwrap().to_vec2::<f64>().unwrap(), vec![vec![1., 1.]]);
+    }
+
+    /// Under autocast to bf16, a training product on the GPU's graph is one node too: the values
+    /// of candle's own graph of casts and products (the layer's path without the node) exactly,
+    /// and its gradients to within one bf16 rounding (the weight's gradient is formed as
+    /// `cast(∂y)ᵀ cast(x)` rather than as the transpose of `cast(x)ᵀ cast(∂y)`), for inputs of rank
+    /// 2 and 3, with and without bias and ReLU. The node keeps no rounded copy: its graph holds
+    /// `x`, `W`, `b` and its output only.
+    #[test]
+    fn the_autocast_device_graph_node_matches_candles_autocast_graph() {
+        use rankstack_kernels::cpu::{with_isa, Isa};
+        let flat = |t: &Tensor| t.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        for dims in [vec![33, 24], vec![3, 11, 24]] {
+            for bias in [true, false] {
+                for relu in [false, true] {
+                    let what = format!("{dims:?}, bias {bias}, relu {relu}");
+                    let var = |seed, dims: &[usize]| {
+                        Var::from_tensor(&crate::testing::seeded_randn(seed, dims, DType::F32)).unwrap()
+                    };
+                    let (x, w, b) = (var(1, &dims), var(2, &[20, 24]), var(3, &[20]));
+                    let b = bias.then_some(b);
+                    let mut layer = Linear::new(w.as_tensor().clone(), b.as_ref().map(|b| b.as_tensor().clone()));
+                    layer.set_autocast(Some(DType::BF16));
+                    let activation = if relu { Activation::Relu } else { Activation::Identity };
+                    let node = with_isa(Isa::Candle, || layer.forward_activated(x.as_tensor(), activation)).unwrap();
+                    // candle's graph: what the layer builds where no node applies (no tracked input).
+                    let plain = {
+                        let w16 = w.as_tensor().to_dtype(DType::BF16).unwrap();
+                        let x16 = x.as_tensor().to_dtype(DType::BF16).unwrap();
+                        let y = candle_nn::Linear::new(w16, None).forward(&x16).unwrap().to_dtype(DType::F32).unwrap();
+                        let y = match &b {
+                            Some(b) => y.broadcast_add(b.as_tensor()).unwrap(),
+                            None => y,
+                        };
+                        activation.apply(&y).unwrap()
+                    };
+                    assert_eq!((node.dims(), node.dtype()), (plain.dims(), DType::F32), "{what}");
+                    assert_eq!(flat(&node), flat(&plain), "{what}");
+                    let g1 = node.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+                    let g2 = plain.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+                    for v in [Some(&x), Some(&w), b.as_ref()].into_iter().flatten() {
+                        let (a, e) = (g1.get(v.as_tensor()).unwrap(), g2.get(v.as_tensor()).unwrap());
+                        assert_eq!(a.dtype(), DType::F32, "{what}");
+                        let (a, e) = (flat(a), flat(e));
+                        let scale = e.iter().fold(0f64, |m, v| m.max(v.abs()));
+                        let err = a.iter().zip(&e).fold(0f64, |m, (p, q)| m.max((p - q).abs()));
+                        assert!(a.len() == e.len() && err <= scale / 128.0, "{what}: {err} against {scale}");
+                    }
+                }
+            }
+        }
     }
 
     /// A transposed view as input gives the product of its values on both paths (candle 0.11's

@@ -102,10 +102,22 @@ impl MultiHeadAttention {
         rankstack_nn::shape::expect_dims(LAYER, "packed input", x, &[Some(sequences.num_rows()), Some(self.dim)])?;
         let p = if train { self.dropout.p() } else { 0.0 };
         let on_device_graph = !kernels_run_on(x.device());
-        if on_device_graph && self.q_proj.autocast().is_none() {
-            if let Some((w, b)) = self.in_proj()?.filter(|(w, _)| x.track_op() || w.track_op()) {
-                // Training on a GPU's graph: one node that keeps nothing of the projections.
-                let out = packed_self_attention_with_device_dropout(x, &w, b.as_ref(), sequences, self.num_heads, p)?;
+        let autocast = self.q_proj.autocast();
+        let one_autocast = [&self.k_proj, &self.v_proj].iter().all(|proj| proj.autocast() == autocast);
+        if on_device_graph && one_autocast {
+            let trains = |w: &Tensor| (x.track_op() || w.track_op()) && w.dtype() == x.dtype();
+            if let Some((w, b)) = self.in_proj()?.filter(|(w, _)| trains(w)) {
+                // Training on a GPU's graph: one node that keeps nothing of the projections
+                // (under autocast too: their products in its dtype, f32 master weights).
+                let out = packed_self_attention_with_device_dropout(
+                    x,
+                    &w,
+                    b.as_ref(),
+                    sequences,
+                    self.num_heads,
+                    p,
+                    autocast,
+                )?;
                 return self.out_proj.forward(&out);
             }
         }

@@ -83,7 +83,9 @@ pub fn packed_attention_with_device_dropout(
 /// `in_proj_bias` `[3d]`), then [`packed_attention_with_device_dropout`] of them. Composed of
 /// candle operations (what a GPU runs), as one graph node whose backward pass projects and
 /// attends again, chunk by chunk: a training step keeps only its `[R, d]` output, not the three
-/// `[R, d]` projections nor anything of the attention.
+/// `[R, d]` projections nor anything of the attention. With `autocast` (a dtype other than
+/// `x`'s, e.g. bf16 for f32 `x`) the projections multiply operands rounded to it and return to
+/// `x`'s dtype, as [`rankstack_nn::Linear::set_autocast`] does; the attention runs in `x`'s dtype.
 pub fn packed_self_attention_with_device_dropout(
     x: &Tensor,
     in_proj_weight: &Tensor,
@@ -91,6 +93,7 @@ pub fn packed_self_attention_with_device_dropout(
     sequences: &Arc<PackedSequences>,
     num_heads: usize,
     p: f64,
+    autocast: Option<candle_core::DType>,
 ) -> Result<Tensor> {
     let op = Composed::with_device_dropout([x, x, x], sequences, num_heads, p)?;
     let d = x.dim(1)?;
@@ -100,7 +103,7 @@ pub fn packed_self_attention_with_device_dropout(
     if let Some(b) = in_proj_bias.filter(|b| b.dims() != [3 * d]) {
         candle_core::bail!("packed attention: in_proj_bias {:?}, expected [{}]", b.dims(), 3 * d);
     }
-    op.projected(x, in_proj_weight, in_proj_bias)
+    op.projected(x, in_proj_weight, in_proj_bias, autocast.filter(|d| *d != x.dtype()))
 }
 
 /// The attention composed of candle operations on a dense, padded `[B, H, L, L]` batch.
@@ -165,8 +168,15 @@ impl Composed {
     /// transient memory, about nine `[chunk, H, L, L]`-sized tensors, was the largest of a GPU
     /// training step). Each chunk projects its own rows, by the three row blocks of `w` (a
     /// `[rows, 3d]` product split into three would give three zero-padded `[rows, 3d]` gradients
-    /// in the backward pass).
-    fn projected(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    /// in the backward pass). With `cast`, each projection multiplies operands rounded to that
+    /// dtype and returns to `x`'s (autocast); the backward pass differentiates the casts too.
+    fn projected(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: Option<&Tensor>,
+        cast: Option<candle_core::DType>,
+    ) -> Result<Tensor> {
         let d = x.dim(1)?;
         let prepared = self.prepare(x.dtype(), x.device())?;
         // A chunk of empty sequences has no rows: nothing to compute, nothing to send back.
@@ -179,7 +189,11 @@ impl Composed {
         // Inputs: the chunk's rows of x, w, and b if any.
         let attend = move |chunk: &Chunk, t: &[Tensor]| -> Result<Tensor> {
             let project = |i: usize| -> Result<Tensor> {
-                let y = t[0].matmul(&t[1].narrow(0, i * d, d)?.t()?)?;
+                let w = t[1].narrow(0, i * d, d)?;
+                let y = match cast {
+                    Some(dtype) => t[0].to_dtype(dtype)?.matmul(&w.to_dtype(dtype)?.t()?)?.to_dtype(t[0].dtype())?,
+                    None => t[0].matmul(&w.t()?)?,
+                };
                 if has_bias {
                     y.broadcast_add(&t[2].narrow(0, i * d, d)?)
                 } else {
@@ -528,7 +542,8 @@ mod tests {
                 for chunk_weights in [CHUNK_WEIGHTS, 50, 100] {
                     let case = format!("dropout {}, bias {with_bias}, chunks of {chunk_weights}", dropout.is_some());
                     let op = Composed { dropout: dropout.clone(), chunk_weights, ..host_dropout(&seqs, h) };
-                    let node = op.projected(x.as_tensor(), w.as_tensor(), b.as_ref().map(Var::as_tensor)).unwrap();
+                    let node =
+                        op.projected(x.as_tensor(), w.as_tensor(), b.as_ref().map(Var::as_tensor), None).unwrap();
                     for (a, c) in flat(&fused).iter().zip(flat(&node)) {
                         assert!((a - c).abs() <= 1e-13, "{case}: {a} vs {c}");
                     }
@@ -546,8 +561,50 @@ mod tests {
         }
         // Shapes are checked.
         let t = |dims: &[usize]| Tensor::zeros(dims, DType::F32, &candle_core::Device::Cpu).unwrap();
-        let e = packed_self_attention_with_device_dropout(&t(&[9, 6]), &t(&[12, 6]), None, &seqs, 2, 0.0).unwrap_err();
+        let e = packed_self_attention_with_device_dropout(&t(&[9, 6]), &t(&[12, 6]), None, &seqs, 2, 0.0, None)
+            .unwrap_err();
         assert!(e.to_string().contains("in_proj_weight [12, 6], expected [18, 6]"), "{e}");
+    }
+
+    /// Under autocast (bf16 products, f32 everything else) the projecting node against the
+    /// projections written out with their casts and the fused CPU kernel of the attention: the
+    /// same projections, so values within f32 rounding, and gradients within one bf16 rounding of
+    /// the largest (the node's products round ∂Q, ∂K, ∂V of its own attention's backward pass).
+    #[test]
+    fn the_projecting_node_under_autocast_matches_the_cast_projections() {
+        let (seqs, h, d, multipliers) = sequences_heads_width_and_multipliers();
+        let bf16 = Some(DType::BF16);
+        let flat32 = |t: &Tensor| t.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let within = |a: &[f64], c: &[f64], of_scale: f64, what: &str| {
+            let scale = c.iter().fold(0f64, |m, v| m.max(v.abs()));
+            let err = a.iter().zip(c).fold(0f64, |m, (a, c)| m.max((a - c).abs()));
+            assert!(a.len() == c.len() && scale > 0.0 && err <= of_scale * scale, "{what}: {err} against {scale}");
+        };
+        for dropout in [None, Some(multipliers)] {
+            let var = |seed, dims: &[usize]| Var::from_tensor(&seeded_randn(seed, dims, DType::F32)).unwrap();
+            let (x, w, b) = (var(1, &[9, d]), var(2, &[3 * d, d]), var(3, &[3 * d]));
+            let project = |i: usize| {
+                let wi = w.as_tensor().narrow(0, i * d, d).unwrap().to_dtype(DType::BF16).unwrap();
+                let y = x.as_tensor().to_dtype(DType::BF16).unwrap().matmul(&wi.t().unwrap()).unwrap();
+                y.to_dtype(DType::F32).unwrap().broadcast_add(&b.as_tensor().narrow(0, i * d, d).unwrap()).unwrap()
+            };
+            let want = packed_attention(&project(0), &project(1), &project(2), &seqs, h, dropout.clone()).unwrap();
+            let r = seeded_randn(4, &[9, d], DType::F32);
+            let g1 = (&want * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            for chunk_weights in [CHUNK_WEIGHTS, 50] {
+                let case = format!("dropout {}, chunks of {chunk_weights}", dropout.is_some());
+                let op = Composed { dropout: dropout.clone(), chunk_weights, ..host_dropout(&seqs, h) };
+                let node = op.projected(x.as_tensor(), w.as_tensor(), Some(b.as_tensor()), bf16).unwrap();
+                assert_eq!(node.dtype(), DType::F32);
+                within(&flat32(&node), &flat32(&want), 1e-5, &case);
+                let g2 = (node * &r).unwrap().sum_all().unwrap().backward().unwrap();
+                for (name, v) in [("x", &x), ("W", &w), ("b", &b)] {
+                    let (a, c) = (g2.get(v.as_tensor()).unwrap(), g1.get(v.as_tensor()).unwrap());
+                    assert_eq!(a.dtype(), DType::F32, "∂{name}");
+                    within(&flat32(a), &flat32(c), 1.0 / 64.0, &format!("∂{name} ({case})"));
+                }
+            }
+        }
     }
 
     /// The core's analytic backward pass against back-propagation through its own forward
