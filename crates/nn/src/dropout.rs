@@ -66,6 +66,18 @@ impl Dropout {
         (0..n).map(|_| if rng.uniform() < self.p { 0.0 } else { keep_scale }).collect()
     }
 
+    /// The keep mask of one training call over `x` off the fused CPU op (a GPU, bf16, or the CPU
+    /// with its kernels off): on the CPU from this layer's stream, on a GPU from the device's
+    /// generator ([`device_keep_mask`]). Fused nodes that apply this layer's dropout inside
+    /// (`LayerNorm::forward_residual`) draw it here, as [`Dropout`] itself does.
+    pub(crate) fn graph_keep_mask(&self, x: &Tensor) -> Result<Tensor> {
+        if x.device().is_cpu() {
+            upload(self.keep_draws(x.elem_count()), x.shape(), x.device(), "dropout keep mask", Origin::Random)
+        } else {
+            device_keep_mask(self.p, x.shape(), x.device())
+        }
+    }
+
     /// Which of `n` elements one training call keeps (`1`) or drops (`0`), from this layer's
     /// stream: the draws of [`Dropout::multipliers`].
     fn keep_draws(&self, n: usize) -> Vec<u8> {
@@ -116,10 +128,8 @@ impl ModuleT for Dropout {
             }
             let keep: Vec<u8> = multipliers.iter().map(|&m| u8::from(m != 0.0)).collect();
             upload(keep, x.shape(), x.device(), "dropout keep mask", Origin::Random)?
-        } else if x.device().is_cpu() {
-            upload(self.keep_draws(x.elem_count()), x.shape(), x.device(), "dropout keep mask", Origin::Random)?
         } else {
-            device_keep_mask(self.p, x.shape(), x.device())?
+            self.graph_keep_mask(x)?
         };
         drop_with_keep_mask(x, &keep, self.p)
     }

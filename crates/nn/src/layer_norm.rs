@@ -42,9 +42,9 @@ impl Default for LayerNormConfig {
 /// ```
 #[derive(Debug, Clone)]
 pub struct LayerNorm {
-    weight: Option<Tensor>,
-    bias: Option<Tensor>,
-    eps: f64,
+    pub(crate) weight: Option<Tensor>,
+    pub(crate) bias: Option<Tensor>,
+    pub(crate) eps: f64,
 }
 
 impl LayerNorm {
@@ -103,7 +103,7 @@ impl Module for LayerNorm {
 }
 
 /// LayerNorm of differentiable primitives: `(x − mean) / √(var + eps) · weight + bias`.
-fn composed(x: &Tensor, weight: Option<&Tensor>, bias: Option<&Tensor>, eps: f64) -> Result<Tensor> {
+pub(crate) fn composed(x: &Tensor, weight: Option<&Tensor>, bias: Option<&Tensor>, eps: f64) -> Result<Tensor> {
     let centred = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
     let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
     crate::standardize::standardize(&centred, &var, eps, weight, bias)
@@ -116,7 +116,7 @@ fn composed(x: &Tensor, weight: Option<&Tensor>, bias: Option<&Tensor>, eps: f64
 /// ∂x̂ = g ⊙ weight,  ∂x = (∂x̂ − mean(∂x̂) − x̂ ⊙ mean(∂x̂ ⊙ x̂)) / σ,
 /// ∂weight = Σ_rows g ⊙ x̂,  ∂bias = Σ_rows g
 /// ```
-fn composed_backward(
+pub(crate) fn composed_backward(
     x: &Tensor,
     weight: Option<&Tensor>,
     has_bias: bool,

@@ -58,6 +58,7 @@ pub mod mlp;
 pub mod probe;
 pub mod recompute;
 pub mod reseed;
+mod residual_norm;
 pub mod rng;
 pub mod row_sparse;
 pub mod shape;

@@ -190,8 +190,10 @@ impl TransformerEncoderLayer {
             let x = (x + self.dropout1.forward_t(&attend(&self.norm1.forward(x)?)?, train)?)?;
             (&x + self.dropout2.forward_t(&self.feed_forward(&self.norm2.forward(&x)?, train)?, train)?)?
         } else {
-            let x = self.norm1.forward(&(x + self.dropout1.forward_t(&attend(x)?, train)?)?)?;
-            self.norm2.forward(&(&x + self.dropout2.forward_t(&self.feed_forward(&x, train)?, train)?)?)?
+            // `norm(x + dropout(sublayer(x)))`, on a GPU's graph one node each that keeps
+            // neither the dropped sub-layer output nor the sum (`LayerNorm::forward_residual`).
+            let x = self.norm1.forward_residual(x, &attend(x)?, &self.dropout1, train)?;
+            self.norm2.forward_residual(&x, &self.feed_forward(&x, train)?, &self.dropout2, train)?
         };
         mark("transformer.feed_forward", &out)?;
         Ok(out)
