@@ -66,15 +66,17 @@ impl Dropout {
         (0..n).map(|_| if rng.uniform() < self.p { 0.0 } else { keep_scale }).collect()
     }
 
-    /// The keep mask of one training call over `x` off the fused CPU op (a GPU, bf16, or the CPU
-    /// with its kernels off): on the CPU from this layer's stream, on a GPU from the device's
-    /// generator ([`device_keep_mask`]). Fused nodes that apply this layer's dropout inside
-    /// (`LayerNorm::forward_residual`) draw it here, as [`Dropout`] itself does.
-    pub(crate) fn graph_keep_mask(&self, x: &Tensor) -> Result<Tensor> {
-        if x.device().is_cpu() {
-            upload(self.keep_draws(x.elem_count()), x.shape(), x.device(), "dropout keep mask", Origin::Random)
+    /// The keep mask (`u8`, see [`drop_with_keep_mask`]) of one training call over a tensor of
+    /// `shape` on `device` off the fused CPU op (a GPU, bf16, or the CPU with its kernels off): on
+    /// the CPU from this layer's stream, on a GPU from the device's generator
+    /// ([`device_keep_mask`]). Nodes that apply this layer's dropout inside
+    /// (`LayerNorm::forward_residual`, TransAct's feed-forward block) draw it here, as [`Dropout`]
+    /// itself does, so their masks are the layer's own.
+    pub fn draw_keep_mask(&self, shape: &candle_core::Shape, device: &candle_core::Device) -> Result<Tensor> {
+        if device.is_cpu() {
+            upload(self.keep_draws(shape.elem_count()), shape, device, "dropout keep mask", Origin::Random)
         } else {
-            device_keep_mask(self.p, x.shape(), x.device())
+            device_keep_mask(self.p, shape, device)
         }
     }
 
@@ -129,7 +131,7 @@ impl ModuleT for Dropout {
             let keep: Vec<u8> = multipliers.iter().map(|&m| u8::from(m != 0.0)).collect();
             upload(keep, x.shape(), x.device(), "dropout keep mask", Origin::Random)?
         } else {
-            self.graph_keep_mask(x)?
+            self.draw_keep_mask(x.shape(), x.device())?
         };
         drop_with_keep_mask(x, &keep, self.p)
     }

@@ -50,6 +50,47 @@ pub fn recompute_in_backward(
     with_backward(inputs, move |x| part(x), move |x, _, grad| backprop_through(again.as_ref(), x, grad))
 }
 
+/// [`recompute_in_backward`] for a part of one input `x` and any number of parameters (a
+/// layer's weights and biases, all of `x`'s dtype): a graph node takes at most three inputs, so
+/// the parameters travel as one concatenated vector (a copy, small next to `x`) and reach `part`
+/// in their own shapes again; their gradients return through the concatenation.
+///
+/// ```
+/// # use candle_core::{Device, Tensor, Var};
+/// use rankstack_nn::recompute::recompute_with_params;
+/// let x = Var::new(&[[1f32, 2.]], &Device::Cpu)?;
+/// let (w, b, s) = (Var::new(&[[3f32], [4.]], &Device::Cpu)?, Var::new(&[0.5f32], &Device::Cpu)?, Var::new(&[2f32], &Device::Cpu)?);
+/// // s ⊙ relu(x w + b), nothing of it kept for the backward pass.
+/// let y = recompute_with_params(x.as_tensor(), &[w.as_tensor(), b.as_tensor(), s.as_tensor()], |x, p| {
+///     x.matmul(&p[0])?.broadcast_add(&p[1])?.relu()?.broadcast_mul(&p[2])
+/// })?;
+/// assert_eq!(y.to_vec2::<f32>()?, [[23.0]]);
+/// let grads = y.sum_all()?.backward()?;
+/// assert_eq!(grads.get(w.as_tensor()).unwrap().to_vec2::<f32>()?, [[2.0], [4.0]]);
+/// # Ok::<(), candle_core::Error>(())
+/// ```
+pub fn recompute_with_params(
+    x: &Tensor,
+    params: &[&Tensor],
+    part: impl Fn(&Tensor, &[Tensor]) -> Result<Tensor> + Send + Sync + 'static,
+) -> Result<Tensor> {
+    if params.is_empty() {
+        return recompute_in_backward(&[x], move |t| part(&t[0], &[]));
+    }
+    let shapes: Vec<Shape> = params.iter().map(|p| p.shape().clone()).collect();
+    let flat = params.iter().map(|p| p.flatten_all()).collect::<Result<Vec<_>>>()?;
+    let packed = Tensor::cat(&flat, 0)?;
+    recompute_in_backward(&[x, &packed], move |t| {
+        let mut offset = 0;
+        let mut unpacked = Vec::with_capacity(shapes.len());
+        for shape in &shapes {
+            unpacked.push(t[1].narrow(0, offset, shape.elem_count())?.reshape(shape)?);
+            offset += shape.elem_count();
+        }
+        part(&t[0], &unpacked)
+    })
+}
+
 /// `forward(inputs)` (one to three inputs) as one graph node whose backward pass is `backward`
 /// (`(inputs, output, output's gradient)`, the inputs and output detached → the inputs'
 /// gradients), its intermediates freed at once: for a part whose gradient has a cheaper formula

@@ -47,7 +47,7 @@ impl LayerNorm {
             return self.forward(&(x + candle_core::ModuleT::forward_t(dropout, a, train)?)?);
         }
         let p = dropout.p();
-        let keep = if train && p > 0.0 { Some(dropout.graph_keep_mask(a)?) } else { None };
+        let keep = if train && p > 0.0 { Some(dropout.draw_keep_mask(a.shape(), a.device())?) } else { None };
         let kept = keep.clone();
         let (eps, has_weight, has_bias) = (self.eps, self.weight.is_some(), self.bias.is_some());
         // A node takes at most three inputs: the weight and bias go in as one `[2d]` tensor, whose

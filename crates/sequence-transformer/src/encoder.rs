@@ -5,7 +5,10 @@ use std::sync::Arc;
 use candle_core::{Module, ModuleT, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 
+use rankstack_kernels::cpu::kernels_run_on;
+use rankstack_nn::dropout::drop_with_keep_mask;
 use rankstack_nn::probe::mark;
+use rankstack_nn::recompute::recompute_with_params;
 use rankstack_nn::{Activation, Dropout, Error, LayerNorm, LayerNormConfig, Linear};
 
 use crate::packed::forward_dense;
@@ -138,8 +141,51 @@ impl TransformerEncoderLayer {
     }
 
     fn feed_forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        if let Some(out) = self.feed_forward_recomputed(x, train)? {
+            return Ok(out);
+        }
         let h = self.linear1.forward_activated(x, self.activation)?;
         self.linear2.forward(&self.dropout.forward_t(&h, train)?)
+    }
+
+    /// In training on the graph a GPU runs (a GPU, or the CPU with its kernels off): the
+    /// feed-forward block as one node that keeps `x` and its output only
+    /// ([`recompute_with_params`]); its backward pass computes the block again. The two
+    /// `[rows, ff]` tensors inside (the activation and its dropout) were kept otherwise. The
+    /// dropout mask is drawn before (no other draw comes between, so it is the layer's own next
+    /// mask) and captured, so both computations use it. `None` elsewhere (the CPU kernels,
+    /// inference, packed serving weights).
+    fn feed_forward_recomputed(&self, x: &Tensor, train: bool) -> Result<Option<Tensor>> {
+        let (Some(w1), Some(w2)) = (self.linear1.weight(), self.linear2.weight()) else { return Ok(None) };
+        let params: Vec<&Tensor> =
+            [Some(w1), self.linear1.bias(), Some(w2), self.linear2.bias()].into_iter().flatten().collect();
+        let trains = x.track_op() || params.iter().any(|p| p.track_op());
+        if kernels_run_on(x.device()) || !trains || params.iter().any(|p| p.dtype() != x.dtype()) {
+            return Ok(None);
+        }
+        let drop_p = self.dropout.p();
+        let keep = if train && drop_p > 0.0 {
+            let shape: Vec<usize> = x.dims()[..x.rank() - 1].iter().copied().chain([w1.dim(0)?]).collect();
+            Some(self.dropout.draw_keep_mask(&shape.into(), x.device())?)
+        } else {
+            None
+        };
+        let (has_b1, has_b2) = (self.linear1.bias().is_some(), self.linear2.bias().is_some());
+        let (autocast1, autocast2, activation) = (self.linear1.autocast(), self.linear2.autocast(), self.activation);
+        let out = recompute_with_params(x, &params, move |x, p| {
+            let mut linear1 = Linear::new(p[0].clone(), has_b1.then(|| p[1].clone()));
+            linear1.set_autocast(autocast1);
+            let w2 = usize::from(has_b1) + 1;
+            let mut linear2 = Linear::new(p[w2].clone(), has_b2.then(|| p[w2 + 1].clone()));
+            linear2.set_autocast(autocast2);
+            let h = linear1.forward_activated(x, activation)?;
+            let h = match &keep {
+                Some(keep) => drop_with_keep_mask(&h, keep, drop_p)?,
+                None => h,
+            };
+            linear2.forward(&h)
+        })?;
+        Ok(Some(out))
     }
 
     /// Encodes `x` `[B, S, d]`; `key_mask` is an additive `[B, S]` mask (0 keep, −∞ masked key).
@@ -332,5 +378,78 @@ impl rankstack_nn::LinearLayers for TransformerEncoderLayer {
 impl rankstack_nn::LinearLayers for TransformerEncoder {
     fn linear_layers_mut(&mut self) -> Vec<&mut Linear> {
         self.layers.linear_layers_mut()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device};
+    use rankstack_kernels::cpu::{with_isa, Isa};
+    use rankstack_nn::SeededVarMap;
+
+    /// On the GPU's graph (the CPU with its kernels off) the recomputed feed-forward block equals
+    /// the block it replaces bit for bit: values and the gradients of `x` and every parameter,
+    /// ReLU and GELU, with and without biases, dropout on and off, f32 and bf16 autocast.
+    #[test]
+    fn the_recomputed_feed_forward_block_equals_the_plain_one_bit_for_bit() {
+        let bits = |t: &Tensor| -> Vec<u32> {
+            t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|v| v.to_bits()).collect()
+        };
+        for activation in [Activation::Relu, Activation::Gelu] {
+            for bias in [true, false] {
+                for (dropout, train) in [(0.2, true), (0.2, false), (0.0, true)] {
+                    for autocast in [None, Some(DType::BF16)] {
+                        let case = format!("{activation:?} bias {bias} dropout {dropout} train {train} {autocast:?}");
+                        let store = SeededVarMap::new(1);
+                        let config = EncoderLayerConfig {
+                            num_heads: 2,
+                            ff_dim: 12,
+                            dropout,
+                            activation,
+                            bias,
+                            ..Default::default()
+                        };
+                        let mut layer =
+                            TransformerEncoderLayer::new(8, &config, store.var_builder(DType::F32, &Device::Cpu))
+                                .unwrap();
+                        rankstack_nn::autocast_linear_layers(&mut layer, autocast);
+                        let x = candle_core::Var::from_tensor(&rankstack_nn::testing::seeded_randn(
+                            2,
+                            &[3, 5, 8],
+                            DType::F32,
+                        ))
+                        .unwrap();
+                        let r = rankstack_nn::testing::seeded_randn(3, &[3, 5, 8], DType::F32);
+                        let state = layer.dropout.rng_state();
+                        let run = |recomputed: bool| {
+                            layer.dropout.set_rng_state(state);
+                            let y = with_isa(Isa::Candle, || {
+                                if recomputed {
+                                    Ok(layer.feed_forward_recomputed(x.as_tensor(), train)?.expect("the node applies"))
+                                } else {
+                                    let h = layer.linear1.forward_activated(x.as_tensor(), activation)?;
+                                    layer.linear2.forward(&layer.dropout.forward_t(&h, train)?)
+                                }
+                            })
+                            .unwrap();
+                            let grads = y.mul(&r).unwrap().sum_all().unwrap().backward().unwrap();
+                            let mut g = vec![bits(grads.get(x.as_tensor()).unwrap())];
+                            for (name, v) in store.named_vars() {
+                                if name.starts_with("linear") {
+                                    g.push(bits(
+                                        grads.get(v.as_tensor()).unwrap_or_else(|| panic!("∂{name} ({case})")),
+                                    ));
+                                }
+                            }
+                            (bits(&y), g)
+                        };
+                        let (node, plain) = (run(true), run(false));
+                        assert_eq!(node.0, plain.0, "values: {case}");
+                        assert_eq!(node.1, plain.1, "gradients: {case}");
+                    }
+                }
+            }
+        }
     }
 }
