@@ -56,17 +56,18 @@ pub struct CostReport {
 const F32: usize = 4;
 
 /// The peak tensor memory per candidate of a training step on a CUDA GPU over the planner's
-/// activation estimate: 0.53 (`docs/cost-planner.md`, calibration). Measured on the GPU's graph of
+/// activation estimate: 0.47 (`docs/cost-planner.md`, calibration). Measured on the GPU's graph of
 /// operations run on the CPU with the CPU kernels off (`RANKSTACK_CPU=candle`, counted heap:
 /// `examples/gpu_bench.rs`) at batch 512, 2048 and 8192 for `homefeed-bench` in f32, since every
 /// product, dropout and LayerNorm of that graph became one node that keeps only what its backward
-/// pass reads and the attention keeps nothing of its projections: the planner's figure with this
-/// factor lies within +1 … +5% of those peaks (re-measured 2026-12-07 after the action embedding
-/// became a one-hot product, which 0.52 then undercut by 0.2% at batch 8192). Those peaks hold the
-/// step's own batch; the next batch a GPU holds besides is [`TrainingCalibration::inputs_ahead`].
-/// The GPU itself last measured 2.65 (f32) and 2.7 (bf16 autocast), several changes before.
-/// `--batch-size auto` on a GPU divides by this.
-pub const CUDA_TRAINING_ACTIVATIONS: f64 = 0.53;
+/// pass reads, the attention keeps nothing of its projections, and TransAct's residual norms and
+/// feed-forward blocks keep nothing inside (2026-12-07, twelfth session): the planner's figure with
+/// this factor and the batch ahead lies within +1 … +5% of those peaks plus that batch. bf16
+/// autocast peaks lower and is planned with the same factor. Those peaks hold the step's own
+/// batch; the next batch a GPU holds besides is [`TrainingCalibration::inputs_ahead`]. The GPU
+/// itself last measured 2.65 (f32) and 2.7 (bf16 autocast), many changes before. `--batch-size
+/// auto` on a GPU divides by this.
+pub const CUDA_TRAINING_ACTIVATIONS: f64 = 0.47;
 
 /// What the planner's training figure adds or scales on one kind of device: the measured part.
 #[derive(Debug, Clone, Copy, PartialEq)]
