@@ -293,9 +293,7 @@ mod tests {
     use super::*;
     use candle_core::{DType, D};
 
-    fn bits(t: &Tensor) -> Vec<u64> {
-        t.flatten_all().unwrap().to_vec1::<f64>().unwrap().into_iter().map(f64::to_bits).collect()
-    }
+    use crate::testing::value_bits as bits;
 
     /// A part with large intermediates: softmax(a bᵀ) c, as attention.
     fn attention(x: &[Tensor]) -> Result<Tensor> {

@@ -114,17 +114,7 @@ mod tests {
     /// norm's parameters, dropout on and off, training and evaluation.
     #[test]
     fn the_node_equals_the_norm_of_the_dropped_sum_bit_for_bit() {
-        let bits = |t: &Tensor| -> Vec<u64> {
-            t.to_dtype(DType::F64)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f64>()
-                .unwrap()
-                .iter()
-                .map(|v| v.to_bits())
-                .collect()
-        };
+        let bits = crate::testing::value_bits;
         for dtype in [DType::F32, DType::F64] {
             for dims in [vec![7, 6], vec![2, 5, 6]] {
                 for (with_weight, with_bias) in [(true, true), (true, false), (false, false)] {

@@ -339,24 +339,23 @@ pub fn seeded_randn(seed: u64, dims: &[usize], dtype: DType) -> Tensor {
 
 /// Every parameter's values as raw bits, sorted by name: for bit-identity (reproducibility) checks.
 pub fn parameter_bits(store: &SeededVarMap) -> Vec<(String, Vec<u64>)> {
-    store
-        .named_vars()
-        .into_iter()
-        .map(|(name, var)| {
-            let t = var.as_tensor().flatten_all().expect("flatten");
-            let bits = match t.dtype() {
-                DType::F64 => t.to_vec1::<f64>().expect("read").into_iter().map(f64::to_bits).collect(),
-                _ => t
-                    .to_dtype(DType::F32)
-                    .and_then(|t| t.to_vec1::<f32>())
-                    .expect("read")
-                    .into_iter()
-                    .map(|v| u64::from(v.to_bits()))
-                    .collect(),
-            };
-            (name, bits)
-        })
-        .collect()
+    store.named_vars().into_iter().map(|(name, var)| (name, value_bits(var.as_tensor()))).collect()
+}
+
+/// A float tensor's values as raw bits (f64's own; any other float dtype widened to f32 first,
+/// which is exact), in row-major order: for bit-identity checks of values and gradients.
+pub fn value_bits(t: &Tensor) -> Vec<u64> {
+    let t = t.flatten_all().expect("flatten");
+    match t.dtype() {
+        DType::F64 => t.to_vec1::<f64>().expect("read").into_iter().map(f64::to_bits).collect(),
+        _ => t
+            .to_dtype(DType::F32)
+            .and_then(|t| t.to_vec1::<f32>())
+            .expect("read")
+            .into_iter()
+            .map(|v| u64::from(v.to_bits()))
+            .collect(),
+    }
 }
 
 /// Sets the parameter `name` to `values` (row-major, converted to the parameter's dtype).

@@ -70,28 +70,13 @@ fn tiny_model_by_hand() {
 #[test]
 fn inputs_per_candidate_of_the_sequence() {
     // Pretrained item vectors: S = max_len rows of item_dim plus the candidate's; with an item
-    // table only ids are read, on the host.
-    let vectors = r#"
-[features]
-dense = [{ name = "a" }]
-embedding = [{ name = "e", dim = 6 }]
-extra = [{ name = "x", dim = 2 }]
-[sequence]
-max_len = 4
-num_action_types = 5
-action_dim = 4
-item_dim = 3
-num_layers = 1
-num_heads = 1
-ff_dim = 8
-num_output_positions = 1
-[mlp]
-dims = [2]
-[[tasks]]
-name = "t"
-"#;
-    let (ranker, _) = build(vectors);
-    assert_eq!(ranker.cost(1).input_floats_per_candidate, 1 + 6 + 2 + (4 + 1) * 3);
+    // table only ids are read, on the host. Dense, embedding and extra features count their width.
+    let vectors = SEQUENCE.replace(
+        "dense = [{ name = \"a\" }]",
+        "dense = [{ name = \"a\" }]\nembedding = [{ name = \"e\", dim = 6 }]\nextra = [{ name = \"x\", dim = 2 }]",
+    );
+    let (ranker, _) = build(&vectors);
+    assert_eq!(ranker.cost(1).input_floats_per_candidate, 1 + 6 + 2 + (4 + 1) * 4);
     let ids = vectors.replace("[mlp]", "[item_embedding]\ncardinality = 50\n[mlp]");
     let (ranker, _) = build(&ids);
     assert_eq!(ranker.cost(1).input_floats_per_candidate, 1 + 6 + 2);
@@ -129,14 +114,8 @@ name = "t"
     assert_eq!(cost.total().params, real);
 }
 
-#[test]
-fn sequence_encoder_by_hand() {
-    // d = 4 + 2·4 = 12, S = 4 tokens, 2 heads, ff 8, 1 layer, K = 1.
-    // Params: action table 5·4 = 20; layer: in_proj 3·144 + 36, out_proj 144 + 12, linear1 96 + 8,
-    // linear2 96 + 12, two norms 48 → 884; pool projection 156. Total 1060.
-    // FLOPs: qkv 2·4·3·144 = 3456, scores and weighted sum 2·2·4·4·12 = 768, out_proj 2·4·144 = 1152,
-    // feed-forward 2·2·4·12·8 = 1536, pool projection 2·144 = 288. Total 7200.
-    let toml = r#"
+/// One dense feature and a one-layer sequence encoder over pretrained item vectors.
+const SEQUENCE: &str = r#"
 [features]
 dense = [{ name = "a" }]
 [sequence]
@@ -153,7 +132,15 @@ dims = [2]
 [[tasks]]
 name = "t"
 "#;
-    let (ranker, real) = build(toml);
+
+#[test]
+fn sequence_encoder_by_hand() {
+    // d = 4 + 2·4 = 12, S = 4 tokens, 2 heads, ff 8, 1 layer, K = 1.
+    // Params: action table 5·4 = 20; layer: in_proj 3·144 + 36, out_proj 144 + 12, linear1 96 + 8,
+    // linear2 96 + 12, two norms 48 → 884; pool projection 156. Total 1060.
+    // FLOPs: qkv 2·4·3·144 = 3456, scores and weighted sum 2·2·4·4·12 = 768, out_proj 2·4·144 = 1152,
+    // feed-forward 2·2·4·12·8 = 1536, pool projection 2·144 = 288. Total 7200.
+    let (ranker, real) = build(SEQUENCE);
     let cost = ranker.cost(1);
     assert_eq!(
         (cost.modules[1].name.as_str(), cost.modules[1].params, cost.modules[1].flops_per_candidate),

@@ -393,9 +393,7 @@ mod tests {
     /// ReLU and GELU, with and without biases, dropout on and off, f32 and bf16 autocast.
     #[test]
     fn the_recomputed_feed_forward_block_equals_the_plain_one_bit_for_bit() {
-        let bits = |t: &Tensor| -> Vec<u32> {
-            t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|v| v.to_bits()).collect()
-        };
+        let bits = rankstack_nn::testing::value_bits;
         for activation in [Activation::Relu, Activation::Gelu] {
             for bias in [true, false] {
                 for (dropout, train) in [(0.2, true), (0.2, false), (0.0, true)] {
