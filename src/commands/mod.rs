@@ -75,14 +75,17 @@ pub fn inspect(
     let mut out = format!("{report}");
     // What `train --device cuda` plans: the GPU's measured activation factor and the next batch's
     // inputs, copied while a step runs (docs/cost-planner.md).
-    let gpu = TrainingCalibration::CUDA;
+    let (gpu, bf16) = (TrainingCalibration::CUDA, TrainingCalibration::CUDA_BF16_AUTOCAST);
     let gib_of = |bytes: usize| bytes as f64 / (1u64 << 30) as f64;
     out.push_str(&format!(
         "one batch of inputs on the device: {:.3} GiB; on a CUDA GPU (activations x {} as measured, \
-         plus the next batch's inputs) a training step is planned at {:.3} GiB\n",
+         plus the next batch's inputs) a training step is planned at {:.3} GiB ({:.3} GiB under bf16 autocast, \
+         activations x {})\n",
         gib_of(report.input_bytes()),
         gpu.activation_factor,
-        gib_of(report.calibrated_training_bytes(gpu))
+        gib_of(report.calibrated_training_bytes(gpu)),
+        gib_of(report.calibrated_training_bytes(bf16)),
+        bf16.activation_factor,
     ));
     if let Some(gib) = device_memory_gib {
         if !(gib.is_finite() && gib > 0.0) {
@@ -92,10 +95,11 @@ pub fn inspect(
         let verdict = if report.training_fits(bytes, fraction) { "fits" } else { "does NOT fit" };
         out.push_str(&format!(
             "training at batch {batch_size} {verdict} in {:.0}% of {gib} GiB; the largest batch that fits is {} \
-             ({} on a CUDA GPU: what `train --batch-size auto` picks there)\n",
+             ({} on a CUDA GPU, {} with --precision bf16: what `train --batch-size auto` picks there)\n",
             fraction * 100.0,
             report.max_training_batch(bytes, fraction),
-            report.max_training_batch_calibrated(bytes, fraction, gpu)
+            report.max_training_batch_calibrated(bytes, fraction, gpu),
+            report.max_training_batch_calibrated(bytes, fraction, bf16)
         ));
     }
     Ok(out)

@@ -86,7 +86,7 @@ pub fn train(args: &TrainArgs) -> Result<String> {
     let plan_batch_for = |config: &ranker_model::RankerConfig, options: &mut TrainOptions| -> Result<String> {
         match args.auto_batch {
             Some(fraction) => {
-                let plan = auto_batch_size(config, options.device, fraction)?;
+                let plan = auto_batch_size(config, options.device, fraction, options.bf16_autocast)?;
                 options.batch_size = plan.batch_size;
                 Ok(format!("{plan}\n"))
             }
@@ -167,8 +167,14 @@ impl std::fmt::Display for BatchPlan {
 }
 
 /// The largest batch whose planned training memory ([`ranker_model::CostReport::training_bytes`])
-/// fits in `fraction` of `device`'s memory (on the CPU: the machine's memory).
-pub fn auto_batch_size(config: &ranker_model::RankerConfig, device: DeviceSpec, fraction: f64) -> Result<BatchPlan> {
+/// fits in `fraction` of `device`'s memory (on the CPU: the machine's memory), in f32 or under bf16
+/// autocast.
+pub fn auto_batch_size(
+    config: &ranker_model::RankerConfig,
+    device: DeviceSpec,
+    fraction: f64,
+    bf16_autocast: bool,
+) -> Result<BatchPlan> {
     if !(fraction > 0.0 && fraction <= 1.0) {
         return Err(rankstack_nn::Error::config("train", "memory-fraction", "must be in (0, 1]"));
     }
@@ -176,7 +182,8 @@ pub fn auto_batch_size(config: &ranker_model::RankerConfig, device: DeviceSpec, 
     let memory = rankstack_nn::device_memory::device_memory(&device)?;
     // On a GPU the planner's activations are scaled by their measured ratio and the batch copied
     // ahead is counted (cost.rs).
-    plan_batch(config, memory.total, fraction, ranker_model::TrainingCalibration::for_device(&device))
+    let calibration = ranker_model::TrainingCalibration::for_training(&device, bf16_autocast);
+    plan_batch(config, memory.total, fraction, calibration)
 }
 
 /// [`auto_batch_size`] for a device of `device_bytes`, planned as `calibration` says for that kind

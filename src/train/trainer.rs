@@ -371,7 +371,7 @@ impl Trainer {
         }
         let b = self.options.batch_size;
         let plan = self.ranker.cost(b);
-        let calibration = ranker_model::TrainingCalibration::for_device(&self.device);
+        let calibration = ranker_model::TrainingCalibration::for_training(&self.device, self.options.bf16_autocast);
         let gib = |x: f64| x / (1u64 << 30) as f64;
         let fits = match rankstack_nn::device_memory::device_memory(&self.device) {
             Ok(m) => format!(
@@ -398,7 +398,7 @@ impl Trainer {
     fn memory_report(&self, rows: usize, progress: &indicatif::ProgressBar) -> Result<serde_json::Value> {
         // On a GPU the planner's activations count with their measured factor, and the next batch,
         // copied while this step ran, is on the device too (docs/cost-planner.md).
-        let calibration = ranker_model::TrainingCalibration::for_device(&self.device);
+        let calibration = ranker_model::TrainingCalibration::for_training(&self.device, self.options.bf16_autocast);
         let planned = self.ranker.cost(rows).calibrated_training_bytes(calibration) as f64;
         let measured = rankstack_nn::device_memory::peak_tensor_bytes(&self.device)? as f64;
         let total = rankstack_nn::device_memory::device_memory(&self.device)?.total;

@@ -62,12 +62,19 @@ const F32: usize = 4;
 /// product, dropout and LayerNorm of that graph became one node that keeps only what its backward
 /// pass reads, the attention keeps nothing of its projections, and TransAct's residual norms and
 /// feed-forward blocks keep nothing inside (2026-12-07, twelfth session): the planner's figure with
-/// this factor and the batch ahead lies within +1 … +5% of those peaks plus that batch. bf16
-/// autocast peaks lower and is planned with the same factor. Those peaks hold the step's own
+/// this factor and the batch ahead lies within +2 … +6% of those peaks plus that batch (bf16
+/// autocast has its own, [`CUDA_BF16_TRAINING_ACTIVATIONS`]). Those peaks hold the step's own
 /// batch; the next batch a GPU holds besides is [`TrainingCalibration::inputs_ahead`]. The GPU
 /// itself last measured 2.65 (f32) and 2.7 (bf16 autocast), many changes before. `--batch-size
 /// auto` on a GPU divides by this.
 pub const CUDA_TRAINING_ACTIVATIONS: f64 = 0.47;
+
+/// [`CUDA_TRAINING_ACTIVATIONS`] for training under bf16 autocast (`--precision bf16`): 0.42,
+/// measured the same way (2026-12-07, twelfth session). Its products keep nothing rounded, and
+/// what they keep is the f32 tensors f32 training keeps, but the bf16 products' transients are
+/// half as large, so its peak lies lower (7.94 against 8.66 GiB at batch 8192); with the f32
+/// factor the plan would lie 11.5% above it.
+pub const CUDA_BF16_TRAINING_ACTIVATIONS: f64 = 0.42;
 
 /// What the planner's training figure adds or scales on one kind of device: the measured part.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -85,16 +92,20 @@ impl TrainingCalibration {
     /// The planner's own count: activations once, no batch ahead.
     pub const UNCALIBRATED: Self = Self { activation_factor: 1.0, inputs_ahead: 0 };
 
-    /// A CUDA GPU's: the activations [`CUDA_TRAINING_ACTIVATIONS`] times, one batch ahead.
+    /// A CUDA GPU's in f32: the activations [`CUDA_TRAINING_ACTIVATIONS`] times, one batch ahead.
     pub const CUDA: Self = Self { activation_factor: CUDA_TRAINING_ACTIVATIONS, inputs_ahead: 1 };
 
-    /// The calibration of `device`: [`Self::CUDA`] on a GPU; [`Self::UNCALIBRATED`] on the CPU
-    /// (where the measured figure, the process's peak RSS, is not a tensor figure).
-    pub fn for_device(device: &candle_core::Device) -> Self {
-        if device.is_cpu() {
-            Self::UNCALIBRATED
-        } else {
-            Self::CUDA
+    /// A CUDA GPU's under bf16 autocast: [`CUDA_BF16_TRAINING_ACTIVATIONS`], one batch ahead.
+    pub const CUDA_BF16_AUTOCAST: Self = Self { activation_factor: CUDA_BF16_TRAINING_ACTIVATIONS, inputs_ahead: 1 };
+
+    /// The calibration of training on `device`: on a GPU [`Self::CUDA`], or
+    /// [`Self::CUDA_BF16_AUTOCAST`] with `bf16_autocast`; [`Self::UNCALIBRATED`] on the CPU (where
+    /// the measured figure, the process's peak RSS, is not a tensor figure).
+    pub fn for_training(device: &candle_core::Device, bf16_autocast: bool) -> Self {
+        match (device.is_cpu(), bf16_autocast) {
+            (true, _) => Self::UNCALIBRATED,
+            (false, false) => Self::CUDA,
+            (false, true) => Self::CUDA_BF16_AUTOCAST,
         }
     }
 

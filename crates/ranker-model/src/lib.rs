@@ -30,7 +30,9 @@ mod random_batch;
 mod stage;
 
 pub use config::{ItemEmbeddingConfig, RankerConfig, StageConfig, TaskConfig, SEQUENCE_BLOCK};
-pub use cost::{CostReport, ModuleCost, TrainingCalibration, CUDA_TRAINING_ACTIVATIONS};
+pub use cost::{
+    CostReport, ModuleCost, TrainingCalibration, CUDA_BF16_TRAINING_ACTIVATIONS, CUDA_TRAINING_ACTIVATIONS,
+};
 pub use heads::TaskHeads;
 pub use item_table::ItemTable;
 pub use loss::{calibrated_probability, multitask_loss};

@@ -56,7 +56,9 @@ fn tiny_model_by_hand() {
         assert_eq!(cost.max_training_batch_calibrated(cost.training_bytes(), 1.0, factor(odd)), 10, "{odd}");
     }
     assert_eq!(cost.calibrated_training_bytes(TrainingCalibration::UNCALIBRATED), cost.training_bytes());
-    assert_eq!(TrainingCalibration::for_device(&Device::Cpu), TrainingCalibration::UNCALIBRATED);
+    for bf16 in [false, true] {
+        assert_eq!(TrainingCalibration::for_training(&Device::Cpu, bf16), TrainingCalibration::UNCALIBRATED);
+    }
     // Inputs: 2 dense floats and a 3-float embedding per candidate reach the device; a batch copied
     // ahead counts them once more per candidate.
     assert_eq!(cost.input_floats_per_candidate, 5);
