@@ -154,10 +154,10 @@ impl Linear {
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if let Some((layer, cast)) = self.device_graph_product(x) {
+            return device_graph_node(x, layer.weight(), layer.bias(), false, cast);
+        }
         match &self.inner {
-            Inner::Tensor(layer) if self.trains_cast_on_device_graph(x, layer) => {
-                device_graph_node(x, layer.weight(), layer.bias(), false, self.autocast)
-            }
             Inner::Tensor(layer)
                 if self.autocast.is_some_and(|d| d != x.dtype())
                     || (layer.weight().dtype() == DType::BF16 && x.dtype() != DType::BF16) =>
@@ -174,9 +174,6 @@ impl Module for Linear {
             }
             Inner::Tensor(layer) if fused_linear::applies(x, layer.weight()) => {
                 fused_linear::linear(x, layer.weight(), layer.bias())
-            }
-            Inner::Tensor(layer) if trains_on_device_graph(x, layer) => {
-                device_graph_node(x, layer.weight(), layer.bias(), false, None)
             }
             // candle 0.11's CPU product folds a batch-broadcast weight into one GEMM assuming the
             // input's rows are adjacent, which gives wrong values for a transposed [b, l, d] view
@@ -195,29 +192,22 @@ impl Linear {
     /// so none at a pre-activation of exactly 0, where candle's `relu` lets it through).
     /// Elsewhere it is `activation.apply(self.forward(x))`.
     pub fn forward_activated(&self, x: &Tensor, activation: Activation) -> Result<Tensor> {
-        match &self.inner {
-            Inner::Tensor(layer)
-                if activation == Activation::Relu
-                    && self.autocast.is_none_or(|d| d == x.dtype())
-                    && layer.weight().dtype() == x.dtype()
-                    && trains_on_device_graph(x, layer) =>
-            {
-                device_graph_node(x, layer.weight(), layer.bias(), true, None)
-            }
-            Inner::Tensor(layer) if activation == Activation::Relu && self.trains_cast_on_device_graph(x, layer) => {
-                device_graph_node(x, layer.weight(), layer.bias(), true, self.autocast)
+        match self.device_graph_product(x) {
+            Some((layer, cast)) if activation == Activation::Relu => {
+                device_graph_node(x, layer.weight(), layer.bias(), true, cast)
             }
             _ => activation.apply(&self.forward(x)?),
         }
     }
 
-    /// Whether `x · layer` is a training product on a GPU's graph under autocast: the product in
-    /// the autocast dtype, the input, weight and bias all in another (the f32 master weights).
-    fn trains_cast_on_device_graph(&self, x: &Tensor, layer: &candle_nn::Linear) -> bool {
-        self.autocast.is_some_and(|d| d != x.dtype())
-            && layer.weight().dtype() == x.dtype()
-            && layer.bias().is_none_or(|b| b.dtype() == x.dtype())
-            && trains_on_device_graph(x, layer)
+    /// Where `x · W` is a training product on the graph a GPU runs ([`trains_on_device_graph`])
+    /// with input, weight and bias in one dtype (the f32 master weights under autocast): the
+    /// layer, and the dtype its products round to ([`Linear::set_autocast`]; `None`: the input's
+    /// own). `None` where the product is not such a node.
+    fn device_graph_product(&self, x: &Tensor) -> Option<(&candle_nn::Linear, Option<DType>)> {
+        let Inner::Tensor(layer) = &self.inner else { return None };
+        let one_dtype = layer.weight().dtype() == x.dtype() && layer.bias().is_none_or(|b| b.dtype() == x.dtype());
+        (one_dtype && trains_on_device_graph(x, layer)).then(|| (layer, self.autocast.filter(|d| *d != x.dtype())))
     }
 }
 
@@ -257,7 +247,7 @@ fn device_graph_node(x: &Tensor, w: &Tensor, b: Option<&Tensor>, relu: bool, cas
     let y = with_backward(
         &inputs,
         move |t| {
-            let y = rounded(&t[0], cast)?.matmul(&rounded(&t[1], cast)?.t()?)?.to_dtype(t[0].dtype())?;
+            let y = matmul_t_autocast(&t[0], &t[1], cast)?;
             let y = if has_bias { y.broadcast_add(&t[2])? } else { y };
             if relu {
                 y.relu()
@@ -275,6 +265,13 @@ fn device_graph_node(x: &Tensor, w: &Tensor, b: Option<&Tensor>, relu: bool, cas
         },
     )?;
     y.reshape(out_shape)
+}
+
+/// `x Wᵀ` for `w` `[out, in]`, under autocast (`cast`: [`Linear::set_autocast`]) on operands
+/// rounded to that dtype, the result in `x`'s dtype: the product of a training node on the GPU's
+/// graph (this layer's, and the projections of TransAct's attention node).
+pub fn matmul_t_autocast(x: &Tensor, w: &Tensor, cast: Option<DType>) -> Result<Tensor> {
+    rounded(x, cast)?.matmul(&rounded(w, cast)?.t()?)?.to_dtype(x.dtype())
 }
 
 /// `t` rounded to `cast` where there is one (a product's operand under autocast).

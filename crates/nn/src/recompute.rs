@@ -74,21 +74,54 @@ pub fn recompute_with_params(
     params: &[&Tensor],
     part: impl Fn(&Tensor, &[Tensor]) -> Result<Tensor> + Send + Sync + 'static,
 ) -> Result<Tensor> {
-    if params.is_empty() {
-        return recompute_in_backward(&[x], move |t| part(&t[0], &[]));
+    let (layout, packed) = PackedParams::pack(params)?;
+    match packed {
+        None => recompute_in_backward(&[x], move |t| part(&t[0], &[])),
+        Some(packed) => recompute_in_backward(&[x, &packed], move |t| part(&t[0], &layout.unpack(&t[1])?)),
     }
-    let shapes: Vec<Shape> = params.iter().map(|p| p.shape().clone()).collect();
-    let flat = params.iter().map(|p| p.flatten_all()).collect::<Result<Vec<_>>>()?;
-    let packed = Tensor::cat(&flat, 0)?;
-    recompute_in_backward(&[x, &packed], move |t| {
+}
+
+/// A layer's parameters as one flat vector, for a graph node (which takes at most three inputs),
+/// and the shapes to split it into again. Gradients return to each parameter through the
+/// concatenation; a node with a backward pass of its own packs its parameters' gradients the same
+/// way ([`PackedParams::pack_gradients`]).
+#[derive(Clone)]
+pub(crate) struct PackedParams {
+    shapes: Vec<Shape>,
+}
+
+impl PackedParams {
+    /// `params` flattened and concatenated in order (one parameter alone: only flattened, no
+    /// copy; `None` without parameters), and the layout to split them again.
+    pub(crate) fn pack(params: &[&Tensor]) -> Result<(Self, Option<Tensor>)> {
+        let shapes = params.iter().map(|p| p.shape().clone()).collect();
+        let flat = params.iter().map(|p| p.flatten_all()).collect::<Result<Vec<_>>>()?;
+        Ok((Self { shapes }, Self::join(flat)?))
+    }
+
+    /// The parameters of `packed`, in their own shapes and order.
+    pub(crate) fn unpack(&self, packed: &Tensor) -> Result<Vec<Tensor>> {
         let mut offset = 0;
-        let mut unpacked = Vec::with_capacity(shapes.len());
-        for shape in &shapes {
-            unpacked.push(t[1].narrow(0, offset, shape.elem_count())?.reshape(shape)?);
+        let mut params = Vec::with_capacity(self.shapes.len());
+        for shape in &self.shapes {
+            params.push(packed.narrow(0, offset, shape.elem_count())?.reshape(shape)?);
             offset += shape.elem_count();
         }
-        part(&t[0], &unpacked)
-    })
+        Ok(params)
+    }
+
+    /// The packed vector's gradient from its parameters' gradients, in the same order.
+    pub(crate) fn pack_gradients(grads: impl IntoIterator<Item = Tensor>) -> Result<Option<Tensor>> {
+        Self::join(grads.into_iter().map(|g| g.flatten_all()).collect::<Result<Vec<_>>>()?)
+    }
+
+    fn join(mut flat: Vec<Tensor>) -> Result<Option<Tensor>> {
+        Ok(match flat.len() {
+            0 => None,
+            1 => flat.pop(),
+            _ => Some(Tensor::cat(&flat, 0)?),
+        })
+    }
 }
 
 /// `forward(inputs)` (one to three inputs) as one graph node whose backward pass is `backward`

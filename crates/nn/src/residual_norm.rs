@@ -7,7 +7,7 @@ use rankstack_kernels::cpu::kernels_run_on;
 
 use crate::dropout::device_multipliers;
 use crate::layer_norm::{composed, composed_backward};
-use crate::recompute::with_backward;
+use crate::recompute::{with_backward, PackedParams};
 use crate::{Dropout, LayerNorm};
 
 impl LayerNorm {
@@ -50,29 +50,19 @@ impl LayerNorm {
         let keep = if train && p > 0.0 { Some(dropout.draw_keep_mask(a.shape(), a.device())?) } else { None };
         let kept = keep.clone();
         let (eps, has_weight, has_bias) = (self.eps, self.weight.is_some(), self.bias.is_some());
-        // A node takes at most three inputs: the weight and bias go in as one `[2d]` tensor, whose
-        // gradient candle hands back to both through the concatenation.
+        // A node takes at most three inputs: the weight and bias go in as one packed vector.
         let params: Vec<&Tensor> = params.into_iter().flatten().collect();
-        let packed = match params.len() {
-            0 => None,
-            1 => Some(params[0].clone()),
-            _ => Some(Tensor::cat(&params, 0)?),
-        };
+        let (layout, packed) = PackedParams::pack(&params)?;
         let inputs: Vec<&Tensor> = [Some(x), Some(a), packed.as_ref()].into_iter().flatten().collect();
-        let d = x.dim(candle_core::D::Minus1)?;
-        let unpack = move |t: &[Tensor]| -> Result<(Option<Tensor>, Option<Tensor>)> {
-            let weight = has_weight.then(|| t[2].narrow(0, 0, d)).transpose()?;
-            let bias = has_bias.then(|| t[2].narrow(0, if has_weight { d } else { 0 }, d)).transpose()?;
-            Ok((weight, bias))
-        };
+        let (forward_layout, backward_layout) = (layout.clone(), layout);
         with_backward(
             &inputs,
             move |t| {
-                let (weight, bias) = unpack(t)?;
+                let (weight, bias) = norm_params(&forward_layout, t, has_weight, has_bias)?;
                 composed(&residual_sum(&t[0], &t[1], keep.as_ref(), p)?, weight.as_ref(), bias.as_ref(), eps)
             },
             move |t, _, grad| {
-                let (weight, _) = unpack(t)?;
+                let (weight, _) = norm_params(&backward_layout, t, has_weight, has_bias)?;
                 let s = residual_sum(&t[0], &t[1], kept.as_ref(), p)?;
                 let mut grads = composed_backward(&s, weight.as_ref(), has_bias, eps, grad)?.into_iter();
                 let ds =
@@ -81,16 +71,27 @@ impl LayerNorm {
                     Some(keep) => ds.mul(&device_multipliers(keep, p, ds.dtype())?)?,
                     None => ds.clone(),
                 };
-                let dparams: Vec<Tensor> = grads.flatten().collect();
-                let dpacked = match dparams.len() {
-                    0 => None,
-                    1 => dparams.into_iter().next(),
-                    _ => Some(Tensor::cat(&dparams, 0)?),
-                };
+                let dpacked = PackedParams::pack_gradients(grads.flatten())?;
                 Ok([Some(ds), Some(da)].into_iter().chain(dpacked.map(Some)).collect())
             },
         )
     }
+}
+
+/// The norm's weight and bias from the node's inputs `[x, a, packed parameters]` (the packed
+/// vector absent when the norm has neither).
+fn norm_params(
+    layout: &PackedParams,
+    t: &[Tensor],
+    has_weight: bool,
+    has_bias: bool,
+) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    let mut params = match t.get(2) {
+        Some(packed) => layout.unpack(packed)?.into_iter(),
+        None => Vec::new().into_iter(),
+    };
+    let weight = if has_weight { params.next() } else { None };
+    Ok((weight, if has_bias { params.next() } else { None }))
 }
 
 /// `x + a ⊙ D` for the multipliers `D` of `keep` (dropout's `u8` mask), `x + a` without one: the

@@ -62,7 +62,7 @@ const F32: usize = 4;
 /// product, dropout and LayerNorm of that graph became one node that keeps only what its backward
 /// pass reads, the attention keeps nothing of its projections, and TransAct's residual norms and
 /// feed-forward blocks keep nothing inside (2026-12-07, twelfth session): the planner's figure with
-/// this factor and the batch ahead lies within +2 … +6% of those peaks plus that batch (bf16
+/// this factor and the batch ahead lies +2.3 … +5.1% above those peaks plus that batch (bf16
 /// autocast has its own, [`CUDA_BF16_TRAINING_ACTIVATIONS`]). Those peaks hold the step's own
 /// batch; the next batch a GPU holds besides is [`TrainingCalibration::inputs_ahead`]. The GPU
 /// itself last measured 2.65 (f32) and 2.7 (bf16 autocast), many changes before. `--batch-size
@@ -70,10 +70,10 @@ const F32: usize = 4;
 pub const CUDA_TRAINING_ACTIVATIONS: f64 = 0.47;
 
 /// [`CUDA_TRAINING_ACTIVATIONS`] for training under bf16 autocast (`--precision bf16`): 0.42,
-/// measured the same way (2026-12-07, twelfth session). Its products keep nothing rounded, and
-/// what they keep is the f32 tensors f32 training keeps, but the bf16 products' transients are
-/// half as large, so its peak lies lower (7.94 against 8.66 GiB at batch 8192); with the f32
-/// factor the plan would lie 11.5% above it.
+/// measured the same way (2026-12-07, twelfth session): its graph keeps nothing rounded, and its
+/// peak lies below f32's (7.94 against 8.66 GiB at batch 8192; where the difference arises was not
+/// traced). With the f32 factor the plan would lie 11.5% above it; with this one it lies +0.7 …
+/// +3.2% above the peaks plus the batch ahead.
 pub const CUDA_BF16_TRAINING_ACTIVATIONS: f64 = 0.42;
 
 /// What the planner's training figure adds or scales on one kind of device: the measured part.

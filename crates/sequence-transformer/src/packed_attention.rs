@@ -10,6 +10,7 @@ use rankstack_kernels::cpu::packed_attention::{check, head_blocks, packed_attent
 use rankstack_kernels::distinct_rows::DistinctRows;
 use rankstack_nn::dropout::{device_keep_mask, device_multipliers};
 use rankstack_nn::host_transfer::{upload, Origin};
+use rankstack_nn::linear::matmul_t_autocast;
 use rankstack_nn::recompute::{backprop_through, recompute_in_backward, with_backward};
 
 use crate::PackedSequences;
@@ -189,11 +190,7 @@ impl Composed {
         // Inputs: the chunk's rows of x, w, and b if any.
         let attend = move |chunk: &Chunk, t: &[Tensor]| -> Result<Tensor> {
             let project = |i: usize| -> Result<Tensor> {
-                let w = t[1].narrow(0, i * d, d)?;
-                let y = match cast {
-                    Some(dtype) => t[0].to_dtype(dtype)?.matmul(&w.to_dtype(dtype)?.t()?)?.to_dtype(t[0].dtype())?,
-                    None => t[0].matmul(&w.t()?)?,
-                };
+                let y = matmul_t_autocast(&t[0], &t[1].narrow(0, i * d, d)?, cast)?;
                 if has_bias {
                     y.broadcast_add(&t[2].narrow(0, i * d, d)?)
                 } else {
