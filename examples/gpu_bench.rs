@@ -14,10 +14,12 @@
 //! gpu_bench train DIR f32|bf16 one training step (forward, backward, row-sparse AdamW) at each
 //!                              training batch size, planned and measured peak memory, and what
 //!                              the model's code copied between host and device in one step → JSON
-//! gpu_bench parts DIR f32|tf32 where the time goes: scoring at each batch size and the f32
-//!                              training step, part by part (rankstack_nn::probe): each part's
-//!                              median ms and the tensor memory it left allocated, beside the
-//!                              median of unrecorded calls → JSON
+//! gpu_bench parts DIR f32|tf32 [infer|train]
+//!                              where the time goes: scoring at each batch size and the f32
+//!                              training step (or only one of them), part by part
+//!                              (rankstack_nn::probe): each part's median ms and the tensor memory
+//!                              it left allocated, beside the median of unrecorded calls; on the
+//!                              CPU also the tensors each part wrote and their bytes → JSON
 //! ```
 //!
 //! `GPU_BENCH_DEVICE=cpu` runs any of them on the CPU instead (to try the bundle's commands on a
@@ -74,9 +76,9 @@ fn main() {
         (Some("prepare"), Some(dir), _) => prepare(Path::new(dir)),
         (Some("infer"), Some(dir), Some(dtype)) => infer(Path::new(dir), dtype),
         (Some("train"), Some(dir), Some(dtype)) => train(Path::new(dir), dtype),
-        (Some("parts"), Some(dir), Some(dtype)) => parts(Path::new(dir), dtype),
+        (Some("parts"), Some(dir), Some(dtype)) => parts(Path::new(dir), dtype, arg(3)),
         _ => {
-            Err("usage: gpu_bench <prepare DIR | infer DIR f32|tf32|bf16 | train DIR f32|bf16 | parts DIR f32|tf32>"
+            Err("usage: gpu_bench <prepare DIR | infer DIR f32|tf32|bf16 | train DIR f32|bf16 | parts DIR f32|tf32 [infer|train]>"
                 .into())
         }
     };
@@ -279,17 +281,23 @@ impl TrainingStep {
 /// part: the median of each part over recorded calls ([`record_parts`]), and the median of as
 /// many unrecorded calls (recording waits for the device at every mark, so the parts' sum is the
 /// larger).
-fn parts(dir: &Path, dtype: &str) -> Result<()> {
+fn parts(dir: &Path, dtype: &str, only: Option<&str>) -> Result<()> {
     let device = gpu()?;
     match dtype {
         "f32" | "tf32" => set_tf32(dtype == "tf32"),
         other => return Err(format!("parts: unknown dtype {other} (f32 or tf32)").into()),
     }
+    let (scoring, training) = match only {
+        None => (true, true),
+        Some("infer") => (true, false),
+        Some("train") => (false, true),
+        Some(other) => return Err(format!("parts: unknown mode {other} (infer or train)").into()),
+    };
     let timing =
         Timing { warmups: 2, min_runs: 5, max_runs: 5, budget: Duration::ZERO, idle_before_each: Duration::ZERO };
     let ranker = checkpoint::load_for_serving(checkpoint_dir(dir), DType::F32, &device)?;
     let mut rows = Vec::new();
-    for b in batch_sizes(&INFER_BATCHES)? {
+    for b in batch_sizes(&INFER_BATCHES)?.into_iter().filter(|_| scoring) {
         let batch = inputs_to_device(random_batch(ranker.config(), b, b as u64)?, &device)?;
         let call = || -> candle_core::Result<()> {
             ranker.predict(&batch)?.to_device(&Device::Cpu)?;
@@ -298,7 +306,7 @@ fn parts(dir: &Path, dtype: &str) -> Result<()> {
         rows.push(part_row("infer", b, timing, &device, call));
     }
     drop(ranker);
-    for b in batch_sizes(&TRAIN_BATCHES)? {
+    for b in batch_sizes(&TRAIN_BATCHES)?.into_iter().filter(|_| training) {
         let mut step = TrainingStep::load(dir, &device, b)?;
         rows.push(part_row("train", b, timing, &device, || step.run().map(|_| ())));
     }
@@ -346,7 +354,9 @@ fn part_row(
                 let part = recorded[0].iter().find(|p| p.name == name);
                 json!({"part": name, "median_ms": median_ms(name), "count": part.map_or(0, |p| p.count),
                        "memory_growth_bytes": part.and_then(|p| p.memory_growth),
-                       "peak_bytes": part.and_then(|p| p.peak_bytes)})
+                       "peak_bytes": part.and_then(|p| p.peak_bytes),
+                       "tensors_written": part.and_then(|p| p.written).map(|w| w.count),
+                       "bytes_written": part.and_then(|p| p.written).map(|w| w.bytes)})
             })
             .collect();
         let sum: f64 = names.iter().map(|&n| median_ms(n)).sum();

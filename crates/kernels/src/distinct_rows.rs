@@ -60,6 +60,9 @@ pub struct DistinctRows {
     rows_then_n: Tensor,
     /// `[n]` u32: where each row of the full matrix is among the rows, `m` where it is not.
     inverse: Tensor,
+    /// `[n]` u32: the source row each row of the full matrix repeats in a
+    /// [`DistinctRows::spread`] (its own where it is among the rows); `None` without fill rows.
+    spread_sources: Option<Tensor>,
 }
 
 impl DistinctRows {
@@ -72,7 +75,24 @@ impl DistinctRows {
             rows_then_n: upload(rows_then_n, rows.len() + 1, device, "distinct rows", Origin::Input)?,
             // One entry per row of the full matrix: on a GPU this copy grows with `n`.
             inverse: upload(inverse, n, device, "distinct rows' inverse map", Origin::Input)?,
+            spread_sources: None,
         })
+    }
+
+    /// [`DistinctRows::new`] that can also [`DistinctRows::spread`]: row `j` of the full matrix
+    /// that is not among `rows` repeats source row `fill(j)` (which must be `< rows.len()`).
+    pub fn with_fill(rows: &[u32], n: usize, fill: impl Fn(usize) -> u32, device: &Device, op: &str) -> Result<Self> {
+        let m = rows.len() as u32;
+        let mut sources = inverse(rows, n, op)?;
+        for (j, source) in sources.iter_mut().enumerate().filter(|(_, s)| **s == m) {
+            *source = fill(j);
+            if *source >= m {
+                candle_core::bail!("{op}: row {j} is filled from source row {source} of {m}");
+            }
+        }
+        let mut spread = Self::new(rows, n, device, op)?;
+        spread.spread_sources = Some(upload(sources, n, device, "distinct rows' fill map", Origin::Input)?);
+        Ok(spread)
     }
 
     /// The number of rows `m`.
@@ -104,6 +124,37 @@ impl DistinctRows {
         let extended = Tensor::cat(&[&src.contiguous()?, &Tensor::zeros((1, d), src.dtype(), src.device())?], 0)?;
         // The zero row's gradient is discarded: it reads the sentinel row n of the extended gradient.
         apply(&extended, &self.inverse, &self.rows_then_n)?.narrow(0, 0, self.n)
+    }
+}
+
+impl DistinctRows {
+    /// `[n, d]` with row `rows[i]` set to `src[i]` and every other row `j` to `src[fill(j)]`
+    /// ([`DistinctRows::with_fill`]): [`DistinctRows::scatter`] in one gather, without appending a
+    /// zero row to the source (a copy of it) first.
+    ///
+    /// Its backward pass takes the gradient of row `rows[i]` back to `src[i]` and drops that of
+    /// the filled rows. That is the exact gradient only where the filled rows' gradient is zero,
+    /// which the caller guarantees: the padding of a masked attention, whose keys get no weight
+    /// and whose queries' outputs are never read.
+    ///
+    /// ```
+    /// # use candle_core::{Device, Tensor};
+    /// use rankstack_kernels::distinct_rows::DistinctRows;
+    /// // Rows 0 and 2 of 4 are the source's; rows 1 and 3 repeat source row 0.
+    /// let rows = DistinctRows::with_fill(&[0, 2], 4, |_| 0, &Device::Cpu, "example")?;
+    /// let src = Tensor::new(&[[1f32], [2.]], &Device::Cpu)?;
+    /// assert_eq!(rows.spread(&src)?.to_vec2::<f32>()?, [[1.], [1.], [2.], [1.]]);
+    /// # Ok::<(), candle_core::Error>(())
+    /// ```
+    pub fn spread(&self, src: &Tensor) -> Result<Tensor> {
+        let Some(sources) = &self.spread_sources else {
+            candle_core::bail!("spread_rows: rows built without fill rows (DistinctRows::with_fill)")
+        };
+        let (m, _) = src.dims2()?;
+        if m != self.len() {
+            candle_core::bail!("spread_rows: {} rows for a source of {m}", self.len());
+        }
+        apply(&src.contiguous()?, sources, &self.rows_then_n.narrow(0, 0, m)?)
     }
 }
 
@@ -196,6 +247,34 @@ mod tests {
         assert!(rows.gather(&wrong).unwrap_err().to_string().contains("5 rows for rows of a 4-row matrix"));
         assert!(rows.scatter(&wrong).unwrap_err().to_string().contains("2 rows for a source of 5"));
         assert!(DistinctRows::new(&[], 0, &Device::Cpu, "test").unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_spread_fills_the_other_rows_from_the_source_and_takes_back_only_the_placed_rows_gradients() {
+        let src = grid(3, 2);
+        // Rows 4, 0 and 2 of 6 are the source's; rows 1, 3, 5 repeat source rows 1, 2, 0.
+        let rows = DistinctRows::with_fill(&[4, 0, 2], 6, |j| [9, 1, 9, 2, 9, 0][j], &Device::Cpu, "test").unwrap();
+        let y = rows.spread(src.as_tensor()).unwrap();
+        let s = src.as_tensor().to_vec2::<f64>().unwrap();
+        let want: Vec<Vec<f64>> = [1, 1, 2, 2, 0, 0].iter().map(|&i| s[i].clone()).collect();
+        assert_eq!(y.to_vec2::<f64>().unwrap(), want);
+        // The same values as the zero-filled scatter on the placed rows; the gradient of row
+        // rows[i] returns to source row i, the filled rows' gradients are dropped.
+        let scattered = rows.scatter(src.as_tensor()).unwrap().to_vec2::<f64>().unwrap();
+        for r in [4, 0, 2] {
+            assert_eq!(y.to_vec2::<f64>().unwrap()[r], scattered[r]);
+        }
+        let weights = Tensor::from_vec((1..=12).map(|i| i as f64).collect::<Vec<_>>(), (6, 2), &Device::Cpu).unwrap();
+        let grad = y.mul(&weights).unwrap().sum_all().unwrap().backward().unwrap();
+        let g = grad.get(src.as_tensor()).unwrap().to_vec2::<f64>().unwrap();
+        assert_eq!(g, [[9., 10.], [1., 2.], [5., 6.]]);
+        // Sizes and fill rows are checked; plain rows cannot spread.
+        let wrong = Tensor::zeros((5, 2), DType::F64, &Device::Cpu).unwrap();
+        assert!(rows.spread(&wrong).unwrap_err().to_string().contains("3 rows for a source of 5"));
+        let bad_fill = DistinctRows::with_fill(&[0], 2, |_| 1, &Device::Cpu, "test").unwrap_err().to_string();
+        assert!(bad_fill.contains("row 1 is filled from source row 1 of 1"), "{bad_fill}");
+        let plain = DistinctRows::new(&[0], 2, &Device::Cpu, "test").unwrap();
+        assert!(plain.spread(&wrong.narrow(0, 0, 1).unwrap()).unwrap_err().to_string().contains("without fill rows"));
     }
 
     #[test]

@@ -48,6 +48,8 @@ use std::sync::Mutex;
 use std::time::Instant;
 
 use candle_core::{Device, Result, Tensor};
+use rankstack_kernels::cpu::heap_count::buffers_allocated;
+pub use rankstack_kernels::cpu::heap_count::BuffersAllocated;
 
 /// Whether a recording runs (the only thing an unrecorded [`mark`] reads).
 static RECORDING: AtomicBool = AtomicBool::new(false);
@@ -78,6 +80,12 @@ pub struct PartTime {
     /// The most bytes the device's tensors held at once during the part (the largest over its
     /// marks; `None` where the device does not say).
     pub peak_bytes: Option<u64>,
+    /// The tensors the part wrote, and their bytes, summed over its marks: on the CPU of a program
+    /// that counts its heap, the buffers of at least 4 KiB it allocated
+    /// ([`rankstack_kernels::cpu::heap_count::buffers_allocated`]). With the CPU kernels off
+    /// (`RANKSTACK_CPU=candle`) these are the kernels a GPU launches for the part and the bytes
+    /// they write, counted without a GPU. `None` elsewhere (a GPU's pool counts no allocations).
+    pub written: Option<BuffersAllocated>,
 }
 
 #[derive(Debug)]
@@ -85,6 +93,7 @@ struct Recording {
     device: Device,
     last: Instant,
     last_bytes: Option<u64>,
+    last_written: Option<BuffersAllocated>,
     parts: Vec<PartTime>,
 }
 
@@ -106,13 +115,21 @@ impl Recording {
             (Some(now), Some(before)) => Some(now as i64 - before as i64),
             _ => None,
         };
-        (self.last, self.last_bytes) = (now, bytes);
+        let written_now = buffers_written(&self.device);
+        let written = written_now
+            .zip(self.last_written)
+            .map(|(now, before)| BuffersAllocated { count: now.count - before.count, bytes: now.bytes - before.bytes });
+        (self.last, self.last_bytes, self.last_written) = (now, bytes, written_now);
         match self.parts.iter_mut().find(|p| p.name == name) {
             Some(p) => {
                 p.seconds += seconds;
                 p.count += 1;
                 p.memory_growth = p.memory_growth.zip(growth).map(|(a, b)| a + b);
                 p.peak_bytes = p.peak_bytes.max(peak);
+                p.written = p
+                    .written
+                    .zip(written)
+                    .map(|(a, b)| BuffersAllocated { count: a.count + b.count, bytes: a.bytes + b.bytes });
             }
             None => self.parts.push(PartTime {
                 name: name.to_string(),
@@ -120,9 +137,18 @@ impl Recording {
                 count: 1,
                 memory_growth: growth,
                 peak_bytes: peak,
+                written,
             }),
         }
         reset_part_peak(&self.device)
+    }
+}
+
+/// The buffers allocated so far where they are counted (the CPU of a counting program).
+fn buffers_written(device: &Device) -> Option<BuffersAllocated> {
+    match device {
+        Device::Cpu => buffers_allocated(),
+        _ => None,
     }
 }
 
@@ -164,7 +190,13 @@ pub fn record_parts<T>(device: &Device, f: impl FnOnce() -> Result<T>) -> Result
         }
         let last_bytes = bytes_in_use(device)?;
         reset_part_peak(device)?;
-        *state = Some(Recording { device: device.clone(), last: Instant::now(), last_bytes, parts: Vec::new() });
+        *state = Some(Recording {
+            device: device.clone(),
+            last: Instant::now(),
+            last_bytes,
+            last_written: buffers_written(device),
+            parts: Vec::new(),
+        });
         RECORDING.store(true, Ordering::Relaxed);
     }
     // Ends the recording however `f` leaves (result, error or panic).

@@ -2,7 +2,7 @@
 //! in order, charges every layer's marks, and computes the same logits, bit for bit, as an
 //! unrecorded one: in evaluation and in training, on the CPU (where the forward pass runs on the
 //! kernels' worker pool, so the recording has to follow it there). This test program counts its
-//! heap, so every part also says how much memory it left allocated.
+//! heap, so every part also says how much memory it left allocated and the tensors it wrote.
 
 use candle_core::{DType, Device, Tensor};
 use ranker_model::{presets, random_batch, Ranker, RankerConfig};
@@ -70,7 +70,11 @@ fn a_recorded_forward_pass_names_every_part_and_computes_the_same_logits() {
         assert_eq!(got, expected, "train = {train}");
         assert!(parts.iter().all(|p| p.seconds.is_finite() && p.seconds >= 0.0), "{parts:?}");
         assert!(parts.iter().all(|p| p.memory_growth.is_some() && p.peak_bytes.is_some()), "heap counted: {parts:?}");
+        assert!(parts.iter().all(|p| p.written.is_some()), "buffers counted: {parts:?}");
         let masknet = parts.iter().find(|p| p.name == "parallel_masknet").unwrap();
+        // The MaskNet wrote at least one block's output, [5, 512] f32, in buffers of 4 KiB or more.
+        let written = masknet.written.unwrap();
+        assert!(written.count >= 1 && written.bytes >= 5 * 512 * 4, "{masknet:?}");
         // In training every intermediate stays alive for the backward pass.
         if train {
             assert!(masknet.memory_growth.unwrap() > 0, "{masknet:?}");

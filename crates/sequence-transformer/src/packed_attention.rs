@@ -151,12 +151,15 @@ impl Composed {
     fn composed(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
         let mut outputs = Vec::new();
         let prepared = self.prepare(q.dtype(), q.device())?;
-        for Chunk { rows, dense } in self.chunks(&prepared, q.dim(1)?, self.chunk_weights)? {
+        // A chunk of empty sequences has no rows: nothing to compute, nothing to send back.
+        let chunks = self.chunks(&prepared, q.dim(1)?, self.chunk_weights)?.into_iter().filter(|c| !c.rows.is_empty());
+        for Chunk { rows, dense } in chunks {
             let part = |x: &Tensor| x.narrow(0, rows.start, rows.len());
             let (q, k, v) = (part(q)?, part(k)?, part(v)?);
             outputs.push(recompute_in_backward(&[&q, &k, &v], move |x| dense.attend(&x[0], &x[1], &x[2]))?);
         }
         match outputs.len() {
+            0 => q.zeros_like(),
             1 => Ok(outputs.remove(0)),
             _ => Tensor::cat(&outputs, 0),
         }
@@ -268,8 +271,13 @@ impl Composed {
             }
             None => None,
         };
-        let bias = upload(bias, (b, 1, 1, l), dev, "attention padding bias", Origin::Input)?.to_dtype(dtype)?;
-        Ok(Prepared { bias, dropout })
+        // Every key of every row valid (sequences of one length, no key masked): no bias to add,
+        // which spares a pass over the `[B, H, L, L]` scores.
+        let bias = match bias.iter().all(|&v| v == 0.0) {
+            true => None,
+            false => Some(upload(bias, (b, 1, 1, l), dev, "attention padding bias", Origin::Input)?.to_dtype(dtype)?),
+        };
+        Ok(Prepared { device: dev.clone(), bias, dropout })
     }
 
     /// The dense attentions of the batch for inputs of width `d`: chunks of whole sequences, each
@@ -286,24 +294,40 @@ impl Composed {
         let mut chunks = Vec::with_capacity(b.div_ceil(per_chunk));
         for first in (0..b.max(1)).step_by(per_chunk) {
             let n = per_chunk.min(b - first);
-            // Row i of the chunk's s-th sequence goes to dense row s·L + i.
-            let index = if uniform {
+            let rows = offsets[first]..offsets[first + n];
+            // The packed rows `[R, d]` seen as `[R·H, d_h]`: head j of the chunk's row r is row
+            // r·H + j, and goes to row (s·H + j)·L + i of the dense heads `[n·H·L, d_h]` when r is
+            // row i of the chunk's s-th sequence. A padding row repeats head j of its sequence's
+            // first row (of the chunk's first row for an empty sequence): masked as a key, never
+            // read as a query, so its values do not matter and its gradient is zero
+            // (`DistinctRows::spread`), and it holds only values of its own sequence, so a
+            // non-finite input spreads no further than it does anyway.
+            let index = if uniform || rows.is_empty() {
                 None
             } else {
-                let rows: Vec<u32> = (0..n)
-                    .flat_map(|s| (0..offsets[first + s + 1] - offsets[first + s]).map(move |i| (s * l + i) as u32))
+                let local = |s: usize| offsets[first + s] - offsets[first];
+                let heads: Vec<u32> = (0..n)
+                    .flat_map(|s| {
+                        (0..local(s + 1) - local(s))
+                            .flat_map(move |i| (0..h).map(move |j| ((s * h + j) * l + i) as u32))
+                    })
                     .collect();
-                Some(DistinctRows::new(&rows, n * l, prepared.bias.device(), "packed attention")?)
+                let fill = |row: usize| {
+                    let (s, j) = (row / (h * l), row / l % h);
+                    let own_first = if local(s + 1) > local(s) { local(s) } else { 0 };
+                    (own_first * h + j) as u32
+                };
+                Some(DistinctRows::with_fill(&heads, n * h * l, fill, &prepared.device, "packed attention")?)
             };
             let dense = DenseAttention {
                 shape: (n, l, h, d),
                 index,
                 core: Arc::new(AttentionCore {
-                    bias: prepared.bias.narrow(0, first, n)?,
+                    bias: prepared.bias.as_ref().map(|bias| bias.narrow(0, first, n)).transpose()?,
                     dropout: prepared.dropout.as_ref().map(|drop| drop.narrow(first, n)).transpose()?,
                 }),
             };
-            chunks.push(Chunk { rows: offsets[first]..offsets[first + n], dense });
+            chunks.push(Chunk { rows, dense });
         }
         Ok(chunks)
     }
@@ -311,7 +335,9 @@ impl Composed {
 
 /// What the chunks of one composed attention share ([`Composed::prepare`]).
 struct Prepared {
-    bias: Tensor,
+    device: candle_core::Device,
+    /// `None`: all zero.
+    bias: Option<Tensor>,
     dropout: Option<DenseDropout>,
 }
 
@@ -352,9 +378,10 @@ impl DenseDropout {
 struct DenseAttention {
     /// `(B, L, H, d)`.
     shape: (usize, usize, usize, usize),
-    /// The dense row of each packed row (`None`: the packed rows are the dense batch), with its
-    /// index tensors built once for the chunk: every `attend` (forward, and each recomputation in
-    /// the backward pass) scatters `Q`, `K`, `V` and gathers the output through them.
+    /// The dense head row of each packed head row (`None`: the packed rows are the dense batch;
+    /// callers attend only chunks with rows), with its index tensors built once for the chunk: every `attend`
+    /// (forward, and each recomputation in the backward pass) spreads `Q`, `K`, `V` into the
+    /// dense heads and gathers the output back through them, one gather each way.
     index: Option<DistinctRows>,
     core: Arc<AttentionCore>,
 }
@@ -371,8 +398,8 @@ struct DenseAttention {
 /// through the composed operations held about twenty-five (every intermediate's gradient, and
 /// candle's zero-initialised accumulators): at training batch 512 that was 1 GiB per layer.
 struct AttentionCore {
-    /// The key bias `M` `[B, 1, 1, L]`.
-    bias: Tensor,
+    /// The key bias `M` `[B, 1, 1, L]` (`None`: all zero).
+    bias: Option<Tensor>,
     dropout: Option<DenseDropout>,
 }
 
@@ -386,9 +413,15 @@ impl AttentionCore {
         )
     }
 
-    /// `P`.
+    /// `P`. The node's inputs take part in no graph here (its backward pass is written out), so
+    /// the softmax is the fused kernel ([`rankstack_nn::softmax()`]).
     fn weights(&self, q: &Tensor, k: &Tensor) -> Result<Tensor> {
-        rankstack_nn::softmax(&q.matmul(&k.t()?)?.broadcast_add(&self.bias)?, D::Minus1)
+        let scores = q.matmul(&k.t()?)?;
+        let scores = match &self.bias {
+            Some(bias) => scores.broadcast_add(bias)?,
+            None => scores,
+        };
+        rankstack_nn::softmax(&scores, D::Minus1)
     }
 
     /// `D`, if any.
@@ -432,22 +465,24 @@ impl AttentionCore {
 impl DenseAttention {
     fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
         let (b, l, h, d) = self.shape;
-        let dh = d / h;
-        // Distinct rows both ways: gathers, not candle's serial CUDA index_add (see distinct_rows).
-        let dense = |x: &Tensor| -> Result<Tensor> {
+        let (rows, dh) = (q.dim(0)?, d / h);
+        // Packed rows [R, d] → dense heads [B, H, L, dh]: with padding one gather of the head rows
+        // (distinct rows: not candle's serial CUDA index_add, see distinct_rows), else a strided
+        // view of the rows themselves.
+        let heads = |x: &Tensor| -> Result<Tensor> {
             match &self.index {
-                None => x.reshape((b, l, d)),
-                Some(index) => index.scatter(x)?.reshape((b, l, d)),
+                None => x.reshape((b, l, h, dh))?.transpose(1, 2),
+                Some(index) => index.spread(&x.reshape((rows * h, dh))?)?.reshape((b, h, l, dh)),
             }
         };
-        // [B, L, d] → [B, H, L, dh].
-        let heads = |x: &Tensor| dense(x)?.reshape((b, l, h, dh))?.transpose(1, 2)?.contiguous();
-        let q = (heads(q)? * (1.0 / (dh as f64).sqrt()))?;
-        let (k, v) = (heads(k)?, heads(v)?);
-        let out = self.core.apply(&q, &k, &v)?.transpose(1, 2)?.reshape((b * l, d))?;
+        // `Q` is scaled as it is copied (or after its gather); `K`, `V` made contiguous, a copy
+        // only of the strided view.
+        let q = heads(q)?.affine(1.0 / (dh as f64).sqrt(), 0.0)?;
+        let (k, v) = (heads(k)?.contiguous()?, heads(v)?.contiguous()?);
+        let out = self.core.apply(&q, &k, &v)?;
         match &self.index {
-            None => Ok(out),
-            Some(index) => index.gather(&out),
+            None => out.transpose(1, 2)?.reshape((b * l, d)),
+            Some(index) => index.gather(&out.reshape((b * h * l, dh))?)?.reshape((rows, d)),
         }
     }
 }
@@ -626,7 +661,7 @@ mod tests {
                 Some(DenseDropout::Multipliers(_)) => "multipliers",
                 Some(DenseDropout::Keep { .. }) => "keep mask",
             };
-            let core = Arc::new(AttentionCore { bias: bias.clone(), dropout });
+            let core = Arc::new(AttentionCore { bias: Some(bias.clone()), dropout });
             let x = [5, 6, 7].map(|s| Var::from_tensor(&seeded_randn(s, &[b, h, l, dh], DType::F64)).unwrap());
             let [q, k, v] = [0, 1, 2].map(|i| x[i].as_tensor());
             let r = seeded_randn(8, &[b, h, l, dh], DType::F64);

@@ -45,15 +45,21 @@ fn composed_max_pool(h: &Tensor, masked: &[bool], (b, n, d): (usize, usize, usiz
             let selected = candidates.broadcast_eq(&candidates.max_keepdim(1)?)?;
             let count = selected.to_dtype(h.dtype())?.sum_keepdim(1)?;
             let share = grad.unsqueeze(1)?.div(&count)?.broadcast_as((b, n, d))?;
-            Ok(vec![Some(selected.where_cond(&share, &h.zeros_like()?)?)])
+            Ok(vec![Some(selected.where_cond(&share, &constant(0.0, h)?)?)])
         },
     )
 }
 
 /// `h` with the masked positions at `−∞`.
 fn candidates(h: &Tensor, mask: &Tensor, (b, n, d): (usize, usize, usize)) -> Result<Tensor> {
-    let neg_inf = Tensor::full(f64::NEG_INFINITY, (b, n, d), h.device())?.to_dtype(h.dtype())?;
-    mask.broadcast_as((b, n, d))?.where_cond(&neg_inf, h)
+    mask.broadcast_as((b, n, d))?.where_cond(&constant(f64::NEG_INFINITY, h)?, h)
+}
+
+/// `value` in `h`'s dtype and shape, as one element broadcast: `where_cond` reads it in place, so
+/// no `[B, n, d]` tensor of it is written (a full one in f64 and its cast were two thirds of the
+/// pool's writes).
+fn constant(value: f64, h: &Tensor) -> Result<Tensor> {
+    Tensor::full(value, 1, h.device())?.to_dtype(h.dtype())?.broadcast_as(h.shape())
 }
 
 #[cfg(test)]

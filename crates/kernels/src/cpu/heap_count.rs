@@ -11,7 +11,7 @@
 //! Counting costs two atomic operations per allocation, so only a measuring program installs it:
 //!
 //! ```
-//! use rankstack_kernels::cpu::heap_count::{heap_bytes, reset_heap_peak, CountingAllocator};
+//! use rankstack_kernels::cpu::heap_count::{buffers_allocated, heap_bytes, reset_heap_peak, CountingAllocator};
 //!
 //! #[global_allocator]
 //! static HEAP: CountingAllocator = CountingAllocator;
@@ -25,6 +25,9 @@
 //!     drop(buffer);
 //!     let after = heap_bytes().unwrap();
 //!     assert!(after.live < counts.live && after.peak == counts.peak);
+//!     // The buffer stays counted among those allocated.
+//!     let buffers = buffers_allocated().unwrap();
+//!     assert!(buffers.count >= 1 && buffers.bytes >= 1 << 20);
 //! }
 //! ```
 
@@ -37,6 +40,15 @@ pub struct CountingAllocator;
 
 static LIVE: AtomicUsize = AtomicUsize::new(0);
 static PEAK: AtomicUsize = AtomicUsize::new(0);
+/// Buffers of at least [`BUFFER_BYTES`] allocated since the start, and their bytes.
+static BUFFERS: AtomicUsize = AtomicUsize::new(0);
+static BUFFER_TOTAL: AtomicUsize = AtomicUsize::new(0);
+
+/// The smallest allocation [`buffers_allocated`] counts: 1024 `f32` values. A candle operation's
+/// output on a batch is a buffer of this size or more, while the operation's host bookkeeping
+/// (shapes, layouts, reference counts) lies far below it, so above it the count follows the
+/// operations that write a batch-sized tensor, the work a GPU launches a kernel for.
+pub const BUFFER_BYTES: usize = 4096;
 /// Set by the first allocation through [`CountingAllocator`]: it is the global allocator.
 static INSTALLED: AtomicBool = AtomicBool::new(false);
 
@@ -56,12 +68,40 @@ pub fn heap_bytes() -> Option<HeapBytes> {
         .then(|| HeapBytes { live: LIVE.load(Ordering::Relaxed), peak: PEAK.load(Ordering::Relaxed) })
 }
 
+/// Buffers of at least [`BUFFER_BYTES`] allocated since the program started, freed or not: how many
+/// and their bytes in all.
+///
+/// Each tensor an operation writes is one such buffer, so over a piece of work the difference of
+/// two readings counts the tensors it wrote and the bytes written into them: with the CPU kernels
+/// off (`RANKSTACK_CPU=candle`) those are the kernels a GPU would launch for that work and their
+/// output traffic (a lower bound of what they move: they read at least as much again). Returns
+/// `None` without [`CountingAllocator`].
+pub fn buffers_allocated() -> Option<BuffersAllocated> {
+    INSTALLED.load(Ordering::Relaxed).then(|| BuffersAllocated {
+        count: BUFFERS.load(Ordering::Relaxed) as u64,
+        bytes: BUFFER_TOTAL.load(Ordering::Relaxed) as u64,
+    })
+}
+
+/// See [`buffers_allocated`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct BuffersAllocated {
+    /// Allocations of at least [`BUFFER_BYTES`].
+    pub count: u64,
+    /// Their bytes.
+    pub bytes: u64,
+}
+
 /// Starts a new peak from the bytes live now (no effect without [`CountingAllocator`]).
 pub fn reset_heap_peak() {
     PEAK.store(LIVE.load(Ordering::Relaxed), Ordering::Relaxed);
 }
 
 fn grew(bytes: usize) {
+    if bytes >= BUFFER_BYTES {
+        BUFFERS.fetch_add(1, Ordering::Relaxed);
+        BUFFER_TOTAL.fetch_add(bytes, Ordering::Relaxed);
+    }
     let live = LIVE.fetch_add(bytes, Ordering::Relaxed) + bytes;
     PEAK.fetch_max(live, Ordering::Relaxed);
 }
