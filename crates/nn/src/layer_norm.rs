@@ -102,9 +102,24 @@ impl Module for LayerNorm {
     }
 }
 
-/// LayerNorm of differentiable primitives: `(x − mean) / √(var + eps) · weight + bias`.
+/// LayerNorm of candle operations: `(x − mean) / √(var + eps) · weight + bias`.
+///
+/// Where no gradient can flow through it (inference, or inside a node with its gradient written
+/// out, as [`LayerNorm`]'s own) and with both affine parameters, in f32, bf16 or f16, the centred
+/// values go through candle's fused kernel: one pass writing the result where the primitives
+/// write four tensors of `x`'s size (square, quotient, product, sum). That kernel takes the
+/// variance as `E[c²] − E[c]²` in f32, which loses every digit for inputs whose mean is large
+/// beside their spread; fed the centred values `c`, whose mean is zero up to rounding, it is the
+/// two-pass variance, and its second centring even corrects the f32 mean's rounding, which the
+/// primitives keep (see the test). f64 keeps the primitives (the kernel accumulates in f32).
 pub(crate) fn composed(x: &Tensor, weight: Option<&Tensor>, bias: Option<&Tensor>, eps: f64) -> Result<Tensor> {
     let centred = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
+    if let (Some(w), Some(b)) = (weight, bias) {
+        let no_graph = !(x.track_op() || w.track_op() || b.track_op());
+        if no_graph && x.dtype() != candle_core::DType::F64 && x.rank() > 0 {
+            return candle_nn::ops::layer_norm(&centred, &w.contiguous()?, &b.contiguous()?, eps as f32);
+        }
+    }
     let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
     crate::standardize::standardize(&centred, &var, eps, weight, bias)
 }
@@ -200,6 +215,37 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Without a graph (inference, a node's forward pass) f32 takes candle's fused kernel on the
+    /// centred values: within a few ulp of the exact norm, also for rows whose mean is 10⁴ times
+    /// their spread (where the kernel on the raw values would lose every digit), and never
+    /// further from it than the f32 primitives.
+    #[test]
+    fn without_a_graph_the_fused_kernel_on_centred_values_is_at_least_as_accurate_as_the_primitives() {
+        let x = (crate::testing::seeded_randn(5, &[7, 96], DType::F64) + 1e4).unwrap();
+        let spread = crate::testing::seeded_randn(6, &[7, 96], DType::F64);
+        // Rows of every scale of mean: 0, 1e4, and in between.
+        let x = Tensor::cat(&[&spread, &x, &(spread.clone() + 3.0).unwrap()], 0).unwrap();
+        let (w, b) =
+            (crate::testing::seeded_randn(7, &[96], DType::F64), crate::testing::seeded_randn(8, &[96], DType::F64));
+        let f32s = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+        let (x32, w32, b32) = (f32s(&x), f32s(&w), f32s(&b));
+        let fused = composed(&x32, Some(&w32), Some(&b32), 1e-5).unwrap();
+        // The primitives in f32 (a tracked input keeps them) and in f64, the reference.
+        let tracked = Var::from_tensor(&x32).unwrap();
+        let primitives = composed(tracked.as_tensor(), Some(&w32), Some(&b32), 1e-5).unwrap();
+        // The exact norm of the f32 values (the rounding of the inputs to f32 is no one's error).
+        let f64s = |t: &Tensor| t.to_dtype(DType::F64).unwrap();
+        let exact = composed(&f64s(&x32), Some(&f64s(&w32)), Some(&f64s(&b32)), 1e-5).unwrap();
+        let flat = |t: &Tensor| t.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let (fused, primitives, exact) = (flat(&fused), flat(&primitives), flat(&exact));
+        let worst = |a: &[f64]| a.iter().zip(&exact).map(|(a, e)| (a - e).abs()).fold(0f64, f64::max);
+        // Outputs are O(1) (|w|, |b| ≲ 3): within a few f32 ulp of that. The primitives do worse
+        // on the rows of mean 10⁴ (their f32 mean is off by about 10⁻³ of the spread, and nothing
+        // corrects it), where the kernel centres the centred values again.
+        assert!(worst(&fused) <= 4e-6, "fused: {}", worst(&fused));
+        assert!(worst(&fused) <= worst(&primitives), "{} vs {}", worst(&fused), worst(&primitives));
     }
 
     #[test]

@@ -112,6 +112,38 @@ impl PackedSequences {
         Ok((Self { offsets, key_bias }, rows))
     }
 
+    /// The same sequences in ascending order of length (a stable sort: equal lengths keep their
+    /// order), with `rows`, one value per packed row (what [`PackedSequences::compact`] returns),
+    /// permuted to match. The composed attention of a GPU pads each chunk of consecutive
+    /// sequences to its longest: sorted, a chunk's sequences have similar lengths, so it pads
+    /// little (`packed_attention.rs`). A row-wise layer does not care about the order.
+    ///
+    /// ```
+    /// # use sequence_transformer::PackedSequences;
+    /// let packed = PackedSequences::new(&[3, 1, 2], vec![0.0; 6])?;
+    /// let (sorted, rows) = packed.sorted_by_length(&[10, 11, 12, 20, 30, 31])?;
+    /// assert_eq!(sorted.lengths().collect::<Vec<_>>(), [1, 2, 3]);
+    /// assert_eq!(rows, [20, 30, 31, 10, 11, 12]);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn sorted_by_length(&self, rows: &[u32]) -> rankstack_nn::Result<(Self, Vec<u32>)> {
+        if rows.len() != self.num_rows() {
+            return Err(Error::input(WHAT, "rows", format!("{} values for {} rows", rows.len(), self.num_rows())));
+        }
+        let mut order: Vec<usize> = (0..self.batch_size()).collect();
+        order.sort_by_key(|&s| self.offsets[s + 1] - self.offsets[s]);
+        let mut offsets = Vec::with_capacity(self.offsets.len());
+        offsets.push(0);
+        let (mut sorted_rows, mut key_bias) = (Vec::with_capacity(rows.len()), Vec::with_capacity(rows.len()));
+        for s in order {
+            let span = self.offsets[s]..self.offsets[s + 1];
+            sorted_rows.extend_from_slice(&rows[span.clone()]);
+            key_bias.extend_from_slice(&self.key_bias[span]);
+            offsets.push(sorted_rows.len());
+        }
+        Ok((Self { offsets, key_bias }, sorted_rows))
+    }
+
     /// The number of sequences `B`.
     pub fn batch_size(&self) -> usize {
         self.offsets.len() - 1
@@ -181,6 +213,18 @@ mod tests {
         assert_eq!(p.lengths().collect::<Vec<_>>(), vec![2, 0, 3]);
         assert_eq!((p.batch_size(), p.num_rows(), p.uniform_length()), (3, 5, None));
         assert_eq!(PackedSequences::dense(2, 3, None).unwrap().uniform_length(), Some(3));
+    }
+
+    #[test]
+    fn sorting_by_length_is_stable_and_checks_the_row_count() {
+        let inf = f64::NEG_INFINITY;
+        let p = PackedSequences::new(&[2, 1, 2, 0], vec![0.0, inf, 0.0, inf, 0.0]).unwrap();
+        let (sorted, rows) = p.sorted_by_length(&[1, 2, 3, 4, 5]).unwrap();
+        assert_eq!(sorted.lengths().collect::<Vec<_>>(), [0, 1, 2, 2]);
+        assert_eq!(rows, [3, 1, 2, 4, 5]);
+        assert_eq!(sorted.key_bias(), &[0.0, 0.0, inf, inf, 0.0]);
+        let err = p.sorted_by_length(&[1, 2]).unwrap_err().to_string();
+        assert!(err.contains("2 values for 5 rows"), "{err}");
     }
 
     #[test]

@@ -273,58 +273,73 @@ impl Composed {
         };
         // Every key of every row valid (sequences of one length, no key masked): no bias to add,
         // which spares a pass over the `[B, H, L, L]` scores.
-        let bias = match bias.iter().all(|&v| v == 0.0) {
+        let bias_tensor = match bias.iter().all(|&v| v == 0.0) {
             true => None,
-            false => Some(upload(bias, (b, 1, 1, l), dev, "attention padding bias", Origin::Input)?.to_dtype(dtype)?),
+            false => Some(
+                upload(bias.clone(), (b, 1, 1, l), dev, "attention padding bias", Origin::Input)?.to_dtype(dtype)?,
+            ),
         };
-        Ok(Prepared { device: dev.clone(), bias, dropout })
+        Ok(Prepared { device: dev.clone(), longest: l, bias_host: bias, bias: bias_tensor, dropout })
     }
 
-    /// The dense attentions of the batch for inputs of width `d`: chunks of whole sequences, each
-    /// at most `chunk_weights` attention weights.
+    /// The dense attentions of the batch for inputs of width `d`: chunks of consecutive whole
+    /// sequences ([`chunk_plan`]), each padded to its own longest sequence and at most
+    /// `chunk_weights` attention weights.
     fn chunks(&self, prepared: &Prepared, d: usize, chunk_weights: usize) -> Result<Vec<Chunk>> {
         let seqs = &self.sequences;
-        let (b, h) = (seqs.batch_size(), self.num_heads);
-        let l = seqs.lengths().max().unwrap_or(0);
+        let (h, l) = (self.num_heads, prepared.longest);
         let offsets = seqs.offsets();
-        // Uniform lengths: the packed rows are the dense batch already.
-        let uniform = seqs.uniform_length().is_some();
-        // A narrow over a whole dimension is the tensor itself: one chunk costs nothing.
-        let per_chunk = (chunk_weights / (h * l * l).max(1)).clamp(1, b.max(1));
-        let mut chunks = Vec::with_capacity(b.div_ceil(per_chunk));
-        for first in (0..b.max(1)).step_by(per_chunk) {
-            let n = per_chunk.min(b - first);
-            let rows = offsets[first]..offsets[first + n];
+        let lengths: Vec<usize> = seqs.lengths().collect();
+        let mut chunks = Vec::new();
+        for group in chunk_plan(&lengths, h, chunk_weights) {
+            let (first, n) = (group.start, group.len());
+            let rows = offsets[first]..offsets[group.end];
+            // The chunk's dense length: its longest sequence (the first L_c columns of the
+            // batch's bias and dropout).
+            let lc = lengths[group.clone()].iter().copied().max().unwrap_or(0);
+            if rows.is_empty() {
+                // Only empty sequences: nothing to attend (callers skip such chunks).
+                let core = Arc::new(AttentionCore { bias: None, dropout: None });
+                chunks.push(Chunk { rows, dense: DenseAttention { shape: (n, 0, h, d), index: None, core } });
+                continue;
+            }
             // The packed rows `[R, d]` seen as `[R·H, d_h]`: head j of the chunk's row r is row
-            // r·H + j, and goes to row (s·H + j)·L + i of the dense heads `[n·H·L, d_h]` when r is
-            // row i of the chunk's s-th sequence. A padding row repeats head j of its sequence's
-            // first row (of the chunk's first row for an empty sequence): masked as a key, never
-            // read as a query, so its values do not matter and its gradient is zero
+            // r·H + j, and goes to row (s·H + j)·L_c + i of the dense heads `[n·H·L_c, d_h]` when r
+            // is row i of the chunk's s-th sequence. A padding row repeats head j of its
+            // sequence's first row (of the chunk's first row for an empty sequence): masked as a
+            // key, never read as a query, so its values do not matter and its gradient is zero
             // (`DistinctRows::spread`), and it holds only values of its own sequence, so a
-            // non-finite input spreads no further than it does anyway.
-            let index = if uniform || rows.is_empty() {
+            // non-finite input spreads no further than it does anyway. Sequences all of length
+            // L_c: the packed rows are the dense batch already.
+            let index = if lengths[group.clone()].iter().all(|&len| len == lc) {
                 None
             } else {
                 let local = |s: usize| offsets[first + s] - offsets[first];
                 let heads: Vec<u32> = (0..n)
                     .flat_map(|s| {
                         (0..local(s + 1) - local(s))
-                            .flat_map(move |i| (0..h).map(move |j| ((s * h + j) * l + i) as u32))
+                            .flat_map(move |i| (0..h).map(move |j| ((s * h + j) * lc + i) as u32))
                     })
                     .collect();
                 let fill = |row: usize| {
-                    let (s, j) = (row / (h * l), row / l % h);
+                    let (s, j) = (row / (h * lc), row / lc % h);
                     let own_first = if local(s + 1) > local(s) { local(s) } else { 0 };
                     (own_first * h + j) as u32
                 };
-                Some(DistinctRows::with_fill(&heads, n * h * l, fill, &prepared.device, "packed attention")?)
+                Some(DistinctRows::with_fill(&heads, n * h * lc, fill, &prepared.device, "packed attention")?)
+            };
+            // No bias where none of the chunk's keys is hidden: a `[n, H, L_c, L_c]` pass fewer.
+            let hidden = group.clone().any(|s| prepared.bias_host[s * l..s * l + lc].iter().any(|&v| v != 0.0));
+            let bias = match (&prepared.bias, hidden) {
+                (Some(bias), true) => Some(bias.narrow(0, first, n)?.narrow(3, 0, lc)?),
+                _ => None,
             };
             let dense = DenseAttention {
-                shape: (n, l, h, d),
+                shape: (n, lc, h, d),
                 index,
                 core: Arc::new(AttentionCore {
-                    bias: prepared.bias.as_ref().map(|bias| bias.narrow(0, first, n)).transpose()?,
-                    dropout: prepared.dropout.as_ref().map(|drop| drop.narrow(first, n)).transpose()?,
+                    bias,
+                    dropout: prepared.dropout.as_ref().map(|drop| drop.narrow(first, n, lc)).transpose()?,
                 }),
             };
             chunks.push(Chunk { rows, dense });
@@ -333,10 +348,50 @@ impl Composed {
     }
 }
 
+/// The chunks of consecutive sequences (by their lengths) in which the composed attention runs,
+/// each padded to its longest sequence `L_c`: a chunk grows while its `n · H · L_c²` attention
+/// weights stay within `chunk_weights` and within a quarter above its sequences' own `Σ H · ℓ²`
+/// (below [`MIN_CHUNK_WEIGHTS`] whatever its padding, so that short sequences do not each make a
+/// chunk of their own, and so kernel launches). TransAct packs its sequences shortest first on a
+/// GPU's graph (`PackedSequences::sorted_by_length`), so consecutive sequences have similar
+/// lengths; `homefeed-bench`'s lengths (uniform in 1..=100) then pad about 25% where one `L` for
+/// the whole batch padded about 190%. Every chunk holds at least one sequence; no sequences, no
+/// chunks.
+fn chunk_plan(lengths: &[usize], heads: usize, chunk_weights: usize) -> Vec<std::ops::Range<usize>> {
+    let mut plan = Vec::new();
+    let (mut start, mut longest, mut own) = (0, 0usize, 0usize);
+    for (s, &len) in lengths.iter().enumerate() {
+        if s > start {
+            let l = longest.max(len);
+            let padded = (s + 1 - start) * heads * l * l;
+            let own_then = own + heads * len * len;
+            let fits = padded <= chunk_weights && (padded <= MIN_CHUNK_WEIGHTS || 4 * padded <= 5 * own_then);
+            if !fits {
+                plan.push(start..s);
+                (start, longest, own) = (s, 0, 0);
+            }
+        }
+        longest = longest.max(len);
+        own += heads * len * len;
+    }
+    if start < lengths.len() {
+        plan.push(start..lengths.len());
+    }
+    plan
+}
+
+/// A chunk of at most this many attention weights may pad as much as it needs
+/// ([`chunk_plan`]): 4 MiB of f32 scores.
+const MIN_CHUNK_WEIGHTS: usize = 1 << 20;
+
 /// What the chunks of one composed attention share ([`Composed::prepare`]).
 struct Prepared {
     device: candle_core::Device,
-    /// `None`: all zero.
+    /// `L`, the batch's longest sequence: the dense width of `bias` and `dropout`.
+    longest: usize,
+    /// The key bias `[B · L]` on the host, to see which chunks hide a key.
+    bias_host: Vec<f64>,
+    /// The key bias `[B, 1, 1, L]` (`None`: all zero).
     bias: Option<Tensor>,
     dropout: Option<DenseDropout>,
 }
@@ -347,12 +402,11 @@ struct Chunk {
     dense: DenseAttention,
 }
 
-/// At most this many attention weights (`Σ H · L²` over a chunk's sequences) in one dense
+/// At most this many attention weights (`n · H · L_c²` over a chunk's `n` sequences) in one dense
 /// computation: the composed attention runs larger batches in chunks of whole sequences, so that
-/// its `[B, H, L, L]` tensors stay within 64 MiB each (f32) at any batch size, and so does what
-/// its backward pass recomputes (839 `homefeed-bench` sequences a chunk; scoring batch 32 768
-/// would otherwise hold 2.6 GB tensors). Smaller chunks would save little more and launch more
-/// GPU kernels (40 chunks per layer at batch 32 768 already).
+/// its `[n, H, L_c, L_c]` tensors stay within 64 MiB each (f32) at any batch size, and so does
+/// what its backward pass recomputes (scoring batch 32 768 would otherwise hold 2.6 GB tensors).
+/// Smaller chunks would save little more and launch more GPU kernels.
 const CHUNK_WEIGHTS: usize = 1 << 24;
 
 /// The dropout of the dense attention weights.
@@ -364,11 +418,13 @@ enum DenseDropout {
 }
 
 impl DenseDropout {
-    /// The masks of sequences `first .. first + n`.
-    fn narrow(&self, first: usize, n: usize) -> Result<Self> {
+    /// The masks of sequences `first .. first + n`, their first `l` rows and columns (a strided
+    /// view: nothing is copied).
+    fn narrow(&self, first: usize, n: usize, l: usize) -> Result<Self> {
+        let part = |t: &Tensor| t.narrow(0, first, n)?.narrow(2, 0, l)?.narrow(3, 0, l);
         Ok(match self {
-            Self::Multipliers(m) => Self::Multipliers(m.narrow(0, first, n)?),
-            Self::Keep { keep, p } => Self::Keep { keep: keep.narrow(0, first, n)?, p: *p },
+            Self::Multipliers(m) => Self::Multipliers(part(m)?),
+            Self::Keep { keep, p } => Self::Keep { keep: part(keep)?, p: *p },
         })
     }
 }
@@ -682,6 +738,45 @@ mod tests {
             assert!(a.iter().any(|v| *v != 0.0), "∂{name} is zero ({case})");
             for (a, b) in a.iter().zip(&b) {
                 assert!((a - b).abs() <= 1e-13, "∂{name} ({case}): {a} vs {b}");
+            }
+        }
+    }
+
+    #[test]
+    fn chunks_pad_to_their_own_longest_sequence_within_the_budget_and_a_quarter_above_their_weights() {
+        assert!(chunk_plan(&[], 2, 100).is_empty());
+        // The budget: 2 heads · 5² = 50 weights per sequence of 5.
+        assert_eq!(chunk_plan(&[5, 5, 5], 2, 100), [0..2, 2..3]);
+        // A sequence over the budget alone is still a chunk.
+        assert_eq!(chunk_plan(&[20, 5], 2, 100), [0..1, 1..2]);
+        // Short sequences share a chunk whatever their padding (below MIN_CHUNK_WEIGHTS) ...
+        let one = chunk_plan(&[1, 10, 1, 10, 0], 1, 1 << 30);
+        assert_eq!((one.len(), one[0].clone()), (1, 0..5));
+        // ... longer ones while the padding stays within a quarter of their own weights: 3 ·
+        // 1100² = 3.63M padded for 3.21M own joins; 4 · 2000² = 16M for 7.21M does not.
+        assert_eq!(chunk_plan(&[1000, 1000, 1100, 2000, 2000], 1, 1 << 30), [0..3, 3..5]);
+    }
+
+    /// TransAct's order on a GPU's graph (shortest first) and any other order attend alike, and
+    /// chunks padded to their own longest sequence give the fused kernel's values.
+    #[test]
+    fn sequences_sorted_by_length_attend_as_in_their_own_order() {
+        let bias = vec![0.0, INF, 0.0, /* */ 0.0, 0.0, INF, INF, 0.0, /* */ 0.0];
+        let seqs = Arc::new(PackedSequences::new(&[3, 0, 5, 1], bias).unwrap());
+        let rows: Vec<u32> = (0..9).collect();
+        let (sorted, order) = seqs.sorted_by_length(&rows).unwrap();
+        assert_eq!(sorted.lengths().collect::<Vec<_>>(), [0, 1, 3, 5]);
+        let sorted = Arc::new(sorted);
+        let (h, d) = (2, 6);
+        let x = [1, 2, 3].map(|s| seeded_randn(s, &[9, d], DType::F64));
+        let index = Tensor::from_slice(&order, 9, &candle_core::Device::Cpu).unwrap();
+        let permuted = x.clone().map(|t| t.index_select(&index, 0).unwrap());
+        let want = packed_attention(&x[0], &x[1], &x[2], &seqs, h, None).unwrap().index_select(&index, 0).unwrap();
+        for chunk_weights in [CHUNK_WEIGHTS, 20, 50] {
+            let op = Composed { chunk_weights, ..host_dropout(&sorted, h) };
+            let got = op.composed(&permuted[0], &permuted[1], &permuted[2]).unwrap();
+            for (a, b) in flat(&want).iter().zip(flat(&got)) {
+                assert!((a - b).abs() <= 1e-13, "chunks of {chunk_weights}: {a} vs {b}");
             }
         }
     }

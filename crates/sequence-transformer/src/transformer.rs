@@ -5,6 +5,7 @@ use std::sync::Arc;
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 
+use rankstack_kernels::cpu::kernels_run_on;
 use rankstack_kernels::distinct_rows::DistinctRows;
 use rankstack_nn::host_transfer::{read_input, upload, Origin};
 use rankstack_nn::probe::mark;
@@ -289,6 +290,12 @@ impl SequenceTransformer {
             MaxPool::Unmasked | MaxPool::None => self.config.output_positions(),
         };
         let (sequences, rows) = PackedSequences::compact(masked, b, n, keep_first)?;
+        // On a GPU's graph the attention pads chunks of consecutive sequences to their longest:
+        // packed shortest first, they pad little. (The CPU kernels attend each sequence alone.)
+        let (sequences, rows) = match kernels_run_on(x.device()) {
+            true => (sequences, rows),
+            false => sequences.sorted_by_length(&rows)?,
+        };
         // Distinct rows both ways: gathers, not candle's serial CUDA index_add (see distinct_rows).
         let rows = DistinctRows::new(&rows, b * n, x.device(), "TransAct packing")?;
         let packed = rows.gather(&x.reshape((b * n, d))?)?;
