@@ -8,7 +8,8 @@ use candle_nn::VarBuilder;
 
 use rankstack_nn::{Error, RowGradient};
 
-use crate::{l2_normalize, DenseEncoder, EmbeddingProjection, FeatureSchema, SparseEmbedding, SparseInput};
+use crate::normalize::NormalizedBlocks;
+use crate::{DenseEncoder, EmbeddingProjection, FeatureSchema, SparseEmbedding, SparseInput};
 
 const LAYER: &str = "FeatureEncoder";
 
@@ -228,25 +229,23 @@ impl FeatureEncoder {
             );
         }
 
-        let mut blocks: Vec<Tensor> = Vec::with_capacity(self.columns.len());
+        let mut blocks = NormalizedBlocks::default();
         if let (Some(enc), Some(x)) = (&self.dense, &batch.dense) {
-            blocks.push(enc.forward_t(x, train)?);
+            blocks.push(enc.forward_t(x, train)?, false)?;
         }
         for (table, input) in self.sparse.iter().zip(&batch.sparse) {
-            let y = table.forward_t(input, train)?;
-            blocks.push(if table.feature().normalize { l2_normalize(&y, L2_EPS)? } else { y });
+            blocks.push(table.forward_t(input, train)?, table.feature().normalize)?;
         }
         for ((p, f), x) in self.embedding.iter().zip(&self.schema.embedding).zip(&batch.embedding) {
-            let y = p.forward(x)?;
-            blocks.push(if f.normalize { l2_normalize(&y, L2_EPS)? } else { y });
+            blocks.push(p.forward(x)?, f.normalize)?;
         }
         for (f, x) in self.schema.extra.iter().zip(&batch.extra) {
             rankstack_nn::shape::expect_matrix(LAYER, &format!("extra.{}", f.name), x, f.dim)?;
-            blocks.push(x.clone());
+            blocks.push(x.clone(), false)?;
         }
         // All blocks share one dtype: the parameters' (extra blocks and pretrained vectors must
         // already be in it; candle's cat reports a mismatch).
-        Tensor::cat(&blocks, 1)
+        Tensor::cat(&blocks.finish()?, 1)
     }
 
     /// Evaluation-mode forward pass.
