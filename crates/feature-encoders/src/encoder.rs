@@ -78,7 +78,7 @@ pub struct ColumnBlock {
 /// 3. each sparse feature's pooled embedding, L2-normalised unless `normalize = false`, in schema
 ///    order ([`SparseEmbedding`]);
 /// 4. each embedding feature, projected if configured, L2-normalised unless `normalize = false`
-///    ([`EmbeddingProjection`], [`l2_normalize`]);
+///    ([`EmbeddingProjection`], [`l2_normalize`](crate::l2_normalize));
 /// 5. each extra block as is.
 ///
 /// `D` = [`FeatureEncoder::output_dim`], fixed by the schema. Parameter names match the PyTorch
