@@ -81,7 +81,7 @@ pub struct PartTime {
     /// marks; `None` where the device does not say).
     pub peak_bytes: Option<u64>,
     /// The tensors the part wrote, and their bytes, summed over its marks: on the CPU of a program
-    /// that counts its heap, the buffers of at least 4 KiB it allocated
+    /// that counts its heap, the tensor-aligned buffers of at least 4 KiB it allocated
     /// ([`rankstack_kernels::cpu::heap_count::buffers_allocated`]). With the CPU kernels off
     /// (`RANKSTACK_CPU=candle`) these are the kernels a GPU launches for the part and the bytes
     /// they write, counted without a GPU. `None` elsewhere (a GPU's pool counts no allocations).

@@ -297,11 +297,24 @@ impl SequenceTransformer {
             false => sequences.sorted_by_length(&rows)?,
         };
         // Distinct rows both ways: gathers, not candle's serial CUDA index_add (see distinct_rows).
-        let rows = DistinctRows::new(&rows, b * n, x.device(), "TransAct packing")?;
+        // A row left out of the encoder is read by nothing but the masked pool, which skips it
+        // (it is masked: `compact` keeps every unmasked row and the first K, which are read
+        // directly), so its value does not matter and its gradient is zero: it repeats a row of
+        // the encoder's output (`DistinctRows::spread`) instead of a zero row appended to that
+        // output first (a copy of it).
+        let fill = left_out_rows_fill(&rows, b, n);
+        let rows = match &fill {
+            Some(fill) => DistinctRows::with_fill(&rows, b * n, |j| fill[j / n], x.device(), "TransAct packing")?,
+            None => DistinctRows::new(&rows, b * n, x.device(), "TransAct packing")?,
+        };
         let packed = rows.gather(&x.reshape((b * n, d))?)?;
         mark("transact.pack", &packed)?;
         let packed = self.encoder.forward_packed(&packed, &Arc::new(sequences), train)?;
-        let h = rows.scatter(&packed)?.reshape((b, n, d))?;
+        let h = match fill {
+            Some(_) => rows.spread(&packed)?,
+            None => rows.scatter(&packed)?,
+        };
+        let h = h.reshape((b, n, d))?;
         mark("transact.unpack", &h)?;
         Ok(h)
     }
@@ -423,12 +436,35 @@ impl rankstack_nn::LinearLayers for SequenceTransformer {
     }
 }
 
+/// For each of `b` sequences of `n` positions, the packed row its positions left out of the encoder
+/// repeat when the encoder's output is spread back (`rows`: the dense position of each packed
+/// row): the sequence's first packed row, or the first of all for a sequence with none (nothing of
+/// it is read). `None` when nothing was packed: there is no row to repeat.
+fn left_out_rows_fill(rows: &[u32], b: usize, n: usize) -> Option<Vec<u32>> {
+    if rows.is_empty() {
+        return None;
+    }
+    let mut first: Vec<Option<u32>> = vec![None; b];
+    for (i, &r) in rows.iter().enumerate() {
+        first[r as usize / n.max(1)].get_or_insert(i as u32);
+    }
+    Some(first.into_iter().map(|f| f.unwrap_or(0)).collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use candle_core::Device;
     use rankstack_nn::testing::seeded_randn;
     use rankstack_nn::SeededVarMap;
+
+    #[test]
+    fn left_out_rows_repeat_their_sequences_first_packed_row() {
+        // Two sequences of 3 positions, packed shortest first: sequence 1's positions 0 and 1,
+        // then sequence 0's position 0; sequence 2 has none and repeats packed row 0.
+        assert_eq!(left_out_rows_fill(&[3, 4, 0], 3, 3), Some(vec![2, 0, 0]));
+        assert_eq!(left_out_rows_fill(&[], 2, 3), None);
+    }
 
     #[test]
     fn compaction_changes_neither_the_output_nor_the_gradients() {
@@ -484,10 +520,18 @@ mod tests {
             }
             all
         };
-        let (dense, packed) = (run(false), run(true));
         assert!(masked.iter().filter(|&&m| m).count() > 8, "the case must mask rows");
-        for (a, b) in packed.iter().zip(&dense) {
-            assert!((a - b).abs() <= 1e-12 * (1.0 + b.abs()), "{a} vs {b}");
+        // With the CPU kernels, and on the GPU's graph (sequences packed shortest first, the
+        // composed attention, left-out rows spread back as repeats).
+        use rankstack_kernels::cpu::{with_isa, Isa};
+        for isa in [None, Some(Isa::Candle)] {
+            let (dense, packed) = match isa {
+                None => (run(false), run(true)),
+                Some(isa) => with_isa(isa, || (run(false), run(true))),
+            };
+            for (a, b) in packed.iter().zip(&dense) {
+                assert!((a - b).abs() <= 1e-12 * (1.0 + b.abs()), "{isa:?}: {a} vs {b}");
+            }
         }
     }
 }

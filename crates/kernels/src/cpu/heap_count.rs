@@ -47,7 +47,8 @@ static BUFFER_TOTAL: AtomicUsize = AtomicUsize::new(0);
 /// The smallest allocation [`buffers_allocated`] counts: 1024 `f32` values. A candle operation's
 /// output on a batch is a buffer of this size or more, while the operation's host bookkeeping
 /// (shapes, layouts, reference counts) lies far below it, so above it the count follows the
-/// operations that write a batch-sized tensor, the work a GPU launches a kernel for.
+/// operations that write a batch-sized tensor, the work a GPU launches a kernel for. (Buffers
+/// aligned beyond a tensor's 16 bytes, CPU scratch, are not counted.)
 pub const BUFFER_BYTES: usize = 4096;
 /// Set by the first allocation through [`CountingAllocator`]: it is the global allocator.
 static INSTALLED: AtomicBool = AtomicBool::new(false);
@@ -97,11 +98,21 @@ pub fn reset_heap_peak() {
     PEAK.store(LIVE.load(Ordering::Relaxed), Ordering::Relaxed);
 }
 
-fn grew(bytes: usize) {
-    if bytes >= BUFFER_BYTES {
+/// Counts an allocation of `bytes` aligned to `align` among the tensor buffers if it is one: at
+/// least [`BUFFER_BYTES`], and aligned as a `Vec` of a tensor's elements is (at most 16 bytes).
+/// Scratch that is aligned to cache lines (the `gemm` crate's packing buffers, 128 bytes, one per
+/// matrix of a batched product on the CPU) is no tensor a GPU would write.
+fn counted_as_buffer(bytes: usize, align: usize) {
+    if bytes >= BUFFER_BYTES && align <= MAX_TENSOR_ALIGN {
         BUFFERS.fetch_add(1, Ordering::Relaxed);
         BUFFER_TOTAL.fetch_add(bytes, Ordering::Relaxed);
     }
+}
+
+/// The largest alignment of a tensor's storage (`Vec<T>` of its element type).
+const MAX_TENSOR_ALIGN: usize = 16;
+
+fn grew(bytes: usize) {
     let live = LIVE.fetch_add(bytes, Ordering::Relaxed) + bytes;
     PEAK.fetch_max(live, Ordering::Relaxed);
 }
@@ -118,6 +129,7 @@ unsafe impl GlobalAlloc for CountingAllocator {
         let p = unsafe { System.alloc(layout) };
         if !p.is_null() {
             INSTALLED.store(true, Ordering::Relaxed);
+            counted_as_buffer(layout.size(), layout.align());
             grew(layout.size());
         }
         p
@@ -128,6 +140,7 @@ unsafe impl GlobalAlloc for CountingAllocator {
         let p = unsafe { System.alloc_zeroed(layout) };
         if !p.is_null() {
             INSTALLED.store(true, Ordering::Relaxed);
+            counted_as_buffer(layout.size(), layout.align());
             grew(layout.size());
         }
         p
@@ -144,6 +157,7 @@ unsafe impl GlobalAlloc for CountingAllocator {
         let p = unsafe { System.realloc(ptr, layout, new_size) };
         if !p.is_null() {
             // The old block is gone and the new one held (on failure the old one stays).
+            counted_as_buffer(new_size, layout.align());
             grew(new_size);
             shrank(layout.size());
         }
