@@ -68,7 +68,11 @@ pub struct DistinctRows {
 impl DistinctRows {
     /// The rows `rows` (distinct, each `< n`) on `device`; `op` names the caller in errors.
     pub fn new(rows: &[u32], n: usize, device: &Device, op: &str) -> Result<Self> {
-        let inverse = inverse(rows, n, op)?;
+        Self::with_inverse(rows, n, inverse(rows, n, op)?, device)
+    }
+
+    /// [`DistinctRows::new`] from the inverse map of `rows`, already computed.
+    fn with_inverse(rows: &[u32], n: usize, inverse: Vec<u32>, device: &Device) -> Result<Self> {
         let rows_then_n: Vec<u32> = rows.iter().copied().chain([n as u32]).collect();
         Ok(Self {
             n,
@@ -83,14 +87,15 @@ impl DistinctRows {
     /// that is not among `rows` repeats source row `fill(j)` (which must be `< rows.len()`).
     pub fn with_fill(rows: &[u32], n: usize, fill: impl Fn(usize) -> u32, device: &Device, op: &str) -> Result<Self> {
         let m = rows.len() as u32;
-        let mut sources = inverse(rows, n, op)?;
+        let inverse = inverse(rows, n, op)?;
+        let mut sources = inverse.clone();
         for (j, source) in sources.iter_mut().enumerate().filter(|(_, s)| **s == m) {
             *source = fill(j);
             if *source >= m {
                 candle_core::bail!("{op}: row {j} is filled from source row {source} of {m}");
             }
         }
-        let mut spread = Self::new(rows, n, device, op)?;
+        let mut spread = Self::with_inverse(rows, n, inverse, device)?;
         spread.spread_sources = Some(upload(sources, n, device, "distinct rows' fill map", Origin::Input)?);
         Ok(spread)
     }
@@ -125,9 +130,7 @@ impl DistinctRows {
         // The zero row's gradient is discarded: it reads the sentinel row n of the extended gradient.
         apply(&extended, &self.inverse, &self.rows_then_n)?.narrow(0, 0, self.n)
     }
-}
 
-impl DistinctRows {
     /// `[n, d]` with row `rows[i]` set to `src[i]` and every other row `j` to `src[fill(j)]`
     /// ([`DistinctRows::with_fill`]): [`DistinctRows::scatter`] in one gather, without appending a
     /// zero row to the source (a copy of it) first.

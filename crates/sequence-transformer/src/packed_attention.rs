@@ -9,7 +9,7 @@ use candle_core::{Result, Tensor, D};
 use rankstack_kernels::cpu::packed_attention::{check, head_blocks, packed_attention_fused, SequenceLayout};
 use rankstack_kernels::distinct_rows::DistinctRows;
 use rankstack_nn::dropout::{device_keep_mask, device_multipliers};
-use rankstack_nn::host_transfer::{upload, Origin};
+use rankstack_nn::host_transfer::{upload, upload_slice, Origin};
 use rankstack_nn::linear::matmul_t_autocast;
 use rankstack_nn::recompute::{backprop_through, recompute_in_backward, with_backward};
 
@@ -151,9 +151,7 @@ impl Composed {
     fn composed(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
         let mut outputs = Vec::new();
         let prepared = self.prepare(q.dtype(), q.device())?;
-        // A chunk of empty sequences has no rows: nothing to compute, nothing to send back.
-        let chunks = self.chunks(&prepared, q.dim(1)?, self.chunk_weights)?.into_iter().filter(|c| !c.rows.is_empty());
-        for Chunk { rows, dense } in chunks {
+        for Chunk { rows, dense } in self.chunks(&prepared, q.dim(1)?, self.chunk_weights)? {
             let part = |x: &Tensor| x.narrow(0, rows.start, rows.len());
             let (q, k, v) = (part(q)?, part(k)?, part(v)?);
             outputs.push(recompute_in_backward(&[&q, &k, &v], move |x| dense.attend(&x[0], &x[1], &x[2]))?);
@@ -183,12 +181,8 @@ impl Composed {
     ) -> Result<Tensor> {
         let d = x.dim(1)?;
         let prepared = self.prepare(x.dtype(), x.device())?;
-        // A chunk of empty sequences has no rows: nothing to compute, nothing to send back.
-        let plan = |chunk_weights: usize| -> Result<Vec<Chunk>> {
-            Ok(self.chunks(&prepared, d, chunk_weights)?.into_iter().filter(|c| !c.rows.is_empty()).collect())
-        };
-        let forward_chunks = plan(self.chunk_weights)?;
-        let backward_chunks = Arc::new(plan((self.chunk_weights / 4).max(1))?);
+        let forward_chunks = self.chunks(&prepared, d, self.chunk_weights)?;
+        let backward_chunks = Arc::new(self.chunks(&prepared, d, (self.chunk_weights / 4).max(1))?);
         let has_bias = b.is_some();
         // Inputs: the chunk's rows of x, w, and b if any.
         let attend = move |chunk: &Chunk, t: &[Tensor]| -> Result<Tensor> {
@@ -275,16 +269,16 @@ impl Composed {
         // which spares a pass over the `[B, H, L, L]` scores.
         let bias_tensor = match bias.iter().all(|&v| v == 0.0) {
             true => None,
-            false => Some(
-                upload(bias.clone(), (b, 1, 1, l), dev, "attention padding bias", Origin::Input)?.to_dtype(dtype)?,
-            ),
+            false => {
+                Some(upload_slice(&bias, (b, 1, 1, l), dev, "attention padding bias", Origin::Input)?.to_dtype(dtype)?)
+            }
         };
         Ok(Prepared { device: dev.clone(), longest: l, bias_host: bias, bias: bias_tensor, dropout })
     }
 
     /// The dense attentions of the batch for inputs of width `d`: chunks of consecutive whole
     /// sequences ([`chunk_plan`]), each padded to its own longest sequence and at most
-    /// `chunk_weights` attention weights.
+    /// `chunk_weights` attention weights; a chunk of empty sequences only is left out.
     fn chunks(&self, prepared: &Prepared, d: usize, chunk_weights: usize) -> Result<Vec<Chunk>> {
         let seqs = &self.sequences;
         let (h, l) = (self.num_heads, prepared.longest);
@@ -298,9 +292,7 @@ impl Composed {
             // batch's bias and dropout).
             let lc = lengths[group.clone()].iter().copied().max().unwrap_or(0);
             if rows.is_empty() {
-                // Only empty sequences: nothing to attend (callers skip such chunks).
-                let core = Arc::new(AttentionCore { bias: None, dropout: None });
-                chunks.push(Chunk { rows, dense: DenseAttention { shape: (n, 0, h, d), index: None, core } });
+                // Only empty sequences: nothing to compute, nothing to send back.
                 continue;
             }
             // The packed rows `[R, d]` seen as `[R·H, d_h]`: head j of the chunk's row r is row
@@ -434,8 +426,8 @@ impl DenseDropout {
 struct DenseAttention {
     /// `(B, L, H, d)`.
     shape: (usize, usize, usize, usize),
-    /// The dense head row of each packed head row (`None`: the packed rows are the dense batch;
-    /// callers attend only chunks with rows), with its index tensors built once for the chunk: every `attend`
+    /// The dense head row of each packed head row (`None`: the packed rows are the dense batch),
+    /// with its index tensors built once for the chunk: every `attend`
     /// (forward, and each recomputation in the backward pass) spreads `Q`, `K`, `V` into the
     /// dense heads and gathers the output back through them, one gather each way.
     index: Option<DistinctRows>,

@@ -460,7 +460,7 @@ mod tests {
 
     #[test]
     fn left_out_rows_repeat_their_sequences_first_packed_row() {
-        // Two sequences of 3 positions, packed shortest first: sequence 1's positions 0 and 1,
+        // Three sequences of 3 positions, packed shortest first: sequence 1's positions 0 and 1,
         // then sequence 0's position 0; sequence 2 has none and repeats packed row 0.
         assert_eq!(left_out_rows_fill(&[3, 4, 0], 3, 3), Some(vec![2, 0, 0]));
         assert_eq!(left_out_rows_fill(&[], 2, 3), None);

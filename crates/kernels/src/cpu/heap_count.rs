@@ -112,7 +112,10 @@ fn counted_as_buffer(bytes: usize, align: usize) {
 /// The largest alignment of a tensor's storage (`Vec<T>` of its element type).
 const MAX_TENSOR_ALIGN: usize = 16;
 
-fn grew(bytes: usize) {
+/// An allocation of `bytes` aligned to `align` is held: live bytes, their peak, and the buffer
+/// count.
+fn grew(bytes: usize, align: usize) {
+    counted_as_buffer(bytes, align);
     let live = LIVE.fetch_add(bytes, Ordering::Relaxed) + bytes;
     PEAK.fetch_max(live, Ordering::Relaxed);
 }
@@ -129,8 +132,7 @@ unsafe impl GlobalAlloc for CountingAllocator {
         let p = unsafe { System.alloc(layout) };
         if !p.is_null() {
             INSTALLED.store(true, Ordering::Relaxed);
-            counted_as_buffer(layout.size(), layout.align());
-            grew(layout.size());
+            grew(layout.size(), layout.align());
         }
         p
     }
@@ -140,8 +142,7 @@ unsafe impl GlobalAlloc for CountingAllocator {
         let p = unsafe { System.alloc_zeroed(layout) };
         if !p.is_null() {
             INSTALLED.store(true, Ordering::Relaxed);
-            counted_as_buffer(layout.size(), layout.align());
-            grew(layout.size());
+            grew(layout.size(), layout.align());
         }
         p
     }
@@ -157,8 +158,7 @@ unsafe impl GlobalAlloc for CountingAllocator {
         let p = unsafe { System.realloc(ptr, layout, new_size) };
         if !p.is_null() {
             // The old block is gone and the new one held (on failure the old one stays).
-            counted_as_buffer(new_size, layout.align());
-            grew(new_size);
+            grew(new_size, layout.align());
             shrank(layout.size());
         }
         p
