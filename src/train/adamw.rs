@@ -4,8 +4,10 @@ use std::collections::HashMap;
 
 use candle_core::{backprop::GradStore, DType, Result, Tensor, TensorId, Var};
 use rankstack_kernels::cpu::adamw::{adamw_update_in_place, bias_corrections, AdamWCoefficients};
-use rankstack_kernels::cpu::kernels_enabled;
+use rankstack_kernels::cpu::kernels_run_on;
 use rankstack_kernels::cpu::sum_of_squares::sum_of_squares;
+use rankstack_kernels::device_adamw::AdamWMoments;
+use rankstack_kernels::device_sum_of_squares::sum_of_squares_on_device;
 use rankstack_kernels::overwrite_rows::{check_distinct_rows, OverwriteRows};
 use rankstack_nn::host_transfer::{move_to_device, read_computed, read_input, upload, Origin};
 use rankstack_nn::RowGradient;
@@ -50,11 +52,12 @@ impl Default for AdamWConfig {
 /// update of a zero-elsewhere gradient; untouched rows differ from a dense update, which would
 /// decay them and move them by their old momentum.
 ///
-/// On the CPU with `f32` parameters the update is one fused pass over parameter, gradient and
-/// moments, in place (the tensor version allocates about fifteen temporaries per parameter per
-/// step); its arithmetic is the tensor version's, operation for operation, so results are the
-/// same bits. Other devices and dtypes use the tensor version (and so does the CPU with its kernels
-/// off, `RANKSTACK_CPU=candle`).
+/// With `f32` parameters the update is fused, in place, with the tensor version's arithmetic
+/// operation for operation (so the same bits): on the CPU one pass over parameter, gradient and
+/// host moments; off the CPU kernels (a GPU, or the CPU under `RANKSTACK_CPU=candle`) two
+/// launches per parameter ([`AdamWMoments`]: the moments, then the parameter), where the tensor
+/// version is sixteen launches and allocates about fifteen temporaries per parameter per step.
+/// Other dtypes use the tensor version.
 #[derive(Debug)]
 pub struct AdamW {
     params: Vec<(String, Var)>,
@@ -72,8 +75,19 @@ pub struct AdamW {
 enum Moments {
     /// CPU `f32` parameters: flat buffers updated in place by the fused kernel.
     Host { m: Vec<f32>, v: Vec<f32>, dims: Vec<usize> },
+    /// `f32` parameters off the CPU kernels: both moments in one tensor on the parameter's
+    /// device, updated in place by two fused passes.
+    Device(AdamWMoments),
     /// Anything else: tensors on the parameter's device.
     Tensors { m: Tensor, v: Tensor },
+}
+
+/// Which [`Moments`] a parameter's update keeps.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum MomentsKind {
+    Host,
+    Device,
+    Tensors,
 }
 
 /// The per-step constants of the update: the bias corrections `1 − βᵗ` and the unrounded learning
@@ -160,16 +174,27 @@ impl AdamW {
         }
     }
 
+    /// How `var`'s moments are kept and updated: fused for `f32` (on the host with the CPU
+    /// kernels, else on the parameter's device), the tensor version otherwise.
+    fn moments_kind(&self, var: &Var) -> MomentsKind {
+        match (self.fused && var.dtype() == DType::F32, kernels_run_on(var.device())) {
+            (false, _) => MomentsKind::Tensors,
+            (true, true) => MomentsKind::Host,
+            (true, false) => MomentsKind::Device,
+        }
+    }
+
     /// Updates `var` (all of it, or the rows `rows` of `g`) with the step's constants `k`.
     fn update(&mut self, name: &str, var: &Var, g: &Tensor, rows: Option<&[u32]>, k: &Coefficients) -> Result<()> {
         let g = g.to_dtype(var.dtype())?;
-        let fused = self.fused && var.device().is_cpu() && kernels_enabled() && var.dtype() == DType::F32;
         if !self.moments.contains_key(name) {
-            let moments = if fused {
-                let n = var.elem_count();
-                Moments::Host { m: vec![0.0; n], v: vec![0.0; n], dims: var.dims().to_vec() }
-            } else {
-                Moments::Tensors { m: var.zeros_like()?, v: var.zeros_like()? }
+            let moments = match self.moments_kind(var) {
+                MomentsKind::Host => {
+                    let n = var.elem_count();
+                    Moments::Host { m: vec![0.0; n], v: vec![0.0; n], dims: var.dims().to_vec() }
+                }
+                MomentsKind::Device => Moments::Device(AdamWMoments::zeros(var.as_tensor())?),
+                MomentsKind::Tensors => Moments::Tensors { m: var.zeros_like()?, v: var.zeros_like()? },
             };
             self.moments.insert(name.to_string(), moments);
         }
@@ -181,6 +206,13 @@ impl AdamW {
             Moments::Host { m, v, .. } => {
                 let dim = if var.rank() >= 2 { var.elem_count() / var.dim(0)? } else { 1 };
                 adamw_update_in_place(var.as_tensor(), &g, m, v, rows.map(|r| (r, dim)), k.fused).map_err(named)
+            }
+            Moments::Device(moments) => {
+                let rows = match rows {
+                    None => None,
+                    Some(r) => Some(OverwriteRows::new(r, var.dim(0)?, var.device(), "AdamW").map_err(named)?),
+                };
+                moments.step(var.as_tensor(), &g, rows.as_ref(), k.fused).map_err(named)
             }
             Moments::Tensors { m, v } => {
                 // A row-sparse update gathers the rows, updates them and writes them back in
@@ -219,9 +251,9 @@ impl AdamW {
 
     /// The optimizer state as named tensors (`m.<param>`, `v.<param>`, `step`). Moments kept as
     /// device tensors are returned without a copy (a copy of every moment would double their
-    /// memory at each checkpoint): they share storage with the optimizer's, which a row-sparse
-    /// step updates in place, so read or write them before the next step (the trainer writes them
-    /// at once).
+    /// memory at each checkpoint): they share storage with the optimizer's, which the fused
+    /// update and a row-sparse step change in place, so read or write them before the next step
+    /// (the trainer writes them at once).
     pub fn state(&self) -> Result<HashMap<String, Tensor>> {
         let mut out = HashMap::new();
         for (k, moments) in &self.moments {
@@ -230,6 +262,7 @@ impl AdamW {
                     Tensor::from_slice(m, dims.as_slice(), &candle_core::Device::Cpu)?,
                     Tensor::from_slice(v, dims.as_slice(), &candle_core::Device::Cpu)?,
                 ),
+                Moments::Device(moments) => (moments.m()?, moments.v()?),
                 Moments::Tensors { m, v } => (m.clone(), v.clone()),
             };
             out.insert(format!("m.{k}"), m);
@@ -244,22 +277,22 @@ impl AdamW {
     /// tensor moments on their device, all of them in one check: one read back).
     pub fn first_non_finite_state(&self) -> rankstack_nn::Result<Option<String>> {
         use rankstack_nn::finite::{first_non_finite, first_non_finite_host};
-        let tensors: Vec<(String, &Tensor)> = self
-            .params
-            .iter()
-            .filter_map(|(name, _)| match self.moments.get(name) {
-                Some(Moments::Tensors { m, v }) => Some([(format!("m.{name}"), m), (format!("v.{name}"), v)]),
-                _ => None,
-            })
-            .flatten()
-            .collect();
-        let on_device = first_non_finite(tensors.iter().map(|(n, t)| (n.as_str(), *t)))?;
+        let mut tensors: Vec<(String, Tensor)> = Vec::new();
+        for (name, _) in &self.params {
+            let (m, v) = match self.moments.get(name) {
+                Some(Moments::Tensors { m, v }) => (m.clone(), v.clone()),
+                Some(Moments::Device(moments)) => (moments.m()?, moments.v()?),
+                _ => continue,
+            };
+            tensors.extend([(format!("m.{name}"), m), (format!("v.{name}"), v)]);
+        }
+        let on_device = first_non_finite(tensors.iter().map(|(n, t)| (n.as_str(), t)))?;
         for (name, _) in &self.params {
             let found = match self.moments.get(name) {
                 None => None,
                 Some(Moments::Host { m, v, .. }) => first_non_finite_host([("m", m.as_slice()), ("v", v.as_slice())])
                     .map(|slot| format!("{slot}.{name}")),
-                Some(Moments::Tensors { .. }) => {
+                Some(Moments::Tensors { .. } | Moments::Device(_)) => {
                     on_device.clone().filter(|n| n.split_once('.').is_some_and(|(_, param)| param == name))
                 }
             };
@@ -300,17 +333,18 @@ impl AdamW {
             }
             if slot == "m" {
                 let Some(v) = state.get(&format!("v.{name}")) else { return Err(unexpected(key)) };
-                let fused = self.fused && var.device().is_cpu() && kernels_enabled() && var.dtype() == DType::F32;
-                let entry = if fused {
-                    let flat = |t: &Tensor| read_input::<f32>(&t.to_dtype(DType::F32)?, "optimizer moments");
-                    Moments::Host { m: flat(t)?, v: flat(v)?, dims: var.dims().to_vec() }
-                } else {
-                    let to = |t: &Tensor| {
-                        move_to_device(&t.to_dtype(var.dtype())?, var.device(), "optimizer moments", Origin::State)
-                    };
-                    // Own copies: row-sparse steps update them in place, and the caller's state
-                    // must not change with them.
-                    Moments::Tensors { m: to(t)?.copy()?, v: to(v)?.copy()? }
+                let to = |t: &Tensor| {
+                    move_to_device(&t.to_dtype(var.dtype())?, var.device(), "optimizer moments", Origin::State)
+                };
+                // Own copies: steps update them in place, and the caller's state must not change
+                // with them.
+                let entry = match self.moments_kind(var) {
+                    MomentsKind::Host => {
+                        let flat = |t: &Tensor| read_input::<f32>(&t.to_dtype(DType::F32)?, "optimizer moments");
+                        Moments::Host { m: flat(t)?, v: flat(v)?, dims: var.dims().to_vec() }
+                    }
+                    MomentsKind::Device => Moments::Device(AdamWMoments::from_moments(&to(t)?, &to(v)?)?),
+                    MomentsKind::Tensors => Moments::Tensors { m: to(t)?.copy()?, v: to(v)?.copy()? },
                 };
                 moments.insert(name.to_string(), entry);
             } else if !state.contains_key(&format!("m.{name}")) {
@@ -338,8 +372,10 @@ pub fn grad_norm(params: &[(String, Var)], grads: &GradStore, rows: &[RowGradien
 /// with the loss: one wait for a GPU per step).
 ///
 /// On the CPU each gradient's sum of squares is one pass of
-/// [`rankstack_kernels::cpu::sum_of_squares`] (the tensor formulation below writes two f64
-/// copies of every gradient first); the sums are added in parameter order either way.
+/// [`rankstack_kernels::cpu::sum_of_squares`], added in parameter order on the host. Off the CPU
+/// kernels (a GPU) it is [`sum_of_squares_on_device`]: one launch per gradient into block partial
+/// sums and one sum of those, on the device (the tensor formulation wrote two f64 copies of every
+/// gradient in four launches each).
 pub fn squared_grad_norm(params: &[(String, Var)], grads: &GradStore, rows: &[RowGradient]) -> Result<Option<Tensor>> {
     let gradients: Vec<&Tensor> = params
         .iter()
@@ -366,17 +402,8 @@ pub fn squared_grad_norm(params: &[(String, Var)], grads: &GradStore, rows: &[Ro
         // The CPU kernels summed on the host: `gradients` are CPU tensors.
         return Ok(Some(upload(vec![total], (), gradients[0].device(), "squared gradient norm", Origin::Computed)?));
     }
-    // The squared sums stay on the gradients' device and are added there, in f64, in parameter
-    // order: one value, not one per parameter.
-    let mut total: Option<Tensor> = None;
-    for g in gradients {
-        let s = g.to_dtype(DType::F64)?.sqr()?.sum_all()?;
-        total = Some(match total {
-            None => s,
-            Some(t) => (t + s)?,
-        });
-    }
-    Ok(total)
+    // The sum stays on the gradients' device: one value, read back with the loss.
+    sum_of_squares_on_device(&gradients)
 }
 
 /// Scales all gradients — dense ones in `grads` and the row gradients `rows` — so that their
@@ -440,22 +467,54 @@ mod tests {
         v.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|x| x.to_bits()).collect()
     }
 
-    #[test]
-    fn fused_kernel_gives_the_tensor_version_bit_for_bit() {
-        let init = values(4 * 70_000, 1); // several parallel chunks
-        let (a, b) = (var(&init, (4, 70_000)), var(&init, (4, 70_000)));
-        let config = AdamWConfig { lr: 1e-2, weight_decay: 0.1, ..AdamWConfig::default() };
-        let mut fused = AdamW::new(vec![("w".into(), a.clone())], config).unwrap();
-        let mut plain = AdamW::new(vec![("w".into(), b.clone())], config).unwrap();
-        plain.fused = false;
-        for step in 0..3 {
-            fused.step(&grads_of(&a), &[], 1e-2 / (step + 1) as f64).unwrap();
-            plain.step(&grads_of(&b), &[], 1e-2 / (step + 1) as f64).unwrap();
-            assert_eq!(bits(&a), bits(&b), "step {step}");
+    /// The three ways an `f32` parameter's moments are kept: on the host (the CPU kernels), on
+    /// the device in one tensor (the GPU's graph: the CPU kernels off), the tensor version.
+    const MODES: [&str; 3] = ["host", "device", "tensors"];
+
+    /// An optimizer over `params` that updates in `mode` (one of [`MODES`]).
+    fn optimizer_in(mode: &str, params: Vec<(String, Var)>, config: AdamWConfig) -> AdamW {
+        let mut opt = AdamW::new(params, config).unwrap();
+        opt.fused = mode != "tensors";
+        opt
+    }
+
+    /// Runs `f` with the CPU kernels of `mode` (off for "device").
+    fn in_mode<R>(mode: &str, f: impl FnOnce() -> R) -> R {
+        use rankstack_kernels::cpu::{with_isa, Isa};
+        if mode == "device" {
+            with_isa(Isa::Candle, f)
+        } else {
+            f()
         }
-        let (sf, sp) = (fused.state().unwrap(), plain.state().unwrap());
+    }
+
+    #[test]
+    fn fused_updates_give_the_tensor_version_bit_for_bit() {
+        let init = values(4 * 70_000, 1); // several parallel chunks
+        let config = AdamWConfig { lr: 1e-2, weight_decay: 0.1, ..AdamWConfig::default() };
+        let mut runs: Vec<(Var, AdamW)> = MODES
+            .iter()
+            .map(|mode| {
+                let w = var(&init, (4, 70_000));
+                (w.clone(), optimizer_in(mode, vec![("w".into(), w)], config))
+            })
+            .collect();
+        for step in 0..3 {
+            let mut after = Vec::new();
+            for (mode, (w, opt)) in MODES.iter().zip(&mut runs) {
+                let grads = grads_of(w);
+                in_mode(mode, || opt.step(&grads, &[], 1e-2 / (step + 1) as f64).unwrap());
+                after.push(bits(w));
+            }
+            assert_eq!(after[0], after[2], "step {step}: host");
+            assert_eq!(after[1], after[2], "step {step}: device");
+        }
+        let states: Vec<_> = runs.iter().map(|(_, opt)| opt.state().unwrap()).collect();
+        assert!(matches!(runs[1].1.moments["w"], Moments::Device(_)));
         for k in ["m.w", "v.w"] {
-            assert_eq!(sf[k].to_vec2::<f32>().unwrap(), sp[k].to_vec2::<f32>().unwrap(), "{k}");
+            for (mode, state) in MODES.iter().zip(&states) {
+                assert_eq!(state[k].to_vec2::<f32>().unwrap(), states[2][k].to_vec2::<f32>().unwrap(), "{mode} {k}");
+            }
         }
     }
 
@@ -491,30 +550,65 @@ mod tests {
     }
 
     #[test]
-    fn the_first_non_finite_moment_is_named_in_parameter_order_on_either_path() {
-        for fused in [true, false] {
+    fn the_first_non_finite_moment_is_named_in_parameter_order_on_every_path() {
+        for mode in MODES {
             let vars: Vec<(String, Var)> = ["a", "b", "c"]
                 .iter()
                 .zip(1..)
                 .map(|(n, seed)| (n.to_string(), var(&values(6, seed), (2, 3))))
                 .collect();
-            let mut opt = AdamW::new(vars.clone(), AdamWConfig::default()).unwrap();
-            opt.fused = fused;
+            let mut opt = optimizer_in(mode, vars.clone(), AdamWConfig::default());
             let loss = vars
                 .iter()
                 .map(|(_, v)| v.as_tensor().sqr().unwrap().sum_all().unwrap())
                 .reduce(|a, b| (a + b).unwrap());
-            opt.step(&loss.unwrap().backward().unwrap(), &[], 0.1).unwrap();
-            assert_eq!(opt.first_non_finite_state().unwrap(), None, "fused {fused}");
+            in_mode(mode, || opt.step(&loss.unwrap().backward().unwrap(), &[], 0.1).unwrap());
+            assert_eq!(opt.first_non_finite_state().unwrap(), None, "{mode}");
             for ((name, slot), expected) in [(("c", "m"), "m.c"), (("b", "v"), "v.b")] {
+                let nan = |t: &Tensor| t.affine(f64::NAN, 0.0).unwrap();
                 match opt.moments.get_mut(name).unwrap() {
                     Moments::Host { m, v, .. } => (if slot == "m" { m } else { v })[4] = f32::NAN,
+                    Moments::Device(moments) => {
+                        let (m, v) = (moments.m().unwrap(), moments.v().unwrap());
+                        let (m, v) = if slot == "m" { (nan(&m), v) } else { (m, nan(&v)) };
+                        *moments = AdamWMoments::from_moments(&m, &v).unwrap();
+                    }
                     Moments::Tensors { m, v } => {
                         let t = if slot == "m" { m } else { v };
-                        *t = t.affine(f64::NAN, 0.0).unwrap();
+                        *t = nan(t);
                     }
                 }
-                assert_eq!(opt.first_non_finite_state().unwrap().as_deref(), Some(expected), "fused {fused}");
+                assert_eq!(opt.first_non_finite_state().unwrap().as_deref(), Some(expected), "{mode}");
+            }
+        }
+    }
+
+    /// A state saved after two steps and loaded into a new optimizer continues as the first one
+    /// does, bit for bit, with its moments in the mode's own kind.
+    #[test]
+    fn a_restored_state_continues_the_same_bits_on_every_path() {
+        let init = values(5 * 4, 3);
+        let config = AdamWConfig { lr: 1e-2, weight_decay: 0.1, ..AdamWConfig::default() };
+        for mode in MODES {
+            let (a, b) = (var(&init, (5, 4)), var(&init, (5, 4)));
+            let mut first = optimizer_in(mode, vec![("w".into(), a.clone())], config);
+            for _ in 0..2 {
+                in_mode(mode, || first.step(&grads_of(&a), &[], 1e-2).unwrap());
+            }
+            let state = first.state().unwrap();
+            b.set(a.as_tensor()).unwrap();
+            let mut second = optimizer_in(mode, vec![("w".into(), b.clone())], config);
+            in_mode(mode, || second.load_state(&state).unwrap());
+            let kind = match &second.moments["w"] {
+                Moments::Host { .. } => "host",
+                Moments::Device(_) => "device",
+                Moments::Tensors { .. } => "tensors",
+            };
+            assert_eq!(kind, mode);
+            for step in 0..2 {
+                in_mode(mode, || first.step(&grads_of(&a), &[], 1e-2).unwrap());
+                in_mode(mode, || second.step(&grads_of(&b), &[], 1e-2).unwrap());
+                assert_eq!(bits(&a), bits(&b), "{mode}, step {step} after the restore");
             }
         }
     }
@@ -529,30 +623,29 @@ mod tests {
             g_dense[r as usize * 3..r as usize * 3 + 3].copy_from_slice(&g_rows[k * 3..k * 3 + 3]);
         }
         let config = AdamWConfig { lr: 0.1, weight_decay: 0.1, ..AdamWConfig::default() };
-        for fused in [true, false] {
+        for mode in MODES {
             let (dense_w, sparse_w) = (var(&init, (6, 3)), var(&init, (6, 3)));
-            let mut dense = AdamW::new(vec![("t".into(), dense_w.clone())], config).unwrap();
-            let mut sparse = AdamW::new(vec![("t".into(), sparse_w.clone())], config).unwrap();
-            (dense.fused, sparse.fused) = (fused, fused);
+            let mut dense = optimizer_in(mode, vec![("t".into(), dense_w.clone())], config);
+            let mut sparse = optimizer_in(mode, vec![("t".into(), sparse_w.clone())], config);
             let gt = Tensor::from_slice(&g_dense, (6, 3), &Device::Cpu).unwrap();
             let grads = (dense_w.as_tensor() * &gt).unwrap().sum_all().unwrap().backward().unwrap();
-            dense.step(&grads, &[], 0.1).unwrap();
+            in_mode(mode, || dense.step(&grads, &[], 0.1).unwrap());
             let row_grad = RowGradient {
                 table: sparse_w.as_tensor().clone(),
                 rows: rows.clone(),
                 grad: Tensor::from_slice(&g_rows, (2, 3), &Device::Cpu).unwrap(),
             };
             let no_dense = Tensor::zeros(1, DType::F32, &Device::Cpu).unwrap().sum_all().unwrap().backward().unwrap();
-            sparse.step(&no_dense, &[row_grad], 0.1).unwrap();
+            in_mode(mode, || sparse.step(&no_dense, &[row_grad], 0.1).unwrap());
             let (d, s) = (bits(&dense_w), bits(&sparse_w));
             let before: Vec<u32> = init.iter().map(|x| x.to_bits()).collect();
             for r in 0..6 {
                 let at = r * 3..r * 3 + 3;
                 if rows.contains(&(r as u32)) {
-                    assert_eq!(d[at.clone()], s[at], "fused {fused}: touched row {r}");
+                    assert_eq!(d[at.clone()], s[at], "mode {mode}: touched row {r}");
                 } else {
-                    assert_eq!(s[at.clone()], before[at.clone()], "fused {fused}: untouched row {r} kept");
-                    assert_ne!(d[at.clone()], before[at], "fused {fused}: the dense step decays row {r}");
+                    assert_eq!(s[at.clone()], before[at.clone()], "mode {mode}: untouched row {r} kept");
+                    assert_ne!(d[at.clone()], before[at], "mode {mode}: the dense step decays row {r}");
                 }
             }
         }
@@ -570,28 +663,27 @@ mod tests {
 
     #[test]
     fn a_bad_row_is_an_error_naming_the_parameter_and_changes_nothing() {
-        for fused in [true, false] {
+        for mode in MODES {
             for (rows, expected) in
                 [(vec![1, 4], "row 4 is out of range (a matrix of 4 rows)"), (vec![2, 0, 2], "row 2 is written twice")]
             {
                 let w = var(&values(4 * 2, 1), (4, 2));
-                let mut opt = AdamW::new(vec![("table".into(), w.clone())], AdamWConfig::default()).unwrap();
-                opt.fused = fused;
+                let mut opt = optimizer_in(mode, vec![("table".into(), w.clone())], AdamWConfig::default());
                 let before = bits(&w);
                 let grad = Tensor::from_slice(&values(rows.len() * 2, 2), (rows.len(), 2), &Device::Cpu).unwrap();
                 let r = RowGradient { table: w.as_tensor().clone(), rows, grad };
                 let none = Tensor::zeros(1, DType::F32, &Device::Cpu).unwrap().sum_all().unwrap().backward().unwrap();
-                let err = opt.step(&none, &[r], 0.1).unwrap_err().to_string();
-                assert!(err.contains(expected), "fused {fused}: {err}");
-                assert!(err.contains("parameter table"), "fused {fused}: {err}");
-                assert_eq!(bits(&w), before, "fused {fused}: the table changed");
-                assert_eq!(opt.step_count(), 0, "fused {fused}: a rejected step is not counted");
+                let err = in_mode(mode, || opt.step(&none, &[r], 0.1).unwrap_err().to_string());
+                assert!(err.contains(expected), "mode {mode}: {err}");
+                assert!(err.contains("parameter table"), "mode {mode}: {err}");
+                assert_eq!(bits(&w), before, "mode {mode}: the table changed");
+                assert_eq!(opt.step_count(), 0, "mode {mode}: a rejected step is not counted");
             }
         }
     }
 
     #[test]
-    fn the_gradient_norm_of_the_cpu_kernel_equals_the_tensor_formulation() {
+    fn the_gradient_norm_of_the_cpu_kernel_equals_the_devices_partial_sums() {
         use rankstack_kernels::cpu::{with_isa, Isa};
         let (w, b) = (var(&values(300 * 70, 1), (300, 70)), var(&values(70, 2), (1, 70)));
         let table = var(&values(50 * 8, 3), (50, 8));

@@ -18,6 +18,11 @@
 //!   - [`cpu::adamw`]: the AdamW update of one f32 tensor in place.
 //!   - [`cpu::allocator`]: the allocator setting that keeps freed tensor memory for reuse.
 //! - `cuda` (feature `cuda`): the CUDA side: the memory pool's high-water mark.
+//! - [`device_adamw`]: AdamW's update off the CPU kernels in two in-place passes (moments, then
+//!   parameter), the CPU kernel's arithmetic bit for bit; on CUDA `cuda/adamw.cu`.
+//! - [`device_sum_of_squares`]: the f64 sum of squares of many tensors off the CPU kernels, one
+//!   launch per tensor into block partials (the squared gradient norm); on CUDA
+//!   `cuda/sum_of_squares.cu`.
 //! - [`distinct_rows`]: gathering and scattering distinct rows with gathers both ways (any device:
 //!   candle's CUDA `index_add` runs serially over the rows).
 //! - [`overwrite_rows`]: new values written into some rows of a matrix in place (the row-sparse
@@ -34,6 +39,8 @@
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod device_adamw;
+pub mod device_sum_of_squares;
 pub mod distinct_rows;
 pub mod float;
 pub mod host_transfer;

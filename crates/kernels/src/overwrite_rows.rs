@@ -55,6 +55,11 @@ impl OverwriteRows {
         &self.index
     }
 
+    /// `n`, the rows of the matrices these rows are written to.
+    pub fn matrix_rows(&self) -> usize {
+        self.n
+    }
+
     /// `table[rows[i], :] = values[i, :]`, in place. `table` `[n, d]` must be contiguous (a
     /// parameter or a moment is); `values` `[m, d]` of the same dtype and device.
     pub fn apply(&self, table: &Tensor, values: &Tensor) -> Result<()> {

@@ -12,15 +12,15 @@ use crate::float::{contiguous, contiguous_mut};
 /// multiplies by, so that both give the same bits.
 #[derive(Debug, Clone, Copy)]
 pub struct AdamWCoefficients {
-    beta1: f32,
-    one_minus_beta1: f32,
-    beta2: f32,
-    one_minus_beta2: f32,
-    inv_bc1: f32,
-    inv_bc2: f32,
-    eps: f32,
-    decay: f32,
-    lr: f32,
+    pub(crate) beta1: f32,
+    pub(crate) one_minus_beta1: f32,
+    pub(crate) beta2: f32,
+    pub(crate) one_minus_beta2: f32,
+    pub(crate) inv_bc1: f32,
+    pub(crate) inv_bc2: f32,
+    pub(crate) eps: f32,
+    pub(crate) decay: f32,
+    pub(crate) lr: f32,
 }
 
 /// AdamW's bias corrections of step `t ≥ 1`: `(1 − β₁ᵗ, 1 − β₂ᵗ)`, in f64 (the one definition the
@@ -47,15 +47,29 @@ impl AdamWCoefficients {
         }
     }
 
-    /// One element: `(θ, m, v)` after the update with gradient `g`. Each line is one tensor op of
-    /// the tensor version (candle's `affine` computes `x · mul + add` in the tensor's dtype).
+    /// One element: `(θ, m, v)` after the update with gradient `g`: [`Self::moments`], then
+    /// [`Self::parameter`] with the new moments.
     #[inline(always)]
     fn update(&self, theta: f32, m: f32, v: f32, g: f32) -> (f32, f32, f32) {
+        let (m, v) = self.moments(m, v, g);
+        (self.parameter(theta, m, v), m, v)
+    }
+
+    /// The moments `(m, v)` after a step with gradient `g`. Each line is one tensor op of the
+    /// tensor version (candle's `affine` computes `x · mul + add` in the tensor's dtype);
+    /// `cuda/adamw.cu` computes the same operations in the same order.
+    #[inline(always)]
+    pub(crate) fn moments(&self, m: f32, v: f32, g: f32) -> (f32, f32) {
         let m = (m * self.beta1 + 0.0) + (g * self.one_minus_beta1 + 0.0);
         let v = (v * self.beta2 + 0.0) + ((g * g) * self.one_minus_beta2 + 0.0);
+        (m, v)
+    }
+
+    /// The parameter `θ` after a step whose new moments are `m`, `v`.
+    #[inline(always)]
+    pub(crate) fn parameter(&self, theta: f32, m: f32, v: f32) -> f32 {
         let update = (m * self.inv_bc1 + 0.0) / ((v * self.inv_bc2 + 0.0).sqrt() * 1.0 + self.eps);
-        let theta = (theta * self.decay + 0.0) - (update * self.lr + 0.0);
-        (theta, m, v)
+        (theta * self.decay + 0.0) - (update * self.lr + 0.0)
     }
 }
 
