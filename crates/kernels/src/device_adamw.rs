@@ -256,111 +256,67 @@ fn row_ids<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [u32]> {
     }
 }
 
-impl InplaceOp2 for Moments {
-    fn name(&self) -> &'static str {
-        "adamw-moments"
-    }
+/// The in-place ops of one pass: `InplaceOp2` (the whole tensor: the updated tensor and its
+/// source) and `InplaceOp3` (the rows: also their ids), on the CPU through the pass's `cpu`, on
+/// CUDA through `cuda::$cuda`. `$dst` and `$src` name the two tensors in errors.
+macro_rules! inplace_pass {
+    ($pass:ident, $name:literal, $rows_name:literal, $dst:literal, $src:literal, $cuda:ident) => {
+        impl InplaceOp2 for $pass {
+            fn name(&self) -> &'static str {
+                $name
+            }
 
-    fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<()> {
-        self.cpu(f32s_mut(s1, l1, "AdamW moments")?, f32s(s2, l2, "AdamW gradient")?, None)
-    }
+            fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<()> {
+                self.cpu(f32s_mut(s1, l1, $dst)?, f32s(s2, l2, $src)?, None)
+            }
 
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &mut candle_core::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-    ) -> Result<()> {
-        cuda::moments(self.0, s1, l1, s2, l2, None)
-    }
+            #[cfg(feature = "cuda")]
+            fn cuda_fwd(
+                &self,
+                s1: &mut candle_core::CudaStorage,
+                l1: &Layout,
+                s2: &candle_core::CudaStorage,
+                l2: &Layout,
+            ) -> Result<()> {
+                cuda::$cuda(self.0, s1, l1, s2, l2, None)
+            }
+        }
+
+        impl InplaceOp3 for $pass {
+            fn name(&self) -> &'static str {
+                $rows_name
+            }
+
+            fn cpu_fwd(
+                &self,
+                s1: &mut CpuStorage,
+                l1: &Layout,
+                s2: &CpuStorage,
+                l2: &Layout,
+                s3: &CpuStorage,
+                l3: &Layout,
+            ) -> Result<()> {
+                self.cpu(f32s_mut(s1, l1, $dst)?, f32s(s2, l2, $src)?, Some(row_ids(s3, l3)?))
+            }
+
+            #[cfg(feature = "cuda")]
+            fn cuda_fwd(
+                &self,
+                s1: &mut candle_core::CudaStorage,
+                l1: &Layout,
+                s2: &candle_core::CudaStorage,
+                l2: &Layout,
+                s3: &candle_core::CudaStorage,
+                l3: &Layout,
+            ) -> Result<()> {
+                cuda::$cuda(self.0, s1, l1, s2, l2, Some((s3, l3)))
+            }
+        }
+    };
 }
 
-impl InplaceOp3 for Moments {
-    fn name(&self) -> &'static str {
-        "adamw-moments-rows"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &mut CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<()> {
-        let rows = row_ids(s3, l3)?;
-        self.cpu(f32s_mut(s1, l1, "AdamW moments")?, f32s(s2, l2, "AdamW gradient")?, Some(rows))
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &mut candle_core::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-        s3: &candle_core::CudaStorage,
-        l3: &Layout,
-    ) -> Result<()> {
-        cuda::moments(self.0, s1, l1, s2, l2, Some((s3, l3)))
-    }
-}
-
-impl InplaceOp2 for Parameter {
-    fn name(&self) -> &'static str {
-        "adamw-parameter"
-    }
-
-    fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<()> {
-        self.cpu(f32s_mut(s1, l1, "AdamW parameter")?, f32s(s2, l2, "AdamW moments")?, None)
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &mut candle_core::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-    ) -> Result<()> {
-        cuda::parameter(self.0, s1, l1, s2, l2, None)
-    }
-}
-
-impl InplaceOp3 for Parameter {
-    fn name(&self) -> &'static str {
-        "adamw-parameter-rows"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &mut CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<()> {
-        let rows = row_ids(s3, l3)?;
-        self.cpu(f32s_mut(s1, l1, "AdamW parameter")?, f32s(s2, l2, "AdamW moments")?, Some(rows))
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &mut candle_core::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-        s3: &candle_core::CudaStorage,
-        l3: &Layout,
-    ) -> Result<()> {
-        cuda::parameter(self.0, s1, l1, s2, l2, Some((s3, l3)))
-    }
-}
+inplace_pass!(Moments, "adamw-moments", "adamw-moments-rows", "AdamW moments", "AdamW gradient", moments);
+inplace_pass!(Parameter, "adamw-parameter", "adamw-parameter-rows", "AdamW parameter", "AdamW moments", parameter);
 
 /// The launches of `cuda/adamw.cu`.
 #[cfg(feature = "cuda")]

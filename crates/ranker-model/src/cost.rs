@@ -56,25 +56,24 @@ pub struct CostReport {
 const F32: usize = 4;
 
 /// The peak tensor memory per candidate of a training step on a CUDA GPU over the planner's
-/// activation estimate: 0.47 (`docs/cost-planner.md`, calibration). Measured on the GPU's graph of
+/// activation estimate: 0.44 (`docs/cost-planner.md`, calibration). Measured on the GPU's graph of
 /// operations run on the CPU with the CPU kernels off (`RANKSTACK_CPU=candle`, counted heap:
-/// `examples/gpu_bench.rs`) at batch 512, 2048 and 8192 for `homefeed-bench` in f32, since every
-/// product, dropout and LayerNorm of that graph became one node that keeps only what its backward
-/// pass reads, the attention keeps nothing of its projections, and TransAct's residual norms and
-/// feed-forward blocks keep nothing inside (2026-12-07, twelfth session): the planner's figure with
-/// this factor and the batch ahead lies +2.3 … +5.1% above those peaks plus that batch (bf16
-/// autocast has its own, [`CUDA_BF16_TRAINING_ACTIVATIONS`]). Those peaks hold the step's own
-/// batch; the next batch a GPU holds besides is [`TrainingCalibration::inputs_ahead`]. The GPU
-/// itself last measured 2.65 (f32) and 2.7 (bf16 autocast), many changes before. `--batch-size
-/// auto` on a GPU divides by this.
-pub const CUDA_TRAINING_ACTIVATIONS: f64 = 0.47;
+/// `examples/gpu_bench.rs`) at batch 512, 2048 and 8192 for `homefeed-bench` in f32, since the
+/// optimizer updates in place and the backward pass stores the first gradient of every node
+/// instead of adding it to zeros (2026-12-07, fourteenth session): the planner's figure with this
+/// factor and the batch ahead lies +2.2 … +9.1% above those peaks plus that batch (bf16 autocast
+/// has its own, [`CUDA_BF16_TRAINING_ACTIVATIONS`]). Those peaks hold the step's own batch; the
+/// next batch a GPU holds besides is [`TrainingCalibration::inputs_ahead`]. The GPU itself last
+/// measured 2.65 (f32) and 2.7 (bf16 autocast), many changes before. `--batch-size auto` on a GPU
+/// divides by this.
+pub const CUDA_TRAINING_ACTIVATIONS: f64 = 0.44;
 
-/// [`CUDA_TRAINING_ACTIVATIONS`] for training under bf16 autocast (`--precision bf16`): 0.42,
-/// measured the same way (2026-12-07, twelfth session): its graph keeps nothing rounded, and its
-/// peak lies below f32's (7.94 against 8.66 GiB at batch 8192; where the difference arises was not
-/// traced). With the f32 factor the plan would lie 11.5% above it; with this one it lies +0.7 …
-/// +3.2% above the peaks plus the batch ahead.
-pub const CUDA_BF16_TRAINING_ACTIVATIONS: f64 = 0.42;
+/// [`CUDA_TRAINING_ACTIVATIONS`] for training under bf16 autocast (`--precision bf16`): 0.41,
+/// measured the same way (2026-12-07, fourteenth session): its graph keeps nothing rounded, and its
+/// peak lies below f32's (7.72 against 8.22 GiB at batch 8192; where the difference arises was not
+/// traced). With the f32 factor the plan would lie 8.7% above it at 8192; with this one it lies
+/// +3.0 … +8.6% above the peaks plus the batch ahead.
+pub const CUDA_BF16_TRAINING_ACTIVATIONS: f64 = 0.41;
 
 /// What the planner's training figure adds or scales on one kind of device: the measured part.
 #[derive(Debug, Clone, Copy, PartialEq)]
