@@ -211,7 +211,9 @@ fn train(dir: &Path, dtype: &str) -> Result<()> {
             Err(e) => rows.push(json!({"batch": b, "error": e.to_string(), "planned_bytes": planned})),
         }
     }
-    println!("{}", json!({"framework": "rankstack", "mode": "train", "dtype": dtype, "rows": rows}));
+    // Which AdamW update ran (`RANKSTACK_ADAMW`): the fused kernels, or the tensor version.
+    let adamw = std::env::var(rankstack::train::ADAMW_ENV).unwrap_or_else(|_| "fused".into());
+    println!("{}", json!({"framework": "rankstack", "mode": "train", "dtype": dtype, "adamw": adamw, "rows": rows}));
     Ok(())
 }
 

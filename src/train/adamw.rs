@@ -58,6 +58,11 @@ impl Default for AdamWConfig {
 /// launches per parameter ([`AdamWMoments`]: the moments, then the parameter), where the tensor
 /// version is sixteen launches and allocates about fifteen temporaries per parameter per step.
 /// Other dtypes use the tensor version.
+///
+/// `RANKSTACK_ADAMW=tensors` in the environment selects the tensor version for every parameter
+/// (`fused`, the default, the fused updates): to measure one against the other on a device
+/// (`.gpu/bench.sh` does), or to set a fused kernel aside. Another value is an error at
+/// construction.
 #[derive(Debug)]
 pub struct AdamW {
     params: Vec<(String, Var)>,
@@ -120,8 +125,9 @@ impl AdamW {
         if !(config.weight_decay.is_finite() && config.weight_decay >= 0.0) {
             return Err(bad("weight_decay", config.weight_decay));
         }
+        let fused = fused_updates(std::env::var(ADAMW_ENV).ok().as_deref())?;
         let index_of = params.iter().enumerate().map(|(i, (_, v))| (v.as_tensor().id(), i)).collect();
-        Ok(Self { params, index_of, moments: HashMap::new(), step: 0, config, fused: true })
+        Ok(Self { params, index_of, moments: HashMap::new(), step: 0, config, fused })
     }
 
     /// Steps taken so far.
@@ -357,6 +363,23 @@ impl AdamW {
     }
 }
 
+/// The environment variable that chooses AdamW's update: `fused` (the default) or `tensors`.
+pub const ADAMW_ENV: &str = "RANKSTACK_ADAMW";
+
+/// Whether `RANKSTACK_ADAMW`'s `value` asks for the fused updates (unset or `fused`) or the tensor
+/// version (`tensors`); anything else is a configuration error naming the variable.
+fn fused_updates(value: Option<&str>) -> rankstack_nn::Result<bool> {
+    match value {
+        None | Some("fused") => Ok(true),
+        Some("tensors") => Ok(false),
+        Some(other) => Err(rankstack_nn::Error::config(
+            "AdamW",
+            ADAMW_ENV,
+            format!("`{other}`: expected `fused` (the default) or `tensors`"),
+        )),
+    }
+}
+
 /// The global L2 norm of all gradients of `params`: the dense ones in `grads` and the row
 /// gradients `rows` (a row gradient counts as the dense gradient that is zero outside its rows).
 /// Summed in f64 ([`squared_grad_norm`], read back).
@@ -516,6 +539,15 @@ mod tests {
                 assert_eq!(state[k].to_vec2::<f32>().unwrap(), states[2][k].to_vec2::<f32>().unwrap(), "{mode} {k}");
             }
         }
+    }
+
+    #[test]
+    fn the_environment_chooses_the_fused_updates_or_the_tensor_version() {
+        assert!(fused_updates(None).unwrap());
+        assert!(fused_updates(Some("fused")).unwrap());
+        assert!(!fused_updates(Some("tensors")).unwrap());
+        let err = fused_updates(Some("Tensors")).unwrap_err().to_string();
+        assert!(err.contains("RANKSTACK_ADAMW") && err.contains("`Tensors`"), "{err}");
     }
 
     #[test]
