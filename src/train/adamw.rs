@@ -103,6 +103,8 @@ struct Coefficients {
     bc2: f64,
     /// The step's learning rate, unrounded (the tensor version scales by it in f64).
     step_lr: f64,
+    /// The factor the step's gradients are multiplied by first (1: none).
+    grad_scale: f64,
     fused: AdamWCoefficients,
 }
 
@@ -144,6 +146,20 @@ impl AdamW {
     /// gradients in `grads` and the row gradients `rows` (of tables in row-sparse mode; their
     /// tables must be parameters of this optimizer).
     pub fn step(&mut self, grads: &GradStore, rows: &[RowGradient], lr: f64) -> Result<()> {
+        self.step_with_gradient_scale(grads, rows, lr, 1.0)
+    }
+
+    /// [`AdamW::step`] with every gradient multiplied by `scale` first (gradient clipping's factor,
+    /// [`clip_scale`]): the same bits as [`clip_to_norm`] followed by [`AdamW::step`], but the
+    /// fused updates scale each gradient element as they read it instead of writing every
+    /// gradient again (on a GPU one launch and one full-size tensor per gradient less).
+    pub fn step_with_gradient_scale(
+        &mut self,
+        grads: &GradStore,
+        rows: &[RowGradient],
+        lr: f64,
+        scale: f64,
+    ) -> Result<()> {
         // Every row gradient is checked before anything is updated: a bad one changes nothing.
         for r in rows {
             let Some(&i) = self.index_of.get(&r.table.id()) else {
@@ -154,7 +170,7 @@ impl AdamW {
                 .map_err(|e| e.context(format!("parameter {name}")))?;
         }
         self.step += 1;
-        let k = self.coefficients(lr);
+        let k = self.coefficients(lr, scale);
         for i in 0..self.params.len() {
             let (name, var) = self.params[i].clone();
             if let Some(g) = grads.get(var.as_tensor()) {
@@ -167,8 +183,9 @@ impl AdamW {
         Ok(())
     }
 
-    /// The constants of the current step (`self.step` is already the new step `t`).
-    fn coefficients(&self, lr: f64) -> Coefficients {
+    /// The constants of the current step (`self.step` is already the new step `t`), its gradients
+    /// multiplied by `scale`.
+    fn coefficients(&self, lr: f64, scale: f64) -> Coefficients {
         let c = self.config;
         let t = self.step as i32;
         let (bc1, bc2) = bias_corrections(c.beta1, c.beta2, t);
@@ -176,7 +193,8 @@ impl AdamW {
             bc1,
             bc2,
             step_lr: lr,
-            fused: AdamWCoefficients::new(c.beta1, c.beta2, c.eps, c.weight_decay, lr, t),
+            grad_scale: scale,
+            fused: AdamWCoefficients::new(c.beta1, c.beta2, c.eps, c.weight_decay, lr, t).with_gradient_scale(scale),
         }
     }
 
@@ -221,6 +239,8 @@ impl AdamW {
                 moments.step(var.as_tensor(), &g, rows.as_ref(), k.fused).map_err(named)
             }
             Moments::Tensors { m, v } => {
+                // Clipping's factor, as `clip_to_norm` applies it (`g · scale`, no op at 1).
+                let g = if k.grad_scale == 1.0 { g } else { (g * k.grad_scale)? };
                 // A row-sparse update gathers the rows, updates them and writes them back in
                 // place: work and host→device traffic in the rows touched, not the table.
                 let rows = match rows {
@@ -443,8 +463,15 @@ pub fn clip_grad_norm(
     Ok(norm)
 }
 
+/// The factor [`clip_to_norm`] multiplies every gradient by when their global norm is `norm`:
+/// `max_norm / (norm + 1e-6)` when `norm > max_norm`, else `None` (nothing to clip).
+pub fn clip_scale(norm: f64, max_norm: f64) -> Option<f64> {
+    (norm > max_norm).then(|| max_norm / (norm + 1e-6))
+}
+
 /// The scaling of [`clip_grad_norm`] for gradients whose global norm `norm` is known already:
-/// when `norm > max_norm`, multiplies every gradient by `max_norm / (norm + 1e-6)`.
+/// when `norm > max_norm`, multiplies every gradient by `max_norm / (norm + 1e-6)`
+/// ([`clip_scale`]; the trainer hands that factor to [`AdamW::step_with_gradient_scale`] instead).
 pub fn clip_to_norm(
     params: &[(String, Var)],
     grads: &mut GradStore,
@@ -452,8 +479,7 @@ pub fn clip_to_norm(
     norm: f64,
     max_norm: f64,
 ) -> Result<()> {
-    if norm > max_norm {
-        let scale = max_norm / (norm + 1e-6);
+    if let Some(scale) = clip_scale(norm, max_norm) {
         for (_, var) in params {
             if let Some(g) = grads.remove(var.as_tensor()) {
                 grads.insert(var.as_tensor(), (g * scale)?);
@@ -539,6 +565,42 @@ mod tests {
                 assert_eq!(state[k].to_vec2::<f32>().unwrap(), states[2][k].to_vec2::<f32>().unwrap(), "{mode} {k}");
             }
         }
+    }
+
+    /// Clipping's factor handed to the update gives the bits of clipping the gradients first and
+    /// stepping: dense and row gradients, on every path.
+    #[test]
+    fn a_scaled_step_is_clipping_then_stepping_bit_for_bit() {
+        let init = values(6 * 70_000, 4); // several parallel chunks
+        let table_init = values(9 * 3, 5);
+        let config = AdamWConfig { lr: 1e-2, weight_decay: 0.1, ..AdamWConfig::default() };
+        for mode in MODES {
+            let run = |fold: bool| {
+                let (w, table) = (var(&init, (6, 70_000)), var(&table_init, (9, 3)));
+                let params = vec![("w".to_string(), w.clone()), ("t".to_string(), table.clone())];
+                let mut opt = optimizer_in(mode, params.clone(), config);
+                for step in 0..3 {
+                    let mut grads = grads_of(&w);
+                    let grad = Tensor::from_slice(&values(2 * 3, 10 + step), (2, 3), &Device::Cpu).unwrap();
+                    let mut rows = vec![RowGradient { table: table.as_tensor().clone(), rows: vec![2, 7], grad }];
+                    let norm = grad_norm(&params, &grads, &rows).unwrap();
+                    let max = norm * 0.3; // clips every step
+                    in_mode(mode, || {
+                        if fold {
+                            let scale = clip_scale(norm, max).unwrap();
+                            opt.step_with_gradient_scale(&grads, &rows, 1e-2, scale).unwrap();
+                        } else {
+                            clip_to_norm(&params, &mut grads, &mut rows, norm, max).unwrap();
+                            opt.step(&grads, &rows, 1e-2).unwrap();
+                        }
+                    });
+                }
+                (bits(&w), bits(&table))
+            };
+            assert_eq!(run(true), run(false), "{mode}");
+        }
+        assert_eq!(clip_scale(0.5, 1.0), None);
+        assert_eq!(clip_scale(3.0, 1.0), Some(1.0 / (3.0 + 1e-6)));
     }
 
     #[test]

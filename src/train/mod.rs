@@ -14,7 +14,9 @@ pub mod tensorboard;
 mod trainer;
 
 pub use crate::metrics::{auc, task_metrics, TaskMetrics};
-pub use adamw::{clip_grad_norm, clip_to_norm, grad_norm, squared_grad_norm, AdamW, AdamWConfig, ADAMW_ENV};
+pub use adamw::{
+    clip_grad_norm, clip_scale, clip_to_norm, grad_norm, squared_grad_norm, AdamW, AdamWConfig, ADAMW_ENV,
+};
 pub use checkpoints::{latest_checkpoint, resolve_checkpoint};
 pub use curves::{TrainingCurves, SMOOTHING_WEIGHT};
 pub use evaluate::{evaluate, non_finite_score, EvalReport};

@@ -12,9 +12,11 @@
 // gradient element k belongs to row rows[k / width], column k % width.
 
 __device__ __forceinline__ void moments_of(
-    float* __restrict__ mv, unsigned long long n, unsigned long long i, float g,
-    float beta1, float one_minus_beta1, float beta2, float one_minus_beta2
+    float* __restrict__ mv, unsigned long long n, unsigned long long i, float raw_g,
+    float beta1, float one_minus_beta1, float beta2, float one_minus_beta2, float grad_scale
 ) {
+    // g ← g·scale + 0 (gradient clipping's factor; 1 without)
+    const float g = __fadd_rn(__fmul_rn(raw_g, grad_scale), 0.0f);
     const float m = mv[i];
     const float v = mv[n + i];
     // m ← (m·β₁ + 0) + (g·(1 − β₁) + 0)
@@ -39,23 +41,23 @@ __device__ __forceinline__ float parameter_of(
 
 extern "C" __global__ void adamw_moments_f32(
     float* __restrict__ mv, const float* __restrict__ grad, unsigned long long n,
-    float beta1, float one_minus_beta1, float beta2, float one_minus_beta2
+    float beta1, float one_minus_beta1, float beta2, float one_minus_beta2, float grad_scale
 ) {
     const unsigned long long stride = (unsigned long long)gridDim.x * blockDim.x;
     for (unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
-        moments_of(mv, n, i, grad[i], beta1, one_minus_beta1, beta2, one_minus_beta2);
+        moments_of(mv, n, i, grad[i], beta1, one_minus_beta1, beta2, one_minus_beta2, grad_scale);
     }
 }
 
 extern "C" __global__ void adamw_moments_rows_f32(
     float* __restrict__ mv, const float* __restrict__ grad, const unsigned int* __restrict__ rows,
     unsigned long long n, unsigned long long count, unsigned long long width,
-    float beta1, float one_minus_beta1, float beta2, float one_minus_beta2
+    float beta1, float one_minus_beta1, float beta2, float one_minus_beta2, float grad_scale
 ) {
     const unsigned long long stride = (unsigned long long)gridDim.x * blockDim.x;
     for (unsigned long long k = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x; k < count; k += stride) {
         const unsigned long long i = (unsigned long long)rows[k / width] * width + k % width;
-        moments_of(mv, n, i, grad[k], beta1, one_minus_beta1, beta2, one_minus_beta2);
+        moments_of(mv, n, i, grad[k], beta1, one_minus_beta1, beta2, one_minus_beta2, grad_scale);
     }
 }
 

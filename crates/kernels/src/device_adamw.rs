@@ -361,13 +361,13 @@ mod cuda {
         let mv_start = contiguous_start(mv_layout, "the moments")?;
         let mut mv = mv.as_cuda_slice_mut::<f32>()?.slice_mut(mv_start..);
         let k = pass.k;
-        let (beta1, omb1, beta2, omb2) = (k.beta1, k.one_minus_beta1, k.beta2, k.one_minus_beta2);
+        let (beta1, omb1, beta2, omb2, scale) = (k.beta1, k.one_minus_beta1, k.beta2, k.one_minus_beta2, k.grad_scale);
         match rows {
             None => {
                 let func = device.get_or_load_custom_func("adamw_moments_f32", MODULE, PTX)?;
                 let mut launch = func.builder();
                 launch.arg(&mut mv).arg(&grad).arg(&n);
-                launch.arg(&beta1).arg(&omb1).arg(&beta2).arg(&omb2);
+                launch.arg(&beta1).arg(&omb1).arg(&beta2).arg(&omb2).arg(&scale);
                 // SAFETY: the arguments match the kernel's signature; `mv` holds 2n elements and
                 // `grad` n (checked by `AdamWMoments::step`), and each thread writes only its own
                 // elements.
@@ -379,7 +379,7 @@ mod cuda {
                 let func = device.get_or_load_custom_func("adamw_moments_rows_f32", MODULE, PTX)?;
                 let mut launch = func.builder();
                 launch.arg(&mut mv).arg(&grad).arg(&rows).arg(&n).arg(&count).arg(&width);
-                launch.arg(&beta1).arg(&omb1).arg(&beta2).arg(&omb2);
+                launch.arg(&beta1).arg(&omb1).arg(&beta2).arg(&omb2).arg(&scale);
                 // SAFETY: the arguments match the kernel's signature; the rows are distinct and
                 // below the parameter's `n / width` rows (checked by `OverwriteRows::new` and
                 // `AdamWMoments::step`), so each thread writes its own elements inside `mv`, and

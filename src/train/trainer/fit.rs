@@ -16,7 +16,7 @@ use rankstack_nn::{Error, Reseed, Result};
 use super::{first_non_finite_gradient, stopped, BatchSource, LossWindow, TrainReport, Trainer};
 use crate::data::{LabeledBatch, UploadAhead};
 use crate::train::checkpoints::latest_checkpoint;
-use crate::train::{clip_to_norm, evaluate, squared_grad_norm, EvalReport, WarmupCosine};
+use crate::train::{clip_scale, evaluate, squared_grad_norm, EvalReport, WarmupCosine};
 
 /// How a run is laid out: steps per epoch, the step count to reach, the learning-rate schedule.
 struct RunPlan {
@@ -207,8 +207,8 @@ impl Trainer {
         let logits = self.ranker.forward_t(&b.batch, true)?;
         let loss = self.ranker.loss(&logits, &b.labels, b.example_weights.as_ref())?;
         mark("loss", &loss)?;
-        let mut grads = loss.backward()?;
-        let mut rows = self.ranker.take_row_gradients(&grads)?;
+        let grads = loss.backward()?;
+        let rows = self.ranker.take_row_gradients(&grads)?;
         mark("backward", &loss)?;
         // The global gradient norm before clipping, every step: a growing norm warns of
         // divergence, and a non-finite one stops training before the update spreads it.
@@ -228,12 +228,12 @@ impl Trainer {
             let reason = format!("non-finite gradient of `{name}` at step {}", self.step + 1);
             return Ok(StepOutcome::NonFinite { what: "gradients", reason });
         }
-        if let Some(max) = o.grad_clip_norm {
-            clip_to_norm(params, &mut grads, &mut rows, norm, max)?;
-        }
+        // Clipping's factor goes into the update, which scales each gradient as it reads it (the
+        // same bits as scaling the gradients first, without writing them again).
+        let scale = o.grad_clip_norm.and_then(|max| clip_scale(norm, max)).unwrap_or(1.0);
         mark("grad_norm", &loss)?;
         let lr = plan.schedule.lr(self.step);
-        self.optimizer.step(&grads, &rows, lr)?;
+        self.optimizer.step_with_gradient_scale(&grads, &rows, lr, scale)?;
         mark("optimizer", &loss)?;
         self.step += 1;
         self.window.add(value);

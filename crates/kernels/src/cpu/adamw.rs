@@ -21,6 +21,8 @@ pub struct AdamWCoefficients {
     pub(crate) eps: f32,
     pub(crate) decay: f32,
     pub(crate) lr: f32,
+    /// The factor every gradient is multiplied by first (gradient clipping's; 1 without).
+    pub(crate) grad_scale: f32,
 }
 
 /// AdamW's bias corrections of step `t ≥ 1`: `(1 − β₁ᵗ, 1 − β₂ᵗ)`, in f64 (the one definition the
@@ -44,7 +46,16 @@ impl AdamWCoefficients {
             eps: eps as f32,
             decay: (1.0 - lr * weight_decay) as f32,
             lr: lr as f32,
+            grad_scale: 1.0,
         }
+    }
+
+    /// These constants with every gradient multiplied by `scale` first (gradient clipping's
+    /// `max_norm / (norm + 1e-6)`), as the tensor `g · scale` in the gradient's dtype is: the same
+    /// bits as scaling the gradients before the update, without writing them again. Multiplying
+    /// by 1 changes no result (a `−0` gradient gives the moments a `+0` either way).
+    pub fn with_gradient_scale(self, scale: f64) -> Self {
+        Self { grad_scale: scale as f32, ..self }
     }
 
     /// One element: `(θ, m, v)` after the update with gradient `g`: [`Self::moments`], then
@@ -60,6 +71,7 @@ impl AdamWCoefficients {
     /// `cuda/adamw.cu` computes the same operations in the same order.
     #[inline(always)]
     pub(crate) fn moments(&self, m: f32, v: f32, g: f32) -> (f32, f32) {
+        let g = g * self.grad_scale + 0.0;
         let m = (m * self.beta1 + 0.0) + (g * self.one_minus_beta1 + 0.0);
         let v = (v * self.beta2 + 0.0) + ((g * g) * self.one_minus_beta2 + 0.0);
         (m, v)
