@@ -226,16 +226,15 @@ impl AdamW {
         let (bc1, bc2, lr) = (k.bc1, k.bc2, k.step_lr);
         // A bad row (out of range, repeated) is an error naming the parameter; nothing is updated.
         let named = |e: candle_core::Error| e.context(format!("parameter {name}"));
+        // The rows' ids on the parameter's device, for the device and tensor updates.
+        let overwrite = |rows: &[u32]| OverwriteRows::new(rows, var.dim(0)?, var.device(), "AdamW").map_err(named);
         match self.moments.get_mut(name).expect("inserted above") {
             Moments::Host { m, v, .. } => {
                 let dim = if var.rank() >= 2 { var.elem_count() / var.dim(0)? } else { 1 };
                 adamw_update_in_place(var.as_tensor(), &g, m, v, rows.map(|r| (r, dim)), k.fused).map_err(named)
             }
             Moments::Device(moments) => {
-                let rows = match rows {
-                    None => None,
-                    Some(r) => Some(OverwriteRows::new(r, var.dim(0)?, var.device(), "AdamW").map_err(named)?),
-                };
+                let rows = rows.map(overwrite).transpose()?;
                 moments.step(var.as_tensor(), &g, rows.as_ref(), k.fused).map_err(named)
             }
             Moments::Tensors { m, v } => {
@@ -243,10 +242,7 @@ impl AdamW {
                 let g = if k.grad_scale == 1.0 { g } else { (g * k.grad_scale)? };
                 // A row-sparse update gathers the rows, updates them and writes them back in
                 // place: work and host→device traffic in the rows touched, not the table.
-                let rows = match rows {
-                    None => None,
-                    Some(r) => Some(OverwriteRows::new(r, var.dim(0)?, var.device(), "AdamW").map_err(named)?),
-                };
+                let rows = rows.map(overwrite).transpose()?;
                 let (theta, mm, vv) = match &rows {
                     None => (var.as_tensor().clone(), m.clone(), v.clone()),
                     Some(rows) => {

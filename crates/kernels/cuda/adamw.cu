@@ -7,8 +7,9 @@
 // (src/cpu/adamw.rs, AdamWCoefficients::moments and ::parameter) and of the tensor formulation it
 // replaces: the three give the same bits.
 //
-// The dense kernels update element i of the parameter for every i < count (= n). The row kernels
-// update the elements of `rows` (distinct, each below the parameter's rows; checked on the host):
+// The dense kernels update element i of the parameter for every i < n. Each `_rows` kernel takes
+// its dense twin's arguments followed by the rows, their element count and the row width, and
+// updates the elements of `rows` (distinct, each below the parameter's rows; checked on the host):
 // gradient element k belongs to row rows[k / width], column k % width.
 
 __device__ __forceinline__ void moments_of(
@@ -50,9 +51,9 @@ extern "C" __global__ void adamw_moments_f32(
 }
 
 extern "C" __global__ void adamw_moments_rows_f32(
-    float* __restrict__ mv, const float* __restrict__ grad, const unsigned int* __restrict__ rows,
-    unsigned long long n, unsigned long long count, unsigned long long width,
-    float beta1, float one_minus_beta1, float beta2, float one_minus_beta2, float grad_scale
+    float* __restrict__ mv, const float* __restrict__ grad, unsigned long long n,
+    float beta1, float one_minus_beta1, float beta2, float one_minus_beta2, float grad_scale,
+    const unsigned int* __restrict__ rows, unsigned long long count, unsigned long long width
 ) {
     const unsigned long long stride = (unsigned long long)gridDim.x * blockDim.x;
     for (unsigned long long k = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x; k < count; k += stride) {
@@ -72,9 +73,9 @@ extern "C" __global__ void adamw_parameter_f32(
 }
 
 extern "C" __global__ void adamw_parameter_rows_f32(
-    float* __restrict__ theta, const float* __restrict__ mv, const unsigned int* __restrict__ rows,
-    unsigned long long n, unsigned long long count, unsigned long long width,
-    float inv_bc1, float inv_bc2, float eps, float decay, float lr
+    float* __restrict__ theta, const float* __restrict__ mv, unsigned long long n,
+    float inv_bc1, float inv_bc2, float eps, float decay, float lr,
+    const unsigned int* __restrict__ rows, unsigned long long count, unsigned long long width
 ) {
     const unsigned long long stride = (unsigned long long)gridDim.x * blockDim.x;
     for (unsigned long long k = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x; k < count; k += stride) {

@@ -38,7 +38,7 @@ use candle_core::{CpuStorage, DType, InplaceOp2, InplaceOp3, Layout, Result, Ten
 use rayon::prelude::*;
 
 use crate::cpu::adamw::AdamWCoefficients;
-use crate::float::{contiguous, contiguous_mut};
+use crate::float::{contiguous_mut, contiguous_storage};
 use crate::overwrite_rows::OverwriteRows;
 
 /// The first and second moments of one `f32` parameter, as one `[2, n]` tensor on the parameter's
@@ -157,34 +157,27 @@ struct Pass {
 }
 
 /// Pass 1 in place on the moments `[2, n]`: with the gradient (`InplaceOp2`), or the gradient of
-/// some rows and the rows (`InplaceOp3`).
+/// some rows and the rows (`InplaceOp3`). Both passes run only from [`AdamWMoments::step`], which
+/// has checked every size and row.
 struct Moments(Pass);
 
 /// Pass 2 in place on the parameter: with the moments (`InplaceOp2`), or the moments and the
 /// rows (`InplaceOp3`).
 struct Parameter(Pass);
 
-/// The flat index of every element a row-sparse step updates, in gradient order, after checking
-/// every row against the `n / width` rows of the parameter.
-fn row_elements(rows: &[u32], width: usize, n: usize) -> Result<impl Iterator<Item = usize> + '_> {
-    if let Some(&row) = rows.iter().find(|&&r| (r as usize + 1) * width > n) {
-        candle_core::bail!("AdamW step: row {row} is out of range ({} rows)", n / width.max(1));
-    }
-    Ok(rows.iter().flat_map(move |&r| r as usize * width..(r as usize + 1) * width))
+/// The flat index of every element a row-sparse step updates, in gradient order.
+fn row_elements(rows: &[u32], width: usize) -> impl Iterator<Item = usize> + '_ {
+    rows.iter().flat_map(move |&r| r as usize * width..(r as usize + 1) * width)
 }
 
 const CPU_CHUNK: usize = 1 << 16;
 
 impl Moments {
-    fn cpu(&self, mv: &mut [f32], grad: &[f32], rows: Option<&[u32]>) -> Result<()> {
-        let n = mv.len() / 2;
-        let (m, v) = mv.split_at_mut(n);
+    fn cpu(&self, mv: &mut [f32], grad: &[f32], rows: Option<&[u32]>) {
+        let (m, v) = mv.split_at_mut(mv.len() / 2);
         let k = self.0.k;
         match rows {
             None => {
-                if grad.len() != n {
-                    candle_core::bail!("AdamW moments: {} gradient elements for {n}", grad.len());
-                }
                 m.par_chunks_mut(CPU_CHUNK).zip(v.par_chunks_mut(CPU_CHUNK)).zip(grad.par_chunks(CPU_CHUNK)).for_each(
                     |((m, v), g)| {
                         for ((m, v), &g) in m.iter_mut().zip(v.iter_mut()).zip(g) {
@@ -194,25 +187,17 @@ impl Moments {
                 );
             }
             Some(rows) => {
-                if grad.len() != rows.len() * self.0.width {
-                    candle_core::bail!("AdamW moments: {} gradient elements for {} rows", grad.len(), rows.len());
-                }
-                for (i, &g) in row_elements(rows, self.0.width, n)?.zip(grad) {
+                for (i, &g) in row_elements(rows, self.0.width).zip(grad) {
                     (m[i], v[i]) = k.moments(m[i], v[i], g);
                 }
             }
         }
-        Ok(())
     }
 }
 
 impl Parameter {
-    fn cpu(&self, theta: &mut [f32], mv: &[f32], rows: Option<&[u32]>) -> Result<()> {
-        let n = theta.len();
-        if mv.len() != 2 * n {
-            candle_core::bail!("AdamW parameter: moments of {} elements for {n}", mv.len());
-        }
-        let (m, v) = mv.split_at(n);
+    fn cpu(&self, theta: &mut [f32], mv: &[f32], rows: Option<&[u32]>) {
+        let (m, v) = mv.split_at(theta.len());
         let k = self.0.k;
         match rows {
             None => theta.par_chunks_mut(CPU_CHUNK).zip(m.par_chunks(CPU_CHUNK)).zip(v.par_chunks(CPU_CHUNK)).for_each(
@@ -223,36 +208,19 @@ impl Parameter {
                 },
             ),
             Some(rows) => {
-                for i in row_elements(rows, self.0.width, n)? {
+                for i in row_elements(rows, self.0.width) {
                     theta[i] = k.parameter(theta[i], m[i], v[i]);
                 }
             }
         }
-        Ok(())
     }
 }
 
-/// The `f32` elements of a contiguous CPU storage.
-fn f32s<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
-    match s {
-        CpuStorage::F32(values) => contiguous(values, l, what),
-        other => candle_core::bail!("{what}: {:?} (f32 only)", other.dtype()),
-    }
-}
-
-/// As [`f32s`], for the storage updated in place.
+/// The `f32` elements of a contiguous CPU storage updated in place.
 fn f32s_mut<'a>(s: &'a mut CpuStorage, l: &Layout, what: &str) -> Result<&'a mut [f32]> {
     match s {
         CpuStorage::F32(values) => contiguous_mut(values, l, what),
         other => candle_core::bail!("{what}: {:?} (f32 only)", other.dtype()),
-    }
-}
-
-/// The `u32` rows of a contiguous CPU storage.
-fn row_ids<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [u32]> {
-    match s {
-        CpuStorage::U32(rows) => contiguous(rows, l, "AdamW step: rows"),
-        other => candle_core::bail!("AdamW step: rows of {:?} (u32 only)", other.dtype()),
     }
 }
 
@@ -267,7 +235,8 @@ macro_rules! inplace_pass {
             }
 
             fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<()> {
-                self.cpu(f32s_mut(s1, l1, $dst)?, f32s(s2, l2, $src)?, None)
+                self.cpu(f32s_mut(s1, l1, $dst)?, contiguous_storage(s2, l2, $src)?, None);
+                Ok(())
             }
 
             #[cfg(feature = "cuda")]
@@ -296,7 +265,9 @@ macro_rules! inplace_pass {
                 s3: &CpuStorage,
                 l3: &Layout,
             ) -> Result<()> {
-                self.cpu(f32s_mut(s1, l1, $dst)?, f32s(s2, l2, $src)?, Some(row_ids(s3, l3)?))
+                let rows = contiguous_storage(s3, l3, "AdamW step: rows")?;
+                self.cpu(f32s_mut(s1, l1, $dst)?, contiguous_storage(s2, l2, $src)?, Some(rows));
+                Ok(())
             }
 
             #[cfg(feature = "cuda")]
@@ -318,11 +289,13 @@ macro_rules! inplace_pass {
 inplace_pass!(Moments, "adamw-moments", "adamw-moments-rows", "AdamW moments", "AdamW gradient", moments);
 inplace_pass!(Parameter, "adamw-parameter", "adamw-parameter-rows", "AdamW parameter", "AdamW moments", parameter);
 
-/// The launches of `cuda/adamw.cu`.
+/// The launches of `cuda/adamw.cu`. Each pass is one kernel over the whole parameter or, with
+/// rows, its `_rows` twin, which takes the same arguments followed by the rows, their element
+/// count and the row width.
 #[cfg(feature = "cuda")]
 mod cuda {
     use candle_core::backend::BackendStorage;
-    use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::cudarc::driver::{CudaView, LaunchArgs, LaunchConfig, PushKernelArg};
     use candle_core::cuda_backend::WrapErr;
     use candle_core::{CudaStorage, Layout, Result};
 
@@ -345,6 +318,36 @@ mod cuda {
         }
     }
 
+    /// The rows of a row-sparse step on the device, the elements they cover and their width.
+    struct Rows<'a> {
+        ids: CudaView<'a, u32>,
+        count: u64,
+        width: u64,
+    }
+
+    impl<'a> Rows<'a> {
+        fn new(rows: Option<(&'a CudaStorage, &Layout)>, width: usize) -> Result<Option<Self>> {
+            let Some((rows, layout)) = rows else { return Ok(None) };
+            let ids = rows.as_cuda_slice::<u32>()?.slice(contiguous_start(layout, "the rows")?..);
+            let count = (layout.shape().elem_count() * width) as u64;
+            Ok(Some(Self { ids, count, width: width as u64 }))
+        }
+
+        /// The `_rows` kernel's extra arguments.
+        fn push<'b>(&'b self, launch: &mut LaunchArgs<'b>) {
+            launch.arg(&self.ids).arg(&self.count).arg(&self.width);
+        }
+    }
+
+    /// The kernel `name`, or its `_rows` twin for a row-sparse step.
+    fn kernel_name(name: &str, by_rows: bool) -> String {
+        if by_rows {
+            format!("{name}_rows_f32")
+        } else {
+            format!("{name}_f32")
+        }
+    }
+
     /// Pass 1: `mv` `[2, n]` in place from the gradient (`grad`, of `n` elements or of the rows).
     pub(super) fn moments(
         pass: Pass,
@@ -357,36 +360,24 @@ mod cuda {
         let n = (mv_layout.shape().elem_count() / 2) as u64;
         let count = grad_layout.shape().elem_count();
         let device = mv.device().clone();
+        let rows = Rows::new(rows, pass.width)?;
         let grad = grad.as_cuda_slice::<f32>()?.slice(contiguous_start(grad_layout, "the gradient")?..);
         let mv_start = contiguous_start(mv_layout, "the moments")?;
         let mut mv = mv.as_cuda_slice_mut::<f32>()?.slice_mut(mv_start..);
         let k = pass.k;
         let (beta1, omb1, beta2, omb2, scale) = (k.beta1, k.one_minus_beta1, k.beta2, k.one_minus_beta2, k.grad_scale);
-        match rows {
-            None => {
-                let func = device.get_or_load_custom_func("adamw_moments_f32", MODULE, PTX)?;
-                let mut launch = func.builder();
-                launch.arg(&mut mv).arg(&grad).arg(&n);
-                launch.arg(&beta1).arg(&omb1).arg(&beta2).arg(&omb2).arg(&scale);
-                // SAFETY: the arguments match the kernel's signature; `mv` holds 2n elements and
-                // `grad` n (checked by `AdamWMoments::step`), and each thread writes only its own
-                // elements.
-                unsafe { launch.launch(config(count)) }.w()?;
-            }
-            Some((rows, rows_layout)) => {
-                let rows = rows.as_cuda_slice::<u32>()?.slice(contiguous_start(rows_layout, "the rows")?..);
-                let (count, width) = (count as u64, pass.width as u64);
-                let func = device.get_or_load_custom_func("adamw_moments_rows_f32", MODULE, PTX)?;
-                let mut launch = func.builder();
-                launch.arg(&mut mv).arg(&grad).arg(&rows).arg(&n).arg(&count).arg(&width);
-                launch.arg(&beta1).arg(&omb1).arg(&beta2).arg(&omb2).arg(&scale);
-                // SAFETY: the arguments match the kernel's signature; the rows are distinct and
-                // below the parameter's `n / width` rows (checked by `OverwriteRows::new` and
-                // `AdamWMoments::step`), so each thread writes its own elements inside `mv`, and
-                // `grad` holds `count` elements.
-                unsafe { launch.launch(config(count as usize)) }.w()?;
-            }
+        let func = device.get_or_load_custom_func(&kernel_name("adamw_moments", rows.is_some()), MODULE, PTX)?;
+        let mut launch = func.builder();
+        launch.arg(&mut mv).arg(&grad).arg(&n);
+        launch.arg(&beta1).arg(&omb1).arg(&beta2).arg(&omb2).arg(&scale);
+        if let Some(rows) = &rows {
+            rows.push(&mut launch);
         }
+        // SAFETY: the arguments match the kernel's signature; `mv` holds 2n elements and `grad`
+        // n, or `count` for the rows, which are distinct and below the parameter's `n / width`
+        // rows (checked by `OverwriteRows::new` and `AdamWMoments::step`), so each thread writes
+        // only its own elements inside `mv`.
+        unsafe { launch.launch(config(count)) }.w()?;
         Ok(())
     }
 
@@ -400,39 +391,26 @@ mod cuda {
         rows: Option<(&CudaStorage, &Layout)>,
     ) -> Result<()> {
         let n = theta_layout.shape().elem_count();
-        if mv_layout.shape().elem_count() != 2 * n {
-            candle_core::bail!("AdamW parameter: moments of {} elements for {n}", mv_layout.shape().elem_count());
-        }
         let device = theta.device().clone();
+        let rows = Rows::new(rows, pass.width)?;
+        let count = rows.as_ref().map_or(n, |r| r.count as usize);
         let mv = mv.as_cuda_slice::<f32>()?.slice(contiguous_start(mv_layout, "the moments")?..);
         let theta_start = contiguous_start(theta_layout, "the parameter")?;
         let mut theta = theta.as_cuda_slice_mut::<f32>()?.slice_mut(theta_start..);
         let k = pass.k;
         let (inv_bc1, inv_bc2, eps, decay, lr) = (k.inv_bc1, k.inv_bc2, k.eps, k.decay, k.lr);
         let n64 = n as u64;
-        match rows {
-            None => {
-                let func = device.get_or_load_custom_func("adamw_parameter_f32", MODULE, PTX)?;
-                let mut launch = func.builder();
-                launch.arg(&mut theta).arg(&mv).arg(&n64);
-                launch.arg(&inv_bc1).arg(&inv_bc2).arg(&eps).arg(&decay).arg(&lr);
-                // SAFETY: the arguments match the kernel's signature; `theta` holds n elements
-                // and `mv` 2n (checked above), and each thread writes only its own element.
-                unsafe { launch.launch(config(n)) }.w()?;
-            }
-            Some((rows, rows_layout)) => {
-                let count = rows_layout.shape().elem_count() * pass.width;
-                let rows = rows.as_cuda_slice::<u32>()?.slice(contiguous_start(rows_layout, "the rows")?..);
-                let (count64, width) = (count as u64, pass.width as u64);
-                let func = device.get_or_load_custom_func("adamw_parameter_rows_f32", MODULE, PTX)?;
-                let mut launch = func.builder();
-                launch.arg(&mut theta).arg(&mv).arg(&rows).arg(&n64).arg(&count64).arg(&width);
-                launch.arg(&inv_bc1).arg(&inv_bc2).arg(&eps).arg(&decay).arg(&lr);
-                // SAFETY: as for the moments' row kernel: distinct rows inside the parameter, so
-                // each thread writes its own element of `theta`.
-                unsafe { launch.launch(config(count)) }.w()?;
-            }
+        let func = device.get_or_load_custom_func(&kernel_name("adamw_parameter", rows.is_some()), MODULE, PTX)?;
+        let mut launch = func.builder();
+        launch.arg(&mut theta).arg(&mv).arg(&n64);
+        launch.arg(&inv_bc1).arg(&inv_bc2).arg(&eps).arg(&decay).arg(&lr);
+        if let Some(rows) = &rows {
+            rows.push(&mut launch);
         }
+        // SAFETY: the arguments match the kernel's signature; `theta` holds n elements and `mv`
+        // 2n (`AdamWMoments::step` checks the parameter's shape against its moments'), and the
+        // rows are distinct and inside the parameter, so each thread writes only its own element.
+        unsafe { launch.launch(config(count)) }.w()?;
         Ok(())
     }
 }
