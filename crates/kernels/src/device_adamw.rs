@@ -156,6 +156,35 @@ struct Pass {
     width: usize,
 }
 
+impl Pass {
+    /// The scalar arguments of the moments kernels (`adamw_moments_f32` and its `_rows` twin),
+    /// after `mv`, `grad` and `n`, in their order: the CUDA launch and the kernels' host test
+    /// take them from here.
+    #[cfg(any(test, feature = "cuda"))]
+    fn moments_scalars(&self) -> [f32; 5] {
+        let k = self.k;
+        [k.beta1, k.one_minus_beta1, k.beta2, k.one_minus_beta2, k.grad_scale]
+    }
+
+    /// The scalar arguments of the parameter kernels, after `theta`, `mv` and `n`, in their order.
+    #[cfg(any(test, feature = "cuda"))]
+    fn parameter_scalars(&self) -> [f32; 5] {
+        let k = self.k;
+        [k.inv_bc1, k.inv_bc2, k.eps, k.decay, k.lr]
+    }
+}
+
+/// The kernel of a pass (`adamw_moments` or `adamw_parameter`), or its `_rows` twin for a
+/// row-sparse step.
+#[cfg(any(test, feature = "cuda"))]
+fn kernel_name(pass: &str, by_rows: bool) -> String {
+    if by_rows {
+        format!("{pass}_rows_f32")
+    } else {
+        format!("{pass}_f32")
+    }
+}
+
 /// Pass 1 in place on the moments `[2, n]`: with the gradient (`InplaceOp2`), or the gradient of
 /// some rows and the rows (`InplaceOp3`). Both passes run only from [`AdamWMoments::step`], which
 /// has checked every size and row.
@@ -295,21 +324,16 @@ inplace_pass!(Parameter, "adamw-parameter", "adamw-parameter-rows", "AdamW param
 #[cfg(feature = "cuda")]
 mod cuda {
     use candle_core::backend::BackendStorage;
-    use candle_core::cuda_backend::cudarc::driver::{CudaView, LaunchArgs, LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::cudarc::driver::{CudaView, LaunchArgs, PushKernelArg};
     use candle_core::cuda_backend::WrapErr;
     use candle_core::{CudaStorage, Layout, Result};
 
-    use super::Pass;
+    use super::{kernel_name, Pass};
+    use crate::launch_shape::grid_stride;
 
     /// `cuda/adamw.cu`, compiled by the build script.
     const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/adamw.ptx"));
     const MODULE: &str = "rankstack_adamw";
-
-    /// A grid-stride launch over `count` elements: 256 threads per block, at most 2¹⁶ blocks.
-    fn config(count: usize) -> LaunchConfig {
-        let blocks = count.div_ceil(256).clamp(1, 1 << 16) as u32;
-        LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
-    }
 
     fn contiguous_start(l: &Layout, what: &str) -> Result<usize> {
         match l.contiguous_offsets() {
@@ -339,15 +363,6 @@ mod cuda {
         }
     }
 
-    /// The kernel `name`, or its `_rows` twin for a row-sparse step.
-    fn kernel_name(name: &str, by_rows: bool) -> String {
-        if by_rows {
-            format!("{name}_rows_f32")
-        } else {
-            format!("{name}_f32")
-        }
-    }
-
     /// Pass 1: `mv` `[2, n]` in place from the gradient (`grad`, of `n` elements or of the rows).
     pub(super) fn moments(
         pass: Pass,
@@ -364,12 +379,13 @@ mod cuda {
         let grad = grad.as_cuda_slice::<f32>()?.slice(contiguous_start(grad_layout, "the gradient")?..);
         let mv_start = contiguous_start(mv_layout, "the moments")?;
         let mut mv = mv.as_cuda_slice_mut::<f32>()?.slice_mut(mv_start..);
-        let k = pass.k;
-        let (beta1, omb1, beta2, omb2, scale) = (k.beta1, k.one_minus_beta1, k.beta2, k.one_minus_beta2, k.grad_scale);
+        let scalars = pass.moments_scalars();
         let func = device.get_or_load_custom_func(&kernel_name("adamw_moments", rows.is_some()), MODULE, PTX)?;
         let mut launch = func.builder();
         launch.arg(&mut mv).arg(&grad).arg(&n);
-        launch.arg(&beta1).arg(&omb1).arg(&beta2).arg(&omb2).arg(&scale);
+        for scalar in &scalars {
+            launch.arg(scalar);
+        }
         if let Some(rows) = &rows {
             rows.push(&mut launch);
         }
@@ -377,7 +393,7 @@ mod cuda {
         // n, or `count` for the rows, which are distinct and below the parameter's `n / width`
         // rows (checked by `OverwriteRows::new` and `AdamWMoments::step`), so each thread writes
         // only its own elements inside `mv`.
-        unsafe { launch.launch(config(count)) }.w()?;
+        unsafe { launch.launch(grid_stride(count).config()) }.w()?;
         Ok(())
     }
 
@@ -397,20 +413,21 @@ mod cuda {
         let mv = mv.as_cuda_slice::<f32>()?.slice(contiguous_start(mv_layout, "the moments")?..);
         let theta_start = contiguous_start(theta_layout, "the parameter")?;
         let mut theta = theta.as_cuda_slice_mut::<f32>()?.slice_mut(theta_start..);
-        let k = pass.k;
-        let (inv_bc1, inv_bc2, eps, decay, lr) = (k.inv_bc1, k.inv_bc2, k.eps, k.decay, k.lr);
+        let scalars = pass.parameter_scalars();
         let n64 = n as u64;
         let func = device.get_or_load_custom_func(&kernel_name("adamw_parameter", rows.is_some()), MODULE, PTX)?;
         let mut launch = func.builder();
         launch.arg(&mut theta).arg(&mv).arg(&n64);
-        launch.arg(&inv_bc1).arg(&inv_bc2).arg(&eps).arg(&decay).arg(&lr);
+        for scalar in &scalars {
+            launch.arg(scalar);
+        }
         if let Some(rows) = &rows {
             rows.push(&mut launch);
         }
         // SAFETY: the arguments match the kernel's signature; `theta` holds n elements and `mv`
         // 2n (`AdamWMoments::step` checks the parameter's shape against its moments'), and the
         // rows are distinct and inside the parameter, so each thread writes only its own element.
-        unsafe { launch.launch(config(count)) }.w()?;
+        unsafe { launch.launch(grid_stride(count).config()) }.w()?;
         Ok(())
     }
 }
@@ -460,6 +477,52 @@ mod tests {
             assert_eq!(bits(&moments.v().unwrap()), v.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), "step {t}: v");
         }
         assert_eq!(moments.m().unwrap().dims(), [rows_n, width]);
+    }
+
+    /// The `_rows` kernels' last arguments: the rows, their element count and the row width.
+    fn rows_args(rows: &mut Option<Vec<u32>>, count: usize, width: usize) -> Vec<crate::cuda_on_host::Arg<'_>> {
+        use crate::cuda_on_host::Arg;
+        rows.as_mut().map_or(Vec::new(), |r| vec![Arg::U32s(r), Arg::U64(count as u64), Arg::U64(width as u64)])
+    }
+
+    /// Both passes' CUDA kernels, run on the CPU (`cuda_on_host`) with the CUDA launch's shape and
+    /// scalars, write the CPU passes' bits: a dense and a row-sparse step with a clipping factor,
+    /// with the launch's grid and with a grid of three blocks whose threads loop.
+    #[test]
+    fn the_cuda_kernels_on_the_host_write_the_cpu_passes_bits() {
+        use crate::cuda_on_host::{launch, Arg};
+        use crate::launch_shape::{grid_stride, LaunchShape};
+
+        let (rows_n, width) = (40, 97);
+        let n = rows_n * width;
+        let theta0 = f32s_of(1, n);
+        let mut mv0 = f32s_of(2, n);
+        mv0.extend(f32s_of(3, n).iter().map(|v| v.abs()));
+        for (t, rows) in [(1, None), (2, Some(vec![31u32, 0, 17, 39, 5]))] {
+            let k = AdamWCoefficients::new(0.9, 0.999, 1e-8, 0.01, 1e-3, t).with_gradient_scale(0.7);
+            let pass = Pass { k, width: if rows.is_some() { width } else { 1 } };
+            let count = rows.as_ref().map_or(n, |r| r.len() * width);
+            let grad = f32s_of(10 + t as u64, count);
+            let (mut mv_cpu, mut theta_cpu) = (mv0.clone(), theta0.clone());
+            Moments(pass).cpu(&mut mv_cpu, &grad, rows.as_deref());
+            Parameter(pass).cpu(&mut theta_cpu, &mv_cpu, rows.as_deref());
+            for shape in [grid_stride(count), LaunchShape { blocks: 3, threads: 256 }] {
+                let (mut mv, mut theta, mut g) = (mv0.clone(), theta0.clone(), grad.clone());
+                let (mut rows_a, mut rows_b) = (rows.clone(), rows.clone());
+                let mut args = vec![Arg::F32s(&mut mv), Arg::F32s(&mut g), Arg::U64(n as u64)];
+                args.extend(pass.moments_scalars().map(Arg::F32));
+                args.extend(rows_args(&mut rows_a, count, width));
+                launch(&kernel_name("adamw_moments", rows.is_some()), shape, &mut args).unwrap();
+                let mut args = vec![Arg::F32s(&mut theta), Arg::F32s(&mut mv), Arg::U64(n as u64)];
+                args.extend(pass.parameter_scalars().map(Arg::F32));
+                args.extend(rows_args(&mut rows_b, count, width));
+                launch(&kernel_name("adamw_parameter", rows.is_some()), shape, &mut args).unwrap();
+                let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&mv), bits(&mv_cpu), "step {t}, {shape:?}: moments");
+                assert_eq!(bits(&theta), bits(&theta_cpu), "step {t}, {shape:?}: parameter");
+                assert_ne!(bits(&theta), bits(&theta0), "step {t}: the step moved the parameter");
+            }
+        }
     }
 
     #[test]

@@ -128,7 +128,8 @@ impl InplaceOp2 for Partials {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> Result<()> {
-        use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+        use crate::launch_shape::LaunchShape;
+        use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
         use candle_core::cuda_backend::WrapErr;
 
         let (Some((out_start, _)), Some((x_start, x_end))) = (l1.contiguous_offsets(), l2.contiguous_offsets()) else {
@@ -137,11 +138,7 @@ impl InplaceOp2 for Partials {
         let n = (x_end - x_start) as u64;
         let device = s1.device().clone();
         let mut out = s1.as_cuda_slice_mut::<f64>()?.slice_mut(out_start + self.offset..);
-        let config = LaunchConfig {
-            grid_dim: (self.blocks as u32, 1, 1),
-            block_dim: (THREADS as u32, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let config = LaunchShape { blocks: self.blocks as u32, threads: THREADS as u32 }.config();
         macro_rules! launch {
             ($t:ty, $kernel:literal) => {{
                 let func = device.get_or_load_custom_func($kernel, "rankstack_sum_of_squares", PTX)?;
@@ -199,6 +196,40 @@ mod tests {
         let got = sum_of_squares_on_device(&refs).unwrap().unwrap().to_scalar::<f64>().unwrap();
         assert!((got - exact).abs() <= 1e-12 * exact, "{got} vs {exact}");
         assert!(sum_of_squares_on_device(&[]).unwrap().is_none());
+    }
+
+    /// The CUDA kernel, run on the CPU (`cuda_on_host`) with the launch's blocks, writes the CPU
+    /// mirror's partials bit for bit: one block, a partial last run, threads that loop (more than
+    /// 256 blocks' worth), f32 and f64.
+    #[test]
+    fn the_cuda_kernel_on_the_host_writes_the_cpu_partials() {
+        use crate::cuda_on_host::{launch, Arg};
+        use crate::launch_shape::LaunchShape;
+
+        for n in [1usize, 4097, THREADS * ELEMENTS_PER_THREAD * MAX_BLOCKS + 4099] {
+            let blocks = blocks_for(n);
+            let shape = LaunchShape { blocks: blocks as u32, threads: THREADS as u32 };
+            let mut x = values(n as u64, n);
+            let want: Vec<u64> = (0..blocks).map(|b| block_partial(&x, b, blocks).to_bits()).collect();
+            let mut out = vec![0f64; blocks];
+            launch(
+                "sum_of_squares_partials_f64",
+                shape,
+                &mut [Arg::F64s(&mut out), Arg::F64s(&mut x), Arg::U64(n as u64)],
+            )
+            .unwrap();
+            assert_eq!(out.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), want, "f64, {n} elements");
+            let mut x: Vec<f32> = x.iter().map(|&v| v as f32).collect();
+            let want: Vec<u64> = (0..blocks).map(|b| block_partial(&x, b, blocks).to_bits()).collect();
+            let mut out = vec![0f64; blocks];
+            launch(
+                "sum_of_squares_partials_f32",
+                shape,
+                &mut [Arg::F64s(&mut out), Arg::F32s(&mut x), Arg::U64(n as u64)],
+            )
+            .unwrap();
+            assert_eq!(out.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), want, "f32, {n} elements");
+        }
     }
 
     #[test]

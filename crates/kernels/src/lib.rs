@@ -18,6 +18,9 @@
 //!   - [`cpu::adamw`]: the AdamW update of one f32 tensor in place.
 //!   - [`cpu::allocator`]: the allocator setting that keeps freed tensor memory for reuse.
 //! - `cuda` (feature `cuda`): the CUDA side: the memory pool's high-water mark.
+//!   Every kernel of `cuda/*.cu` is also compiled as C++ and run on the CPU in the tests
+//!   (`cuda_on_host`, with `cuda/host/`), against its CPU mirror bit for bit, so each kernel's
+//!   indexing and arithmetic are tested on machines without a GPU.
 //! - [`device_adamw`]: AdamW's update off the CPU kernels in two in-place passes (moments, then
 //!   parameter), the CPU kernel's arithmetic bit for bit; on CUDA `cuda/adamw.cu`.
 //! - [`device_sum_of_squares`]: the f64 sum of squares of many tensors off the CPU kernels, one
@@ -39,11 +42,15 @@
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+#[cfg(test)]
+mod cuda_on_host;
 pub mod device_adamw;
 pub mod device_sum_of_squares;
 pub mod distinct_rows;
 pub mod float;
 pub mod host_transfer;
+#[cfg(any(test, feature = "cuda"))]
+mod launch_shape;
 #[cfg(test)]
 mod oracle;
 pub mod overwrite_rows;

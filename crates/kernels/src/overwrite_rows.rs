@@ -184,7 +184,7 @@ impl InplaceOp3 for Write {
         }
         let device = s1.device().clone();
         let rows = s2.as_cuda_slice::<u32>()?.slice(l2.start_offset()..);
-        let config = crate::cuda::one_block_per_row(m, d);
+        let config = crate::launch_shape::one_block_per_row(m, d).config();
         let width = d as u32;
         let (table_start, values_start) = (l1.start_offset(), l3.start_offset());
         macro_rules! launch {
@@ -231,6 +231,40 @@ mod tests {
         }
         let map = Tensor::from_vec(map, n, table.device()).unwrap();
         Tensor::cat(&[table, values], 0).unwrap().index_select(&map, 0).unwrap()
+    }
+
+    /// The CUDA kernels, run on the CPU (`cuda_on_host`) with the launch's shape, write what
+    /// the CPU copy writes, f32 and f64, rows narrower and wider than a block.
+    #[test]
+    fn the_cuda_kernels_on_the_host_write_the_cpu_copy() {
+        use crate::cuda_on_host::{launch, Arg};
+        use crate::launch_shape::one_block_per_row;
+
+        let (n, rows) = (23usize, vec![22u32, 0, 9, 14, 3]);
+        for d in [7usize, 300] {
+            let table: Vec<f64> = (0..n * d).map(|i| (i as f64 * 0.3).cos()).collect();
+            let values: Vec<f64> = (0..rows.len() * d).map(|i| -(i as f64) - 0.5).collect();
+            let mut want = table.clone();
+            copy_rows(&mut want, &rows, &values, d);
+            let shape = one_block_per_row(rows.len(), d);
+            let (mut got, mut ids, mut v) = (table.clone(), rows.clone(), values.clone());
+            launch(
+                "overwrite_rows_f64",
+                shape,
+                &mut [Arg::F64s(&mut got), Arg::U32s(&mut ids), Arg::F64s(&mut v), Arg::U32(d as u32)],
+            )
+            .unwrap();
+            assert_eq!(got, want, "f64, width {d}");
+            let narrow = |x: &[f64]| x.iter().map(|&v| v as f32).collect::<Vec<f32>>();
+            let (mut got, mut v) = (narrow(&table), narrow(&values));
+            launch(
+                "overwrite_rows_f32",
+                shape,
+                &mut [Arg::F32s(&mut got), Arg::U32s(&mut ids), Arg::F32s(&mut v), Arg::U32(d as u32)],
+            )
+            .unwrap();
+            assert_eq!(got, narrow(&want), "f32, width {d}");
+        }
     }
 
     #[test]

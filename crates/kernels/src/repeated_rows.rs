@@ -170,7 +170,7 @@ impl CustomOp1 for SegmentSum {
         let out = device.alloc_zeros::<f32>(n * d)?;
         if n > 0 && d > 0 {
             let func = device.get_or_load_custom_func("segment_sum_rows_f32", "rankstack_segment_sum", PTX)?;
-            let config = crate::cuda::one_block_per_row(n, d);
+            let config = crate::launch_shape::one_block_per_row(n, d).config();
             let width = d as u32;
             let mut launch = func.builder();
             launch.arg(&src);
@@ -245,6 +245,38 @@ mod tests {
                 .unwrap()
                 .iter()
                 .all(|&v| v == 0.0));
+        }
+    }
+
+    /// The CUDA kernel, run on the CPU (`cuda_on_host`) with the launch's shape, writes the CPU
+    /// sums bit for bit: rows that repeat, a row never used, rows narrower and wider than a block.
+    #[test]
+    fn the_cuda_kernel_on_the_host_writes_the_cpu_sums() {
+        use crate::cuda_on_host::{launch, Arg};
+        use crate::launch_shape::one_block_per_row;
+
+        let rows: Vec<u32> = (0..500u32).map(|i| (i * 7 + i / 3) % 37).filter(|&r| r != 11).collect();
+        let n = 37;
+        for d in [5usize, 64, 300] {
+            let segments = Segments::new(&rows, n).unwrap();
+            let mut src: Vec<f32> = (0..rows.len() * d).map(|i| ((i as f32) * 0.37).sin() * 1e3).collect();
+            let want: Vec<u32> =
+                segment_sum_cpu(&src, &segments.order, &segments.starts, d).iter().map(|v| v.to_bits()).collect();
+            let (mut order, mut starts, mut out) = (segments.order.clone(), segments.starts.clone(), vec![1f32; n * d]);
+            launch(
+                "segment_sum_rows_f32",
+                one_block_per_row(n, d),
+                &mut [
+                    Arg::F32s(&mut src),
+                    Arg::U32s(&mut order),
+                    Arg::U32s(&mut starts),
+                    Arg::U32(d as u32),
+                    Arg::F32s(&mut out),
+                ],
+            )
+            .unwrap();
+            assert_eq!(out.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), want, "width {d}");
+            assert!(out[11 * d..12 * d].iter().all(|&v| v == 0.0), "the unused row is zero");
         }
     }
 
