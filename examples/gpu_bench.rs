@@ -180,9 +180,13 @@ fn infer(dir: &Path, dtype: &str) -> Result<()> {
             Err(e) => rows.push(json!({"batch": b, "error": e.to_string()})),
         }
     }
+    // Which attention scored (`RANKSTACK_DEVICE_ATTENTION`, off the CPU kernels): the
+    // forward-only kernel, or the composed candle operations.
+    let attention = std::env::var(rankstack::kernels::device_packed_attention::DEVICE_ATTENTION_ENV)
+        .unwrap_or_else(|_| "fused".into());
     println!(
         "{}",
-        json!({"framework": "rankstack", "mode": "infer", "dtype": dtype, "rows": rows,
+        json!({"framework": "rankstack", "mode": "infer", "dtype": dtype, "attention": attention, "rows": rows,
                "max_abs_probability_difference_from_f32": max_diff})
     );
     Ok(())

@@ -127,6 +127,7 @@ run 120 ./gpu_bench train "$D" f32
 run 180 python3 -m rankstack_ref.gpu_bench train "$D" eager-f32
 run 180 ./gpu_bench parts "$D" f32
 run 120 env RANKSTACK_ADAMW=tensors ./gpu_bench train "$D" f32
+run 120 env RANKSTACK_DEVICE_ATTENTION=composed ./gpu_bench infer "$D" f32
 run 120 ./gpu_bench infer "$D" bf16
 run 180 python3 -m rankstack_ref.gpu_bench infer "$D" eager-bf16
 run 120 ./gpu_bench train "$D" bf16

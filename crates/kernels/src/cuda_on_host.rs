@@ -35,11 +35,13 @@ pub(crate) enum Arg<'a> {
 }
 
 /// The runner's sources: the test binary is rebuilt when they change, and the runner with it.
-const SOURCES: [(&str, &str); 6] = [
+const SOURCES: [(&str, &str); 8] = [
     ("host/runner.cpp", include_str!("../cuda/host/runner.cpp")),
     ("host/cuda_on_host.h", include_str!("../cuda/host/cuda_on_host.h")),
     ("adamw.cu", include_str!("../cuda/adamw.cu")),
+    ("bias_add.cu", include_str!("../cuda/bias_add.cu")),
     ("overwrite_rows.cu", include_str!("../cuda/overwrite_rows.cu")),
+    ("packed_attention.cu", include_str!("../cuda/packed_attention.cu")),
     ("segment_sum.cu", include_str!("../cuda/segment_sum.cu")),
     ("sum_of_squares.cu", include_str!("../cuda/sum_of_squares.cu")),
 ];
@@ -65,7 +67,16 @@ fn runner() -> &'static Path {
         // runner.
         let partial = dir.join(format!("runner.{}.partial", std::process::id()));
         let output = Command::new(&cxx)
-            .args(["-std=c++17", "-O2", "-ffp-contract=off", "-Wall", "-Wextra", "-Werror", "-o"])
+            .args([
+                "-std=c++17",
+                "-O2",
+                "-ffp-contract=off",
+                "-Wall",
+                "-Wextra",
+                "-Werror",
+                "-Wno-unknown-pragmas",
+                "-o",
+            ])
             .arg(&partial)
             .arg(cuda_dir().join("host/runner.cpp"))
             .output()

@@ -16,6 +16,12 @@ pub(crate) fn one_block_per_row(rows: usize, width: usize) -> LaunchShape {
     LaunchShape { blocks: rows as u32, threads }
 }
 
+/// The packed attention (`cuda/packed_attention.cu`): a block per (sequence, head), its threads
+/// over the sequence's query rows: a warp's multiple, at most 128 (a longer sequence loops).
+pub(crate) fn one_block_per_sequence_head(blocks: usize, longest: usize) -> LaunchShape {
+    LaunchShape { blocks: blocks as u32, threads: longest.div_ceil(32).clamp(1, 4) as u32 * 32 }
+}
+
 /// A grid-stride loop over `count` elements: 256 threads per block, at most 2¹⁶ blocks (a thread
 /// then handles every `blocks · 256`-th element).
 pub(crate) fn grid_stride(count: usize) -> LaunchShape {

@@ -23,6 +23,11 @@
 //!   indexing and arithmetic are tested on machines without a GPU.
 //! - [`device_adamw`]: AdamW's update off the CPU kernels in two in-place passes (moments, then
 //!   parameter), the CPU kernel's arithmetic bit for bit; on CUDA `cuda/adamw.cu`.
+//! - [`device_bias_add`]: a linear layer's bias added to its fresh product in place off the CPU
+//!   kernels (scoring: one full-size write per layer less); on CUDA `cuda/bias_add.cu`.
+//! - [`device_packed_attention`]: scoring's attention over packed sequences off the CPU kernels,
+//!   forward only, one launch per layer and nothing of size `L²` written; on CUDA
+//!   `cuda/packed_attention.cu`.
 //! - [`device_sum_of_squares`]: the f64 sum of squares of many tensors off the CPU kernels, one
 //!   launch per tensor into block partials (the squared gradient norm); on CUDA
 //!   `cuda/sum_of_squares.cu`.
@@ -45,6 +50,8 @@ pub mod cuda;
 #[cfg(test)]
 mod cuda_on_host;
 pub mod device_adamw;
+pub mod device_bias_add;
+pub mod device_packed_attention;
 pub mod device_sum_of_squares;
 pub mod distinct_rows;
 pub mod float;

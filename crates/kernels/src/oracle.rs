@@ -28,6 +28,12 @@ pub fn f64s(t: &Tensor) -> Vec<f64> {
     t.to_dtype(DType::F64).and_then(|t| t.flatten_all()).and_then(|t| t.to_vec1()).expect("readable tensor")
 }
 
+/// A tensor's values as the bits of their f64 values (exact for every float dtype): for tests that
+/// compare two computations bit for bit.
+pub fn f64_bits(t: &Tensor) -> Vec<u64> {
+    f64s(t).iter().map(|v| v.to_bits()).collect()
+}
+
 /// Asserts `max|actual − expected| ≤ rtol · max(max|expected|, 1e-300)`, naming `what`.
 pub fn assert_close(what: &str, actual: &Tensor, expected: &[f64], rtol: f64) {
     let actual = f64s(actual);

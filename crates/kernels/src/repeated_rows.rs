@@ -222,17 +222,7 @@ mod tests {
             let got = gather_repeated_rows(table.as_tensor(), &rows).unwrap();
             let got_grad = loss(&got).backward().unwrap().get(table.as_tensor()).unwrap().clone();
 
-            let bits = |t: &Tensor| -> Vec<u64> {
-                t.to_dtype(DType::F64)
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1::<f64>()
-                    .unwrap()
-                    .iter()
-                    .map(|v| v.to_bits())
-                    .collect()
-            };
+            let bits = crate::oracle::f64_bits;
             assert_eq!(bits(&got), bits(&want), "{dtype:?} values");
             assert_eq!(bits(&got_grad), bits(&want_grad), "{dtype:?} gradient");
             // The unused row gets a zero gradient.

@@ -11,6 +11,7 @@ use crate::Activation;
 use rankstack_kernels::cpu::kernels_run_on;
 use rankstack_kernels::cpu::linear as fused_linear;
 use rankstack_kernels::cpu::packed_matmul::{packed_kernel_available, PackedWeight, WeightPrecision};
+use rankstack_kernels::device_bias_add::add_bias_in_place;
 
 /// `y = x Wᵀ + b` with PyTorch-layout parameters `weight` `[out, in]` and `bias` `[out]`.
 ///
@@ -21,7 +22,8 @@ use rankstack_kernels::cpu::packed_matmul::{packed_kernel_available, PackedWeigh
 /// matrix-vector path is faster), it is `candle_nn::Linear`; in training on the graph a GPU runs
 /// (a GPU, or the CPU with its kernels off) it is one graph node that keeps neither the product
 /// nor, with [`Linear::forward_activated`], the pre-activation, nor under autocast the rounded
-/// operands. A serving model can
+/// operands; in scoring on that graph (no input in a graph) the bias goes into the product in
+/// place ([`add_bias_in_place`]: the same bits, one full-size write less). A serving model can
 /// [`Linear::pack`] its weight once into a [`PackedWeight`]: f32
 /// (no per-call repacking, bias added in the kernel) or bf16 (half the memory and twice the
 /// multiply-add rate on CPUs with AVX512-BF16). A packed layer takes f32 inputs on the CPU and its
@@ -168,12 +170,21 @@ impl Module for Linear {
                 let product = candle_nn::Linear::new(layer.weight().to_dtype(dtype)?, None);
                 let y = product.forward(&x.to_dtype(dtype)?.contiguous()?)?.to_dtype(x.dtype())?;
                 match layer.bias() {
-                    Some(b) => y.broadcast_add(&b.to_dtype(x.dtype())?),
+                    // The product widened back is a tensor of its own (x's dtype differs).
+                    Some(b) => add_bias(y, &b.to_dtype(x.dtype())?),
                     None => Ok(y),
                 }
             }
             Inner::Tensor(layer) if fused_linear::applies(x, layer.weight()) => {
                 fused_linear::linear(x, layer.weight(), layer.bias())
+            }
+            Inner::Tensor(layer) if x.rank() == 2 && !kernels_run_on(x.device()) => {
+                // Off the CPU kernels a 2-D product is candle's own `matmul` (a new tensor).
+                let y = x.contiguous()?.matmul(&layer.weight().t()?)?;
+                match layer.bias() {
+                    Some(b) => add_bias(y, b),
+                    None => Ok(y),
+                }
             }
             // candle 0.11's CPU product folds a batch-broadcast weight into one GEMM assuming the
             // input's rows are adjacent, which gives wrong values for a transposed [b, l, d] view
@@ -208,6 +219,26 @@ impl Linear {
         let Inner::Tensor(layer) = &self.inner else { return None };
         let one_dtype = layer.weight().dtype() == x.dtype() && layer.bias().is_none_or(|b| b.dtype() == x.dtype());
         (one_dtype && trains_on_device_graph(x, layer)).then(|| (layer, self.autocast.filter(|d| *d != x.dtype())))
+    }
+}
+
+/// `y + b` for a product `y` `[rows, out]` that is a new tensor no one else holds: off the CPU
+/// kernels and outside any graph (scoring) the bias goes into `y` in place
+/// ([`add_bias_in_place`]: one full-size write and allocation less per layer, the same bits),
+/// elsewhere candle's `broadcast_add`.
+fn add_bias(y: Tensor, b: &Tensor) -> Result<Tensor> {
+    let in_place = !kernels_run_on(y.device())
+        && y.rank() == 2
+        && y.is_contiguous()
+        && b.dtype() == y.dtype()
+        && matches!(y.dtype(), DType::F32 | DType::F64)
+        && !y.track_op()
+        && !b.track_op();
+    if in_place {
+        add_bias_in_place(&y, b)?;
+        Ok(y)
+    } else {
+        y.broadcast_add(b)
     }
 }
 
@@ -338,6 +369,31 @@ pub fn linear_xavier(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) 
 mod tests {
     use super::*;
     use candle_core::{Device, Var};
+
+    /// Scoring on the GPU's graph (the CPU with its kernels off): the bias goes into the product
+    /// in place, with `candle_nn::Linear`'s bits; with a weight in a graph the layer composes, and
+    /// the gradient reaches the weight and the bias.
+    #[test]
+    fn scoring_off_the_cpu_kernels_adds_the_bias_in_place_with_the_same_bits() {
+        use rankstack_kernels::cpu::{with_isa, Isa};
+        let dev = Device::Cpu;
+        let x = Tensor::from_vec((0..40 * 24).map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0).collect(), (40, 24), &dev)
+            .unwrap();
+        let w = Tensor::from_vec((0..24 * 9).map(|i| ((i * 13 % 29) as f32 - 14.0) / 7.0).collect(), (9, 24), &dev)
+            .unwrap();
+        let b = Tensor::from_vec((0..9).map(|i| i as f32 * 0.3 - 1.0).collect(), 9, &dev).unwrap();
+        let want = candle_nn::Linear::new(w.clone(), Some(b.clone())).forward(&x).unwrap();
+        let layer = Linear::new(w.clone(), Some(b.clone()));
+        let got = with_isa(Isa::Candle, || layer.forward(&x).unwrap());
+        let bits = crate::testing::value_bits;
+        assert_eq!(bits(&got), bits(&want));
+        let (wv, bv) = (Var::from_tensor(&w).unwrap(), Var::from_tensor(&b).unwrap());
+        let trained = Linear::new(wv.as_tensor().clone(), Some(bv.as_tensor().clone()));
+        let y = with_isa(Isa::Candle, || trained.forward(&x).unwrap());
+        assert_eq!(bits(&y), bits(&want));
+        let grads = y.sum_all().unwrap().backward().unwrap();
+        assert!(grads.get(wv.as_tensor()).is_some() && grads.get(bv.as_tensor()).is_some());
+    }
 
     /// Autocast to bf16: the product of the bf16-rounded operands (exact here: small integers),
     /// the bias added in f32, the output in f32, and gradients reaching the f32 weight and bias.

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use candle_core::{Result, Tensor, D};
 
 use rankstack_kernels::cpu::packed_attention::{check, head_blocks, packed_attention_fused, SequenceLayout};
+use rankstack_kernels::device_packed_attention::packed_attention_forward_on_device;
 use rankstack_kernels::distinct_rows::DistinctRows;
 use rankstack_nn::dropout::{device_keep_mask, device_multipliers};
 use rankstack_nn::host_transfer::{upload, upload_slice, Origin};
@@ -36,7 +37,10 @@ impl SequenceLayout for PackedSequences {
 /// On the CPU (f32/f64) this is one graph node, the fused kernel: each (sequence, head) task
 /// computes its scores, softmax and context while they are in cache, and the backward pass
 /// recomputes the weights rather than keeping `Σ H·L_b²` values per layer alive until then.
-/// Elsewhere (other devices and dtypes) it is the composed attention on a dense, padded batch.
+/// Elsewhere (other devices and dtypes), without dropout and where no input takes part in a graph
+/// (scoring), it is one forward-only kernel
+/// ([`rankstack_kernels::device_packed_attention`], f32, common head widths); otherwise the
+/// composed attention on a dense, padded batch.
 ///
 /// ```
 /// # use std::sync::Arc;
@@ -59,6 +63,11 @@ pub fn packed_attention(
 ) -> Result<Tensor> {
     if let Some(out) = packed_attention_fused(q, k, v, sequences, num_heads, dropout.clone())? {
         return Ok(out);
+    }
+    if dropout.is_none() {
+        if let Some(out) = packed_attention_forward_on_device(q, k, v, sequences.as_ref(), num_heads)? {
+            return Ok(out);
+        }
     }
     Composed { sequences: sequences.clone(), num_heads, dropout, device_dropout: 0.0, chunk_weights: CHUNK_WEIGHTS }
         .composed(q, k, v)
@@ -596,6 +605,35 @@ mod tests {
                 assert_same_gradients(&g1, &g2, &x, &case);
             }
         }
+    }
+
+    /// Scoring off the CPU kernels (what a GPU scores with): without dropout and with no input in
+    /// a graph, `packed_attention` is the forward-only kernel, which gives the fused CPU kernel's
+    /// and the composed path's values to f32 rounding; with inputs in a graph it composes, and the
+    /// gradient flows.
+    #[test]
+    fn scoring_off_the_cpu_kernels_is_the_forward_only_kernel() {
+        use rankstack_kernels::cpu::{with_isa, Isa};
+
+        let (seqs, h, _, _) = sequences_heads_width_and_multipliers();
+        let d = 2 * 8;
+        let [q, k, v] = [1, 2, 3].map(|s| seeded_randn(s, &[9, d], DType::F32));
+        let fused = packed_attention(&q, &k, &v, &seqs, h, None).unwrap();
+        let scoring = with_isa(Isa::Candle, || packed_attention(&q, &k, &v, &seqs, h, None).unwrap());
+        let kernel = packed_attention_forward_on_device(&q, &k, &v, seqs.as_ref(), h).unwrap().unwrap();
+        assert_eq!(flat(&scoring), flat(&kernel), "the kernel is what scoring runs");
+        let composed = host_dropout(&seqs, h).composed(&q, &k, &v).unwrap();
+        for (name, other) in [("fused", &fused), ("composed", &composed)] {
+            for (a, b) in flat(&scoring).iter().zip(flat(other)) {
+                assert!((a - b).abs() <= 2e-6 * (1.0 + b.abs()), "{name}: {a} vs {b}");
+            }
+        }
+        // Inputs in a graph: the composed path, with its gradient.
+        let qv = Var::from_tensor(&q).unwrap();
+        let trained = with_isa(Isa::Candle, || packed_attention(qv.as_tensor(), &k, &v, &seqs, h, None).unwrap());
+        assert_eq!(flat(&trained), flat(&composed));
+        let grads = trained.sum_all().unwrap().backward().unwrap();
+        assert!(grads.get(qv.as_tensor()).is_some(), "the query gets a gradient");
     }
 
     /// The projecting node (what a GPU trains with) against the fused CPU kernel of the

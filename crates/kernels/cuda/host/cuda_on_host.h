@@ -10,7 +10,10 @@
 // (-ffp-contract=off) on x86-64's SSE arithmetic, which rounds every operation to its type.
 #pragma once
 
+#include <math.h>
+
 #include <cmath>
+#include <cstring>
 
 #define __global__
 #define __device__
@@ -36,5 +39,11 @@ inline float __fsub_rn(float a, float b) { return a - b; }
 inline float __fmul_rn(float a, float b) { return a * b; }
 inline float __fdiv_rn(float a, float b) { return a / b; }
 inline float __fsqrt_rn(float a) { return std::sqrt(a); }
+inline float __fmaf_rn(float a, float b, float c) { return std::fma(a, b, c); }
+inline float __int_as_float(int bits) {
+    float f;
+    std::memcpy(&f, &bits, sizeof f);
+    return f;
+}
 inline double __dadd_rn(double a, double b) { return a + b; }
 inline double __dmul_rn(double a, double b) { return a * b; }

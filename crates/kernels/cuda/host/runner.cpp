@@ -16,7 +16,9 @@
 #include "cuda_on_host.h"
 
 #include "../adamw.cu"
+#include "../bias_add.cu"
 #include "../overwrite_rows.cu"
+#include "../packed_attention.cu"
 #include "../segment_sum.cu"
 #include "../sum_of_squares.cu"
 
@@ -179,6 +181,16 @@ const std::map<std::string, Binder> KERNELS = {
     KERNEL(adamw_moments_rows_f32),
     KERNEL(adamw_parameter_f32),
     KERNEL(adamw_parameter_rows_f32),
+    KERNEL(bias_add_f32),
+    KERNEL(bias_add_f64),
+    KERNEL(packed_attention_f32_dh8),
+    KERNEL(packed_attention_f32_dh16),
+    KERNEL(packed_attention_f32_dh24),
+    KERNEL(packed_attention_f32_dh32),
+    KERNEL(packed_attention_f32_dh48),
+    KERNEL(packed_attention_f32_dh64),
+    KERNEL(packed_attention_f32_dh96),
+    KERNEL(packed_attention_f32_dh128),
     KERNEL(sum_of_squares_partials_f32),
     KERNEL(sum_of_squares_partials_f64),
 };
