@@ -6,7 +6,8 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-const SOURCES: [&str; 6] = ["segment_sum", "overwrite_rows", "adamw", "sum_of_squares", "packed_attention", "bias_add"];
+const SOURCES: [&str; 7] =
+    ["segment_sum", "overwrite_rows", "adamw", "sum_of_squares", "packed_attention", "bias_add", "layer_norm"];
 
 fn main() {
     println!("cargo:rerun-if-env-changed=CARGO_FEATURE_CUDA");

@@ -87,14 +87,7 @@ fn block_partial<T: Copy + Into<f64>>(x: &[T], b: usize, blocks: usize) -> f64 {
         }
         start += stride;
     }
-    let mut s = THREADS / 2;
-    while s > 0 {
-        for t in 0..s {
-            sums[t] += sums[t + s];
-        }
-        s /= 2;
-    }
-    sums[0]
+    crate::block_sum::pairwise_block_sum(&mut sums)
 }
 
 impl InplaceOp2 for Partials {

@@ -25,6 +25,8 @@
 //!   parameter), the CPU kernel's arithmetic bit for bit; on CUDA `cuda/adamw.cu`.
 //! - [`device_bias_add`]: a linear layer's bias added to its fresh product in place off the CPU
 //!   kernels (scoring: one full-size write per layer less); on CUDA `cuda/bias_add.cu`.
+//! - [`device_layer_norm`]: LayerNorm of rows (with an optional residual input) off the CPU kernels
+//!   for scoring, one launch writing the output alone; on CUDA `cuda/layer_norm.cu`.
 //! - [`device_packed_attention`]: scoring's attention over packed sequences off the CPU kernels,
 //!   forward only, one launch per layer and nothing of size `L²` written; on CUDA
 //!   `cuda/packed_attention.cu`.
@@ -44,6 +46,7 @@
 //!   reading a tensor's CPU values, and one dispatch from a storage to the typed kernel.
 #![deny(unsafe_op_in_unsafe_fn, clippy::undocumented_unsafe_blocks, missing_docs)]
 
+mod block_sum;
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
@@ -51,6 +54,7 @@ pub mod cuda;
 mod cuda_on_host;
 pub mod device_adamw;
 pub mod device_bias_add;
+pub mod device_layer_norm;
 pub mod device_packed_attention;
 pub mod device_sum_of_squares;
 pub mod distinct_rows;

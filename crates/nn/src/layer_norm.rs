@@ -4,6 +4,9 @@ use candle_core::{Module, Result, Tensor, D};
 use candle_nn::{Init, VarBuilder};
 use serde::{Deserialize, Serialize};
 
+use rankstack_kernels::cpu::kernels_run_on;
+use rankstack_kernels::device_layer_norm::layer_norm_on_device;
+
 use crate::recompute::with_backward;
 
 /// LayerNorm options (PyTorch defaults).
@@ -28,7 +31,8 @@ impl Default for LayerNormConfig {
 /// Candle's fused `ops::layer_norm` (behind `candle_nn::LayerNorm`) records no backward pass, so
 /// every parameter before it would silently get no gradient. This layer uses
 /// [`rankstack_kernels::cpu::layer_norm::layer_norm_fused`] (a CPU kernel with an analytic backward pass) for
-/// affine f32/f64 inputs on the CPU, and differentiable candle primitives otherwise; both take two
+/// affine f32/f64 inputs on the CPU, off the CPU kernels in scoring (affine, f32, no input in a
+/// graph) the forward-only [`layer_norm_on_device`], and differentiable candle primitives otherwise; both take two
 /// passes (centre, then square), which keeps the variance accurate for inputs with a large mean. Parameters: `weight` `[dim]`, `bias` `[dim]`.
 ///
 /// ```
@@ -85,6 +89,13 @@ impl Module for LayerNorm {
         if let (Some(w), Some(b)) = (&self.weight, &self.bias) {
             if let Some(y) = rankstack_kernels::cpu::layer_norm::layer_norm_fused(x, w, b, self.eps)? {
                 return Ok(y);
+            }
+            // Off the CPU kernels, in scoring (no input in a graph, f32): one launch writing the
+            // output alone.
+            if !kernels_run_on(x.device()) {
+                if let Some(y) = layer_norm_on_device(x, None, w, b, self.eps)? {
+                    return Ok(y);
+                }
             }
         }
         // Composed, as one graph node with the gradient written out (see `composed_backward`): its

@@ -4,6 +4,7 @@
 use candle_core::{Module, Result, Tensor};
 
 use rankstack_kernels::cpu::kernels_run_on;
+use rankstack_kernels::device_layer_norm::layer_norm_on_device;
 
 use crate::dropout::device_multipliers;
 use crate::layer_norm::{composed, composed_backward};
@@ -43,6 +44,15 @@ impl LayerNorm {
         let params = [self.weight.as_ref(), self.bias.as_ref()];
         let trains = x.track_op() || a.track_op() || params.iter().flatten().any(|p| p.track_op());
         if kernels_run_on(x.device()) || !trains || x.shape() != a.shape() {
+            // Scoring off the CPU kernels (no graph, no dropout): one launch for the sum and its
+            // norm, writing the output alone.
+            let scoring =
+                !kernels_run_on(x.device()) && !trains && (!train || dropout.p() == 0.0) && x.shape() == a.shape();
+            if let (true, Some(w), Some(b)) = (scoring, &self.weight, &self.bias) {
+                if let Some(y) = layer_norm_on_device(x, Some(a), w, b, self.eps)? {
+                    return Ok(y);
+                }
+            }
             // The fused CPU ops, or nothing to keep (inference); a shape mismatch errors there.
             return self.forward(&(x + candle_core::ModuleT::forward_t(dropout, a, train)?)?);
         }
@@ -154,6 +164,34 @@ mod tests {
                         // Something was dropped where dropout trains: ∂a differs from ∂x there.
                         assert_eq!(node.1[0] != node.1[1], train && p > 0.0, "{case}");
                     }
+                }
+            }
+        }
+    }
+
+    /// Scoring on the GPU's graph (the CPU with its kernels off, no input in a graph): the norm
+    /// and the residual norm are the forward-only kernel, whose values are the composed
+    /// LayerNorm's to f32 rounding, also for rows with a large mean.
+    #[test]
+    fn scoring_off_the_cpu_kernels_is_the_forward_only_kernel() {
+        let dims = [9, 96];
+        for offset in [0.0, 1e3] {
+            let x = (crate::testing::seeded_randn(1, &dims, DType::F32) + offset).unwrap();
+            let a = crate::testing::seeded_randn(2, &dims, DType::F32);
+            let w = crate::testing::seeded_randn(3, &[96], DType::F32);
+            let b = crate::testing::seeded_randn(4, &[96], DType::F32);
+            let norm = LayerNorm { weight: Some(w.clone()), bias: Some(b.clone()), eps: 1e-5 };
+            let dropout = Dropout::new(0.1, 1).unwrap();
+            let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let sum = (&x + &a).unwrap();
+            let want = flat(&crate::layer_norm::composed(&sum, Some(&w), Some(&b), 1e-5).unwrap());
+            let kernel = layer_norm_on_device(&x, Some(&a), &w, &b, 1e-5).unwrap().unwrap();
+            let residual = with_isa(Isa::Candle, || norm.forward_residual(&x, &a, &dropout, false).unwrap());
+            let plain = with_isa(Isa::Candle, || norm.forward(&sum).unwrap());
+            assert_eq!(flat(&residual), flat(&kernel), "the residual norm is the kernel");
+            for (name, got) in [("residual", flat(&residual)), ("plain", flat(&plain))] {
+                for (g, w) in got.iter().zip(&want) {
+                    assert!((g - w).abs() <= 1e-5 * (1.0 + w.abs()), "{name}, offset {offset}: {g} vs {w}");
                 }
             }
         }

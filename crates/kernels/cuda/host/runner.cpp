@@ -17,6 +17,7 @@
 
 #include "../adamw.cu"
 #include "../bias_add.cu"
+#include "../layer_norm.cu"
 #include "../overwrite_rows.cu"
 #include "../packed_attention.cu"
 #include "../segment_sum.cu"
@@ -175,6 +176,8 @@ using Binder = std::function<std::function<void()>(std::vector<Arg>&)>;
 
 const std::map<std::string, Binder> KERNELS = {
     KERNEL(segment_sum_rows_f32),
+    KERNEL(layer_norm_f32),
+    KERNEL(residual_layer_norm_f32),
     KERNEL(overwrite_rows_f32),
     KERNEL(overwrite_rows_f64),
     KERNEL(adamw_moments_f32),
