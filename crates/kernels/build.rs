@@ -6,8 +6,16 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-const SOURCES: [&str; 7] =
-    ["segment_sum", "overwrite_rows", "adamw", "sum_of_squares", "packed_attention", "bias_add", "layer_norm"];
+const SOURCES: [&str; 8] = [
+    "segment_sum",
+    "overwrite_rows",
+    "adamw",
+    "sum_of_squares",
+    "packed_attention",
+    "bias_add",
+    "layer_norm",
+    "embedding_bag",
+];
 
 fn main() {
     println!("cargo:rerun-if-env-changed=CARGO_FEATURE_CUDA");

@@ -4,7 +4,7 @@ use candle_core::backprop::GradStore;
 use candle_core::{DType, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 
-use rankstack_nn::host_transfer::{read_input, upload, Origin};
+use rankstack_nn::host_transfer::read_input;
 use rankstack_nn::{Error, RowGather, RowGradient};
 
 use crate::schema::{OovPolicy, Pooling, SparseFeature};
@@ -199,7 +199,6 @@ impl SparseEmbedding {
                 weights[i * lmax..(i + 1) * lmax].iter_mut().for_each(|w| *w /= n as f64);
             }
         }
-        let weights = upload(weights, (b, lmax, 1), dev, "sparse bag weights", Origin::Input)?.to_dtype(dtype)?;
-        self.gather.lookup(&self.weight, &rows, train)?.reshape((b, lmax, self.dim))?.broadcast_mul(&weights)?.sum(1)
+        self.gather.pooled_lookup(&self.weight, &rows, &weights, b, train)
     }
 }

@@ -25,6 +25,8 @@
 //!   parameter), the CPU kernel's arithmetic bit for bit; on CUDA `cuda/adamw.cu`.
 //! - [`device_bias_add`]: a linear layer's bias added to its fresh product in place off the CPU
 //!   kernels (scoring: one full-size write per layer less); on CUDA `cuda/bias_add.cu`.
+//! - [`device_embedding_bag`]: a sparse feature's bags gathered, weighted and summed in one launch
+//!   off the CPU kernels (scoring); on CUDA `cuda/embedding_bag.cu`.
 //! - [`device_layer_norm`]: LayerNorm of rows (with an optional residual input) off the CPU kernels
 //!   for scoring, one launch writing the output alone; on CUDA `cuda/layer_norm.cu`.
 //! - [`device_packed_attention`]: scoring's attention over packed sequences off the CPU kernels,
@@ -54,6 +56,7 @@ pub mod cuda;
 mod cuda_on_host;
 pub mod device_adamw;
 pub mod device_bias_add;
+pub mod device_embedding_bag;
 pub mod device_layer_norm;
 pub mod device_packed_attention;
 pub mod device_sum_of_squares;

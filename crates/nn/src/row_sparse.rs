@@ -19,6 +19,9 @@ use std::sync::Mutex;
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Result, Tensor, Var};
 
+use rankstack_kernels::cpu::kernels_run_on;
+use rankstack_kernels::device_embedding_bag::embedding_bag;
+
 use crate::host_transfer::{upload_slice, Origin};
 
 /// The gradient of some rows of a table: `grad[i]` belongs to row `rows[i]` of `table`.
@@ -102,6 +105,32 @@ impl RowGather {
         Ok(out)
     }
 
+    /// The weighted sums of `bags` bags of `table`'s rows: bag `b` is `rows[b·L .. (b+1)·L]` with
+    /// `weights` of the same layout (`L = rows.len() / bags`; padding entries weigh 0), and
+    /// `out[b] = Σ_j weights[b·L + j] · table[rows[b·L + j]]`, `[bags, dim]`. With `track`, as
+    /// [`RowGather::lookup`] (its gradient as there); without, off the CPU kernels and with an f32
+    /// table outside any graph (scoring on a GPU), one launch
+    /// ([`rankstack_kernels::device_embedding_bag`]) where candle's operations take four.
+    pub fn pooled_lookup(
+        &self,
+        table: &Tensor,
+        rows: &[u32],
+        weights: &[f64],
+        bags: usize,
+        track: bool,
+    ) -> Result<Tensor> {
+        let (device, dtype, dim) = (table.device(), table.dtype(), table.dim(1)?);
+        let scoring = !track && !table.track_op() && dtype == DType::F32 && !kernels_run_on(device);
+        if scoring {
+            let weights: Vec<f32> = weights.iter().map(|&w| w as f32).collect();
+            return embedding_bag(table, rows, &weights, bags);
+        }
+        let bag_len = rows.len().checked_div(bags).unwrap_or(0);
+        let weights =
+            upload_slice(weights, (bags, bag_len, 1), device, "sparse bag weights", Origin::Input)?.to_dtype(dtype)?;
+        self.lookup(table, rows, track)?.reshape((bags, bag_len, dim))?.broadcast_mul(&weights)?.sum(1)
+    }
+
     /// The row gradients of `table` from the lookups recorded since the last call (merged into
     /// one [`RowGradient`] if the table was looked up several times), or `None` if no recorded
     /// lookup received a gradient. Clears the record.
@@ -140,6 +169,26 @@ impl RowGather {
 mod tests {
     use super::*;
     use candle_core::{DType, Device};
+
+    /// Scoring on the GPU's graph (the CPU with its kernels off, a table outside any graph): the
+    /// one-launch bags give the composed lookup's bits; a table in a graph keeps the composed
+    /// lookup and its gradient.
+    #[test]
+    fn pooled_bags_in_scoring_equal_the_composed_lookup() {
+        use rankstack_kernels::cpu::{with_isa, Isa};
+        let t = table();
+        let constant = t.as_tensor().detach();
+        let rows = [4u32, 1, 1, 0, 3, 3];
+        let weights = [0.5, 0.5, 1.0, 0.0, 1.0 / 3.0, 2.0 / 3.0];
+        let gather = RowGather::default();
+        let scoring = with_isa(Isa::Candle, || gather.pooled_lookup(&constant, &rows, &weights, 3, false).unwrap());
+        let composed = gather.pooled_lookup(&constant, &rows, &weights, 3, false).unwrap();
+        assert_eq!(crate::testing::value_bits(&scoring), crate::testing::value_bits(&composed));
+        let trained = with_isa(Isa::Candle, || gather.pooled_lookup(t.as_tensor(), &rows, &weights, 3, false).unwrap());
+        assert_eq!(crate::testing::value_bits(&trained), crate::testing::value_bits(&composed));
+        let grads = trained.sum_all().unwrap().backward().unwrap();
+        assert!(grads.get(t.as_tensor()).is_some(), "the table in a graph gets its gradient");
+    }
 
     fn table() -> Var {
         let values: Vec<f32> = (0..20).map(|i| i as f32 * 0.25 - 2.0).collect();

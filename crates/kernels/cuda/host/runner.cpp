@@ -17,6 +17,7 @@
 
 #include "../adamw.cu"
 #include "../bias_add.cu"
+#include "../embedding_bag.cu"
 #include "../layer_norm.cu"
 #include "../overwrite_rows.cu"
 #include "../packed_attention.cu"
@@ -176,6 +177,7 @@ using Binder = std::function<std::function<void()>(std::vector<Arg>&)>;
 
 const std::map<std::string, Binder> KERNELS = {
     KERNEL(segment_sum_rows_f32),
+    KERNEL(embedding_bag_f32),
     KERNEL(layer_norm_f32),
     KERNEL(residual_layer_norm_f32),
     KERNEL(overwrite_rows_f32),
