@@ -35,6 +35,16 @@ use crate::float::{contiguous_mut, contiguous_storage};
 /// view of its storage sees the sum. An error, with nothing written, for a shape, dtype or device
 /// that does not fit, and for a `y` or `b` that takes part in a graph.
 pub fn add_bias_in_place(y: &Tensor, bias: &Tensor) -> Result<()> {
+    bias_in_place(y, bias, false)
+}
+
+/// [`add_bias_in_place`] followed by candle's ReLU in the same pass (`max(y, 0)` as candle
+/// computes it on each device, so NaN becomes 0): a layer's activated output written once.
+pub fn add_bias_relu_in_place(y: &Tensor, bias: &Tensor) -> Result<()> {
+    bias_in_place(y, bias, true)
+}
+
+fn bias_in_place(y: &Tensor, bias: &Tensor, relu: bool) -> Result<()> {
     let (rows, n) = y.dims2()?;
     if bias.dims() != [n] || bias.dtype() != y.dtype() || !y.is_contiguous() || !bias.is_contiguous() {
         candle_core::bail!(
@@ -54,17 +64,38 @@ pub fn add_bias_in_place(y: &Tensor, bias: &Tensor) -> Result<()> {
     if rows * n == 0 {
         return Ok(());
     }
-    y.inplace_op2(bias, &BiasAdd)
+    y.inplace_op2(bias, &BiasAdd { relu })
 }
 
-struct BiasAdd;
+/// The op; `relu`: candle's ReLU after the sum.
+struct BiasAdd {
+    relu: bool,
+}
 
-fn add_rows<T: Copy + std::ops::Add<Output = T> + Send + Sync>(y: &mut [T], b: &[T]) {
+/// The element types: addition, and candle's CPU ReLU (`v.max(0)`).
+trait BiasFloat: Copy + std::ops::Add<Output = Self> + Send + Sync {
+    fn relu(self) -> Self;
+}
+
+impl BiasFloat for f32 {
+    fn relu(self) -> Self {
+        self.max(0.0)
+    }
+}
+
+impl BiasFloat for f64 {
+    fn relu(self) -> Self {
+        self.max(0.0)
+    }
+}
+
+fn add_rows<T: BiasFloat>(y: &mut [T], b: &[T], relu: bool) {
     // Blocks of 256 rows per task.
     y.par_chunks_mut(b.len() * 256).for_each(|rows| {
         for row in rows.chunks_exact_mut(b.len()) {
             for (v, &c) in row.iter_mut().zip(b) {
-                *v = *v + c;
+                let s = *v + c;
+                *v = if relu { s.relu() } else { s };
             }
         }
     });
@@ -78,8 +109,12 @@ impl InplaceOp2 for BiasAdd {
     fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<()> {
         const WHAT: &str = "bias add in place";
         match s1 {
-            CpuStorage::F32(y) => add_rows(contiguous_mut(y, l1, WHAT)?, contiguous_storage::<f32>(s2, l2, WHAT)?),
-            CpuStorage::F64(y) => add_rows(contiguous_mut(y, l1, WHAT)?, contiguous_storage::<f64>(s2, l2, WHAT)?),
+            CpuStorage::F32(y) => {
+                add_rows(contiguous_mut(y, l1, WHAT)?, contiguous_storage::<f32>(s2, l2, WHAT)?, self.relu)
+            }
+            CpuStorage::F64(y) => {
+                add_rows(contiguous_mut(y, l1, WHAT)?, contiguous_storage::<f64>(s2, l2, WHAT)?, self.relu)
+            }
             y => candle_core::bail!("{WHAT}: {:?} is not supported (f32, f64)", y.dtype()),
         }
         Ok(())
@@ -108,7 +143,8 @@ impl InplaceOp2 for BiasAdd {
                 let y = s1.as_cuda_slice_mut::<$t>()?;
                 let mut y = y.slice_mut(l1.start_offset()..);
                 let mut launch = func.builder();
-                launch.arg(&mut y).arg(&b).arg(&n).arg(&width);
+                let relu = u32::from(self.relu);
+                launch.arg(&mut y).arg(&b).arg(&n).arg(&width).arg(&relu);
                 // SAFETY: the arguments match the kernel's signature; `y` holds `n` elements and
                 // `b` `width` (both contiguous, checked by `add_bias_in_place`), and each thread
                 // writes only its own elements of `y`.
@@ -147,6 +183,9 @@ mod tests {
                 let y = x.matmul(&w.t().unwrap()).unwrap();
                 add_bias_in_place(&y, &b).unwrap();
                 assert_eq!(bits(&y), bits(&want), "{dtype:?} [{rows}, {n}]");
+                let y = x.matmul(&w.t().unwrap()).unwrap();
+                add_bias_relu_in_place(&y, &b).unwrap();
+                assert_eq!(bits(&y), bits(&want.relu().unwrap()), "{dtype:?} [{rows}, {n}], ReLU");
             }
         }
     }
@@ -169,37 +208,43 @@ mod tests {
     }
 
     /// The CUDA kernel, run on the CPU (`cuda_on_host`) with the launch's shape and with a grid
-    /// of three blocks whose threads loop, writes `broadcast_add`'s bits, f32 and f64.
+    /// of three blocks whose threads loop, writes the CPU sums' bits (`broadcast_add`'s), with and
+    /// without the ReLU, f32 and f64.
     #[test]
     fn the_cuda_kernel_on_the_host_writes_the_cpu_sums() {
         use crate::cuda_on_host::{launch, Arg};
         use crate::launch_shape::{grid_stride, LaunchShape};
 
         let (rows, n) = (301, 37);
-        let y = values(1, rows * n);
-        let b = values(2, n);
-        let mut want = y.clone();
-        add_rows(&mut want, &b);
-        for shape in [grid_stride(rows * n), LaunchShape { blocks: 3, threads: 256 }] {
-            let (mut got, mut bias) = (y.clone(), b.clone());
-            launch(
-                "bias_add_f64",
-                shape,
-                &mut [Arg::F64s(&mut got), Arg::F64s(&mut bias), Arg::U64((rows * n) as u64), Arg::U64(n as u64)],
-            )
-            .unwrap();
-            assert_eq!(got, want, "f64, {shape:?}");
-            let narrow = |x: &[f64]| x.iter().map(|&v| v as f32).collect::<Vec<f32>>();
-            let (mut got, mut bias) = (narrow(&y), narrow(&b));
-            let mut want32 = narrow(&y);
-            add_rows(&mut want32, &narrow(&b));
-            launch(
-                "bias_add_f32",
-                shape,
-                &mut [Arg::F32s(&mut got), Arg::F32s(&mut bias), Arg::U64((rows * n) as u64), Arg::U64(n as u64)],
-            )
-            .unwrap();
-            assert_eq!(got, want32, "f32, {shape:?}");
+        let (y, b) = (values(1, rows * n), values(2, n));
+        let narrow = |x: &[f64]| x.iter().map(|&v| v as f32).collect::<Vec<f32>>();
+        let count = (rows * n) as u64;
+        for relu in [false, true] {
+            let (mut want, mut want32) = (y.clone(), narrow(&y));
+            add_rows(&mut want, &b, relu);
+            add_rows(&mut want32, &narrow(&b), relu);
+            for shape in [grid_stride(rows * n), LaunchShape { blocks: 3, threads: 256 }] {
+                let (mut got, mut bias) = (y.clone(), b.clone());
+                let mut args = [
+                    Arg::F64s(&mut got),
+                    Arg::F64s(&mut bias),
+                    Arg::U64(count),
+                    Arg::U64(n as u64),
+                    Arg::U32(relu.into()),
+                ];
+                launch("bias_add_f64", shape, &mut args).unwrap();
+                assert_eq!(got, want, "f64, {shape:?}, ReLU {relu}");
+                let (mut got, mut bias) = (narrow(&y), narrow(&b));
+                let mut args = [
+                    Arg::F32s(&mut got),
+                    Arg::F32s(&mut bias),
+                    Arg::U64(count),
+                    Arg::U64(n as u64),
+                    Arg::U32(relu.into()),
+                ];
+                launch("bias_add_f32", shape, &mut args).unwrap();
+                assert_eq!(got, want32, "f32, {shape:?}, ReLU {relu}");
+            }
         }
     }
 }

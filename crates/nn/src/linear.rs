@@ -11,7 +11,7 @@ use crate::Activation;
 use rankstack_kernels::cpu::kernels_run_on;
 use rankstack_kernels::cpu::linear as fused_linear;
 use rankstack_kernels::cpu::packed_matmul::{packed_kernel_available, PackedWeight, WeightPrecision};
-use rankstack_kernels::device_bias_add::add_bias_in_place;
+use rankstack_kernels::device_bias_add::{add_bias_in_place, add_bias_relu_in_place};
 
 /// `y = x Wᵀ + b` with PyTorch-layout parameters `weight` `[out, in]` and `bias` `[out]`.
 ///
@@ -159,6 +159,12 @@ impl Module for Linear {
         if let Some((layer, cast)) = self.device_graph_product(x) {
             return device_graph_node(x, layer.weight(), layer.bias(), false, cast);
         }
+        if let Some((y, bias)) = self.plain_device_product(x)? {
+            return match bias {
+                Some(b) => add_bias(y, b, false),
+                None => Ok(y),
+            };
+        }
         match &self.inner {
             Inner::Tensor(layer)
                 if self.autocast.is_some_and(|d| d != x.dtype())
@@ -171,20 +177,12 @@ impl Module for Linear {
                 let y = product.forward(&x.to_dtype(dtype)?.contiguous()?)?.to_dtype(x.dtype())?;
                 match layer.bias() {
                     // The product widened back is a tensor of its own (x's dtype differs).
-                    Some(b) => add_bias(y, &b.to_dtype(x.dtype())?),
+                    Some(b) => add_bias(y, &b.to_dtype(x.dtype())?, false),
                     None => Ok(y),
                 }
             }
             Inner::Tensor(layer) if fused_linear::applies(x, layer.weight()) => {
                 fused_linear::linear(x, layer.weight(), layer.bias())
-            }
-            Inner::Tensor(layer) if x.rank() == 2 && !kernels_run_on(x.device()) => {
-                // Off the CPU kernels a 2-D product is candle's own `matmul` (a new tensor).
-                let y = x.contiguous()?.matmul(&layer.weight().t()?)?;
-                match layer.bias() {
-                    Some(b) => add_bias(y, b),
-                    None => Ok(y),
-                }
             }
             // candle 0.11's CPU product folds a batch-broadcast weight into one GEMM assuming the
             // input's rows are adjacent, which gives wrong values for a transposed [b, l, d] view
@@ -207,8 +205,27 @@ impl Linear {
             Some((layer, cast)) if activation == Activation::Relu => {
                 device_graph_node(x, layer.weight(), layer.bias(), true, cast)
             }
-            _ => activation.apply(&self.forward(x)?),
+            Some(_) => activation.apply(&self.forward(x)?),
+            // In scoring on a GPU's graph the ReLU goes into the bias's in-place pass.
+            None if activation == Activation::Relu => match self.plain_device_product(x)? {
+                Some((y, Some(b))) => add_bias(y, b, true),
+                Some((y, None)) => y.relu(),
+                None => activation.apply(&self.forward(x)?),
+            },
+            None => activation.apply(&self.forward(x)?),
         }
+    }
+
+    /// Off the CPU kernels, a 2-D input through a layer of plain tensors in its dtype (no
+    /// autocast, no bf16 serving weight): candle's own product `x Wᵀ`, a new tensor, and the bias
+    /// still to add. `None` where the layer computes otherwise.
+    fn plain_device_product(&self, x: &Tensor) -> Result<Option<(Tensor, Option<&Tensor>)>> {
+        let Inner::Tensor(layer) = &self.inner else { return Ok(None) };
+        let plain = self.autocast.is_none_or(|d| d == x.dtype()) && layer.weight().dtype() == x.dtype();
+        if !plain || x.rank() != 2 || kernels_run_on(x.device()) {
+            return Ok(None);
+        }
+        Ok(Some((x.contiguous()?.matmul(&layer.weight().t()?)?, layer.bias())))
     }
 
     /// Where `x · W` is a training product on the graph a GPU runs ([`trains_on_device_graph`])
@@ -222,11 +239,12 @@ impl Linear {
     }
 }
 
-/// `y + b` for a product `y` `[rows, out]` that is a new tensor no one else holds: off the CPU
-/// kernels and outside any graph (scoring) the bias goes into `y` in place
-/// ([`add_bias_in_place`]: one full-size write and allocation less per layer, the same bits),
-/// elsewhere candle's `broadcast_add`.
-fn add_bias(y: Tensor, b: &Tensor) -> Result<Tensor> {
+/// `y + b` (then candle's ReLU with `relu`) for a product `y` `[rows, out]` that is a new tensor
+/// no one else holds: off the CPU kernels and outside any graph (scoring) the bias (and the ReLU)
+/// go into `y` in place ([`add_bias_in_place`], [`add_bias_relu_in_place`]: one or two full-size
+/// writes and allocations less per layer, the same bits), elsewhere candle's `broadcast_add` (and
+/// `relu`).
+fn add_bias(y: Tensor, b: &Tensor, relu: bool) -> Result<Tensor> {
     let in_place = !kernels_run_on(y.device())
         && y.rank() == 2
         && y.is_contiguous()
@@ -234,11 +252,11 @@ fn add_bias(y: Tensor, b: &Tensor) -> Result<Tensor> {
         && matches!(y.dtype(), DType::F32 | DType::F64)
         && !y.track_op()
         && !b.track_op();
-    if in_place {
-        add_bias_in_place(&y, b)?;
-        Ok(y)
-    } else {
-        y.broadcast_add(b)
+    match (in_place, relu) {
+        (true, false) => add_bias_in_place(&y, b).map(|()| y),
+        (true, true) => add_bias_relu_in_place(&y, b).map(|()| y),
+        (false, false) => y.broadcast_add(b),
+        (false, true) => y.broadcast_add(b)?.relu(),
     }
 }
 
@@ -370,8 +388,8 @@ mod tests {
     use super::*;
     use candle_core::{Device, Var};
 
-    /// Scoring on the GPU's graph (the CPU with its kernels off): the bias goes into the product
-    /// in place, with `candle_nn::Linear`'s bits; with a weight in a graph the layer composes, and
+    /// Scoring on the GPU's graph (the CPU with its kernels off): the bias (and a ReLU) go into
+    /// the product in place, with `candle_nn::Linear`'s (and candle's `relu`'s) bits; with a weight in a graph the layer composes, and
     /// the gradient reaches the weight and the bias.
     #[test]
     fn scoring_off_the_cpu_kernels_adds_the_bias_in_place_with_the_same_bits() {
@@ -387,6 +405,8 @@ mod tests {
         let got = with_isa(Isa::Candle, || layer.forward(&x).unwrap());
         let bits = crate::testing::value_bits;
         assert_eq!(bits(&got), bits(&want));
+        let activated = with_isa(Isa::Candle, || layer.forward_activated(&x, Activation::Relu).unwrap());
+        assert_eq!(bits(&activated), bits(&want.relu().unwrap()), "the ReLU in the same pass");
         let (wv, bv) = (Var::from_tensor(&w).unwrap(), Var::from_tensor(&b).unwrap());
         let trained = Linear::new(wv.as_tensor().clone(), Some(bv.as_tensor().clone()));
         let y = with_isa(Isa::Candle, || trained.forward(&x).unwrap());
