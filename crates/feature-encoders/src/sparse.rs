@@ -199,6 +199,6 @@ impl SparseEmbedding {
                 weights[i * lmax..(i + 1) * lmax].iter_mut().for_each(|w| *w /= n as f64);
             }
         }
-        self.gather.pooled_lookup(&self.weight, &rows, &weights, b, train)
+        self.gather.pooled_lookup(&self.weight, &rows, weights, b, train)
     }
 }

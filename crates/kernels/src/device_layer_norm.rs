@@ -29,7 +29,7 @@
 //! # Ok::<(), candle_core::Error>(())
 //! ```
 
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
 use crate::float::contiguous_storage;
@@ -65,15 +65,10 @@ pub fn layer_norm_on_device(
     if rows * width == 0 {
         return Ok(Some(x.zeros_like()?));
     }
-    let params = Tensor::stack(&[w, b], 0)?;
     let x2 = x.contiguous()?.reshape((rows, width))?;
-    // Without a residual the op reads x twice (the kernel's residual input unused).
-    let a2 = match a {
-        Some(a) => a.contiguous()?.reshape((rows, width))?,
-        None => x2.clone(),
-    };
-    let op = LayerNormOp { rows: LayerNormRows { width, eps: eps as f32 }, residual: a.is_some() };
-    x2.apply_op3_no_bwd(&a2, &params, &op)?.reshape(x.shape()).map(Some)
+    let residual = a.map(|a| a.contiguous()?.reshape((rows, width))).transpose()?;
+    let op = LayerNormOp { rows: LayerNormRows { width, eps: eps as f32 }, residual };
+    x2.apply_op3_no_bwd(&w.contiguous()?, &b.contiguous()?, &op)?.reshape(x.shape()).map(Some)
 }
 
 /// The normalisation's constants.
@@ -115,10 +110,12 @@ impl LayerNormRows {
     }
 }
 
-/// The op: `x`, the residual (or `x` again) and `[w; b]` `[2, width]` in, `y` out.
+/// The op: `x` `[rows, width]`, `w` and `b` in, `y` out; the residual `a`, if any, beside them
+/// (an op takes at most three inputs).
 struct LayerNormOp {
     rows: LayerNormRows,
-    residual: bool,
+    /// `[rows, width]`, contiguous.
+    residual: Option<Tensor>,
 }
 
 impl CustomOp3 for LayerNormOp {
@@ -138,12 +135,18 @@ impl CustomOp3 for LayerNormOp {
         const WHAT: &str = "layer norm";
         let d = self.rows.width;
         let x: &[f32] = contiguous_storage(s1, l1, WHAT)?;
-        let a: &[f32] = contiguous_storage(s2, l2, WHAT)?;
-        let params: &[f32] = contiguous_storage(s3, l3, WHAT)?;
-        let (w, b) = params.split_at(d);
+        let (w, b): (&[f32], &[f32]) = (contiguous_storage(s2, l2, WHAT)?, contiguous_storage(s3, l3, WHAT)?);
+        let residual = self.residual.as_ref().map(Tensor::storage_and_layout);
+        let a: Option<&[f32]> = match &residual {
+            Some((storage, layout)) => match &**storage {
+                Storage::Cpu(storage) => Some(contiguous_storage(storage, layout, WHAT)?),
+                _ => candle_core::bail!("{WHAT}: the residual is not on the CPU"),
+            },
+            None => None,
+        };
         let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(d).zip(x.par_chunks(d)).zip(a.par_chunks(d)).for_each(|((y, x), a)| {
-            self.rows.normalize_row(x, self.residual.then_some(a), w, b, y);
+        y.par_chunks_mut(d).zip(x.par_chunks(d)).enumerate().for_each(|(r, (y, x))| {
+            self.rows.normalize_row(x, a.map(|a| &a[r * d..(r + 1) * d]), w, b, y);
         });
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
@@ -166,18 +169,25 @@ impl CustomOp3 for LayerNormOp {
         let rows = l1.shape().elem_count() / d;
         let device = s1.device().clone();
         let x = s1.as_cuda_slice::<f32>()?.slice(l1.start_offset()..);
-        let a = s2.as_cuda_slice::<f32>()?.slice(l2.start_offset()..);
-        let params = s3.as_cuda_slice::<f32>()?.slice(l3.start_offset()..);
-        let (w, b) = (params.slice(..d), params.slice(d..));
+        let w = s2.as_cuda_slice::<f32>()?.slice(l2.start_offset()..);
+        let b = s3.as_cuda_slice::<f32>()?.slice(l3.start_offset()..);
+        let residual = self.residual.as_ref().map(Tensor::storage_and_layout);
+        let a = match &residual {
+            Some((storage, layout)) => match &**storage {
+                Storage::Cuda(storage) => Some(storage.as_cuda_slice::<f32>()?.slice(layout.start_offset()..)),
+                _ => candle_core::bail!("layer norm: the residual is not on the GPU"),
+            },
+            None => None,
+        };
         let y = device.alloc_zeros::<f32>(rows * d)?;
         let width = d as u32;
         let shape = crate::launch_shape::LaunchShape { blocks: rows as u32, threads: self.rows.threads() as u32 };
-        let kernel = if self.residual { "residual_layer_norm_f32" } else { "layer_norm_f32" };
+        let kernel = if a.is_some() { "residual_layer_norm_f32" } else { "layer_norm_f32" };
         let func = device.get_or_load_custom_func(kernel, "rankstack_layer_norm", PTX)?;
         let mut launch = func.builder();
         launch.arg(&x);
-        if self.residual {
-            launch.arg(&a);
+        if let Some(a) = &a {
+            launch.arg(a);
         }
         launch.arg(&w).arg(&b).arg(&width).arg(&self.rows.eps).arg(&y);
         // SAFETY: the arguments match the kernel's signature (the residual only for its residual

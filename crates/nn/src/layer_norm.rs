@@ -32,8 +32,8 @@ impl Default for LayerNormConfig {
 /// every parameter before it would silently get no gradient. This layer uses
 /// [`rankstack_kernels::cpu::layer_norm::layer_norm_fused`] (a CPU kernel with an analytic backward pass) for
 /// affine f32/f64 inputs on the CPU, off the CPU kernels in scoring (affine, f32, no input in a
-/// graph) the forward-only [`layer_norm_on_device`], and differentiable candle primitives otherwise; both take two
-/// passes (centre, then square), which keeps the variance accurate for inputs with a large mean. Parameters: `weight` `[dim]`, `bias` `[dim]`.
+/// graph) the forward-only [`layer_norm_on_device`], and differentiable candle primitives otherwise;
+/// each centres before it squares, which keeps the variance accurate for inputs with a large mean. Parameters: `weight` `[dim]`, `bias` `[dim]`.
 ///
 /// ```
 /// # use candle_core::{Device, DType, Module, Tensor};

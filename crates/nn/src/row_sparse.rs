@@ -22,7 +22,7 @@ use candle_core::{DType, Result, Tensor, Var};
 use rankstack_kernels::cpu::kernels_run_on;
 use rankstack_kernels::device_embedding_bag::embedding_bag;
 
-use crate::host_transfer::{upload_slice, Origin};
+use crate::host_transfer::{upload, upload_slice, Origin};
 
 /// The gradient of some rows of a table: `grad[i]` belongs to row `rows[i]` of `table`.
 #[derive(Debug, Clone)]
@@ -115,7 +115,7 @@ impl RowGather {
         &self,
         table: &Tensor,
         rows: &[u32],
-        weights: &[f64],
+        weights: Vec<f64>,
         bags: usize,
         track: bool,
     ) -> Result<Tensor> {
@@ -127,7 +127,7 @@ impl RowGather {
         }
         let bag_len = rows.len().checked_div(bags).unwrap_or(0);
         let weights =
-            upload_slice(weights, (bags, bag_len, 1), device, "sparse bag weights", Origin::Input)?.to_dtype(dtype)?;
+            upload(weights, (bags, bag_len, 1), device, "sparse bag weights", Origin::Input)?.to_dtype(dtype)?;
         self.lookup(table, rows, track)?.reshape((bags, bag_len, dim))?.broadcast_mul(&weights)?.sum(1)
     }
 
@@ -181,10 +181,12 @@ mod tests {
         let rows = [4u32, 1, 1, 0, 3, 3];
         let weights = [0.5, 0.5, 1.0, 0.0, 1.0 / 3.0, 2.0 / 3.0];
         let gather = RowGather::default();
-        let scoring = with_isa(Isa::Candle, || gather.pooled_lookup(&constant, &rows, &weights, 3, false).unwrap());
-        let composed = gather.pooled_lookup(&constant, &rows, &weights, 3, false).unwrap();
+        let scoring =
+            with_isa(Isa::Candle, || gather.pooled_lookup(&constant, &rows, weights.to_vec(), 3, false).unwrap());
+        let composed = gather.pooled_lookup(&constant, &rows, weights.to_vec(), 3, false).unwrap();
         assert_eq!(crate::testing::value_bits(&scoring), crate::testing::value_bits(&composed));
-        let trained = with_isa(Isa::Candle, || gather.pooled_lookup(t.as_tensor(), &rows, &weights, 3, false).unwrap());
+        let trained =
+            with_isa(Isa::Candle, || gather.pooled_lookup(t.as_tensor(), &rows, weights.to_vec(), 3, false).unwrap());
         assert_eq!(crate::testing::value_bits(&trained), crate::testing::value_bits(&composed));
         let grads = trained.sum_all().unwrap().backward().unwrap();
         assert!(grads.get(t.as_tensor()).is_some(), "the table in a graph gets its gradient");
