@@ -12,8 +12,9 @@
 //! CUDA block whose threads take its query rows; a thread keeps its query row and its output row
 //! in registers, computes its scores twice (their maximum, then the weights and the weighted
 //! values) and writes only its output: one launch per layer, nothing of size `L²`, no padding.
-//! On the CPU the same arithmetic row by row (`attend_row`; the CUDA kernel is
-//! `cuda/packed_attention.cu`, tested against it on the host by `cuda_on_host`, bit for bit).
+//! On the CPU the same arithmetic row by row (`attend_row_body`, with hardware FMA where the CPU
+//! has it and each score computed once; the CUDA kernel is `cuda/packed_attention.cu`, tested
+//! against it on the host by `cuda_on_host`, bit for bit).
 //!
 //! It computes no gradient, so it applies only where none of `Q`, `K`, `V` takes part in a graph
 //! (scoring, evaluation of constant weights), to `f32` with a head width of [`HEAD_WIDTHS`] (the
@@ -140,57 +141,125 @@ struct Rows<'a> {
     scale: f32,
 }
 
+/// Keys scored at once by the CPU mirror: independent fused multiply-add chains side by side, so
+/// that one chain's latency hides behind the others'. Each chain is still one key's dot product in
+/// the kernel's order, so the bits do not change.
+const KEYS_AT_ONCE: usize = 8;
+
 impl Rows<'_> {
-    /// Row `i`'s output of head `h` (`out`, `d_h` values), for row `i` of the sequence
-    /// `begin..end`: the CUDA kernel's thread, operation for operation.
-    fn attend_row(&self, [q, k, v]: [&[f32]; 3], (begin, end): (usize, usize), i: usize, h: usize, out: &mut [f32]) {
+    /// Row `i`'s output of every head (`out`, `d` values), for row `i` of the sequence
+    /// `begin..end`: the CUDA kernel's threads, operation for operation. Each score is computed
+    /// once and kept in `scores` (the kernel computes it twice, the same way: the same bits).
+    /// `inline(always)`, so that [`Rows::attend_row_fma`] compiles it with hardware FMA.
+    #[inline(always)]
+    fn attend_row_body(
+        &self,
+        [q, k, v]: [&[f32]; 3],
+        (begin, end): (usize, usize),
+        i: usize,
+        out: &mut [f32],
+        scores: &mut Vec<f32>,
+    ) {
         let dh = self.head_width;
         let d = self.heads * dh;
-        let column = h * dh;
-        let qr = &q[i * d + column..][..dh];
-        let score = |j: usize| {
-            let kj = &k[j * d + column..][..dh];
-            let dot = qr.iter().zip(kj).fold(0f32, |dot, (&a, &b)| a.mul_add(b, dot));
-            dot * self.scale + self.key_bias[j]
-        };
-        let mut m = f32::NEG_INFINITY;
-        for j in begin..end {
-            let s = score(j);
-            if s > m {
-                m = s;
+        for (h, out) in out.chunks_exact_mut(dh).enumerate() {
+            let column = h * dh;
+            let qr = &q[i * d + column..][..dh];
+            let key = |j: usize| &k[j * d + column..][..dh];
+            scores.clear();
+            let mut j = begin;
+            while j + KEYS_AT_ONCE <= end {
+                let keys: [&[f32]; KEYS_AT_ONCE] = std::array::from_fn(|l| key(j + l));
+                let mut dots = [0f32; KEYS_AT_ONCE];
+                for (c, &qc) in qr.iter().enumerate() {
+                    for (dot, kl) in dots.iter_mut().zip(&keys) {
+                        *dot = qc.mul_add(kl[c], *dot);
+                    }
+                }
+                scores.extend(dots.iter().zip(&self.key_bias[j..]).map(|(&dot, &bias)| dot * self.scale + bias));
+                j += KEYS_AT_ONCE;
             }
-        }
-        let mut sum = 0f32;
-        out.fill(0.0);
-        for j in begin..end {
-            let p = (score(j) - m).exp();
-            sum += p;
-            for (acc, &vj) in out.iter_mut().zip(&v[j * d + column..][..dh]) {
-                *acc = p.mul_add(vj, *acc);
+            for j in j..end {
+                let dot = qr.iter().zip(key(j)).fold(0f32, |dot, (&a, &b)| a.mul_add(b, dot));
+                scores.push(dot * self.scale + self.key_bias[j]);
             }
-        }
-        for acc in out.iter_mut() {
-            *acc /= sum;
+            let mut m = f32::NEG_INFINITY;
+            for &s in scores.iter() {
+                if s > m {
+                    m = s;
+                }
+            }
+            let mut sum = 0f32;
+            out.fill(0.0);
+            for (j, &s) in (begin..end).zip(scores.iter()) {
+                let p = (s - m).exp();
+                sum += p;
+                for (acc, &vj) in out.iter_mut().zip(&v[j * d + column..][..dh]) {
+                    *acc = p.mul_add(vj, *acc);
+                }
+            }
+            for acc in out.iter_mut() {
+                *acc /= sum;
+            }
         }
     }
 
-    /// Every row's output `[R, d]`, in parallel over rows.
+    /// [`Rows::attend_row_body`] compiled with FMA and AVX2: `mul_add` one instruction instead of
+    /// a call to libm's `fmaf` (an exactly rounded fused multiply-add either way: the same bits).
+    ///
+    /// # Safety
+    /// Needs FMA and AVX2.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn attend_row_fma(
+        &self,
+        qkv: [&[f32]; 3],
+        span: (usize, usize),
+        i: usize,
+        out: &mut [f32],
+        scores: &mut Vec<f32>,
+    ) {
+        self.attend_row_body(qkv, span, i, out, scores)
+    }
+
+    /// Every row's output `[R, d]`, in parallel over rows, with hardware FMA where the CPU has it.
     fn attend(&self, q: &[f32], k: &[f32], v: &[f32]) -> Vec<f32> {
+        self.attend_with(q, k, v, hardware_fma())
+    }
+
+    /// [`Rows::attend`], with hardware FMA (`fma`, which needs [`hardware_fma`]) or libm's.
+    fn attend_with(&self, q: &[f32], k: &[f32], v: &[f32], fma: bool) -> Vec<f32> {
+        assert!(!fma || hardware_fma(), "this CPU has no FMA and AVX2");
         let d = self.heads * self.head_width;
         let rows = self.key_bias.len();
         let mut out = vec![0f32; rows * d];
         if d == 0 {
             return out;
         }
-        out.par_chunks_mut(d).enumerate().for_each(|(i, row)| {
+        out.par_chunks_mut(d).enumerate().for_each_init(Vec::new, |scores, (i, row)| {
             // The sequence of row i: the last offset at or below it.
             let s = self.offsets.partition_point(|&o| o as usize <= i) - 1;
             let span = (self.offsets[s] as usize, self.offsets[s + 1] as usize);
-            for (h, head) in row.chunks_exact_mut(self.head_width).enumerate() {
-                self.attend_row([q, k, v], span, i, h, head);
+            #[cfg(target_arch = "x86_64")]
+            if fma {
+                // SAFETY: `fma` only where `hardware_fma()` (asserted above).
+                return unsafe { self.attend_row_fma([q, k, v], span, i, row, scores) };
             }
+            self.attend_row_body([q, k, v], span, i, row, scores);
         });
         out
+    }
+}
+
+/// Whether the CPU has FMA and AVX2 for [`Rows::attend_row_fma`].
+fn hardware_fma() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("fma") && std::arch::is_x86_feature_detected!("avx2")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
     }
 }
 
@@ -416,6 +485,31 @@ mod tests {
         assert!(fused_allowed(Some("composed")).is_ok_and(|fused| !fused));
         let err = fused_allowed(Some("flash")).unwrap_err().to_string();
         assert!(err.contains("RANKSTACK_DEVICE_ATTENTION=`flash`"), "{err}");
+    }
+
+    /// The CPU mirror with hardware FMA writes the bits of the one with libm's `fmaf` (which the
+    /// kernel's host run also calls): sequences shorter and longer than [`KEYS_AT_ONCE`], a
+    /// hidden key, every head width.
+    #[test]
+    fn hardware_and_library_fma_write_the_same_bits() {
+        if !hardware_fma() {
+            crate::cpu::skipped("packed attention mirror [fma]", "FMA and AVX2");
+            return;
+        }
+        let mut seqs = layout();
+        seqs.offsets.push(11 + 37);
+        seqs.key_bias.extend((0..37).map(|i| if i % 5 == 2 { f64::NEG_INFINITY } else { 0.25 }));
+        let rows = seqs.key_bias.len();
+        let offsets: Vec<u32> = seqs.offsets.iter().map(|&o| o as u32).collect();
+        let key_bias: Vec<f32> = seqs.key_bias.iter().map(|&b| b as f32).collect();
+        for (heads, dh) in HEAD_WIDTHS.iter().map(|&dh| (1, dh)).chain([(2, 48), (3, 8)]) {
+            let d = heads * dh;
+            let [q, k, v] = inputs(rows, d).map(|x| x.iter().map(|&v| v as f32 * 4.0).collect::<Vec<f32>>());
+            let scale = (1.0 / (dh as f64).sqrt()) as f32;
+            let mirror = Rows { offsets: &offsets, key_bias: &key_bias, heads, head_width: dh, scale };
+            let bits = |fma| mirror.attend_with(&q, &k, &v, fma).iter().map(|x| x.to_bits()).collect::<Vec<u32>>();
+            assert_eq!(bits(true), bits(false), "heads {heads}, width {dh}");
+        }
     }
 
     /// The CUDA kernel, run on the CPU (`cuda_on_host`) with the launch's shape, writes the CPU
