@@ -23,9 +23,10 @@
 //! # Ok::<(), candle_core::Error>(())
 //! ```
 
-use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use crate::auxiliary::on_host;
 use crate::float::contiguous_storage;
 use crate::host_transfer::{upload_slice, Origin};
 
@@ -86,16 +87,13 @@ impl CustomOp1 for EmbeddingBag {
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let dim = layout.shape().dims2()?.1;
         let table: &[f32] = contiguous_storage(storage, layout, "embedding bag: table")?;
-        let (rows, _) = self.rows.storage_and_layout();
-        let (weights, _) = self.weights.storage_and_layout();
-        let (Storage::Cpu(rows), Storage::Cpu(weights)) = (&*rows, &*weights) else {
-            candle_core::bail!("embedding bag: the bags are not on the CPU")
-        };
-        let (rows, weights) = (rows.as_slice::<u32>()?, weights.as_slice::<f32>()?);
         let mut out = vec![0f32; self.bags * dim];
-        out.par_chunks_mut(dim)
-            .zip(rows.par_chunks(self.bag_len).zip(weights.par_chunks(self.bag_len)))
-            .for_each(|(out, (rows, weights))| pool_bag(table, rows, weights, out));
+        on_host("embedding bag", (&self.rows, &self.weights), |rows: &[u32], weights: &[f32]| {
+            out.par_chunks_mut(dim)
+                .zip(rows.par_chunks(self.bag_len).zip(weights.par_chunks(self.bag_len)))
+                .for_each(|(out, (rows, weights))| pool_bag(table, rows, weights, out));
+            Ok(())
+        })?;
         Ok((CpuStorage::F32(out), Shape::from((self.bags, dim))))
     }
 
@@ -106,27 +104,25 @@ impl CustomOp1 for EmbeddingBag {
         layout: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         use candle_core::backend::BackendStorage;
-        use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
+        use candle_core::cuda_backend::cudarc::driver::{CudaSlice, PushKernelArg};
         use candle_core::cuda_backend::WrapErr;
+
+        use crate::auxiliary::on_gpu;
 
         let dim = layout.shape().dims2()?.1;
         let device = storage.device().clone();
         let table = storage.as_cuda_slice::<f32>()?.slice(layout.start_offset()..);
-        let (rows, _) = self.rows.storage_and_layout();
-        let (weights, _) = self.weights.storage_and_layout();
-        let (Storage::Cuda(rows), Storage::Cuda(weights)) = (&*rows, &*weights) else {
-            candle_core::bail!("embedding bag: the bags are not on the GPU")
-        };
-        let (rows, weights) = (rows.as_cuda_slice::<u32>()?, weights.as_cuda_slice::<f32>()?);
         let out = device.alloc_zeros::<f32>(self.bags * dim)?;
         let (bag_len, width) = (self.bag_len as u32, dim as u32);
         let func = device.get_or_load_custom_func("embedding_bag_f32", "rankstack_embedding_bag", PTX)?;
-        let mut launch = func.builder();
-        launch.arg(&table).arg(rows).arg(weights).arg(&bag_len).arg(&width).arg(&out);
-        // SAFETY: the arguments match the kernel's signature; every row is below the table's
-        // (checked by `embedding_bag`), block `b` reads entries `b·L .. (b+1)·L` of the bags'
-        // `bags · L` and writes row `b` of `out` `[bags, dim]`.
-        unsafe { launch.launch(crate::launch_shape::one_block_per_row(self.bags, dim).config()) }.w()?;
+        on_gpu("embedding bag", (&self.rows, &self.weights), |rows: &CudaSlice<u32>, weights: &CudaSlice<f32>| {
+            let mut launch = func.builder();
+            launch.arg(&table).arg(rows).arg(weights).arg(&bag_len).arg(&width).arg(&out);
+            // SAFETY: the arguments match the kernel's signature; every row is below the table's
+            // (checked by `embedding_bag`), block `b` reads entries `b·L .. (b+1)·L` of the bags'
+            // `bags · L` and writes row `b` of `out` `[bags, dim]`.
+            unsafe { launch.launch(crate::launch_shape::one_block_per_row(self.bags, dim).config()) }.w()
+        })?;
         Ok((candle_core::CudaStorage::wrap_cuda_slice(out, device), Shape::from((self.bags, dim))))
     }
 }

@@ -42,9 +42,10 @@
 //! # Ok::<(), candle_core::Error>(())
 //! ```
 
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use crate::auxiliary::on_host;
 use crate::cpu::packed_attention::{check, SequenceLayout};
 use crate::float::contiguous_storage;
 use crate::host_transfer::{upload, Origin};
@@ -72,7 +73,8 @@ fn fused_allowed(value: Option<&str>) -> Result<bool> {
 /// `cpu::packed_attention::check` does), with no gradient, on their device; `None` where it does
 /// not apply (an input in a graph, not `f32`, a head width not in [`HEAD_WIDTHS`], or
 /// [`DEVICE_ATTENTION_ENV`] set to `composed`). Copies the sequences' row offsets and key bias to
-/// the device (`R + B + 1` values).
+/// the device (`R + B + 1` values), once per device where the sequences keep
+/// [`SequenceLayout::device_copies`].
 pub fn packed_attention_forward_on_device<S: SequenceLayout + ?Sized>(
     q: &Tensor,
     k: &Tensor,
@@ -94,21 +96,21 @@ pub fn packed_attention_forward_on_device<S: SequenceLayout + ?Sized>(
     let offsets = sequences.row_offsets();
     let longest = offsets.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0);
     let device = q.device();
+    let make_layout = || -> Result<(Tensor, Tensor)> {
+        let offsets = offsets.iter().map(|&o| o as u32).collect();
+        let key_bias = sequences.key_bias().iter().map(|&b| b as f32).collect();
+        Ok((
+            upload(offsets, sequences.row_offsets().len(), device, "attention sequence offsets", Origin::Input)?,
+            upload(key_bias, rows, device, "attention key bias", Origin::Input)?,
+        ))
+    };
+    let (offsets, key_bias) = match sequences.device_copies() {
+        Some(copies) => copies.get_or_make("fused attention's offsets and key bias", device, make_layout)?,
+        None => make_layout()?,
+    };
     let op = PackedAttentionForward {
-        offsets: upload(
-            offsets.iter().map(|&o| o as u32).collect(),
-            offsets.len(),
-            device,
-            "attention sequence offsets",
-            Origin::Input,
-        )?,
-        key_bias: upload(
-            sequences.key_bias().iter().map(|&b| b as f32).collect(),
-            rows,
-            device,
-            "attention key bias",
-            Origin::Input,
-        )?,
+        offsets,
+        key_bias,
         heads: num_heads,
         head_width,
         scale: (1.0 / (head_width as f64).sqrt()) as f32,
@@ -288,24 +290,15 @@ impl CustomOp3 for PackedAttentionForward {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (rows, d) = self.check([l1, l2, l3])?;
-        let (offsets, _) = self.offsets.storage_and_layout();
-        let (key_bias, _) = self.key_bias.storage_and_layout();
-        let (Storage::Cpu(offsets), Storage::Cpu(key_bias)) = (&*offsets, &*key_bias) else {
-            candle_core::bail!("packed attention forward: the sequences' layout is not on the CPU")
-        };
-        let layout = Rows {
-            offsets: offsets.as_slice::<u32>()?,
-            key_bias: key_bias.as_slice::<f32>()?,
-            heads: self.heads,
-            head_width: self.head_width,
-            scale: self.scale,
-        };
         let what = "packed attention forward";
-        let out = layout.attend(
-            contiguous_storage(s1, l1, what)?,
-            contiguous_storage(s2, l2, what)?,
-            contiguous_storage(s3, l3, what)?,
-        );
+        let out = on_host(what, (&self.offsets, &self.key_bias), |offsets, key_bias| {
+            let layout = Rows { offsets, key_bias, heads: self.heads, head_width: self.head_width, scale: self.scale };
+            Ok(layout.attend(
+                contiguous_storage(s1, l1, what)?,
+                contiguous_storage(s2, l2, what)?,
+                contiguous_storage(s3, l3, what)?,
+            ))
+        })?;
         Ok((CpuStorage::F32(out), Shape::from((rows, d))))
     }
 
@@ -320,34 +313,37 @@ impl CustomOp3 for PackedAttentionForward {
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         use candle_core::backend::BackendStorage;
-        use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
+        use candle_core::cuda_backend::cudarc::driver::{CudaSlice, PushKernelArg};
         use candle_core::cuda_backend::WrapErr;
+
+        use crate::auxiliary::on_gpu;
 
         let (rows, d) = self.check([l1, l2, l3])?;
         let device = s1.device().clone();
         let q = s1.as_cuda_slice::<f32>()?.slice(l1.start_offset()..);
         let k = s2.as_cuda_slice::<f32>()?.slice(l2.start_offset()..);
         let v = s3.as_cuda_slice::<f32>()?.slice(l3.start_offset()..);
-        let (offsets, _) = self.offsets.storage_and_layout();
-        let (key_bias, _) = self.key_bias.storage_and_layout();
-        let (Storage::Cuda(offsets), Storage::Cuda(key_bias)) = (&*offsets, &*key_bias) else {
-            candle_core::bail!("packed attention forward: the sequences' layout is not on the GPU")
-        };
-        let (offsets, key_bias) = (offsets.as_cuda_slice::<u32>()?, key_bias.as_cuda_slice::<f32>()?);
         let out = device.alloc_zeros::<f32>(rows * d)?;
         let sequences = self.offsets.dim(0)? - 1;
         if rows > 0 && sequences > 0 {
-            let name = format!("packed_attention_f32_dh{}", self.head_width);
-            let func = device.get_or_load_custom_func(&name, "rankstack_packed_attention", PTX)?;
-            let shape = crate::launch_shape::one_block_per_sequence_head(sequences * self.heads, self.longest);
-            let heads = self.heads as u32;
-            let mut launch = func.builder();
-            launch.arg(&q).arg(&k).arg(&v).arg(offsets).arg(key_bias);
-            launch.arg(&heads).arg(&self.scale).arg(&out);
-            // SAFETY: the arguments match the kernel's signature; the offsets are
-            // non-decreasing and end at `rows` (`check` against the layout), so every row read
-            // and written is below `rows`, and every column below `d = heads · head_width`.
-            unsafe { launch.launch(shape.config()) }.w()?;
+            on_gpu(
+                "packed attention forward",
+                (&self.offsets, &self.key_bias),
+                |offsets: &CudaSlice<u32>, key_bias: &CudaSlice<f32>| {
+                    let name = format!("packed_attention_f32_dh{}", self.head_width);
+                    let func = device.get_or_load_custom_func(&name, "rankstack_packed_attention", PTX)?;
+                    let shape = crate::launch_shape::one_block_per_sequence_head(sequences * self.heads, self.longest);
+                    let heads = self.heads as u32;
+                    let mut launch = func.builder();
+                    launch.arg(&q).arg(&k).arg(&v).arg(offsets).arg(key_bias);
+                    launch.arg(&heads).arg(&self.scale).arg(&out);
+                    // SAFETY: the arguments match the kernel's signature; the offsets are
+                    // non-decreasing and end at `rows` (`check` against the layout), so every row read
+                    // and written is below `rows`, and every column below `d = heads · head_width`.
+                    unsafe { launch.launch(shape.config()) }.w()?;
+                    Ok(())
+                },
+            )?;
         }
         Ok((candle_core::CudaStorage::wrap_cuda_slice(out, device), Shape::from((rows, d))))
     }

@@ -25,6 +25,8 @@
 //!   parameter), the CPU kernel's arithmetic bit for bit; on CUDA `cuda/adamw.cu`.
 //! - [`device_bias_add`]: a linear layer's bias added to its fresh product in place off the CPU
 //!   kernels (scoring: one full-size write per layer less); on CUDA `cuda/bias_add.cu`.
+//! - [`device_copies`]: device values derived from an immutable owner (a batch's packed
+//!   sequences), made once per device instead of once per layer.
 //! - [`device_embedding_bag`]: a sparse feature's bags gathered, weighted and summed in one launch
 //!   off the CPU kernels (scoring); on CUDA `cuda/embedding_bag.cu`.
 //! - [`device_layer_norm`]: LayerNorm of rows (with an optional residual input) off the CPU kernels
@@ -48,6 +50,7 @@
 //!   reading a tensor's CPU values, and one dispatch from a storage to the typed kernel.
 #![deny(unsafe_op_in_unsafe_fn, clippy::undocumented_unsafe_blocks, missing_docs)]
 
+mod auxiliary;
 mod block_sum;
 pub mod cpu;
 #[cfg(feature = "cuda")]
@@ -56,6 +59,7 @@ pub mod cuda;
 mod cuda_on_host;
 pub mod device_adamw;
 pub mod device_bias_add;
+pub mod device_copies;
 pub mod device_embedding_bag;
 pub mod device_layer_norm;
 pub mod device_packed_attention;

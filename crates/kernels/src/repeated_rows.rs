@@ -16,9 +16,10 @@
 //! device. The forward pass is candle's `index_select`.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use crate::auxiliary::on_host;
 use crate::host_transfer::{upload, upload_slice, Origin};
 use crate::row_gather_op::RowGatherOp;
 
@@ -130,18 +131,12 @@ impl CustomOp1 for SegmentSum {
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let (n, d) = self.check(layout)?;
-        let (order, _) = self.order.storage_and_layout();
-        let (starts, _) = self.starts.storage_and_layout();
-        let (Storage::Cpu(order), Storage::Cpu(starts)) = (&*order, &*starts) else {
-            candle_core::bail!("segment-sum: segments not on the CPU")
-        };
-        let (order, starts) = (order.as_slice::<u32>()?, starts.as_slice::<u32>()?);
         let start = layout.start_offset();
-        let out = match storage {
-            CpuStorage::F32(src) => CpuStorage::F32(segment_sum_cpu(&src[start..], order, starts, d)),
-            CpuStorage::F64(src) => CpuStorage::F64(segment_sum_cpu(&src[start..], order, starts, d)),
+        let out = on_host("segment-sum", (&self.order, &self.starts), |order: &[u32], starts: &[u32]| match storage {
+            CpuStorage::F32(src) => Ok(CpuStorage::F32(segment_sum_cpu(&src[start..], order, starts, d))),
+            CpuStorage::F64(src) => Ok(CpuStorage::F64(segment_sum_cpu(&src[start..], order, starts, d))),
             other => candle_core::bail!("segment-sum: {:?} is not supported (f32, f64)", other.dtype()),
-        };
+        })?;
         Ok((out, Shape::from((n, d))))
     }
 
@@ -151,9 +146,11 @@ impl CustomOp1 for SegmentSum {
         storage: &candle_core::CudaStorage,
         layout: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
+        use candle_core::cuda_backend::cudarc::driver::{CudaSlice, PushKernelArg};
         use candle_core::cuda_backend::WrapErr;
         use candle_core::DType;
+
+        use crate::auxiliary::on_gpu;
 
         let (n, d) = self.check(layout)?;
         if storage.dtype() != DType::F32 {
@@ -161,26 +158,18 @@ impl CustomOp1 for SegmentSum {
         }
         let device = storage.device();
         let src = storage.as_cuda_slice::<f32>()?.slice(layout.start_offset()..);
-        let (order, _) = self.order.storage_and_layout();
-        let (starts, _) = self.starts.storage_and_layout();
-        let (Storage::Cuda(order), Storage::Cuda(starts)) = (&*order, &*starts) else {
-            candle_core::bail!("segment-sum: segments not on the GPU")
-        };
-        let (order, starts) = (order.as_cuda_slice::<u32>()?, starts.as_cuda_slice::<u32>()?);
         let out = device.alloc_zeros::<f32>(n * d)?;
         if n > 0 && d > 0 {
             let func = device.get_or_load_custom_func("segment_sum_rows_f32", "rankstack_segment_sum", PTX)?;
             let config = crate::launch_shape::one_block_per_row(n, d).config();
             let width = d as u32;
-            let mut launch = func.builder();
-            launch.arg(&src);
-            launch.arg(order);
-            launch.arg(starts);
-            launch.arg(&width);
-            launch.arg(&out);
-            // SAFETY: the arguments match the kernel's signature; every index read is within
-            // `src` (order < positions) and every write within `out` (segment < n, column < d).
-            unsafe { launch.launch(config) }.w()?;
+            on_gpu("segment-sum", (&self.order, &self.starts), |order: &CudaSlice<u32>, starts: &CudaSlice<u32>| {
+                let mut launch = func.builder();
+                launch.arg(&src).arg(order).arg(starts).arg(&width).arg(&out);
+                // SAFETY: the arguments match the kernel's signature; every index read is within
+                // `src` (order < positions) and every write within `out` (segment < n, column < d).
+                unsafe { launch.launch(config) }.w()
+            })?;
         }
         Ok((candle_core::CudaStorage::wrap_cuda_slice(out, device.clone()), Shape::from((n, d))))
     }

@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use candle_core::{DType, Tensor};
 
+use rankstack_kernels::device_copies::DeviceCopies;
 use rankstack_nn::Error;
 
 const WHAT: &str = "PackedSequences";
@@ -32,6 +33,9 @@ const WHAT: &str = "PackedSequences";
 pub struct PackedSequences {
     offsets: Vec<usize>,
     key_bias: Vec<f64>,
+    /// What the attention layers derive from the layout for a device, made once for all of them
+    /// (`packed_attention.rs`); never part of the comparison.
+    device_copies: DeviceCopies,
 }
 
 impl PackedSequences {
@@ -53,7 +57,7 @@ impl PackedSequences {
         if let Some(i) = key_bias.iter().position(|v| v.is_nan() || *v == f64::INFINITY) {
             return Err(Error::input(WHAT, "key_bias", format!("row {i} has bias {}", key_bias[i])));
         }
-        Ok(Self { offsets, key_bias })
+        Ok(Self { offsets, key_bias, device_copies: DeviceCopies::default() })
     }
 
     /// `batch` sequences of `len` rows each (every row kept), with an additive key mask
@@ -109,7 +113,7 @@ impl PackedSequences {
             }
             offsets.push(rows.len());
         }
-        Ok((Self { offsets, key_bias }, rows))
+        Ok((Self { offsets, key_bias, device_copies: DeviceCopies::default() }, rows))
     }
 
     /// The same sequences in ascending order of length (a stable sort: equal lengths keep their
@@ -141,7 +145,7 @@ impl PackedSequences {
             key_bias.extend_from_slice(&self.key_bias[span]);
             offsets.push(sorted_rows.len());
         }
-        Ok((Self { offsets, key_bias }, sorted_rows))
+        Ok((Self { offsets, key_bias, device_copies: DeviceCopies::default() }, sorted_rows))
     }
 
     /// The number of sequences `B`.
@@ -174,6 +178,11 @@ impl PackedSequences {
     /// The additive score bias of every row as a key.
     pub fn key_bias(&self) -> &[f64] {
         &self.key_bias
+    }
+
+    /// Device values the attention derives from the layout, kept for every layer.
+    pub(crate) fn device_copies(&self) -> &DeviceCopies {
+        &self.device_copies
     }
 
     /// The number of attention weights over these sequences with `num_heads` heads, `Σ H·L_b²`

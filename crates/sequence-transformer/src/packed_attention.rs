@@ -7,6 +7,7 @@ use std::sync::Arc;
 use candle_core::{Result, Tensor, D};
 
 use rankstack_kernels::cpu::packed_attention::{check, head_blocks, packed_attention_fused, SequenceLayout};
+use rankstack_kernels::device_copies::DeviceCopies;
 use rankstack_kernels::device_packed_attention::packed_attention_forward_on_device;
 use rankstack_kernels::distinct_rows::DistinctRows;
 use rankstack_nn::dropout::{device_keep_mask, device_multipliers};
@@ -23,6 +24,10 @@ impl SequenceLayout for PackedSequences {
 
     fn key_bias(&self) -> &[f64] {
         PackedSequences::key_bias(self)
+    }
+
+    fn device_copies(&self) -> Option<&DeviceCopies> {
+        Some(PackedSequences::device_copies(self))
     }
 }
 
@@ -276,11 +281,14 @@ impl Composed {
         };
         // Every key of every row valid (sequences of one length, no key masked): no bias to add,
         // which spares a pass over the `[B, H, L, L]` scores.
+        // Made once per device and dtype for every layer of the pass (the sequences keep it).
         let bias_tensor = match bias.iter().all(|&v| v == 0.0) {
             true => None,
-            false => {
-                Some(upload_slice(&bias, (b, 1, 1, l), dev, "attention padding bias", Origin::Input)?.to_dtype(dtype)?)
-            }
+            false => Some(seqs.device_copies().get_or_make(
+                &format!("composed attention's padding bias, {dtype:?}"),
+                dev,
+                || upload_slice(&bias, (b, 1, 1, l), dev, "attention padding bias", Origin::Input)?.to_dtype(dtype),
+            )?),
         };
         Ok(Prepared { device: dev.clone(), longest: l, bias_host: bias, bias: bias_tensor, dropout })
     }
@@ -293,42 +301,26 @@ impl Composed {
         let (h, l) = (self.num_heads, prepared.longest);
         let offsets = seqs.offsets();
         let lengths: Vec<usize> = seqs.lengths().collect();
+        // A chunk of empty sequences only has nothing to compute and nothing to send back.
+        let plan: Vec<_> =
+            chunk_plan(&lengths, h, chunk_weights).into_iter().filter(|g| offsets[g.start] < offsets[g.end]).collect();
+        // The chunks' index maps depend on the layout alone: made once per device for every
+        // layer and both passes.
+        let key = format!("composed attention's chunk index maps, {h} heads, {chunk_weights} weights");
+        let indexes: Arc<Vec<Option<DistinctRows>>> =
+            seqs.device_copies().get_or_make(&key, &prepared.device, || {
+                plan.iter()
+                    .map(|group| self.chunk_index(group.clone(), &lengths, &prepared.device))
+                    .collect::<Result<_>>()
+                    .map(Arc::new)
+            })?;
         let mut chunks = Vec::new();
-        for group in chunk_plan(&lengths, h, chunk_weights) {
+        for (group, index) in plan.into_iter().zip(indexes.iter().cloned()) {
             let (first, n) = (group.start, group.len());
             let rows = offsets[first]..offsets[group.end];
             // The chunk's dense length: its longest sequence (the first L_c columns of the
             // batch's bias and dropout).
             let lc = lengths[group.clone()].iter().copied().max().unwrap_or(0);
-            if rows.is_empty() {
-                // Only empty sequences: nothing to compute, nothing to send back.
-                continue;
-            }
-            // The packed rows `[R, d]` seen as `[R·H, d_h]`: head j of the chunk's row r is row
-            // r·H + j, and goes to row (s·H + j)·L_c + i of the dense heads `[n·H·L_c, d_h]` when r
-            // is row i of the chunk's s-th sequence. A padding row repeats head j of its
-            // sequence's first row (of the chunk's first row for an empty sequence): masked as a
-            // key, never read as a query, so its values do not matter and its gradient is zero
-            // (`DistinctRows::spread`), and it holds only values of its own sequence, so a
-            // non-finite input spreads no further than it does anyway. Sequences all of length
-            // L_c: the packed rows are the dense batch already.
-            let index = if lengths[group.clone()].iter().all(|&len| len == lc) {
-                None
-            } else {
-                let local = |s: usize| offsets[first + s] - offsets[first];
-                let heads: Vec<u32> = (0..n)
-                    .flat_map(|s| {
-                        (0..local(s + 1) - local(s))
-                            .flat_map(move |i| (0..h).map(move |j| ((s * h + j) * lc + i) as u32))
-                    })
-                    .collect();
-                let fill = |row: usize| {
-                    let (s, j) = (row / (h * lc), row / lc % h);
-                    let own_first = if local(s + 1) > local(s) { local(s) } else { 0 };
-                    (own_first * h + j) as u32
-                };
-                Some(DistinctRows::with_fill(&heads, n * h * lc, fill, &prepared.device, "packed attention")?)
-            };
             // No bias where none of the chunk's keys is hidden: a `[n, H, L_c, L_c]` pass fewer.
             let hidden = group.clone().any(|s| prepared.bias_host[s * l..s * l + lc].iter().any(|&v| v != 0.0));
             let bias = match (&prepared.bias, hidden) {
@@ -346,6 +338,42 @@ impl Composed {
             chunks.push(Chunk { rows, dense });
         }
         Ok(chunks)
+    }
+
+    /// The index map of the chunk of sequences `group` (not all empty) into its dense heads, or
+    /// `None` where its sequences all have one length.
+    ///
+    /// The packed rows `[R, d]` seen as `[R·H, d_h]`: head j of the chunk's row r is row r·H + j,
+    /// and goes to row (s·H + j)·L_c + i of the dense heads `[n·H·L_c, d_h]` when r is row i of
+    /// the chunk's s-th sequence. A padding row repeats head j of its sequence's first row (of the
+    /// chunk's first row for an empty sequence): masked as a key, never read as a query, so its
+    /// values do not matter and its gradient is zero (`DistinctRows::spread`), and it holds only
+    /// values of its own sequence, so a non-finite input spreads no further than it does anyway.
+    /// Sequences all of length L_c: the packed rows are the dense batch already.
+    fn chunk_index(
+        &self,
+        group: std::ops::Range<usize>,
+        lengths: &[usize],
+        device: &candle_core::Device,
+    ) -> Result<Option<DistinctRows>> {
+        let (offsets, h) = (self.sequences.offsets(), self.num_heads);
+        let (first, n) = (group.start, group.len());
+        let lc = lengths[group.clone()].iter().copied().max().unwrap_or(0);
+        if lengths[group].iter().all(|&len| len == lc) {
+            return Ok(None);
+        }
+        let local = |s: usize| offsets[first + s] - offsets[first];
+        let heads: Vec<u32> = (0..n)
+            .flat_map(|s| {
+                (0..local(s + 1) - local(s)).flat_map(move |i| (0..h).map(move |j| ((s * h + j) * lc + i) as u32))
+            })
+            .collect();
+        let fill = |row: usize| {
+            let (s, j) = (row / (h * lc), row / lc % h);
+            let own_first = if local(s + 1) > local(s) { local(s) } else { 0 };
+            (own_first * h + j) as u32
+        };
+        DistinctRows::with_fill(&heads, n * h * lc, fill, device, "packed attention").map(Some)
     }
 }
 
@@ -809,6 +837,48 @@ mod tests {
                 assert!((a - b).abs() <= 1e-13, "chunks of {chunk_weights}: {a} vs {b}");
             }
         }
+    }
+
+    /// Off the CPU kernels, the layers of a pass copy what they derive from the sequences to the
+    /// device once: the fused kernel's offsets and key bias, the composed attention's padding
+    /// bias and chunk index maps (in both passes of training). Values are those of a fresh
+    /// layout each time.
+    #[test]
+    fn layers_copy_the_sequences_layout_to_the_device_once() {
+        use rankstack_kernels::cpu::{with_isa, Isa};
+        use rankstack_nn::host_transfer::record_transfers;
+
+        let bias = vec![0.0, INF, 0.0, /* */ 0.0, 0.0, INF, INF, 0.0, /* */ 0.0];
+        let fresh = || Arc::new(PackedSequences::new(&[3, 0, 5, 1], bias.clone()).unwrap());
+        let whats = |t: &[rankstack_nn::host_transfer::Transfer]| t.iter().map(|t| t.what).collect::<Vec<_>>();
+        with_isa(Isa::Candle, || {
+            // Scoring's fused attention (f32, head width 8).
+            let x = [1, 2, 3].map(|s| seeded_randn(s, &[9, 16], DType::F32));
+            let seqs = fresh();
+            let (first, uploads) = record_transfers(|| packed_attention(&x[0], &x[1], &x[2], &seqs, 2, None).unwrap());
+            assert_eq!(whats(&uploads), ["attention sequence offsets", "attention key bias"]);
+            let (second, none) = record_transfers(|| packed_attention(&x[0], &x[1], &x[2], &seqs, 2, None).unwrap());
+            assert_eq!(whats(&none), Vec::<&str>::new());
+            assert_eq!(flat(&first), flat(&second));
+
+            // Training's composed attention with its projections, forward and backward passes.
+            let (h, d) = (2, 6);
+            let x = Var::from_tensor(&seeded_randn(4, &[9, d], DType::F64)).unwrap();
+            let w = Var::from_tensor(&seeded_randn(5, &[3 * d, d], DType::F64)).unwrap();
+            let step = |seqs: &Arc<PackedSequences>| {
+                let y = packed_self_attention_with_device_dropout(&x, &w, None, seqs, h, 0.0, None).unwrap();
+                let grads = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+                (flat(&y), flat(grads.get(&w).unwrap()))
+            };
+            let seqs = fresh();
+            let (layer_one, uploads) = record_transfers(|| step(&seqs));
+            let made = whats(&uploads);
+            assert!(made.contains(&"attention padding bias") && made.contains(&"distinct rows"), "{made:?}");
+            let (layer_two, none) = record_transfers(|| step(&seqs));
+            assert_eq!(whats(&none), Vec::<&str>::new());
+            assert_eq!(layer_one, layer_two);
+            assert_eq!(step(&fresh()), layer_one);
+        });
     }
 
     #[test]

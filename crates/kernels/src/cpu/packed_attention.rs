@@ -22,6 +22,12 @@ pub trait SequenceLayout: Send + Sync + 'static {
     fn row_offsets(&self) -> &[usize];
     /// The additive score bias of every row as a key: `0` attend, `−∞` hidden (`R` values).
     fn key_bias(&self) -> &[f64];
+    /// Where device values derived from the layout are kept (offsets, biases, index maps), so
+    /// that the layers of one forward pass copy them to a device once; `None` (the default):
+    /// each use makes its own.
+    fn device_copies(&self) -> Option<&crate::device_copies::DeviceCopies> {
+        None
+    }
 }
 
 /// `O_h = drop(softmax(Q_h K_hᵀ / √d_h + M)) V_h` for every sequence and head `h`, with `Q`, `K`,
