@@ -6,6 +6,7 @@ use candle_core::backprop::GradStore;
 use candle_core::{ModuleT, Result, Tensor, Var};
 use candle_nn::VarBuilder;
 
+use rankstack_nn::row_sparse::pooled_lookups;
 use rankstack_nn::{Error, RowGradient};
 
 use crate::normalize::NormalizedBlocks;
@@ -233,8 +234,11 @@ impl FeatureEncoder {
         if let (Some(enc), Some(x)) = (&self.dense, &batch.dense) {
             blocks.push(enc.forward_t(x, train)?, false)?;
         }
-        for (table, input) in self.sparse.iter().zip(&batch.sparse) {
-            blocks.push(table.forward_t(input, train)?, table.feature().normalize)?;
+        // All sparse features at once: in scoring on a GPU their bags go over in two uploads.
+        let lookups =
+            self.sparse.iter().zip(&batch.sparse).map(|(t, input)| t.bags_of(input)).collect::<Result<_>>()?;
+        for (table, pooled) in self.sparse.iter().zip(pooled_lookups(lookups, train)?) {
+            blocks.push(pooled, table.feature().normalize)?;
         }
         for ((p, f), x) in self.embedding.iter().zip(&self.schema.embedding).zip(&batch.embedding) {
             blocks.push(p.forward(x)?, f.normalize)?;

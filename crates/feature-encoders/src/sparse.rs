@@ -5,6 +5,7 @@ use candle_core::{DType, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 
 use rankstack_nn::host_transfer::read_input;
+use rankstack_nn::row_sparse::{pooled_lookups, PooledLookup};
 use rankstack_nn::{Error, RowGather, RowGradient};
 
 use crate::schema::{OovPolicy, Pooling, SparseFeature};
@@ -177,12 +178,16 @@ impl SparseEmbedding {
 
     /// [`SparseEmbedding::forward`]; `train` lookups are recorded in row-sparse mode.
     pub fn forward_t(&self, input: &SparseInput, train: bool) -> Result<Tensor> {
+        let mut pooled = pooled_lookups(vec![self.bags_of(input)?], train)?;
+        Ok(pooled.remove(0))
+    }
+
+    /// The table's bags for `input`, for [`pooled_lookups`] (the encoder looks up all its sparse
+    /// features at once): `B · L` rows and weights (`L` the longest bag; unknown and padding ids
+    /// weigh 0, mean pooling divides by the bag's known ids), no entries where every bag is empty.
+    pub(crate) fn bags_of(&self, input: &SparseInput) -> Result<PooledLookup<'_>> {
         let b = input.batch_size();
         let lmax = (0..b).map(|i| input.bag(i).len()).max().unwrap_or(0);
-        let (dtype, dev) = (self.weight.dtype(), self.weight.device());
-        if lmax == 0 {
-            return Tensor::zeros((b, self.dim), dtype, dev);
-        }
         let mut rows = vec![0u32; b * lmax];
         let mut weights = vec![0f64; b * lmax];
         for i in 0..b {
@@ -199,6 +204,6 @@ impl SparseEmbedding {
                 weights[i * lmax..(i + 1) * lmax].iter_mut().for_each(|w| *w /= n as f64);
             }
         }
-        self.gather.pooled_lookup(&self.weight, &rows, weights, b, train)
+        Ok(PooledLookup { gather: &self.gather, table: &self.weight, rows, weights, bags: b })
     }
 }

@@ -26,15 +26,15 @@ pub(crate) fn on_host<A: WithDType, B: WithDType, R>(
     )
 }
 
-/// Runs `f` with the CUDA buffers of `a` and `b`; an error naming `op` where either is not on
-/// the GPU, not of its type, or not a whole contiguous buffer (what the kernels index from 0).
+/// Runs `f` with the CUDA buffers of `a` and `b` (views of the elements each covers); an error
+/// naming `op` where either is not on the GPU, not of its type, or not contiguous.
 #[cfg(feature = "cuda")]
 pub(crate) fn on_gpu<A, B, R>(
     op: &str,
     (a, b): (&Tensor, &Tensor),
     f: impl FnOnce(
-        &candle_core::cuda_backend::cudarc::driver::CudaSlice<A>,
-        &candle_core::cuda_backend::cudarc::driver::CudaSlice<B>,
+        &candle_core::cuda_backend::cudarc::driver::CudaView<'_, A>,
+        &candle_core::cuda_backend::cudarc::driver::CudaView<'_, B>,
     ) -> Result<R>,
 ) -> Result<R>
 where
@@ -46,12 +46,12 @@ where
     let (Storage::Cuda(sa), Storage::Cuda(sb)) = (&*storage_a, &*storage_b) else {
         candle_core::bail!("{op}: its auxiliary tensors are not on the GPU")
     };
-    for (i, layout) in [layout_a, layout_b].into_iter().enumerate() {
-        if !layout.is_contiguous() || layout.start_offset() != 0 {
-            candle_core::bail!("{op}: auxiliary tensor {} is not a whole contiguous buffer", i + 1);
-        }
-    }
-    f(sa.as_cuda_slice::<A>()?, sb.as_cuda_slice::<B>()?)
+    let covered = |i: usize, layout: &candle_core::Layout| match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(start..end),
+        None => candle_core::bail!("{op}: auxiliary tensor {i} is not contiguous"),
+    };
+    let (range_a, range_b) = (covered(1, layout_a)?, covered(2, layout_b)?);
+    f(&sa.as_cuda_slice::<A>()?.slice(range_a), &sb.as_cuda_slice::<B>()?.slice(range_b))
 }
 
 #[cfg(test)]

@@ -34,6 +34,81 @@ use crate::host_transfer::{upload_slice, Origin};
 /// `[bags · L]`, summed per bag: `[bags, dim]` on the table's device. A row out of range, a
 /// length that is not a whole number of bags or a table that is not an f32 matrix is an error.
 pub fn embedding_bag(table: &Tensor, rows: &[u32], weights: &[f32], bags: usize) -> Result<Tensor> {
+    let mut out = embedding_bags(&[Bags { table, rows, weights, bags }])?;
+    Ok(out.remove(0))
+}
+
+/// The bags of one table, as [`embedding_bag`] takes them.
+#[derive(Debug, Clone, Copy)]
+pub struct Bags<'a> {
+    /// `[n, dim]` f32.
+    pub table: &'a Tensor,
+    /// `[bags · L]`: the entries' rows of `table`.
+    pub rows: &'a [u32],
+    /// `[bags · L]`: the entries' weights (0 for padding).
+    pub weights: &'a [f32],
+    /// The number of bags.
+    pub bags: usize,
+}
+
+/// [`embedding_bag`] of several tables on one device (a model's sparse features), their rows and
+/// weights copied to the device together: two uploads for all of them instead of two per table
+/// (on a GPU each upload from pageable host memory is a copy the host waits for). One launch per
+/// table, each reading its own part of the two buffers. Errors name the table's position.
+pub fn embedding_bags(lookups: &[Bags<'_>]) -> Result<Vec<Tensor>> {
+    let mut parts = Vec::with_capacity(lookups.len());
+    for (i, lookup) in lookups.iter().enumerate() {
+        let named = |e: candle_core::Error| match lookups.len() {
+            1 => e,
+            n => e.context(format!("embedding bags: table {i} of {n}")),
+        };
+        parts.push(check(lookup).map_err(named)?);
+    }
+    let Some(device) = lookups.first().map(|l| l.table.device()) else { return Ok(Vec::new()) };
+    if let Some(i) = lookups.iter().position(|l| !l.table.device().same_device(device)) {
+        let other = lookups[i].table.device().location();
+        candle_core::bail!("embedding bags: table {i} is on {other:?}, table 0 on {:?}", device.location());
+    }
+    // The entries of the tables that launch, back to back.
+    let launching: Vec<usize> = (0..lookups.len()).filter(|&i| parts[i].is_some()).collect();
+    let total: usize = launching.iter().map(|&i| lookups[i].rows.len()).sum();
+    let (mut rows, mut weights) = (Vec::with_capacity(total), Vec::with_capacity(total));
+    for &i in &launching {
+        rows.extend_from_slice(lookups[i].rows);
+        weights.extend_from_slice(lookups[i].weights);
+    }
+    let (all_rows, all_weights) = match launching.is_empty() {
+        true => (None, None),
+        false => (
+            Some(upload_slice(&rows, total, device, "gathered rows", Origin::Input)?),
+            Some(upload_slice(&weights, total, device, "sparse bag weights", Origin::Input)?),
+        ),
+    };
+    let mut start = 0;
+    lookups
+        .iter()
+        .zip(parts)
+        .map(|(lookup, bag_len)| match (bag_len, &all_rows, &all_weights) {
+            (Some(bag_len), Some(all_rows), Some(all_weights)) => {
+                let len = lookup.rows.len();
+                let op = EmbeddingBag {
+                    rows: all_rows.narrow(0, start, len)?,
+                    weights: all_weights.narrow(0, start, len)?,
+                    bags: lookup.bags,
+                    bag_len,
+                };
+                start += len;
+                lookup.table.contiguous()?.apply_op1_no_bwd(&op)
+            }
+            _ => Tensor::zeros((lookup.bags, lookup.table.dim(1)?), DType::F32, lookup.table.device()),
+        })
+        .collect()
+}
+
+/// Checks one table's bags; its bag length `L`, or `None` where there is nothing to launch (no
+/// bags, no entries or no columns: the output is zeros).
+fn check(lookup: &Bags<'_>) -> Result<Option<usize>> {
+    let Bags { table, rows, weights, bags } = *lookup;
     let (n, dim) = table.dims2()?;
     if table.dtype() != DType::F32 {
         candle_core::bail!("embedding bag: a {:?} table (f32)", table.dtype());
@@ -46,19 +121,12 @@ pub fn embedding_bag(table: &Tensor, rows: &[u32], weights: &[f32], bags: usize)
     }
     let bag_len = rows.len().checked_div(bags).unwrap_or(0);
     if bags * dim == 0 || bag_len == 0 {
-        return Tensor::zeros((bags, dim), DType::F32, table.device());
+        return Ok(None);
     }
     if bag_len > u32::MAX as usize || dim > u32::MAX as usize {
         candle_core::bail!("embedding bag: bags of {bag_len} entries of width {dim} exceed the u32 range");
     }
-    let device = table.device();
-    let op = EmbeddingBag {
-        rows: upload_slice(rows, rows.len(), device, "gathered rows", Origin::Input)?,
-        weights: upload_slice(weights, weights.len(), device, "sparse bag weights", Origin::Input)?,
-        bags,
-        bag_len,
-    };
-    table.contiguous()?.apply_op1_no_bwd(&op)
+    Ok(Some(bag_len))
 }
 
 /// The op: the table in, the pooled bags out; the bags' rows and weights on the device.
@@ -104,7 +172,7 @@ impl CustomOp1 for EmbeddingBag {
         layout: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         use candle_core::backend::BackendStorage;
-        use candle_core::cuda_backend::cudarc::driver::{CudaSlice, PushKernelArg};
+        use candle_core::cuda_backend::cudarc::driver::{CudaView, PushKernelArg};
         use candle_core::cuda_backend::WrapErr;
 
         use crate::auxiliary::on_gpu;
@@ -115,7 +183,7 @@ impl CustomOp1 for EmbeddingBag {
         let out = device.alloc_zeros::<f32>(self.bags * dim)?;
         let (bag_len, width) = (self.bag_len as u32, dim as u32);
         let func = device.get_or_load_custom_func("embedding_bag_f32", "rankstack_embedding_bag", PTX)?;
-        on_gpu("embedding bag", (&self.rows, &self.weights), |rows: &CudaSlice<u32>, weights: &CudaSlice<f32>| {
+        on_gpu("embedding bag", (&self.rows, &self.weights), |rows: &CudaView<u32>, weights: &CudaView<f32>| {
             let mut launch = func.builder();
             launch.arg(&table).arg(rows).arg(weights).arg(&bag_len).arg(&width).arg(&out);
             // SAFETY: the arguments match the kernel's signature; every row is below the table's
@@ -168,6 +236,38 @@ mod tests {
                 .unwrap();
             assert_eq!(crate::oracle::f64_bits(&got), crate::oracle::f64_bits(&want), "width {dim}");
         }
+    }
+
+    /// Several tables at once: each one's bits as alone, their rows and weights in two uploads,
+    /// a table without entries zeros, a bad table named by its position.
+    #[test]
+    fn several_tables_share_two_uploads_and_give_each_ones_bits() {
+        use crate::host_transfer::record_transfers;
+
+        let dev = Device::Cpu;
+        let cases: Vec<_> = [16, 1, 300].iter().map(|&dim| (dim, case(dim))).collect();
+        let tables: Vec<Tensor> =
+            cases.iter().map(|(dim, (table, _, _))| Tensor::from_slice(table, (13, *dim), &dev).unwrap()).collect();
+        let empty = Tensor::ones((5, 3), DType::F32, &dev).unwrap();
+        let mut lookups: Vec<Bags> = cases
+            .iter()
+            .zip(&tables)
+            .map(|((_, (_, rows, weights)), table)| Bags { table, rows, weights, bags: 40 })
+            .collect();
+        lookups.insert(1, Bags { table: &empty, rows: &[], weights: &[], bags: 40 });
+        let (together, transfers) = record_transfers(|| embedding_bags(&lookups).unwrap());
+        let whats: Vec<_> = transfers.iter().map(|t| (t.what, t.elements)).collect();
+        assert_eq!(whats, [("gathered rows", 3 * 280), ("sparse bag weights", 3 * 280)]);
+        assert_eq!(together.len(), 4);
+        for (lookup, got) in lookups.iter().zip(&together) {
+            let alone = embedding_bag(lookup.table, lookup.rows, lookup.weights, lookup.bags).unwrap();
+            assert_eq!(crate::oracle::f64_bits(got), crate::oracle::f64_bits(&alone));
+        }
+        assert_eq!(together[1].to_vec2::<f32>().unwrap(), vec![vec![0f32; 3]; 40]);
+        lookups[2].rows = &[13; 280];
+        let err = embedding_bags(&lookups).unwrap_err().to_string();
+        assert!(err.contains("embedding bags: table 2 of 4") && err.contains("row 13 is out of range"), "{err}");
+        assert!(embedding_bags(&[]).unwrap().is_empty());
     }
 
     #[test]

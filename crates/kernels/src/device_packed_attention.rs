@@ -313,7 +313,7 @@ impl CustomOp3 for PackedAttentionForward {
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         use candle_core::backend::BackendStorage;
-        use candle_core::cuda_backend::cudarc::driver::{CudaSlice, PushKernelArg};
+        use candle_core::cuda_backend::cudarc::driver::{CudaView, PushKernelArg};
         use candle_core::cuda_backend::WrapErr;
 
         use crate::auxiliary::on_gpu;
@@ -329,7 +329,7 @@ impl CustomOp3 for PackedAttentionForward {
             on_gpu(
                 "packed attention forward",
                 (&self.offsets, &self.key_bias),
-                |offsets: &CudaSlice<u32>, key_bias: &CudaSlice<f32>| {
+                |offsets: &CudaView<u32>, key_bias: &CudaView<f32>| {
                     let name = format!("packed_attention_f32_dh{}", self.head_width);
                     let func = device.get_or_load_custom_func(&name, "rankstack_packed_attention", PTX)?;
                     let shape = crate::launch_shape::one_block_per_sequence_head(sequences * self.heads, self.longest);

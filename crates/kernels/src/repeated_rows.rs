@@ -20,7 +20,7 @@ use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use crate::auxiliary::on_host;
-use crate::host_transfer::{upload, upload_slice, Origin};
+use crate::host_transfer::{upload, Origin};
 use crate::row_gather_op::RowGatherOp;
 
 /// `x[rows]` for a 2-D `x` `[n, d]` and `rows` (each `< n`, repeats allowed): `[rows.len(), d]`,
@@ -29,15 +29,18 @@ use crate::row_gather_op::RowGatherOp;
 pub fn gather_repeated_rows(x: &Tensor, rows: &[u32]) -> Result<Tensor> {
     let (n, _) = x.dims2()?;
     let segments = Segments::new(rows, n)?;
-    let device = x.device();
-    let sum = SegmentSum {
-        order: upload(segments.order, rows.len(), device, "row segments' order", Origin::Input)?,
-        // One entry per row of the table: on a GPU this copy grows with the table.
-        starts: upload(segments.starts, n + 1, device, "row segments' starts", Origin::Input)?,
-    };
+    let m = rows.len();
+    // The rows, their segments' order and starts (one entry per row of the table: on a GPU this
+    // part grows with the table) in one upload, each a view of it.
+    let mut index = Vec::with_capacity(2 * m + n + 1);
+    index.extend_from_slice(rows);
+    index.extend_from_slice(&segments.order);
+    index.extend_from_slice(&segments.starts);
+    let index = upload(index, 2 * m + n + 1, x.device(), "gathered rows and their segments", Origin::Input)?;
+    let sum = SegmentSum { order: index.narrow(0, m, m)?, starts: index.narrow(0, 2 * m, n + 1)? };
     let op = RowGatherOp {
         name: "repeated-rows-gather",
-        index: upload_slice(rows, rows.len(), device, "gathered rows", Origin::Input)?,
+        index: index.narrow(0, 0, m)?,
         backward: Box::new(move |grad: &Tensor| grad.contiguous()?.apply_op1_no_bwd(&sum)),
     };
     x.contiguous()?.apply_op1(op)
@@ -146,7 +149,7 @@ impl CustomOp1 for SegmentSum {
         storage: &candle_core::CudaStorage,
         layout: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        use candle_core::cuda_backend::cudarc::driver::{CudaSlice, PushKernelArg};
+        use candle_core::cuda_backend::cudarc::driver::{CudaView, PushKernelArg};
         use candle_core::cuda_backend::WrapErr;
         use candle_core::DType;
 
@@ -163,7 +166,7 @@ impl CustomOp1 for SegmentSum {
             let func = device.get_or_load_custom_func("segment_sum_rows_f32", "rankstack_segment_sum", PTX)?;
             let config = crate::launch_shape::one_block_per_row(n, d).config();
             let width = d as u32;
-            on_gpu("segment-sum", (&self.order, &self.starts), |order: &CudaSlice<u32>, starts: &CudaSlice<u32>| {
+            on_gpu("segment-sum", (&self.order, &self.starts), |order: &CudaView<u32>, starts: &CudaView<u32>| {
                 let mut launch = func.builder();
                 launch.arg(&src).arg(order).arg(starts).arg(&width).arg(&out);
                 // SAFETY: the arguments match the kernel's signature; every index read is within

@@ -20,7 +20,7 @@ use candle_core::backprop::GradStore;
 use candle_core::{DType, Result, Tensor, Var};
 
 use rankstack_kernels::cpu::kernels_run_on;
-use rankstack_kernels::device_embedding_bag::embedding_bag;
+use rankstack_kernels::device_embedding_bag::{embedding_bag, embedding_bags, Bags};
 
 use crate::host_transfer::{upload, upload_slice, Origin};
 
@@ -119,15 +119,28 @@ impl RowGather {
         bags: usize,
         track: bool,
     ) -> Result<Tensor> {
-        let (device, dtype, dim) = (table.device(), table.dtype(), table.dim(1)?);
-        let scoring = !track && !table.track_op() && dtype == DType::F32 && !kernels_run_on(device);
-        if scoring {
+        if is_one_launch(table, track) {
             let weights: Vec<f32> = weights.iter().map(|&w| w as f32).collect();
             return embedding_bag(table, rows, &weights, bags);
         }
+        let n = weights.len();
+        let weights = upload(weights, n, table.device(), "sparse bag weights", Origin::Input)?;
+        self.weighted_bags(table, rows, &weights, bags, track)
+    }
+
+    /// [`RowGather::pooled_lookup`]'s composed path, with the weights `[bags · L]` (f64) on the
+    /// table's device already.
+    fn weighted_bags(
+        &self,
+        table: &Tensor,
+        rows: &[u32],
+        weights: &Tensor,
+        bags: usize,
+        track: bool,
+    ) -> Result<Tensor> {
+        let (dtype, dim) = (table.dtype(), table.dim(1)?);
         let bag_len = rows.len().checked_div(bags).unwrap_or(0);
-        let weights =
-            upload(weights, (bags, bag_len, 1), device, "sparse bag weights", Origin::Input)?.to_dtype(dtype)?;
+        let weights = weights.reshape((bags, bag_len, 1))?.to_dtype(dtype)?;
         self.lookup(table, rows, track)?.reshape((bags, bag_len, dim))?.broadcast_mul(&weights)?.sum(1)
     }
 
@@ -165,6 +178,74 @@ impl RowGather {
     }
 }
 
+/// Whether [`RowGather::pooled_lookup`] of `table` is one launch: scoring (no tracking, a table
+/// outside any graph) of an f32 table off the CPU kernels.
+fn is_one_launch(table: &Tensor, track: bool) -> bool {
+    !track && !table.track_op() && table.dtype() == DType::F32 && !kernels_run_on(table.device())
+}
+
+/// One table's bags for [`pooled_lookups`], as [`RowGather::pooled_lookup`] takes them.
+#[derive(Debug)]
+pub struct PooledLookup<'a> {
+    /// The table's lookup record.
+    pub gather: &'a RowGather,
+    /// The table `[n, dim]`.
+    pub table: &'a Tensor,
+    /// `[bags · L]`: the entries' rows; empty where every bag is (the output is zeros).
+    pub rows: Vec<u32>,
+    /// `[bags · L]`: the entries' weights (0 for padding).
+    pub weights: Vec<f64>,
+    /// The number of bags.
+    pub bags: usize,
+}
+
+/// [`RowGather::pooled_lookup`] of several tables (a model's sparse features), in order. Where
+/// each is one launch (scoring off the CPU kernels), the rows and weights of all of them go to
+/// the device in two uploads instead of two per table
+/// ([`rankstack_kernels::device_embedding_bag::embedding_bags`]): on a GPU each upload from
+/// pageable memory is a copy the host waits for, and `homefeed-bench` has sixteen tables.
+/// Lookups without entries give zeros `[bags, dim]` in the table's dtype.
+pub fn pooled_lookups(lookups: Vec<PooledLookup<'_>>, track: bool) -> Result<Vec<Tensor>> {
+    let zeros = |l: &PooledLookup<'_>| Tensor::zeros((l.bags, l.table.dim(1)?), l.table.dtype(), l.table.device());
+    if lookups.iter().all(|l| is_one_launch(l.table, track)) {
+        let weights: Vec<Vec<f32>> = lookups.iter().map(|l| l.weights.iter().map(|&w| w as f32).collect()).collect();
+        let bags: Vec<Bags<'_>> = lookups
+            .iter()
+            .zip(&weights)
+            .map(|(l, weights)| Bags { table: l.table, rows: &l.rows, weights, bags: l.bags })
+            .collect();
+        return embedding_bags(&bags);
+    }
+    // The weights of every table in one upload, each table's a view of it.
+    let all: Vec<f64> = lookups.iter().flat_map(|l| l.weights.iter().copied()).collect();
+    let device = match lookups.iter().find(|l| !l.rows.is_empty()) {
+        Some(l) => l.table.device(),
+        None => return lookups.iter().map(zeros).collect(),
+    };
+    if let Some(l) = lookups.iter().find(|l| !l.table.device().same_device(device)) {
+        candle_core::bail!("pooled lookups: tables on {:?} and {:?}", device.location(), l.table.device().location());
+    }
+    let all = upload(
+        all,
+        lookups.iter().map(|l| l.weights.len()).sum::<usize>(),
+        device,
+        "sparse bag weights",
+        Origin::Input,
+    )?;
+    let mut start = 0;
+    lookups
+        .iter()
+        .map(|l| {
+            let weights = all.narrow(0, start, l.weights.len())?;
+            start += l.weights.len();
+            match l.rows.is_empty() {
+                true => zeros(l),
+                false => l.gather.weighted_bags(l.table, &l.rows, &weights, l.bags, track),
+            }
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -190,6 +271,53 @@ mod tests {
         assert_eq!(crate::testing::value_bits(&trained), crate::testing::value_bits(&composed));
         let grads = trained.sum_all().unwrap().backward().unwrap();
         assert!(grads.get(t.as_tensor()).is_some(), "the table in a graph gets its gradient");
+    }
+
+    /// Several tables at once: in scoring on the GPU's graph two uploads for all of them, each
+    /// table's bits as [`RowGather::pooled_lookup`]'s; a table without entries gives zeros; with
+    /// the CPU kernels, or a table in a graph, each table its own lookup, the same values.
+    #[test]
+    fn pooled_lookups_of_several_tables_share_their_uploads_in_scoring() {
+        use rankstack_kernels::cpu::{with_isa, Isa};
+        use rankstack_kernels::host_transfer::record_transfers;
+
+        let t = table();
+        let (a, b) = (t.as_tensor().detach(), (t.as_tensor().detach() * 3.0).unwrap());
+        let rows = [4u32, 1, 1, 0, 3, 3];
+        let weights = [0.5, 0.5, 1.0, 0.0, 1.0 / 3.0, 2.0 / 3.0];
+        let gathers = [RowGather::default(), RowGather::default(), RowGather::default()];
+        fn lookups<'a>(
+            gathers: &'a [RowGather; 3],
+            tables: [&'a Tensor; 2],
+            rows: &[u32],
+            weights: &[f64],
+        ) -> Vec<PooledLookup<'a>> {
+            let part = |n: usize| (rows[..n].to_vec(), weights[..n].to_vec());
+            let ((r6, w6), (r4, w4)) = (part(6), part(4));
+            vec![
+                PooledLookup { gather: &gathers[0], table: tables[0], rows: r6, weights: w6, bags: 3 },
+                PooledLookup { gather: &gathers[1], table: tables[1], rows: vec![], weights: vec![], bags: 3 },
+                PooledLookup { gather: &gathers[2], table: tables[1], rows: r4, weights: w4, bags: 2 },
+            ]
+        }
+        let alone = |table: &Tensor, n: usize, bags: usize| {
+            RowGather::default().pooled_lookup(table, &rows[..n], weights[..n].to_vec(), bags, false).unwrap()
+        };
+        let want = [alone(&a, 6, 3), Tensor::zeros((3, 4), DType::F32, &Device::Cpu).unwrap(), alone(&b, 4, 2)];
+        let bits = |got: &[Tensor]| got.iter().map(crate::testing::value_bits).collect::<Vec<_>>();
+        let (scoring, transfers) = with_isa(Isa::Candle, || {
+            record_transfers(|| pooled_lookups(lookups(&gathers, [&a, &b], &rows, &weights), false).unwrap())
+        });
+        assert_eq!(transfers.iter().map(|t| t.what).collect::<Vec<_>>(), ["gathered rows", "sparse bag weights"]);
+        assert_eq!(bits(&scoring), bits(&want));
+        assert_eq!(bits(&pooled_lookups(lookups(&gathers, [&a, &b], &rows, &weights), false).unwrap()), bits(&want));
+        let (in_graph, transfers) = with_isa(Isa::Candle, || {
+            record_transfers(|| pooled_lookups(lookups(&gathers, [t.as_tensor(), &b], &rows, &weights), false).unwrap())
+        });
+        assert_eq!(bits(&in_graph), bits(&want));
+        // Composed lookups: one upload of every table's weights, one of each table's rows.
+        let whats: Vec<_> = transfers.iter().map(|t| (t.what, t.elements)).collect();
+        assert_eq!(whats, [("sparse bag weights", 10), ("gathered rows", 6), ("gathered rows", 4)]);
     }
 
     fn table() -> Var {
