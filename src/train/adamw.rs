@@ -2,12 +2,13 @@
 
 use std::collections::HashMap;
 
-use candle_core::{backprop::GradStore, DType, Result, Tensor, TensorId, Var};
+use candle_core::{backprop::GradStore, DType, Device, Result, Tensor, TensorId, Var};
 use rankstack_kernels::cpu::adamw::{adamw_update_in_place, bias_corrections, AdamWCoefficients};
 use rankstack_kernels::cpu::kernels_run_on;
 use rankstack_kernels::cpu::sum_of_squares::sum_of_squares;
 use rankstack_kernels::device_adamw::AdamWMoments;
 use rankstack_kernels::device_sum_of_squares::sum_of_squares_on_device;
+use rankstack_kernels::index_stage::IndexStage;
 use rankstack_kernels::overwrite_rows::{check_distinct_rows, OverwriteRows};
 use rankstack_nn::host_transfer::{move_to_device, read_computed, read_input, upload, Origin};
 use rankstack_nn::RowGradient;
@@ -161,13 +162,36 @@ impl AdamW {
         scale: f64,
     ) -> Result<()> {
         // Every row gradient is checked before anything is updated: a bad one changes nothing.
+        // The rows that a device update writes back are staged as they are checked, and go to
+        // the device in one upload for all tables.
+        let mut stage = IndexStage::default();
+        let mut staged = Vec::with_capacity(rows.len());
+        let mut stage_device: Option<Device> = None;
         for r in rows {
             let Some(&i) = self.index_of.get(&r.table.id()) else {
                 candle_core::bail!("AdamW: a row gradient's table is not one of the optimizer's parameters");
             };
-            let name = &self.params[i].0;
-            check_distinct_rows(&r.rows, r.table.dim(0)?, "AdamW")
-                .map_err(|e| e.context(format!("parameter {name}")))?;
+            let (name, var) = &self.params[i];
+            let named = |e: candle_core::Error| e.context(format!("parameter {name}"));
+            let device = var.device();
+            let shares_the_stage = stage_device.get_or_insert_with(|| device.clone()).same_device(device);
+            if self.moments_kind(var) != MomentsKind::Host && shares_the_stage {
+                staged.push(Some(OverwriteRows::stage(&r.rows, r.table.dim(0)?, &mut stage, "AdamW").map_err(named)?));
+            } else {
+                check_distinct_rows(&r.rows, r.table.dim(0)?, "AdamW").map_err(named)?;
+                staged.push(None);
+            }
+        }
+        let written = match (&stage_device, staged.iter().any(Option::is_some)) {
+            (Some(device), true) => Some(stage.upload(device, "overwritten rows")?),
+            _ => None,
+        };
+        let mut indexes = Vec::with_capacity(rows.len());
+        for s in &staged {
+            indexes.push(match (s, &written) {
+                (Some(s), Some(written)) => Some(s.finish(written)?),
+                _ => None,
+            });
         }
         self.step += 1;
         let k = self.coefficients(lr, scale);
@@ -176,8 +200,8 @@ impl AdamW {
             if let Some(g) = grads.get(var.as_tensor()) {
                 self.update(&name, &var, g, None, &k)?;
             }
-            for r in rows.iter().filter(|r| r.table.id() == var.as_tensor().id()) {
-                self.update(&name, &var, &r.grad, Some(&r.rows), &k)?;
+            for (r, index) in rows.iter().zip(&indexes).filter(|(r, _)| r.table.id() == var.as_tensor().id()) {
+                self.update(&name, &var, &r.grad, Some((&r.rows, index.as_ref())), &k)?;
             }
         }
         Ok(())
@@ -208,8 +232,16 @@ impl AdamW {
         }
     }
 
-    /// Updates `var` (all of it, or the rows `rows` of `g`) with the step's constants `k`.
-    fn update(&mut self, name: &str, var: &Var, g: &Tensor, rows: Option<&[u32]>, k: &Coefficients) -> Result<()> {
+    /// Updates `var` (all of it, or the rows `rows` of `g`, with their index on the device where
+    /// [`AdamW::step_with_gradient_scale`] uploaded it) with the step's constants `k`.
+    fn update(
+        &mut self,
+        name: &str,
+        var: &Var,
+        g: &Tensor,
+        rows: Option<(&[u32], Option<&OverwriteRows>)>,
+        k: &Coefficients,
+    ) -> Result<()> {
         let g = g.to_dtype(var.dtype())?;
         if !self.moments.contains_key(name) {
             let moments = match self.moments_kind(var) {
@@ -227,11 +259,14 @@ impl AdamW {
         // A bad row (out of range, repeated) is an error naming the parameter; nothing is updated.
         let named = |e: candle_core::Error| e.context(format!("parameter {name}"));
         // The rows' ids on the parameter's device, for the device and tensor updates.
-        let overwrite = |rows: &[u32]| OverwriteRows::new(rows, var.dim(0)?, var.device(), "AdamW").map_err(named);
+        let overwrite = |(rows, index): (&[u32], Option<&OverwriteRows>)| match index {
+            Some(index) => Ok(index.clone()),
+            None => OverwriteRows::new(rows, var.dim(0)?, var.device(), "AdamW").map_err(named),
+        };
         match self.moments.get_mut(name).expect("inserted above") {
             Moments::Host { m, v, .. } => {
                 let dim = if var.rank() >= 2 { var.elem_count() / var.dim(0)? } else { 1 };
-                adamw_update_in_place(var.as_tensor(), &g, m, v, rows.map(|r| (r, dim)), k.fused).map_err(named)
+                adamw_update_in_place(var.as_tensor(), &g, m, v, rows.map(|(r, _)| (r, dim)), k.fused).map_err(named)
             }
             Moments::Device(moments) => {
                 let rows = rows.map(overwrite).transpose()?;
@@ -737,6 +772,37 @@ mod tests {
                     assert_eq!(s[at.clone()], before[at.clone()], "mode {mode}: untouched row {r} kept");
                     assert_ne!(d[at.clone()], before[at], "mode {mode}: the dense step decays row {r}");
                 }
+            }
+        }
+    }
+
+    /// The rows that the device updates of several tables write back go to the device in one
+    /// upload; each table gets the bits of a step of its own.
+    #[test]
+    fn the_row_gradients_of_several_tables_share_one_upload_of_their_rows() {
+        use rankstack_nn::host_transfer::record_transfers;
+
+        let config = AdamWConfig { lr: 0.1, weight_decay: 0.1, ..AdamWConfig::default() };
+        let row_grad = |w: &Var, rows: Vec<u32>, seed: u64| RowGradient {
+            table: w.as_tensor().clone(),
+            grad: Tensor::from_slice(&values(rows.len() * 3, seed), (rows.len(), 3), &Device::Cpu).unwrap(),
+            rows,
+        };
+        let no_dense = || Tensor::zeros(1, DType::F32, &Device::Cpu).unwrap().sum_all().unwrap().backward().unwrap();
+        for mode in MODES {
+            let (a, b) = (var(&values(6 * 3, 1), (6, 3)), var(&values(5 * 3, 2), (5, 3)));
+            let mut both = optimizer_in(mode, vec![("a".into(), a.clone()), ("b".into(), b.clone())], config);
+            let grads = [row_grad(&a, vec![1, 4], 3), row_grad(&b, vec![0, 2, 3], 4)];
+            let ((), transfers) = record_transfers(|| in_mode(mode, || both.step(&no_dense(), &grads, 0.1).unwrap()));
+            let written: Vec<_> =
+                transfers.iter().filter(|t| t.what == "overwritten rows").map(|t| t.elements).collect();
+            let expected: &[usize] = if mode == "host" { &[] } else { &[5] };
+            assert_eq!(written, expected, "mode {mode}");
+            for (w, rows, seed, init) in [(&a, vec![1, 4], 3, 1), (&b, vec![0, 2, 3], 4, 2)] {
+                let alone = var(&values(w.elem_count(), init), w.dims2().unwrap());
+                let mut opt = optimizer_in(mode, vec![("w".into(), alone.clone())], config);
+                in_mode(mode, || opt.step(&no_dense(), &[row_grad(&alone, rows, seed)], 0.1).unwrap());
+                assert_eq!(bits(w), bits(&alone), "mode {mode}");
             }
         }
     }

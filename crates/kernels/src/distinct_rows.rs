@@ -23,7 +23,7 @@
 
 use candle_core::{Device, Result, Tensor};
 
-use crate::host_transfer::{upload, Origin};
+use crate::index_stage::{IndexStage, Part, StagedIndexes};
 use crate::row_gather_op::RowGatherOp;
 
 /// `x[rows]` for a 2-D `x` `[n, d]` and distinct `rows` (each `< n`): `[rows.len(), d]`.
@@ -68,36 +68,17 @@ pub struct DistinctRows {
 impl DistinctRows {
     /// The rows `rows` (distinct, each `< n`) on `device`; `op` names the caller in errors.
     pub fn new(rows: &[u32], n: usize, device: &Device, op: &str) -> Result<Self> {
-        Self::with_inverse(rows, n, inverse(rows, n, op)?, device)
-    }
-
-    /// [`DistinctRows::new`] from the inverse map of `rows`, already computed.
-    fn with_inverse(rows: &[u32], n: usize, inverse: Vec<u32>, device: &Device) -> Result<Self> {
-        let rows_then_n: Vec<u32> = rows.iter().copied().chain([n as u32]).collect();
-        Ok(Self {
-            n,
-            rows_then_n: upload(rows_then_n, rows.len() + 1, device, "distinct rows", Origin::Input)?,
-            // One entry per row of the full matrix: on a GPU this copy grows with `n`.
-            inverse: upload(inverse, n, device, "distinct rows' inverse map", Origin::Input)?,
-            spread_sources: None,
-        })
+        let mut stage = IndexStage::default();
+        let staged = StagedDistinctRows::stage(rows, n, None, &mut stage, op)?;
+        staged.finish(&stage.upload(device, "distinct rows")?)
     }
 
     /// [`DistinctRows::new`] that can also [`DistinctRows::spread`]: row `j` of the full matrix
     /// that is not among `rows` repeats source row `fill(j)` (which must be `< rows.len()`).
     pub fn with_fill(rows: &[u32], n: usize, fill: impl Fn(usize) -> u32, device: &Device, op: &str) -> Result<Self> {
-        let m = rows.len() as u32;
-        let inverse = inverse(rows, n, op)?;
-        let mut sources = inverse.clone();
-        for (j, source) in sources.iter_mut().enumerate().filter(|(_, s)| **s == m) {
-            *source = fill(j);
-            if *source >= m {
-                candle_core::bail!("{op}: row {j} is filled from source row {source} of {m}");
-            }
-        }
-        let mut spread = Self::with_inverse(rows, n, inverse, device)?;
-        spread.spread_sources = Some(upload(sources, n, device, "distinct rows' fill map", Origin::Input)?);
-        Ok(spread)
+        let mut stage = IndexStage::default();
+        let staged = StagedDistinctRows::stage(rows, n, Some(&fill), &mut stage, op)?;
+        staged.finish(&stage.upload(device, "distinct rows")?)
     }
 
     /// The number of rows `m`.
@@ -162,6 +143,63 @@ impl DistinctRows {
 }
 
 /// For `rows` distinct and `< n`: `inv[rows[i]] = i`, and `rows.len()` (a sentinel) elsewhere.
+/// [`DistinctRows`] in two steps, so that many share one upload: its index arrays staged on the
+/// host ([`StagedDistinctRows::stage`], which checks the rows), then taken from the upload
+/// ([`StagedDistinctRows::finish`]).
+#[derive(Debug, Clone)]
+pub struct StagedDistinctRows {
+    n: usize,
+    rows_then_n: Part,
+    inverse: Part,
+    spread_sources: Option<Part>,
+}
+
+impl StagedDistinctRows {
+    /// Stages the rows `rows` (distinct, each `< n`), with `fill` as in
+    /// [`DistinctRows::with_fill`] (`None`: as [`DistinctRows::new`]); `op` names the caller in
+    /// errors.
+    pub fn stage(
+        rows: &[u32],
+        n: usize,
+        fill: Option<&dyn Fn(usize) -> u32>,
+        stage: &mut IndexStage,
+        op: &str,
+    ) -> Result<Self> {
+        let m = rows.len() as u32;
+        let inverse = inverse(rows, n, op)?;
+        let spread_sources = match fill {
+            None => None,
+            Some(fill) => {
+                let mut sources = inverse.clone();
+                for (j, source) in sources.iter_mut().enumerate().filter(|(_, s)| **s == m) {
+                    *source = fill(j);
+                    if *source >= m {
+                        candle_core::bail!("{op}: row {j} is filled from source row {source} of {m}");
+                    }
+                }
+                Some(sources)
+            }
+        };
+        Ok(Self {
+            n,
+            rows_then_n: stage.extend(rows.iter().copied().chain([n as u32])),
+            // One entry per row of the full matrix: on a GPU this part grows with `n`.
+            inverse: stage.push(&inverse),
+            spread_sources: spread_sources.map(|s| stage.push(&s)),
+        })
+    }
+
+    /// The rows, their arrays views of `staged`.
+    pub fn finish(&self, staged: &StagedIndexes) -> Result<DistinctRows> {
+        Ok(DistinctRows {
+            n: self.n,
+            rows_then_n: staged.part(&self.rows_then_n)?,
+            inverse: staged.part(&self.inverse)?,
+            spread_sources: self.spread_sources.as_ref().map(|p| staged.part(p)).transpose()?,
+        })
+    }
+}
+
 fn inverse(rows: &[u32], n: usize, op: &str) -> Result<Vec<u32>> {
     let sentinel = rows.len() as u32;
     let mut inv = vec![sentinel; n];

@@ -46,6 +46,8 @@
 //!   `build.rs`).
 //! - [`host_transfer`]: every copy of tensor values between the host and a device, through one
 //!   place, so that a test can list a step's transfers (on a GPU a read back is a copy and a wait).
+//! - [`index_stage`]: `u32` index arrays of many consumers (lookups, chunk maps, row write-backs)
+//!   staged on the host and copied to a device in one upload, each consumer taking views of it.
 //! - [`float`]: the `f32`/`f64` element types ([`KernelFloat`]) the CPU kernels are written over,
 //!   reading a tensor's CPU values, and one dispatch from a storage to the typed kernel.
 #![deny(unsafe_op_in_unsafe_fn, clippy::undocumented_unsafe_blocks, missing_docs)]
@@ -67,6 +69,7 @@ pub mod device_sum_of_squares;
 pub mod distinct_rows;
 pub mod float;
 pub mod host_transfer;
+pub mod index_stage;
 #[cfg(any(test, feature = "cuda"))]
 mod launch_shape;
 #[cfg(test)]

@@ -28,6 +28,7 @@ use candle_core::{CpuStorage, Device, InplaceOp3, Layout, Result, Tensor};
 
 use crate::float::contiguous;
 use crate::host_transfer::{upload_slice, Origin};
+use crate::index_stage::{IndexStage, Part, StagedIndexes};
 
 /// Distinct rows of an `n`-row matrix, with their index tensor on the matrix's device (built once
 /// for every matrix the same rows are written to: a parameter and its optimizer moments).
@@ -41,6 +42,22 @@ pub struct OverwriteRows {
     op: &'static str,
 }
 
+/// [`OverwriteRows`] staged ([`OverwriteRows::stage`]): distinct rows checked, waiting for their
+/// stage's upload.
+#[derive(Debug, Clone)]
+pub struct StagedOverwriteRows {
+    rows: Part,
+    n: usize,
+    op: &'static str,
+}
+
+impl StagedOverwriteRows {
+    /// The rows, their index a view of `staged`.
+    pub fn finish(&self, staged: &StagedIndexes) -> Result<OverwriteRows> {
+        Ok(OverwriteRows { index: staged.part(&self.rows)?, n: self.n, op: self.op })
+    }
+}
+
 impl OverwriteRows {
     /// The rows `rows` of an `n`-row matrix on `device`; `op` names the caller in errors. Fails
     /// when a row repeats or is `≥ n`.
@@ -48,6 +65,14 @@ impl OverwriteRows {
         check_distinct_rows(rows, n, op)?;
         let index = upload_slice(rows, rows.len(), device, "overwritten rows", Origin::Input)?;
         Ok(Self { index, n, op })
+    }
+
+    /// [`OverwriteRows::new`] in two steps, so that the rows of many tables share one upload:
+    /// checked and staged in `stage` here, taken from the upload by
+    /// [`StagedOverwriteRows::finish`].
+    pub fn stage(rows: &[u32], n: usize, stage: &mut IndexStage, op: &'static str) -> Result<StagedOverwriteRows> {
+        check_distinct_rows(rows, n, op)?;
+        Ok(StagedOverwriteRows { rows: stage.push(rows), n, op })
     }
 
     /// The rows as a `[m]` u32 tensor on the device (for gathering their current values).

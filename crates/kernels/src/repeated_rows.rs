@@ -20,30 +20,57 @@ use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use crate::auxiliary::on_host;
-use crate::host_transfer::{upload, Origin};
+use crate::index_stage::{IndexStage, Part, StagedIndexes};
 use crate::row_gather_op::RowGatherOp;
 
 /// `x[rows]` for a 2-D `x` `[n, d]` and `rows` (each `< n`, repeats allowed): `[rows.len(), d]`,
 /// whose gradient with respect to `x` is summed per row as segments (see the module
-/// documentation). f32 and f64 on the CPU, f32 on CUDA.
+/// documentation). f32 and f64 on the CPU, f32 on CUDA. The rows and their segments go to the
+/// device in one upload ([`RepeatedRows`] shares it with other consumers).
 pub fn gather_repeated_rows(x: &Tensor, rows: &[u32]) -> Result<Tensor> {
-    let (n, _) = x.dims2()?;
-    let segments = Segments::new(rows, n)?;
-    let m = rows.len();
-    // The rows, their segments' order and starts (one entry per row of the table: on a GPU this
-    // part grows with the table) in one upload, each a view of it.
-    let mut index = Vec::with_capacity(2 * m + n + 1);
-    index.extend_from_slice(rows);
-    index.extend_from_slice(&segments.order);
-    index.extend_from_slice(&segments.starts);
-    let index = upload(index, 2 * m + n + 1, x.device(), "gathered rows and their segments", Origin::Input)?;
-    let sum = SegmentSum { order: index.narrow(0, m, m)?, starts: index.narrow(0, 2 * m, n + 1)? };
-    let op = RowGatherOp {
-        name: "repeated-rows-gather",
-        index: index.narrow(0, 0, m)?,
-        backward: Box::new(move |grad: &Tensor| grad.contiguous()?.apply_op1_no_bwd(&sum)),
-    };
-    x.contiguous()?.apply_op1(op)
+    let mut stage = IndexStage::default();
+    let gather = RepeatedRows::stage(rows, x.dims2()?.0, &mut stage)?;
+    gather.gather(x, &stage.upload(x.device(), "gathered rows and their segments")?)
+}
+
+/// [`gather_repeated_rows`] in two steps, so that many gathers share one upload: the rows and
+/// their segments staged on the host ([`RepeatedRows::stage`]), then, once the stage is uploaded,
+/// the gather ([`RepeatedRows::gather`]).
+#[derive(Debug, Clone)]
+pub struct RepeatedRows {
+    /// `n`, the rows of the matrix gathered from.
+    n: usize,
+    /// `[m]`: the rows.
+    rows: Part,
+    /// `[m]`: the positions grouped by row.
+    order: Part,
+    /// `[n + 1]`: where each row's positions start (one entry per row of the matrix: on a GPU
+    /// this part grows with the table).
+    starts: Part,
+}
+
+impl RepeatedRows {
+    /// Stages `rows` (each `< n`) of an `n`-row matrix and their segments; an error for a row
+    /// out of range.
+    pub fn stage(rows: &[u32], n: usize, stage: &mut IndexStage) -> Result<Self> {
+        let segments = Segments::new(rows, n)?;
+        Ok(Self { n, rows: stage.push(rows), order: stage.push(&segments.order), starts: stage.push(&segments.starts) })
+    }
+
+    /// `x[rows]` with the segmented backward pass, `x` `[n, d]` on the upload's device.
+    pub fn gather(&self, x: &Tensor, staged: &StagedIndexes) -> Result<Tensor> {
+        let (n, _) = x.dims2()?;
+        if n != self.n {
+            candle_core::bail!("gather_repeated_rows: a matrix of {n} rows for rows of a {}-row matrix", self.n);
+        }
+        let sum = SegmentSum { order: staged.part(&self.order)?, starts: staged.part(&self.starts)? };
+        let op = RowGatherOp {
+            name: "repeated-rows-gather",
+            index: staged.part(&self.rows)?,
+            backward: Box::new(move |grad: &Tensor| grad.contiguous()?.apply_op1_no_bwd(&sum)),
+        };
+        x.contiguous()?.apply_op1(op)
+    }
 }
 
 /// The positions of `rows` grouped by row: row `k` owns `order[starts[k]..starts[k + 1]]`,

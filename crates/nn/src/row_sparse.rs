@@ -17,12 +17,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
 use candle_core::backprop::GradStore;
-use candle_core::{DType, Result, Tensor, Var};
+use candle_core::{DType, Device, Result, Tensor, Var};
 
 use rankstack_kernels::cpu::kernels_run_on;
 use rankstack_kernels::device_embedding_bag::{embedding_bag, embedding_bags, Bags};
+use rankstack_kernels::index_stage::{IndexStage, Part, StagedIndexes};
+use rankstack_kernels::repeated_rows::RepeatedRows;
 
-use crate::host_transfer::{upload, upload_slice, Origin};
+use crate::host_transfer::{upload, Origin};
 
 /// The gradient of some rows of a table: `grad[i]` belongs to row `rows[i]` of `table`.
 #[derive(Debug, Clone)]
@@ -35,20 +37,50 @@ pub struct RowGradient {
     pub grad: Tensor,
 }
 
-/// `table[rows]`, differentiable, with the gradient summed per row as segments
+/// `table[rows]`, differentiable, staged: with the gradient summed per row as segments
 /// (`rankstack_kernels::repeated_rows`: bit-equal to `index_select`'s `index_add`, which runs
 /// serially over all positions on CUDA) where that kernel has the dtype; else `index_select`.
-fn gather_with_segmented_gradient(table: &Tensor, rows: &[u32]) -> Result<Tensor> {
-    let segmented = match table.dtype() {
-        DType::F32 => true,
-        DType::F64 => table.device().is_cpu(),
-        _ => false,
-    };
-    if segmented {
-        rankstack_kernels::repeated_rows::gather_repeated_rows(table, rows)
-    } else {
-        table.index_select(&upload_slice(rows, rows.len(), table.device(), "gathered rows", Origin::Input)?, 0)
+#[derive(Debug)]
+enum StagedGather {
+    IndexSelect(Part),
+    Segmented(RepeatedRows),
+}
+
+impl StagedGather {
+    /// Stages `rows` of a `[n, d]` table of `dtype` on `device`.
+    fn stage(rows: &[u32], n: usize, dtype: DType, device: &Device, stage: &mut IndexStage) -> Result<Self> {
+        let segmented = match dtype {
+            DType::F32 => true,
+            DType::F64 => device.is_cpu(),
+            _ => false,
+        };
+        match segmented {
+            true => Ok(Self::Segmented(RepeatedRows::stage(rows, n, stage)?)),
+            false => Ok(Self::IndexSelect(stage.push(rows))),
+        }
     }
+
+    fn gather(&self, table: &Tensor, staged: &StagedIndexes) -> Result<Tensor> {
+        match self {
+            Self::IndexSelect(rows) => table.index_select(&staged.part(rows)?, 0),
+            Self::Segmented(rows) => rows.gather(table, staged),
+        }
+    }
+}
+
+/// A [`RowGather::lookup`] staged: its index arrays wait in an [`IndexStage`], so that the
+/// lookups of many tables go to the device in one upload ([`pooled_lookups`]).
+#[derive(Debug)]
+pub struct StagedLookup(StagedLookupKind);
+
+#[derive(Debug)]
+enum StagedLookupKind {
+    /// No gradient: a plain `index_select`.
+    Untracked(Part),
+    /// Dense mode: the table's gradient, summed per row as segments.
+    Dense(StagedGather),
+    /// Row-sparse mode: the distinct rows gathered into a leaf, looked up by their inverse.
+    RowSparse { unique: Vec<u32>, unique_rows: Part, inverse: StagedGather },
 }
 
 /// The lookups of one table since the last [`RowGather::take`], when row-sparse mode is on.
@@ -84,25 +116,52 @@ impl RowGather {
     /// mode the table gets a dense gradient, summed per row as segments; without `track` it is a
     /// plain `index_select` of the table.
     pub fn lookup(&self, table: &Tensor, rows: &[u32], track: bool) -> Result<Tensor> {
-        let device = table.device();
-        if !track {
-            return table.index_select(&upload_slice(rows, rows.len(), device, "gathered rows", Origin::Input)?, 0);
+        let mut stage = IndexStage::default();
+        let staged = self.stage_lookup(table, rows, track, &mut stage)?;
+        self.finish_lookup(table, staged, &stage.upload(table.device(), "gathered rows")?)
+    }
+
+    /// [`RowGather::lookup`]'s host part: its index arrays staged in `stage` (an error for a row
+    /// out of range where the segments are built); [`RowGather::finish_lookup`] looks up once the
+    /// stage is on the device. The mode (row-sparse or dense) is the one at staging.
+    pub fn stage_lookup(
+        &self,
+        table: &Tensor,
+        rows: &[u32],
+        track: bool,
+        stage: &mut IndexStage,
+    ) -> Result<StagedLookup> {
+        let (device, dtype, n) = (table.device(), table.dtype(), table.dim(0)?);
+        let kind = match (track, self.enabled()) {
+            (false, _) => StagedLookupKind::Untracked(stage.push(rows)),
+            (true, false) => StagedLookupKind::Dense(StagedGather::stage(rows, n, dtype, device, stage)?),
+            (true, true) => {
+                let mut unique = rows.to_vec();
+                unique.sort_unstable();
+                unique.dedup();
+                let inverse: Vec<u32> =
+                    rows.iter().map(|r| unique.binary_search(r).expect("row is in the set") as u32).collect();
+                let unique_rows = stage.push(&unique);
+                let inverse = StagedGather::stage(&inverse, unique.len(), dtype, device, stage)?;
+                StagedLookupKind::RowSparse { unique, unique_rows, inverse }
+            }
+        };
+        Ok(StagedLookup(kind))
+    }
+
+    /// The lookup `staged` of `table` (the one it was staged for), its index arrays in `uploaded`.
+    pub fn finish_lookup(&self, table: &Tensor, staged: StagedLookup, uploaded: &StagedIndexes) -> Result<Tensor> {
+        match staged.0 {
+            StagedLookupKind::Untracked(rows) => table.index_select(&uploaded.part(&rows)?, 0),
+            StagedLookupKind::Dense(gather) => gather.gather(table, uploaded),
+            StagedLookupKind::RowSparse { unique, unique_rows, inverse } => {
+                let gathered = table.detach().index_select(&uploaded.part(&unique_rows)?, 0)?;
+                let leaf = Var::from_tensor(&gathered)?;
+                let out = inverse.gather(leaf.as_tensor(), uploaded)?;
+                self.pending.lock().expect("lock poisoned").push((unique, leaf));
+                Ok(out)
+            }
         }
-        if !self.enabled() {
-            // Dense mode: the table's gradient, summed per row as segments.
-            return gather_with_segmented_gradient(table, rows);
-        }
-        let mut unique = rows.to_vec();
-        unique.sort_unstable();
-        unique.dedup();
-        let inverse: Vec<u32> =
-            rows.iter().map(|r| unique.binary_search(r).expect("row is in the set") as u32).collect();
-        let unique_rows = upload_slice(&unique, unique.len(), device, "distinct gathered rows", Origin::Input)?;
-        let gathered = table.detach().index_select(&unique_rows, 0)?;
-        let leaf = Var::from_tensor(&gathered)?;
-        let out = gather_with_segmented_gradient(leaf.as_tensor(), &inverse)?;
-        self.pending.lock().expect("lock poisoned").push((unique, leaf));
-        Ok(out)
     }
 
     /// The weighted sums of `bags` bags of `table`'s rows: bag `b` is `rows[b·L .. (b+1)·L]` with
@@ -125,23 +184,17 @@ impl RowGather {
         }
         let n = weights.len();
         let weights = upload(weights, n, table.device(), "sparse bag weights", Origin::Input)?;
-        self.weighted_bags(table, rows, &weights, bags, track)
+        Self::weighted_bags(&self.lookup(table, rows, track)?, &weights, bags)
     }
 
-    /// [`RowGather::pooled_lookup`]'s composed path, with the weights `[bags · L]` (f64) on the
-    /// table's device already.
-    fn weighted_bags(
-        &self,
-        table: &Tensor,
-        rows: &[u32],
-        weights: &Tensor,
-        bags: usize,
-        track: bool,
-    ) -> Result<Tensor> {
-        let (dtype, dim) = (table.dtype(), table.dim(1)?);
-        let bag_len = rows.len().checked_div(bags).unwrap_or(0);
-        let weights = weights.reshape((bags, bag_len, 1))?.to_dtype(dtype)?;
-        self.lookup(table, rows, track)?.reshape((bags, bag_len, dim))?.broadcast_mul(&weights)?.sum(1)
+    /// [`RowGather::pooled_lookup`]'s composed path: the looked-up entries `gathered`
+    /// `[bags · L, dim]` weighted by `weights` `[bags · L]` (f64, on their device) and summed per
+    /// bag.
+    fn weighted_bags(gathered: &Tensor, weights: &Tensor, bags: usize) -> Result<Tensor> {
+        let (entries, dim) = gathered.dims2()?;
+        let bag_len = entries.checked_div(bags).unwrap_or(0);
+        let weights = weights.reshape((bags, bag_len, 1))?.to_dtype(gathered.dtype())?;
+        gathered.reshape((bags, bag_len, dim))?.broadcast_mul(&weights)?.sum(1)
     }
 
     /// The row gradients of `table` from the lookups recorded since the last call (merged into
@@ -216,8 +269,8 @@ pub fn pooled_lookups(lookups: Vec<PooledLookup<'_>>, track: bool) -> Result<Vec
             .collect();
         return embedding_bags(&bags);
     }
-    // The weights of every table in one upload, each table's a view of it.
-    let all: Vec<f64> = lookups.iter().flat_map(|l| l.weights.iter().copied()).collect();
+    // Every table's index arrays in one upload, and every table's weights in another; each
+    // table's parts views of them.
     let device = match lookups.iter().find(|l| !l.rows.is_empty()) {
         Some(l) => l.table.device(),
         None => return lookups.iter().map(zeros).collect(),
@@ -225,22 +278,28 @@ pub fn pooled_lookups(lookups: Vec<PooledLookup<'_>>, track: bool) -> Result<Vec
     if let Some(l) = lookups.iter().find(|l| !l.table.device().same_device(device)) {
         candle_core::bail!("pooled lookups: tables on {:?} and {:?}", device.location(), l.table.device().location());
     }
-    let all = upload(
-        all,
-        lookups.iter().map(|l| l.weights.len()).sum::<usize>(),
-        device,
-        "sparse bag weights",
-        Origin::Input,
-    )?;
+    let mut stage = IndexStage::default();
+    let staged = lookups
+        .iter()
+        .map(|l| (!l.rows.is_empty()).then(|| l.gather.stage_lookup(l.table, &l.rows, track, &mut stage)).transpose())
+        .collect::<Result<Vec<_>>>()?;
+    let all: Vec<f64> = lookups.iter().flat_map(|l| l.weights.iter().copied()).collect();
+    let n = all.len();
+    let uploaded = stage.upload(device, "embedding lookups' rows")?;
+    let all = upload(all, n, device, "sparse bag weights", Origin::Input)?;
     let mut start = 0;
     lookups
         .iter()
-        .map(|l| {
+        .zip(staged)
+        .map(|(l, staged)| {
             let weights = all.narrow(0, start, l.weights.len())?;
             start += l.weights.len();
-            match l.rows.is_empty() {
-                true => zeros(l),
-                false => l.gather.weighted_bags(l.table, &l.rows, &weights, l.bags, track),
+            match staged {
+                None => zeros(l),
+                Some(staged) => {
+                    let gathered = l.gather.finish_lookup(l.table, staged, &uploaded)?;
+                    RowGather::weighted_bags(&gathered, &weights, l.bags)
+                }
             }
         })
         .collect()
@@ -315,9 +374,34 @@ mod tests {
             record_transfers(|| pooled_lookups(lookups(&gathers, [t.as_tensor(), &b], &rows, &weights), false).unwrap())
         });
         assert_eq!(bits(&in_graph), bits(&want));
-        // Composed lookups: one upload of every table's weights, one of each table's rows.
+        // Composed lookups: one upload of every table's rows, one of every table's weights.
         let whats: Vec<_> = transfers.iter().map(|t| (t.what, t.elements)).collect();
-        assert_eq!(whats, [("sparse bag weights", 10), ("gathered rows", 6), ("gathered rows", 4)]);
+        assert_eq!(whats, [("embedding lookups' rows", 10), ("sparse bag weights", 10)]);
+        // Training: tracked lookups in row-sparse mode (distinct rows, inverse, segments) of
+        // both tables in one upload too; each table's row gradient as from its own lookup.
+        let tables = [t.as_tensor().clone(), (t.as_tensor() * 3.0).unwrap()];
+        let mut row_grads = Vec::new();
+        for together in [true, false] {
+            gathers.iter().for_each(|g| g.set_enabled(true));
+            let (pooled, transfers) = record_transfers(|| match together {
+                true => pooled_lookups(lookups(&gathers, [&tables[0], &tables[1]], &rows, &weights), true).unwrap(),
+                false => lookups(&gathers, [&tables[0], &tables[1]], &rows, &weights)
+                    .into_iter()
+                    .map(|l| pooled_lookups(vec![l], true).unwrap().remove(0))
+                    .collect(),
+            });
+            let uploads = transfers.iter().filter(|t| t.what == "embedding lookups' rows").count();
+            assert_eq!(uploads, if together { 1 } else { 2 });
+            let loss = pooled.iter().map(|p| p.sqr().unwrap().sum_all().unwrap()).reduce(|a, b| (a + b).unwrap());
+            let grads = loss.unwrap().backward().unwrap();
+            let taken: Vec<_> = [(0, &tables[0]), (2, &tables[1])]
+                .iter()
+                .map(|&(i, table)| gathers[i].take(table, &grads).unwrap().unwrap())
+                .map(|r| (r.rows, crate::testing::value_bits(&r.grad)))
+                .collect();
+            row_grads.push(taken);
+        }
+        assert_eq!(row_grads[0], row_grads[1]);
     }
 
     fn table() -> Var {

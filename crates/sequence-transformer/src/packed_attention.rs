@@ -9,7 +9,8 @@ use candle_core::{Result, Tensor, D};
 use rankstack_kernels::cpu::packed_attention::{check, head_blocks, packed_attention_fused, SequenceLayout};
 use rankstack_kernels::device_copies::DeviceCopies;
 use rankstack_kernels::device_packed_attention::packed_attention_forward_on_device;
-use rankstack_kernels::distinct_rows::DistinctRows;
+use rankstack_kernels::distinct_rows::{DistinctRows, StagedDistinctRows};
+use rankstack_kernels::index_stage::IndexStage;
 use rankstack_nn::dropout::{device_keep_mask, device_multipliers};
 use rankstack_nn::host_transfer::{upload, upload_slice, Origin};
 use rankstack_nn::linear::matmul_t_autocast;
@@ -309,10 +310,15 @@ impl Composed {
         let key = format!("composed attention's chunk index maps, {h} heads, {chunk_weights} weights");
         let indexes: Arc<Vec<Option<DistinctRows>>> =
             seqs.device_copies().get_or_make(&key, &prepared.device, || {
-                plan.iter()
-                    .map(|group| self.chunk_index(group.clone(), &lengths, &prepared.device))
-                    .collect::<Result<_>>()
-                    .map(Arc::new)
+                // Every chunk's maps in one upload.
+                let mut stage = IndexStage::default();
+                let staged = plan
+                    .iter()
+                    .map(|group| self.chunk_index(group.clone(), &lengths, &mut stage))
+                    .collect::<Result<Vec<_>>>()?;
+                let uploaded = stage.upload(&prepared.device, "attention chunks' index maps")?;
+                let finished = staged.iter().map(|s| s.as_ref().map(|s| s.finish(&uploaded)).transpose());
+                finished.collect::<Result<_>>().map(Arc::new)
             })?;
         let mut chunks = Vec::new();
         for (group, index) in plan.into_iter().zip(indexes.iter().cloned()) {
@@ -340,8 +346,8 @@ impl Composed {
         Ok(chunks)
     }
 
-    /// The index map of the chunk of sequences `group` (not all empty) into its dense heads, or
-    /// `None` where its sequences all have one length.
+    /// The index map of the chunk of sequences `group` (not all empty) into its dense heads,
+    /// staged in `stage`, or `None` where its sequences all have one length.
     ///
     /// The packed rows `[R, d]` seen as `[R·H, d_h]`: head j of the chunk's row r is row r·H + j,
     /// and goes to row (s·H + j)·L_c + i of the dense heads `[n·H·L_c, d_h]` when r is row i of
@@ -354,8 +360,8 @@ impl Composed {
         &self,
         group: std::ops::Range<usize>,
         lengths: &[usize],
-        device: &candle_core::Device,
-    ) -> Result<Option<DistinctRows>> {
+        stage: &mut IndexStage,
+    ) -> Result<Option<StagedDistinctRows>> {
         let (offsets, h) = (self.sequences.offsets(), self.num_heads);
         let (first, n) = (group.start, group.len());
         let lc = lengths[group.clone()].iter().copied().max().unwrap_or(0);
@@ -373,7 +379,7 @@ impl Composed {
             let own_first = if local(s + 1) > local(s) { local(s) } else { 0 };
             (own_first * h + j) as u32
         };
-        DistinctRows::with_fill(&heads, n * h * lc, fill, device, "packed attention").map(Some)
+        StagedDistinctRows::stage(&heads, n * h * lc, Some(&fill), stage, "packed attention").map(Some)
     }
 }
 
@@ -873,7 +879,10 @@ mod tests {
             let seqs = fresh();
             let (layer_one, uploads) = record_transfers(|| step(&seqs));
             let made = whats(&uploads);
-            assert!(made.contains(&"attention padding bias") && made.contains(&"distinct rows"), "{made:?}");
+            assert_eq!(
+                made,
+                ["attention padding bias", "attention chunks' index maps", "attention chunks' index maps"]
+            );
             let (layer_two, none) = record_transfers(|| step(&seqs));
             assert_eq!(whats(&none), Vec::<&str>::new());
             assert_eq!(layer_one, layer_two);
