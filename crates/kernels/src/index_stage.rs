@@ -94,3 +94,31 @@ impl StagedIndexes {
         self.all.device()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::host_transfer::record_transfers;
+
+    /// Parts come back in order, empty ones included, as views of one upload; a part of another,
+    /// larger stage is an error, not a view past the end.
+    #[test]
+    fn parts_are_views_of_one_upload_and_a_foreign_part_is_an_error() {
+        let mut stage = IndexStage::default();
+        let a = stage.push(&[5, 6, 7]);
+        let empty = stage.push(&[]);
+        let b = stage.extend((0..4).map(|i| i * 10));
+        assert_eq!((a.len(), empty.is_empty(), b.len()), (3, true, 4));
+        let (staged, transfers) = record_transfers(|| stage.upload(&Device::Cpu, "test rows").unwrap());
+        let seen: Vec<_> = transfers.iter().map(|t| (t.what, t.elements, t.origin)).collect();
+        assert_eq!(seen, [("test rows", 7, Origin::Input)]);
+        assert_eq!(staged.part(&a).unwrap().to_vec1::<u32>().unwrap(), [5, 6, 7]);
+        assert_eq!(staged.part(&empty).unwrap().dims(), [0]);
+        assert_eq!(staged.part(&b).unwrap().to_vec1::<u32>().unwrap(), [0, 10, 20, 30]);
+        let mut larger = IndexStage::default();
+        larger.push(&[0; 7]);
+        let foreign = larger.push(&[1, 2]);
+        let err = staged.part(&foreign).unwrap_err().to_string();
+        assert!(err.contains("index stage: part 7..9 of an upload of 7"), "{err}");
+    }
+}
