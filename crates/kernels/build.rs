@@ -27,6 +27,8 @@ fn main() {
     let nvcc = std::env::var("NVCC").unwrap_or_else(|_| "nvcc".to_string());
     let cap = std::env::var("CUDA_COMPUTE_CAP").unwrap_or_else(|_| "75".to_string());
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
+    // Included by the kernels that reduce over a block.
+    println!("cargo:rerun-if-changed=cuda/block_sum.cuh");
     for name in SOURCES {
         let source = format!("cuda/{name}.cu");
         println!("cargo:rerun-if-changed={source}");

@@ -11,25 +11,11 @@
 // Every operation is an explicitly rounded IEEE one, in the order of
 // the CPU mirror (`normalize_row`): the same bits.
 
+#include "block_sum.cuh"
+
 template <bool RESIDUAL>
 __device__ __forceinline__ float input_at(const float* __restrict__ x, const float* __restrict__ a, size_t i) {
     return RESIDUAL ? __fadd_rn(x[i], a[i]) : x[i];
-}
-
-// The sum of the block's `acc`s, pairwise as above, in every thread.
-__device__ __forceinline__ float block_sum(float* sums, float acc) {
-    sums[threadIdx.x] = acc;
-    __syncthreads();
-    for (unsigned int s = blockDim.x / 2; s > 0; s >>= 1) {
-        if (threadIdx.x < s) {
-            sums[threadIdx.x] = __fadd_rn(sums[threadIdx.x], sums[threadIdx.x + s]);
-        }
-        __syncthreads();
-    }
-    const float total = sums[0];
-    // Every thread has read the total before the array is used again.
-    __syncthreads();
-    return total;
 }
 
 template <bool RESIDUAL>

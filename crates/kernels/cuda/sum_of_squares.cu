@@ -3,9 +3,11 @@
 //
 // Block b of the grid (blockDim.x = 256 threads, a power of two) writes out[b]: thread t adds the
 // squares of elements b·256 + t, b·256 + t + stride, ... (stride = the grid's threads) in f64, and
-// the block adds its threads' sums pairwise (s = 128, 64, ..., 1: sum[t] += sum[t + s]). Every
+// the block adds its threads' sums pairwise (block_sum.cuh: s = 128, 64, ..., 1: sum[t] += sum[t + s]). Every
 // operation is an explicitly rounded IEEE one (no fused multiply-add), so the CPU's mirror of this
 // order gives the same bits.
+
+#include "block_sum.cuh"
 
 template <typename T>
 __device__ void partials(double* __restrict__ out, const T* __restrict__ x, unsigned long long n) {
@@ -16,16 +18,9 @@ __device__ void partials(double* __restrict__ out, const T* __restrict__ x, unsi
         const double v = (double)x[i];
         acc = __dadd_rn(acc, __dmul_rn(v, v));
     }
-    sums[threadIdx.x] = acc;
-    __syncthreads();
-    for (unsigned int s = blockDim.x / 2; s > 0; s >>= 1) {
-        if (threadIdx.x < s) {
-            sums[threadIdx.x] = __dadd_rn(sums[threadIdx.x], sums[threadIdx.x + s]);
-        }
-        __syncthreads();
-    }
+    const double total = block_sum(sums, acc);
     if (threadIdx.x == 0) {
-        out[blockIdx.x] = sums[0];
+        out[blockIdx.x] = total;
     }
 }
 

@@ -35,11 +35,12 @@ pub(crate) enum Arg<'a> {
 }
 
 /// The runner's sources: the test binary is rebuilt when they change, and the runner with it.
-const SOURCES: [(&str, &str); 10] = [
+const SOURCES: [(&str, &str); 11] = [
     ("host/runner.cpp", include_str!("../cuda/host/runner.cpp")),
     ("host/cuda_on_host.h", include_str!("../cuda/host/cuda_on_host.h")),
     ("adamw.cu", include_str!("../cuda/adamw.cu")),
     ("bias_add.cu", include_str!("../cuda/bias_add.cu")),
+    ("block_sum.cuh", include_str!("../cuda/block_sum.cuh")),
     ("embedding_bag.cu", include_str!("../cuda/embedding_bag.cu")),
     ("layer_norm.cu", include_str!("../cuda/layer_norm.cu")),
     ("overwrite_rows.cu", include_str!("../cuda/overwrite_rows.cu")),
