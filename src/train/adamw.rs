@@ -173,9 +173,11 @@ impl AdamW {
             };
             let (name, var) = &self.params[i];
             let named = |e: candle_core::Error| e.context(format!("parameter {name}"));
-            let device = var.device();
-            let shares_the_stage = stage_device.get_or_insert_with(|| device.clone()).same_device(device);
-            if self.moments_kind(var) != MomentsKind::Host && shares_the_stage {
+            // The stage's device: that of the first table updated on a device (tables elsewhere
+            // upload their own rows).
+            let on_the_stage = self.moments_kind(var) != MomentsKind::Host
+                && stage_device.get_or_insert_with(|| var.device().clone()).same_device(var.device());
+            if on_the_stage {
                 staged.push(Some(OverwriteRows::stage(&r.rows, r.table.dim(0)?, &mut stage, "AdamW").map_err(named)?));
             } else {
                 check_distinct_rows(&r.rows, r.table.dim(0)?, "AdamW").map_err(named)?;

@@ -97,10 +97,10 @@ pub fn packed_attention_forward_on_device<S: SequenceLayout + ?Sized>(
     let longest = offsets.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0);
     let device = q.device();
     let make_layout = || -> Result<(Tensor, Tensor)> {
-        let offsets = offsets.iter().map(|&o| o as u32).collect();
+        let starts: Vec<u32> = offsets.iter().map(|&o| o as u32).collect();
         let key_bias = sequences.key_bias().iter().map(|&b| b as f32).collect();
         Ok((
-            upload(offsets, sequences.row_offsets().len(), device, "attention sequence offsets", Origin::Input)?,
+            upload(starts, offsets.len(), device, "attention sequence offsets", Origin::Input)?,
             upload(key_bias, rows, device, "attention key bias", Origin::Input)?,
         ))
     };

@@ -20,7 +20,7 @@ use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Result, Tensor, Var};
 
 use rankstack_kernels::cpu::kernels_run_on;
-use rankstack_kernels::device_embedding_bag::{embedding_bag, embedding_bags, Bags};
+use rankstack_kernels::device_embedding_bag::{embedding_bags, Bags};
 use rankstack_kernels::index_stage::{IndexStage, Part, StagedIndexes};
 use rankstack_kernels::repeated_rows::RepeatedRows;
 
@@ -170,6 +170,7 @@ impl RowGather {
     /// [`RowGather::lookup`] (its gradient as there); without, off the CPU kernels and with an f32
     /// table outside any graph (scoring on a GPU), one launch
     /// ([`rankstack_kernels::device_embedding_bag`]) where candle's operations take four.
+    /// [`pooled_lookups`] of this one table.
     pub fn pooled_lookup(
         &self,
         table: &Tensor,
@@ -178,16 +179,11 @@ impl RowGather {
         bags: usize,
         track: bool,
     ) -> Result<Tensor> {
-        if is_one_launch(table, track) {
-            let weights: Vec<f32> = weights.iter().map(|&w| w as f32).collect();
-            return embedding_bag(table, rows, &weights, bags);
-        }
-        let n = weights.len();
-        let weights = upload(weights, n, table.device(), "sparse bag weights", Origin::Input)?;
-        Self::weighted_bags(&self.lookup(table, rows, track)?, &weights, bags)
+        let lookup = PooledLookup { gather: self, table, rows: rows.to_vec(), weights, bags };
+        Ok(pooled_lookups(vec![lookup], track)?.remove(0))
     }
 
-    /// [`RowGather::pooled_lookup`]'s composed path: the looked-up entries `gathered`
+    /// [`pooled_lookups`]'s composed path: the looked-up entries `gathered`
     /// `[bags · L, dim]` weighted by `weights` `[bags · L]` (f64, on their device) and summed per
     /// bag.
     fn weighted_bags(gathered: &Tensor, weights: &Tensor, bags: usize) -> Result<Tensor> {
